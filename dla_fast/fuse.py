@@ -1,0 +1,475 @@
+"""The inference pass: fold BatchNorm into the convolutions and rebuild a DLA from fused modules.
+
+``optimize(model)`` never touches its input: it reads the (eval-mode) statistics and weights and builds a
+new module tree in which every conv-BN(-ReLU)(+residual) group is one :class:`FusedConvBnAct` and every
+aggregation node (DlaRoot, and the Bottle2neck's concat -> conv3) is one :class:`FusedAggregate`. Each fused
+layer decides once per device which backend runs it (see :meth:`FusedDLA.summary`); the forward then calls
+that backend directly, without re-validating arguments the pass itself built.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .ops import _backends
+from .ops.reference import aggregate_ref, conv_bn_act_ref
+from .models import DLA, DlaFeatures, from_timm
+from .models.dla import DlaBasic, DlaBottle2neck, DlaBottleneck, DlaRoot, DlaTree, GlobalPool, check_input
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.no_grad()
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the single conv equal to ``bn(conv(x))`` with BN in eval mode.
+
+    Computed in float64 and returned in float32 (cast them to the inference dtype afterwards, so the fold
+    itself adds no rounding of its own).
+    """
+    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+        raise TypeError(f"fold_bn expects (nn.Conv2d, nn.BatchNorm2d), got ({type(conv).__name__}, "
+                        f"{type(bn).__name__})")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"BatchNorm has {bn.num_features} channels but the conv has {conv.out_channels} outputs")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("fold_bn needs BatchNorm running statistics (track_running_stats=True)")
+    w = conv.weight.detach().double()
+    mean, var = bn.running_mean.double(), bn.running_var.double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    b0 = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(mean)
+    weight = w * scale.reshape(-1, 1, 1, 1)
+    bias = beta + (b0 - mean) * scale
+    return weight.float(), bias.float()
+
+
+class _Fused(nn.Module):
+    """A fused layer: weights in the inference dtype (channels_last), bias in fp32, a resolved backend."""
+
+    OP = ""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, relu: bool, backend: str, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("weight", _backends.prep_weight(weight.to(dtype)))
+        self.register_buffer("bias", bias.float().contiguous())
+        self.relu = relu
+        self.backend = backend
+        self._impl = None       # the backend module, or None for eager
+        self._impl_name = "eager"
+
+    def shape_key(self):
+        raise NotImplementedError
+
+    def resolve(self, device: torch.device, dtype: torch.dtype) -> None:
+        probe = torch.empty(0, device=device, dtype=dtype)
+        impl = _backends.select(self.OP, self.backend, probe, False, key=self.shape_key())
+        self._impl = impl
+        self._impl_name = "eager" if impl is None else impl.NAME
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError("dla_fast.optimize() builds an inference-only module (BatchNorm is folded away); "
+                               "train the original model and call optimize() on it again")
+        return super().train(False)
+
+
+class FusedConvBnAct(_Fused):
+    OP = "conv_bn_act"
+
+    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], relu: bool, backend: str,
+                 dtype: torch.dtype):
+        if conv.dilation != (1, 1):
+            raise ValueError("dilated convolutions are not supported by the fused path")
+        if bn is not None:
+            w, b = fold_bn(conv, bn)
+        else:
+            w = conv.weight.detach().float()
+            b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels)
+        super().__init__(w, b, relu, backend, dtype)
+        self.stride = tuple(conv.stride)
+        self.padding = tuple(conv.padding)
+        self.groups = conv.groups
+
+    def shape_key(self):
+        return (tuple(self.weight.shape), self.stride, self.groups, self.weight.dtype)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self._impl is None:
+            return conv_bn_act_ref(x, self.weight, self.bias, self.stride, self.padding, self.groups, residual,
+                                   self.relu)
+        return self._impl.conv_bn_act(x, self.weight, self.bias, self.stride, self.padding, self.groups,
+                                      residual, self.relu)
+
+    def extra_repr(self) -> str:
+        co, ci, kh, kw = self.weight.shape
+        return (f"{ci * self.groups}->{co}, k={kh}x{kw}, stride={self.stride[0]}, groups={self.groups}, "
+                f"relu={self.relu}, backend={self._impl_name}")
+
+
+class FusedAggregate(_Fused):
+    """concat(children) -> 1x1 conv -> BN -> (+ residual) -> ReLU, with no concat in memory."""
+
+    OP = "aggregate"
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, split: Sequence[int], relu: bool, backend: str,
+                 dtype: torch.dtype):
+        if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0) or conv.groups != 1:
+            raise ValueError("an aggregation node must be a plain 1x1 convolution")
+        w, b = fold_bn(conv, bn)
+        super().__init__(w.reshape(w.shape[0], w.shape[1]), b, relu, backend, dtype)
+        self.split = tuple(split)
+
+    def shape_key(self):
+        return (self.split, self.weight.shape[0], self.weight.dtype)
+
+    def forward(self, children: List[torch.Tensor], residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self._impl is None:
+            return aggregate_ref(children, self.weight, self.bias, residual, self.relu)
+        return self._impl.aggregate(children, self.weight, self.bias, residual, self.relu)
+
+    def extra_repr(self) -> str:
+        return (f"{'+'.join(map(str, self.split))}->{self.weight.shape[0]}, relu={self.relu}, "
+                f"backend={self._impl_name}")
+
+
+class FusedBasic(nn.Module):
+    def __init__(self, blk: DlaBasic, **kw):
+        super().__init__()
+        self.conv1 = FusedConvBnAct(blk.conv1, blk.bn1, True, **kw)
+        self.conv2 = FusedConvBnAct(blk.conv2, blk.bn2, True, **kw)
+
+    def forward(self, x, shortcut: Optional[torch.Tensor] = None):
+        return self.conv2(self.conv1(x), x if shortcut is None else shortcut)
+
+
+class FusedBottleneck(nn.Module):
+    def __init__(self, blk: DlaBottleneck, **kw):
+        super().__init__()
+        self.conv1 = FusedConvBnAct(blk.conv1, blk.bn1, True, **kw)
+        self.conv2 = FusedConvBnAct(blk.conv2, blk.bn2, True, **kw)
+        self.conv3 = FusedConvBnAct(blk.conv3, blk.bn3, True, **kw)
+
+    def forward(self, x, shortcut: Optional[torch.Tensor] = None):
+        return self.conv3(self.conv2(self.conv1(x)), x if shortcut is None else shortcut)
+
+
+class FusedBottle2neck(nn.Module):
+    def __init__(self, blk: DlaBottle2neck, **kw):
+        super().__init__()
+        self.width, self.scale, self.is_first = blk.width, blk.scale, blk.is_first
+        self.conv1 = FusedConvBnAct(blk.conv1, blk.bn1, True, **kw)
+        self.convs = nn.ModuleList(FusedConvBnAct(c, b, True, **kw) for c, b in zip(blk.convs, blk.bns))
+        self.pool = blk.pool
+        n_out = len(blk.convs) + (1 if blk.scale > 1 else 0)
+        self.conv3 = FusedAggregate(blk.conv3, blk.bn3, [blk.width] * n_out, True, **kw)
+
+    def forward(self, x, shortcut: Optional[torch.Tensor] = None):
+        pieces = torch.split(self.conv1(x), self.width, 1)
+        outs = []
+        sp = pieces[0]
+        for i, conv in enumerate(self.convs):
+            sp = pieces[i] if (i == 0 or self.is_first) else sp + pieces[i]
+            sp = conv(sp)
+            outs.append(sp)
+        if self.scale > 1:
+            outs.append(self.pool(pieces[-1]) if self.pool is not None else pieces[-1])
+        return self.conv3(outs, x if shortcut is None else shortcut)
+
+
+class FusedTree(nn.Module):
+    def __init__(self, tree: DlaTree, **kw):
+        super().__init__()
+        self.downsample = tree.downsample
+        self.project = (FusedConvBnAct(tree.project[0], tree.project[1], False, **kw)
+                        if isinstance(tree.project, nn.Sequential) else None)
+        self.tree1 = _fuse_block(tree.tree1, **kw)
+        self.tree2 = _fuse_block(tree.tree2, **kw)
+        self.root = None
+        if tree.root is not None:
+            r: DlaRoot = tree.root
+            if r.conv.kernel_size != (1, 1):
+                raise ValueError("only 1x1 aggregation roots are supported")
+            # The real child split is filled in by _assign_root_splits once the whole tree exists.
+            self.root = FusedAggregate(r.conv, r.bn, [r.conv.in_channels], True, **kw)
+            self.root_shortcut = r.shortcut
+        self.level_root = tree.level_root
+
+    def forward(self, x, shortcut: Optional[torch.Tensor] = None, children: Optional[List[torch.Tensor]] = None):
+        children = [] if children is None else children
+        bottom = self.downsample(x)
+        sc = bottom if self.project is None else self.project(bottom)
+        if self.level_root:
+            children.append(bottom)
+        x1 = self.tree1(x, sc)
+        if self.root is not None:
+            x2 = self.tree2(x1)
+            kids = [x2, x1] + children
+            return self.root(kids, kids[0] if self.root_shortcut else None)
+        children.append(x1)
+        return self.tree2(x1, None, children)
+
+
+def _assign_root_splits(t: "FusedTree", cin: int, cout: int, children: List[int]) -> None:
+    """Record each root's per-child channel counts, following the same data flow as ``forward``."""
+    children = list(children)
+    if t.level_root:
+        children.append(cin)
+    if t.root is not None:
+        split = (cout, cout, *children)
+        if sum(split) != t.root.weight.shape[1]:
+            raise AssertionError(f"root split {split} does not match its weight {tuple(t.root.weight.shape)}")
+        t.root.split = split
+        return
+    _assign_root_splits(t.tree1, cin, cout, [])
+    _assign_root_splits(t.tree2, cout, cout, children + [cout])
+
+
+def _fuse_block(m: nn.Module, **kw) -> nn.Module:
+    if isinstance(m, DlaTree):
+        return FusedTree(m, **kw)
+    if isinstance(m, DlaBasic):
+        return FusedBasic(m, **kw)
+    if isinstance(m, DlaBottleneck):
+        return FusedBottleneck(m, **kw)
+    if isinstance(m, DlaBottle2neck):
+        return FusedBottle2neck(m, **kw)
+    raise TypeError(f"don't know how to fuse {type(m).__name__}")
+
+
+def _fuse_seq(seq: nn.Sequential, **kw) -> nn.Sequential:
+    """conv, bn, relu, conv, bn, relu, ... -> fused convs."""
+    mods = list(seq)
+    if len(mods) % 3 or not all(isinstance(mods[i], nn.Conv2d) and isinstance(mods[i + 1], nn.BatchNorm2d)
+                                and isinstance(mods[i + 2], nn.ReLU) for i in range(0, len(mods), 3)):
+        raise TypeError("expected a Sequential of (Conv2d, BatchNorm2d, ReLU) triples")
+    return nn.Sequential(*[FusedConvBnAct(mods[i], mods[i + 1], True, **kw) for i in range(0, len(mods), 3)])
+
+
+class FusedDLA(nn.Module):
+    """Inference-only DLA built by :func:`optimize`; see there."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, backend: str):
+        super().__init__()
+        kw = dict(backend=backend, dtype=dtype)
+        self.dtype, self.backend = dtype, backend
+        self.in_chans = model.in_chans
+        self.features_only = isinstance(model, DlaFeatures)
+        self.out_indices = model.out_indices if self.features_only else (5,)
+        self.last_level = max(self.out_indices)
+        self.base_layer = _fuse_seq(model.base_layer, **kw)
+        for i in range(self.last_level + 1):
+            lvl = getattr(model, f"level{i}")
+            setattr(self, f"level{i}", _fuse_seq(lvl, **kw) if isinstance(lvl, nn.Sequential)
+                    else _fuse_block(lvl, **kw))
+        chans = model.channels
+        for i in range(2, self.last_level + 1):
+            _assign_root_splits(getattr(self, f"level{i}"), chans[i - 1], chans[i], [])
+        self.feature_info = model.feature_info
+        self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}))
+        if not self.features_only:
+            self.num_classes = model.num_classes
+            self.num_features = model.num_features
+            self.global_pool = GlobalPool(model.global_pool.pool_type)
+            self.head_drop = nn.Identity()
+            self.fc = _copy_head(model.fc, dtype)
+            self.flatten = nn.Flatten(1) if model.global_pool.pool_type else nn.Identity()
+        self._resolved: Optional[Tuple[torch.device, torch.dtype]] = None
+        super().train(False)
+
+    def fused_layers(self) -> List[Tuple[str, "_Fused"]]:
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, _Fused)]
+
+    def _ensure_resolved(self, device: torch.device) -> None:
+        if self._resolved != (device, self.dtype):
+            for _, m in self.fused_layers():
+                m.resolve(device, self.dtype)
+            self._resolved = (device, self.dtype)
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError("dla_fast.optimize() builds an inference-only module (BatchNorm is folded away); "
+                               "train the original model and call optimize() on it again")
+        return super().train(False)
+
+    def _apply(self, fn, *args, **kwargs):
+        # A dtype cast would also cast the fp32 biases and break the dtype the layers were built for: refuse it
+        # before anything changes. Device moves are fine; they invalidate the per-device backend choice.
+        if fn(torch.zeros(1, device=self.weight_device())).dtype != torch.float32:
+            raise RuntimeError(f"don't cast an optimized model (.half()/.to(dtype)): it was built for {self.dtype}; "
+                               f"call dla_fast.optimize(model, dtype=...) again instead")
+        self._resolved = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _prep_input(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_chans)
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("the optimized model is inference-only and does not support autograd; run it under "
+                               "torch.no_grad()/torch.inference_mode(), or use the original model for gradients")
+        dev = self.weight_device()
+        if x.device != dev:
+            raise ValueError(f"input is on {x.device} but the optimized model is on {dev}; move one of them")
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
+        self._ensure_resolved(dev)
+        # The model computes in self.dtype; inputs are cast to it (like autocast for the whole network).
+        return x.to(dtype=self.dtype, memory_format=torch.channels_last)
+
+    def weight_device(self) -> torch.device:
+        return self.base_layer[0].weight.device
+
+    def _levels(self, x: torch.Tensor):
+        x = self.base_layer(x)
+        feats = []
+        for i in range(self.last_level + 1):
+            x = getattr(self, f"level{i}")(x)
+            if i in self.out_indices:
+                feats.append(x)
+        return x, feats
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.features_only:
+            raise RuntimeError("forward_features is for classifiers; a features_only model's forward returns the maps")
+        with torch.no_grad():
+            return self._levels(self._prep_input(x))[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.global_pool(x)
+            if pre_logits:
+                return self.flatten(x)
+            return self.flatten(self.fc(x))
+
+    def forward(self, x: torch.Tensor):
+        with torch.no_grad():
+            x, feats = self._levels(self._prep_input(x))
+            if self.features_only:
+                return feats
+            return self.forward_head(x)
+
+    def summary(self) -> str:
+        """One line per fused layer: its name, op, shape and the backend that runs it on the model's device."""
+        self._ensure_resolved(self.weight_device())
+        counts = collections.Counter(m._impl_name for _, m in self.fused_layers())
+        lines = [f"FusedDLA({self.pretrained_cfg.get('architecture', '?')}, dtype={self.dtype}, "
+                 f"device={self.weight_device()}, backend={self.backend!r}): "
+                 + ", ".join(f"{n} {k} layers" for k, n in sorted(counts.items()))]
+        for name, m in self.fused_layers():
+            lines.append(f"  {name:<40} {m.OP:<12} {m.extra_repr()}")
+        return "\n".join(lines)
+
+    def backends(self) -> Dict[str, str]:
+        """Layer name -> backend ("triton", "cuda" or "eager") on the model's device."""
+        self._ensure_resolved(self.weight_device())
+        return {n: m._impl_name for n, m in self.fused_layers()}
+
+
+def _copy_head(fc: nn.Module, dtype: torch.dtype) -> nn.Module:
+    if isinstance(fc, nn.Identity):
+        return nn.Identity()
+    new = nn.Conv2d(fc.in_channels, fc.out_channels, 1, bias=fc.bias is not None)
+    new.load_state_dict(fc.state_dict())
+    new.requires_grad_(False)
+    return new.to(device=fc.weight.device, dtype=dtype)
+
+
+class CudaGraphRunner(nn.Module):
+    """Replays a CUDA graph of the wrapped module's forward, one graph per input shape/dtype (LRU-bounded).
+
+    The output is a fresh tensor each call (copied out of the graph's static buffer), so callers may keep it.
+    """
+
+    def __init__(self, module: FusedDLA, max_graphs: int = 8, warmup: int = 2):
+        super().__init__()
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.module = module
+        self.max_graphs, self.warmup = max_graphs, warmup
+        self._graphs: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.module.train(True)  # raises the inference-only error
+        return super().train(False)
+
+    def summary(self) -> str:
+        return self.module.summary() + f"\n  (replayed from CUDA graphs; {len(self._graphs)} captured)"
+
+    def backends(self) -> Dict[str, str]:
+        return self.module.backends()
+
+    def _capture(self, x: torch.Tensor):
+        static_x = x.detach().clone()
+        s = torch.cuda.Stream(device=x.device)
+        s.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(s):
+            for _ in range(self.warmup):  # compiles kernels / selects configs outside the capture
+                self.module(static_x)
+        torch.cuda.current_stream(x.device).wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = self.module(static_x)
+        return graph, static_x, static_y
+
+    def forward(self, x: torch.Tensor):
+        if x.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs CUDA inputs, got a tensor on {x.device}")
+        check_input(x, self.module.in_chans)
+        key = (tuple(x.shape), x.dtype, x.device, x.stride())
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(x)
+            self._graphs[key] = entry
+            if len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        graph, static_x, static_y = entry
+        static_x.copy_(x)
+        graph.replay()
+        if isinstance(static_y, list):
+            return [y.clone() for y in static_y]
+        return static_y.clone()
+
+
+def optimize(model: nn.Module, dtype: torch.dtype = torch.float16, backend: str = "auto", *,
+             device: Optional[torch.device] = None, cuda_graph: bool = False, max_graphs: int = 8) -> nn.Module:
+    """An inference-only copy of a DLA (ours or timm's) running on fused kernels.
+
+    BN is folded into the convolutions using its running statistics (the result computes what the model
+    computes in eval mode, whatever mode ``model`` is in), conv-BN-ReLU(+residual) groups and aggregation nodes become fused
+    ops, activations are channels_last and computed in ``dtype`` (inputs are cast to it). ``backend`` is
+    "auto" (per layer, the fastest available kernel; eager where none can run), "triton", "cuda" or "eager".
+    The model stays on its device unless ``device`` is given. ``cuda_graph=True`` replays a CUDA graph per
+    input shape (at most ``max_graphs`` kept): the low-latency path for small batches. ``model`` itself is
+    not modified.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype}")
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+    if isinstance(model, (FusedDLA, CudaGraphRunner)):
+        raise TypeError("this model is already optimized; pass the original model to optimize()")
+    if not isinstance(model, (DLA, DlaFeatures)):
+        if type(model).__name__ == "DLA" and hasattr(model, "level5"):
+            model = from_timm(model)
+        else:
+            raise TypeError(f"optimize() expects a dla_fast or timm DLA model, got {type(model).__name__}")
+    fused = FusedDLA(model, dtype, backend)
+    if device is not None:
+        fused = fused.to(device)
+    dev = fused.weight_device()
+    if backend in ("triton", "cuda"):
+        why = _backends.reason_unavailable(backend, torch.empty(0, device=dev, dtype=dtype))
+        if why is not None:
+            raise RuntimeError(f"optimize(backend={backend!r}) cannot run on {dev}: {why}")
+    if cuda_graph:
+        if dev.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {dev}; pass device='cuda'")
+        return CudaGraphRunner(fused, max_graphs=max_graphs)
+    return fused

@@ -1,0 +1,425 @@
+"""Deep Layer Aggregation (Yu et al., 2018) and its Res2Net blocks, in plain PyTorch.
+
+The module tree, parameter names and registration order follow timm's ``timm.models.dla`` exactly, so a
+state_dict moves between the two strictly in both directions, and the forward computes the same operations
+in the same order (so fp32 CPU outputs agree to rounding). This file knows nothing of the fused kernels:
+``dla_fast.fuse`` reads this structure and builds the inference module from it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c)
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    pad = dilation * (k - 1) // 2
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=pad, dilation=dilation, groups=groups, bias=False)
+
+
+def _mid_width(outplanes: int, cardinality: int, base_width: int, expansion: int) -> int:
+    # ResNeXt-style width: base_width channels per group per 64 output channels, halved by the expansion.
+    return int(math.floor(outplanes * (base_width / 64)) * cardinality) // expansion
+
+
+class DlaBasic(nn.Module):
+    """Two 3x3 convs with a residual (DLA-34)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1, **_):
+        super().__init__()
+        self.conv1 = _conv(inplanes, planes, 3, stride, dilation=dilation)
+        self.bn1 = _bn(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv(planes, planes, 3, 1, dilation=dilation)
+        self.bn2 = _bn(planes)
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor] = None,
+                children: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        if shortcut is None:
+            shortcut = x
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        y += shortcut
+        return self.relu(y)
+
+
+class DlaBottleneck(nn.Module):
+    """1x1 -> 3x3 (grouped for the X variants) -> 1x1 bottleneck with a residual."""
+
+    expansion = 2
+
+    def __init__(self, inplanes: int, outplanes: int, stride: int = 1, dilation: int = 1,
+                 cardinality: int = 1, base_width: int = 64):
+        super().__init__()
+        self.stride = stride
+        mid = _mid_width(outplanes, cardinality, base_width, self.expansion)
+        self.conv1 = _conv(inplanes, mid, 1)
+        self.bn1 = _bn(mid)
+        self.conv2 = _conv(mid, mid, 3, stride, groups=cardinality, dilation=dilation)
+        self.bn2 = _bn(mid)
+        self.conv3 = _conv(mid, outplanes, 1)
+        self.bn3 = _bn(outplanes)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor] = None,
+                children: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        if shortcut is None:
+            shortcut = x
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        y += shortcut
+        return self.relu(y)
+
+
+class DlaBottle2neck(nn.Module):
+    """Res2Net bottleneck: the middle width is split into ``scale`` groups processed hierarchically."""
+
+    expansion = 2
+
+    def __init__(self, inplanes: int, outplanes: int, stride: int = 1, dilation: int = 1,
+                 scale: int = 4, cardinality: int = 8, base_width: int = 4):
+        super().__init__()
+        self.is_first = stride > 1
+        self.scale = scale
+        mid = _mid_width(outplanes, cardinality, base_width, self.expansion)
+        self.width = mid
+        self.conv1 = _conv(inplanes, mid * scale, 1)
+        self.bn1 = _bn(mid * scale)
+        n_convs = max(1, scale - 1)
+        self.convs = nn.ModuleList([_conv(mid, mid, 3, stride, groups=cardinality, dilation=dilation)
+                                    for _ in range(n_convs)])
+        self.bns = nn.ModuleList([_bn(mid) for _ in range(n_convs)])
+        self.pool = nn.AvgPool2d(kernel_size=3, stride=stride, padding=1) if self.is_first else None
+        self.conv3 = _conv(mid * scale, outplanes, 1)
+        self.bn3 = _bn(outplanes)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor] = None,
+                children: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        if shortcut is None:
+            shortcut = x
+        y = self.relu(self.bn1(self.conv1(x)))
+        pieces = torch.split(y, self.width, 1)
+        outs = []
+        sp = pieces[0]
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            # Each piece after the first sees the previous piece's output (hierarchical residual), except in
+            # the strided first block, where the pieces are independent.
+            sp = pieces[i] if (i == 0 or self.is_first) else sp + pieces[i]
+            sp = self.relu(bn(conv(sp)))
+            outs.append(sp)
+        if self.scale > 1:
+            outs.append(self.pool(pieces[-1]) if self.pool is not None else pieces[-1])
+        y = self.bn3(self.conv3(torch.cat(outs, 1)))
+        y += shortcut
+        return self.relu(y)
+
+
+class DlaRoot(nn.Module):
+    """Aggregation node: 1x1 conv over the concatenated children, BN, optional residual, ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, shortcut: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, stride=1, bias=False, padding=(kernel_size - 1) // 2)
+        self.bn = _bn(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = shortcut
+
+    def forward(self, x_children: List[torch.Tensor]) -> torch.Tensor:
+        y = self.bn(self.conv(torch.cat(x_children, 1)))
+        if self.shortcut:
+            y += x_children[0]
+        return self.relu(y)
+
+
+class DlaTree(nn.Module):
+    """Hierarchical deep aggregation tree of ``levels`` levels of ``block``s."""
+
+    def __init__(self, levels: int, block: Type[nn.Module], in_channels: int, out_channels: int,
+                 stride: int = 1, dilation: int = 1, cardinality: int = 1, base_width: int = 64,
+                 level_root: bool = False, root_dim: int = 0, root_kernel_size: int = 1,
+                 root_shortcut: bool = False):
+        super().__init__()
+        if root_dim == 0:
+            root_dim = 2 * out_channels
+        if level_root:
+            root_dim += in_channels
+        # Registration order (downsample, project, tree1, tree2, root) fixes the state_dict key order.
+        self.downsample = nn.MaxPool2d(stride, stride=stride) if stride > 1 else nn.Identity()
+        if levels == 1 and in_channels != out_channels:
+            self.project = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=1, bias=False),
+                                         _bn(out_channels))
+        else:
+            self.project = nn.Identity()
+        bargs = dict(dilation=dilation, cardinality=cardinality, base_width=base_width)
+        if levels == 1:
+            self.tree1 = block(in_channels, out_channels, stride, **bargs)
+            self.tree2 = block(out_channels, out_channels, 1, **bargs)
+            self.root = DlaRoot(root_dim, out_channels, root_kernel_size, root_shortcut)
+        else:
+            targs = dict(bargs, root_kernel_size=root_kernel_size, root_shortcut=root_shortcut)
+            self.tree1 = DlaTree(levels - 1, block, in_channels, out_channels, stride, root_dim=0, **targs)
+            self.tree2 = DlaTree(levels - 1, block, out_channels, out_channels,
+                                 root_dim=root_dim + out_channels, **targs)
+            self.root = None
+        self.level_root = level_root
+        self.root_dim = root_dim
+        self.levels = levels
+
+    def forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor] = None,
+                children: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        children = [] if children is None else children
+        bottom = self.downsample(x)
+        shortcut = self.project(bottom)
+        if self.level_root:
+            children.append(bottom)
+        x1 = self.tree1(x, shortcut)
+        if self.root is not None:
+            x2 = self.tree2(x1)
+            return self.root([x2, x1] + children)
+        children.append(x1)
+        return self.tree2(x1, None, children)
+
+
+POOL_TYPES = ("avg", "max", "avgmax", "catavgmax", "")
+
+
+class GlobalPool(nn.Module):
+    """Global pooling keeping the spatial dims (1x1), so the classifier can be a 1x1 conv as in timm."""
+
+    def __init__(self, pool_type: str = "avg"):
+        super().__init__()
+        if pool_type not in POOL_TYPES:
+            raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {pool_type!r}")
+        self.pool_type = pool_type
+
+    def feat_mult(self) -> int:
+        return 2 if self.pool_type == "catavgmax" else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.pool_type
+        if t == "avg":
+            return F.adaptive_avg_pool2d(x, 1)
+        if t == "max":
+            return F.adaptive_max_pool2d(x, 1)
+        if t == "avgmax":
+            return 0.5 * (F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1))
+        if t == "catavgmax":
+            return torch.cat((F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1)), 1)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"pool_type={self.pool_type!r}"
+
+
+def check_input(x: torch.Tensor, in_chans: int) -> None:
+    """Reject inputs the network cannot run, before any compute, with the rule that applies.
+
+    Every aggregation node joins a max-pooled (floor) branch with a stride-2 conv (ceil) branch, so the
+    stride-2 feature map entering levels 2..5 must have an even size at each of the four halvings: the
+    input side must be 32k - 1 or 32k.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"DLA expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"DLA expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"this model takes {in_chans} input channels (in_chans={in_chans}), "
+                         f"got an input with {x.shape[1]}: shape {tuple(x.shape)}")
+    bad = [f"{name}={s}" for name, s in (("H", x.shape[2]), ("W", x.shape[3])) if not valid_size(s)]
+    if bad:
+        raise ValueError(
+            f"DLA cannot run on spatial size {tuple(x.shape[2:])} ({', '.join(bad)}): each of H and W must be "
+            f"32k-1 or 32k for some k >= 1 (e.g. 31, 32, 63, 64, ..., 223, 224), because every level halves "
+            f"the map and joins a floor-rounded pooled branch with a ceil-rounded strided conv. "
+            f"Resize or crop the input, e.g. to {nearest_valid(x.shape[2])}x{nearest_valid(x.shape[3])}.")
+
+
+def valid_size(s: int) -> bool:
+    return s >= 31 and (s % 32 == 0 or s % 32 == 31)
+
+
+def nearest_valid(s: int) -> int:
+    return max(32, int(round(s / 32)) * 32)
+
+
+class DLA(nn.Module):
+    """DLA classifier with timm's structure and API."""
+
+    def __init__(self, levels: Sequence[int], channels: Sequence[int], output_stride: int = 32,
+                 num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg", cardinality: int = 1,
+                 base_width: int = 64, block: Type[nn.Module] = DlaBottle2neck, shortcut_root: bool = False,
+                 drop_rate: float = 0.0):
+        super().__init__()
+        if output_stride != 32:
+            raise ValueError(f"only output_stride=32 is supported, got {output_stride}")
+        if in_chans < 1:
+            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+        channels = tuple(channels)
+        self.channels = channels
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.cardinality = cardinality
+        self.base_width = base_width
+        self.drop_rate = drop_rate
+        self.base_layer = nn.Sequential(
+            nn.Conv2d(in_chans, channels[0], kernel_size=7, stride=1, padding=3, bias=False),
+            _bn(channels[0]), nn.ReLU(inplace=True))
+        self.level0 = self._conv_level(channels[0], channels[0], levels[0])
+        self.level1 = self._conv_level(channels[0], channels[1], levels[1], stride=2)
+        targs = dict(cardinality=cardinality, base_width=base_width, root_shortcut=shortcut_root)
+        self.level2 = DlaTree(levels[2], block, channels[1], channels[2], 2, level_root=False, **targs)
+        self.level3 = DlaTree(levels[3], block, channels[2], channels[3], 2, level_root=True, **targs)
+        self.level4 = DlaTree(levels[4], block, channels[3], channels[4], 2, level_root=True, **targs)
+        self.level5 = DlaTree(levels[5], block, channels[4], channels[5], 2, level_root=True, **targs)
+        self.feature_info = [dict(num_chs=c, reduction=2 ** i, module=f"level{i}") for i, c in enumerate(channels)]
+        self.num_features = channels[-1]
+        self._build_head(num_classes, global_pool)
+        self._init_weights()
+
+    def _build_head(self, num_classes: int, global_pool: str) -> None:
+        self.global_pool = GlobalPool(global_pool)
+        self.head_drop = nn.Dropout(self.drop_rate)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.fc = (nn.Conv2d(self.head_hidden_size, num_classes, 1, bias=True) if num_classes > 0
+                   else nn.Identity())
+        self.flatten = nn.Flatten(1) if global_pool else nn.Identity()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _conv_level(inplanes: int, planes: int, convs: int, stride: int = 1) -> nn.Sequential:
+        mods: List[nn.Module] = []
+        for i in range(convs):
+            mods += [_conv(inplanes, planes, 3, stride if i == 0 else 1), _bn(planes), nn.ReLU(inplace=True)]
+            inplanes = planes
+        return nn.Sequential(*mods)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        ref = next(self.parameters())
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.num_classes = num_classes
+        self._build_head(num_classes, global_pool)
+        self.global_pool.to(ref.device)
+        self.fc.to(device=ref.device, dtype=ref.dtype)
+        for m in (self.global_pool, self.head_drop, self.fc, self.flatten):
+            m.train(self.training)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_chans)
+        x = self.base_layer(x)
+        for i in range(6):
+            x = getattr(self, f"level{i}")(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.global_pool(x))
+        if pre_logits:
+            return self.flatten(x)
+        return self.flatten(self.fc(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class FeatureInfo(list):
+    """List of dicts (num_chs, reduction, module) with timm's accessor methods."""
+
+    def channels(self) -> List[int]:
+        return [d["num_chs"] for d in self]
+
+    def reduction(self) -> List[int]:
+        return [d["reduction"] for d in self]
+
+    def module_name(self) -> List[str]:
+        return [d["module"] for d in self]
+
+
+class DlaFeatures(nn.Module):
+    """The backbone up to the deepest requested level, returning the requested levels' maps.
+
+    Holds the same children as the classifier (``base_layer``, ``level0``, ...) so a classifier state_dict
+    minus the head loads into it, as with timm's ``features_only`` models.
+    """
+
+    def __init__(self, model: DLA, out_indices: Sequence[int] = (1, 2, 3, 4, 5)):
+        super().__init__()
+        out_indices = tuple(int(i) for i in out_indices)
+        if not out_indices or any(i < 0 or i > 5 for i in out_indices) or len(set(out_indices)) != len(out_indices):
+            raise ValueError(f"out_indices must be distinct level indices in 0..5, got {out_indices}")
+        self.out_indices = tuple(sorted(out_indices))
+        self.in_chans = model.in_chans
+        self.channels = tuple(model.channels)  # all six levels, for the fusion pass
+        self.base_layer = model.base_layer
+        for i in range(max(self.out_indices) + 1):
+            setattr(self, f"level{i}", getattr(model, f"level{i}"))
+        self.feature_info = FeatureInfo(model.feature_info[i] for i in self.out_indices)
+        self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}))
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        check_input(x, self.in_chans)
+        x = self.base_layer(x)
+        out = []
+        for i in range(max(self.out_indices) + 1):
+            x = getattr(self, f"level{i}")(x)
+            if i in self.out_indices:
+                out.append(x)
+        return out
+
+
+# name -> constructor arguments; the same table as timm's registrations.
+_C34 = (16, 32, 64, 128, 256, 512)
+_C46 = (16, 32, 64, 64, 128, 256)
+_C60 = (16, 32, 128, 256, 512, 1024)
+MODEL_ARGS: Dict[str, dict] = {
+    "dla34": dict(levels=(1, 1, 1, 2, 2, 1), channels=_C34, block=DlaBasic),
+    "dla46_c": dict(levels=(1, 1, 1, 2, 2, 1), channels=_C46, block=DlaBottleneck),
+    "dla46x_c": dict(levels=(1, 1, 1, 2, 2, 1), channels=_C46, block=DlaBottleneck, cardinality=32, base_width=4),
+    "dla60": dict(levels=(1, 1, 1, 2, 3, 1), channels=_C60, block=DlaBottleneck),
+    "dla60x": dict(levels=(1, 1, 1, 2, 3, 1), channels=_C60, block=DlaBottleneck, cardinality=32, base_width=4),
+    "dla60x_c": dict(levels=(1, 1, 1, 2, 3, 1), channels=_C46, block=DlaBottleneck, cardinality=32, base_width=4),
+    "dla60_res2net": dict(levels=(1, 1, 1, 2, 3, 1), channels=_C60, block=DlaBottle2neck, cardinality=1,
+                          base_width=28),
+    "dla60_res2next": dict(levels=(1, 1, 1, 2, 3, 1), channels=_C60, block=DlaBottle2neck, cardinality=8,
+                           base_width=4),
+    "dla102": dict(levels=(1, 1, 1, 3, 4, 1), channels=_C60, block=DlaBottleneck, shortcut_root=True),
+    "dla102x": dict(levels=(1, 1, 1, 3, 4, 1), channels=_C60, block=DlaBottleneck, cardinality=32, base_width=4,
+                    shortcut_root=True),
+    "dla102x2": dict(levels=(1, 1, 1, 3, 4, 1), channels=_C60, block=DlaBottleneck, cardinality=64, base_width=4,
+                     shortcut_root=True),
+    "dla169": dict(levels=(1, 1, 2, 3, 5, 1), channels=_C60, block=DlaBottleneck, shortcut_root=True),
+}
+
+
+def default_cfg(name: str) -> dict:
+    return {
+        "architecture": name, "tag": "in1k", "hf_hub_id": f"timm/{name}.in1k", "num_classes": 1000,
+        "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875, "crop_mode": "center",
+        "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+        "first_conv": "base_layer.0", "classifier": "fc",
+        "license": "unknown" if "res2" in name else "bsd-3-clause",
+    }
