@@ -335,8 +335,9 @@ class FusedDLA(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.features_only:
             raise RuntimeError("forward_features is for classifiers; a features_only model's forward returns the maps")
+        x = self._prep_input(x)
         with torch.no_grad():
-            return self._levels(self._prep_input(x))[0]
+            return self._levels(x)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         with torch.no_grad():
@@ -346,8 +347,9 @@ class FusedDLA(nn.Module):
             return self.flatten(self.fc(x))
 
     def forward(self, x: torch.Tensor):
+        x = self._prep_input(x)
         with torch.no_grad():
-            x, feats = self._levels(self._prep_input(x))
+            x, feats = self._levels(x)
             if self.features_only:
                 return feats
             return self.forward_head(x)

@@ -1,7 +1,13 @@
+import os
 
-import pytest
 import torch
 
+# Without a GPU the Triton kernels are tested through Triton's CPU interpreter, which must be switched on
+# before triton is first imported. On a GPU machine the real kernels run.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,219 @@
+"""End-to-end benchmark: timm eager, torch.compile and dla_fast's backends side by side, in one process.
+
+For each (model, dtype, batch size) every implementation is built from the same random weights and timed on
+the same input, interleaved (round-robin over the implementations, several rounds, median), after warm-up.
+GPU times come from CUDA events; CPU times from ``time.perf_counter``.
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .verify import dtype_name, randomize_bn, rel_err
+
+IMPLS = ("timm_eager", "torch_compile", "torch_compile_reduce_overhead", "dla_fast_triton", "dla_fast_cuda",
+         "dla_fast_auto", "dla_fast_eager", "dla_fast_cudagraph")
+GPU_DEFAULT_IMPLS = ("timm_eager", "torch_compile", "dla_fast_triton", "dla_fast_cuda", "dla_fast_auto",
+                     "dla_fast_cudagraph")
+CPU_DEFAULT_IMPLS = ("timm_eager", "dla_fast_eager")
+
+
+@dataclass
+class Row:
+    model: str
+    dtype: str
+    batch_size: int
+    impl: str
+    img_per_s: Optional[float] = None
+    ms: Optional[float] = None
+    peak_mem_mb: Optional[float] = None
+    rel_err: Optional[float] = None
+    compile_s: Optional[float] = None
+    error: Optional[str] = None
+    hw: int = 224
+    backends_used: Optional[str] = None
+
+
+def environment(device: str) -> dict:
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:
+        tv = None
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"device": name, "torch": torch.__version__, "triton": tv,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "python": platform.python_version(), "date": datetime.date.today().isoformat()}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_once(fn: Callable, x, iters: int, device: str) -> float:
+    """Seconds per call, averaged over ``iters`` back-to-back calls."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn(x)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn(x)
+    return (time.perf_counter() - t) / iters
+
+
+def _timm(name: str):
+    import timm
+    return timm.create_model(name)
+
+
+def build_impl(impl: str, name: str, ours_fp32: torch.nn.Module, dtype: torch.dtype, device: str):
+    """(callable, compile seconds or None, backends string) for one implementation."""
+    import dla_fast
+
+    if impl in ("timm_eager", "torch_compile", "torch_compile_reduce_overhead"):
+        m = _timm(name)
+        m.load_state_dict(ours_fp32.state_dict(), strict=True)
+        m = m.eval().to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
+        if impl == "timm_eager":
+            fn = m
+        else:
+            torch._dynamo.reset()  # a fresh cache per model, so the recompile limit is never hit
+            mode = "reduce-overhead" if impl.endswith("reduce_overhead") else None
+            fn = torch.compile(m, mode=mode)
+        return fn, None, None
+    if impl.startswith("dla_fast_"):
+        kind = impl[len("dla_fast_"):]
+        backend = "auto" if kind == "cudagraph" else kind
+        fast = dla_fast.optimize(ours_fp32, dtype=dtype, backend=backend, device=torch.device(device),
+                                 cuda_graph=(kind == "cudagraph"))
+        used = "+".join(sorted(set(fast.backends().values())))
+        return fast, None, used
+    raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
+
+
+def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], device: str, hw: int,
+              rounds: int, iters: int, warmup: int, log: Callable[[str], None]) -> List[Row]:
+    import dla_fast
+
+    torch.manual_seed(0)
+    ours = randomize_bn(dla_fast.create_model(name), 0).eval()
+    x32 = torch.randn(batch, 3, hw, hw, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = ours(x32)  # fp32 on CPU: the yardstick for rel_err
+    x = x32.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    rows: Dict[str, Row] = {}
+    fns: Dict[str, Callable] = {}
+    for impl in impls:
+        row = rows[impl] = Row(name, dtype_name(dtype), batch, impl, hw=hw)
+        if impl == "dla_fast_cudagraph" and device != "cuda":
+            row.error = "skipped: CUDA graphs need a GPU"
+            continue
+        try:
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated() if device == "cuda" else 0
+            fn, _, used = build_impl(impl, name, ours, dtype, device)
+            row.backends_used = used
+            t = time.perf_counter()
+            with torch.inference_mode() if not impl.startswith("torch_compile") else torch.no_grad():
+                y = fn(x)
+                _sync(device)
+                first = time.perf_counter() - t
+                for _ in range(warmup):
+                    fn(x)
+                _sync(device)
+            if impl.startswith("torch_compile"):
+                row.compile_s = round(first, 2)
+            y = y.float().cpu()
+            row.rel_err = rel_err(y, ref)
+            if device == "cuda":
+                # this implementation's own weights + activations, not what the others hold
+                row.peak_mem_mb = round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 1)
+            fns[impl] = fn
+            log(f"  built {impl:<30} first call {first:6.2f}s  rel_err {row.rel_err:.2e}"
+                + (f"  [{used}]" if used else ""))
+        except Exception as e:  # one broken implementation must not sink the whole run
+            row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            log(f"  FAILED {impl}: {row.error}")
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    grad_ctx = torch.no_grad
+    for _ in range(rounds):
+        for impl, fn in fns.items():
+            with grad_ctx():
+                samples[impl].append(_time_once(fn, x, iters, device))
+    for impl, s in samples.items():
+        med = statistics.median(s)
+        rows[impl].ms = round(med * 1e3, 4)
+        rows[impl].img_per_s = round(batch / med, 1)
+    del fns
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return list(rows.values())
+
+
+def run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch_sizes: Sequence[int], impls: Sequence[str],
+        device: str, hw: int, rounds: int, iters: Optional[int], warmup: int,
+        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    rows: List[Row] = []
+    total = len(models) * len(dtypes) * len(batch_sizes)
+    k = 0
+    t0 = time.perf_counter()
+    for name in models:
+        for dt in dtypes:
+            for bs in batch_sizes:
+                k += 1
+                log(f"[{k}/{total}] {name} {dtype_name(dt)} batch {bs} ({time.perf_counter() - t0:.0f}s elapsed)")
+                use = [i for i in impls if not (i == "torch_compile_reduce_overhead" and device != "cuda")]
+                n_iter = iters or (1 if device == "cpu" else max(3, min(50, 512 // bs)))
+                rows += bench_one(name, dt, bs, use, device, hw, rounds, n_iter, warmup, log)
+    env = environment(device)
+    env["hw"] = hw
+    env["rows"] = [r.__dict__ for r in rows]
+    return env
+
+
+def format_table(result: dict) -> str:
+    rows = result["rows"]
+    out = [f"device: {result['device']} | torch {result['torch']} | triton {result['triton']} | "
+           f"cuDNN {result['cudnn']} | {result['date']} | input {result.get('hw', 224)}x{result.get('hw', 224)}",
+           "",
+           "| model | dtype | batch | impl | img/s | ms | vs timm_eager | vs torch_compile | peak MB | rel err |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["dtype"], r["batch_size"]), []).append(r)
+    for (m, d, b), rs in groups.items():
+        by = {r["impl"]: r for r in rs}
+
+        def ratio(r, peer):
+            p = by.get(peer)
+            if not p or not p.get("img_per_s") or not r.get("img_per_s"):
+                return "-"
+            return f"{r['img_per_s'] / p['img_per_s']:.2f}x"
+        for r in rs:
+            if r.get("error"):
+                out.append(f"| {m} | {d} | {b} | {r['impl']} | - | - | - | - | - | {r['error'][:60]} |")
+                continue
+            out.append(f"| {m} | {d} | {b} | {r['impl']} | {r['img_per_s']:.1f} | {r['ms']:.3f} | "
+                       f"{ratio(r, 'timm_eager')} | {ratio(r, 'torch_compile')} | "
+                       f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else '-'} | {r['rel_err']:.1e} |")
+    return "\n".join(out)

@@ -1,0 +1,225 @@
+"""The inference pass: BN folding, optimize() on all variants, inference-only guards, backends, CUDA graphs."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dla_fast
+from dla_fast.verify import FLOOR, RATIO
+from helpers import randomize_bn, rel_err
+
+ALL = dla_fast.list_models()
+
+
+def test_fold_bn_matches_conv_then_bn():
+    conv = nn.Conv2d(12, 20, 3, padding=1, groups=4, bias=True).double()
+    bn = randomize_bn(nn.Sequential(nn.BatchNorm2d(20))).double().eval()[0]
+    w, b = dla_fast.fold_bn(conv, bn)
+    assert w.dtype == b.dtype == torch.float32
+    x = torch.randn(2, 12, 9, 7, dtype=torch.float64)
+    ref = bn(conv(x))
+    out = torch.nn.functional.conv2d(x, w.double(), b.double(), padding=1, groups=4)
+    assert rel_err(out, ref) < 1e-6
+
+
+def test_fold_bn_errors():
+    with pytest.raises(TypeError, match="Conv2d"):
+        dla_fast.fold_bn(nn.Linear(2, 2), nn.BatchNorm2d(2))
+    with pytest.raises(ValueError, match="channels"):
+        dla_fast.fold_bn(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(5))
+    with pytest.raises(ValueError, match="running statistics"):
+        dla_fast.fold_bn(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
+
+
+def _fp64_truth(model, x):
+    m = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        return m(x.double())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_optimize_eager_all_variants_cpu(name):
+    model = randomize_bn(dla_fast.create_model(name)).eval()
+    x = torch.randn(1, 3, 31, 32)
+    ref = _fp64_truth(model, x)
+    with torch.no_grad():
+        eager_err = rel_err(model(x), ref)
+    fast = dla_fast.optimize(model, dtype=torch.float32)
+    assert set(fast.backends().values()) == {"eager"}  # auto on the CPU
+    err = rel_err(fast(x), ref)
+    assert err <= RATIO * eager_err + FLOOR[torch.float32]
+
+
+def test_optimize_does_not_mutate_model():
+    model = randomize_bn(dla_fast.create_model("dla60_res2next")).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    fast = dla_fast.optimize(model, dtype=torch.float16)
+    assert model.training
+    assert [id(p) for p in model.parameters()] == params
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) and v.dtype == before[k].dtype, k
+    assert not any(p.requires_grad for p in fast.parameters())
+    # the running statistics are used even though the source model was in train mode
+    model.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(fast(x).float(), model(x)) < 5e-3
+
+
+def test_optimize_features_only():
+    model = randomize_bn(dla_fast.create_model("dla34", features_only=True, out_indices=(1, 3, 5))).eval()
+    fast = dla_fast.optimize(model, dtype=torch.float32)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = model(x)
+    out = fast(x)
+    assert len(out) == 3
+    for a, b in zip(out, ref):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-5
+
+
+def test_optimize_accepts_timm_model():
+    timm = pytest.importorskip("timm")
+    ref = randomize_bn(timm.create_model("dla46x_c")).eval()
+    fast = dla_fast.optimize(ref, dtype=torch.float32)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(fast(x), ref(x)) < 1e-5
+
+
+def test_inference_only_guards():
+    fast = dla_fast.optimize(dla_fast.create_model("dla46_c").eval(), dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="inference-only.*original model"):
+        fast.train()
+    fast.eval()  # allowed
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    with pytest.raises(RuntimeError, match="autograd"):
+        fast(x)
+    with pytest.raises(RuntimeError, match="optimize\\(model, dtype=...\\) again"):
+        fast.half()
+    assert fast.base_layer[0].weight.dtype == torch.float32  # the refused cast changed nothing
+    with pytest.raises(ValueError, match="32k"):
+        fast(torch.randn(1, 3, 40, 40))
+    with pytest.raises(TypeError, match="already optimized"):
+        dla_fast.optimize(fast)
+
+
+def test_optimize_bad_args():
+    m = dla_fast.create_model("dla46_c").eval()
+    with pytest.raises(ValueError, match="dtype"):
+        dla_fast.optimize(m, dtype=torch.int8)
+    with pytest.raises(ValueError, match="backend"):
+        dla_fast.optimize(m, backend="tensorrt")
+    with pytest.raises(TypeError, match="DLA"):
+        dla_fast.optimize(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+        dla_fast.optimize(m, cuda_graph=True)
+    with pytest.raises(RuntimeError, match="backend='cuda'"):
+        dla_fast.optimize(m, backend="cuda")
+
+
+def test_input_cast_and_channels_last():
+    m = randomize_bn(dla_fast.create_model("dla46_c")).eval()
+    fast = dla_fast.optimize(m, dtype=torch.float32)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    assert fast(x).dtype == torch.float32
+    with pytest.raises(TypeError, match="floating-point"):
+        fast(torch.ones(1, 3, 32, 32, dtype=torch.int64))
+
+
+def test_summary_names_backends():
+    fast = dla_fast.optimize(dla_fast.create_model("dla34").eval(), dtype=torch.float32)
+    s = fast.summary()
+    assert "eager" in s and "level5.root" in s and "aggregate" in s and "conv_bn_act" in s
+    assert len(fast.backends()) == len(fast.fused_layers())
+    assert "backend=eager" in repr(fast)
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="needs TRITON_INTERPRET=1")
+def test_optimize_triton_interpreter_small_model():
+    """The whole fused network through the Triton kernels on the CPU (interpreter), fp32."""
+    model = randomize_bn(dla_fast.create_model("dla46x_c")).eval()
+    x = torch.randn(1, 3, 32, 32)
+    ref = _fp64_truth(model, x)
+    fast = dla_fast.optimize(model, dtype=torch.float32, backend="triton")
+    assert set(fast.backends().values()) == {"triton"}
+    with torch.no_grad():
+        eager_err = rel_err(model(x), ref)
+    assert rel_err(fast(x), ref) <= RATIO * eager_err + FLOOR[torch.float32]
+
+
+# ---------------------------------------------------------------- GPU ----
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _cuda_backends():
+    from dla_fast.ops import _backends
+    probe = torch.empty(0, device="cuda", dtype=torch.float16)
+    return [b for b in ("triton", "cuda") if _backends.reason_unavailable(b, probe) is None]
+
+
+@pytest.fixture(scope="module")
+def timm_ref():
+    return pytest.importorskip("timm")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ALL)
+def test_all_variants_gpu_vs_timm(name, timm_ref):
+    """224x224, batch 8, every dtype and backend: error vs float64 <= 2 x timm eager's error + floor."""
+    torch.manual_seed(0)
+    ours = randomize_bn(dla_fast.create_model(name), 3).eval()
+    ref = timm_ref.create_model(name).eval()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(8, 3, 224, 224)
+    truth = _fp64_truth(ref, x).cuda()
+    backends = ["auto"] + _cuda_backends()
+    failures = []
+    for dt in DTYPES:
+        r = copy.deepcopy(ref).cuda().to(dt).to(memory_format=torch.channels_last)
+        xd = x.cuda().to(dt).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            eager_err = rel_err(r(xd), truth)
+        for be in backends:
+            fast = dla_fast.optimize(ref, dtype=dt, backend=be, device=torch.device("cuda"))
+            err = rel_err(fast(xd), truth)
+            bound = RATIO * eager_err + FLOOR[dt]
+            if not err <= bound:
+                failures.append(f"{dt} {be}: err {err:.2e} > bound {bound:.2e} (eager {eager_err:.2e})")
+    assert not failures, failures
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_compile_fullgraph(backend):
+    if backend not in _cuda_backends():
+        pytest.skip(f"{backend} backend unavailable on this machine")
+    model = randomize_bn(dla_fast.create_model("dla34")).eval()
+    fast = dla_fast.optimize(model, dtype=torch.float16, backend=backend, device=torch.device("cuda"))
+    x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.float16)
+    ref = fast(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, fullgraph=True)
+    out = compiled(x)
+    assert rel_err(out, ref) < 1e-3
+
+
+@pytest.mark.cuda
+def test_cuda_graph_matches_and_recaptures():
+    model = randomize_bn(dla_fast.create_model("dla34")).eval()
+    fast = dla_fast.optimize(model, dtype=torch.float16, device=torch.device("cuda"))
+    g = dla_fast.optimize(model, dtype=torch.float16, device=torch.device("cuda"), cuda_graph=True, max_graphs=2)
+    for hw in [(64, 64), (96, 64), (64, 64), (128, 128), (32, 32)]:
+        x = torch.randn(1, 3, *hw, device="cuda", dtype=torch.float16)
+        y = g(x)
+        assert rel_err(y, fast(x)) < 1e-3
+        y2 = g(x * 2)
+        assert not torch.equal(y, y2)  # the returned tensor is not overwritten by the next replay
+    assert len(g._graphs) == 2
+    with pytest.raises(ValueError, match="CUDA inputs"):
+        g(torch.randn(1, 3, 64, 64))
