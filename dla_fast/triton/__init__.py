@@ -1,0 +1,90 @@
+"""Triton backend of the fused inference ops (``backend="triton"`` in :mod:`dla_fast.ops`).
+
+Exposes the backend interface of :mod:`dla_fast.ops._backends`: ``NAME``, ``unavailable_reason(x)`` and the
+two validated-argument kernels. The kernels are registered as ``torch.ops.dla_fast_triton.conv_bn_act`` and
+``torch.ops.dla_fast_triton.aggregate`` (``torch.library.triton_op``), which ``torch.compile(fullgraph=True)``
+traces into and CUDA graphs capture.
+
+On CPU the kernels run only in Triton's interpreter, which must be switched on with ``TRITON_INTERPRET=1``
+before this module is first imported (the interpreter is picked when the kernels are decorated).
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+NAME = "triton"
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+
+try:
+    from . import _launch
+    _IMPORT_ERROR: Optional[str] = None
+except Exception as e:  # no triton, or a triton too old for these kernels
+    _launch = None
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(x: torch.Tensor) -> Optional[str]:
+    """None if the Triton kernels can run on ``x``; otherwise why not, and what to do about it."""
+    if _launch is None:
+        return (f"Triton could not be imported ({_IMPORT_ERROR}); install a Triton that matches your PyTorch "
+                "(pip install triton) or use backend='eager'")
+    if x.dtype not in _SUPPORTED:
+        return (f"dtype {x.dtype} is not supported by the Triton kernels (float16, bfloat16 or float32); "
+                "cast the inputs or use backend='eager'")
+    interp = _launch.interpreted()
+    if x.device.type == "cuda":
+        if interp:
+            return None  # the interpreter runs CUDA tensors too (slowly, through host copies)
+        major, minor = torch.cuda.get_device_capability(x.device)
+        if major < 7:
+            return (f"the GPU has compute capability {major}.{minor}; the Triton kernels need 7.0 or newer; "
+                    "use backend='eager'")
+        if x.dtype == torch.bfloat16 and major < 8:
+            return (f"bfloat16 needs compute capability 8.0+ for Triton's tensor-core path (this GPU is "
+                    f"{major}.{minor}); use float16 or backend='eager'")
+        return None
+    if x.device.type == "cpu":
+        if not interp:
+            if _interpret_env():
+                return ("TRITON_INTERPRET=1 was set after dla_fast.triton was imported, so its kernels were "
+                        "compiled for the GPU; set it before the first import (e.g. in the environment) to "
+                        "run them on CPU, or use backend='eager'")
+            return ("x is on the CPU and the Triton kernels need a CUDA tensor; move the inputs to a GPU "
+                    "(.cuda()), use backend='eager' (or 'auto'), or set TRITON_INTERPRET=1 before importing "
+                    "dla_fast to run them in Triton's (slow) CPU interpreter")
+        if x.dtype == torch.bfloat16:
+            return ("the Triton CPU interpreter does not support bfloat16; use float16/float32 on CPU, run on a "
+                    "CUDA device, or use backend='eager'")
+        return None
+    return (f"x is on {x.device}; the Triton kernels run on CUDA devices (or on CPU under TRITON_INTERPRET=1); "
+            "use backend='eager'")
+
+
+def _tf32() -> bool:
+    # Read at call time, the same switch that decides whether cuDNN's fp32 convolutions use TF32.
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
+                padding: Tuple[int, int], groups: int, residual: Optional[torch.Tensor],
+                relu: bool) -> torch.Tensor:
+    return torch.ops.dla_fast_triton.conv_bn_act(x, weight, bias, [int(s) for s in stride],
+                                                 [int(p) for p in padding], int(groups), residual, bool(relu),
+                                                 _tf32())
+
+
+def aggregate(children: Sequence[torch.Tensor], weight2d: torch.Tensor, bias: Optional[torch.Tensor],
+              residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    kids: List[torch.Tensor] = list(children)
+    return torch.ops.dla_fast_triton.aggregate(kids, weight2d, bias, residual, bool(relu), _tf32())
+
+
+__all__ = ["NAME", "unavailable_reason", "conv_bn_act", "aggregate"]

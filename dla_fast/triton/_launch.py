@@ -1,0 +1,365 @@
+"""Launchers, tile heuristics and the torch.library registration of the Triton kernels.
+
+The ops are ``torch.library.triton_op``s in the ``dla_fast_triton`` namespace, so ``torch.compile`` traces
+into them (the kernels become user-defined Triton kernels in the graph) and CUDA graphs capture them. Tile
+sizes come from a fixed heuristic rather than autotuning: autotuning would benchmark on first use, which
+breaks CUDA-graph capture and makes the first call of every new shape slow; the heuristic never looks at
+the batch size. ``conv_launch``/``aggregate_launch`` accept an explicit ``config`` so benchmarks can sweep
+tiles without touching the heuristic.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from ._kernels import _aggregate_kernel, _conv_direct_kernel, _conv_gemm_kernel
+
+MAX_CHILDREN = 8
+_I32_LIMIT = 2**31 - 1
+# Element offsets switch to 64-bit when a tensor spans this many elements (tests lower it to cover IDX64).
+_IDX64_THRESHOLD = _I32_LIMIT
+_TC_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def interpreted() -> bool:
+    """Whether the kernels were built for the Triton interpreter (decided when triton.jit ran)."""
+    return type(_conv_gemm_kernel).__name__ == "InterpretedFunction"
+
+
+def _kernel(k):
+    # wrap_triton makes a launch traceable by torch.compile; interpreted kernels are launched as they are.
+    return k if interpreted() else wrap_triton(k)
+
+
+def _skip_launch(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a fake/meta tensor seen by the interpreter-mode ops, whose fake implementation is
+    the launcher itself: only the output's shape and layout are wanted then. (Compiled kernels go through
+    wrap_triton, which makes the launch a no-op under fake tensors by itself.)"""
+    if not interpreted():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(t) or t.device.type == "meta"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if its channels are unit-stride (NHWC addressing works on it as a view), else a channels_last
+    copy. Channel slices of channels_last tensors (res2net splits) pass through without a copy."""
+    if t.shape[1] == 1 or t.stride(1) == 1:
+        return t
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _row_stride(t: torch.Tensor) -> Optional[int]:
+    """Stride of one pixel if the tensor's (n, h, w) collapse to a single row index with channels at unit
+    stride (a channels_last tensor or a channel slice of one), else None."""
+    n, c, h, w = t.shape
+    sn, sc, sh, sw = t.stride()
+    if c > 1 and sc != 1:
+        return None
+    if (h > 1 and sh != w * sw) or (n > 1 and sn != h * w * sw):
+        return None
+    if w == 1:  # sw is arbitrary when w == 1: take the stride that the next dim implies
+        if h > 1:
+            sw = sh
+        elif n > 1:
+            sw = sn
+        else:
+            sw = c
+    return sw
+
+
+def _residual_strides(residual: Optional[torch.Tensor]):
+    if residual is None:
+        return 0, 0, 0, 0
+    sn, sc, sh, sw = residual.stride()
+    return sn, sc, sh, sw
+
+
+def _new_output(n: int, c: int, h: int, w: int, device, dtype) -> torch.Tensor:
+    """The (channels_last) output. With DLA_FAST_TRITON_POISON=1 it starts as NaN instead of whatever the
+    allocator hands back, so tests can prove that the kernels write every element."""
+    y = torch.empty((n, c, h, w), device=device, dtype=dtype, memory_format=torch.channels_last)
+    if os.environ.get("DLA_FAST_TRITON_POISON", "0") not in ("", "0"):
+        y.fill_(float("nan"))
+    return y
+
+
+def _prec(dtype: torch.dtype, tf32: bool) -> str:
+    return "tf32" if (dtype in _TC_DTYPES or tf32) else "ieee"
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+def conv_plan(M: int, Cin_g: int, Cout_g: int, groups: int, kh: int, kw: int, dtype: torch.dtype,
+              tf32: bool, interp: bool, force: Optional[str] = None) -> Dict:
+    """Kernel choice and tile sizes for a convolution. ``force`` ("dense", "flat", "blockdiag", "direct")
+    overrides the kernel choice (used by tests and benchmarks)."""
+    tensor_cores = dtype in _TC_DTYPES or tf32
+    small_group = groups > 1 and (Cin_g < 16 or Cout_g < 16)
+    if force is None:
+        force = os.environ.get("DLA_FAST_TRITON_CONV") or None
+    if force is not None:
+        kind = force
+    elif small_group:
+        maxc = max(Cin_g, Cout_g)
+        # Block-diagonal tensor cores waste a factor GB of MMA work; IEEE fp32 has no tensor cores to
+        # waste, so it takes the direct kernel; very wide groups would need too large a K tile.
+        kind = "blockdiag" if (tensor_cores and maxc <= 64) else "direct"
+    elif Cin_g < 16:
+        kind = "flat"
+    else:
+        kind = "dense"
+    if kind == "blockdiag" and max(Cin_g, Cout_g) > 128:
+        kind = "direct"
+
+    esize = 2 if dtype in _TC_DTYPES else 4
+    if kind == "direct":
+        cog = min(_pow2(Cout_g), 16)
+        gb = max(1, min(64 // cog, _pow2(groups)))
+        bm = 16 if interp else max(16, 4096 // (gb * cog))
+        return dict(kind=kind, BLOCK_M=bm, GB=gb, COG=cog, num_warps=4, num_stages=1)
+
+    if kind == "blockdiag":
+        maxc = max(Cin_g, Cout_g)
+        width = 32 if maxc >= 4 else 16
+        gb = max(1, min(width // maxc, groups))
+        bk = max(16, _pow2(gb * Cin_g))
+        bn = max(16, _pow2(gb * Cout_g))
+        bm = 32 if interp else 128
+        return dict(kind=kind, MODE=2, GB=gb, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+                    num_stages=3)
+
+    if kind == "flat":
+        bk = 16 if interp else 32
+    else:
+        if esize == 2:
+            bk = 64 if Cin_g >= 64 else (32 if Cin_g > 16 else 16)
+        else:
+            bk = 32 if Cin_g >= 32 else 16
+    if Cout_g >= 128:
+        bn = 128
+    elif Cout_g > 32:
+        bn = 64
+    elif Cout_g > 16:
+        bn = 32
+    else:
+        bn = 16
+    if interp:
+        return dict(kind=kind, MODE=1 if kind == "flat" else 0, GB=1, BLOCK_M=32, BLOCK_N=min(bn, 32),
+                    BLOCK_K=16, num_warps=4, num_stages=1)
+    n_tiles = groups * triton.cdiv(Cout_g, bn)
+    bm = 128 if triton.cdiv(M, 128) * n_tiles >= 264 else 64
+    num_warps = 8 if bm * bn >= 128 * 128 else 4
+    stages = 4 if bk * esize <= 64 else 3
+    if not tensor_cores:
+        # IEEE fp32: tl.dot runs on FMA units and keeps more per-thread state; larger tiles spilled (sm_90).
+        bn = min(bn, 64)
+        bk = min(bk, 32)
+        num_warps = 8 if bm >= 128 else 4
+        stages = 2
+    elif kind == "flat" or (Cin_g * esize) % 16:
+        # Rows that are not 16-byte aligned load element by element (no cp.async), each lane holding many
+        # addresses: 4 warps on 128 rows spilled (28 channels, sm_90); 8 warps and a shallow pipeline
+        # don't.
+        stages = 2
+        num_warps = 8 if bm >= 128 else 4
+    return dict(kind=kind, MODE=1 if kind == "flat" else 0, GB=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                num_warps=num_warps, num_stages=stages)
+
+
+def aggregate_plan(M: int, chans: Sequence[int], Cout: int, dtype: torch.dtype, interp: bool,
+                   tf32: bool = True) -> Dict:
+    esize = 2 if dtype in _TC_DTYPES else 4
+    if interp:
+        return dict(BLOCK_M=32, BLOCK_N=32 if Cout > 16 else 16, BLOCK_K=16, num_warps=4, num_stages=1)
+    cmin = min(chans)
+    if esize == 2:
+        bk = 64 if cmin >= 64 else (32 if cmin > 16 else 16)
+    else:
+        bk = 32 if cmin >= 32 else 16
+    bn = 128 if Cout >= 128 else (64 if Cout > 32 else (32 if Cout > 16 else 16))
+    n_tiles = triton.cdiv(Cout, bn)
+    bm = 128 if triton.cdiv(M, 128) * n_tiles >= 264 else 64
+    num_warps = 8 if bm * bn >= 128 * 128 else 4
+    stages = 3 if all((c * esize) % 16 == 0 for c in chans) else 2
+    if not tf32 and dtype not in _TC_DTYPES:  # IEEE fp32: see conv_plan
+        bn, bk, stages = min(bn, 64), min(bk, 32), 2
+        num_warps = 8 if bm >= 128 else 4
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps, num_stages=stages)
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+def conv_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+                padding: Sequence[int], groups: int, residual: Optional[torch.Tensor], relu: bool, tf32: bool,
+                config: Optional[Dict] = None, force: Optional[str] = None) -> torch.Tensor:
+    x = _nhwc(x)
+    N, Cin, H, W = x.shape
+    Cout, Cin_g, kh, kw = weight.shape
+    # [Cout, kh, kw, Cin_g] contiguous: a free view of a channels_last weight.
+    w = weight.permute(0, 2, 3, 1).contiguous()
+    sh_, sw_ = int(stride[0]), int(stride[1])
+    ph, pw = int(padding[0]), int(padding[1])
+    Ho = (H + 2 * ph - kh) // sh_ + 1
+    Wo = (W + 2 * pw - kw) // sw_ + 1
+    Cout_g = Cout // groups
+    M = N * Ho * Wo
+    y = _new_output(N, Cout, Ho, Wo, x.device, x.dtype)
+    if M == 0 or Cout == 0 or _skip_launch(y):
+        return y
+    if Cin_g == 0:  # an empty reduction: the output is the epilogue of zero
+        acc = torch.zeros((N, Cout, Ho, Wo), device=x.device, dtype=torch.float32)
+        if bias is not None:
+            acc = acc + bias.view(1, -1, 1, 1)
+        if residual is not None:
+            acc = acc + residual.float()
+        if relu:
+            acc = torch.relu(acc)
+        y.copy_(acc)
+        return y
+    interp = interpreted()
+    cfg = dict(config) if config is not None else conv_plan(M, Cin_g, Cout_g, groups, kh, kw, x.dtype, tf32,
+                                                              interp, force)
+    idx64 = max(_max_offset(x), y.numel(), 0 if residual is None else _max_offset(residual)) >= _IDX64_THRESHOLD
+    if M >= _I32_LIMIT:
+        raise RuntimeError(f"conv_bn_act (triton): {M} output pixels exceed the kernel's 32-bit row index")
+    sxn, _, sxh, sxw = x.stride()
+    srn, src, srh, srw = _residual_strides(residual)
+    b_arg = bias if bias is not None else w
+    r_arg = residual if residual is not None else x
+    pad = ph > 0 or pw > 0
+    common = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu), IDX64=idx64,
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    if cfg["kind"] == "direct":
+        gb, cog, bm = cfg["GB"], cfg["COG"], cfg["BLOCK_M"]
+        co_tiles = triton.cdiv(Cout_g, cog)
+        n_tiles = triton.cdiv(groups, gb) * co_tiles
+        grid_n = triton.cdiv(M, bm) * n_tiles
+        _kernel(_conv_direct_kernel)[lambda meta: (grid_n,)](
+            x, w, b_arg, r_arg, y,
+            M, H, W, Ho, Wo, Cin_g, Cout_g, Cout, groups,
+            sxn, sxh, sxw, srn, src, srh, srw,
+            sh_, sw_, ph, pw, n_tiles, co_tiles,
+            KH=kh, KW=kw, PAD=pad, BLOCK_M=bm, GB=gb, COG=cog, **common)
+        return y
+
+    bm, bn, bk, mode, gb = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["MODE"], cfg["GB"]
+    if mode == 2:
+        if gb * Cin_g > bk or gb * Cout_g > bn:
+            raise ValueError(f"block-diagonal config {cfg} does not cover {gb} groups of {Cin_g}->{Cout_g}")
+        tiles_per_group = 1
+        n_tiles = triton.cdiv(groups, gb)
+        full = groups % gb == 0 and gb * Cin_g == bk and gb * Cout_g == bn
+    else:
+        tiles_per_group = triton.cdiv(Cout_g, bn)
+        n_tiles = groups * tiles_per_group
+        full = False
+    grid_n = triton.cdiv(M, bm) * n_tiles
+    _kernel(_conv_gemm_kernel)[lambda meta: (grid_n,)](
+        x, w, b_arg, r_arg, y,
+        M, H, W, Ho, Wo, Cin, Cin_g, Cout_g, Cout,
+        sxn, sxh, sxw, srn, src, srh, srw,
+        sh_, sw_, ph, pw, n_tiles, tiles_per_group,
+        KH=kh, KW=kw, MODE=mode, GB=gb, FULL=full, PAD=pad, PREC=_prec(x.dtype, tf32),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common)
+    return y
+
+
+def aggregate_launch(children: Sequence[torch.Tensor], weight2d: torch.Tensor, bias: Optional[torch.Tensor],
+                     residual: Optional[torch.Tensor], relu: bool, tf32: bool, config: Optional[Dict] = None,
+                     out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    children = list(children)
+    ref = children[0]
+    N, _, H, W = ref.shape
+    Cout, Ctot = weight2d.shape
+    dtype = ref.dtype
+    out_dtype = out_dtype or dtype
+    if len(children) > MAX_CHILDREN:
+        # Chain: the first MAX_CHILDREN children (plus the residual) go to an fp32 partial sum that the
+        # next call reads back as its residual, so precision matches one long K loop and nothing is
+        # concatenated.
+        k = sum(c.shape[1] for c in children[:MAX_CHILDREN])
+        part = aggregate_launch(children[:MAX_CHILDREN], weight2d[:, :k], None, residual, False, tf32,
+                                config, out_dtype=torch.float32)
+        return aggregate_launch(children[MAX_CHILDREN:], weight2d[:, k:], bias, part, relu, tf32, config,
+                                out_dtype=out_dtype)
+    w = weight2d.contiguous()
+    kids, strides = [], []
+    for c in children:
+        s = _row_stride(c)
+        if s is None:
+            c = c.contiguous(memory_format=torch.channels_last)
+            s = _row_stride(c)
+        kids.append(c)
+        strides.append(int(s))
+    chans = [int(c.shape[1]) for c in kids]
+    M = N * H * W
+    y = _new_output(N, Cout, H, W, ref.device, out_dtype)
+    if M == 0 or Cout == 0 or _skip_launch(y):
+        return y
+    if M >= _I32_LIMIT:
+        raise RuntimeError(f"aggregate (triton): {M} pixels exceed the kernel's 32-bit row index")
+    interp = interpreted()
+    cfg = dict(config) if config is not None else aggregate_plan(M, chans, Cout, dtype, interp, tf32)
+    idx64 = max([_max_offset(c) for c in kids] + [y.numel()]
+                + [0 if residual is None else _max_offset(residual)]) >= _IDX64_THRESHOLD
+    nc = len(kids)
+    ptrs = kids + [kids[0]] * (MAX_CHILDREN - nc)
+    cs = chans + [0] * (MAX_CHILDREN - nc)
+    ss = strides + [0] * (MAX_CHILDREN - nc)
+    srn, src, srh, srw = _residual_strides(residual)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    n_tiles = triton.cdiv(Cout, bn)
+    grid_n = triton.cdiv(M, bm) * n_tiles
+    _kernel(_aggregate_kernel)[lambda meta: (grid_n,)](
+        *ptrs, *cs, *ss,
+        w, bias if bias is not None else w, residual if residual is not None else kids[0], y,
+        M, H * W, W, Cout, Ctot,
+        srn, src, srh, srw, n_tiles,
+        NUM_CHILDREN=nc, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
+        PREC=_prec(dtype, tf32), IDX64=idx64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
+
+
+# ------------------------------------------------------------------------------------------ custom ops
+
+def _conv_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: List[int],
+               padding: List[int], groups: int, residual: Optional[torch.Tensor], relu: bool,
+               tf32: bool) -> torch.Tensor:
+    return conv_launch(x, weight, bias, stride, padding, groups, residual, relu, tf32)
+
+
+def _aggregate_impl(children: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    residual: Optional[torch.Tensor], relu: bool, tf32: bool) -> torch.Tensor:
+    return aggregate_launch(children, weight, bias, residual, relu, tf32)
+
+
+def _register() -> None:
+    if interpreted():
+        # The interpreter's kernels cannot be traced into a graph (torch hands the raw kernel back from
+        # wrap_triton), so under TRITON_INTERPRET the ops are opaque custom ops whose fake implementation
+        # is the launcher itself (it skips the launch for fake tensors): torch.compile then calls the
+        # real kernels instead of silently dropping them from the graph.
+        for name, fn in (("conv_bn_act", _conv_impl), ("aggregate", _aggregate_impl)):
+            op = torch.library.custom_op(f"dla_fast_triton::{name}", mutates_args=())(fn)
+            op.register_fake(fn)
+    else:
+        triton_op("dla_fast_triton::conv_bn_act", mutates_args=())(_conv_impl)
+        triton_op("dla_fast_triton::aggregate", mutates_args=())(_aggregate_impl)
+
+
+_register()

@@ -1,0 +1,502 @@
+"""Tests of the Triton backend (dla_fast.triton) through the public ops API.
+
+Two ways to run them:
+
+* CPU, in Triton's interpreter (what CI does)::
+
+      TRITON_INTERPRET=1 python -m pytest tests/test_ops_triton.py -q
+
+  runs the ``interpreter``-marked tests: small shapes (odd sizes, every kernel path, layouts) in fp32 and
+  fp16 (the interpreter has no bf16).
+* On a GPU, without TRITON_INTERPRET: the same small-shape tests run compiled on CUDA, and the
+  ``cuda``-marked tests add the real DLA layer shapes in fp32/TF32/fp16/bf16, torch.compile and CUDA graphs.
+
+Without either, everything skips with a reason, except the tests of the error messages.
+
+Numerics: outputs are compared with a float64 reference. fp32 with TF32 off must be within 1e-5
+(relative Frobenius error). fp16/bf16/TF32 may be at most 2x the error of eager PyTorch in that dtype
+(on the same device) plus a floor of about one rounding of the output (fp16 1e-3, bf16 4e-3, TF32 1e-3),
+both in norm and in the worst element. Outputs start as NaN (DLA_FAST_TRITON_POISON=1), so an element the
+kernel never wrote fails the comparison.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+import torch
+
+import dla_fast.ops as ops
+from dla_fast.ops.reference import aggregate_ref, conv_bn_act_ref
+
+INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+HAS_CUDA = torch.cuda.is_available()
+try:
+    import triton  # noqa: F401
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - triton is a dependency of torch's CUDA builds
+    HAS_TRITON = False
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+if INTERP:
+    DEV = "cpu"
+elif HAS_CUDA:
+    DEV = "cuda"
+else:
+    DEV = None
+
+needs_kernels = pytest.mark.skipif(
+    not HAS_TRITON or DEV is None,
+    reason="no GPU and TRITON_INTERPRET is not set: run with TRITON_INTERPRET=1 in the environment to test "
+           "the Triton kernels in the CPU interpreter")
+needs_cuda = pytest.mark.skipif(
+    not HAS_TRITON or not HAS_CUDA or INTERP,
+    reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+SMALL_DTYPES = [torch.float32, torch.float16] if INTERP else [torch.float32, torch.float16, torch.bfloat16]
+FLOOR = {torch.float16: 1e-3, torch.bfloat16: 4e-3, torch.float32: 1e-3}  # float32 here = TF32
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_ieee(monkeypatch):
+    """NaN-filled outputs, IEEE fp32 unless a test turns TF32 on, and the heuristic's kernel choice."""
+    monkeypatch.setenv("DLA_FAST_TRITON_POISON", "1")
+    monkeypatch.delenv("DLA_FAST_TRITON_CONV", raising=False)
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def _rand(*shape, dtype=torch.float32, device=None, scale=1.0):
+    # Random normal, never zeros: a kernel that drops a term cannot hide behind zero inputs.
+    return (torch.randn(*shape, device=device or DEV, dtype=torch.float32) * scale).to(dtype)
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return (a.double() - ref).abs().max().item()
+
+
+def _check(out, ref64, eager, dtype, tf32=False, what=""):
+    assert out.dtype == dtype, what
+    assert out.shape == ref64.shape, what
+    assert out.is_contiguous(memory_format=torch.channels_last), f"{what}: output is not channels_last"
+    assert torch.isfinite(out).all(), f"{what}: non-finite output (an element left unwritten?)"
+    err = _rel(out, ref64)
+    scale = ref64.abs().max().item()
+    if dtype == torch.float32 and not tf32:
+        assert err <= 1e-5, f"{what}: fp32 rel error {err:.3e} > 1e-5"
+        assert _max_err(out, ref64) <= 1e-5 * max(scale, 1e-30) * 10, f"{what}: worst element too far off"
+        return err
+    floor = FLOOR[dtype]
+    e_eager = _rel(eager, ref64)
+    assert err <= 2 * e_eager + floor, f"{what}: rel error {err:.3e} > 2 x eager {e_eager:.3e} + {floor}"
+    m, m_eager = _max_err(out, ref64), _max_err(eager, ref64)
+    assert m <= 2 * m_eager + floor * scale, \
+        f"{what}: worst element error {m:.3e} > 2 x eager {m_eager:.3e} + {floor} x {scale:.3e}"
+    return err
+
+
+def _conv_case(N, Cin, Cout, H, W, k, stride, pad, groups, dtype, *, residual=True, relu=True, bias=True,
+               device=None, x_layout="nchw", res_layout="nchw", tf32=False):
+    device = device or DEV
+    fan_in = Cin // groups * k * k
+    x = _make_layout(_rand(N, Cin, H, W, dtype=dtype, device=device), x_layout)
+    w = _rand(Cout, Cin // groups, k, k, dtype=dtype, device=device, scale=fan_in ** -0.5)
+    b = _rand(Cout, device=device) if bias else None
+    Ho = (H + 2 * pad - k) // stride + 1
+    Wo = (W + 2 * pad - k) // stride + 1
+    r = _make_layout(_rand(N, Cout, Ho, Wo, dtype=dtype, device=device), res_layout) if residual else None
+    out = ops.conv_bn_act(x, w, b, stride=stride, padding=pad, groups=groups, residual=r, relu=relu,
+                          backend="triton")
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    ref64 = conv_bn_act_ref(d(x), d(w), d(b), (stride, stride), (pad, pad), groups, d(r), relu)
+    eager = conv_bn_act_ref(x, w, b, (stride, stride), (pad, pad), groups, r, relu)
+    what = f"conv N{N} {Cin}->{Cout} {H}x{W} k{k} s{stride} p{pad} g{groups} {dtype} res={residual} relu={relu}"
+    return _check(out, ref64, eager, dtype, tf32, what)
+
+
+def _make_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in another memory layout."""
+    if layout == "nchw":
+        return t.contiguous()
+    if layout == "cl":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "slice":  # a channel slice of a wider channels_last tensor (res2net splits)
+        n, c, h, w = t.shape
+        big = torch.empty(n, c + 5, h, w, device=t.device, dtype=t.dtype).normal_()
+        big = big.contiguous(memory_format=torch.channels_last)
+        big[:, 2:2 + c] = t
+        return big[:, 2:2 + c]
+    if layout == "strided":  # every other column of a wider tensor: no dim is unit-stride
+        n, c, h, w = t.shape
+        big = torch.empty(n, c, h, 2 * w, device=t.device, dtype=t.dtype).normal_()
+        big[..., ::2] = t
+        return big[..., ::2]
+    if layout == "hwnc":  # a permuted allocation: channels at unit stride but (n, h, w) not collapsible
+        return t.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+    if layout == "expand":  # a broadcast (stride-0) residual: per-channel values
+        return t[:1, :, :1, :1].expand(t.shape)
+    raise ValueError(layout)
+
+
+def _agg_case(N, chans, Cout, H, W, dtype, *, residual=False, relu=True, bias=True, layouts=None,
+              device=None, tf32=False):
+    device = device or DEV
+    layouts = layouts or ["nchw"] * len(chans)
+    kids = [_make_layout(_rand(N, c, H, W, dtype=dtype, device=device), lay) for c, lay in zip(chans, layouts)]
+    w = _rand(Cout, sum(chans), dtype=dtype, device=device, scale=sum(chans) ** -0.5)
+    b = _rand(Cout, device=device) if bias else None
+    if isinstance(residual, str):
+        res = _make_layout(_rand(N, Cout, H, W, dtype=dtype, device=device), residual)
+    else:
+        res = residual
+    out = ops.aggregate(kids, w, b, residual=res, relu=relu, backend="triton")
+    r_ref = kids[0] if res is True else (None if res is False else res)
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    ref64 = aggregate_ref([k.double() for k in kids], w.double(), d(b), d(r_ref), relu)
+    eager = aggregate_ref(kids, w, b, r_ref, relu)
+    what = f"aggregate {chans}->{Cout} {H}x{W} {dtype} res={residual!r} relu={relu}"
+    return _check(out, ref64, eager, dtype, tf32, what)
+
+
+# --------------------------------------------------------------------------- small shapes (interpreter)
+
+# name: (N, Cin, Cout, H, W, k, stride, pad, groups)
+SMALL_CONVS = {
+    "stem7x7": (2, 3, 13, 9, 7, 7, 1, 3, 1),
+    "stem7x7_s2": (1, 3, 8, 9, 9, 7, 2, 3, 1),
+    "3x3": (2, 20, 24, 7, 9, 3, 1, 1, 1),
+    "3x3_s2_smallcin": (1, 13, 20, 9, 7, 3, 2, 1, 1),
+    "3x3_s2": (2, 24, 16, 9, 7, 3, 2, 1, 1),
+    "3x3_p0": (1, 16, 16, 7, 5, 3, 1, 0, 1),
+    "1x1": (2, 24, 13, 7, 9, 1, 1, 0, 1),
+    "1x1_s2": (1, 20, 24, 9, 9, 1, 2, 0, 1),
+    "1x1_batch1_1px": (1, 24, 20, 1, 1, 1, 1, 0, 1),
+    "g4_4pg": (2, 16, 16, 9, 7, 3, 1, 1, 4),
+    "g8_4pg_s2": (1, 32, 32, 9, 7, 3, 2, 1, 8),
+    "g32_4pg": (1, 128, 128, 5, 5, 3, 1, 1, 32),
+    "g4_2pg": (2, 8, 8, 7, 9, 3, 1, 1, 4),
+    "g3_4to6pg": (1, 12, 18, 7, 5, 3, 1, 1, 3),
+    "g2_16pg": (1, 32, 32, 7, 5, 3, 1, 1, 2),
+}
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name", list(SMALL_CONVS))
+def test_conv_small(name, dtype):
+    torch.manual_seed(zlib.crc32(name.encode()))
+    N, Cin, Cout, H, W, k, s, p, g = SMALL_CONVS[name]
+    _conv_case(N, Cin, Cout, H, W, k, s, p, g, dtype, residual=True, relu=True)
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("residual,relu,bias", [(False, True, True), (True, False, True), (False, False, False)])
+@pytest.mark.parametrize("name", ["3x3_s2_smallcin", "g4_4pg", "1x1"])
+def test_conv_epilogue_variants(name, residual, relu, bias):
+    torch.manual_seed(1)
+    N, Cin, Cout, H, W, k, s, p, g = SMALL_CONVS[name]
+    _conv_case(N, Cin, Cout, H, W, k, s, p, g, torch.float32, residual=residual, relu=relu, bias=bias)
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("x_layout,res_layout", [
+    ("cl", "cl"), ("slice", "nchw"), ("strided", "strided"), ("hwnc", "hwnc"), ("nchw", "expand"),
+])
+@pytest.mark.parametrize("name", ["3x3", "g4_4pg"])
+def test_conv_layouts(name, x_layout, res_layout):
+    torch.manual_seed(2)
+    N, Cin, Cout, H, W, k, s, p, g = SMALL_CONVS[name]
+    _conv_case(N, Cin, Cout, H, W, k, s, p, g, torch.float32, x_layout=x_layout, res_layout=res_layout)
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("kind", ["dense", "flat", "blockdiag", "direct"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_conv_every_kernel(kind, dtype, monkeypatch):
+    """Every kernel path is correct on shapes the heuristic would send elsewhere."""
+    monkeypatch.setenv("DLA_FAST_TRITON_CONV", kind)
+    torch.manual_seed(3)
+    _conv_case(2, 16, 24, 7, 5, 3, 1, 1, 4, dtype)       # grouped, 4 -> 6 per group
+    _conv_case(1, 12, 20, 7, 9, 3, 2, 1, 1, dtype)       # dense, stride 2
+    _conv_case(1, 40, 24, 5, 5, 3, 1, 1, 1, dtype)       # several channel chunks per tap
+
+
+# name: (N, chans, Cout, H, W, residual, relu, layouts)
+SMALL_AGGS = {
+    "1child_shortcut": (2, (13,), 13, 9, 7, True, True, None),
+    "2children_restensor": (2, (8, 5), 20, 9, 7, "nchw", True, None),
+    "3children_mixed_layouts": (1, (16, 3, 20), 16, 7, 9, True, True, ["slice", "nchw", "cl"]),
+    "4children_norelu": (1, (6, 7, 8, 9), 24, 7, 9, False, False, None),
+    "7children": (1, (5,) * 7, 10, 5, 5, "cl", True, None),
+    "10children_chained": (1, (2, 3, 4, 5, 6, 7, 8, 9, 10, 11), 7, 5, 5, "strided", True, None),
+    "strided_children": (2, (6, 10), 6, 5, 7, True, True, ["hwnc", "strided"]),
+}
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name", list(SMALL_AGGS))
+def test_aggregate_small(name, dtype):
+    torch.manual_seed(zlib.crc32(name.encode()))
+    N, chans, Cout, H, W, res, relu, layouts = SMALL_AGGS[name]
+    _agg_case(N, chans, Cout, H, W, dtype, residual=res, relu=relu, layouts=layouts)
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_aggregate_no_bias_4d_weight():
+    torch.manual_seed(4)
+    kids = [_rand(1, 6, 5, 7), _rand(1, 10, 5, 7)]
+    w = _rand(8, 16, 1, 1, scale=0.25)
+    out = ops.aggregate(kids, w, None, residual=False, relu=True, backend="triton")
+    ref = aggregate_ref([k.double() for k in kids], w.double().view(8, 16), None, None, True)
+    _check(out, ref, None, torch.float32)
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_64bit_offsets(monkeypatch):
+    """The IDX64 variants (used when a tensor spans >= 2^31 elements) on small tensors."""
+    from dla_fast.triton import _launch
+    monkeypatch.setattr(_launch, "_IDX64_THRESHOLD", 0)
+    torch.manual_seed(11)
+    _conv_case(1, 20, 24, 5, 7, 3, 2, 1, 1, torch.float32)
+    _conv_case(1, 16, 16, 5, 7, 3, 1, 1, 4, torch.float32)                      # direct (IEEE fp32)
+    _conv_case(1, 16, 16, 5, 7, 3, 1, 1, 4, torch.float16)                      # block-diagonal
+    _agg_case(1, (6, 10), 8, 5, 7, torch.float32, residual="nchw")
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_torch_compile_fullgraph():
+    """The ops trace under torch.compile(fullgraph=True) and give the eager results (on CPU this checks the
+    graph capture and the fake implementations; the cuda test runs Inductor too)."""
+    import dla_fast.triton as tb
+    torch.manual_seed(5)
+    x = _rand(2, 8, 7, 5)
+    w = _rand(16, 8, 3, 3, scale=0.1).contiguous(memory_format=torch.channels_last)
+    b = _rand(16)
+    w2 = _rand(16, 24, scale=0.2)
+
+    def f(x):
+        y = tb.conv_bn_act(x, w, b, (1, 1), (1, 1), 1, None, True)
+        return tb.aggregate([y, x], w2, b, y, True)
+
+    expect = f(x)
+    backends = ["eager", "aot_eager"] if INTERP else ["aot_eager", "inductor"]
+    for backend in backends:
+        torch._dynamo.reset()
+        got = torch.compile(f, fullgraph=True, backend=backend)(x)
+        torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5, msg=f"backend={backend}")
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_opcheck():
+    torch.manual_seed(6)
+    x = _rand(1, 8, 5, 5)
+    w = _rand(8, 8, 3, 3, scale=0.1).contiguous(memory_format=torch.channels_last)
+    r = _rand(1, 8, 5, 5)
+    torch.library.opcheck(torch.ops.dla_fast_triton.conv_bn_act.default,
+                          (x, w, None, [1, 1], [1, 1], 1, r, True, False))
+    torch.library.opcheck(torch.ops.dla_fast_triton.aggregate.default,
+                          ([x, r], _rand(4, 16), _rand(4), None, False, False))
+
+
+# ------------------------------------------------------------------------------------ errors and fakes
+
+def _run_py(code: str, interpret: bool) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+_NO_INTERP_CODE = """
+    import torch, dla_fast.ops as ops
+    from dla_fast import triton as tb
+    x = torch.randn(1, 3, 5, 5)
+    why = tb.unavailable_reason(x)
+    assert why is not None and "TRITON_INTERPRET" in why and "CUDA" in why, why
+    try:
+        ops.conv_bn_act(x, torch.randn(4, 3, 3, 3), backend="triton")
+    except RuntimeError as e:
+        assert "TRITON_INTERPRET" in str(e), str(e)
+    else:
+        raise AssertionError("no error")
+    print("OK")
+"""
+
+
+@needs_triton
+def test_cpu_without_interpreter_is_refused_clearly():
+    if INTERP:
+        p = _run_py(_NO_INTERP_CODE, interpret=False)
+        assert p.returncode == 0 and "OK" in p.stdout, p.stdout + p.stderr
+    else:
+        exec(textwrap.dedent(_NO_INTERP_CODE), {})
+
+
+_BF16_CODE = """
+    import torch, dla_fast.ops as ops
+    from dla_fast import triton as tb
+    x = torch.randn(1, 3, 5, 5, dtype=torch.bfloat16)
+    why = tb.unavailable_reason(x)
+    assert why is not None and "bfloat16" in why, why
+    try:
+        ops.aggregate([x], torch.randn(4, 3, dtype=torch.bfloat16), backend="triton")
+    except RuntimeError as e:
+        assert "bfloat16" in str(e) and "interpreter" in str(e), str(e)
+    else:
+        raise AssertionError("no error")
+    assert tb.unavailable_reason(x.float()) is None
+    print("OK")
+"""
+
+
+@needs_triton
+def test_bf16_in_interpreter_is_refused_clearly():
+    if INTERP:
+        exec(textwrap.dedent(_BF16_CODE), {})
+    else:
+        p = _run_py(_BF16_CODE, interpret=True)
+        assert p.returncode == 0 and "OK" in p.stdout, p.stdout + p.stderr
+
+
+@needs_triton
+def test_unsupported_dtype_is_refused_clearly():
+    from dla_fast import triton as tb
+    why = tb.unavailable_reason(torch.zeros(1, 1, 1, 1, dtype=torch.float64))
+    assert why is not None and "float64" in why and "backend='eager'" in why
+
+
+@needs_triton
+def test_fake_tensors_give_channels_last_outputs():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    import dla_fast.triton  # noqa: F401  (registers the ops)
+    with FakeTensorMode():
+        x = torch.empty(2, 8, 7, 5)
+        w = torch.empty(16, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+        y = torch.ops.dla_fast_triton.conv_bn_act(x, w, None, [2, 2], [1, 1], 1, None, True, False)
+        assert y.shape == (2, 16, 4, 3) and y.is_contiguous(memory_format=torch.channels_last)
+        z = torch.ops.dla_fast_triton.aggregate([x, x[:, :3]], torch.empty(4, 11), None, None, True, False)
+        assert z.shape == (2, 4, 7, 5) and z.is_contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------------- real shapes on a GPU
+
+def _dla_shapes():
+    from dla_fast.triton._shapes import AGG_SHAPES, CONV_SHAPES
+    return CONV_SHAPES, AGG_SHAPES
+
+
+_CONV_SHAPES, _AGG_SHAPES = _dla_shapes()
+# A core subset gets every dtype; all shapes get fp16 (and bf16 for the roots). Compiling ~100 kernel
+# specialisations dominates the run time: on a GPU machine use pytest-xdist (-n 8).
+_CORE_CONVS = {"stem 7x7 (all)", "level0 3x3 (all)", "level1 3x3 s2 (all)", "dla34 l3 3x3", "dla34 l5 3x3 s2",
+               "dla34 l3 proj 1x1", "dla60 l2 conv1b 1x1", "dla60x l2 g32 3x3 (4/grp)",
+               "dla60x l4 g32 3x3 (16/grp)", "dla46x_c g32 3x3 (2/grp)", "res2next g8 3x3 s2 (4/grp)",
+               "res2net 3x3 (28 ch)", "dla34 head 1x1"}
+_CONV_PARAMS = [(s, torch.float16, False) for s in _CONV_SHAPES] + [
+    (s, dt, tf) for s in _CONV_SHAPES if s["name"] in _CORE_CONVS
+    for dt, tf in ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True))]
+_CORE_AGGS = {"dla34 root l3", "dla60 root l4", "dla169 root l4 (7 children)", "res2net conv3 l2 (4 splits)"}
+_AGG_PARAMS = [(s, dt, False) for s in _AGG_SHAPES for dt in (torch.float16, torch.bfloat16)] + [
+    (s, torch.float32, tf) for s in _AGG_SHAPES if s["name"] in _CORE_AGGS for tf in (False, True)]
+
+
+def _pid(p):
+    s, dt, tf = p
+    return f"{s['name']}-{str(dt).split('.')[-1]}{'-tf32' if tf else ''}"
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("p", _CONV_PARAMS, ids=[_pid(p) for p in _CONV_PARAMS])
+def test_conv_dla_shapes_cuda(p):
+    s, dtype, tf32 = p
+    torch.manual_seed(7)
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    _conv_case(2, s["cin"], s["cout"], s["h"], s["h"], s["k"], s["stride"], s["pad"], s["groups"], dtype,
+               residual=True, relu=True, device="cuda", x_layout="cl", res_layout="cl", tf32=tf32)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("p", _AGG_PARAMS, ids=[_pid(p) for p in _AGG_PARAMS])
+def test_aggregate_dla_shapes_cuda(p):
+    s, dtype, tf32 = p
+    torch.manual_seed(8)
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    res = {True: True, False: False, "res": "cl"}[s["shortcut"]]
+    _agg_case(2, s["children"], s["cout"], s["h"], s["h"], dtype, residual=res, relu=True,
+              layouts=["cl"] * len(s["children"]), device="cuda", tf32=tf32)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_recycled_nan_memory_cuda(monkeypatch):
+    """Without the poison switch: outputs land in freed NaN-filled blocks of the caching allocator."""
+    monkeypatch.delenv("DLA_FAST_TRITON_POISON")
+    torch.manual_seed(9)
+    x = _rand(2, 64, 28, 28, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    w = _rand(64, 2, 3, 3, dtype=torch.float16, scale=0.2).contiguous(memory_format=torch.channels_last)
+    w2 = _rand(64, 128, dtype=torch.float16, scale=0.1)
+    for _ in range(3):
+        junk = torch.full((64 << 20,), float("nan"), device="cuda", dtype=torch.float16)
+        del junk
+        y = ops.conv_bn_act(x, w, None, stride=1, padding=1, groups=32, relu=True, backend="triton")
+        z = ops.aggregate([x, y], w2, None, residual=True, relu=True, backend="triton")
+        torch.cuda.synchronize()
+        assert torch.isfinite(y).all() and torch.isfinite(z).all()
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_graph_capture():
+    import dla_fast.triton as tb
+    torch.manual_seed(10)
+    x = _rand(2, 32, 14, 14, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    w = _rand(64, 32, 3, 3, dtype=torch.float16, scale=0.05).contiguous(memory_format=torch.channels_last)
+    b = _rand(64)
+    w2 = _rand(64, 96, dtype=torch.float16, scale=0.1)
+
+    def f(x):
+        y = tb.conv_bn_act(x, w, b, (1, 1), (1, 1), 1, None, True)
+        return tb.aggregate([y, x], w2, b, y, True)
+
+    expect = f(x)  # also compiles the kernels outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = f(x)
+    x.copy_(_rand(2, 32, 14, 14, dtype=torch.float16))
+    expect = f(x)
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, expect, rtol=0, atol=0)
