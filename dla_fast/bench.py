@@ -172,8 +172,13 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
 
 def run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch_sizes: Sequence[int], impls: Sequence[str],
         device: str, hw: int, rounds: int, iters: Optional[int], warmup: int,
-        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+        on_partial: Optional[Callable[[dict], None]] = None) -> dict:
+    """All rows; ``on_partial`` gets the result so far after each (model, dtype, batch), so a long run that is
+    cut off still leaves its finished part behind."""
     rows: List[Row] = []
+    env = environment(device)
+    env["hw"] = hw
     total = len(models) * len(dtypes) * len(batch_sizes)
     k = 0
     t0 = time.perf_counter()
@@ -185,8 +190,9 @@ def run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch_sizes: Seque
                 use = [i for i in impls if not (i == "torch_compile_reduce_overhead" and device != "cuda")]
                 n_iter = iters or (1 if device == "cpu" else max(3, min(50, 512 // bs)))
                 rows += bench_one(name, dt, bs, use, device, hw, rounds, n_iter, warmup, log)
-    env = environment(device)
-    env["hw"] = hw
+                env["rows"] = [r.__dict__ for r in rows]
+                if on_partial is not None:
+                    on_partial(env)
     env["rows"] = [r.__dict__ for r in rows]
     return env
 

@@ -47,11 +47,12 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _write_json(path: str, obj: dict) -> None:
+def _write_json(path: str, obj: dict, quiet: bool = False) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, default=str)
-    _log(f"wrote {path}")
+    if not quiet:
+        _log(f"wrote {path}")
 
 
 def cmd_bench(a) -> int:
@@ -81,7 +82,8 @@ def cmd_bench(a) -> int:
     _log(f"bench: models={','.join(models)} dtypes={','.join(str(d)[6:] for d in dtypes)} batch={batch_sizes} "
          f"impls={','.join(impls)} device={device} input={hw}x{hw}")
     result = bench.run(models, dtypes, batch_sizes, impls, device, hw, a.rounds or (3 if cpu else 7), a.iters,
-                       a.warmup if a.warmup is not None else (1 if cpu else 5), log=_log)
+                       a.warmup if a.warmup is not None else (1 if cpu else 5), log=_log,
+                       on_partial=(lambda r: _write_json(a.json, r, quiet=True)) if a.json else None)
     if a.json:
         _write_json(a.json, result)
     print(bench.format_table(result))

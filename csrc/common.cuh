@@ -1,0 +1,186 @@
+// Device-side helpers shared by the kernels: number conversions, PTX wrappers, and the implicit-GEMM gather
+// (row table + child table in shared memory).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <cstdint>
+
+#include "launch.h"
+
+namespace dla_fast {
+
+// ---------------------------------------------------------------------------------------------------------
+// Number conversions. 16-bit types travel through the gather as raw uint16_t bits: the gather never does
+// arithmetic on them, and the bit pattern 0 is +0 for both fp16 and bf16, which makes zero padding free.
+template <typename T> struct Num;
+template <> struct Num<float> {
+  static __device__ __forceinline__ float to_f(float v) { return v; }
+  static __device__ __forceinline__ float from_f(float v) { return v; }
+};
+template <> struct Num<__half> {
+  static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ float bits_to_f(uint16_t b) { return __half2float(__ushort_as_half(b)); }
+  static __device__ __forceinline__ uint16_t f_to_bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+template <> struct Num<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ float bits_to_f(uint16_t b) {
+    return __bfloat162float(__ushort_as_bfloat16(b));
+  }
+  static __device__ __forceinline__ uint16_t f_to_bits(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  }
+};
+
+// Load element i of a T array as float (any T).
+template <typename T> __device__ __forceinline__ float load_f(const T* p, long long i) {
+  return Num<T>::to_f(p[i]);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// PTX wrappers (sm_80+). The callers only reach them from kernels compiled for sm_80+.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Asynchronous global->shared copy of BYTES bytes; when !pred nothing is read and the destination is zero
+// filled (src-size 0), which is how the padding halo and the M/N/K tails become zeros.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(uint32_t dst, const void* src, bool pred) {
+  const int src_size = pred ? BYTES : 0;
+  if constexpr (BYTES == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size));
+  } else {
+    // .cg only exists for 16 bytes; .ca (L1-allocating) is the form for 4 and 8.
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(src), "n"(BYTES),
+                 "r"(src_size));
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                  uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The gather. A block owns BM consecutive output pixels (GEMM rows); their (n, hi0, wi0, valid) live in a
+// shared row table built once, so the K loop never divides by Ho*Wo. The children's pointers and strides
+// are copied to shared memory too: indexing a kernel-parameter array with a run-time child index would
+// make the compiler spill the whole parameter struct to local memory.
+struct ChildTab {
+  const char* ptr[kMaxChildren];
+  long long sn[kMaxChildren], sh[kMaxChildren], sw[kMaxChildren];
+  int koff[kMaxChildren + 1];
+};
+
+__device__ __forceinline__ void build_tables(const GemmParams& p, int4* rows, ChildTab& tab, int bm, int BM,
+                                             int tid, int nthreads) {
+  const int hw = p.Ho * p.Wo;
+  for (int i = tid; i < BM; i += nthreads) {
+    const int m = bm + i;
+    int4 r = make_int4(0, 0, 0, 0);
+    if (m < p.M) {
+      const int n = m / hw;
+      const int rem = m - n * hw;
+      const int ho = rem / p.Wo;
+      const int wo = rem - ho * p.Wo;
+      r = make_int4(n, ho * p.sth - p.padh, wo * p.stw - p.padw, 1);
+    }
+    rows[i] = r;
+  }
+  if (tid == 0) {
+#pragma unroll
+    for (int i = 0; i < kMaxChildren; ++i) {
+      tab.ptr[i] = static_cast<const char*>(p.src[i]);
+      tab.sn[i] = p.sn[i];
+      tab.sh[i] = p.sh[i];
+      tab.sw[i] = p.sw[i];
+      // Unused slots get INT_MAX so that the child search below never selects them.
+      tab.koff[i] = i < p.nchild ? p.koff[i] : 0x7fffffff;
+    }
+    tab.koff[kMaxChildren] = 0x7fffffff;
+  }
+}
+
+// Where reduction index k (the first of a vector of VW that never straddles a tap or a child) comes from.
+struct KSrc {
+  int child, chan, r, s;
+  bool ok;  // k < K
+};
+
+template <int KIND>
+__device__ __forceinline__ KSrc decompose_k(int k, const GemmParams& p, const ChildTab& tab, int cbase) {
+  KSrc d;
+  d.ok = k < p.K;
+  if constexpr (KIND == KIND_CONV) {
+    // k = (r * kw + s) * Cin_g + c: the channels_last weight order, so B rows are contiguous in k.
+    const int tap = k / p.Cin_g;
+    const int c = k - tap * p.Cin_g;
+    d.r = tap / p.kw;
+    d.s = tap - d.r * p.kw;
+    d.child = 0;
+    d.chan = cbase + c;
+  } else {
+    int i = 0;
+#pragma unroll
+    for (int j = 1; j < kMaxChildren; ++j) i += (k >= tab.koff[j]) ? 1 : 0;
+    d.child = i;
+    d.chan = k - tab.koff[i];
+    d.r = 0;
+    d.s = 0;
+  }
+  return d;
+}
+
+// Element offset (in T) of A[row][k] inside child d.child, or -1 when it is padding / out of range.
+__device__ __forceinline__ long long a_offset(const KSrc& d, const int4& row, const GemmParams& p,
+                                              const ChildTab& tab) {
+  const int hi = row.y + d.r;
+  const int wi = row.z + d.s;
+  const bool ok = d.ok && row.w && (unsigned)hi < (unsigned)p.H && (unsigned)wi < (unsigned)p.W;
+  if (!ok) return -1;
+  return (long long)row.x * tab.sn[d.child] + (long long)hi * tab.sh[d.child] + (long long)wi * tab.sw[d.child] +
+         d.chan;
+}
+
+// Output-row helpers for the epilogue.
+__device__ __forceinline__ long long res_offset(const GemmParams& p, int m) {
+  const int hw = p.Ho * p.Wo;
+  const int n = m / hw;
+  const int rem = m - n * hw;
+  const int ho = rem / p.Wo;
+  const int wo = rem - ho * p.Wo;
+  return (long long)n * p.rsn + (long long)ho * p.rsh + (long long)wo * p.rsw;
+}
+
+}  // namespace dla_fast

@@ -1,0 +1,162 @@
+// dla_fast::conv_bn_act on CUDA: relu?(conv2d(x, w, b, stride, padding, groups) + residual), channels_last out.
+// Host code only (checks, views, kernel choice); the kernels are in the .cu files.
+#include <torch/library.h>
+
+#include "host_utils.h"
+
+namespace dla_fast {
+
+namespace {
+thread_local std::string g_last_kernel;
+}
+void set_last_kernel(const std::string& s) { g_last_kernel = s; }
+const char* last_kernel() { return g_last_kernel.c_str(); }
+
+at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
+                            at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups,
+                            const std::optional<at::Tensor>& residual_in, bool relu) {
+  constexpr const char* op = "dla_fast::conv_bn_act";
+  check_cuda_4d(x_in, op, "x");
+  const DType dt = dtype_of(x_in, op, "x");
+  TORCH_CHECK(weight_in.defined() && weight_in.dim() == 4, op,
+              ": weight must be a 4-D [Cout, Cin/groups, kh, kw] tensor, got shape ", weight_in.sizes());
+  check_same(weight_in, x_in, op, "weight", "x");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2, op, ": stride and padding must have 2 entries, got ",
+              stride, " and ", padding);
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", stride);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
+  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
+
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  const int64_t Cout = weight_in.size(0), Cin_g = weight_in.size(1), kh = weight_in.size(2), kw = weight_in.size(3);
+  TORCH_CHECK(Cin_g * groups == C, op, ": x has ", C, " channels but weight ", weight_in.sizes(), " with groups=",
+              groups, " expects ", Cin_g * groups);
+  TORCH_CHECK(Cout % groups == 0, op, ": weight has ", Cout, " output channels, not divisible by groups=", groups);
+  TORCH_CHECK(kh >= 1 && kw >= 1 && Cout >= 1 && Cin_g >= 1, op, ": empty weight ", weight_in.sizes());
+  const int64_t Ho = (H + 2 * padding[0] - kh) / stride[0] + 1;
+  const int64_t Wo = (W + 2 * padding[1] - kw) / stride[1] + 1;
+  TORCH_CHECK(H + 2 * padding[0] >= kh && W + 2 * padding[1] >= kw && Ho >= 1 && Wo >= 1, op,
+              ": input of spatial size (", H, ", ", W, ") is too small for a ", kh, "x", kw, " kernel with padding ",
+              padding);
+
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == Cout, op, ": bias must have shape (", Cout,
+                "), got ", bias_in->sizes());
+    TORCH_CHECK(bias_in->device() == x_in.device(), op, ": bias is on ", bias_in->device(), " but x is on ",
+                x_in.device());
+    bias = bias_in->to(at::kFloat).contiguous();
+  }
+  at::Tensor residual;
+  if (residual_in.has_value() && residual_in->defined()) {
+    check_cuda_4d(*residual_in, op, "residual");
+    check_same(*residual_in, x_in, op, "residual", "x");
+    TORCH_CHECK(residual_in->size(0) == N && residual_in->size(1) == Cout && residual_in->size(2) == Ho &&
+                    residual_in->size(3) == Wo,
+                op, ": residual must have the output's shape [", N, ", ", Cout, ", ", Ho, ", ", Wo, "], got ",
+                residual_in->sizes());
+    residual = as_nhwc(*residual_in);
+  }
+
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor y = at::empty({N, Cout, Ho, Wo}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+
+  const at::Tensor x = as_nhwc(x_in);
+  const at::Tensor w = weight_in.contiguous(at::MemoryFormat::ChannelsLast);  // memory [Cout][kh][kw][Cin/g]
+  const int64_t K = kh * kw * Cin_g;
+  const int64_t M = N * Ho * Wo;
+  TORCH_CHECK(M < (1LL << 31) && K < (1LL << 31) && H < (1LL << 31) && W < (1LL << 31), op,
+              ": problem too large for 32-bit row/reduction indices (N*Ho*Wo = ", M, ", K = ", K, ")");
+  TORCH_CHECK(groups <= 65535, op, ": at most 65535 groups are supported, got ", groups);
+
+  GemmParams p{};
+  p.src[0] = x.data_ptr();
+  p.sn[0] = eff_stride(x, 0);
+  p.sh[0] = eff_stride(x, 2);
+  p.sw[0] = eff_stride(x, 3);
+  p.koff[0] = 0;
+  p.koff[1] = static_cast<int>(K);
+  p.nchild = 1;
+  p.N = static_cast<int>(N);
+  p.H = static_cast<int>(H);
+  p.W = static_cast<int>(W);
+  p.Ho = static_cast<int>(Ho);
+  p.Wo = static_cast<int>(Wo);
+  p.kh = static_cast<int>(kh);
+  p.kw = static_cast<int>(kw);
+  p.sth = static_cast<int>(stride[0]);
+  p.stw = static_cast<int>(stride[1]);
+  p.padh = static_cast<int>(padding[0]);
+  p.padw = static_cast<int>(padding[1]);
+  p.groups = static_cast<int>(groups);
+  p.Cin_g = static_cast<int>(Cin_g);
+  p.Cout_g = static_cast<int>(Cout / groups);
+  p.Cout = static_cast<int>(Cout);
+  p.K = static_cast<int>(K);
+  p.M = static_cast<int>(M);
+  p.w = w.data_ptr();
+  p.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (residual.defined()) {
+    p.res = residual.data_ptr();
+    p.rsn = eff_stride(residual, 0);
+    p.rsh = eff_stride(residual, 2);
+    p.rsw = eff_stride(residual, 3);
+  }
+  p.y = y.data_ptr();
+  p.relu = relu ? 1 : 0;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Force force = forced_kernel();
+  const bool few_per_group = groups > 1 && (Cin_g < 16 || Cout / groups < 16);
+  bool use_direct = force == Force::Direct || (force == Force::Auto && few_per_group);
+  if (use_direct) {
+    launch_direct_conv(dt, p, stream);
+    set_last_kernel(std::string("direct ") + dtype_name(dt));
+    return y;
+  }
+  if (force != Force::Simt && tc_capable(dt)) {
+    at::Tensor xt = x, wt = w;  // kept alive until the launch is queued
+    int64_t Kt = K;
+    std::string note;
+    if (groups == 1 && C < 8 && C % 4 != 0) {
+      // Stem-like input (RGB): zero-pad the channels to 4 (or 8), and the weight alike, so that the gather
+      // moves whole taps as 8/16-byte vectors instead of 2-byte scalars. The copies are small next to the
+      // conv's output, and the scalar gather is several times slower at 224x224.
+      const int64_t Cp = C <= 4 ? 4 : 8;
+      xt = at::zeros({N, Cp, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+      xt.narrow(1, 0, C).copy_(x);
+      wt = at::zeros({Cout, Cp, kh, kw}, w.options().memory_format(at::MemoryFormat::ChannelsLast));
+      wt.narrow(1, 0, C).copy_(w);
+      Kt = kh * kw * Cp;
+      p.src[0] = xt.data_ptr();
+      p.sn[0] = eff_stride(xt, 0);
+      p.sh[0] = eff_stride(xt, 2);
+      p.sw[0] = eff_stride(xt, 3);
+      p.Cin_g = static_cast<int>(Cp);
+      p.K = static_cast<int>(Kt);
+      p.koff[1] = p.K;
+      p.w = wt.data_ptr();
+      note = " pad" + std::to_string(Cp);
+    }
+    // Vector width: x's channel runs start at g*Cin_g and hold Cin_g channels; weight rows hold K.
+    auto w_ok = [&](int v) { return Kt % v == 0 && ptr_aligned(wt.data_ptr(), v * wt.element_size()); };
+    int vw = nhwc_vw(xt, p.Cin_g);
+    if (vw == 8 && !w_ok(8)) vw = w_ok(4) ? 4 : 1;
+    if (vw == 4 && !w_ok(4)) vw = 1;
+    const int bn = pick_bn(p.Cout_g, M, p.groups);
+    TORCH_CHECK((long long)groups * ((p.Cout_g + bn - 1) / bn) <= 65535, op, ": too many output-channel tiles");
+    const int used = launch_igemm_tc(dt, KIND_CONV, vw, bn, p, stream);
+    set_last_kernel(std::string("tc ") + dtype_name(dt) + " vw" + std::to_string(vw) + " bn" + std::to_string(used) +
+                    note);
+    return y;
+  }
+  TORCH_CHECK((long long)groups * ((p.Cout_g + 63) / 64) <= 65535, op, ": too many output-channel tiles");
+  launch_igemm_simt(dt, KIND_CONV, p, stream);
+  set_last_kernel(std::string("simt ") + dtype_name(dt));
+  return y;
+}
+
+TORCH_LIBRARY_IMPL(dla_fast, CUDA, m) { m.impl("conv_bn_act", &conv_bn_act_cuda); }
+
+}  // namespace dla_fast

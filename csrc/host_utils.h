@@ -1,0 +1,129 @@
+// Host-side helpers shared by the two ops: argument checks with messages a user can act on, NHWC views,
+// alignment tests for the vectorised gather, and the kernel choice.
+#pragma once
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include <ATen/ATen.h>
+// c10's stream/guard headers rather than ATen/cuda/CUDAContext.h: the latter pulls in cuBLAS/cuSPARSE
+// headers, which minimal toolkits (nvcc + cudart only) do not ship.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "launch.h"
+
+namespace dla_fast {
+
+// Set by the ops, read by dla_fast._C.last_kernel() (tests and benchmarks report which path ran).
+void set_last_kernel(const std::string& s);
+
+inline DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    case at::kFloat: return DType::F32;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
+                  "; the CUDA kernels support float16, bfloat16 and float32 (use backend='eager' for others)");
+  }
+  return DType::F32;
+}
+
+inline void check_cuda_4d(const at::Tensor& t, const char* op, const std::string& name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " is on ", t.device(),
+              "; the CUDA backend needs CUDA tensors (move it with .cuda(), or use backend='eager')");
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be a 4-D (N, C, H, W) tensor, got shape ", t.sizes());
+}
+
+inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* op, const std::string& name,
+                       const char* refname) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", refname, " is on ",
+              ref.device(), "; move them to one device");
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+              refname, " has ", ref.scalar_type(), "; cast them to one dtype");
+}
+
+// A view the kernels can address as n*sn + h*sh + w*sw + c: channel stride 1 (channels_last, or a channel
+// slice of it such as torch.split's output). Anything else is copied to channels_last once.
+inline at::Tensor as_nhwc(const at::Tensor& t) {
+  if (t.size(1) == 1 || t.stride(1) == 1) return t;
+  return t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// Strides of size-1 dims are arbitrary in PyTorch and never multiplied by a non-zero index: report them as
+// 0 so that they do not defeat the alignment test.
+inline long long eff_stride(const at::Tensor& t, int d) { return t.size(d) == 1 ? 0 : t.stride(d); }
+
+inline bool ptr_aligned(const void* p, size_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
+
+// Largest gather vector width (8, 4, 1 elements) valid for an NHWC tensor whose channel runs start at
+// multiples of `chan_mult` and have that many channels.
+inline int nhwc_vw(const at::Tensor& t, int chan_mult) {
+  const size_t es = t.element_size();
+  for (int vw : {8, 4}) {
+    if (chan_mult % vw == 0 && ptr_aligned(t.data_ptr(), vw * es) && eff_stride(t, 0) % vw == 0 &&
+        eff_stride(t, 2) % vw == 0 && eff_stride(t, 3) % vw == 0)
+      return vw;
+  }
+  return 1;
+}
+
+// DLA_FAST_CUDA_KERNEL=auto|tc|simt|direct forces a kernel family (debugging, tests, benchmarks). Read on
+// every call (a getenv is far cheaper than a launch) so a test can flip it at run time.
+enum class Force { Auto, TC, Simt, Direct };
+inline Force forced_kernel() {
+  const char* e = std::getenv("DLA_FAST_CUDA_KERNEL");
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return Force::Auto;
+  if (std::strcmp(e, "tc") == 0) return Force::TC;
+  if (std::strcmp(e, "simt") == 0) return Force::Simt;
+  if (std::strcmp(e, "direct") == 0) return Force::Direct;
+  TORCH_CHECK(false, "DLA_FAST_CUDA_KERNEL must be one of auto, tc, simt, direct; got '", e, "'");
+  return Force::Auto;
+}
+
+// Compute capability major and SM count of the current device, cached per device.
+struct DevInfo {
+  int major = 0, sms = 1;
+};
+inline DevInfo dev_info() {
+  // Packed (major << 20 | sms) + 1 per device; 0 = not yet queried. Atomic so a reader never sees half of it.
+  static std::atomic<int> cache[64];
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  int v = cache[dev & 63].load(std::memory_order_relaxed);
+  if (v == 0) {
+    int major = 0, sms = 1;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    v = ((major << 20) | (sms & 0xfffff)) + 1;
+    cache[dev & 63].store(v, std::memory_order_relaxed);
+  }
+  DevInfo d;
+  d.major = (v - 1) >> 20;
+  d.sms = (v - 1) & 0xfffff;
+  return d;
+}
+
+// Tensor cores for fp16/bf16 on sm_80+ (mma.sync + cp.async + ldmatrix).
+inline bool tc_capable(DType dt) { return dt != DType::F32 && dev_info().major >= 8; }
+
+// Output-channel tile: the smallest of 16/32/64/128 that covers a group's channels; 64 instead of 128 when
+// 128-wide tiles would leave most SMs idle (small batch, 7x7 layers).
+inline int pick_bn(int cout_g, long long m, int groups) {
+  int bn = cout_g <= 16 ? 16 : cout_g <= 32 ? 32 : cout_g <= 64 ? 64 : 128;
+  if (bn == 128) {
+    const int sms = dev_info().sms;
+    const long long blocks = ((m + 127) / 128) * groups * ((cout_g + 127) / 128);
+    if (blocks < 2LL * sms) bn = 64;
+  }
+  return bn;
+}
+
+inline const char* dtype_name(DType dt) { return dt == DType::F16 ? "f16" : dt == DType::BF16 ? "bf16" : "f32"; }
+
+}  // namespace dla_fast

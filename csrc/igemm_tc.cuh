@@ -1,0 +1,278 @@
+// Tensor-core implicit GEMM for fp16/bf16 (mma.sync.m16n8k16, fp32 accumulation), used by both ops.
+//
+//   C[m][n] = sum_k A[m][k] * B[n][k]       m: output pixel (N*Ho*Wo), n: output channel, k: reduction
+//
+// A is gathered on the fly (KIND_CONV: kh x kw taps of one NHWC tensor; KIND_CAT: the children one after
+// another), B is the weight in its channels_last order [Cout][K] -- both K-contiguous, which is exactly the
+// "row.col" operand layout of mma.sync, so ldmatrix (non-transposed) feeds both.
+//
+// VW > 1: every thread copies VW-element vectors with cp.async, STAGES=3 deep; zero fill for the halo/tails.
+// VW == 1: unaligned shapes (stem Cin=3, odd channel counts) load scalars into registers one tile ahead
+// and store them to shared memory after the current tile's MMAs (2 buffers).
+#pragma once
+
+#include "common.cuh"
+
+namespace dla_fast {
+
+template <int BM_, int BN_, int WM_, int WN_>
+struct TcCfg {
+  static constexpr int BM = BM_, BN = BN_, WM = WM_, WN = WN_;
+  static constexpr int WARPS_M = BM / WM, WARPS_N = BN / WN;
+  static constexpr int NT = WARPS_M * WARPS_N * 32;
+  static constexpr int MF = WM / 16, NF = WN / 8;
+  static constexpr int BK = 32;
+  static constexpr int LDS = BK + 8;  // +16 bytes per row: the 8 row addresses of an ldmatrix phase
+                                      // then fall on 8 distinct 16-byte bank groups (80-byte stride).
+  static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 16 == 0, "bad tile");
+};
+
+template <int VW> struct TcStages { static constexpr int value = 3; };
+template <> struct TcStages<1> { static constexpr int value = 2; };
+
+template <typename Cfg, int VW>
+constexpr int tc_smem_bytes() {
+  return TcStages<VW>::value * (Cfg::BM + Cfg::BN) * Cfg::LDS * 2;
+}
+
+template <typename T, typename Cfg, int KIND, int VW>
+__global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, LDS = Cfg::LDS, NT = Cfg::NT;
+  constexpr int MF = Cfg::MF, NF = Cfg::NF;
+  constexpr int STAGES = TcStages<VW>::value;
+
+  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* As = smem;                       // [STAGES][BM][LDS]
+  uint16_t* Bs = smem + STAGES * BM * LDS;   // [STAGES][BN][LDS]
+  __shared__ int4 rows[BM];
+  __shared__ ChildTab tab;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp % Cfg::WARPS_M;
+  const int wn = warp / Cfg::WARPS_M;
+
+  const int bm = blockIdx.x * BM;
+  const int g = blockIdx.y / p.ntiles_n;
+  const int n0 = (blockIdx.y - g * p.ntiles_n) * BN;  // first output channel of the tile, within group g
+  const int cbase = g * p.Cin_g;
+  const uint16_t* wg = static_cast<const uint16_t*>(p.w) + (long long)g * p.Cout_g * p.K;
+
+  build_tables(p, rows, tab, bm, BM, tid, NT);
+  __syncthreads();
+
+  const int KT = (p.K + BK - 1) / BK;
+
+  float acc[MF][NF][4];
+#pragma unroll
+  for (int i = 0; i < MF; ++i)
+#pragma unroll
+    for (int j = 0; j < NF; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  auto compute_stage = [&](int stage) {
+    const uint16_t* As_s = As + stage * BM * LDS;
+    const uint16_t* Bs_s = Bs + stage * BN * LDS;
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      uint32_t af[MF][4];
+      uint32_t bf[NF][2];
+#pragma unroll
+      for (int mf = 0; mf < MF; ++mf) {
+        // x4: matrices (rows 0-7,k 0-7) (rows 8-15,k 0-7) (rows 0-7,k 8-15) (rows 8-15,k 8-15) = a0..a3.
+        const int r = wm * Cfg::WM + mf * 16 + (lane & 15);
+        const int c = ks * 16 + (lane >> 4) * 8;
+        ldmatrix_x4(af[mf], smem_u32(As_s + r * LDS + c));
+      }
+#pragma unroll
+      for (int nb = 0; nb < NF / 2; ++nb) {
+        // x4 over B stored [n][k]: (n 0-7,k 0-7)=b0 (n 0-7,k 8-15)=b1 of fragment 2nb, then n 8-15 for 2nb+1.
+        uint32_t t4[4];
+        const int r = wn * Cfg::WN + nb * 16 + (lane >> 4) * 8 + (lane & 7);
+        const int c = ks * 16 + ((lane >> 3) & 1) * 8;
+        ldmatrix_x4(t4, smem_u32(Bs_s + r * LDS + c));
+        bf[2 * nb][0] = t4[0];
+        bf[2 * nb][1] = t4[1];
+        bf[2 * nb + 1][0] = t4[2];
+        bf[2 * nb + 1][1] = t4[3];
+      }
+#pragma unroll
+      for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+        for (int nf = 0; nf < NF; ++nf) mma_16816<T>(acc[mf][nf], af[mf], bf[nf][0], bf[nf][1]);
+    }
+  };
+
+  if constexpr (VW > 1) {
+    constexpr int CPR = BK / VW;  // vectors per tile row
+    static_assert(NT % CPR == 0, "each thread must keep one k column");
+    constexpr int A_IT = (BM * CPR + NT - 1) / NT;
+    constexpr int B_IT = (BN * CPR + NT - 1) / NT;
+    const int kc = tid % CPR;
+
+    auto load_stage = [&](int stage, int kt) {
+      const int k = kt * BK + kc * VW;
+      const KSrc d = decompose_k<KIND>(k, p, tab, cbase);
+      const char* base = tab.ptr[d.child];
+      uint16_t* As_s = As + stage * BM * LDS;
+      uint16_t* Bs_s = Bs + stage * BN * LDS;
+#pragma unroll
+      for (int i = 0; i < A_IT; ++i) {
+        const int e = tid + i * NT;
+        if ((BM * CPR) % NT == 0 || e < BM * CPR) {
+          const int row = e / CPR;
+          const long long off = a_offset(d, rows[row], p, tab);
+          const void* src = off >= 0 ? static_cast<const void*>(base + off * 2) : static_cast<const void*>(base);
+          cp_async<VW * 2>(smem_u32(As_s + row * LDS + kc * VW), src, off >= 0);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < B_IT; ++i) {
+        const int e = tid + i * NT;
+        if ((BN * CPR) % NT == 0 || e < BN * CPR) {
+          const int row = e / CPR;
+          const bool ok = d.ok && (n0 + row) < p.Cout_g;
+          const uint16_t* src = ok ? wg + (long long)(n0 + row) * p.K + k : wg;
+          cp_async<VW * 2>(smem_u32(Bs_s + row * LDS + kc * VW), src, ok);
+        }
+      }
+    };
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < KT) load_stage(s, s);
+      cp_async_commit();  // commit even when empty so the group count stays in step with kt
+    }
+    for (int kt = 0; kt < KT; ++kt) {
+      cp_async_wait<STAGES - 2>();  // tile kt has landed (for this thread) ...
+      __syncthreads();              // ... for all threads; and everyone is done reading tile kt-1
+      const int nk = kt + STAGES - 1;
+      if (nk < KT) load_stage(nk % STAGES, nk);  // overwrites the buffer of tile kt-1
+      cp_async_commit();
+      compute_stage(kt % STAGES);
+    }
+    cp_async_wait<0>();
+  } else {
+    // Scalar gather: thread owns k column (tid % BK) and rows tid/BK + i*NT/BK.
+    static_assert(NT % BK == 0, "");
+    constexpr int A_IT = (BM * BK + NT - 1) / NT;
+    constexpr int B_IT = (BN * BK + NT - 1) / NT;
+    const int kk = tid % BK;
+    uint16_t ra[A_IT], rb[B_IT];
+
+    auto load_regs = [&](int kt) {
+      const int k = kt * BK + kk;
+      const KSrc d = decompose_k<KIND>(k, p, tab, cbase);
+      const uint16_t* base = reinterpret_cast<const uint16_t*>(tab.ptr[d.child]);
+#pragma unroll
+      for (int i = 0; i < A_IT; ++i) {
+        const int e = tid + i * NT;
+        uint16_t v = 0;
+        if ((BM * BK) % NT == 0 || e < BM * BK) {
+          const long long off = a_offset(d, rows[e / BK], p, tab);
+          if (off >= 0) v = base[off];
+        }
+        ra[i] = v;
+      }
+#pragma unroll
+      for (int i = 0; i < B_IT; ++i) {
+        const int e = tid + i * NT;
+        uint16_t v = 0;
+        if ((BN * BK) % NT == 0 || e < BN * BK) {
+          const int row = e / BK;
+          if (d.ok && (n0 + row) < p.Cout_g) v = wg[(long long)(n0 + row) * p.K + k];
+        }
+        rb[i] = v;
+      }
+    };
+    auto store_regs = [&](int stage) {
+      uint16_t* As_s = As + stage * BM * LDS;
+      uint16_t* Bs_s = Bs + stage * BN * LDS;
+#pragma unroll
+      for (int i = 0; i < A_IT; ++i) {
+        const int e = tid + i * NT;
+        if ((BM * BK) % NT == 0 || e < BM * BK) As_s[(e / BK) * LDS + kk] = ra[i];
+      }
+#pragma unroll
+      for (int i = 0; i < B_IT; ++i) {
+        const int e = tid + i * NT;
+        if ((BN * BK) % NT == 0 || e < BN * BK) Bs_s[(e / BK) * LDS + kk] = rb[i];
+      }
+    };
+
+    load_regs(0);
+    store_regs(0);
+    __syncthreads();
+    for (int kt = 0; kt < KT; ++kt) {
+      const bool more = kt + 1 < KT;
+      if (more) load_regs(kt + 1);  // in flight while the MMAs below run
+      compute_stage(kt & 1);
+      // Buffer (kt+1)&1 was last read in iteration kt-1, which every thread finished before the barrier
+      // that ended it.
+      if (more) store_regs((kt + 1) & 1);
+      __syncthreads();
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------------------
+  // Epilogue straight from the accumulators: c0,c1 = (row lane/4, cols 2*(lane%4)+{0,1}); c2,c3 = row + 8.
+  // fp32 bias + residual + ReLU, one rounding, one store.
+  const bool pair_ok = (p.Cout % 2 == 0) && (p.Cout_g % 2 == 0);  // co even => 4-byte aligned pair
+  const bool res_pair_ok = pair_ok && p.res != nullptr && (p.rsn % 2 == 0) && (p.rsh % 2 == 0) &&
+                           (p.rsw % 2 == 0) && ((reinterpret_cast<uintptr_t>(p.res) & 3) == 0);
+  const uint16_t* res = static_cast<const uint16_t*>(p.res);
+  uint16_t* y = static_cast<uint16_t*>(p.y);
+#pragma unroll
+  for (int mf = 0; mf < MF; ++mf) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = bm + wm * Cfg::WM + mf * 16 + (lane >> 2) + h * 8;
+      if (m >= p.M) continue;
+      const long long yoff = (long long)m * p.Cout;
+      const long long roff = res != nullptr ? res_offset(p, m) : 0;
+#pragma unroll
+      for (int nf = 0; nf < NF; ++nf) {
+        const int col = n0 + wn * Cfg::WN + nf * 8 + (lane & 3) * 2;
+        if (col >= p.Cout_g) continue;
+        const int co = g * p.Cout_g + col;
+        const bool has1 = col + 1 < p.Cout_g;
+        float v0 = acc[mf][nf][2 * h];
+        float v1 = acc[mf][nf][2 * h + 1];
+        if (p.bias != nullptr) {
+          v0 += p.bias[co];
+          if (has1) v1 += p.bias[co + 1];
+        }
+        if (res != nullptr) {
+          if (res_pair_ok && has1) {
+            const uint32_t rr = *reinterpret_cast<const uint32_t*>(res + roff + co);
+            v0 += Num<T>::bits_to_f(static_cast<uint16_t>(rr & 0xffffu));
+            v1 += Num<T>::bits_to_f(static_cast<uint16_t>(rr >> 16));
+          } else {
+            v0 += Num<T>::bits_to_f(res[roff + co]);
+            if (has1) v1 += Num<T>::bits_to_f(res[roff + co + 1]);
+          }
+        }
+        if (p.relu) {  // written so that NaN stays NaN, like torch.relu
+          v0 = v0 < 0.f ? 0.f : v0;
+          v1 = v1 < 0.f ? 0.f : v1;
+        }
+        const uint16_t b0 = Num<T>::f_to_bits(v0);
+        const uint16_t b1 = Num<T>::f_to_bits(v1);
+        if (pair_ok && has1) {
+          *reinterpret_cast<uint32_t*>(y + yoff + co) = static_cast<uint32_t>(b0) | (static_cast<uint32_t>(b1) << 16);
+        } else {
+          y[yoff + co] = b0;
+          if (has1) y[yoff + co + 1] = b1;
+        }
+      }
+    }
+  }
+#else
+  __trap();  // built for an arch without mma.sync/cp.async; the host never launches this
+#endif
+}
+
+}  // namespace dla_fast

@@ -1,0 +1,58 @@
+// Interface between the host-side ops (conv_bn_act.cpp, aggregate.cpp; compiled by the host compiler with
+// ATen) and the kernels (*.cu; compiled by nvcc without ATen, which keeps nvcc's share of the build short).
+// Only plain C++ types cross this boundary.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+namespace dla_fast {
+
+constexpr int kMaxChildren = 8;
+
+enum class DType : int { F16 = 0, BF16 = 1, F32 = 2 };
+
+// KIND_CONV: A[m][k] is the implicit-GEMM gather of one NHWC tensor over the kh x kw taps.
+// KIND_CAT:  A[m][k] walks the children one after another along K (1x1 conv over a virtual concat).
+constexpr int KIND_CONV = 0;
+constexpr int KIND_CAT = 1;
+
+// Everything is in elements, not bytes. Inputs are NHWC with channel stride 1 and arbitrary N/H/W strides
+// (so channel slices from torch.split need no copy); the output is dense NHWC [M][Cout].
+struct GemmParams {
+  const void* src[kMaxChildren];
+  long long sn[kMaxChildren], sh[kMaxChildren], sw[kMaxChildren];
+  int koff[kMaxChildren + 1];  // KIND_CAT: child i owns k in [koff[i], koff[i+1])
+  int nchild;
+
+  int N, H, W;    // input batch/spatial
+  int Ho, Wo;     // output spatial
+  int kh, kw, sth, stw, padh, padw;
+  int groups, Cin_g, Cout_g, Cout;
+  int K;          // kh * kw * Cin_g (conv) or sum C_i (cat)
+  int M;          // N * Ho * Wo
+
+  const void* w;  // [Cout][K], K contiguous (the channels_last weight memory order)
+  const float* bias;  // [Cout] or nullptr
+  const void* res;    // residual, NHWC strided like the inputs, or nullptr
+  long long rsn, rsh, rsw;
+  void* y;        // [M][Cout]
+  int relu;
+  int ntiles_n;   // output-channel tiles per group (filled by the launcher)
+};
+
+// Which kernel ran, for tests and benchmarks (returned by the launchers).
+enum class KernelUsed : int { None = 0, TensorCore = 1, Simt = 2, Direct = 3 };
+
+// Tensor-core (mma.sync m16n8k16) implicit GEMM for fp16/bf16. `vw` is the gather vector width in elements
+// (8, 4 or 1) that the caller verified alignment for; `bn` the preferred output-channel tile (16..128).
+// Returns the tile actually used.
+int launch_igemm_tc(DType dt, int kind, int vw, int bn, GemmParams p, cudaStream_t stream);
+
+// CUDA-core implicit GEMM (fp32 FMA accumulation) for any dtype: the fp32 path and the generic fallback.
+void launch_igemm_simt(DType dt, int kind, GemmParams p, cudaStream_t stream);
+
+// Direct convolution on CUDA cores for grouped convs with few channels per group.
+void launch_direct_conv(DType dt, GemmParams p, cudaStream_t stream);
+
+}  // namespace dla_fast

@@ -1,0 +1,32 @@
+// The op schemas (declared once, here) and the Python module object `dla_fast._C`. Importing the module
+// runs the static registrars of this library: the schemas below and the CUDA kernels in conv_bn_act.cpp and
+// aggregate.cpp. The module is a bare CPython module (no pybind11) to keep the build short.
+#include <Python.h>
+
+#include <torch/library.h>
+
+namespace dla_fast {
+const char* last_kernel();
+}
+
+TORCH_LIBRARY(dla_fast, m) {
+  m.def(
+      "conv_bn_act(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int groups, "
+      "Tensor? residual, bool relu) -> Tensor");
+  m.def("aggregate(Tensor[] children, Tensor weight, Tensor? bias, Tensor? residual, bool relu) -> Tensor");
+}
+
+namespace {
+PyObject* py_last_kernel(PyObject*, PyObject*) { return PyUnicode_FromString(dla_fast::last_kernel()); }
+
+PyMethodDef methods[] = {
+    {"last_kernel", py_last_kernel, METH_NOARGS,
+     "Which kernel the last dla_fast CUDA op on this thread launched (e.g. 'tc f16 vw8 bn64', 'simt f32', "
+     "'direct bf16'); for tests and benchmarks."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "dla_fast CUDA kernels (ops under torch.ops.dla_fast)", -1,
+                          methods};
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

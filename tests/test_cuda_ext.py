@@ -1,0 +1,297 @@
+"""CPU-runnable checks of the CUDA extension's packaging and Python side (no GPU needed).
+
+The extension must import (skipped only when it was not built AND ``DLA_FAST_REQUIRE_EXT`` is unset; CI sets
+``DLA_FAST_REQUIRE_EXT=1``), register the two ops with the documented schemas and fake kernels, and fail
+soft: a missing or broken ``dla_fast._C`` warns once and lets ``backend="auto"`` fall back.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import dla_fast._cuda as cuda_backend
+import dla_fast.ops as ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRE = os.environ.get("DLA_FAST_REQUIRE_EXT", "").strip() not in ("", "0")
+
+CONV_SCHEMA = ("dla_fast::conv_bn_act(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
+               "int groups, Tensor? residual, bool relu) -> Tensor")
+AGG_SCHEMA = "dla_fast::aggregate(Tensor[] children, Tensor weight, Tensor? bias, Tensor? residual, bool relu) -> Tensor"
+
+
+@pytest.fixture
+def ext():
+    if cuda_backend._C is None:
+        msg = f"dla_fast._C is not importable ({cuda_backend._load_error})"
+        if REQUIRE:
+            pytest.fail(f"DLA_FAST_REQUIRE_EXT=1 but {msg}")
+        pytest.skip(f"{msg}; build it with `pip install --no-build-isolation -e .` "
+                    "(DLA_FAST_REQUIRE_EXT=1 turns this skip into a failure)")
+    return cuda_backend._C
+
+
+def cl_stride(shape):
+    return torch.empty(shape, device="meta", memory_format=torch.channels_last).stride()
+
+
+def test_extension_imports(ext):
+    import dla_fast._C as C  # noqa: F401  (the import itself registers the ops)
+    assert hasattr(torch.ops.dla_fast, "conv_bn_act") and hasattr(torch.ops.dla_fast, "aggregate")
+    assert cuda_backend.NAME == "cuda"
+    assert isinstance(C.last_kernel(), str)
+
+
+def test_schemas(ext):
+    assert str(torch.ops.dla_fast.conv_bn_act.default._schema) == CONV_SCHEMA
+    assert str(torch.ops.dla_fast.aggregate.default._schema) == AGG_SCHEMA
+
+
+def test_dispatch_keys(ext):
+    for op in ("dla_fast::conv_bn_act", "dla_fast::aggregate"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "Meta"), op  # from register_fake
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
+
+
+CONV_CASES = [
+    # N, C, H, W, Cout, k, stride, pad, groups
+    (2, 3, 224, 224, 16, 7, 1, 3, 1),
+    (2, 16, 224, 224, 32, 3, 2, 1, 1),
+    (1, 13, 9, 11, 19, 3, 1, 1, 1),
+    (1, 32, 7, 7, 32, 3, 2, 1, 8),
+    (4, 64, 1, 1, 1000, 1, 1, 0, 1),
+    (3, 20, 5, 8, 40, 1, 2, 0, 4),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_conv_fake_cuda(ext, case, dtype):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    n, c, h, w, co, k, s, p, g = case
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    with FakeTensorMode():
+        x = torch.empty(n, c, h, w, device="cuda", dtype=dtype)  # NCHW on purpose: any input layout
+        wt = torch.empty(co, c // g, k, k, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+        b = torch.empty(co, device="cuda")
+        r = torch.empty(n, co, ho, wo, device="cuda", dtype=dtype)
+        y = torch.ops.dla_fast.conv_bn_act(x, wt, b, [s, s], [p, p], g, r, True)
+        assert y.device.type == "cuda" and y.dtype == dtype
+        assert tuple(y.shape) == (n, co, ho, wo)
+        assert y.stride() == cl_stride((n, co, ho, wo))
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        # via the Python backend module (what dla_fast.ops calls)
+        y2 = cuda_backend.conv_bn_act(x, wt, None, (s, s), (p, p), g, None, False)
+        assert tuple(y2.shape) == (n, co, ho, wo) and y2.stride() == y.stride()
+
+
+@pytest.mark.parametrize("chans", [(64,), (64, 64), (128, 128, 64, 128), (28, 28, 28, 28), (8,) * 8])
+def test_aggregate_fake_cuda(ext, chans):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    n, h, w, co = 2, 7, 9, 48
+    with FakeTensorMode():
+        kids = [torch.empty(n, c, h, w, device="cuda", dtype=torch.float16) for c in chans]
+        wt = torch.empty(co, sum(chans), device="cuda", dtype=torch.float16)
+        y = torch.ops.dla_fast.aggregate(kids, wt, None, None, True)
+        assert tuple(y.shape) == (n, co, h, w) and y.stride() == cl_stride((n, co, h, w))
+        y4 = cuda_backend.aggregate(kids, wt[:, :, None, None], None, None, False)
+        assert tuple(y4.shape) == (n, co, h, w)
+
+
+def test_meta_tensors(ext):
+    x = torch.empty(2, 16, 9, 11, device="meta", dtype=torch.float16)
+    wt = torch.empty(32, 16, 3, 3, device="meta", dtype=torch.float16)
+    y = torch.ops.dla_fast.conv_bn_act(x, wt, None, [2, 2], [1, 1], 1, None, True)
+    assert tuple(y.shape) == (2, 32, 5, 6) and y.stride() == cl_stride((2, 32, 5, 6))
+    a = torch.ops.dla_fast.aggregate([x, x], torch.empty(8, 32, device="meta", dtype=torch.float16), None, None, True)
+    assert tuple(a.shape) == (2, 8, 9, 11) and a.stride() == cl_stride((2, 8, 9, 11))
+
+
+def test_opcheck_meta(ext):
+    """torch.library.opcheck on meta tensors: schema, autograd registration, fake vs "real" (meta), AOT."""
+    x = torch.empty(2, 16, 9, 11, device="meta", dtype=torch.float16)
+    w = torch.empty(32, 16, 3, 3, device="meta", dtype=torch.float16).to(memory_format=torch.channels_last)
+    r = torch.empty(2, 32, 5, 6, device="meta", dtype=torch.float16)
+    torch.library.opcheck(torch.ops.dla_fast.conv_bn_act.default, (x, w, None, [2, 2], [1, 1], 1, r, True))
+    w2 = torch.empty(24, 32, device="meta", dtype=torch.float16)
+    torch.library.opcheck(torch.ops.dla_fast.aggregate.default, ([x, x], w2, None, None, False))
+
+
+def test_fake_under_dynamic_shapes(ext):
+    """The fake kernels take symbolic sizes (torch.compile with dynamic=True)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    x = mode.from_tensor(torch.empty(2, 16, 9, 11), symbolic_context=None)
+    with mode:
+        wt = torch.empty(32, 16, 3, 3).to(memory_format=torch.channels_last)
+        y = torch.ops.dla_fast.conv_bn_act(x, wt, None, [2, 2], [1, 1], 1, None, True)
+    assert y.shape[1] == 32 and y.dim() == 4
+
+
+def test_cpu_tensor_errors(ext):
+    x = torch.randn(1, 4, 5, 5)
+    w = torch.randn(8, 4, 3, 3)
+    assert "x is on cpu; the CUDA backend needs CUDA tensors" in cuda_backend.unavailable_reason(x)
+    with pytest.raises(RuntimeError, match="x is on cpu; the CUDA backend needs CUDA tensors"):
+        ops.conv_bn_act(x, w, padding=1, backend="cuda")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        ops.aggregate([x, x], torch.randn(8, 8), backend="cuda")
+    # the dispatcher itself has no CPU kernel for these ops
+    with pytest.raises(NotImplementedError):
+        torch.ops.dla_fast.conv_bn_act(x, w, None, [1, 1], [1, 1], 1, None, True)
+
+
+def test_dtype_reason(ext):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(1, 4, 5, 5, device="cuda", dtype=torch.float64)
+        why = cuda_backend.unavailable_reason(x)
+    assert why is not None and "float64" in why and "float16, bfloat16 and float32" in why
+    with FakeTensorMode():
+        x = torch.empty(1, 4, 5, 5, device="cuda", dtype=torch.float16)
+        assert cuda_backend.unavailable_reason(x) is None
+
+
+def test_auto_on_cpu_stays_eager_without_warning():
+    x = torch.randn(1, 4, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops.backend_for("conv_bn_act", x) == "eager"
+        y = ops.conv_bn_act(x, torch.randn(8, 4, 3, 3), padding=1)
+    assert y.shape == (1, 8, 5, 5)
+
+
+def test_missing_extension_warns_once(monkeypatch):
+    """Simulate a missing/broken _C by patching the loader state of the backend module."""
+    monkeypatch.setattr(cuda_backend, "_C", None)
+    monkeypatch.setattr(cuda_backend, "_load_error", "ImportError: undefined symbol: _ZN3c10simulated")
+    monkeypatch.setattr(cuda_backend, "_warned", False)
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.warns(RuntimeWarning, match="CUDA backend is unavailable") as rec:
+        why = cuda_backend.unavailable_reason(x)
+    assert "dla_fast._C" in why and "undefined symbol" in why and "pip install --no-build-isolation" in why
+    assert any("pip install --no-build-isolation" in str(r.message) for r in rec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second query must not warn again
+        assert cuda_backend.unavailable_reason(x) == why
+        with pytest.raises(RuntimeError, match=r"dla_fast\._C is not available"):
+            ops.conv_bn_act(x, torch.randn(8, 4, 3, 3), padding=1, backend="cuda")
+    assert cuda_backend.last_kernel() == ""
+
+
+def test_import_without_extension_subprocess():
+    """`import dla_fast._cuda` must survive a missing _C (blocked via sys.modules) and report it."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["dla_fast._C"] = None          # makes `from . import _C` raise ImportError
+        import torch
+        import dla_fast._cuda as cu
+        import dla_fast.ops as ops
+        assert cu._C is None and "dla_fast._C" in cu._load_error, cu._load_error
+        x = torch.randn(1, 4, 5, 5)
+        assert ops.backend_for("conv_bn_act", x) == "eager"   # CPU + auto: no query, no warning
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            why1 = cu.unavailable_reason(x)
+            why2 = cu.unavailable_reason(x)
+        msgs = [str(m.message) for m in w if "CUDA backend is unavailable" in str(m.message)]
+        assert len(msgs) == 1, msgs
+        assert why1 == why2 and "not available" in why1 and "pip install" in why1
+        try:
+            ops.conv_bn_act(x, torch.randn(8, 4, 3, 3), padding=1, backend="cuda")
+        except RuntimeError as e:
+            assert "dla_fast._C" in str(e), e
+        else:
+            raise AssertionError("backend='cuda' without the extension must raise")
+        print("OK")
+    """)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------ setup.py helpers (no build happens)
+@pytest.fixture(scope="module")
+def setup_mod():
+    spec = importlib.util.spec_from_file_location("dla_fast_setup", os.path.join(ROOT, "setup.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # __name__ != "__main__": defines helpers only
+    return mod
+
+
+def test_setup_arch_flags(setup_mod):
+    assert setup_mod.arch_flags("80;90") == ["-gencode=arch=compute_80,code=sm_80",
+                                             "-gencode=arch=compute_90,code=sm_90"]
+    assert setup_mod.arch_flags("90a") == ["-gencode=arch=compute_90a,code=sm_90a"]
+    assert setup_mod.arch_flags("9.0+PTX") == ["-gencode=arch=compute_90,code=sm_90",
+                                               "-gencode=arch=compute_90,code=compute_90"]
+    with pytest.raises(ValueError):
+        setup_mod.arch_flags("hopper")
+
+
+def _fake_toolkit(root):
+    os.makedirs(os.path.join(root, "bin"))
+    os.makedirs(os.path.join(root, "include"))
+    open(os.path.join(root, "include", "cuda_runtime.h"), "w").close()
+    nvcc = os.path.join(root, "bin", "nvcc")
+    with open(nvcc, "w") as f:
+        f.write("#!/bin/sh\necho fake\n")
+    os.chmod(nvcc, 0o755)
+    return root
+
+
+def test_setup_finds_cuda_home_behind_wrapper(setup_mod, tmp_path, monkeypatch):
+    """nvcc on PATH is a wrapper script in a bin/ whose parent is no toolkit (the /usr/local/bin case)."""
+    tk = _fake_toolkit(str(tmp_path / "cuda-13.0"))
+    wrapdir = tmp_path / "usr_local" / "bin"
+    wrapdir.mkdir(parents=True)
+    (wrapdir / "nvcc").write_text(f'#!/bin/sh\nexec {tk}/bin/nvcc "$@"\n')
+    (wrapdir / "nvcc").chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(wrapdir))
+    assert setup_mod.find_cuda_home() == tk
+    # an explicit, valid CUDA_HOME wins
+    other = _fake_toolkit(str(tmp_path / "other"))
+    monkeypatch.setenv("CUDA_HOME", other)
+    assert setup_mod.find_cuda_home() == other
+    # an empty CUDA_HOME counts as unset
+    monkeypatch.setenv("CUDA_HOME", "")
+    assert setup_mod.find_cuda_home() == tk
+
+
+# ------------------------------------------------------------------ kernel logic on the CPU (no extension needed)
+@pytest.fixture(scope="module")
+def emulator():
+    spec = importlib.util.spec_from_file_location("emulate_tc", os.path.join(ROOT, "csrc", "tools", "emulate_tc.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("case", [
+    (2, 16, 9, 11, 32, 3, 1, 1, 1),   # vw8, bn32
+    (1, 3, 15, 17, 16, 7, 1, 3, 1),   # RGB stem: channel pad -> vw4, bn16
+    (2, 13, 5, 7, 19, 3, 1, 1, 1),    # scalar gather, odd Cout
+    (1, 200, 3, 5, 300, 1, 1, 0, 1),  # Cout tails
+    (2, 64, 6, 6, 64, 3, 1, 1, 4),    # grouped on tensor cores
+], ids=lambda c: "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*c))
+def test_tc_kernel_emulated_conv(emulator, case):
+    """The tensor-core kernel's index logic, emulated thread by thread in float64 (csrc/tools/emulate_tc.py)."""
+    err, vw, bn = emulator.check_conv(case, "slice")
+    assert err < 1e-9, (case, vw, bn, err)
+
+
+@pytest.mark.parametrize("chans,cout", [((128, 128, 64, 128), 128), ((28, 28, 28, 28), 72), ((13, 7, 20), 24)])
+def test_tc_kernel_emulated_aggregate(emulator, chans, cout):
+    err, vw, bn = emulator.check_agg(chans, cout, 5, 3, "tensor", True, "slice")
+    assert err < 1e-9, (chans, vw, bn, err)
