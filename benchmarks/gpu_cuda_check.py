@@ -400,10 +400,10 @@ SANITIZE_CASES = [
     Case("conv_bn_act", (32,), (7, 7), 32, (3, 3), (1, 1), (1, 1), 8, "tensor", True),      # direct, 4 ch/group
     Case("conv_bn_act", (64,), (6, 6), 64, (3, 3), (2, 2), (1, 1), 4, "none", True),        # tc grouped, 16/grp
     Case("conv_bn_act", (28,), (8, 8), 28, (3, 3), (1, 1), (1, 1), 1, "none", True, (112,)),  # slice, vw4
-    Case("aggregate", (16, 16), (5, 7), 32, residual="child0"),
+    Case("aggregate", (32, 16), (5, 7), 32, residual="child0"),
     Case("aggregate", (28, 28, 28, 28), (6, 6), 128, residual="tensor", pitches=(28, 28, 28, 112)),
     Case("aggregate", (13, 7, 20), (3, 5), 24, residual="tensor", relu=False),               # vw1
-    Case("aggregate", (64, 64, 32, 64, 64, 64, 64, 64), (3, 3), 160, residual="child0"),     # 8 children
+    Case("aggregate", (160, 64, 32, 64, 64, 64, 64, 64), (3, 3), 160, residual="child0"),    # 8 children
 ]
 
 

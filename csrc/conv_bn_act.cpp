@@ -29,8 +29,8 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
 
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   const int64_t Cout = weight_in.size(0), Cin_g = weight_in.size(1), kh = weight_in.size(2), kw = weight_in.size(3);
-  TORCH_CHECK(Cin_g * groups == C, op, ": x has ", C, " channels but weight ", weight_in.sizes(), " with groups=",
-              groups, " expects ", Cin_g * groups);
+  TORCH_CHECK(Cin_g * groups == C, op, ": x has ", C, " channels but weight [", Cout, ", ", Cin_g, ", ", kh, ", ", kw,
+              "] with groups=", groups, " expects ", Cin_g * groups);
   TORCH_CHECK(Cout % groups == 0, op, ": weight has ", Cout, " output channels, not divisible by groups=", groups);
   TORCH_CHECK(kh >= 1 && kw >= 1 && Cout >= 1 && Cin_g >= 1, op, ": empty weight ", weight_in.sizes());
   const int64_t Ho = (H + 2 * padding[0] - kh) / stride[0] + 1;
@@ -115,30 +115,14 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
     set_last_kernel(std::string("direct ") + dtype_name(dt));
     return y;
   }
-  if (force != Force::Simt && tc_capable(dt)) {
-    at::Tensor xt = x, wt = w;  // kept alive until the launch is queued
-    int64_t Kt = K;
-    std::string note;
-    if (groups == 1 && C < 8 && C % 4 != 0) {
-      // Stem-like input (RGB): zero-pad the channels to 4 (or 8), and the weight alike, so that the gather
-      // moves whole taps as 8/16-byte vectors instead of 2-byte scalars. The copies are small next to the
-      // conv's output, and the scalar gather is several times slower at 224x224.
-      const int64_t Cp = C <= 4 ? 4 : 8;
-      xt = at::zeros({N, Cp, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-      xt.narrow(1, 0, C).copy_(x);
-      wt = at::zeros({Cout, Cp, kh, kw}, w.options().memory_format(at::MemoryFormat::ChannelsLast));
-      wt.narrow(1, 0, C).copy_(w);
-      Kt = kh * kw * Cp;
-      p.src[0] = xt.data_ptr();
-      p.sn[0] = eff_stride(xt, 0);
-      p.sh[0] = eff_stride(xt, 2);
-      p.sw[0] = eff_stride(xt, 3);
-      p.Cin_g = static_cast<int>(Cp);
-      p.K = static_cast<int>(Kt);
-      p.koff[1] = p.K;
-      p.w = wt.data_ptr();
-      note = " pad" + std::to_string(Cp);
-    }
+  // Inputs with fewer than 8 channels (the RGB stem) stay on the SIMT kernel: the tensor-core gather needs
+  // whole 8-channel runs, and the zero-padded variant of it computed wrong results on the H100 (2026-11-25).
+  const bool tiny_cin = groups == 1 && C < 8;
+  if (force != Force::Simt && tc_capable(dt) && !(tiny_cin && force == Force::Auto)) {
+    const at::Tensor& xt = x;
+    const at::Tensor& wt = w;
+    const int64_t Kt = K;
+    const std::string note;
     // Vector width: x's channel runs start at g*Cin_g and hold Cin_g channels; weight rows hold K.
     auto w_ok = [&](int v) { return Kt % v == 0 && ptr_aligned(wt.data_ptr(), v * wt.element_size()); };
     int vw = nhwc_vw(xt, p.Cin_g);
