@@ -406,7 +406,10 @@ class CudaGraphRunner(nn.Module):
         return self.module.backends()
 
     def _capture(self, x: torch.Tensor):
-        static_x = x.detach().clone()
+        # A normal (non-inference) tensor, so that copy_ into it works both inside and outside inference_mode.
+        with torch.inference_mode(False):
+            static_x = torch.empty_like(x)
+        static_x.copy_(x)
         s = torch.cuda.Stream(device=x.device)
         s.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(s):
