@@ -185,7 +185,7 @@ def plot(data: Dict, path: str) -> str:
         bot.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         for ax in (top, bot):
             ax.set_xticks(range(len(models)))
-            ax.set_xticklabels([m if len(sizes) == 1 else f"{m}\nbs{big[m]}" for m in models])
+            ax.set_xticklabels([m if len(sizes) == 1 else f"{m}\nbs{big[m]}" for m in models], rotation=25, ha="right")
             ax.grid(axis="y", alpha=0.3)
             ax.set_axisbelow(True)
     seen: Dict[str, object] = {}  # one legend for all panels: an impl may be missing from some dtype

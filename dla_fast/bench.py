@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .verify import dtype_name, randomize_bn, rel_err
+from .verify import calibrated_random_weights, dtype_name, rel_err
 
 IMPLS = ("timm_eager", "torch_compile", "torch_compile_reduce_overhead", "dla_fast_triton", "dla_fast_cuda",
          "dla_fast_auto", "dla_fast_eager", "dla_fast_cudagraph")
@@ -113,7 +113,7 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
     import dla_fast
 
     torch.manual_seed(0)
-    ours = randomize_bn(dla_fast.create_model(name), 0).eval()
+    ours = calibrated_random_weights(dla_fast.create_model(name), 0).eval()
     x32 = torch.randn(batch, 3, hw, hw, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = ours(x32)  # fp32 on CPU: the yardstick for rel_err
@@ -134,15 +134,14 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
             row.backends_used = used
             t = time.perf_counter()
             with torch.inference_mode() if not impl.startswith("torch_compile") else torch.no_grad():
-                y = fn(x)
-                _sync(device)
+                # copied out at once: CUDA-graph runners (reduce-overhead) overwrite their output on the next call
+                y = fn(x).float().cpu()
                 first = time.perf_counter() - t
                 for _ in range(warmup):
                     fn(x)
                 _sync(device)
             if impl.startswith("torch_compile"):
                 row.compile_s = round(first, 2)
-            y = y.float().cpu()
             row.rel_err = rel_err(y, ref)
             if device == "cuda":
                 # this implementation's own weights + activations, not what the others hold

@@ -35,6 +35,30 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def calibrated_random_weights(model: nn.Module, seed: int = 0, hw: int = 64) -> nn.Module:
+    """Random BN affine parameters, and running statistics measured on a random batch.
+
+    Purely random statistics let activations grow with depth until fp16 overflows in the deeper variants
+    (dla102 / dla169 gave inf in timm's own fp16 model); statistics measured on data keep every layer
+    normalised, as trained weights do, while BN stays far from the identity.
+    """
+    randomize_bn(model, seed)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m.momentum, m.training) for m in bns]
+    was_training = model.training
+    x = torch.randn(4, getattr(model, "in_chans", 3), hw, hw, generator=torch.Generator().manual_seed(seed + 7))
+    with torch.no_grad():
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: after one batch, exactly that batch's statistics
+        model.train()
+        model(x)
+    for m, (mom, _) in zip(bns, saved):
+        m.momentum = mom
+    model.train(was_training)
+    return model
+
+
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     a, ref = a.double(), ref.double()
     if not torch.isfinite(a).all():
@@ -47,7 +71,7 @@ def reference_model(name: str, seed: int = 0):
     import dla_fast
 
     torch.manual_seed(seed)
-    ours = randomize_bn(dla_fast.create_model(name), seed).eval()
+    ours = calibrated_random_weights(dla_fast.create_model(name), seed).eval()
     try:
         import timm
     except ImportError:
