@@ -157,3 +157,25 @@ def test_from_timm_infers_variant_without_cfg():
 def test_from_timm_rejects_other_models():
     with pytest.raises(TypeError, match="timm DLA"):
         dla_fast.from_timm(torch.nn.Linear(2, 2))
+
+
+def test_features_only_and_head_api_every_variant(pair):
+    """features_only maps and the classifier API on every variant, against timm."""
+    name, ref, ours = pair
+    x = torch.randn(1, 3, 64, 64)
+    tf = timm.create_model(name, features_only=True).eval()
+    of = dla_fast.create_model(name, features_only=True).eval()
+    sd = {k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")}
+    tf.load_state_dict(sd, strict=True)
+    of.load_state_dict(sd, strict=True)
+    assert of.feature_info.channels() == tf.feature_info.channels()
+    assert of.feature_info.reduction() == tf.feature_info.reduction()
+    with torch.no_grad():
+        for a, b in zip(of(x), tf(x)):
+            assert a.shape == b.shape and rel_err(a, b) <= 1e-6
+    headless = dla_fast.create_model(name, num_classes=0).eval()
+    headless.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        assert rel_err(headless(x), ref.forward_head(ref.forward_features(x), pre_logits=True)) <= 1e-6
+    headless.reset_classifier(5)
+    assert headless(x).shape == (1, 5) and headless.num_classes == 5
