@@ -8,7 +8,7 @@ in the same order (so fp32 CPU outputs agree to rounding). This file knows nothi
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Type
+from typing import Dict, List, Optional, Sequence, Type
 
 import torch
 import torch.nn as nn
