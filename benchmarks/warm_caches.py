@@ -27,7 +27,7 @@ def warm(name: str, dtype: str, batch: int, hw: int, impls: str) -> str:
     done = []
     for impl in impls.split(","):
         try:
-            fn, _, _ = build_impl(impl, name, ours, dt, "cuda")
+            fn, _ = build_impl(impl, name, ours, dt, "cuda")
             with torch.no_grad():
                 fn(x)
             torch.cuda.synchronize()

@@ -84,7 +84,7 @@ def _timm(name: str):
 
 
 def build_impl(impl: str, name: str, ours_fp32: torch.nn.Module, dtype: torch.dtype, device: str):
-    """(callable, compile seconds or None, backends string) for one implementation."""
+    """(callable, backends string or None) for one implementation."""
     import dla_fast
 
     if impl in ("timm_eager", "torch_compile", "torch_compile_reduce_overhead"):
@@ -97,14 +97,14 @@ def build_impl(impl: str, name: str, ours_fp32: torch.nn.Module, dtype: torch.dt
             torch._dynamo.reset()  # a fresh cache per model, so the recompile limit is never hit
             mode = "reduce-overhead" if impl.endswith("reduce_overhead") else None
             fn = torch.compile(m, mode=mode)
-        return fn, None, None
+        return fn, None
     if impl.startswith("dla_fast_"):
         kind = impl[len("dla_fast_"):]
         backend = "auto" if kind == "cudagraph" else kind
         fast = dla_fast.optimize(ours_fp32, dtype=dtype, backend=backend, device=torch.device(device),
                                  cuda_graph=(kind == "cudagraph"))
         used = "+".join(sorted(set(fast.backends().values())))
-        return fast, None, used
+        return fast, used
     raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
 
 
@@ -130,7 +130,7 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated() if device == "cuda" else 0
-            fn, _, used = build_impl(impl, name, ours, dtype, device)
+            fn, used = build_impl(impl, name, ours, dtype, device)
             row.backends_used = used
             t = time.perf_counter()
             with torch.inference_mode() if not impl.startswith("torch_compile") else torch.no_grad():
@@ -153,10 +153,9 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
             row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             log(f"  FAILED {impl}: {row.error}")
     samples: Dict[str, List[float]] = {k: [] for k in fns}
-    grad_ctx = torch.no_grad
     for _ in range(rounds):
         for impl, fn in fns.items():
-            with grad_ctx():
+            with torch.no_grad():
                 samples[impl].append(_time_once(fn, x, iters, device))
     for impl, s in samples.items():
         med = statistics.median(s)

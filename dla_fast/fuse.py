@@ -48,6 +48,11 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Te
     return weight.float(), bias.float()
 
 
+def _refuse_training() -> None:
+    raise RuntimeError("dla_fast.optimize() builds an inference-only module (BatchNorm is folded away); "
+                       "train the original model and call optimize() on it again")
+
+
 class _Fused(nn.Module):
     """A fused layer: weights in the inference dtype (channels_last), bias in fp32, a resolved backend."""
 
@@ -73,8 +78,7 @@ class _Fused(nn.Module):
 
     def train(self, mode: bool = True):
         if mode:
-            raise RuntimeError("dla_fast.optimize() builds an inference-only module (BatchNorm is folded away); "
-                               "train the original model and call optimize() on it again")
+            _refuse_training()
         return super().train(False)
 
 
@@ -292,8 +296,7 @@ class FusedDLA(nn.Module):
 
     def train(self, mode: bool = True):
         if mode:
-            raise RuntimeError("dla_fast.optimize() builds an inference-only module (BatchNorm is folded away); "
-                               "train the original model and call optimize() on it again")
+            _refuse_training()
         return super().train(False)
 
     def _apply(self, fn, *args, **kwargs):
@@ -395,7 +398,7 @@ class CudaGraphRunner(nn.Module):
 
     def train(self, mode: bool = True):
         if mode:
-            self.module.train(True)  # raises the inference-only error
+            _refuse_training()
         return super().train(False)
 
     def summary(self) -> str:
