@@ -167,6 +167,7 @@ def main() -> None:
         version="0.1.0",
         description="A fast drop-in replacement for timm's DLA models (fused conv+BN+act and aggregation kernels)",
         packages=find_packages(include=["dla_fast", "dla_fast.*"]),
+        package_data={"dla_fast.ops": ["auto_table.json"]},
         python_requires=">=3.10",
         install_requires=["torch>=2.4", "numpy"],
         extras_require={

@@ -164,9 +164,9 @@ def _select(case: Case, backend: str):
     """The backend module the fused model would use for this layer (None: eager), keyed like FusedDLA."""
     s = case.shape
     if s.op == "aggregate":
-        key = (tuple(s.cin), s.cout, case.dtype)
+        key = _backends.aggregate_key(s.cin, s.cout, case.dtype, s.hw)
     else:
-        key = (tuple(case.raw_weight.shape), tuple(s.stride), s.groups, case.dtype)
+        key = _backends.conv_key(case.raw_weight.shape, s.stride, s.padding, s.groups, case.dtype, s.hw)
     return _backends.select(s.op, backend, case.x, False, key=key)
 
 
@@ -649,7 +649,7 @@ def run(models: Sequence[str] = ("dla34", "dla60"), dtypes: Sequence[str] = ("fl
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["dla34", "dla60"])
+    p.add_argument("--models", nargs="+", default=["dla34", "dla60"], help="variant names, or 'all'")
     p.add_argument("--dtypes", nargs="+", default=None,
                    help="float16 bfloat16 float32 (default: float16 bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--batch", type=int, default=None, help="default 256 on CUDA, 2 on CPU")
@@ -680,6 +680,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for d in dtypes:
         if d not in DTYPES:
             p.error(f"unknown dtype {d!r}; use float16, bfloat16 or float32")
+    if a.models == ["all"]:
+        a.models = dla_fast.list_models()
     for m in a.models:
         if m not in dla_fast.list_models():
             p.error(f"unknown model {m!r}; available: {', '.join(dla_fast.list_models())}")

@@ -108,6 +108,11 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Force force = forced_kernel();
+  if (force == Force::Auto && stem_supported(p, residual.defined())) {
+    launch_stem_conv(dt, p, stream);
+    set_last_kernel(std::string("stem7 ") + dtype_name(dt));
+    return y;
+  }
   const bool few_per_group = groups > 1 && (Cin_g < 16 || Cout / groups < 16);
   bool use_direct = force == Force::Direct || (force == Force::Auto && few_per_group);
   if (use_direct) {

@@ -55,4 +55,8 @@ void launch_igemm_simt(DType dt, int kind, GemmParams p, cudaStream_t stream);
 // Direct convolution on CUDA cores for grouped convs with few channels per group.
 void launch_direct_conv(DType dt, GemmParams p, cudaStream_t stream);
 
+// The RGB stem (7x7, 3 -> 16, stride 1, padding 3, no residual): a shared-memory direct convolution.
+bool stem_supported(const GemmParams& p, bool has_residual);
+void launch_stem_conv(DType dt, const GemmParams& p, cudaStream_t stream);
+
 }  // namespace dla_fast

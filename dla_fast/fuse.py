@@ -66,6 +66,10 @@ class _Fused(nn.Module):
         self.backend = backend
         self._impl = None       # the backend module, or None for eager
         self._impl_name = "eager"
+        # The input's (H, W) at the model's default input size, found by FusedDLA's shape probe: part of the
+        # key of the measured per-shape backend table (dla_fast/ops/auto_table.py).
+        self.in_hw: Optional[Tuple[int, int]] = None
+        self._probing = False
 
     def shape_key(self):
         raise NotImplementedError
@@ -100,9 +104,14 @@ class FusedConvBnAct(_Fused):
         self.groups = conv.groups
 
     def shape_key(self):
-        return (tuple(self.weight.shape), self.stride, self.groups, self.weight.dtype)
+        return _backends.conv_key(self.weight.shape, self.stride, self.padding, self.groups, self.weight.dtype,
+                                  self.in_hw)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self._probing:  # shapes only (meta tensors): record the input size
+            self.in_hw = (int(x.shape[2]), int(x.shape[3]))
+            return conv_bn_act_ref(x, self.weight.to("meta"), self.bias.to("meta"), self.stride, self.padding,
+                                   self.groups, residual, self.relu)
         if self._impl is None:
             return conv_bn_act_ref(x, self.weight, self.bias, self.stride, self.padding, self.groups, residual,
                                    self.relu)
@@ -129,9 +138,12 @@ class FusedAggregate(_Fused):
         self.split = tuple(split)
 
     def shape_key(self):
-        return (self.split, self.weight.shape[0], self.weight.dtype)
+        return _backends.aggregate_key(self.split, self.weight.shape[0], self.weight.dtype, self.in_hw)
 
     def forward(self, children: List[torch.Tensor], residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self._probing:
+            self.in_hw = (int(children[0].shape[2]), int(children[0].shape[3]))
+            return aggregate_ref(children, self.weight.to("meta"), self.bias.to("meta"), residual, self.relu)
         if self._impl is None:
             return aggregate_ref(children, self.weight, self.bias, residual, self.relu)
         return self._impl.aggregate(children, self.weight, self.bias, residual, self.relu)
@@ -284,6 +296,21 @@ class FusedDLA(nn.Module):
             self.flatten = nn.Flatten(1) if model.global_pool.pool_type else nn.Identity()
         self._resolved: Optional[Tuple[torch.device, torch.dtype]] = None
         super().train(False)
+        self._probe_shapes(tuple(self.pretrained_cfg.get("input_size", (self.in_chans, 224, 224)))[-2:])
+
+    def _probe_shapes(self, hw: Tuple[int, int]) -> None:
+        """Record every fused layer's input size for an input of spatial size ``hw`` (a forward on the meta
+        device: no memory, no compute). The per-shape backend table is keyed by these sizes."""
+        layers = [m for _, m in self.fused_layers()]
+        for m in layers:
+            m._probing = True
+        try:
+            with torch.no_grad():
+                self._levels(torch.empty(1, self.in_chans, int(hw[0]), int(hw[1]), device="meta", dtype=self.dtype))
+        finally:
+            for m in layers:
+                m._probing = False
+        self._resolved = None
 
     def fused_layers(self) -> List[Tuple[str, "_Fused"]]:
         return [(n, m) for n, m in self.named_modules() if isinstance(m, _Fused)]

@@ -107,6 +107,8 @@ CONV_CASES = [
     (2, 64, 8, 8, 64, 3, 1, 1, 4),      # 16 ch/group: tensor cores, bn16
     (2, 8, 5, 5, 8, 3, 1, 1, 8),        # depthwise
     (1, 48, 1, 1, 40, 3, 1, 1, 1),      # 1x1 spatial with padding: all taps but the centre are halo
+    (2, 3, 70, 33, 16, 7, 1, 3, 1),     # the RGB stem kernel (no residual): partial 32x32 tiles both ways
+    (1, 3, 97, 130, 16, 7, 1, 3, 1),    # stem kernel, batch 1, many tiles
 ]
 RES_RELU = [(False, True), (True, True), (True, False), (False, False)]
 
@@ -166,10 +168,15 @@ def test_conv_forced_kernel(case, dtype, kernel, monkeypatch):
 def test_conv_kernel_choice():
     """fp16 picks tensor cores with the widest legal gather; few channels per group go direct."""
     for case, expect in [((2, 16, 9, 11, 32, 3, 1, 1, 1), "tc f16 vw8"), ((1, 20, 7, 9, 24, 3, 2, 1, 1), "tc f16 vw4"),
-                         ((1, 3, 15, 17, 16, 7, 1, 3, 1), "tc f16 vw4 bn16 pad4"),  # RGB stem: channels padded
+                         ((1, 3, 15, 17, 16, 7, 1, 3, 1), "simt f16"),  # RGB stem with a residual: generic path
+                         ((2, 3, 20, 21, 32, 7, 2, 3, 1), "simt f16"),  # < 8 input channels, not the stem
                          ((2, 13, 5, 7, 19, 3, 1, 1, 1), "tc f16 vw1"), ((2, 32, 10, 10, 32, 3, 1, 1, 8), "direct f16")]:
         _run_conv(case, torch.float16)
         assert cu.last_kernel().startswith(expect), (case, cu.last_kernel())
+    for dtype in DTYPES:  # the RGB stem without a residual: its own kernel, in every dtype
+        y, ref64, eager = _run_conv((1, 3, 15, 17, 16, 7, 1, 3, 1), dtype, with_res=False)
+        assert cu.last_kernel() == f"stem7 {DT_ID[dtype]}", cu.last_kernel()
+        assert_close(y, ref64, eager, dtype, "stem kernel")
     _run_conv(CONV_CASES[0], torch.float32)
     assert cu.last_kernel().startswith("simt f32")
 

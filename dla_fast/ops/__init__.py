@@ -118,7 +118,8 @@ def conv_bn_act(
             raise ValueError(f"residual must have the output's shape {expect}, got {tuple(residual.shape)}")
 
     impl = _backends.select("conv_bn_act", backend, x, _needs_grad(x, weight, bias, residual),
-                            key=(tuple(weight.shape), stride, groups, x.dtype))
+                            key=_backends.conv_key(weight.shape, stride, padding, groups, x.dtype,
+                                                  x.shape[2:]))
     if impl is None:
         return conv_bn_act_ref(x, weight, bias, stride, padding, groups, residual, relu)
     return impl.conv_bn_act(x, _backends.prep_weight(weight), _backends.prep_bias(bias),
@@ -182,7 +183,8 @@ def aggregate(
         raise TypeError(f"residual must be a bool or a tensor, got {type(residual).__name__}")
 
     impl = _backends.select("aggregate", backend, ref, _needs_grad(weight, bias, res, *children),
-                            key=(tuple(c.shape[1] for c in children), cout, ref.dtype))
+                            key=_backends.aggregate_key([c.shape[1] for c in children], cout, ref.dtype,
+                                                       (h, w)))
     if impl is None:
         return aggregate_ref(children, weight2d, bias, res, relu)
     return impl.aggregate(children, _backends.prep_weight(weight2d), _backends.prep_bias(bias), res, bool(relu))

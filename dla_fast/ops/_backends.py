@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -20,30 +20,48 @@ _MODULES = {"triton": "dla_fast.triton", "cuda": "dla_fast._cuda"}
 _loaded: Dict[str, object] = {}
 _import_errors: Dict[str, str] = {}
 
-# Per-op, per-shape preferences for backend="auto", filled from committed benchmark results
-# (dla_fast/ops/auto_table.py). Keys are (op, key) as built by dla_fast.ops; values "cuda"/"triton"/"eager".
-try:
-    from .auto_table import AUTO_TABLE  # type: ignore
-except ImportError:  # pragma: no cover - the table is optional
-    AUTO_TABLE = {}
-
-# Measured on the H100 (benchmarks/results/2026-11-25-h100-*): over the dla34/dla60 layer shapes the Triton
-# kernels beat the eager sequence in total and the CUDA kernels did not yet, so Triton is tried first.
+# Measured on the H100 (benchmarks/results/2026-11-25-h100-*): over the layer shapes of the 12 variants the
+# Triton kernels beat the CUDA kernels and the eager sequence in total, so Triton is tried first.
 DEFAULT_ORDER = ("triton", "cuda")
 
 
-def auto_preference(op: str, key) -> "str | None":
-    """A measured per-shape override of DEFAULT_ORDER, or None."""
-    pref = AUTO_TABLE.get((op, key))
-    if pref:
-        return pref
-    if op == "conv_bn_act" and key is not None:
-        wshape, _stride, groups = key[0], key[1], key[2]
-        # The 3-channel stem: both kernels gather it element by element and lost to cuDNN (Triton 5.9 ms vs
-        # 3.2 ms eager conv+BN+ReLU at bs 256 fp16); the eager path runs cuDNN's conv with the folded bias.
-        if groups == 1 and wshape[1] < 8:
-            return "eager"
-    return None
+def conv_key(weight_shape, stride, padding, groups, dtype: torch.dtype, hw=None) -> tuple:
+    """The auto-selection key of a conv_bn_act layer; ``hw`` is its input's (H, W) (None: unknown)."""
+    return ("conv_bn_act", tuple(int(v) for v in weight_shape), tuple(int(v) for v in stride),
+            tuple(int(v) for v in padding), int(groups), str(dtype).replace("torch.", ""),
+            None if hw is None else (int(hw[0]), int(hw[1])))
+
+
+def aggregate_key(split, cout: int, dtype: torch.dtype, hw=None) -> tuple:
+    """The auto-selection key of an aggregation node (per-child channel counts, output channels, input H, W)."""
+    return ("aggregate", tuple(int(c) for c in split), int(cout), str(dtype).replace("torch.", ""),
+            None if hw is None else (int(hw[0]), int(hw[1])))
+
+
+def _is_rgb_stem(key) -> bool:
+    if key is None or key[0] != "conv_bn_act":
+        return False
+    (cout, cin_g, kh, kw), stride, padding, groups = key[1], key[2], key[3], key[4]
+    return (groups == 1 and cin_g == 3 and cout == 16 and (kh, kw) == (7, 7) and stride == (1, 1)
+            and padding == (3, 3))
+
+
+def auto_preference(key, device: Optional[torch.device] = None) -> Tuple[str, ...]:
+    """Backends to try, in order, for ``key`` under backend="auto" (before DEFAULT_ORDER).
+
+    A measured per-shape winner from dla_fast/ops/auto_table.json comes first when the GPU is the kind it was
+    measured on; then fixed rules for shapes whose winner does not depend on the card.
+    """
+    from . import auto_table
+    win = auto_table.lookup(key, device)
+    if win:
+        return (win,)
+    if key is not None and key[0] == "conv_bn_act" and key[1][1] < 8 and key[4] == 1:
+        # 3-channel inputs: the implicit GEMMs gather them element by element (Triton 5.9 ms vs 3.2 ms for
+        # cuDNN's conv at bs 256 fp16, H100). The CUDA backend has a dedicated kernel for the RGB stem;
+        # anything else goes to cuDNN (the eager path with the folded bias).
+        return ("cuda", "eager") if _is_rgb_stem(key) else ("eager",)
+    return ()
 
 
 def interpreter_on() -> bool:
@@ -88,9 +106,7 @@ def select(op: str, backend: str, x: torch.Tensor, needs_grad: bool, key=None):
     # auto: kernels only for CUDA inference; everything else is the eager reference.
     if needs_grad or x.device.type != "cuda":
         return None
-    pref = auto_preference(op, key)
-    order = (pref,) + DEFAULT_ORDER if pref else DEFAULT_ORDER
-    for name in order:
+    for name in auto_preference(key, x.device) + DEFAULT_ORDER:
         if name == "eager":
             return None
         if reason_unavailable(name, x) is None:
