@@ -11,8 +11,8 @@ at::Tensor aggregate_cuda(at::TensorList children_in, const at::Tensor& weight_i
                           bool relu) {
   constexpr const char* op = "dla_fast::aggregate";
   const int64_t nchild = static_cast<int64_t>(children_in.size());
-  TORCH_CHECK(nchild >= 1, op, ": children must be a non-empty list of 4-D tensors");
-  TORCH_CHECK(nchild <= kMaxChildren, op, ": at most ", kMaxChildren, " children are supported, got ", nchild,
+  DLA_CHECK(nchild >= 1, op, ": children must be a non-empty list of 4-D tensors");
+  DLA_CHECK(nchild <= kMaxChildren, op, ": at most ", kMaxChildren, " children are supported, got ", nchild,
               "; concatenate some of them first or use backend='eager'");
   const at::Tensor& ref = children_in[0];
   check_cuda_4d(ref, op, "children[0]");
@@ -24,30 +24,30 @@ at::Tensor aggregate_cuda(at::TensorList children_in, const at::Tensor& weight_i
     const std::string name = "children[" + std::to_string(i) + "]";
     check_cuda_4d(c, op, name);
     check_same(c, ref, op, name, "children[0]");
-    TORCH_CHECK(c.size(0) == N && c.size(2) == H && c.size(3) == W, op,
+    DLA_CHECK(c.size(0) == N && c.size(2) == H && c.size(3) == W, op,
                 ": children must share batch and spatial size: children[0] is ", ref.sizes(), ", ", name, " is ",
                 c.sizes());
-    TORCH_CHECK(c.size(1) >= 1, op, ": ", name, " has no channels");
+    DLA_CHECK(c.size(1) >= 1, op, ": ", name, " has no channels");
     ctot += c.size(1);
   }
   at::Tensor weight = weight_in;
   if (weight.defined() && weight.dim() == 4) {
-    TORCH_CHECK(weight.size(2) == 1 && weight.size(3) == 1, op, ": weight must be 1x1, got shape ", weight.sizes());
+    DLA_CHECK(weight.size(2) == 1 && weight.size(3) == 1, op, ": weight must be 1x1, got shape ", weight.sizes());
     weight = weight.reshape({weight.size(0), weight.size(1)});
   }
-  TORCH_CHECK(weight.defined() && weight.dim() == 2, op, ": weight must be [Cout, sum(C_i)], got shape ",
+  DLA_CHECK(weight.defined() && weight.dim() == 2, op, ": weight must be [Cout, sum(C_i)], got shape ",
               weight_in.sizes());
   check_same(weight, ref, op, "weight", "children[0]");
   const int64_t Cout = weight.size(0);
-  TORCH_CHECK(weight.size(1) == ctot, op, ": weight expects ", weight.size(1),
+  DLA_CHECK(weight.size(1) == ctot, op, ": weight expects ", weight.size(1),
               " input channels but the children have ", ctot, " in total");
-  TORCH_CHECK(Cout >= 1, op, ": weight has no output channels");
+  DLA_CHECK(Cout >= 1, op, ": weight has no output channels");
 
   at::Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) {
-    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == Cout, op, ": bias must have shape (", Cout, "), got ",
+    DLA_CHECK(bias_in->dim() == 1 && bias_in->size(0) == Cout, op, ": bias must have shape (", Cout, "), got ",
                 bias_in->sizes());
-    TORCH_CHECK(bias_in->device() == ref.device(), op, ": bias is on ", bias_in->device(), " but the children are on ",
+    DLA_CHECK(bias_in->device() == ref.device(), op, ": bias is on ", bias_in->device(), " but the children are on ",
                 ref.device());
     bias = bias_in->to(at::kFloat).contiguous();
   }
@@ -55,7 +55,7 @@ at::Tensor aggregate_cuda(at::TensorList children_in, const at::Tensor& weight_i
   if (residual_in.has_value() && residual_in->defined()) {
     check_cuda_4d(*residual_in, op, "residual");
     check_same(*residual_in, ref, op, "residual", "children[0]");
-    TORCH_CHECK(residual_in->size(0) == N && residual_in->size(1) == Cout && residual_in->size(2) == H &&
+    DLA_CHECK(residual_in->size(0) == N && residual_in->size(1) == Cout && residual_in->size(2) == H &&
                     residual_in->size(3) == W,
                 op, ": residual must have the output's shape [", N, ", ", Cout, ", ", H, ", ", W, "], got ",
                 residual_in->sizes());
@@ -66,7 +66,7 @@ at::Tensor aggregate_cuda(at::TensorList children_in, const at::Tensor& weight_i
   at::Tensor y = at::empty({N, Cout, H, W}, ref.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
   const int64_t M = N * H * W;
-  TORCH_CHECK(M < (1LL << 31) && ctot < (1LL << 31), op, ": problem too large for 32-bit indices (N*H*W = ", M,
+  DLA_CHECK(M < (1LL << 31) && ctot < (1LL << 31), op, ": problem too large for 32-bit indices (N*H*W = ", M,
               ", channels = ", ctot, ")");
 
   const at::Tensor w = weight.contiguous();
@@ -116,12 +116,12 @@ at::Tensor aggregate_cuda(at::TensorList children_in, const at::Tensor& weight_i
     if (vw == 8 && !w_ok(8)) vw = w_ok(4) ? 4 : 1;
     if (vw == 4 && !w_ok(4)) vw = 1;
     const int bn = pick_bn(p.Cout, M, 1);
-    TORCH_CHECK((p.Cout + bn - 1) / bn <= 65535, op, ": too many output channels");
+    DLA_CHECK((p.Cout + bn - 1) / bn <= 65535, op, ": too many output channels");
     const int used = launch_igemm_tc(dt, KIND_CAT, vw, bn, p, stream);
     set_last_kernel(std::string("tc ") + dtype_name(dt) + " vw" + std::to_string(vw) + " bn" + std::to_string(used));
     return y;
   }
-  TORCH_CHECK((p.Cout + 63) / 64 <= 65535, op, ": too many output channels");
+  DLA_CHECK((p.Cout + 63) / 64 <= 65535, op, ": too many output channels");
   launch_igemm_simt(dt, KIND_CAT, p, stream);
   set_last_kernel(std::string("simt ") + dtype_name(dt));
   return y;

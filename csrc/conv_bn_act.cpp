@@ -18,32 +18,32 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
   constexpr const char* op = "dla_fast::conv_bn_act";
   check_cuda_4d(x_in, op, "x");
   const DType dt = dtype_of(x_in, op, "x");
-  TORCH_CHECK(weight_in.defined() && weight_in.dim() == 4, op,
+  DLA_CHECK(weight_in.defined() && weight_in.dim() == 4, op,
               ": weight must be a 4-D [Cout, Cin/groups, kh, kw] tensor, got shape ", weight_in.sizes());
   check_same(weight_in, x_in, op, "weight", "x");
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2, op, ": stride and padding must have 2 entries, got ",
+  DLA_CHECK(stride.size() == 2 && padding.size() == 2, op, ": stride and padding must have 2 entries, got ",
               stride, " and ", padding);
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", stride);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
-  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
+  DLA_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", stride);
+  DLA_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
+  DLA_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
 
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   const int64_t Cout = weight_in.size(0), Cin_g = weight_in.size(1), kh = weight_in.size(2), kw = weight_in.size(3);
-  TORCH_CHECK(Cin_g * groups == C, op, ": x has ", C, " channels but weight [", Cout, ", ", Cin_g, ", ", kh, ", ", kw,
+  DLA_CHECK(Cin_g * groups == C, op, ": x has ", C, " channels but weight [", Cout, ", ", Cin_g, ", ", kh, ", ", kw,
               "] with groups=", groups, " expects ", Cin_g * groups);
-  TORCH_CHECK(Cout % groups == 0, op, ": weight has ", Cout, " output channels, not divisible by groups=", groups);
-  TORCH_CHECK(kh >= 1 && kw >= 1 && Cout >= 1 && Cin_g >= 1, op, ": empty weight ", weight_in.sizes());
+  DLA_CHECK(Cout % groups == 0, op, ": weight has ", Cout, " output channels, not divisible by groups=", groups);
+  DLA_CHECK(kh >= 1 && kw >= 1 && Cout >= 1 && Cin_g >= 1, op, ": empty weight ", weight_in.sizes());
   const int64_t Ho = (H + 2 * padding[0] - kh) / stride[0] + 1;
   const int64_t Wo = (W + 2 * padding[1] - kw) / stride[1] + 1;
-  TORCH_CHECK(H + 2 * padding[0] >= kh && W + 2 * padding[1] >= kw && Ho >= 1 && Wo >= 1, op,
+  DLA_CHECK(H + 2 * padding[0] >= kh && W + 2 * padding[1] >= kw && Ho >= 1 && Wo >= 1, op,
               ": input of spatial size (", H, ", ", W, ") is too small for a ", kh, "x", kw, " kernel with padding ",
               padding);
 
   at::Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) {
-    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == Cout, op, ": bias must have shape (", Cout,
+    DLA_CHECK(bias_in->dim() == 1 && bias_in->size(0) == Cout, op, ": bias must have shape (", Cout,
                 "), got ", bias_in->sizes());
-    TORCH_CHECK(bias_in->device() == x_in.device(), op, ": bias is on ", bias_in->device(), " but x is on ",
+    DLA_CHECK(bias_in->device() == x_in.device(), op, ": bias is on ", bias_in->device(), " but x is on ",
                 x_in.device());
     bias = bias_in->to(at::kFloat).contiguous();
   }
@@ -51,7 +51,7 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
   if (residual_in.has_value() && residual_in->defined()) {
     check_cuda_4d(*residual_in, op, "residual");
     check_same(*residual_in, x_in, op, "residual", "x");
-    TORCH_CHECK(residual_in->size(0) == N && residual_in->size(1) == Cout && residual_in->size(2) == Ho &&
+    DLA_CHECK(residual_in->size(0) == N && residual_in->size(1) == Cout && residual_in->size(2) == Ho &&
                     residual_in->size(3) == Wo,
                 op, ": residual must have the output's shape [", N, ", ", Cout, ", ", Ho, ", ", Wo, "], got ",
                 residual_in->sizes());
@@ -66,9 +66,9 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
   const at::Tensor w = weight_in.contiguous(at::MemoryFormat::ChannelsLast);  // memory [Cout][kh][kw][Cin/g]
   const int64_t K = kh * kw * Cin_g;
   const int64_t M = N * Ho * Wo;
-  TORCH_CHECK(M < (1LL << 31) && K < (1LL << 31) && H < (1LL << 31) && W < (1LL << 31), op,
+  DLA_CHECK(M < (1LL << 31) && K < (1LL << 31) && H < (1LL << 31) && W < (1LL << 31), op,
               ": problem too large for 32-bit row/reduction indices (N*Ho*Wo = ", M, ", K = ", K, ")");
-  TORCH_CHECK(groups <= 65535, op, ": at most 65535 groups are supported, got ", groups);
+  DLA_CHECK(groups <= 65535, op, ": at most 65535 groups are supported, got ", groups);
 
   GemmParams p{};
   p.src[0] = x.data_ptr();
@@ -134,13 +134,13 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
     if (vw == 8 && !w_ok(8)) vw = w_ok(4) ? 4 : 1;
     if (vw == 4 && !w_ok(4)) vw = 1;
     const int bn = pick_bn(p.Cout_g, M, p.groups);
-    TORCH_CHECK((long long)groups * ((p.Cout_g + bn - 1) / bn) <= 65535, op, ": too many output-channel tiles");
+    DLA_CHECK((long long)groups * ((p.Cout_g + bn - 1) / bn) <= 65535, op, ": too many output-channel tiles");
     const int used = launch_igemm_tc(dt, KIND_CONV, vw, bn, p, stream);
     set_last_kernel(std::string("tc ") + dtype_name(dt) + " vw" + std::to_string(vw) + " bn" + std::to_string(used) +
                     note);
     return y;
   }
-  TORCH_CHECK((long long)groups * ((p.Cout_g + 63) / 64) <= 65535, op, ": too many output-channel tiles");
+  DLA_CHECK((long long)groups * ((p.Cout_g + 63) / 64) <= 65535, op, ": too many output-channel tiles");
   launch_igemm_simt(dt, KIND_CONV, p, stream);
   set_last_kernel(std::string("simt ") + dtype_name(dt));
   return y;

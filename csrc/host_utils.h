@@ -18,6 +18,41 @@
 
 namespace dla_fast {
 
+// Error messages are assembled here instead of by TORCH_CHECK's iostream formatting: on the H100 image
+// (torch 2.11), formatting an integer through c10::str in this extension segfaulted (every check whose message
+// held a number crashed; those with only strings, dtypes and devices raised normally), so numbers go through
+// std::to_string and nothing touches a stream.
+inline void fmt_one(std::string& s, const char* v) { s += v; }
+inline void fmt_one(std::string& s, const std::string& v) { s += v; }
+inline void fmt_one(std::string& s, bool v) { s += v ? "true" : "false"; }
+inline void fmt_one(std::string& s, int v) { s += std::to_string(v); }
+inline void fmt_one(std::string& s, long v) { s += std::to_string(v); }
+inline void fmt_one(std::string& s, long long v) { s += std::to_string(v); }
+inline void fmt_one(std::string& s, unsigned long v) { s += std::to_string(v); }
+inline void fmt_one(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
+inline void fmt_one(std::string& s, const c10::Device& v) { s += v.str(); }
+inline void fmt_one(std::string& s, at::IntArrayRef v) {
+  s += "[";
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  s += "]";
+}
+template <typename... A>
+std::string fmt_msg(const A&... a) {
+  std::string s;
+  (fmt_one(s, a), ...);
+  return s;
+}
+
+}  // namespace dla_fast
+
+// TORCH_CHECK with a message from fmt_msg (built only when the check fails).
+#define DLA_CHECK(cond, ...) TORCH_CHECK((cond), ::dla_fast::fmt_msg(__VA_ARGS__))
+
+namespace dla_fast {
+
 // Set by the ops, read by dla_fast._C.last_kernel() (tests and benchmarks report which path ran).
 void set_last_kernel(const std::string& s);
 
@@ -27,24 +62,24 @@ inline DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
     case at::kBFloat16: return DType::BF16;
     case at::kFloat: return DType::F32;
     default:
-      TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
+      DLA_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
                   "; the CUDA kernels support float16, bfloat16 and float32 (use backend='eager' for others)");
   }
   return DType::F32;
 }
 
 inline void check_cuda_4d(const at::Tensor& t, const char* op, const std::string& name) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " is on ", t.device(),
+  DLA_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  DLA_CHECK(t.is_cuda(), op, ": ", name, " is on ", t.device(),
               "; the CUDA backend needs CUDA tensors (move it with .cuda(), or use backend='eager')");
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be a 4-D (N, C, H, W) tensor, got shape ", t.sizes());
+  DLA_CHECK(t.dim() == 4, op, ": ", name, " must be a 4-D (N, C, H, W) tensor, got shape ", t.sizes());
 }
 
 inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* op, const std::string& name,
                        const char* refname) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", refname, " is on ",
+  DLA_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", refname, " is on ",
               ref.device(), "; move them to one device");
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+  DLA_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
               refname, " has ", ref.scalar_type(), "; cast them to one dtype");
 }
 
@@ -82,7 +117,7 @@ inline Force forced_kernel() {
   if (std::strcmp(e, "tc") == 0) return Force::TC;
   if (std::strcmp(e, "simt") == 0) return Force::Simt;
   if (std::strcmp(e, "direct") == 0) return Force::Direct;
-  TORCH_CHECK(false, "DLA_FAST_CUDA_KERNEL must be one of auto, tc, simt, direct; got '", e, "'");
+  DLA_CHECK(false, "DLA_FAST_CUDA_KERNEL must be one of auto, tc, simt, direct; got '", e, "'");
   return Force::Auto;
 }
 
