@@ -43,24 +43,8 @@ at::Tensor aggregate_cuda(at::TensorList children_in, const at::Tensor& weight_i
               " input channels but the children have ", ctot, " in total");
   DLA_CHECK(Cout >= 1, op, ": weight has no output channels");
 
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    DLA_CHECK(bias_in->dim() == 1 && bias_in->size(0) == Cout, op, ": bias must have shape (", Cout, "), got ",
-                bias_in->sizes());
-    DLA_CHECK(bias_in->device() == ref.device(), op, ": bias is on ", bias_in->device(), " but the children are on ",
-                ref.device());
-    bias = bias_in->to(at::kFloat).contiguous();
-  }
-  at::Tensor residual;
-  if (residual_in.has_value() && residual_in->defined()) {
-    check_cuda_4d(*residual_in, op, "residual");
-    check_same(*residual_in, ref, op, "residual", "children[0]");
-    DLA_CHECK(residual_in->size(0) == N && residual_in->size(1) == Cout && residual_in->size(2) == H &&
-                    residual_in->size(3) == W,
-                op, ": residual must have the output's shape [", N, ", ", Cout, ", ", H, ", ", W, "], got ",
-                residual_in->sizes());
-    residual = as_nhwc(*residual_in);
-  }
+  const at::Tensor bias = checked_bias(bias_in, Cout, ref, op, "the children are");
+  const at::Tensor residual = checked_residual(residual_in, ref, N, Cout, H, W, op, "children[0]");
 
   const c10::cuda::CUDAGuard guard(ref.device());
   at::Tensor y = at::empty({N, Cout, H, W}, ref.options().memory_format(at::MemoryFormat::ChannelsLast));

@@ -39,24 +39,8 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
               ": input of spatial size (", H, ", ", W, ") is too small for a ", kh, "x", kw, " kernel with padding ",
               padding);
 
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    DLA_CHECK(bias_in->dim() == 1 && bias_in->size(0) == Cout, op, ": bias must have shape (", Cout,
-                "), got ", bias_in->sizes());
-    DLA_CHECK(bias_in->device() == x_in.device(), op, ": bias is on ", bias_in->device(), " but x is on ",
-                x_in.device());
-    bias = bias_in->to(at::kFloat).contiguous();
-  }
-  at::Tensor residual;
-  if (residual_in.has_value() && residual_in->defined()) {
-    check_cuda_4d(*residual_in, op, "residual");
-    check_same(*residual_in, x_in, op, "residual", "x");
-    DLA_CHECK(residual_in->size(0) == N && residual_in->size(1) == Cout && residual_in->size(2) == Ho &&
-                    residual_in->size(3) == Wo,
-                op, ": residual must have the output's shape [", N, ", ", Cout, ", ", Ho, ", ", Wo, "], got ",
-                residual_in->sizes());
-    residual = as_nhwc(*residual_in);
-  }
+  const at::Tensor bias = checked_bias(bias_in, Cout, x_in, op, "x is");
+  const at::Tensor residual = checked_residual(residual_in, x_in, N, Cout, Ho, Wo, op, "x");
 
   const c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor y = at::empty({N, Cout, Ho, Wo}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));

@@ -90,6 +90,26 @@ inline at::Tensor as_nhwc(const at::Tensor& t) {
   return t.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// The folded-BN bias as a contiguous fp32 [Cout] tensor (undefined when absent), checked against `ref`.
+inline at::Tensor checked_bias(const std::optional<at::Tensor>& b, int64_t Cout, const at::Tensor& ref,
+                               const char* op, const char* refname) {
+  if (!b.has_value() || !b->defined()) return at::Tensor();
+  DLA_CHECK(b->dim() == 1 && b->size(0) == Cout, op, ": bias must have shape (", Cout, "), got ", b->sizes());
+  DLA_CHECK(b->device() == ref.device(), op, ": bias is on ", b->device(), " but ", refname, " on ", ref.device());
+  return b->to(at::kFloat).contiguous();
+}
+
+// The residual (undefined when absent), checked to have the output's shape [N, Cout, H, W], as an NHWC view.
+inline at::Tensor checked_residual(const std::optional<at::Tensor>& r, const at::Tensor& ref, int64_t N,
+                                   int64_t Cout, int64_t H, int64_t W, const char* op, const char* refname) {
+  if (!r.has_value() || !r->defined()) return at::Tensor();
+  check_cuda_4d(*r, op, "residual");
+  check_same(*r, ref, op, "residual", refname);
+  DLA_CHECK(r->size(0) == N && r->size(1) == Cout && r->size(2) == H && r->size(3) == W, op,
+            ": residual must have the output's shape [", N, ", ", Cout, ", ", H, ", ", W, "], got ", r->sizes());
+  return as_nhwc(*r);
+}
+
 // Strides of size-1 dims are arbitrary in PyTorch and never multiplied by a non-zero index: report them as
 // 0 so that they do not defeat the alignment test.
 inline long long eff_stride(const at::Tensor& t, int d) { return t.size(d) == 1 ? 0 : t.stride(d); }
