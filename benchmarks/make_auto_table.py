@@ -28,7 +28,6 @@ from dla_fast.ops import _backends  # noqa: E402
 
 IMPLS = ("triton", "cuda", "eager")
 REL_ERR_FLAG = 5e-2  # as in opbench.py: a fast wrong result never wins
-DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 DEFAULT_OUT = os.path.join(os.path.dirname(_here), "dla_fast", "ops", "auto_table.json")
 
 

@@ -82,16 +82,7 @@ at::Tensor aggregate_cuda(at::TensorList children_in, const at::Tensor& weight_i
   p.Cout_g = p.Cout = static_cast<int>(Cout);
   p.K = static_cast<int>(ctot);
   p.M = static_cast<int>(M);
-  p.w = w.data_ptr();
-  p.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  if (residual.defined()) {
-    p.res = residual.data_ptr();
-    p.rsn = eff_stride(residual, 0);
-    p.rsh = eff_stride(residual, 2);
-    p.rsw = eff_stride(residual, 3);
-  }
-  p.y = y.data_ptr();
-  p.relu = relu ? 1 : 0;
+  set_gemm_io(p, w, bias, residual, y, relu);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Force force = forced_kernel();

@@ -79,16 +79,7 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
   p.Cout = static_cast<int>(Cout);
   p.K = static_cast<int>(K);
   p.M = static_cast<int>(M);
-  p.w = w.data_ptr();
-  p.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  if (residual.defined()) {
-    p.res = residual.data_ptr();
-    p.rsn = eff_stride(residual, 0);
-    p.rsh = eff_stride(residual, 2);
-    p.rsw = eff_stride(residual, 3);
-  }
-  p.y = y.data_ptr();
-  p.relu = relu ? 1 : 0;
+  set_gemm_io(p, w, bias, residual, y, relu);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Force force = forced_kernel();
@@ -108,20 +99,15 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
   // whole 8-channel runs, and the zero-padded variant of it computed wrong results on the H100 (2026-11-25).
   const bool tiny_cin = groups == 1 && C < 8;
   if (force != Force::Simt && tc_capable(dt) && !(tiny_cin && force == Force::Auto)) {
-    const at::Tensor& xt = x;
-    const at::Tensor& wt = w;
-    const int64_t Kt = K;
-    const std::string note;
     // Vector width: x's channel runs start at g*Cin_g and hold Cin_g channels; weight rows hold K.
-    auto w_ok = [&](int v) { return Kt % v == 0 && ptr_aligned(wt.data_ptr(), v * wt.element_size()); };
-    int vw = nhwc_vw(xt, p.Cin_g);
+    auto w_ok = [&](int v) { return K % v == 0 && ptr_aligned(w.data_ptr(), v * w.element_size()); };
+    int vw = nhwc_vw(x, p.Cin_g);
     if (vw == 8 && !w_ok(8)) vw = w_ok(4) ? 4 : 1;
     if (vw == 4 && !w_ok(4)) vw = 1;
     const int bn = pick_bn(p.Cout_g, M, p.groups);
     DLA_CHECK((long long)groups * ((p.Cout_g + bn - 1) / bn) <= 65535, op, ": too many output-channel tiles");
     const int used = launch_igemm_tc(dt, KIND_CONV, vw, bn, p, stream);
-    set_last_kernel(std::string("tc ") + dtype_name(dt) + " vw" + std::to_string(vw) + " bn" + std::to_string(used) +
-                    note);
+    set_last_kernel(std::string("tc ") + dtype_name(dt) + " vw" + std::to_string(vw) + " bn" + std::to_string(used));
     return y;
   }
   DLA_CHECK((long long)groups * ((p.Cout_g + 63) / 64) <= 65535, op, ": too many output-channel tiles");

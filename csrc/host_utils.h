@@ -128,6 +128,21 @@ inline int nhwc_vw(const at::Tensor& t, int chan_mult) {
   return 1;
 }
 
+// The GemmParams fields both ops fill alike: weight, fp32 bias, optional NHWC residual, output, ReLU.
+inline void set_gemm_io(GemmParams& p, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& residual,
+                        const at::Tensor& y, bool relu) {
+  p.w = w.data_ptr();
+  p.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (residual.defined()) {
+    p.res = residual.data_ptr();
+    p.rsn = eff_stride(residual, 0);
+    p.rsh = eff_stride(residual, 2);
+    p.rsw = eff_stride(residual, 3);
+  }
+  p.y = y.data_ptr();
+  p.relu = relu ? 1 : 0;
+}
+
 // DLA_FAST_CUDA_KERNEL=auto|tc|simt|direct forces a kernel family (debugging, tests, benchmarks). Read on
 // every call (a getenv is far cheaper than a launch) so a test can flip it at run time.
 enum class Force { Auto, TC, Simt, Direct };

@@ -48,7 +48,7 @@ int dispatch_tc_conv(int vw, int bn, const GemmParams& p, cudaStream_t s) {
     return run_tc<T, TcBig, KIND_CONV, 8>(p, s);
   }
   if (vw == 4) {
-    if (bn <= 16) return run_tc<T, TcTiny, KIND_CONV, 4>(p, s);  // the padded RGB stem (Cout 16)
+    if (bn <= 16) return run_tc<T, TcTiny, KIND_CONV, 4>(p, s);
     if (bn <= 32) return run_tc<T, TcSmall, KIND_CONV, 4>(p, s);
     return run_tc<T, TcMid, KIND_CONV, 4>(p, s);
   }

@@ -54,7 +54,7 @@ def test_table_keys_are_keys_the_models_produce():
         for _, m in fast.fused_layers():
             k = m.shape_key()
             for dt in ("float16", "bfloat16"):
-                produced.add(auto_table._tuplify(json.loads(json.dumps(k[:-2] + (dt,) + k[-1:]))))
+                produced.add(k[:-2] + (dt,) + k[-1:])
     unknown = [e["key"] for e in table["entries"] if auto_table._tuplify(e["key"]) not in produced]
     assert not unknown, unknown[:5]
     assert {e["backend"] for e in table["entries"]} <= {"triton", "cuda", "eager"}
