@@ -47,6 +47,9 @@ def calibrated_random_weights(model: nn.Module, seed: int = 0, hw: int = 64) -> 
     saved = [(m.momentum, m.training) for m in bns]
     was_training = model.training
     x = torch.randn(4, getattr(model, "in_chans", 3), hw, hw, generator=torch.Generator().manual_seed(seed + 7))
+    param = next(model.parameters(), None)
+    if param is not None:  # calibrate where the model lives (a 224x224 batch of dla169 is slow on a CPU)
+        x = x.to(device=param.device, dtype=param.dtype)
     with torch.no_grad():
         for m in bns:
             m.reset_running_stats()
