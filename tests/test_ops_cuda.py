@@ -363,11 +363,13 @@ def test_cuda_graph_capture_and_replay():
 def _dla_cases():
     path = os.path.join(ROOT, "benchmarks", "gpu_cuda_check.py")
     try:
-        spec = importlib.util.spec_from_file_location("gpu_cuda_check", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
         import sys
         sys.path.insert(0, os.path.dirname(path))
+        spec = importlib.util.spec_from_file_location("gpu_cuda_check", path)
+        mod = importlib.util.module_from_spec(spec)
+        # dataclasses look their module up in sys.modules while the class is being built
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
         cases, _ = mod.load_cases(mod.MODELS)
         return mod, cases
     except Exception as e:  # pragma: no cover - keep collection alive; the test below reports it

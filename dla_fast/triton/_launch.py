@@ -100,6 +100,12 @@ def _prec(dtype: torch.dtype, tf32: bool) -> str:
     return "tf32" if (dtype in _TC_DTYPES or tf32) else "ieee"
 
 
+def _round_tf32(dtype: torch.dtype, tf32: bool, interp: bool) -> bool:
+    # fp32 operands are rounded to TF32 before the tensor cores see them (see tf32_round). The interpreter
+    # multiplies in full fp32 whatever the precision says, so rounding there would only add error.
+    return dtype == torch.float32 and tf32 and not interp
+
+
 # ----------------------------------------------------------------------------------------------- configs
 
 def conv_plan(M: int, Cin_g: int, Cout_g: int, groups: int, kh: int, kw: int, dtype: torch.dtype,
@@ -274,6 +280,7 @@ def conv_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         sxn, sxh, sxw, srn, src, srh, srw,
         sh_, sw_, ph, pw, n_tiles, tiles_per_group,
         KH=kh, KW=kw, MODE=mode, GB=gb, FULL=full, PAD=pad, PREC=_prec(x.dtype, tf32),
+        RND=_round_tf32(x.dtype, tf32, interp),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common)
     return y
 
@@ -330,7 +337,8 @@ def aggregate_launch(children: Sequence[torch.Tensor], weight2d: torch.Tensor, b
         M, H * W, W, Cout, Ctot,
         srn, src, srh, srw, n_tiles,
         NUM_CHILDREN=nc, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
-        PREC=_prec(dtype, tf32), IDX64=idx64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        PREC=_prec(dtype, tf32), RND=_round_tf32(dtype, tf32, interp), IDX64=idx64, BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_K=bk,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
