@@ -6,7 +6,6 @@ GPU times come from CUDA events; CPU times from ``time.perf_counter``.
 """
 from __future__ import annotations
 
-import copy
 import datetime
 import gc
 import platform
@@ -18,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .verify import calibrated_random_weights, dtype_name, rel_err
+from .verify import calibrated_random_weights, dtype_name, reference_output, rel_err
 
 IMPLS = ("timm_eager", "torch_compile", "torch_compile_reduce_overhead", "dla_fast_triton", "dla_fast_cuda",
          "dla_fast_auto", "dla_fast_eager", "dla_fast_cudagraph")
@@ -109,20 +108,6 @@ def build_impl(impl: str, name: str, ours_fp32: torch.nn.Module, dtype: torch.dt
     raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
 
 
-def _fp32_reference(model: torch.nn.Module, x: torch.Tensor, device: str) -> torch.Tensor:
-    """The yardstick for rel_err: the model in true fp32 (TF32 off), on the benchmark's device. On the CPU a
-    batch-256 forward of dla102 took about a minute per model, more than all the timing."""
-    m = copy.deepcopy(model).to(device)
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.no_grad():
-            return m(x.to(device)).float().cpu()
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-        del m
-
-
 def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], device: str, hw: int,
               rounds: int, iters: int, warmup: int, log: Callable[[str], None]) -> List[Row]:
     import dla_fast
@@ -130,7 +115,7 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
     torch.manual_seed(0)
     ours = calibrated_random_weights(dla_fast.create_model(name), 0).eval()
     x32 = torch.randn(batch, 3, hw, hw, generator=torch.Generator().manual_seed(1))
-    ref = _fp32_reference(ours, x32, device)
+    ref = reference_output(ours, x32, device, torch.float32).cpu()
     x = x32.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     rows: Dict[str, Row] = {}
     fns: Dict[str, Callable] = {}

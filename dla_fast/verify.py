@@ -70,6 +70,20 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
+def reference_output(model: nn.Module, x: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """``model(x)`` on a copy of the model in ``dtype`` on ``device`` with TF32 off (true fp32 / fp64): the
+    yardstick for relative errors, left on ``device``. The model itself is not touched. On the device because
+    a CPU forward of the large variants at 224x224 took minutes (fp64) or a minute per model (fp32, bs 256)."""
+    m = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            return m(x.to(device=device, dtype=dtype))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def reference_model(name: str, seed: int = 0):
     """(reference model, its source) with random weights: timm's model when timm is installed, else ours."""
     import dla_fast
@@ -108,9 +122,7 @@ def verify_model(name: str, dtypes: Sequence[torch.dtype], device: str, backend:
     ref, _ = reference_model(name, seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch_size, 3, *hw, generator=g)
-    with torch.no_grad():
-        # the float64 truth, on the device (a CPU float64 forward of dla169 at 224x224 takes minutes)
-        ref64 = copy.deepcopy(ref).to(device=device, dtype=torch.float64)(x.to(device).double()).cpu()
+    ref64 = reference_output(ref, x, device, torch.float64).cpu()
     rows = []
     for dt in dtypes:
         t1 = time.perf_counter()

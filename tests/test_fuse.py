@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import dla_fast
-from dla_fast.verify import FLOOR, RATIO, calibrated_random_weights
+from dla_fast.verify import FLOOR, RATIO, calibrated_random_weights, reference_output
 from helpers import randomize_bn, rel_err
 
 ALL = dla_fast.list_models()
@@ -33,17 +33,11 @@ def test_fold_bn_errors():
         dla_fast.fold_bn(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
 
 
-def _fp64_truth(model, x):
-    m = copy.deepcopy(model).double().eval()
-    with torch.no_grad():
-        return m(x.double())
-
-
 @pytest.mark.parametrize("name", ALL)
 def test_optimize_eager_all_variants_cpu(name):
     model = randomize_bn(dla_fast.create_model(name)).eval()
     x = torch.randn(1, 3, 31, 32)
-    ref = _fp64_truth(model, x)
+    ref = reference_output(model, x, x.device, torch.float64)
     with torch.no_grad():
         eager_err = rel_err(model(x), ref)
     fast = dla_fast.optimize(model, dtype=torch.float32)
@@ -144,7 +138,7 @@ def test_optimize_triton_interpreter_small_model():
     """The whole fused network through the Triton kernels on the CPU (interpreter), fp32."""
     model = randomize_bn(dla_fast.create_model("dla46x_c")).eval()
     x = torch.randn(1, 3, 32, 32)
-    ref = _fp64_truth(model, x)
+    ref = reference_output(model, x, x.device, torch.float64)
     fast = dla_fast.optimize(model, dtype=torch.float32, backend="triton")
     assert set(fast.backends().values()) == {"triton"}
     with torch.no_grad():
@@ -181,7 +175,7 @@ def test_all_variants_gpu_vs_timm(name, timm_ref):
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(8, 3, 224, 224)
     # float64 on the GPU: the CPU float64 forward of the large variants dominated this test's time.
-    truth = _fp64_truth(copy.deepcopy(ref).cuda(), x.cuda())
+    truth = reference_output(ref, x, "cuda", torch.float64)
     assert torch.isfinite(truth).all()
     backends = ["auto"] + _cuda_backends()
     failures = []

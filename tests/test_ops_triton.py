@@ -506,7 +506,7 @@ def test_cuda_graph_capture():
 def _tf32_round_ref(x: torch.Tensor) -> torch.Tensor:
     """Round to nearest, ties away from zero, to 10 mantissa bits (what cvt.rna.tf32.f32 does)."""
     u = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    r = ((u + 0x1000) & 0xFFFFE000).to(torch.int64)
+    r = (u + 0x1000) & 0xFFFFE000
     r = torch.where(r >= 2 ** 31, r - 2 ** 32, r).to(torch.int32)
     return r.view(torch.float32)
 
