@@ -4,8 +4,9 @@
         [-o dla_fast/ops/auto_table.json] [--margin 0.05]
 
 Every input must come from one card (the table records its compute capability and only applies there).
-Later files override earlier ones for the same (shape, dtype, implementation): a re-measurement of a few
-shapes after a kernel change replaces the old rows and keeps the rest. Layers sharing a key (same weight
+Runs at different batch sizes give separate entries (auto takes the one measured nearest the actual batch).
+Later files override earlier ones for the same (shape, dtype, implementation, batch): a re-measurement of a
+few shapes after a kernel change replaces the old rows and keeps the rest. Layers sharing a key (same weight
 shape, stride, padding, groups, dtype and input size, with and without a residual) are decided by their
 count-weighted total time. A shape gets the fastest of triton / cuda / eager only if that beats what auto
 would run without the table (the fixed rules in dla_fast/ops/_backends.py) by more than ``--margin``:
@@ -48,12 +49,13 @@ def default_choice(key, available) -> str:
     return "eager"
 
 
-def build(paths: List[str], margin: float) -> Dict:
+def build(paths: List[str], margin: float, mixed_cards: bool = False) -> Dict:
     runs = [json.load(open(p)) for p in paths]
     caps = {str(r.get("capability")) for r in runs}
-    devices = {r.get("device") for r in runs}
-    if len(caps) != 1 or len(devices) != 1:
-        raise SystemExit(f"the runs come from different cards ({devices}, capability {caps}); build one table per card")
+    devices = sorted({r.get("device") for r in runs})
+    if len(caps) != 1 or (len(devices) != 1 and not mixed_cards):
+        raise SystemExit(f"the runs come from different cards ({devices}, capability {caps}); build one table per "
+                         "card (--mixed-cards accepts cards of one compute capability, e.g. H100 and H200)")
     shapes: Dict[str, Dict] = {}
     ms: Dict[tuple, float] = {}
     for r in runs:
@@ -61,32 +63,35 @@ def build(paths: List[str], margin: float) -> Dict:
             shapes[s["id"]] = s
         for row in r["rows"]:
             if row["impl"] in IMPLS and row.get("ms") is not None and (row.get("rel_err") is None or row["rel_err"] <= REL_ERR_FLAG):
-                ms[(row["shape_id"], row["dtype"], row["impl"])] = float(row["ms"])
+                batch = int(row.get("batch") or r.get("batch") or 0) or None
+                ms[(row["shape_id"], row["dtype"], row["impl"], batch)] = float(row["ms"])
     per_key: Dict[tuple, Dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
     have: Dict[tuple, collections.Counter] = collections.defaultdict(collections.Counter)
     labels: Dict[tuple, List[str]] = collections.defaultdict(list)
-    for (sid, dtype, impl), t in ms.items():
+    for (sid, dtype, impl, batch), t in ms.items():
         s = shapes[sid]
-        k = key_of(s["shape"], dtype)
+        k = (key_of(s["shape"], dtype), batch)
         per_key[k][impl] += t * s["count"]
         have[k][impl] += 1
         if s["label"] not in labels[k]:
             labels[k].append(s["label"])
     entries = []
-    for k, times in sorted(per_key.items(), key=lambda kv: repr(kv[0])):
+    for (k, batch), times in sorted(per_key.items(), key=lambda kv: repr(kv[0])):
         # Only implementations measured on every shape of the key are comparable.
-        n = max(have[k].values())
-        times = {i: t for i, t in times.items() if have[k][i] == n}
+        n = max(have[(k, batch)].values())
+        times = {i: t for i, t in times.items() if have[(k, batch)][i] == n}
         if not times:
             continue
         best = min(times, key=times.get)
         dflt = default_choice(k, times)
         choice = best if (dflt not in times or times[best] < (1.0 - margin) * times[dflt]) else dflt
-        entries.append({"key": list(_listify(k)), "backend": choice, "default": dflt,
-                        "ms_weighted": {i: round(t, 4) for i, t in sorted(times.items())}, "shapes": labels[k]})
+        entries.append({"key": list(_listify(k)), "batch": batch, "backend": choice, "default": dflt,
+                        "ms_weighted": {i: round(t, 4) for i, t in sorted(times.items())},
+                        "shapes": labels[(k, batch)]})
     r0 = runs[-1]
     cap = [int(v) for v in str(r0["capability"]).split(".")]
-    return {"device": r0["device"], "capability": cap, "batch": r0.get("batch"), "hw": r0.get("hw"),
+    batches = sorted({e["batch"] for e in entries if e["batch"] is not None})
+    return {"device": " + ".join(devices), "capability": cap, "batch": batches, "hw": r0.get("hw"),
             "torch": r0.get("torch"), "triton": r0.get("triton"), "cudnn": r0.get("cudnn"),
             "margin": margin, "sources": [os.path.basename(p) for p in paths],
             "generated": datetime.date.today().isoformat(), "entries": entries}
@@ -101,15 +106,17 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", help="opbench --json files, oldest first")
     ap.add_argument("-o", "--out", default=DEFAULT_OUT)
     ap.add_argument("--margin", type=float, default=0.05)
+    ap.add_argument("--mixed-cards", action="store_true",
+                    help="accept runs from different cards of one compute capability (the table names them all)")
     a = ap.parse_args(argv)
-    table = build(a.runs, a.margin)
+    table = build(a.runs, a.margin, a.mixed_cards)
     with open(a.out, "w") as f:
         json.dump(table, f, indent=1)
         f.write("\n")
-    c = collections.Counter((e["key"][-2], e["backend"]) for e in table["entries"])
+    c = collections.Counter((e["batch"], e["key"][-2], e["backend"]) for e in table["entries"])
     changed = sum(e["backend"] != e["default"] for e in table["entries"])
-    print(f"wrote {a.out}: {len(table['entries'])} keys, {changed} differ from the default order; "
-          + ", ".join(f"{dt} {b}: {n}" for (dt, b), n in sorted(c.items())))
+    print(f"wrote {a.out}: {len(table['entries'])} entries, {changed} differ from the default order; "
+          + ", ".join(f"bs{bt} {dt} {b}: {n}" for (bt, dt, b), n in sorted(c.items(), key=repr)))
     return 0
 
 

@@ -12,7 +12,9 @@ For every distinct shape (see ``shapes.py``) and dtype, this times:
 
 Inputs are random (never zeros, so no kernel can profit from sparsity), channels_last, with real random BN
 statistics folded into the weight. GPU times are ``triton.testing.do_bench`` medians (L2 flushed before
-each call); without Triton CUDA events with the same protocol; on CPU a ``time.perf_counter`` median.
+each call); without Triton CUDA events with the same protocol; on CPU a ``time.perf_counter`` median. Up to
+batch 16 (``--timer auto``) GPU times are CUDA-graph replays instead: there a kernel takes 3-30 us and its
+Python launch longer, so per-call events would time the launch, which a graph (cuda_graph=True) never pays.
 
     python benchmarks/opbench.py --models dla34 dla60 --dtypes float16 bfloat16 --batch 256 \
         --json out.json --md out.md
@@ -260,9 +262,51 @@ def _bench_cpu(fn, warmup: float, rep: float, min_reps: int = 3) -> float:
     return statistics.median(times)
 
 
-def timer_name(device: torch.device) -> str:
+def _bench_cudagraph(fn, warmup: float, rep: float, inner: int = 20) -> float:
+    """GPU time per call with the launch cost taken out: ``inner`` back-to-back calls captured in one CUDA
+    graph, replayed; median over replays / ``inner``. No L2 flush: at batch 1 a layer's weights stay in L2
+    between graph replays of the whole model too. For small batches, where the Python launch of a 5 us kernel
+    takes longer than the kernel and do_bench would time the launch."""
+    fn()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end), 1e-3)
+    for _ in range(max(1, int(warmup / est))):
+        graph.replay()
+    samples = []
+    for _ in range(max(5, int(rep / est))):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / inner)
+    del graph
+    return statistics.median(samples)
+
+
+TIMERS = ("auto", "do_bench", "cudagraph")
+SMALL_BATCH = 16  # timer "auto": CUDA-graph timing up to this batch size, do_bench above
+
+
+def timer_name(device: torch.device, timer: str = "do_bench", batch: Optional[int] = None) -> str:
     if device.type != "cuda":
         return "perf_counter"
+    if timer == "cudagraph" or (timer == "auto" and batch is not None and batch <= SMALL_BATCH):
+        return "cudagraph"
     try:
         import triton.testing  # noqa: F401
         return "triton.testing.do_bench"
@@ -270,9 +314,12 @@ def timer_name(device: torch.device) -> str:
         return "cuda_events"
 
 
-def time_ms(fn, device, warmup: float = 25, rep: float = 100) -> float:
-    """Median milliseconds per call of ``fn``; ``warmup``/``rep`` are time budgets in ms, as in do_bench."""
+def time_ms(fn, device, warmup: float = 25, rep: float = 100, timer: str = "do_bench") -> float:
+    """Median milliseconds per call of ``fn``; ``warmup``/``rep`` are time budgets in ms, as in do_bench.
+    ``timer`` "cudagraph" (CUDA only) times graph replays instead (see _bench_cudagraph)."""
     device = torch.device(device)
+    if device.type == "cuda" and timer == "cudagraph":
+        return _bench_cudagraph(fn, warmup, rep)
     if device.type == "cuda":
         try:
             import triton.testing  # lazy: the CPU path and ``import opbench`` must not need Triton
@@ -305,7 +352,7 @@ def metrics(shape: OpShape, batch: int, dtype: torch.dtype, ms: float) -> Dict:
 
 
 def bench_shape(entry: ShapeEntry, dtype: torch.dtype, device, impls: Sequence[str], warmup: float = 25,
-                rep: float = 100, check: bool = True, seed: int = 0) -> List[Dict]:
+                rep: float = 100, check: bool = True, seed: int = 0, timer: str = "do_bench") -> List[Dict]:
     """One result row per implementation: ms, TFLOP/s, GB/s, rel_err vs eager_seq, speedups; or the error."""
     device = torch.device(device)
     shape, n = entry.shape, entry.batch
@@ -348,7 +395,7 @@ def bench_shape(entry: ShapeEntry, dtype: torch.dtype, device, impls: Sequence[s
                 if ref is not None and impl != "cudnn_conv":
                     row["rel_err"] = rel_err(out, ref)
                 del out
-                ms = time_ms(fn, device, warmup, rep)
+                ms = time_ms(fn, device, warmup, rep, timer)
             if not (ms > 0 and math.isfinite(ms)):
                 raise RuntimeError(f"timer returned {ms!r}")
             row["ms"] = ms
@@ -603,7 +650,7 @@ def run(models: Sequence[str] = ("dla34", "dla60"), dtypes: Sequence[str] = ("fl
         batch: int = 256, hw=224, device=None, impls: Optional[Sequence[str]] = None, warmup: float = 25,
         rep: float = 100, check: bool = True, limit: Optional[int] = None, ops: Optional[Sequence[str]] = None,
         json_path: Optional[str] = None, log=print, into: Optional[Dict] = None,
-        precompile_workers: int = 0) -> Dict:
+        precompile_workers: int = 0, timer: str = "auto") -> Dict:
     """Benchmark every distinct shape of ``models``; returns (and fills ``into``, if given, as it goes) the
     result dict that ``--json`` writes."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -621,7 +668,7 @@ def run(models: Sequence[str] = ("dla34", "dla60"), dtypes: Sequence[str] = ("fl
     result.update({
         "env": environment(device), "models": list(models), "dtypes": [dtype_name(d) for d in dts],
         "batch": int(batch), "hw": list(hw2), "impls": impls, "warmup": warmup, "rep": rep,
-        "timer": timer_name(device),
+        "timer": timer_name(device, timer, batch),
         "peaks": {"tflops": PEAK_TFLOPS, "gbps": PEAK_GBPS, "what": "H100 SXM dense tensor-core / copy"},
         "shapes": [e.to_dict() for e in entries], "rows": [],
         "model_layers": {m: len(_shapes.layer_records(m, hw2)) for m in models}})
@@ -635,7 +682,8 @@ def run(models: Sequence[str] = ("dla34", "dla60"), dtypes: Sequence[str] = ("fl
     for dt in dts:
         for e in entries:
             i += 1
-            rows = bench_shape(e, dt, device, impls, warmup, rep, check)
+            rows = bench_shape(e, dt, device, impls, warmup, rep, check,
+                               timer="cudagraph" if result["timer"] == "cudagraph" else "do_bench")
             result["rows"].extend(rows)
             log(_progress_line(i, total, e, dtype_name(dt), rows))
             if json_path:
@@ -669,6 +717,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--precompile-workers", type=int, default=None,
                    help="processes compiling the Triton kernels before timing (default: min(8, CPUs / 2) on CUDA; "
                         "0 to compile in the timing process)")
+    p.add_argument("--timer", choices=TIMERS, default="auto",
+                   help=f"GPU timer: do_bench (L2 flushed, per-call events), cudagraph (replays of calls captured "
+                        f"in a CUDA graph: no launch cost), auto (cudagraph up to batch {SMALL_BATCH})")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
     a = p.parse_args(argv)
@@ -714,7 +765,7 @@ def _main_run(a, dtypes, batch, hw, device) -> int:
     try:
         workers = a.precompile_workers if a.precompile_workers is not None else min(8, (os.cpu_count() or 2) // 2)
         run(a.models, dtypes, batch, hw, device, a.impls, a.warmup, a.rep, not a.no_check, a.limit, a.ops, a.json,
-            log=lambda s: print(s, flush=True), into=res, precompile_workers=workers)
+            log=lambda s: print(s, flush=True), into=res, precompile_workers=workers, timer=a.timer)
         done = True
     except KeyboardInterrupt:
         print("interrupted: writing what was measured so far", file=sys.stderr, flush=True)

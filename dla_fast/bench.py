@@ -83,8 +83,9 @@ def _timm(name: str):
     return timm.create_model(name)
 
 
-def build_impl(impl: str, name: str, ours_fp32: torch.nn.Module, dtype: torch.dtype, device: str):
-    """(callable, backends string or None) for one implementation."""
+def build_impl(impl: str, name: str, ours_fp32: torch.nn.Module, dtype: torch.dtype, device: str,
+               batch: Optional[int] = None):
+    """(callable, backends string or None) for one implementation; the backends are those used at ``batch``."""
     import dla_fast
 
     if impl in ("timm_eager", "torch_compile", "torch_compile_reduce_overhead"):
@@ -103,7 +104,7 @@ def build_impl(impl: str, name: str, ours_fp32: torch.nn.Module, dtype: torch.dt
         backend = "auto" if kind == "cudagraph" else kind
         fast = dla_fast.optimize(ours_fp32, dtype=dtype, backend=backend, device=torch.device(device),
                                  cuda_graph=(kind == "cudagraph"))
-        used = "+".join(sorted(set(fast.backends().values())))
+        used = "+".join(sorted(set(fast.backends(batch).values())))
         return fast, used
     raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
 
@@ -129,7 +130,7 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated() if device == "cuda" else 0
-            fn, used = build_impl(impl, name, ours, dtype, device)
+            fn, used = build_impl(impl, name, ours, dtype, device, batch)
             row.backends_used = used
             t = time.perf_counter()
             with torch.inference_mode() if not impl.startswith("torch_compile") else torch.no_grad():

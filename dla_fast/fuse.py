@@ -13,9 +13,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
-from .ops import _backends
+from .ops import _backends, auto_table
 from .ops.reference import aggregate_ref, conv_bn_act_ref
 from .models import DLA, DlaFeatures, from_timm
 from .models.dla import DlaBasic, DlaBottle2neck, DlaBottleneck, DlaRoot, DlaTree, GlobalPool, check_input
@@ -64,8 +65,11 @@ class _Fused(nn.Module):
         self.register_buffer("bias", bias.float().contiguous())
         self.relu = relu
         self.backend = backend
-        self._impl = None       # the backend module, or None for eager
+        self._impl = None       # the backend module, or None for eager (at large batches)
         self._impl_name = "eager"
+        # Where the auto table measured this shape at several batch sizes and the winners differ:
+        # ((upper batch bound, backend module or None), ...) ascending; else None and _impl serves all.
+        self._by_batch = None
         # The input's (H, W) at the model's default input size, found by FusedDLA's shape probe: part of the
         # key of the measured per-shape backend table (dla_fast/ops/auto_table.py).
         self.in_hw: Optional[Tuple[int, int]] = None
@@ -76,9 +80,33 @@ class _Fused(nn.Module):
 
     def resolve(self, device: torch.device, dtype: torch.dtype) -> None:
         probe = torch.empty(0, device=device, dtype=dtype)
-        impl = _backends.select(self.OP, self.backend, probe, False, key=self.shape_key())
+        key = self.shape_key()
+        impl = _backends.select(self.OP, self.backend, probe, False, key=key)
         self._impl = impl
         self._impl_name = "eager" if impl is None else impl.NAME
+        self._by_batch = None
+        sizes = auto_table.batches(key) if self.backend == "auto" else ()
+        if len(sizes) > 1:
+            impls = [_backends.select(self.OP, self.backend, probe, False, key=key, batch=b) for b in sizes]
+            if any(i is not impl for i in impls):
+                self._by_batch = tuple(zip(auto_table.batch_bounds(sizes), impls))
+
+    def impl_for(self, batch: int):
+        """The backend module (None: eager) this layer runs at batch size ``batch``."""
+        if self._by_batch is None:
+            return self._impl
+        for bound, impl in self._by_batch:
+            if batch <= bound:
+                return impl
+        return self._impl
+
+    def backend_note(self) -> str:
+        """The backend name, plus the small-batch choice where it differs (e.g. "cuda (batch <= 16: triton)")."""
+        if self._by_batch is None:
+            return self._impl_name
+        extra = [f"batch <= {int(bound)}: {'eager' if impl is None else impl.NAME}"
+                 for bound, impl in self._by_batch[:-1]]
+        return f"{self._impl_name} ({', '.join(extra)})"
 
     def train(self, mode: bool = True):
         if mode:
@@ -112,16 +140,17 @@ class FusedConvBnAct(_Fused):
             self.in_hw = (int(x.shape[2]), int(x.shape[3]))
             return conv_bn_act_ref(x, self.weight.to("meta"), self.bias.to("meta"), self.stride, self.padding,
                                    self.groups, residual, self.relu)
-        if self._impl is None:
+        impl = self._impl if self._by_batch is None else self.impl_for(x.shape[0])
+        if impl is None:
             return conv_bn_act_ref(x, self.weight, self.bias, self.stride, self.padding, self.groups, residual,
                                    self.relu)
-        return self._impl.conv_bn_act(x, self.weight, self.bias, self.stride, self.padding, self.groups,
+        return impl.conv_bn_act(x, self.weight, self.bias, self.stride, self.padding, self.groups,
                                       residual, self.relu)
 
     def extra_repr(self) -> str:
         co, ci, kh, kw = self.weight.shape
         return (f"{ci * self.groups}->{co}, k={kh}x{kw}, stride={self.stride[0]}, groups={self.groups}, "
-                f"relu={self.relu}, backend={self._impl_name}")
+                f"relu={self.relu}, backend={self.backend_note()}")
 
 
 class FusedAggregate(_Fused):
@@ -144,13 +173,14 @@ class FusedAggregate(_Fused):
         if self._probing:
             self.in_hw = (int(children[0].shape[2]), int(children[0].shape[3]))
             return aggregate_ref(children, self.weight.to("meta"), self.bias.to("meta"), residual, self.relu)
-        if self._impl is None:
+        impl = self._impl if self._by_batch is None else self.impl_for(children[0].shape[0])
+        if impl is None:
             return aggregate_ref(children, self.weight, self.bias, residual, self.relu)
-        return self._impl.aggregate(children, self.weight, self.bias, residual, self.relu)
+        return impl.aggregate(children, self.weight, self.bias, residual, self.relu)
 
     def extra_repr(self) -> str:
         return (f"{'+'.join(map(str, self.split))}->{self.weight.shape[0]}, relu={self.relu}, "
-                f"backend={self._impl_name}")
+                f"backend={self.backend_note()}")
 
 
 class FusedBasic(nn.Module):
@@ -197,10 +227,45 @@ class FusedBottle2neck(nn.Module):
         return self.conv3(outs, x if shortcut is None else shortcut)
 
 
+class FusedMaxPool(nn.Module):
+    """A tree's k x k / stride k max pooling, on the Triton kernel for CUDA inputs when the layers' backend
+    is "auto" or "triton" (PyTorch's NHWC max-pool kernel took 15 us per call at batch 1 on the H200: a fifth
+    of dla34's kernel time), else torch's."""
+
+    def __init__(self, k: int, backend: str):
+        super().__init__()
+        self.k = int(k)
+        self.backend = backend
+        self._ok: Dict[Tuple[torch.device, torch.dtype], bool] = {}  # may the kernel run on this device/dtype
+
+    @staticmethod
+    def wrap(pool: nn.Module, backend: str) -> nn.Module:
+        """``pool`` itself unless it is a plain k x k, stride-k, unpadded max pool."""
+        if not isinstance(pool, nn.MaxPool2d):
+            return pool
+        k, st, pad, dil = (nn.modules.utils._pair(v) for v in (pool.kernel_size, pool.stride, pool.padding,
+                                                                  pool.dilation))
+        if k[0] != k[1] or st != k or pad != (0, 0) or dil != (1, 1) or pool.ceil_mode or pool.return_indices:
+            return pool
+        return FusedMaxPool(k[0], backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cuda" and self.backend in ("auto", "triton"):
+            ok = self._ok.get((x.device, x.dtype))
+            if ok is None:
+                ok = self._ok[(x.device, x.dtype)] = _backends.reason_unavailable("triton", x) is None
+            if ok:
+                return _backends.get("triton").max_pool2d(x, self.k)
+        return F.max_pool2d(x, self.k, self.k)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, stride={self.k}"
+
+
 class FusedTree(nn.Module):
     def __init__(self, tree: DlaTree, **kw):
         super().__init__()
-        self.downsample = tree.downsample
+        self.downsample = FusedMaxPool.wrap(tree.downsample, kw["backend"])
         self.project = (FusedConvBnAct(tree.project[0], tree.project[1], False, **kw)
                         if isinstance(tree.project, nn.Sequential) else None)
         self.tree1 = _fuse_block(tree.tree1, **kw)
@@ -394,10 +459,17 @@ class FusedDLA(nn.Module):
             lines.append(f"  {name:<40} {m.OP:<12} {m.extra_repr()}")
         return "\n".join(lines)
 
-    def backends(self) -> Dict[str, str]:
-        """Layer name -> backend ("triton", "cuda" or "eager") on the model's device."""
+    def backends(self, batch: Optional[int] = None) -> Dict[str, str]:
+        """Layer name -> backend ("triton", "cuda" or "eager") on the model's device, at batch size ``batch``
+        (None: large batches; with backend="auto" small batches may differ, see the auto table)."""
         self._ensure_resolved(self.weight_device())
-        return {n: m._impl_name for n, m in self.fused_layers()}
+        if batch is None:
+            return {n: m._impl_name for n, m in self.fused_layers()}
+        out = {}
+        for n, m in self.fused_layers():
+            impl = m.impl_for(int(batch))
+            out[n] = "eager" if impl is None else impl.NAME
+        return out
 
 
 def _copy_head(fc: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -431,8 +503,8 @@ class CudaGraphRunner(nn.Module):
     def summary(self) -> str:
         return self.module.summary() + f"\n  (replayed from CUDA graphs; {len(self._graphs)} captured)"
 
-    def backends(self) -> Dict[str, str]:
-        return self.module.backends()
+    def backends(self, batch: Optional[int] = None) -> Dict[str, str]:
+        return self.module.backends(batch)
 
     def _capture(self, x: torch.Tensor):
         # A normal (non-inference) tensor, so that copy_ into it works both inside and outside inference_mode.

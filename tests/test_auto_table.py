@@ -111,3 +111,47 @@ def test_generator_margin_and_bad_rows(tmp_path, monkeypatch):
     _fake_gpu(monkeypatch, (9, 0))
     key = _backends.conv_key((64, 64, 3, 3), (1, 1), (1, 1), 1, torch.float16, (28, 28))
     assert auto_table.lookup(key, torch.device("cuda", 0)) == "eager"
+
+
+def test_generator_keeps_batch_sizes_apart(tmp_path, monkeypatch):
+    """A batch-256 and a batch-1 run of the same shape give two entries; lookups take the nearer one (ties
+    to the smaller), and a fused layer switches backends at the boundary that lookup implies."""
+    conv = dict(op="conv_bn_act", cin=[512], hw=[7, 7], cout=512, weight_shape=[512, 512, 3, 3], stride=[1, 1],
+                padding=[1, 1], groups=1)
+    s, r256 = _run("a", "deep 3x3", conv, {"triton": 1.0, "cuda": 0.5, "eager": 2.0})
+    _, r1 = _run("a", "deep 3x3", conv, {"triton": 0.01, "cuda": 0.05, "eager": 0.02})
+    runs = []
+    for batch, rows in ((256, r256), (1, r1)):
+        p = tmp_path / f"bs{batch}.json"
+        p.write_text(json.dumps(dict(device="Fake GPU", capability="9.0", batch=batch, hw=[224, 224], shapes=[s],
+                                     rows=rows)))
+        runs.append(str(p))
+    out = tmp_path / "table.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "make_auto_table.py"), *runs, "-o", str(out)],
+                   check=True, capture_output=True, text=True)
+    table = json.loads(out.read_text())
+    assert table["batch"] == [1, 256]
+    assert sorted((e["batch"], e["backend"]) for e in table["entries"]) == [(1, "triton"), (256, "cuda")]
+    monkeypatch.setenv("DLA_FAST_AUTO_TABLE", str(out))
+    _fake_gpu(monkeypatch, (9, 0))
+    key = _backends.conv_key((512, 512, 3, 3), (1, 1), (1, 1), 1, torch.float16, (7, 7))
+    dev = torch.device("cuda", 0)
+    assert auto_table.batches(key) == (1, 256)
+    assert [auto_table.lookup(key, dev, b) for b in (1, 2, 16, 17, 64, 256, 4096)] == \
+        ["triton"] * 3 + ["cuda"] * 4
+    assert auto_table.lookup(key, dev) == "cuda"                       # batch unknown: the throughput entry
+    assert auto_table.batch_bounds((1, 256)) == (16.0, float("inf"))
+
+    # The layer: select() stands in for a GPU, naming the backend that the table picks at each batch.
+    triton_mod, cuda_mod = type("T", (), {"NAME": "triton"}), type("C", (), {"NAME": "cuda"})
+    mods = {"triton": triton_mod, "cuda": cuda_mod}
+    monkeypatch.setattr(_backends, "select",
+                        lambda op, backend, x, g, key=None, batch=None: mods[auto_table.lookup(key, dev, batch)])
+    from dla_fast.fuse import FusedConvBnAct
+    layer = FusedConvBnAct(torch.nn.Conv2d(512, 512, 3, padding=1, bias=False), torch.nn.BatchNorm2d(512).eval(),
+                           True, "auto", torch.float16)
+    layer.in_hw = (7, 7)
+    layer.resolve(torch.device("meta"), torch.float16)
+    assert layer._impl is cuda_mod
+    assert [layer.impl_for(b).NAME for b in (1, 16, 17, 256)] == ["triton", "triton", "cuda", "cuda"]
+    assert layer.backend_note() == "cuda (batch <= 16: triton)"

@@ -240,6 +240,91 @@ def test_conv_every_kernel(kind, dtype, monkeypatch):
     _conv_case(1, 40, 24, 5, 5, 3, 1, 1, 1, dtype)       # several channel chunks per tap
 
 
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("split", [2, 3, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_split_k(split, dtype):
+    """Split-K (partials in an fp32 workspace, then the epilogue kernel) gives the unsplit results, with K
+    iteration counts that the split does not divide (slices may be short or empty), residual in another
+    layout, and without bias/ReLU."""
+    from dla_fast.triton import _launch
+    torch.manual_seed(20 + split)
+    for N, Cin, Cout, H, W, k, st, pad, res, relu, bias in [(1, 40, 24, 5, 7, 3, 1, 1, "nchw", True, True),
+                                                           (2, 20, 20, 7, 5, 3, 2, 1, None, False, False),
+                                                           (1, 48, 10, 3, 3, 1, 1, 0, "cl", True, True)]:
+        x = _rand(N, Cin, H, W, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        w = _rand(Cout, Cin, k, k, dtype=dtype, scale=(Cin * k * k) ** -0.5)
+        b = _rand(Cout) if bias else None
+        Ho, Wo = (H + 2 * pad - k) // st + 1, (W + 2 * pad - k) // st + 1
+        r = None if res is None else _make_layout(_rand(N, Cout, Ho, Wo, dtype=dtype), res)
+        cfg = dict(kind="dense", MODE=0, GB=1, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1,
+                   SPLIT=split)
+        out = _launch.conv_launch(x, w, b, (st, st), (pad, pad), 1, r, relu, False, config=cfg)
+        d = lambda t: None if t is None else t.double()  # noqa: E731
+        ref64 = conv_bn_act_ref(d(x), d(w), d(b), (st, st), (pad, pad), 1, d(r), relu)
+        eager = conv_bn_act_ref(x, w, b, (st, st), (pad, pad), 1, r, relu)
+        _check(out, ref64, eager, dtype, what=f"split-K {split} conv {Cin}->{Cout} k{k} s{st} {dtype}")
+
+    kids = [_rand(1, c, 5, 7, dtype=dtype).contiguous(memory_format=torch.channels_last) for c in (24, 9, 40)]
+    w2 = _rand(24, 73, dtype=dtype, scale=73 ** -0.5)
+    b2 = _rand(24)
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1, SPLIT=split)
+    out = _launch.aggregate_launch(kids, w2, b2, kids[0], True, False, config=cfg)
+    ref64 = aggregate_ref([k.double() for k in kids], w2.double(), b2.double(), kids[0].double(), True)
+    eager = aggregate_ref(kids, w2, b2, kids[0], True)
+    _check(out, ref64, eager, dtype, what=f"split-K {split} aggregate {dtype}")
+
+
+@needs_triton
+def test_split_k_plan():
+    """Split-K is chosen only where the plain grid leaves most SMs idle, and never on the interpreter."""
+    from dla_fast.triton._launch import aggregate_plan, conv_plan
+    f16 = torch.float16
+    # dla34 level 5 3x3 512->512 at batch 1 (7x7): 4 tiles of 72 iterations on 132 SMs
+    p = conv_plan(49, 512, 512, 1, 3, 3, f16, False, False, sms=132)
+    assert p["kind"] == "dense" and p["BLOCK_N"] == 64 and 8 <= p["SPLIT"] <= 16
+    assert p["SPLIT"] * 4 <= 9 * 512 // p["BLOCK_K"]      # every slice keeps >= 4 K iterations
+    # the same layer at batch 256 fills the GPU: no split, wide tiles
+    p = conv_plan(256 * 49, 512, 512, 1, 3, 3, f16, False, False, sms=132)
+    assert p["SPLIT"] == 1 and p["BLOCK_N"] == 128
+    # no SM count (interpreter, or a caller that does not know the GPU): no split
+    assert conv_plan(49, 512, 512, 1, 3, 3, f16, False, False).get("SPLIT", 1) == 1
+    assert conv_plan(49, 512, 512, 1, 3, 3, f16, False, True, sms=132).get("SPLIT", 1) == 1
+    # short K (1x1 conv 64->64): nothing to split
+    assert conv_plan(49, 64, 64, 1, 1, 1, f16, False, False, sms=132)["SPLIT"] == 1
+    # grouped convs keep their own kernels
+    assert conv_plan(49, 4, 4, 32, 3, 3, f16, False, False, sms=132).get("SPLIT", 1) == 1
+    # dla34 level 5 root at batch 1: 512+512+256 -> 512
+    p = aggregate_plan(49, [512, 512, 256], 512, f16, False, True, sms=132)
+    assert p["SPLIT"] > 1 and p["BLOCK_N"] == 64
+    assert aggregate_plan(256 * 49, [512, 512, 256], 512, f16, False, True, sms=132)["SPLIT"] == 1
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_max_pool(dtype):
+    """The trees' k x k / stride-k max pooling equals F.max_pool2d exactly (max is exact in any dtype): odd
+    sizes (floor), every input layout, NaN propagation, channels past one tile."""
+    import torch.nn.functional as F
+
+    import dla_fast.triton as tb
+    torch.manual_seed(30)
+    for (N, C, H, W, k, layout) in [(2, 13, 9, 7, 2, "nchw"), (1, 72, 8, 8, 2, "cl"), (1, 20, 7, 9, 3, "slice"),
+                                    (2, 6, 5, 5, 2, "strided"), (1, 16, 2, 2, 2, "hwnc")]:
+        x = _make_layout(_rand(N, C, H, W, dtype=dtype), layout)
+        if layout == "nchw":
+            x[0, 3, 1, 0] = float("nan")
+        out = tb.max_pool2d(x, k)
+        ref = F.max_pool2d(x, k, k)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert out.shape == ref.shape and out.dtype == dtype
+        torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+        if layout == "nchw":
+            assert torch.isnan(out[0, 3, 0, 0])
+
+
 # name: (N, chans, Cout, H, W, residual, relu, layouts)
 SMALL_AGGS = {
     "1child_shortcut": (2, (13,), 13, 9, 7, True, True, None),

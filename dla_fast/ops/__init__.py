@@ -119,7 +119,7 @@ def conv_bn_act(
 
     impl = _backends.select("conv_bn_act", backend, x, _needs_grad(x, weight, bias, residual),
                             key=_backends.conv_key(weight.shape, stride, padding, groups, x.dtype,
-                                                  x.shape[2:]))
+                                                  x.shape[2:]), batch=int(x.shape[0]))
     if impl is None:
         return conv_bn_act_ref(x, weight, bias, stride, padding, groups, residual, relu)
     return impl.conv_bn_act(x, _backends.prep_weight(weight), _backends.prep_bias(bias),
@@ -184,7 +184,7 @@ def aggregate(
 
     impl = _backends.select("aggregate", backend, ref, _needs_grad(weight, bias, res, *children),
                             key=_backends.aggregate_key([c.shape[1] for c in children], cout, ref.dtype,
-                                                       (h, w)))
+                                                       (h, w)), batch=int(n))
     if impl is None:
         return aggregate_ref(children, weight2d, bias, res, relu)
     return impl.aggregate(children, _backends.prep_weight(weight2d), _backends.prep_bias(bias), res, bool(relu))

@@ -46,14 +46,15 @@ def _is_rgb_stem(key) -> bool:
             and padding == (3, 3))
 
 
-def auto_preference(key, device: Optional[torch.device] = None) -> Tuple[str, ...]:
+def auto_preference(key, device: Optional[torch.device] = None, batch: Optional[int] = None) -> Tuple[str, ...]:
     """Backends to try, in order, for ``key`` under backend="auto" (before DEFAULT_ORDER).
 
-    A measured per-shape winner from dla_fast/ops/auto_table.json comes first when the GPU is the kind it was
-    measured on; then fixed rules for shapes whose winner does not depend on the card.
+    A measured per-shape winner from dla_fast/ops/auto_table.json (at the measured batch size nearest
+    ``batch``; None: the largest) comes first when the GPU is the kind it was measured on; then fixed rules
+    for shapes whose winner does not depend on the card.
     """
     from . import auto_table
-    win = auto_table.lookup(key, device)
+    win = auto_table.lookup(key, device, batch)
     if win:
         return (win,)
     if key is not None and key[0] == "conv_bn_act" and key[1][1] < 8 and key[4] == 1:
@@ -90,8 +91,9 @@ def reason_unavailable(name: str, x: torch.Tensor) -> Optional[str]:
     return mod.unavailable_reason(x)
 
 
-def select(op: str, backend: str, x: torch.Tensor, needs_grad: bool, key=None):
-    """The backend module to run ``op`` on ``x``, or None for the eager reference."""
+def select(op: str, backend: str, x: torch.Tensor, needs_grad: bool, key=None, batch: Optional[int] = None):
+    """The backend module to run ``op`` on ``x`` (a batch of ``batch``; None: large), or None for the eager
+    reference."""
     if backend == "eager":
         return None
     if backend in ("triton", "cuda"):
@@ -106,7 +108,7 @@ def select(op: str, backend: str, x: torch.Tensor, needs_grad: bool, key=None):
     # auto: kernels only for CUDA inference; everything else is the eager reference.
     if needs_grad or x.device.type != "cuda":
         return None
-    for name in auto_preference(key, x.device) + DEFAULT_ORDER:
+    for name in auto_preference(key, x.device, batch) + DEFAULT_ORDER:
         if name == "eager":
             return None
         if reason_unavailable(name, x) is None:

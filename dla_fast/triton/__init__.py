@@ -73,9 +73,22 @@ def _tf32() -> bool:
     return bool(torch.backends.cudnn.allow_tf32)
 
 
+def _direct(x: torch.Tensor) -> bool:
+    """Whether to launch the kernels straight from Python rather than through the registered op.
+
+    Eagerly, ``torch.ops.dla_fast_triton.*`` only adds the dispatcher's and wrap_triton's per-call cost, which
+    at batch 1 (and for the small late layers at any batch) exceeds the kernel's own time. torch.compile
+    tracing and fake tensors still go through the ops.
+    """
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling()
+
+
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
                 padding: Tuple[int, int], groups: int, residual: Optional[torch.Tensor],
                 relu: bool) -> torch.Tensor:
+    if _direct(x):
+        return _launch.conv_launch(x, weight, bias, stride, padding, int(groups), residual, bool(relu), _tf32(),
+                                   raw=True)
     return torch.ops.dla_fast_triton.conv_bn_act(x, weight, bias, [int(s) for s in stride],
                                                  [int(p) for p in padding], int(groups), residual, bool(relu),
                                                  _tf32())
@@ -84,7 +97,17 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 def aggregate(children: Sequence[torch.Tensor], weight2d: torch.Tensor, bias: Optional[torch.Tensor],
               residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
     kids: List[torch.Tensor] = list(children)
+    if _direct(kids[0]):
+        return _launch.aggregate_launch(kids, weight2d, bias, residual, bool(relu), _tf32(), raw=True)
     return torch.ops.dla_fast_triton.aggregate(kids, weight2d, bias, residual, bool(relu), _tf32())
 
 
-__all__ = ["NAME", "unavailable_reason", "conv_bn_act", "aggregate"]
+def max_pool2d(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``F.max_pool2d(x, k, stride=k)`` (no padding, floor mode; the DLA trees' downsampling), channels_last
+    output. Callers check ``unavailable_reason(x)`` first."""
+    if _direct(x):
+        return _launch.max_pool_launch(x, int(k), raw=True)
+    return torch.ops.dla_fast_triton.max_pool(x, int(k))
+
+
+__all__ = ["NAME", "unavailable_reason", "conv_bn_act", "aggregate", "max_pool2d"]

@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float16,bfloat16,float32")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--only", default="", help="substring of the shape names to compile")
+    ap.add_argument("--sms", type=int, default=132, help="SM count the tile plans assume (split-K; H100 SXM: 132)")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     from . import _launch
@@ -101,6 +102,7 @@ def main(argv=None) -> int:
 
     rec = _Recorder()
     _launch.wrap_triton = rec  # launches are recorded, not run
+    _launch._sm_count = lambda device: args.sms
     dev = torch.device("meta")
     failures = 0
     seen = set()
@@ -155,7 +157,7 @@ def _report(label, kernel, a, kw, args, seen) -> int:
     except Exception as e:  # report and go on: one bad specialisation must not hide the others
         print(f"FAIL {label}: {type(e).__name__}: {str(e)[:2000]}")
         return 1
-    meta = {k: kw[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "MODE", "GB", "COG", "num_warps",
+    meta = {k: kw[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "MODE", "GB", "COG", "SPLIT", "num_warps",
                                  "num_stages") if k in kw}
     line = f"ok   {label}: smem={c.metadata.shared} {meta}"
     if args.sass:

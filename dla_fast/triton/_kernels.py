@@ -53,7 +53,7 @@ def _epilogue(acc, rows, cols, row_ok, col_ok, img, oh, ow,
 
 @triton.jit
 def _conv_gemm_kernel(
-    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
+    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, ws_ptr,
     M, H, W, Ho, Wo, Cin, Cin_g, Cout_g, Cout,
     sxn, sxh, sxw, srn, src, srh, srw,
     stride_h, stride_w, pad_h, pad_w,
@@ -62,7 +62,7 @@ def _conv_gemm_kernel(
     MODE: tl.constexpr, GB: tl.constexpr, FULL: tl.constexpr, PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
     PREC: tl.constexpr, RND: tl.constexpr, IDX64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Implicit-GEMM convolution on tensor cores: rows = output pixels, columns = output channels.
 
@@ -76,6 +76,11 @@ def _conv_gemm_kernel(
         multiplies zeros, but tensor cores at GB-fold waste still beat CUDA cores and the A loads stay plain
         contiguous channel runs.
     Modes 0 and 1 handle groups through the N-tile index (tiles never straddle a group).
+
+    SPLIT > 1 (mode 0 only): split-K. Program (tile, program_id(1)) sums its share of the K iterations and
+    stores the fp32 partial to ``ws_ptr`` (SPLIT slices of [M, Cout]); ``_splitk_epilogue_kernel`` adds
+    them up and applies the epilogue. For grids that cannot fill the GPU (batch 1, 7x7 and 14x14 maps)
+    where a few programs would otherwise walk K = 9 x 512 alone.
     """
     pid = tl.program_id(0)
     # Output-channel tiles vary fastest so that the few programs sharing one A (activation) tile run
@@ -168,7 +173,14 @@ def _conv_gemm_kernel(
             # One flat loop over (tap, chunk) rather than nested loops so the software pipeliner
             # overlaps loads across taps too (with Cin_g <= BLOCK_K a tap is a single iteration).
             n_cb = tl.cdiv(Cin_g, BLOCK_K)
-            for it in range(KH * KW * n_cb):
+            if SPLIT == 1:
+                it_lo = 0
+                it_hi = KH * KW * n_cb
+            else:
+                per = tl.cdiv(KH * KW * n_cb, SPLIT)
+                it_lo = tl.program_id(1) * per
+                it_hi = tl.minimum(it_lo + per, KH * KW * n_cb)
+            for it in range(it_lo, it_hi):
                 tap = it // n_cb
                 c = (it % n_cb) * BLOCK_K + kk
                 r = tap // KW
@@ -185,6 +197,47 @@ def _conv_gemm_kernel(
                             mask=c_ok[:, None] & col_ok[None, :], other=0.0)
                 acc = _mma(a, b, acc, PREC, RND)
 
+    if SPLIT == 1:
+        _epilogue(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, Cout,
+                  srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU)
+    else:
+        _store_partial(acc, ws_ptr, rows, cols, row_ok, col_ok, M, Cout)
+
+
+@triton.jit
+def _store_partial(acc, ws_ptr, rows, cols, row_ok, col_ok, M, Cout):
+    # The workspace is only used for grids too small to fill the GPU, so M * Cout * SPLIT is far below 2^31.
+    off = tl.program_id(1) * M * Cout + rows[:, None] * Cout + cols[None, :]
+    tl.store(ws_ptr + off, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _splitk_epilogue_kernel(
+    ws_ptr, b_ptr, r_ptr, y_ptr,
+    M, HW, W, Cout,
+    srn, src, srh, srw,
+    n_tiles_n,
+    SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Second half of a split-K launch: the sum of the SPLIT fp32 partials, then the usual epilogue."""
+    pid = tl.program_id(0)
+    pid_m = pid // n_tiles_n
+    pid_n = pid % n_tiles_n
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < Cout
+    mask = row_ok[:, None] & col_ok[None, :]
+    off = rows[:, None] * Cout + cols[None, :]
+    acc = tl.load(ws_ptr + off, mask=mask, other=0.0)
+    for s in range(1, SPLIT):
+        acc += tl.load(ws_ptr + s * M * Cout + off, mask=mask, other=0.0)
+    img = rows // HW
+    pix = rows % HW
+    oh = pix // W
+    ow = pix % W
     _epilogue(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, Cout,
               srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU)
 
@@ -276,14 +329,14 @@ def _aggregate_kernel(
     p0, p1, p2, p3, p4, p5, p6, p7,
     C0, C1, C2, C3, C4, C5, C6, C7,
     S0, S1, S2, S3, S4, S5, S6, S7,
-    w_ptr, b_ptr, r_ptr, y_ptr,
+    w_ptr, b_ptr, r_ptr, y_ptr, ws_ptr,
     M, HW, W, Cout, Ctot,
     srn, src, srh, srw,
     n_tiles_n,
     NUM_CHILDREN: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
     PREC: tl.constexpr, RND: tl.constexpr, IDX64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """relu(cat(children) @ W^T + b + residual) without the concat: one flat K loop over all children's
     channel chunks; each iteration picks its child's pointer with scalar selects. A flat loop (rather than
@@ -291,7 +344,8 @@ def _aggregate_kernel(
     of 64-1024 channels, i.e. only a few chunks each.
 
     Child i is read at ``p_i + m * S_i + c`` (S_i = its pixel stride, which is C_i for a contiguous
-    channels_last tensor and larger for a channel slice of a wider one).
+    channels_last tensor and larger for a channel slice of a wider one). SPLIT > 1: split-K, as in
+    ``_conv_gemm_kernel``.
     """
     pid = tl.program_id(0)
     pid_m = pid // n_tiles_n
@@ -342,8 +396,15 @@ def _aggregate_kernel(
     else:
         total = T8
 
+    if SPLIT == 1:
+        t_lo = 0
+        t_hi = total
+    else:
+        per = tl.cdiv(total, SPLIT)
+        t_lo = tl.program_id(1) * per
+        t_hi = tl.minimum(t_lo + per, total)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(total):
+    for t in range(t_lo, t_hi):
         base = p0
         C = C0
         S = S0
@@ -369,5 +430,43 @@ def _aggregate_kernel(
         b = tl.load(w_ptr + w_row[None, :] + (kb + c)[:, None], mask=c_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, PREC, RND)
 
-    _epilogue(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, Cout,
-              srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU)
+    if SPLIT == 1:
+        _epilogue(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, Cout,
+                  srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU)
+    else:
+        _store_partial(acc, ws_ptr, rows, cols, row_ok, col_ok, M, Cout)
+
+
+@triton.jit
+def _max_pool_kernel(
+    x_ptr, y_ptr,
+    P, H, W, Ho, Wo, C,
+    sxn, sxc, sxh, sxw,
+    n_tiles_c,
+    K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """K x K max pooling with stride K and no padding (the DLA trees' downsampling) of an NHWC-addressable
+    input into a channels_last output: BLOCK_P output pixels x BLOCK_C channels per program. NaN wins, as in
+    torch's max_pool2d."""
+    pid = tl.program_id(0)
+    pid_p = pid // n_tiles_c
+    pid_c = pid % n_tiles_c
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = p < P
+    c_ok = c < C
+    mask = p_ok[:, None] & c_ok[None, :]
+    hw = Ho * Wo
+    img = p // hw
+    pix = p % hw
+    oh = pix // Wo
+    ow = pix % Wo
+    base = img * sxn + (oh * K) * sxh + (ow * K) * sxw
+    best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float32)
+    for t in range(K * K):
+        r = t // K
+        s = t % K
+        v = tl.load(x_ptr + (base + r * sxh + s * sxw)[:, None] + (c * sxc)[None, :], mask=mask,
+                    other=float("-inf"))
+        best = tl.maximum(best, v.to(tl.float32), propagate_nan=tl.PropagateNan.ALL)
+    tl.store(y_ptr + p[:, None] * C + c[None, :], best.to(y_ptr.dtype.element_ty), mask=mask)

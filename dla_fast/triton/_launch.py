@@ -16,7 +16,8 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from ._kernels import _aggregate_kernel, _conv_direct_kernel, _conv_gemm_kernel
+from ._kernels import (_aggregate_kernel, _conv_direct_kernel, _conv_gemm_kernel, _max_pool_kernel,
+                       _splitk_epilogue_kernel)
 
 MAX_CHILDREN = 8
 _I32_LIMIT = 2**31 - 1
@@ -30,9 +31,10 @@ def interpreted() -> bool:
     return type(_conv_gemm_kernel).__name__ == "InterpretedFunction"
 
 
-def _kernel(k):
-    # wrap_triton makes a launch traceable by torch.compile; interpreted kernels are launched as they are.
-    return k if interpreted() else wrap_triton(k)
+def _kernel(k, raw: bool = False):
+    # wrap_triton makes a launch traceable by torch.compile; interpreted kernels, and eager calls that skip
+    # the registered op (raw), are launched as they are.
+    return k if (raw or interpreted()) else wrap_triton(k)
 
 
 def _skip_launch(t: torch.Tensor) -> bool:
@@ -108,10 +110,36 @@ def _round_tf32(dtype: torch.dtype, tf32: bool, interp: bool) -> bool:
 
 # ----------------------------------------------------------------------------------------------- configs
 
+_SM_COUNT: Dict[int, int] = {}
+# Split-K limits: at most this many K slices, each at least this many K iterations (so the software pipeline
+# still has something to overlap), and only when the plain grid fills less than half of the SMs.
+_MAX_SPLIT = 16
+_MIN_ITERS_PER_SPLIT = 4
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNT.get(idx)
+    if n is None:
+        n = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
+
+
+def _split_k(tiles: int, k_iters: int, sms: int) -> int:
+    """How many K slices a grid of ``tiles`` output tiles with ``k_iters`` K iterations each should use on a
+    GPU of ``sms`` SMs (0: never split). At batch 1 the deep DLA levels give 4-30 tiles of 36-72 iterations:
+    a handful of SMs each stream a whole weight slice while the rest idle."""
+    if sms <= 0 or 2 * tiles > sms:
+        return 1
+    return max(1, min(_MAX_SPLIT, triton.cdiv(sms, tiles), k_iters // _MIN_ITERS_PER_SPLIT))
+
 def conv_plan(M: int, Cin_g: int, Cout_g: int, groups: int, kh: int, kw: int, dtype: torch.dtype,
-              tf32: bool, interp: bool, force: Optional[str] = None) -> Dict:
+              tf32: bool, interp: bool, force: Optional[str] = None, sms: int = 0) -> Dict:
     """Kernel choice and tile sizes for a convolution. ``force`` ("dense", "flat", "blockdiag", "direct")
-    overrides the kernel choice (used by tests and benchmarks)."""
+    overrides the kernel choice (used by tests and benchmarks). ``sms``: the GPU's SM count, for split-K on
+    grids too small to fill it (0: no split-K)."""
     tensor_cores = dtype in _TC_DTYPES or tf32
     small_group = groups > 1 and (Cin_g < 16 or Cout_g < 16)
     if force is None:
@@ -181,12 +209,20 @@ def conv_plan(M: int, Cin_g: int, Cout_g: int, groups: int, kh: int, kw: int, dt
         # don't.
         stages = 2
         num_warps = 8 if bm >= 128 else 4
+    split = 1
+    if kind == "dense" and groups == 1:
+        if bn > 64 and 2 * triton.cdiv(M, bm) * n_tiles <= sms:
+            # Few tiles anyway: narrower ones double the programs before any K splitting is needed.
+            bn = 64
+            n_tiles = triton.cdiv(Cout_g, bn)
+            num_warps = 8 if bm * bn >= 128 * 128 else 4
+        split = _split_k(triton.cdiv(M, bm) * n_tiles, kh * kw * triton.cdiv(Cin_g, bk), sms)
     return dict(kind=kind, MODE=1 if kind == "flat" else 0, GB=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                num_warps=num_warps, num_stages=stages)
+                num_warps=num_warps, num_stages=stages, SPLIT=split)
 
 
 def aggregate_plan(M: int, chans: Sequence[int], Cout: int, dtype: torch.dtype, interp: bool,
-                   tf32: bool = True) -> Dict:
+                   tf32: bool = True, sms: int = 0) -> Dict:
     esize = 2 if dtype in _TC_DTYPES else 4
     if interp:
         return dict(BLOCK_M=32, BLOCK_N=32 if Cout > 16 else 16, BLOCK_K=16, num_warps=4, num_stages=1)
@@ -203,14 +239,19 @@ def aggregate_plan(M: int, chans: Sequence[int], Cout: int, dtype: torch.dtype, 
     if not tf32 and dtype not in _TC_DTYPES:  # IEEE fp32: see conv_plan
         bn, bk, stages = min(bn, 64), min(bk, 32), 2
         num_warps = 8 if bm >= 128 else 4
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps, num_stages=stages)
+    if bn > 64 and 2 * triton.cdiv(M, bm) * n_tiles <= sms:
+        bn = 64
+        n_tiles = triton.cdiv(Cout, bn)
+        num_warps = 8 if bm * bn >= 128 * 128 else 4
+    split = _split_k(triton.cdiv(M, bm) * n_tiles, sum(triton.cdiv(c, bk) for c in chans), sms)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps, num_stages=stages, SPLIT=split)
 
 
 # --------------------------------------------------------------------------------------------- launchers
 
 def conv_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
                 padding: Sequence[int], groups: int, residual: Optional[torch.Tensor], relu: bool, tf32: bool,
-                config: Optional[Dict] = None, force: Optional[str] = None) -> torch.Tensor:
+                config: Optional[Dict] = None, force: Optional[str] = None, raw: bool = False) -> torch.Tensor:
     x = _nhwc(x)
     N, Cin, H, W = x.shape
     Cout, Cin_g, kh, kw = weight.shape
@@ -236,8 +277,9 @@ def conv_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         y.copy_(acc)
         return y
     interp = interpreted()
+    sms = 0 if interp else _sm_count(x.device)
     cfg = dict(config) if config is not None else conv_plan(M, Cin_g, Cout_g, groups, kh, kw, x.dtype, tf32,
-                                                              interp, force)
+                                                              interp, force, sms)
     idx64 = max(_max_offset(x), y.numel(), 0 if residual is None else _max_offset(residual)) >= _IDX64_THRESHOLD
     if M >= _I32_LIMIT:
         raise RuntimeError(f"conv_bn_act (triton): {M} output pixels exceed the kernel's 32-bit row index")
@@ -254,7 +296,7 @@ def conv_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         co_tiles = triton.cdiv(Cout_g, cog)
         n_tiles = triton.cdiv(groups, gb) * co_tiles
         grid_n = triton.cdiv(M, bm) * n_tiles
-        _kernel(_conv_direct_kernel)[lambda meta: (grid_n,)](
+        _kernel(_conv_direct_kernel, raw)[lambda meta: (grid_n,)](
             x, w, b_arg, r_arg, y,
             M, H, W, Ho, Wo, Cin_g, Cout_g, Cout, groups,
             sxn, sxh, sxw, srn, src, srh, srw,
@@ -274,20 +316,54 @@ def conv_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         n_tiles = groups * tiles_per_group
         full = False
     grid_n = triton.cdiv(M, bm) * n_tiles
-    _kernel(_conv_gemm_kernel)[lambda meta: (grid_n,)](
-        x, w, b_arg, r_arg, y,
+    split = int(cfg.get("SPLIT", 1))
+    if split > 1 and mode != 0:
+        raise ValueError(f"config {cfg}: split-K is only implemented for the dense (tap-major) kernel")
+    ws = _workspace(split, M, Cout, y)
+    _kernel(_conv_gemm_kernel, raw)[lambda meta: (grid_n, split)](
+        x, w, b_arg, r_arg, y, ws,
         M, H, W, Ho, Wo, Cin, Cin_g, Cout_g, Cout,
         sxn, sxh, sxw, srn, src, srh, srw,
         sh_, sw_, ph, pw, n_tiles, tiles_per_group,
         KH=kh, KW=kw, MODE=mode, GB=gb, FULL=full, PAD=pad, PREC=_prec(x.dtype, tf32),
         RND=_round_tf32(x.dtype, tf32, interp),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, **common)
+    if split > 1:
+        _splitk_epilogue(ws, split, bias, residual, y, M, Ho * Wo, Wo, Cout, relu, raw)
     return y
+
+
+def _workspace(split: int, M: int, Cout: int, y: torch.Tensor) -> torch.Tensor:
+    """fp32 partial sums of a split-K launch (``y`` itself, unused, when there is no split)."""
+    if split <= 1:
+        return y
+    if split * M * Cout >= _I32_LIMIT:
+        raise ValueError(f"split-K workspace of {split} x {M} x {Cout} exceeds 32-bit offsets; use SPLIT=1")
+    return torch.empty((split, M, Cout), device=y.device, dtype=torch.float32)
+
+
+def _splitk_epilogue(ws, split, bias, residual, y, M, HW, W, Cout, relu, raw: bool = False) -> None:
+    bn = min(64, max(16, _pow2(Cout)))
+    n_tiles = triton.cdiv(Cout, bn)
+    # A memory-bound pass over split x M x Cout fp32: thin tiles, so that at batch 1 (M = 49 pixels at 7x7)
+    # the grid still spreads over the SMs instead of 8 programs each reading 16 partial tiles alone
+    # (5.6 us per call on the H200 with 64-row tiles).
+    bm = 64
+    sms = 132 if interpreted() else _sm_count(y.device)
+    while bm > 2 and triton.cdiv(M, bm) * n_tiles < 2 * sms:
+        bm //= 2
+    grid = triton.cdiv(M, bm) * n_tiles
+    srn, src, srh, srw = _residual_strides(residual)
+    _kernel(_splitk_epilogue_kernel, raw)[lambda meta: (grid,)](
+        ws, bias if bias is not None else ws, residual if residual is not None else ws, y,
+        M, HW, W, Cout, srn, src, srh, srw, n_tiles,
+        SPLIT=split, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
 
 
 def aggregate_launch(children: Sequence[torch.Tensor], weight2d: torch.Tensor, bias: Optional[torch.Tensor],
                      residual: Optional[torch.Tensor], relu: bool, tf32: bool, config: Optional[Dict] = None,
-                     out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                     out_dtype: Optional[torch.dtype] = None, raw: bool = False) -> torch.Tensor:
     children = list(children)
     ref = children[0]
     N, _, H, W = ref.shape
@@ -300,9 +376,9 @@ def aggregate_launch(children: Sequence[torch.Tensor], weight2d: torch.Tensor, b
         # concatenated.
         k = sum(c.shape[1] for c in children[:MAX_CHILDREN])
         part = aggregate_launch(children[:MAX_CHILDREN], weight2d[:, :k], None, residual, False, tf32,
-                                config, out_dtype=torch.float32)
+                                config, out_dtype=torch.float32, raw=raw)
         return aggregate_launch(children[MAX_CHILDREN:], weight2d[:, k:], bias, part, relu, tf32, config,
-                                out_dtype=out_dtype)
+                                out_dtype=out_dtype, raw=raw)
     w = weight2d.contiguous()
     kids, strides = [], []
     for c in children:
@@ -320,7 +396,8 @@ def aggregate_launch(children: Sequence[torch.Tensor], weight2d: torch.Tensor, b
     if M >= _I32_LIMIT:
         raise RuntimeError(f"aggregate (triton): {M} pixels exceed the kernel's 32-bit row index")
     interp = interpreted()
-    cfg = dict(config) if config is not None else aggregate_plan(M, chans, Cout, dtype, interp, tf32)
+    sms = 0 if interp else _sm_count(ref.device)
+    cfg = dict(config) if config is not None else aggregate_plan(M, chans, Cout, dtype, interp, tf32, sms)
     idx64 = max([_max_offset(c) for c in kids] + [y.numel()]
                 + [0 if residual is None else _max_offset(residual)]) >= _IDX64_THRESHOLD
     nc = len(kids)
@@ -331,15 +408,40 @@ def aggregate_launch(children: Sequence[torch.Tensor], weight2d: torch.Tensor, b
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     n_tiles = triton.cdiv(Cout, bn)
     grid_n = triton.cdiv(M, bm) * n_tiles
-    _kernel(_aggregate_kernel)[lambda meta: (grid_n,)](
+    split = int(cfg.get("SPLIT", 1))
+    ws = _workspace(split, M, Cout, y)
+    _kernel(_aggregate_kernel, raw)[lambda meta: (grid_n, split)](
         *ptrs, *cs, *ss,
-        w, bias if bias is not None else w, residual if residual is not None else kids[0], y,
+        w, bias if bias is not None else w, residual if residual is not None else kids[0], y, ws,
         M, H * W, W, Cout, Ctot,
         srn, src, srh, srw, n_tiles,
         NUM_CHILDREN=nc, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
         PREC=_prec(dtype, tf32), RND=_round_tf32(dtype, tf32, interp), IDX64=idx64, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_K=bk,
+        BLOCK_K=bk, SPLIT=split,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split > 1:
+        _splitk_epilogue(ws, split, bias, residual, y, M, H * W, W, Cout, relu, raw)
+    return y
+
+
+def max_pool_launch(x: torch.Tensor, k: int, raw: bool = False) -> torch.Tensor:
+    """``F.max_pool2d(x, k, stride=k)`` (no padding, floor mode) into a channels_last output."""
+    N, C, H, W = x.shape
+    Ho, Wo = H // k, W // k
+    y = _new_output(N, C, Ho, Wo, x.device, x.dtype)
+    P = N * Ho * Wo
+    if P == 0 or C == 0 or _skip_launch(y):
+        return y
+    if max(_max_offset(x), y.numel()) >= _I32_LIMIT:
+        raise RuntimeError(f"max_pool (triton): a {tuple(x.shape)} input exceeds the kernel's 32-bit offsets")
+    bc = min(64, max(16, _pow2(C)))
+    bp = 16 if interpreted() else max(16, 4096 // bc)
+    n_tiles_c = triton.cdiv(C, bc)
+    grid = triton.cdiv(P, bp) * n_tiles_c
+    sxn, sxc, sxh, sxw = x.stride()
+    _kernel(_max_pool_kernel, raw)[lambda meta: (grid,)](
+        x, y, P, H, W, Ho, Wo, C, sxn, sxc, sxh, sxw, n_tiles_c,
+        K=int(k), BLOCK_P=bp, BLOCK_C=bc, num_warps=4, num_stages=1)
     return y
 
 
@@ -356,18 +458,24 @@ def _aggregate_impl(children: List[torch.Tensor], weight: torch.Tensor, bias: Op
     return aggregate_launch(children, weight, bias, residual, relu, tf32)
 
 
+def _max_pool_impl(x: torch.Tensor, k: int) -> torch.Tensor:
+    return max_pool_launch(x, k)
+
+
 def _register() -> None:
     if interpreted():
         # The interpreter's kernels cannot be traced into a graph (torch hands the raw kernel back from
         # wrap_triton), so under TRITON_INTERPRET the ops are opaque custom ops whose fake implementation
         # is the launcher itself (it skips the launch for fake tensors): torch.compile then calls the
         # real kernels instead of silently dropping them from the graph.
-        for name, fn in (("conv_bn_act", _conv_impl), ("aggregate", _aggregate_impl)):
+        for name, fn in (("conv_bn_act", _conv_impl), ("aggregate", _aggregate_impl),
+                         ("max_pool", _max_pool_impl)):
             op = torch.library.custom_op(f"dla_fast_triton::{name}", mutates_args=())(fn)
             op.register_fake(fn)
     else:
         triton_op("dla_fast_triton::conv_bn_act", mutates_args=())(_conv_impl)
         triton_op("dla_fast_triton::aggregate", mutates_args=())(_aggregate_impl)
+        triton_op("dla_fast_triton::max_pool", mutates_args=())(_max_pool_impl)
 
 
 _register()
