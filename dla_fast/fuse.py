@@ -9,6 +9,8 @@ that backend directly, without re-validating arguments the pass itself built.
 from __future__ import annotations
 
 import collections
+import contextlib
+import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -54,6 +56,32 @@ def _refuse_training() -> None:
                        "train the original model and call optimize() on it again")
 
 
+# Batches up to this size run without a CUDA graph are paced by the host, not the GPU: a Triton launch costs
+# ~130 us of Python against 19 us for the CUDA extension's ops and ~50 us for cuDNN + an in-place ReLU, while
+# the kernels themselves take 3-30 us (dla34 at batch 1 on the H200: 4.8 ms per forward with Triton, 1.7 ms
+# with the CUDA backend, 0.28 ms replayed from a CUDA graph; benchmarks/NOTES.md, v4). There, backend="auto"
+# prefers the CUDA backend, then cuDNN; under a CUDA graph (optimize(..., cuda_graph=True)) or torch.compile
+# the launch cost is gone and the GPU-time table decides.
+LAUNCH_BOUND_BATCH = 16
+_graph_state = threading.local()
+
+
+@contextlib.contextmanager
+def graph_mode():
+    """Within this block the fused layers pick the kernels that are fastest when replayed from a CUDA graph
+    (CudaGraphRunner uses it around its warm-up and capture, so both run the same kernels)."""
+    prev = getattr(_graph_state, "on", False)
+    _graph_state.on = True
+    try:
+        yield
+    finally:
+        _graph_state.on = prev
+
+
+def _launch_cost_hidden() -> bool:
+    return torch.compiler.is_compiling() or getattr(_graph_state, "on", False)
+
+
 class _Fused(nn.Module):
     """A fused layer: weights in the inference dtype (channels_last), bias in fp32, a resolved backend."""
 
@@ -70,6 +98,9 @@ class _Fused(nn.Module):
         # Where the auto table measured this shape at several batch sizes and the winners differ:
         # ((upper batch bound, backend module or None), ...) ascending; else None and _impl serves all.
         self._by_batch = None
+        # backend="auto" where the launch-bound choice (see LAUNCH_BOUND_BATCH) differs from the table's
+        # small-batch one: (True, backend module or None); else (False, None).
+        self._launch_bound = (False, None)
         # The input's (H, W) at the model's default input size, found by FusedDLA's shape probe: part of the
         # key of the measured per-shape backend table (dla_fast/ops/auto_table.py).
         self.in_hw: Optional[Tuple[int, int]] = None
@@ -85,14 +116,24 @@ class _Fused(nn.Module):
         self._impl = impl
         self._impl_name = "eager" if impl is None else impl.NAME
         self._by_batch = None
-        sizes = auto_table.batches(key) if self.backend == "auto" else ()
+        self._launch_bound = (False, None)
+        if self.backend != "auto":
+            return
+        sizes = auto_table.batches(key)
         if len(sizes) > 1:
             impls = [_backends.select(self.OP, self.backend, probe, False, key=key, batch=b) for b in sizes]
             if any(i is not impl for i in impls):
                 self._by_batch = tuple(zip(auto_table.batch_bounds(sizes), impls))
+        lb = _backends.select(self.OP, self.backend, probe, False, key=key, batch=1, launch_bound=True)
+        if lb is not self.impl_for(1, replayed=True):
+            self._launch_bound = (True, lb)
 
-    def impl_for(self, batch: int):
-        """The backend module (None: eager) this layer runs at batch size ``batch``."""
+    def impl_for(self, batch: int, replayed: Optional[bool] = None):
+        """The backend module (None: eager) this layer runs at batch size ``batch``; ``replayed``: whether the
+        launch cost is hidden (CUDA graph, torch.compile; None: as the current call)."""
+        if self._launch_bound[0] and batch <= LAUNCH_BOUND_BATCH:
+            if not (_launch_cost_hidden() if replayed is None else replayed):
+                return self._launch_bound[1]
         if self._by_batch is None:
             return self._impl
         for bound, impl in self._by_batch:
@@ -101,12 +142,14 @@ class _Fused(nn.Module):
         return self._impl
 
     def backend_note(self) -> str:
-        """The backend name, plus the small-batch choice where it differs (e.g. "cuda (batch <= 16: triton)")."""
-        if self._by_batch is None:
-            return self._impl_name
-        extra = [f"batch <= {int(bound)}: {'eager' if impl is None else impl.NAME}"
-                 for bound, impl in self._by_batch[:-1]]
-        return f"{self._impl_name} ({', '.join(extra)})"
+        """The backend name, plus the small-batch choices where they differ, e.g.
+        "cuda (batch <= 16: triton; batch <= 16 without a CUDA graph: eager)"."""
+        name = lambda impl: "eager" if impl is None else impl.NAME  # noqa: E731
+        extra = [] if self._by_batch is None else [f"batch <= {int(bound)}: {name(impl)}"
+                                                   for bound, impl in self._by_batch[:-1]]
+        if self._launch_bound[0]:
+            extra.append(f"batch <= {LAUNCH_BOUND_BATCH} without a CUDA graph: {name(self._launch_bound[1])}")
+        return f"{self._impl_name} ({'; '.join(extra)})" if extra else self._impl_name
 
     def train(self, mode: bool = True):
         if mode:
@@ -140,7 +183,7 @@ class FusedConvBnAct(_Fused):
             self.in_hw = (int(x.shape[2]), int(x.shape[3]))
             return conv_bn_act_ref(x, self.weight.to("meta"), self.bias.to("meta"), self.stride, self.padding,
                                    self.groups, residual, self.relu)
-        impl = self._impl if self._by_batch is None else self.impl_for(x.shape[0])
+        impl = self._impl if (self._by_batch is None and not self._launch_bound[0]) else self.impl_for(x.shape[0])
         if impl is None:
             return conv_bn_act_ref(x, self.weight, self.bias, self.stride, self.padding, self.groups, residual,
                                    self.relu)
@@ -173,7 +216,8 @@ class FusedAggregate(_Fused):
         if self._probing:
             self.in_hw = (int(children[0].shape[2]), int(children[0].shape[3]))
             return aggregate_ref(children, self.weight.to("meta"), self.bias.to("meta"), residual, self.relu)
-        impl = self._impl if self._by_batch is None else self.impl_for(children[0].shape[0])
+        impl = (self._impl if (self._by_batch is None and not self._launch_bound[0])
+                else self.impl_for(children[0].shape[0]))
         if impl is None:
             return aggregate_ref(children, self.weight, self.bias, residual, self.relu)
         return impl.aggregate(children, self.weight, self.bias, residual, self.relu)
@@ -504,7 +548,8 @@ class CudaGraphRunner(nn.Module):
         return self.module.summary() + f"\n  (replayed from CUDA graphs; {len(self._graphs)} captured)"
 
     def backends(self, batch: Optional[int] = None) -> Dict[str, str]:
-        return self.module.backends(batch)
+        with graph_mode():
+            return self.module.backends(batch)
 
     def _capture(self, x: torch.Tensor):
         # A normal (non-inference) tensor, so that copy_ into it works both inside and outside inference_mode.
@@ -513,13 +558,14 @@ class CudaGraphRunner(nn.Module):
         static_x.copy_(x)
         s = torch.cuda.Stream(device=x.device)
         s.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(s):
-            for _ in range(self.warmup):  # compiles kernels / selects configs outside the capture
-                self.module(static_x)
-        torch.cuda.current_stream(x.device).wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = self.module(static_x)
+        with graph_mode():
+            with torch.cuda.stream(s):
+                for _ in range(self.warmup):  # compiles kernels / selects configs outside the capture
+                    self.module(static_x)
+            torch.cuda.current_stream(x.device).wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y = self.module(static_x)
         return graph, static_x, static_y
 
     def forward(self, x: torch.Tensor):

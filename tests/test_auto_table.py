@@ -146,7 +146,8 @@ def test_generator_keeps_batch_sizes_apart(tmp_path, monkeypatch):
     triton_mod, cuda_mod = type("T", (), {"NAME": "triton"}), type("C", (), {"NAME": "cuda"})
     mods = {"triton": triton_mod, "cuda": cuda_mod}
     monkeypatch.setattr(_backends, "select",
-                        lambda op, backend, x, g, key=None, batch=None: mods[auto_table.lookup(key, dev, batch)])
+                        lambda op, backend, x, g, key=None, batch=None, launch_bound=False:
+                        mods[auto_table.lookup(key, dev, batch)])
     from dla_fast.fuse import FusedConvBnAct
     layer = FusedConvBnAct(torch.nn.Conv2d(512, 512, 3, padding=1, bias=False), torch.nn.BatchNorm2d(512).eval(),
                            True, "auto", torch.float16)
@@ -155,3 +156,33 @@ def test_generator_keeps_batch_sizes_apart(tmp_path, monkeypatch):
     assert layer._impl is cuda_mod
     assert [layer.impl_for(b).NAME for b in (1, 16, 17, 256)] == ["triton", "triton", "cuda", "cuda"]
     assert layer.backend_note() == "cuda (batch <= 16: triton)"
+
+
+def test_small_batches_without_a_graph_prefer_cheap_launches(monkeypatch):
+    """Eager small batches are paced by the host's launch cost: auto takes the launch-bound choice there, and
+    the GPU-time choice under a CUDA graph (graph_mode, as CudaGraphRunner uses it) or at large batches."""
+    from dla_fast import fuse
+    triton_mod, cuda_mod = type("T", (), {"NAME": "triton"}), type("C", (), {"NAME": "cuda"})
+
+    def select(op, backend, x, g, key=None, batch=None, launch_bound=False):
+        return None if launch_bound else (triton_mod if batch == 1 else cuda_mod)  # None: eager (cuDNN)
+    monkeypatch.setattr(_backends, "select", select)
+    monkeypatch.setattr(auto_table, "batches", lambda key: (1, 256))
+    layer = fuse.FusedConvBnAct(torch.nn.Conv2d(64, 64, 3, padding=1, bias=False), torch.nn.BatchNorm2d(64).eval(),
+                                True, "auto", torch.float16)
+    layer.resolve(torch.device("meta"), torch.float16)
+    assert layer.impl_for(1) is None and layer.impl_for(fuse.LAUNCH_BOUND_BATCH) is None     # eager, cheap launch
+    assert layer.impl_for(fuse.LAUNCH_BOUND_BATCH + 1) is cuda_mod
+    with fuse.graph_mode():
+        assert layer.impl_for(1) is triton_mod and layer.impl_for(256) is cuda_mod
+        with fuse.graph_mode():
+            pass
+        assert layer.impl_for(1) is triton_mod                                                  # nesting restores
+    assert layer.impl_for(1) is None
+    assert layer.impl_for(1, replayed=True) is triton_mod
+    assert layer.backend_note() == "cuda (batch <= 16: triton; batch <= 16 without a CUDA graph: eager)"
+    # a forced backend never switches
+    forced = fuse.FusedConvBnAct(torch.nn.Conv2d(64, 64, 3, padding=1, bias=False),
+                                 torch.nn.BatchNorm2d(64).eval(), True, "triton", torch.float16)
+    forced.resolve(torch.device("meta"), torch.float16)
+    assert forced._launch_bound == (False, None) and forced._by_batch is None

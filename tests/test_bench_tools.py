@@ -137,6 +137,18 @@ def _synthetic(path):
     return path
 
 
+def test_opbench_timer_choice():
+    """Small batches are timed by CUDA-graph replay (their launches outlast the kernels), large ones by
+    do_bench; the CPU always by perf_counter."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert opbench.timer_name(cuda, "auto", 1) == "cudagraph"
+    assert opbench.timer_name(cuda, "auto", opbench.SMALL_BATCH) == "cudagraph"
+    assert opbench.timer_name(cuda, "auto", opbench.SMALL_BATCH + 1) in ("triton.testing.do_bench", "cuda_events")
+    assert opbench.timer_name(cuda, "cudagraph", 256) == "cudagraph"
+    assert opbench.timer_name(cuda, "do_bench", 1) != "cudagraph"
+    assert opbench.timer_name(cpu, "cudagraph", 1) == "perf_counter"
+
+
 def test_report_markdown(tmp_path):
     data = report.load(str(_synthetic(tmp_path / "e2e.json")))
     md = report.to_markdown(data)

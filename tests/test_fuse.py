@@ -124,6 +124,22 @@ def test_input_cast_and_channels_last():
         fast(torch.ones(1, 3, 32, 32, dtype=torch.int64))
 
 
+def test_tree_downsampling_is_a_fused_max_pool():
+    """The trees' 2x2 max pools become FusedMaxPool (Triton on CUDA under auto/triton, torch elsewhere);
+    anything but a plain k x k / stride-k pool is kept as it is."""
+    from dla_fast.fuse import FusedMaxPool
+    fast = dla_fast.optimize(dla_fast.create_model("dla34"), dtype=torch.float32)
+    pools = [m for m in fast.modules() if isinstance(m, FusedMaxPool)]
+    assert pools and all(p.k == 2 for p in pools)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in fast.modules())
+    x = torch.randn(2, 16, 9, 7)
+    torch.testing.assert_close(pools[0](x), nn.functional.max_pool2d(x, 2, 2), rtol=0, atol=0)
+    for keep in (nn.MaxPool2d(3, stride=2), nn.MaxPool2d(2, stride=2, ceil_mode=True),
+                 nn.MaxPool2d(2, stride=2, padding=1), nn.Identity()):
+        assert FusedMaxPool.wrap(keep, "auto") is keep
+    assert isinstance(FusedMaxPool.wrap(nn.MaxPool2d(2), "auto"), FusedMaxPool)
+
+
 def test_summary_names_backends():
     fast = dla_fast.optimize(dla_fast.create_model("dla34").eval(), dtype=torch.float32)
     s = fast.summary()

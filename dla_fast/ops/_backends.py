@@ -46,13 +46,18 @@ def _is_rgb_stem(key) -> bool:
             and padding == (3, 3))
 
 
-def auto_preference(key, device: Optional[torch.device] = None, batch: Optional[int] = None) -> Tuple[str, ...]:
+def auto_preference(key, device: Optional[torch.device] = None, batch: Optional[int] = None,
+                    launch_bound: bool = False) -> Tuple[str, ...]:
     """Backends to try, in order, for ``key`` under backend="auto" (before DEFAULT_ORDER).
 
     A measured per-shape winner from dla_fast/ops/auto_table.json (at the measured batch size nearest
     ``batch``; None: the largest) comes first when the GPU is the kind it was measured on; then fixed rules
-    for shapes whose winner does not depend on the card.
+    for shapes whose winner does not depend on the card. ``launch_bound``: the host's launch cost, not the
+    kernel, decides (small batches without a CUDA graph; see dla_fast.fuse.LAUNCH_BOUND_BATCH): the backends
+    with the cheapest launches first.
     """
+    if launch_bound:
+        return ("cuda", "eager")
     from . import auto_table
     win = auto_table.lookup(key, device, batch)
     if win:
@@ -91,9 +96,10 @@ def reason_unavailable(name: str, x: torch.Tensor) -> Optional[str]:
     return mod.unavailable_reason(x)
 
 
-def select(op: str, backend: str, x: torch.Tensor, needs_grad: bool, key=None, batch: Optional[int] = None):
-    """The backend module to run ``op`` on ``x`` (a batch of ``batch``; None: large), or None for the eager
-    reference."""
+def select(op: str, backend: str, x: torch.Tensor, needs_grad: bool, key=None, batch: Optional[int] = None,
+           launch_bound: bool = False):
+    """The backend module to run ``op`` on ``x`` (a batch of ``batch``; None: large; ``launch_bound``: see
+    auto_preference), or None for the eager reference."""
     if backend == "eager":
         return None
     if backend in ("triton", "cuda"):
@@ -108,7 +114,7 @@ def select(op: str, backend: str, x: torch.Tensor, needs_grad: bool, key=None, b
     # auto: kernels only for CUDA inference; everything else is the eager reference.
     if needs_grad or x.device.type != "cuda":
         return None
-    for name in auto_preference(key, x.device, batch) + DEFAULT_ORDER:
+    for name in auto_preference(key, x.device, batch, launch_bound) + DEFAULT_ORDER:
         if name == "eager":
             return None
         if reason_unavailable(name, x) is None:

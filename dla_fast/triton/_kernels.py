@@ -197,18 +197,22 @@ def _conv_gemm_kernel(
                             mask=c_ok[:, None] & col_ok[None, :], other=0.0)
                 acc = _mma(a, b, acc, PREC, RND)
 
+    _finish(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, ws_ptr, M, Cout,
+            srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU, SPLIT)
+
+
+@triton.jit
+def _finish(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, ws_ptr, M, Cout,
+            srn, src, srh, srw, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+            SPLIT: tl.constexpr):
+    """The epilogue, or under split-K this program's fp32 partial sum into slice program_id(1) of the
+    workspace (only used for grids too small to fill the GPU, so M * Cout * SPLIT is far below 2^31)."""
     if SPLIT == 1:
         _epilogue(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, Cout,
                   srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU)
     else:
-        _store_partial(acc, ws_ptr, rows, cols, row_ok, col_ok, M, Cout)
-
-
-@triton.jit
-def _store_partial(acc, ws_ptr, rows, cols, row_ok, col_ok, M, Cout):
-    # The workspace is only used for grids too small to fill the GPU, so M * Cout * SPLIT is far below 2^31.
-    off = tl.program_id(1) * M * Cout + rows[:, None] * Cout + cols[None, :]
-    tl.store(ws_ptr + off, acc, mask=row_ok[:, None] & col_ok[None, :])
+        off = tl.program_id(1) * M * Cout + rows[:, None] * Cout + cols[None, :]
+        tl.store(ws_ptr + off, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -430,11 +434,8 @@ def _aggregate_kernel(
         b = tl.load(w_ptr + w_row[None, :] + (kb + c)[:, None], mask=c_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, PREC, RND)
 
-    if SPLIT == 1:
-        _epilogue(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, Cout,
-                  srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU)
-    else:
-        _store_partial(acc, ws_ptr, rows, cols, row_ok, col_ok, M, Cout)
+    _finish(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, ws_ptr, M, Cout,
+            srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU, SPLIT)
 
 
 @triton.jit
