@@ -13,7 +13,6 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import triton
 from torch.library import triton_op, wrap_triton
 
 from ._kernels import (_aggregate_kernel, _conv_direct_kernel, _conv_gemm_kernel, _max_pool_kernel,
@@ -45,6 +44,12 @@ def _skip_launch(t: torch.Tensor) -> bool:
         return False
     from torch._subclasses.fake_tensor import is_fake
     return is_fake(t) or t.device.type == "meta"
+
+
+def _cdiv(a: int, b: int) -> int:
+    # Not triton.cdiv: in recent Triton that is a constexpr function whose Python call unwraps its
+    # arguments (~12 us each); a launch plans with a dozen of them.
+    return -(-a // b)
 
 
 def _pow2(n: int) -> int:
@@ -133,7 +138,7 @@ def _split_k(tiles: int, k_iters: int, sms: int) -> int:
     a handful of SMs each stream a whole weight slice while the rest idle."""
     if sms <= 0 or 2 * tiles > sms:
         return 1
-    return max(1, min(_MAX_SPLIT, triton.cdiv(sms, tiles), k_iters // _MIN_ITERS_PER_SPLIT))
+    return max(1, min(_MAX_SPLIT, _cdiv(sms, tiles), k_iters // _MIN_ITERS_PER_SPLIT))
 
 def conv_plan(M: int, Cin_g: int, Cout_g: int, groups: int, kh: int, kw: int, dtype: torch.dtype,
               tf32: bool, interp: bool, force: Optional[str] = None, sms: int = 0) -> Dict:
@@ -193,8 +198,8 @@ def conv_plan(M: int, Cin_g: int, Cout_g: int, groups: int, kh: int, kw: int, dt
     if interp:
         return dict(kind=kind, MODE=1 if kind == "flat" else 0, GB=1, BLOCK_M=32, BLOCK_N=min(bn, 32),
                     BLOCK_K=16, num_warps=4, num_stages=1)
-    n_tiles = groups * triton.cdiv(Cout_g, bn)
-    bm = 128 if triton.cdiv(M, 128) * n_tiles >= 264 else 64
+    n_tiles = groups * _cdiv(Cout_g, bn)
+    bm = 128 if _cdiv(M, 128) * n_tiles >= 264 else 64
     num_warps = 8 if bm * bn >= 128 * 128 else 4
     stages = 4 if bk * esize <= 64 else 3
     if not tensor_cores:
@@ -211,12 +216,12 @@ def conv_plan(M: int, Cin_g: int, Cout_g: int, groups: int, kh: int, kw: int, dt
         num_warps = 8 if bm >= 128 else 4
     split = 1
     if kind == "dense" and groups == 1:
-        if bn > 64 and 2 * triton.cdiv(M, bm) * n_tiles <= sms:
+        if bn > 64 and 2 * _cdiv(M, bm) * n_tiles <= sms:
             # Few tiles anyway: narrower ones double the programs before any K splitting is needed.
             bn = 64
-            n_tiles = triton.cdiv(Cout_g, bn)
+            n_tiles = _cdiv(Cout_g, bn)
             num_warps = 8 if bm * bn >= 128 * 128 else 4
-        split = _split_k(triton.cdiv(M, bm) * n_tiles, kh * kw * triton.cdiv(Cin_g, bk), sms)
+        split = _split_k(_cdiv(M, bm) * n_tiles, kh * kw * _cdiv(Cin_g, bk), sms)
     return dict(kind=kind, MODE=1 if kind == "flat" else 0, GB=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                 num_warps=num_warps, num_stages=stages, SPLIT=split)
 
@@ -232,18 +237,18 @@ def aggregate_plan(M: int, chans: Sequence[int], Cout: int, dtype: torch.dtype, 
     else:
         bk = 32 if cmin >= 32 else 16
     bn = 128 if Cout >= 128 else (64 if Cout > 32 else (32 if Cout > 16 else 16))
-    n_tiles = triton.cdiv(Cout, bn)
-    bm = 128 if triton.cdiv(M, 128) * n_tiles >= 264 else 64
+    n_tiles = _cdiv(Cout, bn)
+    bm = 128 if _cdiv(M, 128) * n_tiles >= 264 else 64
     num_warps = 8 if bm * bn >= 128 * 128 else 4
     stages = 3 if all((c * esize) % 16 == 0 for c in chans) else 2
     if not tf32 and dtype not in _TC_DTYPES:  # IEEE fp32: see conv_plan
         bn, bk, stages = min(bn, 64), min(bk, 32), 2
         num_warps = 8 if bm >= 128 else 4
-    if bn > 64 and 2 * triton.cdiv(M, bm) * n_tiles <= sms:
+    if bn > 64 and 2 * _cdiv(M, bm) * n_tiles <= sms:
         bn = 64
-        n_tiles = triton.cdiv(Cout, bn)
+        n_tiles = _cdiv(Cout, bn)
         num_warps = 8 if bm * bn >= 128 * 128 else 4
-    split = _split_k(triton.cdiv(M, bm) * n_tiles, sum(triton.cdiv(c, bk) for c in chans), sms)
+    split = _split_k(_cdiv(M, bm) * n_tiles, sum(_cdiv(c, bk) for c in chans), sms)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps, num_stages=stages, SPLIT=split)
 
 
@@ -293,9 +298,9 @@ def conv_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
     if cfg["kind"] == "direct":
         gb, cog, bm = cfg["GB"], cfg["COG"], cfg["BLOCK_M"]
-        co_tiles = triton.cdiv(Cout_g, cog)
-        n_tiles = triton.cdiv(groups, gb) * co_tiles
-        grid_n = triton.cdiv(M, bm) * n_tiles
+        co_tiles = _cdiv(Cout_g, cog)
+        n_tiles = _cdiv(groups, gb) * co_tiles
+        grid_n = _cdiv(M, bm) * n_tiles
         _kernel(_conv_direct_kernel, raw)[lambda meta: (grid_n,)](
             x, w, b_arg, r_arg, y,
             M, H, W, Ho, Wo, Cin_g, Cout_g, Cout, groups,
@@ -309,13 +314,13 @@ def conv_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         if gb * Cin_g > bk or gb * Cout_g > bn:
             raise ValueError(f"block-diagonal config {cfg} does not cover {gb} groups of {Cin_g}->{Cout_g}")
         tiles_per_group = 1
-        n_tiles = triton.cdiv(groups, gb)
+        n_tiles = _cdiv(groups, gb)
         full = groups % gb == 0 and gb * Cin_g == bk and gb * Cout_g == bn
     else:
-        tiles_per_group = triton.cdiv(Cout_g, bn)
+        tiles_per_group = _cdiv(Cout_g, bn)
         n_tiles = groups * tiles_per_group
         full = False
-    grid_n = triton.cdiv(M, bm) * n_tiles
+    grid_n = _cdiv(M, bm) * n_tiles
     split = int(cfg.get("SPLIT", 1))
     if split > 1 and mode != 0:
         raise ValueError(f"config {cfg}: split-K is only implemented for the dense (tap-major) kernel")
@@ -344,15 +349,15 @@ def _workspace(split: int, M: int, Cout: int, y: torch.Tensor) -> torch.Tensor:
 
 def _splitk_epilogue(ws, split, bias, residual, y, M, HW, W, Cout, relu, raw: bool = False) -> None:
     bn = min(64, max(16, _pow2(Cout)))
-    n_tiles = triton.cdiv(Cout, bn)
+    n_tiles = _cdiv(Cout, bn)
     # A memory-bound pass over split x M x Cout fp32: thin tiles, so that at batch 1 (M = 49 pixels at 7x7)
     # the grid still spreads over the SMs instead of 8 programs each reading 16 partial tiles alone
     # (5.6 us per call on the H200 with 64-row tiles).
     bm = 64
     sms = 132 if interpreted() else _sm_count(y.device)
-    while bm > 2 and triton.cdiv(M, bm) * n_tiles < 2 * sms:
+    while bm > 2 and _cdiv(M, bm) * n_tiles < 2 * sms:
         bm //= 2
-    grid = triton.cdiv(M, bm) * n_tiles
+    grid = _cdiv(M, bm) * n_tiles
     srn, src, srh, srw = _residual_strides(residual)
     _kernel(_splitk_epilogue_kernel, raw)[lambda meta: (grid,)](
         ws, bias if bias is not None else ws, residual if residual is not None else ws, y,
@@ -406,8 +411,8 @@ def aggregate_launch(children: Sequence[torch.Tensor], weight2d: torch.Tensor, b
     ss = strides + [0] * (MAX_CHILDREN - nc)
     srn, src, srh, srw = _residual_strides(residual)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    n_tiles = triton.cdiv(Cout, bn)
-    grid_n = triton.cdiv(M, bm) * n_tiles
+    n_tiles = _cdiv(Cout, bn)
+    grid_n = _cdiv(M, bm) * n_tiles
     split = int(cfg.get("SPLIT", 1))
     ws = _workspace(split, M, Cout, y)
     _kernel(_aggregate_kernel, raw)[lambda meta: (grid_n, split)](
@@ -436,8 +441,8 @@ def max_pool_launch(x: torch.Tensor, k: int, raw: bool = False) -> torch.Tensor:
         raise RuntimeError(f"max_pool (triton): a {tuple(x.shape)} input exceeds the kernel's 32-bit offsets")
     bc = min(64, max(16, _pow2(C)))
     bp = 16 if interpreted() else max(16, 4096 // bc)
-    n_tiles_c = triton.cdiv(C, bc)
-    grid = triton.cdiv(P, bp) * n_tiles_c
+    n_tiles_c = _cdiv(C, bc)
+    grid = _cdiv(P, bp) * n_tiles_c
     sxn, sxc, sxh, sxw = x.stride()
     _kernel(_max_pool_kernel, raw)[lambda meta: (grid,)](
         x, y, P, H, W, Ho, Wo, C, sxn, sxc, sxh, sxw, n_tiles_c,
