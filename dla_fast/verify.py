@@ -133,7 +133,7 @@ def verify_model(name: str, dtypes: Sequence[torch.dtype], device: str, backend:
         fast = dla_fast.optimize(r, dtype=dt, backend=backend)
         with torch.no_grad():
             err = rel_err(fast(xd).cpu(), ref64)
-        used = sorted(set(fast.backends().values()))
+        used = sorted(set(fast.backends(batch_size).values()))
         bound = RATIO * eager_err + FLOOR[dt]
         rows.append(VerifyRow(name, dtype_name(dt), backend, batch_size, tuple(hw), err, eager_err, bound,
                               err <= bound, "+".join(used), time.perf_counter() - t1 + (t1 - t0) / len(dtypes)))
