@@ -57,7 +57,9 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = True
     fast = dla_fast.optimize(dla_fast.create_model(a.model), dtype=dtype, backend=a.backend, device="cuda")
     x = torch.randn(a.batch, 3, a.hw, a.hw, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
+    # graph_mode: the profiled eager forwards run the kernels the graph replays (without it, auto at small
+    # batches takes the launch-bound choice and the table would describe another forward than graph_ms).
+    with torch.inference_mode(), dla_fast.fuse.graph_mode():
         for _ in range(3):
             fast(x)
         torch.cuda.synchronize()
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
             for _ in range(a.iters):
                 fast(x)
             torch.cuda.synchronize()
+        used = collections.Counter(fast.backends(a.batch).values())
     per = collections.defaultdict(lambda: [0.0, 0])
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
@@ -74,7 +77,6 @@ def main(argv=None) -> int:
             per[ev.name][1] += 1
     total = sum(v[0] for v in per.values())
     rows = sorted(((n, ms, cnt / a.iters) for n, (ms, cnt) in per.items()), key=lambda r: -r[1])
-    used = collections.Counter(fast.backends(a.batch).values())
     print(f"{a.model} {a.dtype} batch {a.batch} backend={a.backend} ({dict(used)}) on {torch.cuda.get_device_name()}")
     print(f"kernel time per forward {total:.4f} ms over {sum(r[2] for r in rows):.0f} kernels; "
           f"CUDA-graph replay {graph_ms:.4f} ms")

@@ -82,6 +82,11 @@ def _launch_cost_hidden() -> bool:
     return torch.compiler.is_compiling() or getattr(_graph_state, "on", False)
 
 
+def _name(impl) -> str:
+    """A resolved backend module's name ("eager" for None)."""
+    return "eager" if impl is None else impl.NAME
+
+
 class _Fused(nn.Module):
     """A fused layer: weights in the inference dtype (channels_last), bias in fp32, a resolved backend."""
 
@@ -114,7 +119,7 @@ class _Fused(nn.Module):
         key = self.shape_key()
         impl = _backends.select(self.OP, self.backend, probe, False, key=key)
         self._impl = impl
-        self._impl_name = "eager" if impl is None else impl.NAME
+        self._impl_name = _name(impl)
         self._by_batch = None
         self._launch_bound = (False, None)
         if self.backend != "auto":
@@ -144,11 +149,10 @@ class _Fused(nn.Module):
     def backend_note(self) -> str:
         """The backend name, plus the small-batch choices where they differ, e.g.
         "cuda (batch <= 16: triton; batch <= 16 without a CUDA graph: eager)"."""
-        name = lambda impl: "eager" if impl is None else impl.NAME  # noqa: E731
-        extra = [] if self._by_batch is None else [f"batch <= {int(bound)}: {name(impl)}"
+        extra = [] if self._by_batch is None else [f"batch <= {int(bound)}: {_name(impl)}"
                                                    for bound, impl in self._by_batch[:-1]]
         if self._launch_bound[0]:
-            extra.append(f"batch <= {LAUNCH_BOUND_BATCH} without a CUDA graph: {name(self._launch_bound[1])}")
+            extra.append(f"batch <= {LAUNCH_BOUND_BATCH} without a CUDA graph: {_name(self._launch_bound[1])}")
         return f"{self._impl_name} ({'; '.join(extra)})" if extra else self._impl_name
 
     def train(self, mode: bool = True):
@@ -183,7 +187,7 @@ class FusedConvBnAct(_Fused):
             self.in_hw = (int(x.shape[2]), int(x.shape[3]))
             return conv_bn_act_ref(x, self.weight.to("meta"), self.bias.to("meta"), self.stride, self.padding,
                                    self.groups, residual, self.relu)
-        impl = self._impl if (self._by_batch is None and not self._launch_bound[0]) else self.impl_for(x.shape[0])
+        impl = self.impl_for(x.shape[0])
         if impl is None:
             return conv_bn_act_ref(x, self.weight, self.bias, self.stride, self.padding, self.groups, residual,
                                    self.relu)
@@ -216,8 +220,7 @@ class FusedAggregate(_Fused):
         if self._probing:
             self.in_hw = (int(children[0].shape[2]), int(children[0].shape[3]))
             return aggregate_ref(children, self.weight.to("meta"), self.bias.to("meta"), residual, self.relu)
-        impl = (self._impl if (self._by_batch is None and not self._launch_bound[0])
-                else self.impl_for(children[0].shape[0]))
+        impl = self.impl_for(children[0].shape[0])
         if impl is None:
             return aggregate_ref(children, self.weight, self.bias, residual, self.relu)
         return impl.aggregate(children, self.weight, self.bias, residual, self.relu)
@@ -509,11 +512,7 @@ class FusedDLA(nn.Module):
         self._ensure_resolved(self.weight_device())
         if batch is None:
             return {n: m._impl_name for n, m in self.fused_layers()}
-        out = {}
-        for n, m in self.fused_layers():
-            impl = m.impl_for(int(batch))
-            out[n] = "eager" if impl is None else impl.NAME
-        return out
+        return {n: _name(m.impl_for(int(batch))) for n, m in self.fused_layers()}
 
 
 def _copy_head(fc: nn.Module, dtype: torch.dtype) -> nn.Module:
