@@ -4,8 +4,9 @@ Environment knobs:
 
 * ``DLA_FAST_SKIP_CUDA=1``   install without the extension on purpose.
 * ``DLA_FAST_FORCE_CUDA=1``  fail the install when the extension cannot be built (CI on CUDA machines).
-* ``DLA_FAST_CUDA_ARCHS``    target GPUs, e.g. ``"80;90"`` (default) or ``"90a"``; ``+PTX`` on an entry also
-                             embeds PTX for it.
+* ``DLA_FAST_CUDA_ARCHS``    target GPUs, e.g. ``"80;90a"`` (default) or ``"90a"``; ``+PTX`` on an entry also
+                             embeds PTX for it. ``90a`` (Hopper's arch-specific target) is what enables the
+                             wgmma kernels; plain ``90`` builds run the portable mma.sync kernels on an H100.
 * ``CUDA_HOME``              the CUDA toolkit; found from ``nvcc`` when unset.
 * ``MAX_JOBS``               parallel compile jobs (torch's BuildExtension honours it).
 
@@ -21,7 +22,7 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "80;90"
+DEFAULT_ARCHS = "80;90a"
 
 
 def _log(msg: str) -> None:
@@ -139,8 +140,16 @@ def cuda_extension():
     except ValueError as e:
         return skip(str(e))
 
+    sm90a = any("code=sm_90a" in f for f in archs)
+    if sm90a and int(torch.version.cuda.split(".")[0]) < 12:
+        _log(f"CUDA {torch.version.cuda} cannot target sm_90a (needs 12.0+): building sm_90 instead, "
+             "without the Hopper wgmma kernels")
+        archs = [f.replace("90a", "90") for f in archs]
+        sm90a = False
     _log(f"building dla_fast._C with CUDA_HOME={cuda_home}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-         f"archs {' '.join(archs)}")
+         f"archs {' '.join(archs)}" + (" (with the sm_90a wgmma kernels)" if sm90a else ""))
+    # Host code picks the wgmma kernels only when their sm_90a image is in the binary.
+    defines = ["-DDLA_FAST_SM90A"] if sm90a else []
     csrc = os.path.join("csrc")
     sources = sorted(os.path.join(csrc, f) for f in os.listdir(os.path.join(ROOT, csrc))
                      if f.endswith((".cpp", ".cu")))
@@ -149,13 +158,13 @@ def cuda_extension():
         "-lineinfo",  # source lines in compute-sanitizer / ncu reports; no run-time cost
         # no --use_fast_math: the fp32 path promises IEEE results (fast-math flushes denormals, approximates)
         "--expt-relaxed-constexpr",
-    ] + archs
+    ] + archs + defines
     ext = CUDAExtension(
         name="dla_fast._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, csrc)],
         # -g0: Python's CFLAGS carry -g, which triples the .so and the host compile time for no use here
-        extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3", "-g0"] + defines, "nvcc": nvcc_flags},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

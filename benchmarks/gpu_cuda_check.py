@@ -23,7 +23,7 @@ memcheck sees out-of-bounds accesses that the caching allocator would otherwise 
     $S --tool synccheck --error-exitcode 9 python3 benchmarks/gpu_cuda_check.py --sanitize
     $S --tool initcheck --error-exitcode 9 python3 benchmarks/gpu_cuda_check.py --sanitize
 
-DLA_FAST_CUDA_KERNEL=tc|simt|direct forces a kernel family (a failing tensor-core shape is re-run with
+DLA_FAST_CUDA_KERNEL=wgmma|tc|simt|direct forces a kernel family (a failing tensor-core shape is re-run with
 ``simt`` automatically, to tell a tiling bug from a gather bug).
 """
 from __future__ import annotations
@@ -400,6 +400,8 @@ SANITIZE_CASES = [
     Case("conv_bn_act", (32,), (7, 7), 32, (3, 3), (1, 1), (1, 1), 8, "tensor", True),      # direct, 4 ch/group
     Case("conv_bn_act", (64,), (6, 6), 64, (3, 3), (2, 2), (1, 1), 4, "none", True),        # tc grouped, 16/grp
     Case("conv_bn_act", (28,), (8, 8), 28, (3, 3), (1, 1), (1, 1), 1, "none", True, (112,)),  # slice, vw4
+    Case("conv_bn_act", (128,), (6, 5), 136, (3, 3), (1, 1), (1, 1), 1, "tensor", True),    # wgmma, 18 k tiles
+    Case("conv_bn_act", (64,), (7, 6), 64, (3, 3), (2, 2), (1, 1), 8, "tensor", True),      # grouped, 8 ch/group
     Case("aggregate", (32, 16), (5, 7), 32, residual="child0"),
     Case("aggregate", (28, 28, 28, 28), (6, 6), 128, residual="tensor", pitches=(28, 28, 28, 112)),
     Case("aggregate", (13, 7, 20), (3, 5), 24, residual="tensor", relu=False),               # vw1
@@ -413,7 +415,8 @@ def sanitize() -> int:
     fails = 0
     for dt in (torch.float16, torch.bfloat16, torch.float32):
         for case in SANITIZE_CASES:
-            for force in ("auto", "simt", "direct") if case.op == "conv_bn_act" else ("auto", "simt"):
+            forces = ("auto", "wgmma", "tc", "simt") + (("direct",) if case.op == "conv_bn_act" else ())
+            for force in forces:
                 os.environ["DLA_FAST_CUDA_KERNEL"] = force
                 try:
                     xs, wt, b, res = make_inputs(case, 2, dt, "cuda")

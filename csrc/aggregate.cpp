@@ -92,6 +92,11 @@ at::Tensor aggregate_cuda(at::TensorList children_in, const at::Tensor& weight_i
     if (vw == 4 && !w_ok(4)) vw = 1;
     const int bn = pick_bn(p.Cout, M, 1);
     DLA_CHECK((p.Cout + bn - 1) / bn <= 65535, op, ": too many output channels");
+    if (pick_wgmma(force, dt, vw, bn)) {
+      const int used = launch_igemm_wgmma(dt, KIND_CAT, bn, p, stream);
+      set_last_kernel(std::string("wgmma ") + dtype_name(dt) + " bn" + std::to_string(used));
+      return y;
+    }
     const int used = launch_igemm_tc(dt, KIND_CAT, vw, bn, p, stream);
     set_last_kernel(std::string("tc ") + dtype_name(dt) + " vw" + std::to_string(vw) + " bn" + std::to_string(used));
     return y;

@@ -183,4 +183,60 @@ __device__ __forceinline__ long long res_offset(const GemmParams& p, int m) {
   return (long long)n * p.rsn + (long long)ho * p.rsh + (long long)wo * p.rsw;
 }
 
+// The fused epilogue of the tensor-core kernels for one accumulator pair (two adjacent output channels of one
+// pixel): fp32 bias + residual + ReLU, one rounding, one store (4 bytes when both channels exist and align).
+template <typename T>
+struct Epilogue {
+  struct Row {
+    long long yoff, roff;
+  };
+  bool pair_ok, res_pair_ok;
+  const uint16_t* res;
+  uint16_t* y;
+
+  __device__ __forceinline__ explicit Epilogue(const GemmParams& p)
+      : pair_ok((p.Cout % 2 == 0) && (p.Cout_g % 2 == 0)),  // co even => 4-byte aligned pair
+        res_pair_ok(pair_ok && p.res != nullptr && (p.rsn % 2 == 0) && (p.rsh % 2 == 0) && (p.rsw % 2 == 0) &&
+                    ((reinterpret_cast<uintptr_t>(p.res) & 3) == 0)),
+        res(static_cast<const uint16_t*>(p.res)),
+        y(static_cast<uint16_t*>(p.y)) {}
+
+  __device__ __forceinline__ Row row(const GemmParams& p, int m) const {
+    return Row{(long long)m * p.Cout, res != nullptr ? res_offset(p, m) : 0};
+  }
+
+  // col: channel within group g (even); v0, v1: accumulators of channels col, col + 1.
+  __device__ __forceinline__ void pair(const GemmParams& p, const Row& r, int g, int col, float v0, float v1) const {
+    if (col >= p.Cout_g) return;
+    const int co = g * p.Cout_g + col;
+    const bool has1 = col + 1 < p.Cout_g;
+    if (p.bias != nullptr) {
+      v0 += p.bias[co];
+      if (has1) v1 += p.bias[co + 1];
+    }
+    if (res != nullptr) {
+      if (res_pair_ok && has1) {
+        const uint32_t rr = *reinterpret_cast<const uint32_t*>(res + r.roff + co);
+        v0 += Num<T>::bits_to_f(static_cast<uint16_t>(rr & 0xffffu));
+        v1 += Num<T>::bits_to_f(static_cast<uint16_t>(rr >> 16));
+      } else {
+        v0 += Num<T>::bits_to_f(res[r.roff + co]);
+        if (has1) v1 += Num<T>::bits_to_f(res[r.roff + co + 1]);
+      }
+    }
+    if (p.relu) {  // written so that NaN stays NaN, like torch.relu
+      v0 = v0 < 0.f ? 0.f : v0;
+      v1 = v1 < 0.f ? 0.f : v1;
+    }
+    const uint16_t b0 = Num<T>::f_to_bits(v0);
+    const uint16_t b1 = Num<T>::f_to_bits(v1);
+    if (pair_ok && has1) {
+      *reinterpret_cast<uint32_t*>(y + r.yoff + co) = static_cast<uint32_t>(b0) | (static_cast<uint32_t>(b1) << 16);
+    } else {
+      y[r.yoff + co] = b0;
+      if (has1) y[r.yoff + co + 1] = b1;
+    }
+  }
+};
+
 }  // namespace dla_fast

@@ -89,6 +89,13 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
     return y;
   }
   const bool few_per_group = groups > 1 && (Cin_g < 16 || Cout / groups < 16);
+  if (force == Force::Auto && few_per_group) {
+    if (grouped_supported(p, nhwc_vw(x, p.Cin_g), static_cast<int>(x.element_size()))) {
+      launch_grouped_conv(dt, p, stream);
+      set_last_kernel(std::string("grouped ") + dtype_name(dt) + " g" + std::to_string(p.Cin_g));
+      return y;
+    }
+  }
   bool use_direct = force == Force::Direct || (force == Force::Auto && few_per_group);
   if (use_direct) {
     launch_direct_conv(dt, p, stream);
@@ -106,6 +113,11 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
     if (vw == 4 && !w_ok(4)) vw = 1;
     const int bn = pick_bn(p.Cout_g, M, p.groups);
     DLA_CHECK((long long)groups * ((p.Cout_g + bn - 1) / bn) <= 65535, op, ": too many output-channel tiles");
+    if (pick_wgmma(force, dt, vw, bn)) {
+      const int used = launch_igemm_wgmma(dt, KIND_CONV, bn, p, stream);
+      set_last_kernel(std::string("wgmma ") + dtype_name(dt) + " bn" + std::to_string(used));
+      return y;
+    }
     const int used = launch_igemm_tc(dt, KIND_CONV, vw, bn, p, stream);
     set_last_kernel(std::string("tc ") + dtype_name(dt) + " vw" + std::to_string(vw) + " bn" + std::to_string(used));
     return y;

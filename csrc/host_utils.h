@@ -143,16 +143,18 @@ inline void set_gemm_io(GemmParams& p, const at::Tensor& w, const at::Tensor& bi
   p.relu = relu ? 1 : 0;
 }
 
-// DLA_FAST_CUDA_KERNEL=auto|tc|simt|direct forces a kernel family (debugging, tests, benchmarks). Read on
-// every call (a getenv is far cheaper than a launch) so a test can flip it at run time.
-enum class Force { Auto, TC, Simt, Direct };
+// DLA_FAST_CUDA_KERNEL=auto|wgmma|tc|simt|direct forces a kernel family (debugging, tests, benchmarks); a
+// family that cannot run the case falls back the way `auto` would (wgmma -> tc -> simt). Read on every call
+// (a getenv is far cheaper than a launch) so a test can flip it at run time.
+enum class Force { Auto, Wgmma, TC, Simt, Direct };
 inline Force forced_kernel() {
   const char* e = std::getenv("DLA_FAST_CUDA_KERNEL");
   if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return Force::Auto;
+  if (std::strcmp(e, "wgmma") == 0) return Force::Wgmma;
   if (std::strcmp(e, "tc") == 0) return Force::TC;
   if (std::strcmp(e, "simt") == 0) return Force::Simt;
   if (std::strcmp(e, "direct") == 0) return Force::Direct;
-  DLA_CHECK(false, "DLA_FAST_CUDA_KERNEL must be one of auto, tc, simt, direct; got '", e, "'");
+  DLA_CHECK(false, "DLA_FAST_CUDA_KERNEL must be one of auto, wgmma, tc, simt, direct; got '", e, "'");
   return Force::Auto;
 }
 
@@ -181,6 +183,25 @@ inline DevInfo dev_info() {
 
 // Tensor cores for fp16/bf16 on sm_80+ (mma.sync + cp.async + ldmatrix).
 inline bool tc_capable(DType dt) { return dt != DType::F32 && dev_info().major >= 8; }
+
+// Hopper warpgroup MMAs: only in a build that has sm_90a code (setup.py defines DLA_FAST_SM90A then), only on
+// compute capability 9.x, fp16/bf16 with the 16-byte gather (vw 8).
+inline bool wgmma_usable(DType dt, int vw) {
+#ifdef DLA_FAST_SM90A
+  return dt != DType::F32 && vw == 8 && dev_info().major == 9;
+#else
+  (void)dt;
+  (void)vw;
+  return false;
+#endif
+}
+
+// Which tensor-core kernel: wgmma where it can run and the tile is at least 64 channels wide (narrower
+// tiles would leave most of an m64nN instruction idle), unless DLA_FAST_CUDA_KERNEL=tc asks for mma.sync.
+inline bool pick_wgmma(Force force, DType dt, int vw, int bn) {
+  if (!wgmma_usable(dt, vw)) return false;
+  return force == Force::Wgmma || (force == Force::Auto && bn >= 64);
+}
 
 // Output-channel tile: the smallest of 16/32/64/128 that covers a group's channels; 64 instead of 128 when
 // 128-wide tiles would leave most SMs idle (small batch, 7x7 layers).

@@ -219,54 +219,17 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
 
   // ------------------------------------------------------------------------------------------------------
   // Epilogue straight from the accumulators: c0,c1 = (row lane/4, cols 2*(lane%4)+{0,1}); c2,c3 = row + 8.
-  // fp32 bias + residual + ReLU, one rounding, one store.
-  const bool pair_ok = (p.Cout % 2 == 0) && (p.Cout_g % 2 == 0);  // co even => 4-byte aligned pair
-  const bool res_pair_ok = pair_ok && p.res != nullptr && (p.rsn % 2 == 0) && (p.rsh % 2 == 0) &&
-                           (p.rsw % 2 == 0) && ((reinterpret_cast<uintptr_t>(p.res) & 3) == 0);
-  const uint16_t* res = static_cast<const uint16_t*>(p.res);
-  uint16_t* y = static_cast<uint16_t*>(p.y);
+  const Epilogue<T> epi(p);
 #pragma unroll
   for (int mf = 0; mf < MF; ++mf) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int m = bm + wm * Cfg::WM + mf * 16 + (lane >> 2) + h * 8;
       if (m >= p.M) continue;
-      const long long yoff = (long long)m * p.Cout;
-      const long long roff = res != nullptr ? res_offset(p, m) : 0;
+      const auto row = epi.row(p, m);
 #pragma unroll
       for (int nf = 0; nf < NF; ++nf) {
-        const int col = n0 + wn * Cfg::WN + nf * 8 + (lane & 3) * 2;
-        if (col >= p.Cout_g) continue;
-        const int co = g * p.Cout_g + col;
-        const bool has1 = col + 1 < p.Cout_g;
-        float v0 = acc[mf][nf][2 * h];
-        float v1 = acc[mf][nf][2 * h + 1];
-        if (p.bias != nullptr) {
-          v0 += p.bias[co];
-          if (has1) v1 += p.bias[co + 1];
-        }
-        if (res != nullptr) {
-          if (res_pair_ok && has1) {
-            const uint32_t rr = *reinterpret_cast<const uint32_t*>(res + roff + co);
-            v0 += Num<T>::bits_to_f(static_cast<uint16_t>(rr & 0xffffu));
-            v1 += Num<T>::bits_to_f(static_cast<uint16_t>(rr >> 16));
-          } else {
-            v0 += Num<T>::bits_to_f(res[roff + co]);
-            if (has1) v1 += Num<T>::bits_to_f(res[roff + co + 1]);
-          }
-        }
-        if (p.relu) {  // written so that NaN stays NaN, like torch.relu
-          v0 = v0 < 0.f ? 0.f : v0;
-          v1 = v1 < 0.f ? 0.f : v1;
-        }
-        const uint16_t b0 = Num<T>::f_to_bits(v0);
-        const uint16_t b1 = Num<T>::f_to_bits(v1);
-        if (pair_ok && has1) {
-          *reinterpret_cast<uint32_t*>(y + yoff + co) = static_cast<uint32_t>(b0) | (static_cast<uint32_t>(b1) << 16);
-        } else {
-          y[yoff + co] = b0;
-          if (has1) y[yoff + co + 1] = b1;
-        }
+        epi.pair(p, row, g, n0 + wn * Cfg::WN + nf * 8 + (lane & 3) * 2, acc[mf][nf][2 * h], acc[mf][nf][2 * h + 1]);
       }
     }
   }

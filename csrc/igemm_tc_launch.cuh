@@ -16,21 +16,27 @@ using TcSmall = TcCfg<128, 32, 32, 32>;  // 4    Cout/g <= 32
 using TcMid = TcCfg<128, 64, 64, 32>;    // 4    Cout/g <= 64, and big Cout when the grid would be small
 using TcBig = TcCfg<128, 128, 64, 32>;   // 8    Cout/g >= 128
 
+// Dynamic shared memory above 48 KB needs an opt-in, once per kernel and device (not a stream operation, so
+// harmless under CUDA-graph capture). `done` is the caller's per-kernel bit set of devices.
+template <typename Kern>
+void opt_in_smem(Kern kern, int bytes, std::atomic<unsigned long long>& done) {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const unsigned long long bit = 1ull << (dev & 63);
+  if (!(done.load(std::memory_order_acquire) & bit)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    done.fetch_or(bit, std::memory_order_acq_rel);
+  }
+}
+
 template <typename T, typename Cfg, int KIND, int VW>
 int run_tc(GemmParams p, cudaStream_t stream) {
   auto kern = igemm_tc_kernel<T, Cfg, KIND, VW>;
   constexpr int smem = tc_smem_bytes<Cfg, VW>();
   if constexpr (smem > 40 * 1024) {
-    // Static (row/child tables, ~2.4 KB) + dynamic shared memory above 48 KB needs an opt-in, once per
-    // device (not a stream operation, so harmless under CUDA-graph capture).
+    // the static row/child tables (~2.4 KB) count towards the 48 KB too
     static std::atomic<unsigned long long> done{0};
-    int dev = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    const unsigned long long bit = 1ull << (dev & 63);
-    if (!(done.load(std::memory_order_acquire) & bit)) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      done.fetch_or(bit, std::memory_order_acq_rel);
-    }
+    opt_in_smem(kern, smem, done);
   }
   p.ntiles_n = (p.Cout_g + Cfg::BN - 1) / Cfg::BN;
   const dim3 grid((p.M + Cfg::BM - 1) / Cfg::BM, p.groups * p.ntiles_n);

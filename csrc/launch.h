@@ -42,18 +42,27 @@ struct GemmParams {
 };
 
 // Which kernel ran, for tests and benchmarks (returned by the launchers).
-enum class KernelUsed : int { None = 0, TensorCore = 1, Simt = 2, Direct = 3 };
+enum class KernelUsed : int { None = 0, TensorCore = 1, Simt = 2, Direct = 3, Wgmma = 4 };
 
 // Tensor-core (mma.sync m16n8k16) implicit GEMM for fp16/bf16. `vw` is the gather vector width in elements
 // (8, 4 or 1) that the caller verified alignment for; `bn` the preferred output-channel tile (16..128).
 // Returns the tile actually used.
 int launch_igemm_tc(DType dt, int kind, int vw, int bn, GemmParams p, cudaStream_t stream);
 
+// Hopper (sm_90a) wgmma implicit GEMM for fp16/bf16, 16-byte gather only (every channel run a multiple of 8,
+// 16-byte aligned); `bn` 64 or 128. Returns the tile used. Only valid where wgmma_usable() (host_utils.h).
+int launch_igemm_wgmma(DType dt, int kind, int bn, GemmParams p, cudaStream_t stream);
+
 // CUDA-core implicit GEMM (fp32 FMA accumulation) for any dtype: the fp32 path and the generic fallback.
 void launch_igemm_simt(DType dt, int kind, GemmParams p, cudaStream_t stream);
 
 // Direct convolution on CUDA cores for grouped convs with few channels per group.
 void launch_direct_conv(DType dt, GemmParams p, cudaStream_t stream);
+
+// Grouped convs with 4 or 8 channels in and out per group, vector loads of a group's channels (grouped_conv.cu).
+// x_vw: the gather vector width (elements) that x's pointer and strides allow (host_utils.h nhwc_vw).
+bool grouped_supported(const GemmParams& p, int x_vw, int elem_size);
+void launch_grouped_conv(DType dt, const GemmParams& p, cudaStream_t stream);
 
 // The RGB stem (7x7, 3 -> 16, stride 1, padding 3, no residual): a shared-memory direct convolution.
 bool stem_supported(const GemmParams& p, bool has_residual);

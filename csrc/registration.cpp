@@ -19,10 +19,20 @@ TORCH_LIBRARY(dla_fast, m) {
 namespace {
 PyObject* py_last_kernel(PyObject*, PyObject*) { return PyUnicode_FromString(dla_fast::last_kernel()); }
 
+PyObject* py_wgmma_built(PyObject*, PyObject*) {
+#ifdef DLA_FAST_SM90A
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
 PyMethodDef methods[] = {
     {"last_kernel", py_last_kernel, METH_NOARGS,
      "Which kernel the last dla_fast CUDA op on this thread launched (e.g. 'tc f16 vw8 bn64', 'simt f32', "
      "'direct bf16'); for tests and benchmarks."},
+    {"wgmma_built", py_wgmma_built, METH_NOARGS,
+     "Whether this build has the sm_90a (Hopper wgmma) kernels; they run on compute capability 9.x devices."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "dla_fast CUDA kernels (ops under torch.ops.dla_fast)", -1,

@@ -65,6 +65,14 @@ def last_kernel() -> str:
     return _C.last_kernel() if _C is not None else ""
 
 
+def has_wgmma(device: Optional[torch.device] = None) -> bool:
+    """Whether the op runs the Hopper wgmma kernels on ``device`` (fp16/bf16, channel runs of 8): the build has
+    sm_90a code (the default arch list) and the GPU is compute capability 9.x."""
+    if _C is None or not _C.wgmma_built() or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
                 padding: Tuple[int, int], groups: int, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
     return torch.ops.dla_fast.conv_bn_act(x, weight, bias, [int(stride[0]), int(stride[1])],

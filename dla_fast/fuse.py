@@ -277,7 +277,7 @@ class FusedBottle2neck(nn.Module):
 class FusedMaxPool(nn.Module):
     """A tree's k x k / stride k max pooling, on the Triton kernel for CUDA inputs when the layers' backend
     is "auto" or "triton" (PyTorch's NHWC max-pool kernel took 15 us per call at batch 1 on the H200: a fifth
-    of dla34's kernel time), else torch's."""
+    of dla34's kernel time), else torch's; under "auto" torch's too at launch-bound batches without a graph."""
 
     def __init__(self, k: int, backend: str):
         super().__init__()
@@ -296,8 +296,15 @@ class FusedMaxPool(nn.Module):
             return pool
         return FusedMaxPool(k[0], backend)
 
+    def wants_triton(self, device_type: str, batch: int) -> bool:
+        """Whether this call should take the Triton kernel (if it can run): not under ``auto`` at a launch-bound
+        batch without a CUDA graph, where a Triton launch's host cost (~46 us) is several times torch's."""
+        if device_type != "cuda" or self.backend not in ("auto", "triton"):
+            return False
+        return self.backend == "triton" or batch > LAUNCH_BOUND_BATCH or _launch_cost_hidden()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cuda" and self.backend in ("auto", "triton"):
+        if self.wants_triton(x.device.type, x.shape[0]):
             ok = self._ok.get((x.device, x.dtype))
             if ok is None:
                 ok = self._ok[(x.device, x.dtype)] = _backends.reason_unavailable("triton", x) is None

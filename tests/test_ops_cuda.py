@@ -73,11 +73,12 @@ def layout(t: torch.Tensor, kind: str, gen) -> torch.Tensor:
     if kind == "nchw":
         return t.contiguous()
     n, c, h, w = t.shape
-    if kind == "slice":
-        big = torch.randn(n, c + 12, h, w, device="cuda", generator=gen).to(t.dtype)
+    if kind in ("slice", "slice8"):  # slice8: offset 8, pitch c + 16: the 16-byte gather still applies
+        o, extra = (4, 12) if kind == "slice" else (8, 16)
+        big = torch.randn(n, c + extra, h, w, device="cuda", generator=gen).to(t.dtype)
         big = big.contiguous(memory_format=torch.channels_last)
-        big[:, 4:4 + c].copy_(t)
-        return big[:, 4:4 + c]
+        big[:, o:o + c].copy_(t)
+        return big[:, o:o + c]
     if kind == "strided":
         big = torch.randn(n, c, 2 * h, w + 1, device="cuda", generator=gen).to(t.dtype)
         big = big.contiguous(memory_format=torch.channels_last)
@@ -109,6 +110,9 @@ CONV_CASES = [
     (1, 48, 1, 1, 40, 3, 1, 1, 1),      # 1x1 spatial with padding: all taps but the centre are halo
     (2, 3, 70, 33, 16, 7, 1, 3, 1),     # the RGB stem kernel (no residual): partial 32x32 tiles both ways
     (1, 3, 97, 130, 16, 7, 1, 3, 1),    # stem kernel, batch 1, many tiles
+    (2, 64, 9, 7, 64, 3, 1, 1, 8),      # 8 ch/group: grouped kernel, 16-byte loads
+    (1, 256, 7, 7, 256, 3, 2, 1, 32),   # 8 ch/group, stride 2, batch 1, several blocks of 8 groups
+    (3, 40, 5, 6, 40, 3, 1, 1, 10),     # 4 ch/group, groups not a multiple of a block's 8
 ]
 RES_RELU = [(False, True), (True, True), (True, False), (False, False)]
 
@@ -150,9 +154,14 @@ def test_conv(case, dtype, lay, res_relu):
     assert_close(y, ref64, eager, dtype, f"{case} {lay}")
 
 
-@pytest.mark.parametrize("kernel", ["simt", "direct", "tc"])
+def _wgmma_can(case_cin_g: int, dtype) -> bool:
+    """Whether a forced wgmma really runs: Hopper build + device, fp16/bf16, channel runs of 8 (16-byte gather)."""
+    return cu.has_wgmma() and dtype != torch.float32 and case_cin_g % 8 == 0
+
+
+@pytest.mark.parametrize("kernel", ["simt", "direct", "tc", "wgmma"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
-@pytest.mark.parametrize("case", CONV_CASES[:6] + CONV_CASES[10:14], ids=lambda c: "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*c))
+@pytest.mark.parametrize("case", CONV_CASES[:14], ids=lambda c: "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*c))
 def test_conv_forced_kernel(case, dtype, kernel, monkeypatch):
     """Every kernel family on shapes it would not be picked for (the fallbacks must be right too)."""
     monkeypatch.setenv("DLA_FAST_CUDA_KERNEL", kernel)
@@ -163,6 +172,35 @@ def test_conv_forced_kernel(case, dtype, kernel, monkeypatch):
         assert used.startswith("direct"), used
     elif kernel == "simt" or dtype == torch.float32:
         assert used.startswith("simt"), used
+    elif kernel == "tc" or not _wgmma_can(case[1] // case[8], dtype):
+        assert used.startswith("tc"), used  # mma.sync, also where a forced wgmma cannot run
+    else:
+        assert used.startswith("wgmma"), used
+
+
+# Hopper kernel on DLA-like shapes: many k tiles (pipeline wrap-around), K not a multiple of the 64-wide k tile,
+# M and N tails, batch 1, grouped with 16 channels a group, strided and sliced inputs.
+WGMMA_CASES = [
+    (2, 256, 14, 14, 256, 3, 1, 1, 1),   # K = 2304: 36 k tiles
+    (1, 64, 15, 13, 64, 3, 1, 1, 1),     # batch 1, odd spatial
+    (2, 24, 11, 9, 72, 3, 2, 1, 1),      # K = 216: tail of the last k tile; Cout 72: N tail
+    (1, 512, 7, 7, 512, 3, 1, 1, 1),     # the dla34 level-5 shape at batch 1
+    (2, 128, 28, 28, 256, 1, 1, 0, 1),   # 1x1, wide
+    (2, 256, 9, 9, 128, 3, 2, 1, 2),     # grouped, 128 channels a group
+    (3, 64, 6, 5, 300, 1, 1, 0, 1),      # 3 column tiles with a tail
+]
+
+
+@pytest.mark.parametrize("lay", ["cl", "slice8", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_ID.get)
+@pytest.mark.parametrize("case", WGMMA_CASES, ids=lambda c: "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*c))
+def test_conv_wgmma(case, dtype, lay):
+    if not cu.has_wgmma():
+        pytest.skip("needs an sm_90a build on a compute capability 9.x GPU")
+    for with_res, relu in RES_RELU if lay == "cl" else [(True, True)]:
+        y, ref64, eager = _run_conv(case, dtype, lay, with_res, relu, seed=hash(case) % 1000)
+        assert_close(y, ref64, eager, dtype, f"{case} {lay} res{with_res} relu{relu}")
+        assert cu.last_kernel().startswith("wgmma"), cu.last_kernel()
 
 
 def test_conv_kernel_choice():
@@ -170,9 +208,13 @@ def test_conv_kernel_choice():
     for case, expect in [((2, 16, 9, 11, 32, 3, 1, 1, 1), "tc f16 vw8"), ((1, 20, 7, 9, 24, 3, 2, 1, 1), "tc f16 vw4"),
                          ((1, 3, 15, 17, 16, 7, 1, 3, 1), "simt f16"),  # RGB stem with a residual: generic path
                          ((2, 3, 20, 21, 32, 7, 2, 3, 1), "simt f16"),  # < 8 input channels, not the stem
-                         ((2, 13, 5, 7, 19, 3, 1, 1, 1), "tc f16 vw1"), ((2, 32, 10, 10, 32, 3, 1, 1, 8), "direct f16")]:
+                         ((2, 13, 5, 7, 19, 3, 1, 1, 1), "tc f16 vw1"), ((2, 32, 10, 10, 32, 3, 1, 1, 8), "grouped f16 g4"),
+                         ((2, 64, 9, 7, 64, 3, 1, 1, 8), "grouped f16 g8"), ((2, 8, 5, 5, 8, 3, 1, 1, 8), "direct f16")]:
         _run_conv(case, torch.float16)
         assert cu.last_kernel().startswith(expect), (case, cu.last_kernel())
+    # 64+ output channels with the 16-byte gather: wgmma on Hopper builds/devices, else mma.sync
+    _run_conv((2, 64, 14, 14, 128, 1, 1, 0, 1), torch.float16)
+    assert cu.last_kernel() == ("wgmma f16 bn64" if cu.has_wgmma() else "tc f16 vw8 bn64"), cu.last_kernel()
     for dtype in DTYPES:  # the RGB stem without a residual: its own kernel, in every dtype
         y, ref64, eager = _run_conv((1, 3, 15, 17, 16, 7, 1, 3, 1), dtype, with_res=False)
         assert cu.last_kernel() == f"stem7 {DT_ID[dtype]}", cu.last_kernel()
@@ -254,13 +296,19 @@ def test_aggregate(case, dtype, lay, res_kind, relu):
     assert_close(y, ref64, eager, dtype, f"{case} {lay} {res_kind}")
 
 
+@pytest.mark.parametrize("kernel", ["simt", "tc", "wgmma"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("case", AGG_CASES, ids=lambda c: "c{}-o{}-{}x{}".format("+".join(map(str, c[0])), *c[1:]))
-def test_aggregate_forced_simt(case, dtype, monkeypatch):
-    monkeypatch.setenv("DLA_FAST_CUDA_KERNEL", "simt")
-    y, ref64, eager = _run_agg(case, dtype, "tensor")
-    assert_close(y, ref64, eager, dtype, f"{case} simt")
-    assert cu.last_kernel().startswith("simt")
+def test_aggregate_forced_kernel(case, dtype, kernel, monkeypatch):
+    monkeypatch.setenv("DLA_FAST_CUDA_KERNEL", kernel)
+    for lay in ("cl", "slice8"):
+        y, ref64, eager = _run_agg(case, dtype, "tensor", lay=lay)
+        assert_close(y, ref64, eager, dtype, f"{case} {lay} {kernel}")
+        used = cu.last_kernel()
+        if kernel == "wgmma" and all(c % 8 == 0 for c in case[0]) and cu.has_wgmma():
+            assert used.startswith("wgmma"), used
+        else:
+            assert used.startswith("tc" if kernel == "wgmma" else kernel), used
 
 
 def test_aggregate_does_not_concat():

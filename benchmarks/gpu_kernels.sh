@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One-GPU kernel-iteration call: build; the CUDA op tests (xdist) with compute-sanitizer memcheck + racecheck
+# of the sanitize driver beside them (correctness only); then, with the GPU to itself, opbench of the layer
+# shapes (OPBENCH_ARGS). Files back: env.txt, info.txt, pytest.log, sanitizer.log, opbench.json, opbench.md.
+#   OPBENCH_ARGS="--models dla34 dla60 --dtypes float16 bfloat16 --impls cuda triton cudnn_conv eager_seq" \
+#     bash benchmarks/gpu_kernels.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; t0=$(date +%s); el() { echo $(( $(date +%s) - t0 )); }
+BUDGET=${BUDGET:-570}
+OUT=/tmp/sess bash benchmarks/gpu_session.sh build > /tmp/build_stage.txt 2>&1
+cp /tmp/sess/env.txt /tmp/sess/info.txt "$OUT/" 2>/dev/null; tail -4 /tmp/build_stage.txt
+grep -q "BUILD FAILED" /tmp/build_stage.txt && { cp /tmp/sess/build.log "$OUT/"; exit 1; }
+echo "== build done at +$(el)s"
+S=${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer
+( echo "### memcheck"; PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 $S --tool memcheck --error-exitcode 9 \
+      python3 benchmarks/gpu_cuda_check.py --sanitize 2>&1 | tail -40; echo "memcheck rc=${PIPESTATUS[0]}"
+  echo "### racecheck"; timeout 240 $S --tool racecheck --error-exitcode 9 \
+      python3 benchmarks/gpu_cuda_check.py --sanitize 2>&1 | tail -8; echo "racecheck rc=${PIPESTATUS[0]}"
+) > "$OUT/sanitizer.log" 2>&1 &
+export OMP_NUM_THREADS=1
+timeout ${TEST_S:-240} python3 -m pytest -q -n ${NPROC:-8} -p no:cacheprovider -rfE --tb=short \
+  ${TESTS:-tests/test_ops_cuda.py tests/test_cuda_ext.py} > "$OUT/pytest.log" 2>&1
+echo "pytest rc=$? at +$(el)s"; grep -E "passed|failed" "$OUT/pytest.log" | tail -2; grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
+wait
+grep -E "rc=|failures|FAIL" "$OUT/sanitizer.log" | head -20
+echo "== tests + sanitizer done at +$(el)s"
+if [ -n "${OPBENCH_ARGS:-}" ]; then
+  left=$(( BUDGET - $(el) ))
+  timeout $left python3 benchmarks/opbench.py --batch ${OPBATCH:-256} $OPBENCH_ARGS --json "$OUT/opbench.json" \
+    --md "$OUT/opbench.md" > /tmp/opbench.txt 2>&1; echo "opbench rc=$? at +$(el)s"
+  tail -3 /tmp/opbench.txt
+fi
+echo "== total +$(el)s"

@@ -1,0 +1,172 @@
+// Hopper (sm_90a) implicit GEMM for fp16/bf16: the same gather and epilogue as igemm_tc.cuh, but the MMAs are
+// warpgroup-wide wgmma.mma_async reading both operands straight from shared memory, which is what reaches the
+// H100's tensor-core rate (mma.sync tops out near half of it and needs every fragment moved through registers).
+//
+//   block: 256 threads = 2 warpgroups; tile BM = 128 output pixels x BN (64 or 128) channels; BK = 64.
+//   warpgroup w computes rows [64w, 64w + 64) of the tile with m64nBNk16 (4 per k tile).
+//
+// Shared tiles are [rows][64] 16-bit elements, 128 bytes a row, in the 128-byte swizzle that the wgmma
+// descriptors describe: the 16-byte chunk c of row r sits at chunk c ^ (r % 8), so the 8 rows of a core
+// matrix hit 8 different bank groups. Every tile starts on a 1024-byte boundary (one swizzle atom).
+//
+// Pipeline: STAGES buffers, loads issued PD = STAGES - 2 tiles ahead with cp.async. wgmma of tile kt is left
+// in flight while the loop goes on (wait_group 1), so the buffer a load may overwrite is the one of tile
+// kt - 2, whose wgmmas every warpgroup has retired before the barrier that starts iteration kt.
+#pragma once
+
+#include "common.cuh"
+#include "wgmma_ops.cuh"
+
+namespace dla_fast {
+
+constexpr int WG_BM = 128, WG_BK = 64, WG_NT = 256, WG_STAGES = 4;
+
+template <int BN>
+constexpr int wgmma_smem_bytes() {
+  return WG_STAGES * (WG_BM + BN) * WG_BK * 2 + 1024;  // + slack to align the tiles to 1024 bytes
+}
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Shared-memory matrix descriptor: K-major operand, 128-byte swizzle, 8-row groups 1024 bytes apart. The
+// leading-dimension offset is unused for swizzled K-major operands (one k16 step never leaves a 128-byte row).
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t saddr) {
+  uint64_t d = (uint64_t)((saddr & 0x3FFFFu) >> 4);
+  d |= (uint64_t)1 << 16;  // leading-dimension offset: "not used, assumed 1" for swizzled K-major
+  d |= (uint64_t)(1024 >> 4) << 32;
+  d |= (uint64_t)1 << 62;
+  return d;
+}
+__device__ __forceinline__ void wgmma_arrive() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// cp.async writes through the generic proxy; wgmma reads through the async proxy.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Keeps the compiler from moving accumulator registers across the asynchronous MMAs that own them.
+template <int R> __device__ __forceinline__ void fence_regs(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+#endif
+
+template <typename T, int BN, int KIND>
+__global__ void __launch_bounds__(WG_NT, 1) igemm_wgmma_kernel(const GemmParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BM = WG_BM, BK = WG_BK, NT = WG_NT, STAGES = WG_STAGES, PD = STAGES - 2;
+  constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
+  constexpr int CPR = BK / 8;                 // 16-byte chunks per row
+  constexpr int A_IT = BM * CPR / NT;         // chunks per thread per tile
+  constexpr int B_IT = BN * CPR / NT;
+  constexpr int RSTEP = NT / CPR;             // rows between a thread's chunks
+  static_assert(A_IT * NT == BM * CPR && B_IT * NT == BN * CPR, "tile must split evenly over the threads");
+
+  extern __shared__ uint8_t wg_smem_raw[];
+  __shared__ int4 rows[BM];
+  __shared__ ChildTab tab;
+  const uint32_t base = (smem_u32(wg_smem_raw) + 1023u) & ~1023u;
+  const uint32_t As = base;                          // [STAGES][BM][64] swizzled
+  const uint32_t Bs = base + STAGES * A_BYTES;       // [STAGES][BN][64] swizzled
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wgi = warp >> 2;  // warpgroup: tile rows [64 wgi, 64 wgi + 64)
+
+  const int bm = blockIdx.x * BM;
+  const int g = blockIdx.y / p.ntiles_n;
+  const int n0 = (blockIdx.y - g * p.ntiles_n) * BN;
+  const int cbase = g * p.Cin_g;
+  const uint16_t* wg = static_cast<const uint16_t*>(p.w) + (long long)g * p.Cout_g * p.K;
+
+  build_tables(p, rows, tab, bm, BM, tid, NT);
+  __syncthreads();
+
+  // This thread always copies chunk kc of rows r0 + i * RSTEP: their table entries and swizzled smem offsets
+  // are fixed for the whole K loop.
+  const int kc = tid % CPR;
+  const int r0 = tid / CPR;
+  int4 arow[A_IT];
+#pragma unroll
+  for (int i = 0; i < A_IT; ++i) arow[i] = rows[r0 + i * RSTEP];
+  // (r0 + i * RSTEP) % 8 == r0 % 8 since RSTEP is a multiple of 8: one swizzled column for all of them.
+  static_assert(RSTEP % 8 == 0, "");
+  const uint32_t sw_off = (uint32_t)r0 * 128u + (uint32_t)((kc ^ (r0 & 7)) << 4);
+
+  auto load_stage = [&](int stage, int kt) {
+    const int k = kt * BK + kc * 8;
+    const KSrc d = decompose_k<KIND>(k, p, tab, cbase);
+    const char* src_base = tab.ptr[d.child];
+    const uint32_t a_dst = As + stage * A_BYTES + sw_off;
+#pragma unroll
+    for (int i = 0; i < A_IT; ++i) {
+      const long long off = a_offset(d, arow[i], p, tab);
+      const void* src = off >= 0 ? static_cast<const void*>(src_base + off * 2) : static_cast<const void*>(src_base);
+      cp_async<16>(a_dst + i * RSTEP * 128, src, off >= 0);
+    }
+    const uint32_t b_dst = Bs + stage * B_BYTES + sw_off;
+#pragma unroll
+    for (int i = 0; i < B_IT; ++i) {
+      const int n = n0 + r0 + i * RSTEP;
+      const bool ok = d.ok && n < p.Cout_g;
+      const uint16_t* src = ok ? wg + (long long)n * p.K + k : wg;
+      cp_async<16>(b_dst + i * RSTEP * 128, src, ok);
+    }
+  };
+
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+
+  const int KT = (p.K + BK - 1) / BK;
+#pragma unroll
+  for (int s = 0; s < PD; ++s) {
+    if (s < KT) load_stage(s, s);
+    cp_async_commit();  // committed even when empty: the group count stays in step with kt
+  }
+  for (int kt = 0; kt < KT; ++kt) {
+    cp_async_wait<PD - 1>();  // this thread's copies of tile kt have landed
+    fence_proxy_async();      // ... and are visible to the async proxy that wgmma reads through
+    __syncthreads();          // everyone's copies of tile kt; every warpgroup has retired tile kt - 2
+    const int nk = kt + PD;
+    if (nk < KT) load_stage(nk % STAGES, nk);
+    cp_async_commit();
+
+    const int st = kt % STAGES;
+    const uint32_t a_tile = As + st * A_BYTES + wgi * 64 * 128;
+    const uint32_t b_tile = Bs + st * B_BYTES;
+    fence_regs(acc);
+    wgmma_arrive();
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      // k16 step ks = bytes [32 ks, 32 ks + 32) of each 128-byte row: advance the start address; the
+      // hardware applies the swizzle to the final address bits.
+      wgmma_ss<T, BN>(acc, sw128_desc(a_tile + ks * 32), sw128_desc(b_tile + ks * 32));
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_regs(acc);
+  }
+  wgmma_wait<0>();
+  fence_regs(acc);
+  cp_async_wait<0>();
+
+  // Accumulator layout of m64nNk16 (per warp: 16 rows, like mma.m16n8 repeated along N): acc[4j + 2h + e] is
+  // row 16 (warp % 4) + lane / 4 + 8h, column 8j + 2 (lane % 4) + e.
+  const Epilogue<T> epi(p);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int m = bm + wgi * 64 + (warp & 3) * 16 + (lane >> 2) + h * 8;
+    if (m >= p.M) continue;
+    const auto row = epi.row(p, m);
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      epi.pair(p, row, g, n0 + j * 8 + (lane & 3) * 2, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+    }
+  }
+#else
+  __trap();  // not built for sm_90a; the host only launches this where it was (wgmma_built())
+#endif
+}
+
+}  // namespace dla_fast
