@@ -15,6 +15,7 @@ if [ "${NGPU:-0}" -lt 2 ]; then G1=0; fi
 OUT=/tmp/sess bash benchmarks/gpu_session.sh build > /tmp/build_stage.txt 2>&1
 cat /tmp/sess/env.txt >> "$LOG"; tail -2 /tmp/build_stage.txt | tee -a "$LOG"; echo "== build done at +$(el)s" | tee -a "$LOG"
 export PYTHONUNBUFFERED=1
+rm -f /tmp/e2e0.txt /tmp/e2e1.txt  # a warm machine keeps /tmp between calls
 warm() {  # gpu, job list
   local g=$1 IFS=';'
   for job in $2; do
