@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-GPU kernel-iteration call: build; the CUDA op tests (xdist) with compute-sanitizer memcheck + racecheck
 # of the sanitize driver beside them (correctness only); then, with the GPU to itself, opbench of the layer
-# shapes (OPBENCH_ARGS). Files back: env.txt, info.txt, pytest.log, sanitizer.log, opbench.json, opbench.md.
+# shapes (OPBENCH_ARGS; OPBENCH_TC_ARGS: also the CUDA backend forced onto mma.sync). Files back: env.txt,
+# info.txt, pytest.log, sanitizer.log, opbench.json, opbench.md, opbench_tc.json.
 #   OPBENCH_ARGS="--models dla34 dla60 --dtypes float16 bfloat16 --impls cuda triton cudnn_conv eager_seq" \
 #     bash benchmarks/gpu_kernels.sh
 set -uo pipefail
@@ -24,6 +25,11 @@ echo "pytest rc=$? at +$(el)s"; grep -E "passed|failed" "$OUT/pytest.log" | tail
 wait
 grep -E "rc=|failures|FAIL" "$OUT/sanitizer.log" | head -20
 echo "== tests + sanitizer done at +$(el)s"
+if [ -n "${OPBENCH_TC_ARGS:-}" ]; then  # the CUDA backend with its mma.sync kernels only, for the kernel choice
+  DLA_FAST_CUDA_KERNEL=tc timeout $(( BUDGET - $(el) )) python3 benchmarks/opbench.py --batch ${OPBATCH:-256} \
+    $OPBENCH_TC_ARGS --impls cuda --json "$OUT/opbench_tc.json" > /tmp/opbench_tc.txt 2>&1
+  echo "opbench (tc) rc=$? at +$(el)s"
+fi
 if [ -n "${OPBENCH_ARGS:-}" ]; then
   left=$(( BUDGET - $(el) ))
   timeout $left python3 benchmarks/opbench.py --batch ${OPBATCH:-256} $OPBENCH_ARGS --json "$OUT/opbench.json" \

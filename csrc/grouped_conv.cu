@@ -67,7 +67,11 @@ __global__ void __launch_bounds__(GC_WARPS * 32) grouped_conv_kernel(const GemmP
   extern __shared__ __align__(16) float ws[];  // [GC_WARPS][tap][ci][co] fp32
   const int taps = p.kh * p.kw;
   const int per_group = taps * G * G;
-  const int g_first = blockIdx.y * GC_WARPS;
+  // 1-D grid, the group blocks of one pixel tile adjacent: the blocks that share a pixel's cache lines run
+  // at the same time (pixel tiles first made each input line come from DRAM once per group block).
+  const int nblk_g = (p.groups + GC_WARPS - 1) / GC_WARPS;
+  const int tile = blockIdx.x / nblk_g;
+  const int g_first = (blockIdx.x - tile * nblk_g) * GC_WARPS;
   const T* w = static_cast<const T*>(p.w);  // [Cout][kh][kw][G]
   for (int i = threadIdx.x; i < GC_WARPS * per_group; i += blockDim.x) {
     const int gl = i / per_group;
@@ -93,7 +97,7 @@ __global__ void __launch_bounds__(GC_WARPS * 32) grouped_conv_kernel(const GemmP
   float acc[GC_P][G];
 #pragma unroll
   for (int j = 0; j < GC_P; ++j) {
-    m[j] = blockIdx.x * (32 * GC_P) + j * 32 + lane;
+    m[j] = tile * (32 * GC_P) + j * 32 + lane;
     const int mc = m[j] < p.M ? m[j] : p.M - 1;  // out-of-range pixels compute a valid one, never stored
     nn[j] = mc / hw;
     const int rem = mc - nn[j] * hw;
@@ -158,7 +162,9 @@ __global__ void __launch_bounds__(GC_WARPS * 32) grouped_conv_kernel(const GemmP
 
 template <typename T, int G>
 void run_grouped(const GemmParams& p, cudaStream_t stream) {
-  const dim3 grid((p.M + 32 * GC_P - 1) / (32 * GC_P), (p.groups + GC_WARPS - 1) / GC_WARPS);
+  const long long blocks = (long long)((p.M + 32 * GC_P - 1) / (32 * GC_P)) * ((p.groups + GC_WARPS - 1) / GC_WARPS);
+  TORCH_CHECK(blocks < (1LL << 31), "dla_fast::conv_bn_act: grouped conv too large for one launch");
+  const dim3 grid(static_cast<unsigned>(blocks));
   const size_t smem = (size_t)GC_WARPS * p.kh * p.kw * G * G * sizeof(float);
   grouped_conv_kernel<T, G><<<grid, GC_WARPS * 32, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

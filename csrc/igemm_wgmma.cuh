@@ -9,9 +9,10 @@
 // descriptors describe: the 16-byte chunk c of row r sits at chunk c ^ (r % 8), so the 8 rows of a core
 // matrix hit 8 different bank groups. Every tile starts on a 1024-byte boundary (one swizzle atom).
 //
-// Pipeline: STAGES buffers, loads issued PD = STAGES - 2 tiles ahead with cp.async. wgmma of tile kt is left
-// in flight while the loop goes on (wait_group 1), so the buffer a load may overwrite is the one of tile
-// kt - 2, whose wgmmas every warpgroup has retired before the barrier that starts iteration kt.
+// Pipeline: STAGES buffers, loads issued PD = STAGES - 2 tiles ahead with cp.async, after the iteration's
+// wgmmas are issued. wgmma of tile kt is left in flight while the loop goes on (wait_group 1), so the buffer a
+// load may overwrite is the one of tile kt - 2, whose wgmmas every warpgroup has retired before the barrier
+// that starts iteration kt.
 #pragma once
 
 #include "common.cuh"
@@ -19,11 +20,23 @@
 
 namespace dla_fast {
 
-constexpr int WG_BM = 128, WG_BK = 64, WG_NT = 256, WG_STAGES = 4;
+constexpr int WG_BM = 128, WG_BK = 64, WG_NT = 256;
 
+// Ring depth: BN 128 keeps 5 tiles (loads 3 ahead; 160 KB, one block per SM), BN 64 keeps 4 (loads 2 ahead;
+// 96 KB, two blocks per SM). A problem with fewer k tiles than that gets only as many buffers as it uses,
+// so that short-K layers (1x1 convs) fit several blocks per SM.
 template <int BN>
-constexpr int wgmma_smem_bytes() {
-  return WG_STAGES * (WG_BM + BN) * WG_BK * 2 + 1024;  // + slack to align the tiles to 1024 bytes
+constexpr int wg_stages() {
+  return BN >= 128 ? 5 : 4;
+}
+template <int BN>
+inline int wgmma_stages_used(int K) {
+  const int kt = (K + WG_BK - 1) / WG_BK;
+  return kt < wg_stages<BN>() ? kt : wg_stages<BN>();
+}
+template <int BN>
+inline int wgmma_smem_bytes(int nst) {
+  return nst * (WG_BM + BN) * WG_BK * 2 + 1024;  // + slack to align the tiles to 1024 bytes
 }
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -53,7 +66,7 @@ template <int R> __device__ __forceinline__ void fence_regs(float (&d)[R]) {
 template <typename T, int BN, int KIND>
 __global__ void __launch_bounds__(WG_NT, 1) igemm_wgmma_kernel(const GemmParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int BM = WG_BM, BK = WG_BK, NT = WG_NT, STAGES = WG_STAGES, PD = STAGES - 2;
+  constexpr int BM = WG_BM, BK = WG_BK, NT = WG_NT, STAGES = wg_stages<BN>(), PD = STAGES - 2;
   constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
   constexpr int CPR = BK / 8;                 // 16-byte chunks per row
   constexpr int A_IT = BM * CPR / NT;         // chunks per thread per tile
@@ -65,8 +78,10 @@ __global__ void __launch_bounds__(WG_NT, 1) igemm_wgmma_kernel(const GemmParams 
   __shared__ int4 rows[BM];
   __shared__ ChildTab tab;
   const uint32_t base = (smem_u32(wg_smem_raw) + 1023u) & ~1023u;
-  const uint32_t As = base;                          // [STAGES][BM][64] swizzled
-  const uint32_t Bs = base + STAGES * A_BYTES;       // [STAGES][BN][64] swizzled
+  const int KT = (p.K + BK - 1) / BK;
+  const int nst = KT < STAGES ? KT : STAGES;     // buffers in use (kt % STAGES < nst for every kt < KT)
+  const uint32_t As = base;                      // [nst][BM][64] swizzled
+  const uint32_t Bs = base + nst * A_BYTES;      // [nst][BN][64] swizzled
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -118,7 +133,6 @@ __global__ void __launch_bounds__(WG_NT, 1) igemm_wgmma_kernel(const GemmParams 
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
 
-  const int KT = (p.K + BK - 1) / BK;
 #pragma unroll
   for (int s = 0; s < PD; ++s) {
     if (s < KT) load_stage(s, s);
@@ -128,10 +142,8 @@ __global__ void __launch_bounds__(WG_NT, 1) igemm_wgmma_kernel(const GemmParams 
     cp_async_wait<PD - 1>();  // this thread's copies of tile kt have landed
     fence_proxy_async();      // ... and are visible to the async proxy that wgmma reads through
     __syncthreads();          // everyone's copies of tile kt; every warpgroup has retired tile kt - 2
-    const int nk = kt + PD;
-    if (nk < KT) load_stage(nk % STAGES, nk);
-    cp_async_commit();
 
+    // The MMAs first, then the gather arithmetic of the next loads, which the tensor cores then hide.
     const int st = kt % STAGES;
     const uint32_t a_tile = As + st * A_BYTES + wgi * 64 * 128;
     const uint32_t b_tile = Bs + st * B_BYTES;
@@ -144,6 +156,10 @@ __global__ void __launch_bounds__(WG_NT, 1) igemm_wgmma_kernel(const GemmParams 
       wgmma_ss<T, BN>(acc, sw128_desc(a_tile + ks * 32), sw128_desc(b_tile + ks * 32));
     }
     wgmma_commit();
+
+    const int nk = kt + PD;  // into the buffer of tile kt - 2 (retired, see above)
+    if (nk < KT) load_stage(nk % STAGES, nk);
+    cp_async_commit();
     wgmma_wait<1>();
     fence_regs(acc);
   }

@@ -10,9 +10,9 @@ namespace dla_fast {
 template <typename T, int BN, int KIND>
 int run_wgmma(GemmParams p, cudaStream_t stream) {
   auto kern = igemm_wgmma_kernel<T, BN, KIND>;
-  constexpr int smem = wgmma_smem_bytes<BN>();
   static std::atomic<unsigned long long> done{0};
-  opt_in_smem(kern, smem, done);
+  opt_in_smem(kern, wgmma_smem_bytes<BN>(wg_stages<BN>()), done);  // the most any launch asks for
+  const int smem = wgmma_smem_bytes<BN>(wgmma_stages_used<BN>(p.K));
   p.ntiles_n = (p.Cout_g + BN - 1) / BN;
   const dim3 grid((p.M + WG_BM - 1) / WG_BM, p.groups * p.ntiles_n);
   kern<<<grid, WG_NT, smem, stream>>>(p);
