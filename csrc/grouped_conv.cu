@@ -14,31 +14,38 @@ namespace {
 
 constexpr int GC_WARPS = 8, GC_P = 2;
 
-// G elements of T at p (aligned to min(16, G * sizeof(T)) bytes, checked by the host) into fp32 registers.
+// The raw bits of G elements (held as 32-bit words) and their fp32 values: the kernel issues all of a
+// pixel's tap loads first and converts afterwards, so that 9 loads per pixel are in flight at once.
 template <typename T, int G>
-__device__ __forceinline__ void load_group(const T* p, float (&v)[G]) {
-  if constexpr (sizeof(T) == 4) {
+struct Raw {
+  static constexpr int WORDS = G * (int)sizeof(T) / 4;
+  uint32_t w[WORDS];
+};
+
+template <typename T, int G>
+__device__ __forceinline__ void load_raw(const T* p, Raw<T, G>& r) {
+  if constexpr (Raw<T, G>::WORDS % 4 == 0) {
 #pragma unroll
-    for (int i = 0; i < G; i += 4) {
-      const float4 q = *reinterpret_cast<const float4*>(p + i);
-      v[i] = q.x;
-      v[i + 1] = q.y;
-      v[i + 2] = q.z;
-      v[i + 3] = q.w;
+    for (int i = 0; i < Raw<T, G>::WORDS; i += 4) {
+      const uint4 q = *reinterpret_cast<const uint4*>(reinterpret_cast<const uint32_t*>(p) + i);
+      r.w[i] = q.x, r.w[i + 1] = q.y, r.w[i + 2] = q.z, r.w[i + 3] = q.w;
     }
   } else {
-    uint32_t w[G / 2];
-    if constexpr (G == 8) {
-      const uint4 q = *reinterpret_cast<const uint4*>(p);
-      w[0] = q.x, w[1] = q.y, w[2] = q.z, w[3] = q.w;
-    } else {
-      const uint2 q = *reinterpret_cast<const uint2*>(p);
-      w[0] = q.x, w[1] = q.y;
-    }
+    const uint2 q = *reinterpret_cast<const uint2*>(p);
+    r.w[0] = q.x, r.w[1] = q.y;
+  }
+}
+
+template <typename T, int G>
+__device__ __forceinline__ void unpack(const Raw<T, G>& r, float (&v)[G]) {
+  if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int i = 0; i < G; ++i) v[i] = __uint_as_float(r.w[i]);
+  } else {
 #pragma unroll
     for (int i = 0; i < G / 2; ++i) {
-      v[2 * i] = Num<T>::bits_to_f(static_cast<uint16_t>(w[i] & 0xffffu));
-      v[2 * i + 1] = Num<T>::bits_to_f(static_cast<uint16_t>(w[i] >> 16));
+      v[2 * i] = Num<T>::bits_to_f(static_cast<uint16_t>(r.w[i] & 0xffffu));
+      v[2 * i + 1] = Num<T>::bits_to_f(static_cast<uint16_t>(r.w[i] >> 16));
     }
   }
 }
@@ -62,7 +69,9 @@ __device__ __forceinline__ void store_group(T* p, const float (&v)[G]) {
   }
 }
 
-template <typename T, int G>
+// KS > 0: a KS x KS kernel known at compile time (all of DLA's grouped convs are 3x3), whose tap loops unroll
+// so that every tap's load is issued before the first FMA; KS = 0: any kernel size, one tap at a time.
+template <typename T, int G, int KS>
 __global__ void __launch_bounds__(GC_WARPS * 32) grouped_conv_kernel(const GemmParams p) {
   extern __shared__ __align__(16) float ws[];  // [GC_WARPS][tap][ci][co] fp32
   const int taps = p.kh * p.kw;
@@ -110,33 +119,51 @@ __global__ void __launch_bounds__(GC_WARPS * 32) grouped_conv_kernel(const GemmP
     for (int o = 0; o < G; ++o) acc[j][o] = 0.f;
   }
 
-  for (int r = 0; r < p.kh; ++r) {
-    for (int s = 0; s < p.kw; ++s) {
-      float xv[GC_P][G];
+  // One tap of both pixels: the group's G channels (zeros in the halo) times the tap's G x G weights.
+  auto load_tap = [&](int r, int s, Raw<T, G> (&raw)[GC_P]) {
 #pragma unroll
-      for (int j = 0; j < GC_P; ++j) {
-        const int hi = hi0[j] + r, wi = wi0[j] + s;
-        if ((unsigned)hi < (unsigned)p.H && (unsigned)wi < (unsigned)p.W) {
-          load_group<T, G>(xb[j] + (long long)hi * sh + (long long)wi * sw, xv[j]);
-        } else {
+    for (int j = 0; j < GC_P; ++j) {
+      const int hi = hi0[j] + r, wi = wi0[j] + s;
+      if ((unsigned)hi < (unsigned)p.H && (unsigned)wi < (unsigned)p.W) {
+        load_raw<T, G>(xb[j] + (long long)hi * sh + (long long)wi * sw, raw[j]);
+      } else {
 #pragma unroll
-          for (int c = 0; c < G; ++c) xv[j][c] = 0.f;
+        for (int c = 0; c < Raw<T, G>::WORDS; ++c) raw[j].w[c] = 0u;
+      }
+    }
+  };
+  auto fma_tap = [&](int tap, const Raw<T, G> (&raw)[GC_P]) {
+    float xv[GC_P][G];
+#pragma unroll
+    for (int j = 0; j < GC_P; ++j) unpack<T, G>(raw[j], xv[j]);
+    const float* wt = wg + tap * G * G;
+#pragma unroll
+    for (int ci = 0; ci < G; ++ci) {
+#pragma unroll
+      for (int o4 = 0; o4 < G; o4 += 4) {
+        const float4 wv = *reinterpret_cast<const float4*>(wt + ci * G + o4);
+#pragma unroll
+        for (int j = 0; j < GC_P; ++j) {
+          acc[j][o4] = fmaf(xv[j][ci], wv.x, acc[j][o4]);
+          acc[j][o4 + 1] = fmaf(xv[j][ci], wv.y, acc[j][o4 + 1]);
+          acc[j][o4 + 2] = fmaf(xv[j][ci], wv.z, acc[j][o4 + 2]);
+          acc[j][o4 + 3] = fmaf(xv[j][ci], wv.w, acc[j][o4 + 3]);
         }
       }
-      const float* wt = wg + (r * p.kw + s) * G * G;
+    }
+  };
+  if constexpr (KS > 0) {
+    Raw<T, G> raw[KS * KS][GC_P];
 #pragma unroll
-      for (int ci = 0; ci < G; ++ci) {
+    for (int t = 0; t < KS * KS; ++t) load_tap(t / KS, t % KS, raw[t]);
 #pragma unroll
-        for (int o4 = 0; o4 < G; o4 += 4) {
-          const float4 wv = *reinterpret_cast<const float4*>(wt + ci * G + o4);
-#pragma unroll
-          for (int j = 0; j < GC_P; ++j) {
-            acc[j][o4] = fmaf(xv[j][ci], wv.x, acc[j][o4]);
-            acc[j][o4 + 1] = fmaf(xv[j][ci], wv.y, acc[j][o4 + 1]);
-            acc[j][o4 + 2] = fmaf(xv[j][ci], wv.z, acc[j][o4 + 2]);
-            acc[j][o4 + 3] = fmaf(xv[j][ci], wv.w, acc[j][o4 + 3]);
-          }
-        }
+    for (int t = 0; t < KS * KS; ++t) fma_tap(t, raw[t]);
+  } else {
+    for (int r = 0; r < p.kh; ++r) {
+      for (int s = 0; s < p.kw; ++s) {
+        Raw<T, G> raw[GC_P];
+        load_tap(r, s, raw);
+        fma_tap(r * p.kw + s, raw);
       }
     }
   }
@@ -162,11 +189,16 @@ __global__ void __launch_bounds__(GC_WARPS * 32) grouped_conv_kernel(const GemmP
 
 template <typename T, int G>
 void run_grouped(const GemmParams& p, cudaStream_t stream) {
+  const bool k3 = p.kh == 3 && p.kw == 3;
   const long long blocks = (long long)((p.M + 32 * GC_P - 1) / (32 * GC_P)) * ((p.groups + GC_WARPS - 1) / GC_WARPS);
   TORCH_CHECK(blocks < (1LL << 31), "dla_fast::conv_bn_act: grouped conv too large for one launch");
   const dim3 grid(static_cast<unsigned>(blocks));
   const size_t smem = (size_t)GC_WARPS * p.kh * p.kw * G * G * sizeof(float);
-  grouped_conv_kernel<T, G><<<grid, GC_WARPS * 32, smem, stream>>>(p);
+  if (k3) {
+    grouped_conv_kernel<T, G, 3><<<grid, GC_WARPS * 32, smem, stream>>>(p);
+  } else {
+    grouped_conv_kernel<T, G, 0><<<grid, GC_WARPS * 32, smem, stream>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

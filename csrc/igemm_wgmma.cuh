@@ -9,10 +9,10 @@
 // descriptors describe: the 16-byte chunk c of row r sits at chunk c ^ (r % 8), so the 8 rows of a core
 // matrix hit 8 different bank groups. Every tile starts on a 1024-byte boundary (one swizzle atom).
 //
-// Pipeline: STAGES buffers, loads issued PD = STAGES - 2 tiles ahead with cp.async, after the iteration's
-// wgmmas are issued. wgmma of tile kt is left in flight while the loop goes on (wait_group 1), so the buffer a
-// load may overwrite is the one of tile kt - 2, whose wgmmas every warpgroup has retired before the barrier
-// that starts iteration kt.
+// Pipeline: STAGES buffers, cp.async loads issued STAGES - 1 tiles ahead. Iteration kt: wait for tile kt,
+// barrier, issue its wgmmas, retire tile kt - 1 (wait_group 1: tile kt stays in flight), barrier (every
+// warpgroup has retired kt - 1), then load tile kt + STAGES - 1 into kt - 1's buffer while the tensor cores
+// work on tile kt.
 #pragma once
 
 #include "common.cuh"
@@ -22,12 +22,13 @@ namespace dla_fast {
 
 constexpr int WG_BM = 128, WG_BK = 64, WG_NT = 256;
 
-// Ring depth: BN 128 keeps 5 tiles (loads 3 ahead; 160 KB, one block per SM), BN 64 keeps 4 (loads 2 ahead;
-// 96 KB, two blocks per SM). A problem with fewer k tiles than that gets only as many buffers as it uses,
-// so that short-K layers (1x1 convs) fit several blocks per SM.
+// Ring depth: 3 tiles for BN 128, 4 for BN 64 (96 KB either way), so that two blocks share an SM: one
+// block's barrier and gather arithmetic hide behind the other's MMAs. (One block per SM with 4-5 stages
+// ran 512->512 3x3 @7x7 at 265 TFLOP/s on the H100; Triton's 128x128x64 tiles with 3 stages, two blocks
+// per SM, at 470.) A problem with fewer k tiles gets only as many buffers as it uses.
 template <int BN>
 constexpr int wg_stages() {
-  return BN >= 128 ? 5 : 4;
+  return BN >= 128 ? 3 : 4;
 }
 template <int BN>
 inline int wgmma_stages_used(int K) {
@@ -64,9 +65,9 @@ template <int R> __device__ __forceinline__ void fence_regs(float (&d)[R]) {
 #endif
 
 template <typename T, int BN, int KIND>
-__global__ void __launch_bounds__(WG_NT, 1) igemm_wgmma_kernel(const GemmParams p) {
+__global__ void __launch_bounds__(WG_NT, 2) igemm_wgmma_kernel(const GemmParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int BM = WG_BM, BK = WG_BK, NT = WG_NT, STAGES = wg_stages<BN>(), PD = STAGES - 2;
+  constexpr int BM = WG_BM, BK = WG_BK, NT = WG_NT, STAGES = wg_stages<BN>(), PD = STAGES - 1;
   constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
   constexpr int CPR = BK / 8;                 // 16-byte chunks per row
   constexpr int A_IT = BM * CPR / NT;         // chunks per thread per tile
@@ -141,7 +142,7 @@ __global__ void __launch_bounds__(WG_NT, 1) igemm_wgmma_kernel(const GemmParams 
   for (int kt = 0; kt < KT; ++kt) {
     cp_async_wait<PD - 1>();  // this thread's copies of tile kt have landed
     fence_proxy_async();      // ... and are visible to the async proxy that wgmma reads through
-    __syncthreads();          // everyone's copies of tile kt; every warpgroup has retired tile kt - 2
+    __syncthreads();          // everyone's copies of tile kt
 
     // The MMAs first, then the gather arithmetic of the next loads, which the tensor cores then hide.
     const int st = kt % STAGES;
@@ -156,12 +157,13 @@ __global__ void __launch_bounds__(WG_NT, 1) igemm_wgmma_kernel(const GemmParams 
       wgmma_ss<T, BN>(acc, sw128_desc(a_tile + ks * 32), sw128_desc(b_tile + ks * 32));
     }
     wgmma_commit();
+    wgmma_wait<1>();  // this warpgroup's tile kt - 1 is retired (tile kt stays in flight) ...
+    fence_regs(acc);
+    __syncthreads();  // ... and every warpgroup's: its buffer takes tile kt + STAGES - 1
 
-    const int nk = kt + PD;  // into the buffer of tile kt - 2 (retired, see above)
+    const int nk = kt + PD;
     if (nk < KT) load_stage(nk % STAGES, nk);
     cp_async_commit();
-    wgmma_wait<1>();
-    fence_regs(acc);
   }
   wgmma_wait<0>();
   fence_regs(acc);
