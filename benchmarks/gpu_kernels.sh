@@ -2,14 +2,16 @@
 # One-GPU kernel-iteration call: build; the CUDA op tests (xdist) with compute-sanitizer memcheck + racecheck
 # of the sanitize driver beside them (correctness only); then, with the GPU to itself, opbench of the layer
 # shapes (OPBENCH_ARGS; OPBENCH_TC_ARGS: also the CUDA backend forced onto mma.sync). Files back: env.txt,
-# info.txt, pytest.log, sanitizer.log, opbench.json, opbench.md, opbench_tc.json.
+# pytest.log, sanitizer.log, opbench.json, opbench.md, opbench_tc.json; OPBENCH_BS1_ARGS: opbench_bs1.json;
+# TABLE_SOURCES (committed opbench runs under benchmarks/results, oldest first): the auto table rebuilt from
+# them plus this call's runs (auto_table.json); E2E_ARGS: `python -m dla_fast bench` with it (e2e.json).
 #   OPBENCH_ARGS="--models dla34 dla60 --dtypes float16 bfloat16 --impls cuda triton cudnn_conv eager_seq" \
 #     bash benchmarks/gpu_kernels.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; t0=$(date +%s); el() { echo $(( $(date +%s) - t0 )); }
 BUDGET=${BUDGET:-570}
 OUT=/tmp/sess bash benchmarks/gpu_session.sh build > /tmp/build_stage.txt 2>&1
-cp /tmp/sess/env.txt /tmp/sess/info.txt "$OUT/" 2>/dev/null; tail -4 /tmp/build_stage.txt
+cp /tmp/sess/env.txt "$OUT/" 2>/dev/null; tail -4 /tmp/build_stage.txt
 grep -q "BUILD FAILED" /tmp/build_stage.txt && { cp /tmp/sess/build.log "$OUT/"; exit 1; }
 echo "== build done at +$(el)s"
 S=${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer
@@ -35,5 +37,19 @@ if [ -n "${OPBENCH_ARGS:-}" ]; then
   timeout $left python3 benchmarks/opbench.py --batch ${OPBATCH:-256} $OPBENCH_ARGS --json "$OUT/opbench.json" \
     --md "$OUT/opbench.md" > /tmp/opbench.txt 2>&1; echo "opbench rc=$? at +$(el)s"
   tail -3 /tmp/opbench.txt
+fi
+if [ -n "${OPBENCH_BS1_ARGS:-}" ]; then  # batch 1, timed by CUDA-graph replay (opbench --timer auto)
+  timeout $(( BUDGET - $(el) )) python3 benchmarks/opbench.py --batch 1 $OPBENCH_BS1_ARGS \
+    --json "$OUT/opbench_bs1.json" > /tmp/opbench_bs1.txt 2>&1; echo "opbench bs1 rc=$? at +$(el)s"
+fi
+if [ -n "${TABLE_SOURCES:-}" ]; then  # rebuild the auto table: committed runs (oldest first), then this call's
+  srcs=""; for f in $TABLE_SOURCES; do srcs="$srcs benchmarks/results/$f"; done
+  for f in opbench.json opbench_bs1.json; do [ -f "$OUT/$f" ] && srcs="$srcs $OUT/$f"; done
+  python3 benchmarks/make_auto_table.py $srcs --mixed-cards 2>&1 | tail -3
+  cp dla_fast/ops/auto_table.json "$OUT/"
+fi
+if [ -n "${E2E_ARGS:-}" ]; then  # end to end with the kernels (and table) above
+  timeout $(( BUDGET - $(el) )) python3 -m dla_fast bench $E2E_ARGS --json "$OUT/e2e.json" > /tmp/e2e.txt 2>&1
+  echo "e2e rc=$? at +$(el)s"; grep -E "^\| dla" /tmp/e2e.txt | cut -c1-100 | head -${E2E_LINES:-60}
 fi
 echo "== total +$(el)s"

@@ -109,22 +109,59 @@ __global__ void __launch_bounds__(WG_NT, 2) igemm_wgmma_kernel(const GemmParams 
   static_assert(RSTEP % 8 == 0, "");
   const uint32_t sw_off = (uint32_t)r0 * 128u + (uint32_t)((kc ^ (r0 & 7)) << 4);
 
+  // Convolutions: each row's window corner as one 64-bit element offset, computed once; per k tile only the
+  // tap's offset r*sh + s*sw + c is new (shared by the rows), and (r, s, c) advance with the tiles instead of
+  // being divided out of k. This halves the integer work of a tile's loads, which competes with the wgmma
+  // issue for the same schedulers. (load_stage runs for kt = 0, 1, 2, ... in order.)
+  const uint16_t* xg = static_cast<const uint16_t*>(p.src[0]);
+  long long rbase[A_IT];
+  int cr = 0, cs = 0, cc = 0;  // tap row, tap column, channel (within the group) of this thread's k
+  if constexpr (KIND == KIND_CONV) {
+#pragma unroll
+    for (int i = 0; i < A_IT; ++i)
+      rbase[i] = (long long)arow[i].x * p.sn[0] + (long long)arow[i].y * p.sh[0] + (long long)arow[i].z * p.sw[0] +
+                 cbase;
+    const int tap = (kc * 8) / p.Cin_g;
+    cc = kc * 8 - tap * p.Cin_g;
+    cr = tap / p.kw;
+    cs = tap - cr * p.kw;
+  }
+
   auto load_stage = [&](int stage, int kt) {
     const int k = kt * BK + kc * 8;
-    const KSrc d = decompose_k<KIND>(k, p, tab, cbase);
-    const char* src_base = tab.ptr[d.child];
+    const bool kok = k < p.K;
     const uint32_t a_dst = As + stage * A_BYTES + sw_off;
+    if constexpr (KIND == KIND_CONV) {
+      const long long toff = (long long)cr * p.sh[0] + (long long)cs * p.sw[0] + cc;
 #pragma unroll
-    for (int i = 0; i < A_IT; ++i) {
-      const long long off = a_offset(d, arow[i], p, tab);
-      const void* src = off >= 0 ? static_cast<const void*>(src_base + off * 2) : static_cast<const void*>(src_base);
-      cp_async<16>(a_dst + i * RSTEP * 128, src, off >= 0);
+      for (int i = 0; i < A_IT; ++i) {
+        const bool v = kok && arow[i].w && (unsigned)(arow[i].y + cr) < (unsigned)p.H &&
+                       (unsigned)(arow[i].z + cs) < (unsigned)p.W;
+        cp_async<16>(a_dst + i * RSTEP * 128, v ? xg + rbase[i] + toff : xg, v);
+      }
+      cc += BK;  // the next tile's k, carried into taps
+      while (cc >= p.Cin_g) {
+        cc -= p.Cin_g;
+        if (++cs == p.kw) {
+          cs = 0;
+          ++cr;
+        }
+      }
+    } else {
+      const KSrc d = decompose_k<KIND>(k, p, tab, cbase);
+      const char* src_base = tab.ptr[d.child];
+#pragma unroll
+      for (int i = 0; i < A_IT; ++i) {
+        const long long off = a_offset(d, arow[i], p, tab);
+        const void* src = off >= 0 ? static_cast<const void*>(src_base + off * 2) : static_cast<const void*>(src_base);
+        cp_async<16>(a_dst + i * RSTEP * 128, src, off >= 0);
+      }
     }
     const uint32_t b_dst = Bs + stage * B_BYTES + sw_off;
 #pragma unroll
     for (int i = 0; i < B_IT; ++i) {
       const int n = n0 + r0 + i * RSTEP;
-      const bool ok = d.ok && n < p.Cout_g;
+      const bool ok = kok && n < p.Cout_g;
       const uint16_t* src = ok ? wg + (long long)n * p.K + k : wg;
       cp_async<16>(b_dst + i * RSTEP * 128, src, ok);
     }
