@@ -59,7 +59,7 @@ void launch_igemm_simt(DType dt, int kind, GemmParams p, cudaStream_t stream);
 // Direct convolution on CUDA cores for grouped convs with few channels per group.
 void launch_direct_conv(DType dt, GemmParams p, cudaStream_t stream);
 
-// Grouped convs with 4 or 8 channels in and out per group, vector loads of a group's channels (grouped_conv.cu).
+// Grouped 3x3 convs with 8 channels in and out per group, vector loads of a group's channels (grouped_conv.cu).
 // x_vw: the gather vector width (elements) that x's pointer and strides allow (host_utils.h nhwc_vw).
 bool grouped_supported(const GemmParams& p, int x_vw, int elem_size);
 void launch_grouped_conv(DType dt, const GemmParams& p, cudaStream_t stream);
