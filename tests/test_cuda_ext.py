@@ -47,6 +47,10 @@ def test_extension_imports(ext):
     assert hasattr(torch.ops.dla_fast, "conv_bn_act") and hasattr(torch.ops.dla_fast, "aggregate")
     assert cuda_backend.NAME == "cuda"
     assert isinstance(C.last_kernel(), str)
+    # whether the build has the sm_90a (wgmma) kernels; without a 9.x GPU they are never picked
+    assert isinstance(C.wgmma_built(), bool)
+    if not torch.cuda.is_available():
+        assert cuda_backend.has_wgmma() is False
 
 
 def test_schemas(ext):
@@ -232,6 +236,7 @@ def test_setup_arch_flags(setup_mod):
     assert setup_mod.arch_flags("80;90") == ["-gencode=arch=compute_80,code=sm_80",
                                              "-gencode=arch=compute_90,code=sm_90"]
     assert setup_mod.arch_flags("90a") == ["-gencode=arch=compute_90a,code=sm_90a"]
+    assert "-gencode=arch=compute_90a,code=sm_90a" in setup_mod.arch_flags(setup_mod.DEFAULT_ARCHS)  # wgmma
     assert setup_mod.arch_flags("9.0+PTX") == ["-gencode=arch=compute_90,code=sm_90",
                                                "-gencode=arch=compute_90,code=compute_90"]
     with pytest.raises(ValueError):
