@@ -82,6 +82,14 @@ def _launch_cost_hidden() -> bool:
     return torch.compiler.is_compiling() or getattr(_graph_state, "on", False)
 
 
+def _launch_bound(batch: int, replayed: Optional[bool] = None) -> bool:
+    """Whether a call at ``batch`` is paced by its launches: a small batch whose launch cost is not hidden
+    (``replayed``: by a CUDA graph or torch.compile; None: as the current call)."""
+    if batch > LAUNCH_BOUND_BATCH:  # first: the common large-batch call asks nothing else
+        return False
+    return not (_launch_cost_hidden() if replayed is None else replayed)
+
+
 def _name(impl) -> str:
     """A resolved backend module's name ("eager" for None)."""
     return "eager" if impl is None else impl.NAME
@@ -136,9 +144,8 @@ class _Fused(nn.Module):
     def impl_for(self, batch: int, replayed: Optional[bool] = None):
         """The backend module (None: eager) this layer runs at batch size ``batch``; ``replayed``: whether the
         launch cost is hidden (CUDA graph, torch.compile; None: as the current call)."""
-        if self._launch_bound[0] and batch <= LAUNCH_BOUND_BATCH:
-            if not (_launch_cost_hidden() if replayed is None else replayed):
-                return self._launch_bound[1]
+        if self._launch_bound[0] and _launch_bound(batch, replayed):
+            return self._launch_bound[1]
         if self._by_batch is None:
             return self._impl
         for bound, impl in self._by_batch:
@@ -301,7 +308,7 @@ class FusedMaxPool(nn.Module):
         batch without a CUDA graph, where a Triton launch's host cost (~46 us) is several times torch's."""
         if device_type != "cuda" or self.backend not in ("auto", "triton"):
             return False
-        return self.backend == "triton" or batch > LAUNCH_BOUND_BATCH or _launch_cost_hidden()
+        return self.backend == "triton" or not _launch_bound(batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.wants_triton(x.device.type, x.shape[0]):

@@ -10,7 +10,7 @@ tiles without touching the heuristic.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.library import triton_op, wrap_triton
@@ -132,6 +132,17 @@ def _sm_count(device: torch.device) -> int:
     return n
 
 
+def _narrow_for_few_tiles(M: int, cout: int, bm: int, bn: int, n_tiles: int, num_warps: int,
+                          sms: int) -> Tuple[int, int, int]:
+    """(BLOCK_N, column tiles, num_warps): 64-wide column tiles instead of wider ones when the grid would fill
+    at most half of the SMs anyway: narrower tiles double the programs before any K splitting is needed."""
+    if bn > 64 and 2 * _cdiv(M, bm) * n_tiles <= sms:
+        bn = 64
+        n_tiles = _cdiv(cout, bn)
+        num_warps = 8 if bm * bn >= 128 * 128 else 4
+    return bn, n_tiles, num_warps
+
+
 def _split_k(tiles: int, k_iters: int, sms: int) -> int:
     """How many K slices a grid of ``tiles`` output tiles with ``k_iters`` K iterations each should use on a
     GPU of ``sms`` SMs (0: never split). At batch 1 the deep DLA levels give 4-30 tiles of 36-72 iterations:
@@ -216,11 +227,7 @@ def conv_plan(M: int, Cin_g: int, Cout_g: int, groups: int, kh: int, kw: int, dt
         num_warps = 8 if bm >= 128 else 4
     split = 1
     if kind == "dense" and groups == 1:
-        if bn > 64 and 2 * _cdiv(M, bm) * n_tiles <= sms:
-            # Few tiles anyway: narrower ones double the programs before any K splitting is needed.
-            bn = 64
-            n_tiles = _cdiv(Cout_g, bn)
-            num_warps = 8 if bm * bn >= 128 * 128 else 4
+        bn, n_tiles, num_warps = _narrow_for_few_tiles(M, Cout_g, bm, bn, n_tiles, num_warps, sms)
         split = _split_k(_cdiv(M, bm) * n_tiles, kh * kw * _cdiv(Cin_g, bk), sms)
     return dict(kind=kind, MODE=1 if kind == "flat" else 0, GB=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                 num_warps=num_warps, num_stages=stages, SPLIT=split)
@@ -244,10 +251,7 @@ def aggregate_plan(M: int, chans: Sequence[int], Cout: int, dtype: torch.dtype, 
     if not tf32 and dtype not in _TC_DTYPES:  # IEEE fp32: see conv_plan
         bn, bk, stages = min(bn, 64), min(bk, 32), 2
         num_warps = 8 if bm >= 128 else 4
-    if bn > 64 and 2 * _cdiv(M, bm) * n_tiles <= sms:
-        bn = 64
-        n_tiles = _cdiv(Cout, bn)
-        num_warps = 8 if bm * bn >= 128 * 128 else 4
+    bn, n_tiles, num_warps = _narrow_for_few_tiles(M, Cout, bm, bn, n_tiles, num_warps, sms)
     split = _split_k(_cdiv(M, bm) * n_tiles, sum(_cdiv(c, bk) for c in chans), sms)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps, num_stages=stages, SPLIT=split)
 
