@@ -1,11 +1,11 @@
-// Grouped 3x3 convolution with 8 channels in and out per group (DLA-X and Res2NeXt layers), on CUDA cores
-// (the kernel is written for G = 4 too, but measured slower there than the direct kernel; see
-// grouped_supported). A GEMM tile would be mostly padding here, and the older direct kernel (cuda_core_kernels.cu) reads
-// its inputs one scalar at a time; this one is built around the two facts of these layers:
-//   * a group's G input channels of one pixel are one 8- or 16-byte vector, so a tap is one load;
+// Grouped 3x3 convolution with 8 channels in and out per group (DLA-X and Res2NeXt layers), on CUDA cores. A
+// GEMM tile would be mostly padding here, and the direct kernel (cuda_core_kernels.cu) reads its inputs one
+// scalar at a time; this one is built around the two facts of these layers:
+//   * a group's 8 input channels of one pixel are one 16-byte vector (two for fp32), so a tap is one load;
 //   * all 32 lanes of a warp work on the same group (32 pixels each), so the weights come from shared
 //     memory as broadcast float4s, and each is used for P = 2 pixels (8 FMAs per shared load).
 // A block is 8 warps = 8 consecutive groups, so the 8 warps together read whole cache lines of a pixel.
+// (Groups of 4 channels stay on the direct kernel, which measured faster for them: see grouped_supported.)
 #include <c10/cuda/CUDAException.h>
 
 #include "common.cuh"
@@ -25,15 +25,11 @@ struct Raw {
 
 template <typename T, int G>
 __device__ __forceinline__ void load_raw(const T* p, Raw<T, G>& r) {
-  if constexpr (Raw<T, G>::WORDS % 4 == 0) {
+  static_assert(Raw<T, G>::WORDS % 4 == 0, "a group is loaded as whole 16-byte vectors");
 #pragma unroll
-    for (int i = 0; i < Raw<T, G>::WORDS; i += 4) {
-      const uint4 q = *reinterpret_cast<const uint4*>(reinterpret_cast<const uint32_t*>(p) + i);
-      r.w[i] = q.x, r.w[i + 1] = q.y, r.w[i + 2] = q.z, r.w[i + 3] = q.w;
-    }
-  } else {
-    const uint2 q = *reinterpret_cast<const uint2*>(p);
-    r.w[0] = q.x, r.w[1] = q.y;
+  for (int i = 0; i < Raw<T, G>::WORDS; i += 4) {
+    const uint4 q = *reinterpret_cast<const uint4*>(reinterpret_cast<const uint32_t*>(p) + i);
+    r.w[i] = q.x, r.w[i + 1] = q.y, r.w[i + 2] = q.z, r.w[i + 3] = q.w;
   }
 }
 
@@ -57,16 +53,13 @@ __device__ __forceinline__ void store_group(T* p, const float (&v)[G]) {
 #pragma unroll
     for (int i = 0; i < G; i += 4) *reinterpret_cast<float4*>(p + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
   } else {
+    static_assert(G == 8, "16-bit groups are stored as one 16-byte vector");
     uint32_t w[G / 2];
 #pragma unroll
     for (int i = 0; i < G / 2; ++i)
       w[i] = static_cast<uint32_t>(Num<T>::f_to_bits(v[2 * i])) |
              (static_cast<uint32_t>(Num<T>::f_to_bits(v[2 * i + 1])) << 16);
-    if constexpr (G == 8) {
-      *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
-    } else {
-      *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]);
-    }
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
   }
 }
 
