@@ -14,12 +14,7 @@ OUT=/tmp/sess bash benchmarks/gpu_session.sh build > /tmp/build_stage.txt 2>&1
 cp /tmp/sess/env.txt "$OUT/" 2>/dev/null; tail -4 /tmp/build_stage.txt
 grep -q "BUILD FAILED" /tmp/build_stage.txt && { cp /tmp/sess/build.log "$OUT/"; exit 1; }
 echo "== build done at +$(el)s"
-S=${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer
-( echo "### memcheck"; PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 $S --tool memcheck --error-exitcode 9 \
-      python3 benchmarks/gpu_cuda_check.py --sanitize 2>&1 | tail -40; echo "memcheck rc=${PIPESTATUS[0]}"
-  echo "### racecheck"; timeout 240 $S --tool racecheck --error-exitcode 9 \
-      python3 benchmarks/gpu_cuda_check.py --sanitize 2>&1 | tail -8; echo "racecheck rc=${PIPESTATUS[0]}"
-) > "$OUT/sanitizer.log" 2>&1 &
+bash benchmarks/gpu_sanitizer.sh > "$OUT/sanitizer.log" 2>&1 &
 export OMP_NUM_THREADS=1
 timeout ${TEST_S:-240} python3 -m pytest -q -n ${NPROC:-8} -p no:cacheprovider -rfE --tb=short \
   ${TESTS:-tests/test_ops_cuda.py tests/test_cuda_ext.py} > "$OUT/pytest.log" 2>&1

@@ -7,13 +7,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; t0=$(date +%s); el() { echo $(( $(date +%
 OUT=/tmp/sess bash benchmarks/gpu_session.sh build > /tmp/build_stage.txt 2>&1
 cp /tmp/sess/env.txt /tmp/sess/info.txt "$OUT/" 2>/dev/null; tail -3 /tmp/build_stage.txt
 echo "== build done at +$(el)s"
-S=${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer
-( export CUDA_VISIBLE_DEVICES=1
-  echo "### memcheck"; PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 $S --tool memcheck --error-exitcode 9 \
-      python3 benchmarks/gpu_cuda_check.py --sanitize 2>&1 | tail -25; echo "memcheck rc=${PIPESTATUS[0]}"
-  echo "### racecheck"; timeout 200 $S --tool racecheck --error-exitcode 9 \
-      python3 benchmarks/gpu_cuda_check.py --sanitize 2>&1 | tail -8; echo "racecheck rc=${PIPESTATUS[0]}"
-) > "$OUT/sanitizer.log" 2>&1 &
+CUDA_VISIBLE_DEVICES=1 SAN_TIMEOUT=200 bash benchmarks/gpu_sanitizer.sh > "$OUT/sanitizer.log" 2>&1 &
 OUT=$OUT DEADLINE=$(( ${BUDGET:-560} - $(el) )) NPROC=${NPROC:-8} bash benchmarks/gpu_tests.sh
 wait
 grep -E "rc=|failures" "$OUT/sanitizer.log"
