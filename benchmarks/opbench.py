@@ -49,6 +49,7 @@ else:  # pragma: no cover - imported as part of a package
     from . import shapes as _shapes  # noqa: E402
 
 import dla_fast  # noqa: E402
+from dla_fast.fuse import LAUNCH_BOUND_BATCH  # noqa: E402
 from dla_fast.ops import _backends  # noqa: E402
 from dla_fast.ops.reference import aggregate_ref, conv_bn_act_ref  # noqa: E402
 
@@ -299,7 +300,9 @@ def _bench_cudagraph(fn, warmup: float, rep: float, inner: int = 20) -> float:
 
 
 TIMERS = ("auto", "do_bench", "cudagraph")
-SMALL_BATCH = 16  # timer "auto": CUDA-graph timing up to this batch size, do_bench above
+# timer "auto": CUDA-graph timing up to this batch size, do_bench above -- the batches where a launch costs more
+# than its kernel, the same bound as the fused layers' launch-bound rule
+SMALL_BATCH = LAUNCH_BOUND_BATCH
 
 
 def timer_name(device: torch.device, timer: str = "do_bench", batch: Optional[int] = None) -> str:
