@@ -350,6 +350,14 @@ def test_cpp_errors_are_clear():
         agg([x, x[:, :, :4]], torch.randn(8, 32, device="cuda", dtype=torch.float16), None, None, True)
 
 
+def test_forced_kernel_name_must_be_known(monkeypatch):
+    x = torch.randn(1, 16, 5, 5, device="cuda", dtype=torch.float16)
+    w = torch.randn(16, 16, 3, 3, device="cuda", dtype=torch.float16)
+    monkeypatch.setenv("DLA_FAST_CUDA_KERNEL", "fastest")
+    with pytest.raises(RuntimeError, match="must be one of auto, wgmma, tc, simt, direct; got 'fastest'"):
+        torch.ops.dla_fast.conv_bn_act(x, w, None, [1, 1], [1, 1], 1, None, True)
+
+
 def test_public_api_on_wrong_dtype():
     x = torch.randn(1, 4, 5, 5, device="cuda", dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float64"):

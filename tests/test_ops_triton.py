@@ -301,6 +301,17 @@ def test_split_k_plan():
     assert aggregate_plan(256 * 49, [512, 512, 256], 512, f16, False, True, sms=132)["SPLIT"] == 1
 
 
+@needs_triton
+def test_split_k_workspace_too_large_is_a_clear_error():
+    """A split-K workspace beyond 32-bit offsets is refused (before allocating) with what to do instead."""
+    from dla_fast.triton._launch import _workspace
+    y = torch.empty(0)
+    assert _workspace(1, 2**30, 64, y) is y  # no split: no workspace at all
+    with pytest.raises(ValueError, match="exceeds 32-bit offsets; use SPLIT=1"):
+        _workspace(4, 2**22, 1024, y)
+
+
+
 @pytest.mark.interpreter
 @needs_kernels
 @pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
