@@ -174,7 +174,8 @@ __global__ void __launch_bounds__(GC_WARPS * 32) grouped_conv_kernel(const GemmP
 template <typename T, int G>
 void run_grouped(const GemmParams& p, cudaStream_t stream) {
   const long long blocks = (long long)((p.M + 32 * GC_P - 1) / (32 * GC_P)) * ((p.groups + GC_WARPS - 1) / GC_WARPS);
-  TORCH_CHECK(blocks < (1LL << 31), "dla_fast::conv_bn_act: grouped conv too large for one launch");
+  TORCH_CHECK(blocks < (1LL << 31), "dla_fast::conv_bn_act: this grouped conv needs more thread blocks than one "
+              "launch allows; run it on smaller batches (split the input along N)");
   const dim3 grid(static_cast<unsigned>(blocks));
   const size_t smem = (size_t)GC_WARPS * p.kh * p.kw * G * G * sizeof(float);
   grouped_conv_kernel<T, G, 3><<<grid, GC_WARPS * 32, smem, stream>>>(p);
