@@ -35,7 +35,9 @@ constexpr int tc_smem_bytes() {
   return TcStages<VW>::value * (Cfg::BM + Cfg::BN) * Cfg::LDS * 2;
 }
 
-template <typename T, typename Cfg, int KIND, int VW>
+// BD: block-diagonal mode (GemmParams::bd_log2; KIND_CONV, VW 4/8): a separate instantiation, so that the dense
+// kernels keep their registers.
+template <typename T, typename Cfg, int KIND, int VW, bool BD = false>
 __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, LDS = Cfg::LDS, NT = Cfg::NT;
@@ -134,9 +136,18 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
         const int e = tid + i * NT;
         if ((BN * CPR) % NT == 0 || e < BN * CPR) {
           const int row = e / CPR;
-          const bool ok = d.ok && (n0 + row) < p.Cout_g;
-          const uint16_t* src = ok ? wg + (long long)(n0 + row) * p.K + k : wg;
-          cp_async<VW * 2>(smem_u32(Bs_s + row * LDS + kc * VW), src, ok);
+          const int n = n0 + row;
+          bool ok = d.ok && n < p.Cout_g;
+          const uint16_t* src = wg + (long long)n * p.K + k;
+          if constexpr (BD) {
+            // super-group channel cl of this k belongs to real group cl >> bd_log2; output n to n >> bd_log2
+            const int cl = d.chan - cbase;
+            ok = ok && (cl >> p.bd_log2) == (n >> p.bd_log2);
+            src = static_cast<const uint16_t*>(p.w) +
+                  (((long long)(g * p.Cout_g + n) * (p.kh * p.kw) + (d.r * p.kw + d.s)) << p.bd_log2) +
+                  (cl & ((1 << p.bd_log2) - 1));
+          }
+          cp_async<VW * 2>(smem_u32(Bs_s + row * LDS + kc * VW), ok ? src : wg, ok);
         }
       }
     };

@@ -29,9 +29,9 @@ void opt_in_smem(Kern kern, int bytes, std::atomic<unsigned long long>& done) {
   }
 }
 
-template <typename T, typename Cfg, int KIND, int VW>
+template <typename T, typename Cfg, int KIND, int VW, bool BD = false>
 int run_tc(GemmParams p, cudaStream_t stream) {
-  auto kern = igemm_tc_kernel<T, Cfg, KIND, VW>;
+  auto kern = igemm_tc_kernel<T, Cfg, KIND, VW, BD>;
   constexpr int smem = tc_smem_bytes<Cfg, VW>();
   if constexpr (smem > 40 * 1024) {
     // the static row/child tables (~2.4 KB) count towards the 48 KB too
@@ -47,6 +47,9 @@ int run_tc(GemmParams p, cudaStream_t stream) {
 
 template <typename T>
 int dispatch_tc_conv(int vw, int bn, const GemmParams& p, cudaStream_t s) {
+  if (p.bd_log2 > 0) {  // block-diagonal grouped conv: 32-channel super-groups, 16- or 8-byte gather
+    return vw == 8 ? run_tc<T, TcSmall, KIND_CONV, 8, true>(p, s) : run_tc<T, TcSmall, KIND_CONV, 4, true>(p, s);
+  }
   if (vw == 8) {
     if (bn <= 16) return run_tc<T, TcTiny, KIND_CONV, 8>(p, s);
     if (bn <= 32) return run_tc<T, TcSmall, KIND_CONV, 8>(p, s);

@@ -39,6 +39,10 @@ struct GemmParams {
   void* y;        // [M][Cout]
   int relu;
   int ntiles_n;   // output-channel tiles per group (filled by the launcher)
+  // Block-diagonal mode (tensor-core conv kernel only): > 0 when a grouped conv with 2^bd_log2 channels a
+  // group runs as a dense GEMM over super-groups (groups/Cin_g/Cout_g/K above describe the super-groups); w is
+  // then the real grouped weight [Cout][kh][kw][2^bd_log2] and B reads zeros off the diagonal blocks.
+  int bd_log2;
 };
 
 // Which kernel ran, for tests and benchmarks (returned by the launchers).

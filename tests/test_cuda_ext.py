@@ -289,6 +289,8 @@ def emulator():
     (2, 13, 5, 7, 19, 3, 1, 1, 1),    # scalar gather, odd Cout
     (1, 200, 3, 5, 300, 1, 1, 0, 1),  # Cout tails
     (2, 64, 6, 6, 64, 3, 1, 1, 4),    # grouped on tensor cores
+    (2, 64, 6, 5, 64, 3, 1, 1, 8),    # 8 channels a group: block-diagonal over 32-channel super-groups
+    (2, 64, 7, 6, 64, 3, 1, 1, 16),   # 4 channels a group: block-diagonal, 8-byte gather
 ], ids=lambda c: "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*c))
 def test_tc_kernel_emulated_conv(emulator, case):
     """The tensor-core kernel's index logic, emulated thread by thread in float64 (csrc/tools/emulate_tc.py)."""

@@ -208,8 +208,11 @@ def test_conv_kernel_choice():
     for case, expect in [((2, 16, 9, 11, 32, 3, 1, 1, 1), "tc f16 vw8"), ((1, 20, 7, 9, 24, 3, 2, 1, 1), "tc f16 vw4"),
                          ((1, 3, 15, 17, 16, 7, 1, 3, 1), "simt f16"),  # RGB stem with a residual: generic path
                          ((2, 3, 20, 21, 32, 7, 2, 3, 1), "simt f16"),  # < 8 input channels, not the stem
-                         ((2, 13, 5, 7, 19, 3, 1, 1, 1), "tc f16 vw1"), ((2, 32, 10, 10, 32, 3, 1, 1, 8), "direct f16"),
-                         ((2, 64, 9, 7, 64, 3, 1, 1, 8), "grouped f16 g8"), ((2, 8, 5, 5, 8, 3, 1, 1, 8), "direct f16")]:
+                         ((2, 13, 5, 7, 19, 3, 1, 1, 1), "tc f16 vw1"),
+                         ((2, 32, 10, 10, 32, 3, 1, 1, 8), "tc-blockdiag f16 g4 vw4"),
+                         ((2, 64, 9, 7, 64, 3, 1, 1, 8), "tc-blockdiag f16 g8 vw8"),
+                         ((3, 40, 5, 6, 40, 3, 1, 1, 10), "direct f16"),  # 40 channels: no 32-channel super-groups
+                         ((2, 8, 5, 5, 8, 3, 1, 1, 8), "direct f16")]:
         _run_conv(case, torch.float16)
         assert cu.last_kernel().startswith(expect), (case, cu.last_kernel())
     # 64+ output channels with the 16-byte gather: wgmma on Hopper builds/devices, else mma.sync
@@ -221,6 +224,8 @@ def test_conv_kernel_choice():
         assert_close(y, ref64, eager, dtype, "stem kernel")
     _run_conv(CONV_CASES[0], torch.float32)
     assert cu.last_kernel().startswith("simt f32")
+    _run_conv((2, 64, 9, 7, 64, 3, 1, 1, 8), torch.float32)  # 8 channels a group in fp32: the CUDA-core kernel
+    assert cu.last_kernel() == "grouped f32 g8", cu.last_kernel()
 
 
 def test_conv_input_not_modified():

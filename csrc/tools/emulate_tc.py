@@ -10,7 +10,6 @@ once, that no fragment reads uninitialised shared memory, that no gather vector 
 and that the result equals the float64 reference. Keep it in step with the CUDA code when either changes.
 It cannot find races or hardware-semantics mistakes: those are for the GPU tests and compute-sanitizer.
 """
-import math
 import sys
 import numpy as np
 import torch
@@ -106,6 +105,14 @@ def conv_params(x_in, weight, bias, stride, padding, groups, residual, relu):
         p.update(src=[x], sn=[eff_stride(x, 0)], sh=[eff_stride(x, 2)], sw=[eff_stride(x, 3)], Cin_g=Cp, K=K,
                  koff=[0, K], w=w)
         Cin_g = Cp
+    G = Cin_g
+    if groups > 1 and G in (4, 8) and Cout // groups == G and C % 32 == 0 and not (groups == 1 and C < 8):
+        # conv_bn_act.cpp's block-diagonal mode: super-groups of 32 channels, the real weight read in place
+        vw = min(nhwc_vw(x, 32), G)
+        if vw >= 4:
+            p.update(groups=C // 32, Cin_g=32, Cout_g=32, K=kh * kw * 32, koff=[0, kh * kw * 32],
+                     bd_log2=2 if G == 4 else 3)
+            return p, 0, vw, 32
     vw = nhwc_vw(x, Cin_g)
     wok = lambda v: K % v == 0
     if vw == 8 and not wok(8):
@@ -258,9 +265,18 @@ def run_tc(p, kind, vw, bn, force_bn=None):
                             e = tid + i * NT
                             if e < BN * CPR:
                                 row = e // CPR
-                                ok = d["ok"] and (n0 + row) < p["Cout_g"]
+                                n = n0 + row
+                                ok = d["ok"] and n < p["Cout_g"]
+                                o = woff + wg_off + n * p["K"] + k
+                                bd = p.get("bd_log2", 0)
+                                if bd > 0:
+                                    cl = d["chan"] - cbase
+                                    ok = ok and (cl >> bd) == (n >> bd)
+                                    o = woff + ((((g * p["Cout_g"] + n) * (p["kh"] * p["kw"]) + (d["r"] * p["kw"] + d["s"])) << bd)
+                                                + (cl & ((1 << bd) - 1)))
+                                    if ok:  # a vector never spans two real groups
+                                        assert ((cl + vw - 1) >> bd) == (cl >> bd)
                                 if ok:
-                                    o = woff + wg_off + (n0 + row) * p["K"] + k
                                     Bs[stage, row, kc * vw:(kc + 1) * vw] = wst[o:o + vw]
                                 else:
                                     Bs[stage, row, kc * vw:(kc + 1) * vw] = 0
@@ -468,6 +484,8 @@ def main():
         (1, 64, 5, 6, 128, 1, 1, 0, 1), (1, 64, 7, 7, 64, 3, 2, 1, 1), (1, 200, 3, 5, 300, 1, 1, 0, 1),
         (1, 256, 5, 5, 256, 3, 1, 1, 8), (2, 64, 6, 6, 64, 3, 1, 1, 4), (1, 48, 1, 1, 40, 3, 1, 1, 1),
         (2, 32, 5, 5, 32, 3, 1, 1, 8), (2, 5, 6, 7, 24, 3, 1, 1, 1), (1, 1, 9, 9, 16, 3, 2, 1, 1),
+        # block-diagonal mode (4 / 8 channels a group, super-groups of 32)
+        (2, 64, 7, 6, 64, 3, 1, 1, 16), (1, 128, 9, 7, 128, 3, 2, 1, 16), (2, 64, 6, 5, 64, 3, 1, 1, 8),
     ]
     t0 = time.time()
     fails = 0
