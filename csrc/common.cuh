@@ -183,8 +183,9 @@ __device__ __forceinline__ long long res_offset(const GemmParams& p, int m) {
   return (long long)n * p.rsn + (long long)ho * p.rsh + (long long)wo * p.rsw;
 }
 
-// The fused epilogue of the tensor-core kernels for one accumulator pair (two adjacent output channels of one
-// pixel): fp32 bias + residual + ReLU, one rounding, one store (4 bytes when both channels exist and align).
+// The fused epilogue of the tensor-core kernels: fp32 bias + residual + ReLU, one rounding, one store. pair():
+// one accumulator pair (two adjacent output channels of one pixel; 4 bytes when both exist and align);
+// store_staged(): 8 channels from a tile staged in shared memory.
 template <typename T>
 struct Epilogue {
   struct Row {
@@ -235,6 +236,69 @@ struct Epilogue {
     } else {
       y[r.yoff + co] = b0;
       if (has1) y[r.yoff + co + 1] = b1;
+    }
+  }
+
+  // The staged epilogue: the kernel parks its fp32 accumulators in shared memory and each thread then finishes
+  // 8 consecutive channels of one pixel with 16-byte loads and one 16-byte store. Stored straight from the MMA
+  // fragments, a warp's store instruction covers 8 pixels x 16 bytes, i.e. 8 partial lines: at short K (1x1
+  // convs, aggregates) the LSU time of those stores rivalled the main loop. Same fp32 operations in the same
+  // order as pair(), so the results are bit-identical. Needs every 8-channel run aligned: checked here, the
+  // same for the whole grid.
+  __device__ __forceinline__ static bool staged_ok(const GemmParams& p) {
+    const auto al16 = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; };
+    return p.Cout % 8 == 0 && p.Cout_g % 8 == 0 && al16(p.y) && (p.bias == nullptr || al16(p.bias)) &&
+           (p.res == nullptr || (p.rsn % 8 == 0 && p.rsh % 8 == 0 && p.rsw % 8 == 0 && al16(p.res)));
+  }
+
+  // tile: [BM][LDF] fp32 accumulators of pixels bm... and channels n0... of group g (all NT threads call this).
+  template <int BM, int BN, int LDF, int NT>
+  __device__ __forceinline__ void store_staged(const GemmParams& p, const float* tile, int bm, int g, int n0,
+                                               int tid) const {
+    constexpr int CH = BN / 8, RPP = NT / CH;  // 8-channel chunks per row; rows per pass
+    static_assert(BN % 8 == 0 && NT % CH == 0 && BM % RPP == 0 && LDF % 4 == 0, "bad staged tile");
+    const int c8 = (tid % CH) * 8;
+    const int col = n0 + c8;
+    if (col >= p.Cout_g) return;  // Cout_g % 8 == 0: a chunk is all in or all out
+    const int co = g * p.Cout_g + col;
+    float b[8];
+    if (p.bias != nullptr) {
+      const float4 b0 = *reinterpret_cast<const float4*>(p.bias + co);
+      const float4 b1 = *reinterpret_cast<const float4*>(p.bias + co + 4);
+      b[0] = b0.x, b[1] = b0.y, b[2] = b0.z, b[3] = b0.w, b[4] = b1.x, b[5] = b1.y, b[6] = b1.z, b[7] = b1.w;
+    }
+#pragma unroll 2
+    for (int i = 0; i < BM / RPP; ++i) {
+      const int r = tid / CH + i * RPP;
+      const int m = bm + r;
+      if (m >= p.M) break;  // r grows with i
+      const float4 a0 = *reinterpret_cast<const float4*>(tile + r * LDF + c8);
+      const float4 a1 = *reinterpret_cast<const float4*>(tile + r * LDF + c8 + 4);
+      float v[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      if (p.bias != nullptr) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] += b[e];
+      }
+      if (res != nullptr) {
+        const uint4 rr = *reinterpret_cast<const uint4*>(res + res_offset(p, m) + co);
+        const uint32_t w[4] = {rr.x, rr.y, rr.z, rr.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          v[2 * e] += Num<T>::bits_to_f(static_cast<uint16_t>(w[e] & 0xffffu));
+          v[2 * e + 1] += Num<T>::bits_to_f(static_cast<uint16_t>(w[e] >> 16));
+        }
+      }
+      uint32_t o[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float v0 = v[2 * e], v1 = v[2 * e + 1];
+        if (p.relu) {  // NaN stays NaN, as in pair()
+          v0 = v0 < 0.f ? 0.f : v0;
+          v1 = v1 < 0.f ? 0.f : v1;
+        }
+        o[e] = static_cast<uint32_t>(Num<T>::f_to_bits(v0)) | (static_cast<uint32_t>(Num<T>::f_to_bits(v1)) << 16);
+      }
+      *reinterpret_cast<uint4*>(y + (long long)m * p.Cout + co) = make_uint4(o[0], o[1], o[2], o[3]);
     }
   }
 };

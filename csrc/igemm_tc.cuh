@@ -30,9 +30,18 @@ struct TcCfg {
 template <int VW> struct TcStages { static constexpr int value = 3; };
 template <> struct TcStages<1> { static constexpr int value = 2; };
 
+// Tiles up to 64 channels wide finish through the staged epilogue (Epilogue::store_staged): an fp32 [BM][BN + 8]
+// tile in the pipeline buffers. (At BN = 128 it would outgrow them and cost occupancy; that config runs only
+// where wgmma does not.)
+template <typename Cfg>
+constexpr bool tc_staged() {
+  return Cfg::BN <= 64;
+}
 template <typename Cfg, int VW>
 constexpr int tc_smem_bytes() {
-  return TcStages<VW>::value * (Cfg::BM + Cfg::BN) * Cfg::LDS * 2;
+  constexpr int pipe = TcStages<VW>::value * (Cfg::BM + Cfg::BN) * Cfg::LDS * 2;
+  constexpr int staged = tc_staged<Cfg>() ? Cfg::BM * (Cfg::BN + 8) * 4 : 0;
+  return pipe > staged ? pipe : staged;
 }
 
 // BD: block-diagonal mode (GemmParams::bd_log2; KIND_CONV, VW 4/8): a separate instantiation, so that the dense
@@ -114,40 +123,94 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
     constexpr int A_IT = (BM * CPR + NT - 1) / NT;
     constexpr int B_IT = (BN * CPR + NT - 1) / NT;
     const int kc = tid % CPR;
+    constexpr int RSTEP = NT / CPR;  // a thread copies vector kc of rows r0, r0 + RSTEP, ... in every tile
+    const int r0 = tid / CPR;
+
+    // Convolutions gather incrementally (as the wgmma kernel does): each row's window corner is one 64-bit
+    // element offset computed once, a tile adds the tap offset r*sh + s*sw + c shared by all rows, and
+    // (r, s, c) advance with the tiles instead of being divided out of k. At N = 16-32 a tile has few MMAs, and
+    // the per-vector divisions, table reads and 64-bit products of the general path (decompose_k + a_offset)
+    // were what the SM spent its issue slots on (2x behind Triton on 32->32 3x3 convs, NOTES_cuda.md 2a).
+    // load_stage runs for kt = 0, 1, 2, ... in order, which the carried (cr, cs, cc) rely on.
+    const uint16_t* xg = static_cast<const uint16_t*>(p.src[0]);
+    long long rbase[KIND == KIND_CONV ? A_IT : 1];  // the bounds test reads rows[] (registers: occupancy)
+    int cr = 0, cs = 0, cc = 0;  // tap row, tap column, channel within the group of this thread's k
+    if constexpr (KIND == KIND_CONV) {
+#pragma unroll
+      for (int i = 0; i < A_IT; ++i) {
+        const int row = r0 + i * RSTEP;
+        const int4 rr = rows[row < BM ? row : 0];
+        rbase[i] = (long long)rr.x * p.sn[0] + (long long)rr.y * p.sh[0] + (long long)rr.z * p.sw[0] + cbase;
+      }
+      const int tap = (kc * VW) / p.Cin_g;
+      cc = kc * VW - tap * p.Cin_g;
+      cr = tap / p.kw;
+      cs = tap - cr * p.kw;
+    }
 
     auto load_stage = [&](int stage, int kt) {
       const int k = kt * BK + kc * VW;
-      const KSrc d = decompose_k<KIND>(k, p, tab, cbase);
-      const char* base = tab.ptr[d.child];
       uint16_t* As_s = As + stage * BM * LDS;
       uint16_t* Bs_s = Bs + stage * BN * LDS;
+      if constexpr (KIND == KIND_CONV) {
+        const bool kok = k < p.K;
+        const long long toff = (long long)cr * p.sh[0] + (long long)cs * p.sw[0] + cc;
 #pragma unroll
-      for (int i = 0; i < A_IT; ++i) {
-        const int e = tid + i * NT;
-        if ((BM * CPR) % NT == 0 || e < BM * CPR) {
-          const int row = e / CPR;
-          const long long off = a_offset(d, rows[row], p, tab);
-          const void* src = off >= 0 ? static_cast<const void*>(base + off * 2) : static_cast<const void*>(base);
-          cp_async<VW * 2>(smem_u32(As_s + row * LDS + kc * VW), src, off >= 0);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < B_IT; ++i) {
-        const int e = tid + i * NT;
-        if ((BN * CPR) % NT == 0 || e < BN * CPR) {
-          const int row = e / CPR;
-          const int n = n0 + row;
-          bool ok = d.ok && n < p.Cout_g;
-          const uint16_t* src = wg + (long long)n * p.K + k;
-          if constexpr (BD) {
-            // super-group channel cl of this k belongs to real group cl >> bd_log2; output n to n >> bd_log2
-            const int cl = d.chan - cbase;
-            ok = ok && (cl >> p.bd_log2) == (n >> p.bd_log2);
-            src = static_cast<const uint16_t*>(p.w) +
-                  (((long long)(g * p.Cout_g + n) * (p.kh * p.kw) + (d.r * p.kw + d.s)) << p.bd_log2) +
-                  (cl & ((1 << p.bd_log2) - 1));
+        for (int i = 0; i < A_IT; ++i) {
+          const int row = r0 + i * RSTEP;
+          if ((BM * CPR) % NT == 0 || row < BM) {
+            const int4 rr = rows[row];
+            const bool v = kok && rr.w && (unsigned)(rr.y + cr) < (unsigned)p.H && (unsigned)(rr.z + cs) < (unsigned)p.W;
+            cp_async<VW * 2>(smem_u32(As_s + row * LDS + kc * VW), v ? xg + rbase[i] + toff : xg, v);
           }
-          cp_async<VW * 2>(smem_u32(Bs_s + row * LDS + kc * VW), ok ? src : wg, ok);
+        }
+#pragma unroll
+        for (int i = 0; i < B_IT; ++i) {
+          const int row = r0 + i * RSTEP;
+          if ((BN * CPR) % NT == 0 || row < BN) {
+            const int n = n0 + row;
+            bool ok = kok && n < p.Cout_g;
+            const uint16_t* src = wg + (long long)n * p.K + k;
+            if constexpr (BD) {
+              // super-group channel cc belongs to real group cc >> bd_log2; output n to n >> bd_log2
+              ok = ok && (cc >> p.bd_log2) == (n >> p.bd_log2);
+              src = static_cast<const uint16_t*>(p.w) +
+                    (((long long)(g * p.Cout_g + n) * (p.kh * p.kw) + (cr * p.kw + cs)) << p.bd_log2) +
+                    (cc & ((1 << p.bd_log2) - 1));
+            }
+            cp_async<VW * 2>(smem_u32(Bs_s + row * LDS + kc * VW), ok ? src : wg, ok);
+          }
+        }
+        cc += BK;  // the next tile's k, carried into taps
+        while (cc >= p.Cin_g) {
+          cc -= p.Cin_g;
+          if (++cs == p.kw) {
+            cs = 0;
+            ++cr;
+          }
+        }
+      } else {
+        static_assert(!BD, "block-diagonal mode is for convolutions");
+        const KSrc d = decompose_k<KIND>(k, p, tab, cbase);
+        const char* base = tab.ptr[d.child];
+#pragma unroll
+        for (int i = 0; i < A_IT; ++i) {
+          const int row = r0 + i * RSTEP;
+          if ((BM * CPR) % NT == 0 || row < BM) {
+            const long long off = a_offset(d, rows[row], p, tab);
+            const void* src = off >= 0 ? static_cast<const void*>(base + off * 2) : static_cast<const void*>(base);
+            cp_async<VW * 2>(smem_u32(As_s + row * LDS + kc * VW), src, off >= 0);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < B_IT; ++i) {
+          const int row = r0 + i * RSTEP;
+          if ((BN * CPR) % NT == 0 || row < BN) {
+            const int n = n0 + row;
+            const bool ok = d.ok && n < p.Cout_g;
+            const uint16_t* src = ok ? wg + (long long)n * p.K + k : wg;
+            cp_async<VW * 2>(smem_u32(Bs_s + row * LDS + kc * VW), src, ok);
+          }
         }
       }
     };
@@ -229,8 +292,28 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
   }
 
   // ------------------------------------------------------------------------------------------------------
-  // Epilogue straight from the accumulators: c0,c1 = (row lane/4, cols 2*(lane%4)+{0,1}); c2,c3 = row + 8.
+  // Accumulator fragments: c0,c1 = (row lane/4, cols 2*(lane%4)+{0,1}); c2,c3 = row + 8.
   const Epilogue<T> epi(p);
+  if constexpr (tc_staged<Cfg>()) {
+    if (Epilogue<T>::staged_ok(p)) {
+      constexpr int LDF = BN + 8;  // the 8 rows of a fragment store land 8 (BN 16: 24) banks apart
+      float* tile = reinterpret_cast<float*>(smem);
+      __syncthreads();  // every warp is done reading the pipeline buffers
+#pragma unroll
+      for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = wm * Cfg::WM + mf * 16 + (lane >> 2) + h * 8;
+#pragma unroll
+          for (int nf = 0; nf < NF; ++nf)
+            *reinterpret_cast<float2*>(tile + r * LDF + wn * Cfg::WN + nf * 8 + (lane & 3) * 2) =
+                make_float2(acc[mf][nf][2 * h], acc[mf][nf][2 * h + 1]);
+        }
+      __syncthreads();
+      epi.template store_staged<BM, BN, LDF, NT>(p, tile, bm, g, n0, tid);
+      return;
+    }
+  }
 #pragma unroll
   for (int mf = 0; mf < MF; ++mf) {
 #pragma unroll

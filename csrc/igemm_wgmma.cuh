@@ -35,9 +35,15 @@ inline int wgmma_stages_used(int K) {
   const int kt = (K + WG_BK - 1) / WG_BK;
   return kt < wg_stages<BN>() ? kt : wg_stages<BN>();
 }
+// The staged epilogue's fp32 tile [BM][BN + 8] reuses the pipeline buffers; with few k tiles it is the larger.
+template <int BN>
+constexpr int wg_staged_bytes() {
+  return WG_BM * (BN + 8) * 4;
+}
 template <int BN>
 inline int wgmma_smem_bytes(int nst) {
-  return nst * (WG_BM + BN) * WG_BK * 2 + 1024;  // + slack to align the tiles to 1024 bytes
+  const int pipe = nst * (WG_BM + BN) * WG_BK * 2;
+  return (pipe > wg_staged_bytes<BN>() ? pipe : wg_staged_bytes<BN>()) + 1024;  // + slack: 1024-byte alignment
 }
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -209,6 +215,24 @@ __global__ void __launch_bounds__(WG_NT, 2) igemm_wgmma_kernel(const GemmParams 
   // Accumulator layout of m64nNk16 (per warp: 16 rows, like mma.m16n8 repeated along N): acc[4j + 2h + e] is
   // row 16 (warp % 4) + lane / 4 + 8h, column 8j + 2 (lane % 4) + e.
   const Epilogue<T> epi(p);
+  if (Epilogue<T>::staged_ok(p)) {
+    // Row stride BN + 8 floats: the 8 rows of a fragment store land 8 banks apart (2 wavefronts per 256 bytes).
+    constexpr int LDF = BN + 8;
+    static_assert(BM * LDF * 4 <= wg_staged_bytes<BN>(), "");
+    float* tile = reinterpret_cast<float*>(wg_smem_raw + (base - smem_u32(wg_smem_raw)));
+    __syncthreads();  // both warpgroups' MMAs are retired: the pipeline buffers become the staging tile
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = wgi * 64 + (warp & 3) * 16 + (lane >> 2) + h * 8;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+        *reinterpret_cast<float2*>(tile + r * LDF + j * 8 + (lane & 3) * 2) =
+            make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+    }
+    __syncthreads();
+    epi.template store_staged<BM, BN, LDF, NT>(p, tile, bm, g, n0, tid);
+    return;
+  }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int m = bm + wgi * 64 + (warp & 3) * 16 + (lane >> 2) + h * 8;

@@ -166,6 +166,9 @@ def run_tc(p, kind, vw, bn, force_bn=None):
     koff_tab = [p["koff"][i] if i < p["nchild"] else INT_MAX for i in range(8)] + [INT_MAX]
     hw = p["Ho"] * p["Wo"]
     KT = (p["K"] + BK - 1) // BK
+    # Epilogue::staged_ok (torch allocations are 16-byte aligned, so only offsets and strides matter)
+    staged = BN <= 64 and p["Cout"] % 8 == 0 and p["Cout_g"] % 8 == 0 and (
+        res is None or (p["rsn"] % 8 == 0 and p["rsh"] % 8 == 0 and p["rsw"] % 8 == 0 and res[1] % 8 == 0))
 
     def decompose(k, cbase):
         ok = k < p["K"]
@@ -242,17 +245,35 @@ def run_tc(p, kind, vw, bn, force_bn=None):
                 A_IT = (BM * CPR + NT - 1) // NT
                 B_IT = (BN * CPR + NT - 1) // NT
 
+                carry = {}  # conv: the (tap row, tap column, channel) each thread carries from tile to tile
+
                 def load_stage(stage, kt):
                     for tid in range(NT):
                         kc = tid % CPR
                         k = kt * BK + kc * vw
                         d = decompose(k, cbase)
                         st, so = srcs[d["child"]]
+                        if kind == 0:
+                            if tid not in carry:
+                                assert kt == 0, "load_stage must start at tile 0"
+                                tap = (kc * vw) // p["Cin_g"]
+                                carry[tid] = [tap // p["kw"], tap % p["kw"], kc * vw - tap * p["Cin_g"], 0]
+                            cr, cs, cc, kt_next = carry[tid]
+                            assert kt_next == kt, "tiles must be loaded in order"
+                            if d["ok"]:  # the carried position is the divided-out one
+                                assert (cr, cs, cbase + cc) == (d["r"], d["s"], d["chan"]), (cr, cs, cc, d)
                         for i in range(A_IT):
                             e = tid + i * NT
                             if e < BM * CPR:
                                 row = e // CPR
-                                off = a_offset(d, rows[row])
+                                if kind == 0:
+                                    n, hi0, wi0, valid = rows[row]
+                                    ok = d["ok"] and valid and 0 <= hi0 + cr < p["H"] and 0 <= wi0 + cs < p["W"]
+                                    off = (n * p["sn"][0] + hi0 * p["sh"][0] + wi0 * p["sw"][0] + cbase
+                                           + cr * p["sh"][0] + cs * p["sw"][0] + cc) if ok else -1
+                                    assert off == a_offset(d, rows[row])
+                                else:
+                                    off = a_offset(d, rows[row])
                                 if off >= 0:
                                     # a vector never straddles a tap/child: check the claim
                                     for j in range(vw):
@@ -270,9 +291,9 @@ def run_tc(p, kind, vw, bn, force_bn=None):
                                 o = woff + wg_off + n * p["K"] + k
                                 bd = p.get("bd_log2", 0)
                                 if bd > 0:
-                                    cl = d["chan"] - cbase
+                                    cl = cc  # the carried position, as the kernel reads it
                                     ok = ok and (cl >> bd) == (n >> bd)
-                                    o = woff + ((((g * p["Cout_g"] + n) * (p["kh"] * p["kw"]) + (d["r"] * p["kw"] + d["s"])) << bd)
+                                    o = woff + ((((g * p["Cout_g"] + n) * (p["kh"] * p["kw"]) + (cr * p["kw"] + cs)) << bd)
                                                 + (cl & ((1 << bd) - 1)))
                                     if ok:  # a vector never spans two real groups
                                         assert ((cl + vw - 1) >> bd) == (cl >> bd)
@@ -280,6 +301,14 @@ def run_tc(p, kind, vw, bn, force_bn=None):
                                     Bs[stage, row, kc * vw:(kc + 1) * vw] = wst[o:o + vw]
                                 else:
                                     Bs[stage, row, kc * vw:(kc + 1) * vw] = 0
+                        if kind == 0:  # advance to the next tile's k
+                            cc += BK
+                            while cc >= p["Cin_g"]:
+                                cc -= p["Cin_g"]
+                                cs += 1
+                                if cs == p["kw"]:
+                                    cs, cr = 0, cr + 1
+                            carry[tid] = [cr, cs, cc, kt + 1]
 
                 for s in range(STAGES - 1):
                     if s < KT:
@@ -344,6 +373,49 @@ def run_tc(p, kind, vw, bn, force_bn=None):
                         store_regs((kt + 1) & 1)
 
             # epilogue
+            if staged:  # Epilogue::store_staged through the fp32 [BM][BN + 8] tile
+                LDF = BN + 8
+                tile = np.full((BM, LDF), np.nan)
+                for warp in range(NT // 32):
+                    wm, wn = warp % cfg.WARPS_M, warp // cfg.WARPS_M
+                    for lane in range(32):
+                        for mf in range(MF):
+                            for h in range(2):
+                                r = wm * cfg.WM + mf * 16 + (lane >> 2) + h * 8
+                                for nf in range(NF):
+                                    c = wn * cfg.WN + nf * 8 + (lane & 3) * 2
+                                    assert np.isnan(tile[r, c:c + 2]).all(), "staged tile element written twice"
+                                    tile[r, c:c + 2] = acc[warp, lane, mf, nf, 2 * h:2 * h + 2]
+                CH, RPP = BN // 8, NT // (BN // 8)
+                for tid in range(NT):
+                    c8 = (tid % CH) * 8
+                    col = n0 + c8
+                    if col >= p["Cout_g"]:
+                        continue
+                    assert col + 8 <= p["Cout_g"]
+                    co = g * p["Cout_g"] + col
+                    for i in range(BM // RPP):
+                        r = tid // CH + i * RPP
+                        m = bm + r
+                        if m >= p["M"]:
+                            break
+                        v = tile[r, c8:c8 + 8].copy()
+                        assert not np.isnan(v).any(), "staged tile element never written"
+                        if bias is not None:
+                            v += bias[co:co + 8]
+                        if res is not None:
+                            rs, ro = res
+                            n = m // hw
+                            rem = m - n * hw
+                            roff = n * p["rsn"] + (rem // p["Wo"]) * p["rsh"] + (rem % p["Wo"]) * p["rsw"]
+                            assert (ro + roff + co) % 8 == 0
+                            v += rs[ro + roff + co: ro + roff + co + 8]
+                        if p["relu"]:
+                            v = np.where(v < 0, 0.0, v)
+                        yo = m * p["Cout"] + co
+                        y[yo:yo + 8] = v
+                        written[yo:yo + 8] += 1
+                continue
             pair_ok = p["Cout"] % 2 == 0 and p["Cout_g"] % 2 == 0
             for warp in range(NT // 32):
                 wm, wn = warp % cfg.WARPS_M, warp // cfg.WARPS_M
