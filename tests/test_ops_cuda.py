@@ -154,6 +154,30 @@ def test_conv(case, dtype, lay, res_relu):
     assert_close(y, ref64, eager, dtype, f"{case} {lay}")
 
 
+# The tensor-core kernels finish 16-byte-aligned outputs through a staged epilogue (8 channels per store) and the
+# rest pair by pair: a residual that is a channel slice at offset 4 (not 16-byte aligned) must take the pair path,
+# one at offset 8 the staged path, and both be right. Cases: mma.sync bn32, block-diagonal, wgmma/mma.sync bn128,
+# and an M tail inside the staged tile.
+@pytest.mark.parametrize("kernel", ["auto", "tc"])
+@pytest.mark.parametrize("res_lay", ["slice", "slice8"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_ID.get)
+@pytest.mark.parametrize("case", [(2, 16, 9, 11, 32, 3, 1, 1, 1), (2, 64, 7, 6, 64, 3, 1, 1, 16),
+                                  (2, 64, 14, 14, 128, 1, 1, 0, 1), (1, 40, 5, 7, 48, 3, 1, 1, 1)],
+                         ids=lambda c: "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*c))
+def test_conv_residual_slice_epilogues(case, dtype, res_lay, kernel, monkeypatch):
+    monkeypatch.setenv("DLA_FAST_CUDA_KERNEL", kernel)
+    g, x, wt, b, r = _conv_inputs(case, dtype, seed=3)
+    n, c, h, w, co, k, s, p, grp = case
+    ref64 = conv_bn_act_ref(x.double(), wt.double(), b.double(), (s, s), (p, p), grp, r.double(), True)
+    eager = conv_bn_act_ref(x, wt, b, (s, s), (p, p), grp, r, True)
+    rl = layout(r, res_lay, g)
+    poison(ref64.numel(), dtype)
+    y = ops.conv_bn_act(layout(x, "cl", g), wt, b, stride=s, padding=p, groups=grp, residual=rl, relu=True,
+                        backend="cuda")
+    assert_close(y, ref64, eager, dtype, f"{case} residual {res_lay} {kernel}")
+    assert cu.last_kernel().startswith(("tc", "wgmma")), cu.last_kernel()
+
+
 def _wgmma_can(case_cin_g: int, dtype) -> bool:
     """Whether a forced wgmma really runs: Hopper build + device, fp16/bf16, channel runs of 8 (16-byte gather)."""
     return cu.has_wgmma() and dtype != torch.float32 and case_cin_g % 8 == 0
