@@ -89,14 +89,13 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
     return y;
   }
   const bool few_per_group = groups > 1 && (Cin_g < 16 || Cout / groups < 16);
-  if (force == Force::Auto && groups > 1 && tc_capable(dt)) {
-    // Groups of 4, 8 or 16 channels on tensor cores: a dense GEMM over super-groups of 32 channels whose weight
-    // is block-diagonal (B reads zeros off the diagonal): 2-8x the useful MACs, but whole 32-channel runs of the
-    // input per tap and tensor-core rates, where the CUDA-core kernels are latency-bound (NOTES v5) and 16-wide
-    // tiles gather 32-byte runs (NOTES v6).
+  if (force == Force::Auto && few_per_group && tc_capable(dt)) {
+    // Groups of 4 or 8 channels on tensor cores: a dense GEMM over super-groups of 32 channels whose weight is
+    // block-diagonal (B reads zeros off the diagonal): 4-8x the useful MACs, but whole 32-channel runs of the
+    // input per tap and tensor-core rates, where the CUDA-core kernels are latency-bound (NOTES v5).
     constexpr int SG = 32;
     const int G = static_cast<int>(Cin_g);
-    if ((G == 4 || G == 8 || G == 16) && Cout / groups == G && C % SG == 0) {
+    if ((G == 4 || G == 8) && Cout / groups == G && C % SG == 0) {
       const int vw = std::min(nhwc_vw(x, SG), G);  // a vector never spans two real groups
       if (vw >= 4 && ptr_aligned(w.data_ptr(), vw * w.element_size())) {
         GemmParams q = p;
@@ -104,7 +103,7 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
         q.Cin_g = q.Cout_g = SG;
         q.K = static_cast<int>(kh * kw) * SG;
         q.koff[1] = q.K;
-        q.bd_log2 = G == 4 ? 2 : G == 8 ? 3 : 4;
+        q.bd_log2 = G == 4 ? 2 : 3;
         const int used = launch_igemm_tc(dt, KIND_CONV, vw, SG, q, stream);
         set_last_kernel(std::string("tc-blockdiag ") + dtype_name(dt) + " g" + std::to_string(G) + " vw" +
                         std::to_string(vw) + " bn" + std::to_string(used));

@@ -22,18 +22,10 @@ struct TcCfg {
   static constexpr int NT = WARPS_M * WARPS_N * 32;
   static constexpr int MF = WM / 16, NF = WN / 8;
   static constexpr int BK = 32;
-  static constexpr int LDS = BK;  // unpadded 64-byte rows, chunks swizzled by tc_sw()
+  static constexpr int LDS = BK + 8;  // +16 bytes per row: the 8 row addresses of an ldmatrix phase
+                                      // then fall on 8 distinct 16-byte bank groups (80-byte stride).
   static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 16 == 0, "bad tile");
 };
-
-// Element offset of (row, col) in a shared tile of 32-element (64-byte) rows whose 16-byte chunks are XOR-swizzled
-// by (row / 2) % 4. The 8 row addresses of an ldmatrix phase (8 consecutive rows from a multiple of 8) then hit 8
-// distinct 16-byte bank groups with no padding: 20% less shared memory per stage than 80-byte padded rows, so
-// more blocks fit on an SM (the small-N kernels are latency-bound; NOTES v6). A vector of up to 8 elements that
-// starts at a multiple of its width stays inside one chunk, so cp.async and the scalar stores keep working.
-__host__ __device__ constexpr int tc_sw(int row, int col) {
-  return row * 32 + ((((col >> 3) ^ (row >> 1)) & 3) << 3) + (col & 7);
-}
 
 template <int VW> struct TcStages { static constexpr int value = 3; };
 template <> struct TcStages<1> { static constexpr int value = 2; };
@@ -62,9 +54,8 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
   constexpr int STAGES = TcStages<VW>::value;
 
   extern __shared__ __align__(16) uint16_t smem[];
-  static_assert(BK == 32 && LDS == 32, "tc_sw() assumes 32-element rows");
-  uint16_t* As = smem;                       // [STAGES][BM][32], swizzled
-  uint16_t* Bs = smem + STAGES * BM * LDS;   // [STAGES][BN][32], swizzled
+  uint16_t* As = smem;                       // [STAGES][BM][LDS]
+  uint16_t* Bs = smem + STAGES * BM * LDS;   // [STAGES][BN][LDS]
   __shared__ int4 rows[BM];
   __shared__ ChildTab tab;
 
@@ -93,29 +84,27 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-  // ldmatrix byte addresses of this lane for k16 step ks in stage 0 of A and B. Moving 16 rows (mf, nb) keeps
-  // (row / 2) % 4, so the swizzle is the same and a fixed stride of 16 rows is added; stages add whole tiles.
-  uint32_t a_ld[BK / 16], b_ld[BK / 16];
-#pragma unroll
-  for (int ks = 0; ks < BK / 16; ++ks) {
-    // A x4: matrices (rows 0-7,k 0-7) (rows 8-15,k 0-7) (rows 0-7,k 8-15) (rows 8-15,k 8-15) = a0..a3.
-    a_ld[ks] = smem_u32(As + tc_sw(wm * Cfg::WM + (lane & 15), ks * 16 + (lane >> 4) * 8));
-    // B x4 over [n][k]: (n 0-7,k 0-7)=b0 (n 0-7,k 8-15)=b1 of fragment 2nb, then n 8-15 for 2nb+1.
-    b_ld[ks] = smem_u32(Bs + tc_sw(wn * Cfg::WN + (lane >> 4) * 8 + (lane & 7), ks * 16 + ((lane >> 3) & 1) * 8));
-  }
-
   auto compute_stage = [&](int stage) {
+    const uint16_t* As_s = As + stage * BM * LDS;
+    const uint16_t* Bs_s = Bs + stage * BN * LDS;
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {
       uint32_t af[MF][4];
       uint32_t bf[NF][2];
 #pragma unroll
-      for (int mf = 0; mf < MF; ++mf)
-        ldmatrix_x4(af[mf], a_ld[ks] + (uint32_t)(stage * BM * LDS + mf * 16 * LDS) * 2u);
+      for (int mf = 0; mf < MF; ++mf) {
+        // x4: matrices (rows 0-7,k 0-7) (rows 8-15,k 0-7) (rows 0-7,k 8-15) (rows 8-15,k 8-15) = a0..a3.
+        const int r = wm * Cfg::WM + mf * 16 + (lane & 15);
+        const int c = ks * 16 + (lane >> 4) * 8;
+        ldmatrix_x4(af[mf], smem_u32(As_s + r * LDS + c));
+      }
 #pragma unroll
       for (int nb = 0; nb < NF / 2; ++nb) {
+        // x4 over B stored [n][k]: (n 0-7,k 0-7)=b0 (n 0-7,k 8-15)=b1 of fragment 2nb, then n 8-15 for 2nb+1.
         uint32_t t4[4];
-        ldmatrix_x4(t4, b_ld[ks] + (uint32_t)(stage * BN * LDS + nb * 16 * LDS) * 2u);
+        const int r = wn * Cfg::WN + nb * 16 + (lane >> 4) * 8 + (lane & 7);
+        const int c = ks * 16 + ((lane >> 3) & 1) * 8;
+        ldmatrix_x4(t4, smem_u32(Bs_s + r * LDS + c));
         bf[2 * nb][0] = t4[0];
         bf[2 * nb][1] = t4[1];
         bf[2 * nb + 1][0] = t4[2];
@@ -159,13 +148,10 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
       cs = tap - cr * p.kw;
     }
 
-    // cp.async destinations: rows r0 + i * RSTEP share (row / 2) % 4 (RSTEP % 8 == 0), so one swizzled offset
-    // per thread plus fixed strides.
-    static_assert(RSTEP % 8 == 0, "");
-    const uint32_t a_st = smem_u32(As + tc_sw(r0, kc * VW)), b_st = smem_u32(Bs + tc_sw(r0, kc * VW));
-
     auto load_stage = [&](int stage, int kt) {
       const int k = kt * BK + kc * VW;
+      uint16_t* As_s = As + stage * BM * LDS;
+      uint16_t* Bs_s = Bs + stage * BN * LDS;
       if constexpr (KIND == KIND_CONV) {
         const bool kok = k < p.K;
         const long long toff = (long long)cr * p.sh[0] + (long long)cs * p.sw[0] + cc;
@@ -175,7 +161,7 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
           if ((BM * CPR) % NT == 0 || row < BM) {
             const int4 rr = rows[row];
             const bool v = kok && rr.w && (unsigned)(rr.y + cr) < (unsigned)p.H && (unsigned)(rr.z + cs) < (unsigned)p.W;
-            cp_async<VW * 2>(a_st + (uint32_t)(stage * BM * LDS + i * RSTEP * LDS) * 2u, v ? xg + rbase[i] + toff : xg, v);
+            cp_async<VW * 2>(smem_u32(As_s + row * LDS + kc * VW), v ? xg + rbase[i] + toff : xg, v);
           }
         }
 #pragma unroll
@@ -192,7 +178,7 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
                     (((long long)(g * p.Cout_g + n) * (p.kh * p.kw) + (cr * p.kw + cs)) << p.bd_log2) +
                     (cc & ((1 << p.bd_log2) - 1));
             }
-            cp_async<VW * 2>(b_st + (uint32_t)(stage * BN * LDS + i * RSTEP * LDS) * 2u, ok ? src : wg, ok);
+            cp_async<VW * 2>(smem_u32(Bs_s + row * LDS + kc * VW), ok ? src : wg, ok);
           }
         }
         cc += BK;  // the next tile's k, carried into taps
@@ -213,7 +199,7 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
           if ((BM * CPR) % NT == 0 || row < BM) {
             const long long off = a_offset(d, rows[row], p, tab);
             const void* src = off >= 0 ? static_cast<const void*>(base + off * 2) : static_cast<const void*>(base);
-            cp_async<VW * 2>(a_st + (uint32_t)(stage * BM * LDS + i * RSTEP * LDS) * 2u, src, off >= 0);
+            cp_async<VW * 2>(smem_u32(As_s + row * LDS + kc * VW), src, off >= 0);
           }
         }
 #pragma unroll
@@ -223,7 +209,7 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
             const int n = n0 + row;
             const bool ok = d.ok && n < p.Cout_g;
             const uint16_t* src = ok ? wg + (long long)n * p.K + k : wg;
-            cp_async<VW * 2>(b_st + (uint32_t)(stage * BN * LDS + i * RSTEP * LDS) * 2u, src, ok);
+            cp_async<VW * 2>(smem_u32(Bs_s + row * LDS + kc * VW), src, ok);
           }
         }
       }
@@ -282,12 +268,12 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
 #pragma unroll
       for (int i = 0; i < A_IT; ++i) {
         const int e = tid + i * NT;
-        if ((BM * BK) % NT == 0 || e < BM * BK) As_s[tc_sw(e / BK, kk)] = ra[i];
+        if ((BM * BK) % NT == 0 || e < BM * BK) As_s[(e / BK) * LDS + kk] = ra[i];
       }
 #pragma unroll
       for (int i = 0; i < B_IT; ++i) {
         const int e = tid + i * NT;
-        if ((BN * BK) % NT == 0 || e < BN * BK) Bs_s[tc_sw(e / BK, kk)] = rb[i];
+        if ((BN * BK) % NT == 0 || e < BN * BK) Bs_s[(e / BK) * LDS + kk] = rb[i];
       }
     };
 

@@ -105,7 +105,7 @@ CONV_CASES = [
     (2, 32, 10, 10, 32, 3, 1, 1, 8),    # 4 ch/group: direct
     (2, 128, 9, 9, 128, 3, 2, 1, 32),   # 4 ch/group, stride 2: direct
     (2, 256, 7, 7, 256, 3, 1, 1, 8),    # 32 ch/group: tensor cores, group grid
-    (2, 64, 8, 8, 64, 3, 1, 1, 4),      # 16 ch/group: block-diagonal tensor cores (forced: bn16 tiles)
+    (2, 64, 8, 8, 64, 3, 1, 1, 4),      # 16 ch/group: tensor cores, bn16
     (2, 8, 5, 5, 8, 3, 1, 1, 8),        # depthwise
     (1, 48, 1, 1, 40, 3, 1, 1, 1),      # 1x1 spatial with padding: all taps but the centre are halo
     (2, 3, 70, 33, 16, 7, 1, 3, 1),     # the RGB stem kernel (no residual): partial 32x32 tiles both ways
@@ -235,8 +235,6 @@ def test_conv_kernel_choice():
                          ((2, 13, 5, 7, 19, 3, 1, 1, 1), "tc f16 vw1"),
                          ((2, 32, 10, 10, 32, 3, 1, 1, 8), "tc-blockdiag f16 g4 vw4"),
                          ((2, 64, 9, 7, 64, 3, 1, 1, 8), "tc-blockdiag f16 g8 vw8"),
-                         ((2, 64, 8, 8, 64, 3, 1, 1, 4), "tc-blockdiag f16 g16 vw8"),
-                         ((2, 48, 8, 8, 48, 3, 1, 1, 3), "tc f16 vw8 bn16"),  # 16 a group, 48 channels: no super-groups
                          ((3, 40, 5, 6, 40, 3, 1, 1, 10), "direct f16"),  # 40 channels: no 32-channel super-groups
                          ((2, 8, 5, 5, 8, 3, 1, 1, 8), "direct f16")]:
         _run_conv(case, torch.float16)

@@ -24,34 +24,10 @@ class Cfg:
         self.NT = self.WARPS_M * self.WARPS_N * 32
         self.MF, self.NF = WM // 16, WN // 8
         self.BK = 32
-        self.LDS = 32  # unpadded rows, 16-byte chunks swizzled by sw()
+        self.LDS = 40
 
 
 CFGS = {16: Cfg(128, 16, 32, 16), 32: Cfg(128, 32, 32, 32), 64: Cfg(128, 64, 64, 32), 128: Cfg(128, 128, 64, 32)}
-
-
-def sw(row, col):
-    """igemm_tc.cuh's tc_sw(): element offset of (row, col) in a swizzled tile of 32-element rows"""
-    return row * 32 + ((((col >> 3) ^ (row >> 1)) & 3) << 3) + (col & 7)
-
-
-def check_swizzle(rows=128):
-    """tc_sw() is a bijection on every tile, keeps 8-element chunks contiguous, and the 8 row addresses of an
-    ldmatrix phase (rows r0..r0+7, r0 % 8 == 0, one chunk) fall on 8 distinct 16-byte bank groups."""
-    offs = sorted(sw(r, c) for r in range(rows) for c in range(32))
-    assert offs == list(range(rows * 32))
-    for r in range(rows):
-        for c in range(0, 32, 8):
-            assert [sw(r, c + j) for j in range(8)] == list(range(sw(r, c), sw(r, c) + 8))
-    for r0 in range(0, rows, 8):
-        for c in range(0, 32, 8):
-            groups = {(sw(r0 + i, c) * 2 // 16) % 8 for i in range(8)}
-            assert len(groups) == 8, (r0, c, groups)
-    # the kernel adds fixed strides to one swizzled offset for rows 16 (ldmatrix) or 8k (cp.async) further on
-    for r in range(rows - 8):
-        for c in range(32):
-            for step in range(8, rows - r, 8):
-                assert sw(r + step, c) == sw(r, c) + step * 32, (r, c, step)
 
 
 def storage_view(t):
@@ -130,12 +106,12 @@ def conv_params(x_in, weight, bias, stride, padding, groups, residual, relu):
                  koff=[0, K], w=w)
         Cin_g = Cp
     G = Cin_g
-    if groups > 1 and G in (4, 8, 16) and Cout // groups == G and C % 32 == 0:
+    if groups > 1 and G in (4, 8) and Cout // groups == G and C % 32 == 0 and not (groups == 1 and C < 8):
         # conv_bn_act.cpp's block-diagonal mode: super-groups of 32 channels, the real weight read in place
         vw = min(nhwc_vw(x, 32), G)
         if vw >= 4:
             p.update(groups=C // 32, Cin_g=32, Cout_g=32, K=kh * kw * 32, koff=[0, kh * kw * 32],
-                     bd_log2={4: 2, 8: 3, 16: 4}[G])
+                     bd_log2=2 if G == 4 else 3)
             return p, 0, vw, 32
     vw = nhwc_vw(x, Cin_g)
     wok = lambda v: K % v == 0
@@ -231,8 +207,8 @@ def run_tc(p, kind, vw, bn, force_bn=None):
                     rows.append((n, ho * p["sth"] - p["padh"], wo * p["stw"] - p["padw"], 1))
                 else:
                     rows.append((0, 0, 0, 0))
-            As = np.full((STAGES, BM * LDS), np.nan)  # swizzled: element (row, col) at sw(row, col)
-            Bs = np.full((STAGES, BN * LDS), np.nan)
+            As = np.full((STAGES, BM, LDS), np.nan)
+            Bs = np.full((STAGES, BN, LDS), np.nan)
             acc = np.zeros((cfg.WARPS_M * cfg.WARPS_N, 32, MF, NF, 4))
 
             def compute(stage):
@@ -303,9 +279,9 @@ def run_tc(p, kind, vw, bn, force_bn=None):
                                     for j in range(vw):
                                         dj = decompose(k + j, cbase)
                                         assert dj["child"] == d["child"] and dj["r"] == d["r"] and dj["s"] == d["s"]
-                                    As[stage, sw(row, kc * vw):sw(row, kc * vw) + vw] = st[so + off: so + off + vw]
+                                    As[stage, row, kc * vw:(kc + 1) * vw] = st[so + off: so + off + vw]
                                 else:
-                                    As[stage, sw(row, kc * vw):sw(row, kc * vw) + vw] = 0
+                                    As[stage, row, kc * vw:(kc + 1) * vw] = 0
                         for i in range(B_IT):
                             e = tid + i * NT
                             if e < BN * CPR:
@@ -322,9 +298,9 @@ def run_tc(p, kind, vw, bn, force_bn=None):
                                     if ok:  # a vector never spans two real groups
                                         assert ((cl + vw - 1) >> bd) == (cl >> bd)
                                 if ok:
-                                    Bs[stage, sw(row, kc * vw):sw(row, kc * vw) + vw] = wst[o:o + vw]
+                                    Bs[stage, row, kc * vw:(kc + 1) * vw] = wst[o:o + vw]
                                 else:
-                                    Bs[stage, sw(row, kc * vw):sw(row, kc * vw) + vw] = 0
+                                    Bs[stage, row, kc * vw:(kc + 1) * vw] = 0
                         if kind == 0:  # advance to the next tile's k
                             cc += BK
                             while cc >= p["Cin_g"]:
@@ -380,11 +356,11 @@ def run_tc(p, kind, vw, bn, force_bn=None):
                         for i in range(A_IT):
                             e = tid + i * NT
                             if e < BM * BK:
-                                As[stage, sw(e // BK, kk)] = ra[i]
+                                As[stage, e // BK, kk] = ra[i]
                         for i in range(B_IT):
                             e = tid + i * NT
                             if e < BN * BK:
-                                Bs[stage, sw(e // BK, kk)] = rb[i]
+                                Bs[stage, e // BK, kk] = rb[i]
 
                 load_regs(0)
                 store_regs(0)
@@ -487,11 +463,11 @@ def run_tc(p, kind, vw, bn, force_bn=None):
 
 
 def ldmatrix_x4(sm, addrs):
-    """sm: one swizzled tile (16-bit elements as float). addrs[lane] = (row, col) start of 8 elements.
+    """sm: [rows][LDS] (16-bit elements as float). addrs[lane] = (row, col) start of 8 elements.
     returns regs[lane][j][2]"""
     out = np.zeros((32, 4, 2))
     for j in range(4):
-        mat = np.array([sm[sw(*addrs[j * 8 + r]):sw(*addrs[j * 8 + r]) + 8] for r in range(8)])
+        mat = np.array([sm[addrs[j * 8 + r][0], addrs[j * 8 + r][1]:addrs[j * 8 + r][1] + 8] for r in range(8)])
         assert addrs[j * 8][1] % 8 == 0
         for t in range(32):
             out[t, j, 0] = mat[t // 4, 2 * (t % 4)]
@@ -574,7 +550,6 @@ def check_agg(chans, co, h, w, res_kind='tensor', relu=True, lay='cl', force_bn=
 
 def main():
     torch.manual_seed(0)
-    check_swizzle()
     CONV = [
         (2, 16, 9, 11, 32, 3, 1, 1, 1), (1, 3, 15, 17, 16, 7, 1, 3, 1), (1, 3, 12, 11, 32, 7, 2, 3, 1),
         (1, 20, 7, 9, 24, 3, 2, 1, 1), (2, 12, 6, 6, 20, 1, 1, 0, 1), (2, 13, 5, 7, 19, 3, 1, 1, 1),
@@ -583,7 +558,6 @@ def main():
         (2, 32, 5, 5, 32, 3, 1, 1, 8), (2, 5, 6, 7, 24, 3, 1, 1, 1), (1, 1, 9, 9, 16, 3, 2, 1, 1),
         # block-diagonal mode (4 / 8 channels a group, super-groups of 32)
         (2, 64, 7, 6, 64, 3, 1, 1, 16), (1, 128, 9, 7, 128, 3, 2, 1, 16), (2, 64, 6, 5, 64, 3, 1, 1, 8),
-        (2, 64, 6, 7, 64, 3, 1, 1, 4), (1, 96, 5, 9, 96, 3, 2, 1, 6),  # 16 channels a group
     ]
     t0 = time.time()
     fails = 0
