@@ -162,6 +162,29 @@ __device__ __forceinline__ KSrc decompose_k(int k, const GemmParams& p, const Ch
   return d;
 }
 
+// Where a thread's k vector sits in a convolution's (tap row r, tap column s, channel c) order, carried from k
+// tile to k tile rather than divided out of k for every tile: the incremental gather of the tensor-core kernels.
+// advance() must see the tiles in order.
+struct TapCursor {
+  int r = 0, s = 0, c = 0;
+  __device__ __forceinline__ void start(int k, const GemmParams& p) {
+    const int tap = k / p.Cin_g;
+    c = k - tap * p.Cin_g;
+    r = tap / p.kw;
+    s = tap - r * p.kw;
+  }
+  __device__ __forceinline__ void advance(int dk, const GemmParams& p) {  // k += dk
+    c += dk;
+    while (c >= p.Cin_g) {
+      c -= p.Cin_g;
+      if (++s == p.kw) {
+        s = 0;
+        ++r;
+      }
+    }
+  }
+};
+
 // Element offset (in T) of A[row][k] inside child d.child, or -1 when it is padding / out of range.
 __device__ __forceinline__ long long a_offset(const KSrc& d, const int4& row, const GemmParams& p,
                                               const ChildTab& tab) {

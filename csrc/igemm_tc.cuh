@@ -131,10 +131,10 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
     // (r, s, c) advance with the tiles instead of being divided out of k. At N = 16-32 a tile has few MMAs, and
     // the per-vector divisions, table reads and 64-bit products of the general path (decompose_k + a_offset)
     // were what the SM spent its issue slots on (2x behind Triton on 32->32 3x3 convs, NOTES_cuda.md 2a).
-    // load_stage runs for kt = 0, 1, 2, ... in order, which the carried (cr, cs, cc) rely on.
+    // load_stage runs for kt = 0, 1, 2, ... in order, which the carried TapCursor relies on.
     const uint16_t* xg = static_cast<const uint16_t*>(p.src[0]);
     long long rbase[KIND == KIND_CONV ? A_IT : 1];  // the bounds test reads rows[] (registers: occupancy)
-    int cr = 0, cs = 0, cc = 0;  // tap row, tap column, channel within the group of this thread's k
+    TapCursor at;  // tap row, tap column, channel (within the group) of this thread's k
     if constexpr (KIND == KIND_CONV) {
 #pragma unroll
       for (int i = 0; i < A_IT; ++i) {
@@ -142,10 +142,7 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
         const int4 rr = rows[row < BM ? row : 0];
         rbase[i] = (long long)rr.x * p.sn[0] + (long long)rr.y * p.sh[0] + (long long)rr.z * p.sw[0] + cbase;
       }
-      const int tap = (kc * VW) / p.Cin_g;
-      cc = kc * VW - tap * p.Cin_g;
-      cr = tap / p.kw;
-      cs = tap - cr * p.kw;
+      at.start(kc * VW, p);
     }
 
     auto load_stage = [&](int stage, int kt) {
@@ -154,13 +151,14 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
       uint16_t* Bs_s = Bs + stage * BN * LDS;
       if constexpr (KIND == KIND_CONV) {
         const bool kok = k < p.K;
-        const long long toff = (long long)cr * p.sh[0] + (long long)cs * p.sw[0] + cc;
+        const long long toff = (long long)at.r * p.sh[0] + (long long)at.s * p.sw[0] + at.c;
 #pragma unroll
         for (int i = 0; i < A_IT; ++i) {
           const int row = r0 + i * RSTEP;
           if ((BM * CPR) % NT == 0 || row < BM) {
             const int4 rr = rows[row];
-            const bool v = kok && rr.w && (unsigned)(rr.y + cr) < (unsigned)p.H && (unsigned)(rr.z + cs) < (unsigned)p.W;
+            const bool v = kok && rr.w && (unsigned)(rr.y + at.r) < (unsigned)p.H &&
+                           (unsigned)(rr.z + at.s) < (unsigned)p.W;
             cp_async<VW * 2>(smem_u32(As_s + row * LDS + kc * VW), v ? xg + rbase[i] + toff : xg, v);
           }
         }
@@ -172,23 +170,16 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
             bool ok = kok && n < p.Cout_g;
             const uint16_t* src = wg + (long long)n * p.K + k;
             if constexpr (BD) {
-              // super-group channel cc belongs to real group cc >> bd_log2; output n to n >> bd_log2
-              ok = ok && (cc >> p.bd_log2) == (n >> p.bd_log2);
+              // super-group channel at.c belongs to real group at.c >> bd_log2; output n to n >> bd_log2
+              ok = ok && (at.c >> p.bd_log2) == (n >> p.bd_log2);
               src = static_cast<const uint16_t*>(p.w) +
-                    (((long long)(g * p.Cout_g + n) * (p.kh * p.kw) + (cr * p.kw + cs)) << p.bd_log2) +
-                    (cc & ((1 << p.bd_log2) - 1));
+                    (((long long)(g * p.Cout_g + n) * (p.kh * p.kw) + (at.r * p.kw + at.s)) << p.bd_log2) +
+                    (at.c & ((1 << p.bd_log2) - 1));
             }
             cp_async<VW * 2>(smem_u32(Bs_s + row * LDS + kc * VW), ok ? src : wg, ok);
           }
         }
-        cc += BK;  // the next tile's k, carried into taps
-        while (cc >= p.Cin_g) {
-          cc -= p.Cin_g;
-          if (++cs == p.kw) {
-            cs = 0;
-            ++cr;
-          }
-        }
+        at.advance(BK, p);  // the next tile's k
       } else {
         static_assert(!BD, "block-diagonal mode is for convolutions");
         const KSrc d = decompose_k<KIND>(k, p, tab, cbase);

@@ -121,16 +121,13 @@ __global__ void __launch_bounds__(WG_NT, 2) igemm_wgmma_kernel(const GemmParams 
   // issue for the same schedulers. (load_stage runs for kt = 0, 1, 2, ... in order.)
   const uint16_t* xg = static_cast<const uint16_t*>(p.src[0]);
   long long rbase[A_IT];
-  int cr = 0, cs = 0, cc = 0;  // tap row, tap column, channel (within the group) of this thread's k
+  TapCursor at;  // tap row, tap column, channel (within the group) of this thread's k
   if constexpr (KIND == KIND_CONV) {
 #pragma unroll
     for (int i = 0; i < A_IT; ++i)
       rbase[i] = (long long)arow[i].x * p.sn[0] + (long long)arow[i].y * p.sh[0] + (long long)arow[i].z * p.sw[0] +
                  cbase;
-    const int tap = (kc * 8) / p.Cin_g;
-    cc = kc * 8 - tap * p.Cin_g;
-    cr = tap / p.kw;
-    cs = tap - cr * p.kw;
+    at.start(kc * 8, p);
   }
 
   auto load_stage = [&](int stage, int kt) {
@@ -138,21 +135,14 @@ __global__ void __launch_bounds__(WG_NT, 2) igemm_wgmma_kernel(const GemmParams 
     const bool kok = k < p.K;
     const uint32_t a_dst = As + stage * A_BYTES + sw_off;
     if constexpr (KIND == KIND_CONV) {
-      const long long toff = (long long)cr * p.sh[0] + (long long)cs * p.sw[0] + cc;
+      const long long toff = (long long)at.r * p.sh[0] + (long long)at.s * p.sw[0] + at.c;
 #pragma unroll
       for (int i = 0; i < A_IT; ++i) {
-        const bool v = kok && arow[i].w && (unsigned)(arow[i].y + cr) < (unsigned)p.H &&
-                       (unsigned)(arow[i].z + cs) < (unsigned)p.W;
+        const bool v = kok && arow[i].w && (unsigned)(arow[i].y + at.r) < (unsigned)p.H &&
+                       (unsigned)(arow[i].z + at.s) < (unsigned)p.W;
         cp_async<16>(a_dst + i * RSTEP * 128, v ? xg + rbase[i] + toff : xg, v);
       }
-      cc += BK;  // the next tile's k, carried into taps
-      while (cc >= p.Cin_g) {
-        cc -= p.Cin_g;
-        if (++cs == p.kw) {
-          cs = 0;
-          ++cr;
-        }
-      }
+      at.advance(BK, p);  // the next tile's k
     } else {
       const KSrc d = decompose_k<KIND>(k, p, tab, cbase);
       const char* src_base = tab.ptr[d.child];
