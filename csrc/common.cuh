@@ -225,6 +225,11 @@ struct Epilogue {
         res(static_cast<const uint16_t*>(p.res)),
         y(static_cast<uint16_t*>(p.y)) {}
 
+  // After bias and residual: ReLU (written so that NaN stays NaN, like torch.relu) and the one rounding.
+  __device__ __forceinline__ static uint16_t finish(float v, int relu) {
+    return Num<T>::f_to_bits(relu && v < 0.f ? 0.f : v);
+  }
+
   __device__ __forceinline__ Row row(const GemmParams& p, int m) const {
     return Row{(long long)m * p.Cout, res != nullptr ? res_offset(p, m) : 0};
   }
@@ -248,12 +253,8 @@ struct Epilogue {
         if (has1) v1 += Num<T>::bits_to_f(res[r.roff + co + 1]);
       }
     }
-    if (p.relu) {  // written so that NaN stays NaN, like torch.relu
-      v0 = v0 < 0.f ? 0.f : v0;
-      v1 = v1 < 0.f ? 0.f : v1;
-    }
-    const uint16_t b0 = Num<T>::f_to_bits(v0);
-    const uint16_t b1 = Num<T>::f_to_bits(v1);
+    const uint16_t b0 = finish(v0, p.relu);
+    const uint16_t b1 = finish(v1, p.relu);
     if (pair_ok && has1) {
       *reinterpret_cast<uint32_t*>(y + r.yoff + co) = static_cast<uint32_t>(b0) | (static_cast<uint32_t>(b1) << 16);
     } else {
@@ -266,8 +267,8 @@ struct Epilogue {
   // 8 consecutive channels of one pixel with 16-byte loads and one 16-byte store. Stored straight from the MMA
   // fragments, a warp's store instruction covers 8 pixels x 16 bytes, i.e. 8 partial lines: at short K (1x1
   // convs, aggregates) the LSU time of those stores rivalled the main loop. Same fp32 operations in the same
-  // order as pair(), so the results are bit-identical. Needs every 8-channel run aligned: checked here, the
-  // same for the whole grid.
+  // order as pair() (finish() for both), so the results are bit-identical. Needs every 8-channel run aligned:
+  // checked here, the same for the whole grid.
   __device__ __forceinline__ static bool staged_ok(const GemmParams& p) {
     const auto al16 = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; };
     return p.Cout % 8 == 0 && p.Cout_g % 8 == 0 && al16(p.y) && (p.bias == nullptr || al16(p.bias)) &&
@@ -313,14 +314,9 @@ struct Epilogue {
       }
       uint32_t o[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float v0 = v[2 * e], v1 = v[2 * e + 1];
-        if (p.relu) {  // NaN stays NaN, as in pair()
-          v0 = v0 < 0.f ? 0.f : v0;
-          v1 = v1 < 0.f ? 0.f : v1;
-        }
-        o[e] = static_cast<uint32_t>(Num<T>::f_to_bits(v0)) | (static_cast<uint32_t>(Num<T>::f_to_bits(v1)) << 16);
-      }
+      for (int e = 0; e < 4; ++e)
+        o[e] = static_cast<uint32_t>(finish(v[2 * e], p.relu)) |
+               (static_cast<uint32_t>(finish(v[2 * e + 1], p.relu)) << 16);
       *reinterpret_cast<uint4*>(y + (long long)m * p.Cout + co) = make_uint4(o[0], o[1], o[2], o[3]);
     }
   }
