@@ -45,9 +45,6 @@ struct GemmParams {
   int bd_log2;
 };
 
-// Which kernel ran, for tests and benchmarks (returned by the launchers).
-enum class KernelUsed : int { None = 0, TensorCore = 1, Simt = 2, Direct = 3, Wgmma = 4 };
-
 // Tensor-core (mma.sync m16n8k16) implicit GEMM for fp16/bf16. `vw` is the gather vector width in elements
 // (8, 4 or 1) that the caller verified alignment for; `bn` the preferred output-channel tile (16..128).
 // Returns the tile actually used.
