@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-GPU kernel-iteration call: build; the CUDA op tests (xdist) with compute-sanitizer memcheck + racecheck
 # of the sanitize driver beside them (correctness only); then, with the GPU to itself, opbench of the layer
-# shapes (OPBENCH_ARGS; OPBENCH_TC_ARGS: also the CUDA backend forced onto mma.sync). Files back: env.txt,
+# shapes (OPBENCH_ARGS; OPBENCH_TC_ARGS: also the CUDA backend forced onto one kernel, OPBENCH_FORCE, default
+# tc = mma.sync). NCU_ARGS: Nsight Compute of benchmarks/ncu_small_n.py (ncu.txt). Files back: env.txt,
 # pytest.log, sanitizer.log, opbench.json, opbench.md, opbench_tc.json; OPBENCH_BS1_ARGS: opbench_bs1.json;
 # TABLE_SOURCES (committed opbench runs under benchmarks/results, oldest first): the auto table rebuilt from
 # them plus this call's runs (auto_table.json); E2E_ARGS: `python -m dla_fast bench` with it (e2e.json).
@@ -22,10 +23,10 @@ echo "pytest rc=$? at +$(el)s"; grep -E "passed|failed" "$OUT/pytest.log" | tail
 wait
 grep -E "rc=|failures|FAIL" "$OUT/sanitizer.log" | head -20
 echo "== tests + sanitizer done at +$(el)s"
-if [ -n "${OPBENCH_TC_ARGS:-}" ]; then  # the CUDA backend with its mma.sync kernels only, for the kernel choice
-  DLA_FAST_CUDA_KERNEL=tc timeout $(( BUDGET - $(el) )) python3 benchmarks/opbench.py --batch ${OPBATCH:-256} \
+if [ -n "${OPBENCH_TC_ARGS:-}" ]; then  # the CUDA backend forced onto one kernel family, for the kernel choice
+  DLA_FAST_CUDA_KERNEL=${OPBENCH_FORCE:-tc} timeout $(( BUDGET - $(el) )) python3 benchmarks/opbench.py --batch ${OPBATCH:-256} \
     $OPBENCH_TC_ARGS --impls cuda --json "$OUT/opbench_tc.json" > /tmp/opbench_tc.txt 2>&1
-  echo "opbench (tc) rc=$? at +$(el)s"
+  echo "opbench (${OPBENCH_FORCE:-tc}) rc=$? at +$(el)s"
 fi
 if [ -n "${OPBENCH_ARGS:-}" ]; then
   left=$(( BUDGET - $(el) ))
@@ -36,6 +37,14 @@ fi
 if [ -n "${OPBENCH_BS1_ARGS:-}" ]; then  # batch 1, timed by CUDA-graph replay (opbench --timer auto)
   timeout $(( BUDGET - $(el) )) python3 benchmarks/opbench.py --batch 1 $OPBENCH_BS1_ARGS \
     --json "$OUT/opbench_bs1.json" > /tmp/opbench_bs1.txt 2>&1; echo "opbench bs1 rc=$? at +$(el)s"
+fi
+if [ -n "${NCU_ARGS:-}" ]; then  # e.g. "--shape 32 32 56 3 1 1 --backends cuda cuda:wgmma triton"
+  timeout $(( BUDGET - $(el) )) ncu --clock-control none ${NCU_OPTS:---set full} -k regex:"igemm|_conv_gemm|_gconv" \
+    -f -o /tmp/ncurep python3 benchmarks/ncu_small_n.py $NCU_ARGS > /tmp/ncu_run.txt 2>&1
+  echo "ncu rc=$? at +$(el)s"
+  { grep -v "^==PROF==" /tmp/ncu_run.txt; ncu -i /tmp/ncurep.ncu-rep --page details; } > "$OUT/ncu.txt" 2>&1
+  ncu -i /tmp/ncurep.ncu-rep --page source --csv --print-source sass 2>&1 | gzip > "$OUT/ncu_src.csv.gz"
+  grep -E " ran |igemm|_conv_gemm|Duration|L2 Cache Throughput|DRAM Throughput" "$OUT/ncu.txt" | cut -c1-150 | head -60
 fi
 if [ -n "${TABLE_SOURCES:-}" ]; then  # rebuild the auto table: committed runs (oldest first), then this call's
   srcs=""; for f in $TABLE_SOURCES; do srcs="$srcs benchmarks/results/$f"; done

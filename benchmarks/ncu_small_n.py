@@ -1,25 +1,42 @@
-"""One forward of a small-N 3x3 conv (32->32 @56x56, batch 256, fp16) per backend, for Nsight Compute:
+"""Forwards of a few conv shapes (batch 256, fp16) per backend, for Nsight Compute:
 
-    ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
-        -k regex:"igemm_tc|_conv_gemm" python benchmarks/ncu_small_n.py
+    ncu --set full -k regex:"igemm|_conv_gemm" --launch-skip 1 python benchmarks/ncu_small_n.py \
+        --shape 32 32 56 3 1 1 --backends cuda triton
 
-The CUDA backend's mma.sync kernel is 2x behind Triton's on this shape (benchmarks/NOTES.md v6, K7/K8); the
-profile says where its time goes (stall reasons, L1/L2 traffic) before the next change.
+Each (shape, backend) runs twice (the first call compiles/tunes) in the order given, so --launch-skip/-c pick
+the launches to profile. Backend "cuda:<kernel>" forces the CUDA backend's kernel (DLA_FAST_CUDA_KERNEL, e.g.
+cuda:wgmma). The default is the small-N conv where the mma.sync kernel trailed Triton (NOTES v6, K7-K9).
 """
+import argparse
+import os
+
 import torch
 
-from dla_fast import ops
+from dla_fast import _cuda, ops
 
 
 def main() -> None:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(256, 32, 56, 56, device="cuda", generator=g).half().contiguous(memory_format=torch.channels_last)
-    w = (torch.randn(32, 32, 3, 3, device="cuda", generator=g) / 17).half()
-    b = torch.randn(32, device="cuda", generator=g)
-    for backend in ("cuda", "triton"):
-        for _ in range(2):  # the first call compiles/tunes; ncu's -c / --launch-skip pick what to profile
-            ops.conv_bn_act(x, w, b, stride=1, padding=1, relu=True, backend=backend)
-    torch.cuda.synchronize()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", nargs=6, type=int, action="append", metavar=("CIN", "COUT", "H", "K", "STRIDE", "G"),
+                    help="input channels, output channels, input size, kernel, stride, groups (repeatable)")
+    ap.add_argument("--backends", nargs="+", default=["cuda", "triton"])
+    ap.add_argument("--batch", type=int, default=256)
+    a = ap.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for cin, cout, h, k, stride, groups in a.shape or [[32, 32, 56, 3, 1, 1]]:
+        x = torch.randn(a.batch, cin, h, h, device="cuda", generator=gen).half()
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = (torch.randn(cout, cin // groups, k, k, device="cuda", generator=gen) / (k * (cin // groups) ** 0.5)).half()
+        b = torch.randn(cout, device="cuda", generator=gen)
+        for be in a.backends:
+            backend, _, kernel = be.partition(":")
+            os.environ["DLA_FAST_CUDA_KERNEL"] = kernel or "auto"
+            for _ in range(2):
+                ops.conv_bn_act(x, w, b, stride=stride, padding=k // 2, groups=groups, relu=True, backend=backend)
+            torch.cuda.synchronize()
+            if backend == "cuda":
+                print(f"{cin}->{cout} k{k} s{stride} g{groups} @{h}: {be} ran {_cuda.last_kernel()}", flush=True)
+    os.environ.pop("DLA_FAST_CUDA_KERNEL", None)
 
 
 if __name__ == "__main__":

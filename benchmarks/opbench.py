@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -652,7 +653,7 @@ def _progress_line(i: int, total: int, entry: ShapeEntry, dt: str, rows: List[Di
 def run(models: Sequence[str] = ("dla34", "dla60"), dtypes: Sequence[str] = ("float16", "bfloat16"),
         batch: int = 256, hw=224, device=None, impls: Optional[Sequence[str]] = None, warmup: float = 25,
         rep: float = 100, check: bool = True, limit: Optional[int] = None, ops: Optional[Sequence[str]] = None,
-        json_path: Optional[str] = None, log=print, into: Optional[Dict] = None,
+        match: Optional[str] = None, json_path: Optional[str] = None, log=print, into: Optional[Dict] = None,
         precompile_workers: int = 0, timer: str = "auto") -> Dict:
     """Benchmark every distinct shape of ``models``; returns (and fills ``into``, if given, as it goes) the
     result dict that ``--json`` writes."""
@@ -664,6 +665,11 @@ def run(models: Sequence[str] = ("dla34", "dla60"), dtypes: Sequence[str] = ("fl
     entries = _shapes.distinct_shapes(models, batch=batch, hw=hw2)
     if ops:
         entries = [e for e in entries if e.shape.op in ops]
+    if match:
+        pat = re.compile(match)
+        entries = [e for e in entries if pat.search(e.shape.label()) or pat.search(e.shape.ident())]
+        if not entries:
+            raise SystemExit(f"--match {match!r} selects none of the shapes of {list(models)}")
     if limit is not None:
         entries = entries[:limit]
     dts = [DTYPES[d] for d in dtypes]
@@ -713,6 +719,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--warmup", type=float, default=25, help="warmup budget per measurement, ms (do_bench's)")
     p.add_argument("--rep", type=float, default=100, help="timed budget per measurement, ms (do_bench's)")
     p.add_argument("--limit", type=int, default=None, help="only the first N distinct shapes")
+    p.add_argument("--match", default=None,
+                   help="only the shapes whose label or id matches this regular expression (e.g. 'g(32|64) ')")
     p.add_argument("--no-check", action="store_true", help="skip the rel_err check against eager_seq")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="leave torch.backends.cudnn.benchmark off (default: on, giving the baselines their best "
@@ -767,8 +775,8 @@ def _main_run(a, dtypes, batch, hw, device) -> int:
     done = False
     try:
         workers = a.precompile_workers if a.precompile_workers is not None else min(8, (os.cpu_count() or 2) // 2)
-        run(a.models, dtypes, batch, hw, device, a.impls, a.warmup, a.rep, not a.no_check, a.limit, a.ops, a.json,
-            log=lambda s: print(s, flush=True), into=res, precompile_workers=workers, timer=a.timer)
+        run(a.models, dtypes, batch, hw, device, a.impls, a.warmup, a.rep, not a.no_check, a.limit, a.ops,
+            a.match, a.json, log=lambda s: print(s, flush=True), into=res, precompile_workers=workers, timer=a.timer)
         done = True
     except KeyboardInterrupt:
         print("interrupted: writing what was measured so far", file=sys.stderr, flush=True)
