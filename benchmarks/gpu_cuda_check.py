@@ -393,15 +393,15 @@ def print_table(timings: List[Dict]):
 
 # ----------------------------------------------------------------------------------------------- sanitize
 SANITIZE_CASES = [
-    Case("conv_bn_act", (16,), (9, 11), 32, (3, 3), (1, 1), (1, 1), 1, "tensor", True),     # tc vw8 bn32
+    Case("conv_bn_act", (16,), (9, 11), 32, (3, 3), (1, 1), (1, 1), 1, "tensor", True),     # tc vw8 bn32 / narrow wgmma bn32
     Case("conv_bn_act", (3,), (13, 15), 16, (7, 7), (2, 2), (3, 3), 1, "none", True),       # tc vw1 bn16 (stem)
     Case("conv_bn_act", (20,), (7, 9), 24, (3, 3), (2, 2), (1, 1), 1, "tensor", False),     # tc vw4
     Case("conv_bn_act", (64,), (6, 5), 200, (1, 1), (1, 1), (0, 0), 1, "tensor", True),     # tc bn64/128 tails
-    Case("conv_bn_act", (32,), (7, 7), 32, (3, 3), (1, 1), (1, 1), 8, "tensor", True),      # direct, 4 ch/group
-    Case("conv_bn_act", (64,), (6, 6), 64, (3, 3), (2, 2), (1, 1), 4, "none", True),        # tc grouped, 16/grp
+    Case("conv_bn_act", (32,), (7, 7), 32, (3, 3), (1, 1), (1, 1), 8, "tensor", True),      # block-diagonal, 4 ch/group
+    Case("conv_bn_act", (64,), (6, 6), 64, (3, 3), (2, 2), (1, 1), 4, "none", True),        # tc / narrow wgmma bn16 grouped, 16/grp
     Case("conv_bn_act", (28,), (8, 8), 28, (3, 3), (1, 1), (1, 1), 1, "none", True, (112,)),  # slice, vw4
     Case("conv_bn_act", (128,), (6, 5), 136, (3, 3), (1, 1), (1, 1), 1, "tensor", True),    # wgmma, 18 k tiles
-    Case("conv_bn_act", (64,), (7, 6), 64, (3, 3), (2, 2), (1, 1), 8, "tensor", True),      # grouped, 8 ch/group
+    Case("conv_bn_act", (64,), (7, 6), 64, (3, 3), (2, 2), (1, 1), 8, "tensor", True),      # block-diagonal, 8 ch/group
     Case("aggregate", (32, 16), (5, 7), 32, residual="child0"),
     Case("aggregate", (28, 28, 28, 28), (6, 6), 128, residual="tensor", pitches=(28, 28, 28, 112)),
     Case("aggregate", (13, 7, 20), (3, 5), 24, residual="tensor", relu=False),               # vw1

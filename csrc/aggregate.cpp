@@ -85,14 +85,15 @@ at::Tensor aggregate_cuda(at::TensorList children_in, const at::Tensor& weight_i
   set_gemm_io(p, w, bias, residual, y, relu);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  DLA_CHECK(gemm_grid_fits(M, 1, p.Cout), op,
+            ": the output has too many tiles for one launch (more than 2^31 - 1 blocks); split the batch");
   const Force force = forced_kernel();
   if (force != Force::Simt && force != Force::Direct && tc_capable(dt)) {
     auto w_ok = [&](int v) { return ctot % v == 0 && ptr_aligned(w.data_ptr(), v * w.element_size()); };
     if (vw == 8 && !w_ok(8)) vw = w_ok(4) ? 4 : 1;
     if (vw == 4 && !w_ok(4)) vw = 1;
     const int bn = pick_bn(p.Cout, M, 1);
-    DLA_CHECK((p.Cout + bn - 1) / bn <= 65535, op, ": too many output channels");
-    if (pick_wgmma(force, dt, vw, bn)) {
+    if (pick_wgmma(force, dt, vw, bn, KIND_CAT)) {
       const int used = launch_igemm_wgmma(dt, KIND_CAT, bn, p, stream);
       set_last_kernel(std::string("wgmma ") + dtype_name(dt) + " bn" + std::to_string(used));
       return y;
@@ -101,7 +102,6 @@ at::Tensor aggregate_cuda(at::TensorList children_in, const at::Tensor& weight_i
     set_last_kernel(std::string("tc ") + dtype_name(dt) + " vw" + std::to_string(vw) + " bn" + std::to_string(used));
     return y;
   }
-  DLA_CHECK((p.Cout + 63) / 64 <= 65535, op, ": too many output channels");
   launch_igemm_simt(dt, KIND_CAT, p, stream);
   set_last_kernel(std::string("simt ") + dtype_name(dt));
   return y;

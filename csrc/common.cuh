@@ -93,6 +93,26 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Block -> tile. The grid is 1-D and the output-channel tiles (of every group) vary fastest, so the blocks resident
+// at one time span few output pixels and all of their channels: an input pixel is fetched from DRAM once for every
+// group and N tile that reads it, which M-fastest order did once per N tile (or super-group) whenever the input
+// outgrew L2 (ncu, NOTES v7: a strided grouped conv read 1.2x Triton's DRAM bytes at 0.72x its speed).
+struct TileOrigin {
+  int bm, g, n0;  // first output pixel, group, first output channel within the group
+};
+__device__ __forceinline__ TileOrigin tile_origin(const GemmParams& p, int BM, int BN) {
+  const int nt = p.groups * p.ntiles_n;
+  const int mt = blockIdx.x / nt;
+  const int j = blockIdx.x - mt * nt;
+  const int g = j / p.ntiles_n;
+  return {mt * BM, g, (j - g * p.ntiles_n) * BN};
+}
+// The matching grid (p.ntiles_n set); the host checks the block count against the 1-D limit (tile_blocks()).
+inline dim3 tile_grid(const GemmParams& p, int BM) {
+  return dim3(static_cast<unsigned>(((long long)(p.M + BM - 1) / BM) * p.groups * p.ntiles_n));
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // The gather. A block owns BM consecutive output pixels (GEMM rows); their (n, hi0, wi0, valid) live in a
 // shared row table built once, so the K loop never divides by Ho*Wo. The children's pointers and strides
 // are copied to shared memory too: indexing a kernel-parameter array with a run-time child index would

@@ -82,6 +82,8 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
   set_gemm_io(p, w, bias, residual, y, relu);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  DLA_CHECK(gemm_grid_fits(M, groups, p.Cout_g), op,
+            ": the output has too many tiles for one launch (more than 2^31 - 1 blocks); split the batch");
   const Force force = forced_kernel();
   if (force == Force::Auto && stem_supported(p, residual.defined())) {
     launch_stem_conv(dt, p, stream);
@@ -96,7 +98,9 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
     constexpr int SG = 32;
     const int G = static_cast<int>(Cin_g);
     if ((G == 4 || G == 8) && Cout / groups == G && C % SG == 0) {
-      const int vw = std::min(nhwc_vw(x, SG), G);  // a vector never spans two real groups
+      const int xvw = nhwc_vw(x, SG);
+      const int vw = std::min(xvw, G);  // mma.sync: one vector width for A and B, and a B vector never spans
+                                        // two real groups
       if (vw >= 4 && ptr_aligned(w.data_ptr(), vw * w.element_size())) {
         GemmParams q = p;
         q.groups = static_cast<int>(C / SG);
@@ -104,6 +108,11 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
         q.K = static_cast<int>(kh * kw) * SG;
         q.koff[1] = q.K;
         q.bd_log2 = G == 4 ? 2 : 3;
+        if (wgmma_usable(dt, xvw)) {  // Hopper: 16-byte A gather, B copied per real group (igemm_wgmma.cuh)
+          launch_igemm_wgmma(dt, KIND_CONV, SG, q, stream);
+          set_last_kernel(std::string("wgmma-blockdiag ") + dtype_name(dt) + " g" + std::to_string(G) + " bn32");
+          return y;
+        }
         const int used = launch_igemm_tc(dt, KIND_CONV, vw, SG, q, stream);
         set_last_kernel(std::string("tc-blockdiag ") + dtype_name(dt) + " g" + std::to_string(G) + " vw" +
                         std::to_string(vw) + " bn" + std::to_string(used));
@@ -134,8 +143,7 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
     if (vw == 8 && !w_ok(8)) vw = w_ok(4) ? 4 : 1;
     if (vw == 4 && !w_ok(4)) vw = 1;
     const int bn = pick_bn(p.Cout_g, M, p.groups);
-    DLA_CHECK((long long)groups * ((p.Cout_g + bn - 1) / bn) <= 65535, op, ": too many output-channel tiles");
-    if (pick_wgmma(force, dt, vw, bn)) {
+    if (pick_wgmma(force, dt, vw, bn, KIND_CONV)) {
       const int used = launch_igemm_wgmma(dt, KIND_CONV, bn, p, stream);
       set_last_kernel(std::string("wgmma ") + dtype_name(dt) + " bn" + std::to_string(used));
       return y;
@@ -144,7 +152,6 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
     set_last_kernel(std::string("tc ") + dtype_name(dt) + " vw" + std::to_string(vw) + " bn" + std::to_string(used));
     return y;
   }
-  DLA_CHECK((long long)groups * ((p.Cout_g + 63) / 64) <= 65535, op, ": too many output-channel tiles");
   launch_igemm_simt(dt, KIND_CONV, p, stream);
   set_last_kernel(std::string("simt ") + dtype_name(dt));
   return y;

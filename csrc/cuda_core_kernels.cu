@@ -39,9 +39,9 @@ __global__ void __launch_bounds__(S_NT) igemm_simt_kernel(const GemmParams p) {
 
   const int tid = threadIdx.x;
   const int tx = tid % 16, ty = tid / 16;
-  const int bm = blockIdx.x * S_BM;
-  const int g = blockIdx.y / p.ntiles_n;
-  const int n0 = (blockIdx.y - g * p.ntiles_n) * S_BN;
+  const TileOrigin to = tile_origin(p, S_BM, S_BN);
+  const int bm = to.bm, g = to.g;
+  const int n0 = to.n0;  // first output channel of the tile, within group g
   const int cbase = g * p.Cin_g;
   const T* wg = static_cast<const T*>(p.w) + (long long)g * p.Cout_g * p.K;
 
@@ -233,8 +233,7 @@ __global__ void __launch_bounds__(D_NT) direct_conv_kernel(const GemmParams p) {
 template <typename T, int KIND>
 void run_simt(GemmParams p, cudaStream_t stream) {
   p.ntiles_n = (p.Cout_g + S_BN - 1) / S_BN;
-  const dim3 grid((p.M + S_BM - 1) / S_BM, p.groups * p.ntiles_n);
-  igemm_simt_kernel<T, KIND><<<grid, S_NT, 0, stream>>>(p);
+  igemm_simt_kernel<T, KIND><<<tile_grid(p, S_BM), S_NT, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -196,21 +196,36 @@ inline bool wgmma_usable(DType dt, int vw) {
 #endif
 }
 
-// Which tensor-core kernel: wgmma where it can run and the tile is at least 64 channels wide (narrower
-// tiles would leave most of an m64nN instruction idle), unless DLA_FAST_CUDA_KERNEL=tc asks for mma.sync.
-inline bool pick_wgmma(Force force, DType dt, int vw, int bn) {
-  if (!wgmma_usable(dt, vw)) return false;
-  return force == Force::Wgmma || (force == Force::Auto && bn >= 64);
+// The GEMM kernels launch one 1-D grid of (M tiles) x groups x (N tiles) blocks (tile_grid() in common.cuh),
+// at most 2^31 - 1: checked with the smallest tiles any of them uses (64 rows, 16 channels).
+inline bool gemm_grid_fits(long long m, long long groups, long long cout_g) {
+  return ((m + 63) / 64) * groups * ((cout_g + 15) / 16) <= 0x7fffffffLL;
 }
 
-// Output-channel tile: the smallest of 16/32/64/128 that covers a group's channels; 64 instead of 128 when
-// 128-wide tiles would leave most SMs idle (small batch, 7x7 layers).
+// Which tensor-core kernel: wgmma wherever it can run (the 16-byte gather on a Hopper build and device), unless
+// DLA_FAST_CUDA_KERNEL=tc asks for mma.sync. Convolutions have narrow wgmma tiles (16/32 channels, 5 blocks an
+// SM); the aggregation node only the 64/128-wide ones, so its narrower outputs stay on mma.sync.
+inline bool pick_wgmma(Force force, DType dt, int vw, int bn, int kind) {
+  if (!wgmma_usable(dt, vw)) return false;
+  return force == Force::Wgmma || (force == Force::Auto && (kind == KIND_CONV || bn >= 64));
+}
+
+// Output-channel tile: the smallest of 16/32/64/128 that covers a group's channels; 64 instead of 128 only when the
+// 128-wide grid has fewer blocks than the GPU has SMs (batch 1-8, 7x7 layers). A fuller 128-wide grid beats the
+// 64-wide one even when its last wave is mostly empty (a lone block on an SM runs ~1.6x faster): 64 wide was
+// 1.2-1.4x slower on every 7x7 / 14x14 layer at batch 256, 512->512 3x3 at 7x7 included (NOTES v7, K12).
+// DLA_FAST_CUDA_WIDE_BN=64|128 overrides the choice for benchmarking.
 inline int pick_bn(int cout_g, long long m, int groups) {
   int bn = cout_g <= 16 ? 16 : cout_g <= 32 ? 32 : cout_g <= 64 ? 64 : 128;
   if (bn == 128) {
-    const int sms = dev_info().sms;
     const long long blocks = ((m + 127) / 128) * groups * ((cout_g + 127) / 128);
-    if (blocks < 2LL * sms) bn = 64;
+    if (blocks < dev_info().sms) bn = 64;
+    const char* e = std::getenv("DLA_FAST_CUDA_WIDE_BN");
+    if (e != nullptr && *e != '\0') {
+      DLA_CHECK(std::strcmp(e, "64") == 0 || std::strcmp(e, "128") == 0,
+                "DLA_FAST_CUDA_WIDE_BN must be 64 or 128; got '", e, "'");
+      bn = std::atoi(e);
+    }
   }
   return bn;
 }

@@ -65,9 +65,9 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
   const int wm = warp % Cfg::WARPS_M;
   const int wn = warp / Cfg::WARPS_M;
 
-  const int bm = blockIdx.x * BM;
-  const int g = blockIdx.y / p.ntiles_n;
-  const int n0 = (blockIdx.y - g * p.ntiles_n) * BN;  // first output channel of the tile, within group g
+  const TileOrigin to = tile_origin(p, BM, BN);
+  const int bm = to.bm, g = to.g;
+  const int n0 = to.n0;  // first output channel of the tile, within group g
   const int cbase = g * p.Cin_g;
   const uint16_t* wg = static_cast<const uint16_t*>(p.w) + (long long)g * p.Cout_g * p.K;
 

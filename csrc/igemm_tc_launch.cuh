@@ -39,8 +39,7 @@ int run_tc(GemmParams p, cudaStream_t stream) {
     opt_in_smem(kern, smem, done);
   }
   p.ntiles_n = (p.Cout_g + Cfg::BN - 1) / Cfg::BN;
-  const dim3 grid((p.M + Cfg::BM - 1) / Cfg::BM, p.groups * p.ntiles_n);
-  kern<<<grid, Cfg::NT, smem, stream>>>(p);
+  kern<<<tile_grid(p, Cfg::BM), Cfg::NT, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return Cfg::BN;
 }

@@ -2,12 +2,23 @@
 // warpgroup-wide wgmma.mma_async reading both operands straight from shared memory, which is what reaches the
 // H100's tensor-core rate (mma.sync tops out near half of it and needs every fragment moved through registers).
 //
-//   block: 256 threads = 2 warpgroups; tile BM = 128 output pixels x BN (64 or 128) channels; BK = 64.
-//   warpgroup w computes rows [64w, 64w + 64) of the tile with m64nBNk16 (4 per k tile).
+//   wide tiles (BN 64, 128): 256 threads = 2 warpgroups, BM = 128 output pixels, BK = 64; warpgroup w computes
+//     rows [64w, 64w + 64) with m64nBNk16 (4 per k tile).
+//   narrow tiles (BN 16, 32; convolutions only): 128 threads = 1 warpgroup that computes both 64-row halves,
+//     BK = 32, 4 stages: ~40 KB a block, so 5 blocks share an SM. Small-N convs move few bytes per block and
+//     have few k tiles (a 32->32 3x3 conv: 9), so a block's pipeline fill and epilogue are a large part of its
+//     life; only many resident blocks hide them (the wide config forced onto 32->32 3x3 @56x56: 2 blocks/SM,
+//     152 us; Triton's 128x32x32 wgmma tiles, 5 blocks/SM: 92 us; ncu, NOTES v7).
 //
-// Shared tiles are [rows][64] 16-bit elements, 128 bytes a row, in the 128-byte swizzle that the wgmma
-// descriptors describe: the 16-byte chunk c of row r sits at chunk c ^ (r % 8), so the 8 rows of a core
-// matrix hit 8 different bank groups. Every tile starts on a 1024-byte boundary (one swizzle atom).
+// Shared tiles are [rows][BK] 16-bit elements (RB = 2 BK bytes a row) in the swizzle the wgmma descriptors
+// name (128-byte for BK 64, 64-byte for BK 32): the 16-byte chunk c of row r sits at chunk c ^ ((r RB / 128) %
+// (RB / 16)), so the 8 rows of a core matrix hit 8 different bank groups. Every tile starts on a 1024-byte
+// boundary (a whole number of swizzle atoms).
+//
+// Block-diagonal mode (BD, narrow BN 32 only): grouped convs with 4 or 8 channels a group run as dense 32x32
+// super-groups (GemmParams::bd_log2, as in the mma.sync kernel); B reads each weight row in place and zero-fills
+// the other groups' channels. A keeps its 16-byte gather; for 4-channel groups a 16-byte B chunk spans two real
+// groups, so it is filled by two 8-byte copies, one of them zero.
 //
 // Pipeline: STAGES buffers, cp.async loads issued STAGES - 1 tiles ahead. Iteration kt: wait for tile kt,
 // barrier, issue its wgmmas, retire tile kt - 1 (wait_group 1: tile kt stays in flight), barrier (every
@@ -20,40 +31,53 @@
 
 namespace dla_fast {
 
-constexpr int WG_BM = 128, WG_BK = 64, WG_NT = 256;
+constexpr int WG_BM = 128;
 
-// Ring depth: 3 tiles for BN 128, 4 for BN 64 (96 KB either way), so that two blocks share an SM: one
-// block's barrier and gather arithmetic hide behind the other's MMAs. (One block per SM with 4-5 stages
-// ran 512->512 3x3 @7x7 at 265 TFLOP/s on the H100; Triton's 128x128x64 tiles with 3 stages, two blocks
-// per SM, at 470.) A problem with fewer k tiles gets only as many buffers as it uses.
 template <int BN>
-constexpr int wg_stages() {
-  return BN >= 128 ? 3 : 4;
-}
+struct WgCfg {
+  static constexpr bool NARROW = BN <= 32;
+  static constexpr int BK = NARROW ? 32 : 64;
+  static constexpr int RB = BK * 2;  // bytes per shared-memory row = the swizzle span
+  static constexpr int NT = NARROW ? 128 : 256;
+  static constexpr int NWG = NT / 128;
+  static constexpr int MH = WG_BM / 64 / NWG;  // 64-row halves per warpgroup
+  // Ring depth: narrow 4 (see above). Wide: 3 tiles for BN 128, 4 for BN 64 (96 KB either way), so that two
+  // blocks share an SM: one block's barrier and gather arithmetic hide behind the other's MMAs. (One block per
+  // SM with 4-5 stages ran 512->512 3x3 @7x7 at 265 TFLOP/s on the H100; Triton's 128x128x64 tiles with 3
+  // stages, two blocks per SM, at 470.)
+  static constexpr int STAGES = BN >= 128 ? 3 : 4;
+  static constexpr int MIN_BLOCKS = NARROW ? 4 : 2;
+  static constexpr int A_BYTES = WG_BM * RB, B_BYTES = BN * RB;
+  // The staged epilogue's fp32 tile [BM][BN + 8] reuses the pipeline buffers; with few k tiles it is the larger.
+  static constexpr int STAGED_BYTES = WG_BM * (BN + 8) * 4;
+  static_assert(B_BYTES % 1024 == 0 && A_BYTES % 1024 == 0, "tiles must keep the 1024-byte alignment");
+};
+
+// A problem with fewer k tiles gets only as many buffers as it uses.
 template <int BN>
 inline int wgmma_stages_used(int K) {
-  const int kt = (K + WG_BK - 1) / WG_BK;
-  return kt < wg_stages<BN>() ? kt : wg_stages<BN>();
-}
-// The staged epilogue's fp32 tile [BM][BN + 8] reuses the pipeline buffers; with few k tiles it is the larger.
-template <int BN>
-constexpr int wg_staged_bytes() {
-  return WG_BM * (BN + 8) * 4;
+  using C = WgCfg<BN>;
+  const int kt = (K + C::BK - 1) / C::BK;
+  return kt < C::STAGES ? kt : C::STAGES;
 }
 template <int BN>
-inline int wgmma_smem_bytes(int nst) {
-  const int pipe = nst * (WG_BM + BN) * WG_BK * 2;
-  return (pipe > wg_staged_bytes<BN>() ? pipe : wg_staged_bytes<BN>()) + 1024;  // + slack: 1024-byte alignment
+constexpr int wgmma_smem_bytes(int nst) {
+  using C = WgCfg<BN>;
+  const int pipe = nst * (C::A_BYTES + C::B_BYTES);
+  return (pipe > C::STAGED_BYTES ? pipe : C::STAGED_BYTES) + 1024;  // + slack: 1024-byte alignment
 }
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// Shared-memory matrix descriptor: K-major operand, 128-byte swizzle, 8-row groups 1024 bytes apart. The
-// leading-dimension offset is unused for swizzled K-major operands (one k16 step never leaves a 128-byte row).
-__device__ __forceinline__ uint64_t sw128_desc(uint32_t saddr) {
+// Shared-memory matrix descriptor: K-major operand, RB-byte swizzle (RB = 128: layout type 1, RB = 64: type 2),
+// 8-row core-matrix groups 8 RB bytes apart. The leading-dimension offset is unused for swizzled K-major
+// operands (one k16 step never leaves a row).
+template <int RB>
+__device__ __forceinline__ uint64_t sw_desc(uint32_t saddr) {
+  static_assert(RB == 128 || RB == 64, "");
   uint64_t d = (uint64_t)((saddr & 0x3FFFFu) >> 4);
   d |= (uint64_t)1 << 16;  // leading-dimension offset: "not used, assumed 1" for swizzled K-major
-  d |= (uint64_t)(1024 >> 4) << 32;
-  d |= (uint64_t)1 << 62;
+  d |= (uint64_t)((8 * RB) >> 4) << 32;
+  d |= (uint64_t)(RB == 128 ? 1 : 2) << 62;
   return d;
 }
 __device__ __forceinline__ void wgmma_arrive() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -70,16 +94,18 @@ template <int R> __device__ __forceinline__ void fence_regs(float (&d)[R]) {
 }
 #endif
 
-template <typename T, int BN, int KIND>
-__global__ void __launch_bounds__(WG_NT, 2) igemm_wgmma_kernel(const GemmParams p) {
+template <typename T, int BN, int KIND, bool BD = false>
+__global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wgmma_kernel(const GemmParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int BM = WG_BM, BK = WG_BK, NT = WG_NT, STAGES = wg_stages<BN>(), PD = STAGES - 1;
-  constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
-  constexpr int CPR = BK / 8;                 // 16-byte chunks per row
-  constexpr int A_IT = BM * CPR / NT;         // chunks per thread per tile
-  constexpr int B_IT = BN * CPR / NT;
-  constexpr int RSTEP = NT / CPR;             // rows between a thread's chunks
-  static_assert(A_IT * NT == BM * CPR && B_IT * NT == BN * CPR, "tile must split evenly over the threads");
+  using C = WgCfg<BN>;
+  constexpr int BM = WG_BM, BK = C::BK, RB = C::RB, NT = C::NT, MH = C::MH, STAGES = C::STAGES, PD = STAGES - 1;
+  constexpr int A_BYTES = C::A_BYTES, B_BYTES = C::B_BYTES;
+  constexpr int CPR = BK / 8;                        // 16-byte chunks per row
+  constexpr int A_IT = BM * CPR / NT;                // chunks per thread per tile
+  constexpr int B_IT = (BN * CPR + NT - 1) / NT;     // (BN 16: half the threads copy one B chunk)
+  constexpr int RSTEP = NT / CPR;                    // rows between a thread's chunks
+  static_assert(A_IT * NT == BM * CPR && ((BN * CPR) % NT == 0 || BN * CPR < NT), "tile must split over the threads");
+  static_assert(!BD || (BN == 32 && KIND == KIND_CONV), "block-diagonal mode: 32-channel super-groups, convs");
 
   extern __shared__ uint8_t wg_smem_raw[];
   __shared__ int4 rows[BM];
@@ -87,17 +113,17 @@ __global__ void __launch_bounds__(WG_NT, 2) igemm_wgmma_kernel(const GemmParams 
   const uint32_t base = (smem_u32(wg_smem_raw) + 1023u) & ~1023u;
   const int KT = (p.K + BK - 1) / BK;
   const int nst = KT < STAGES ? KT : STAGES;     // buffers in use (kt % STAGES < nst for every kt < KT)
-  const uint32_t As = base;                      // [nst][BM][64] swizzled
-  const uint32_t Bs = base + nst * A_BYTES;      // [nst][BN][64] swizzled
+  const uint32_t As = base;                      // [nst][BM][BK] swizzled
+  const uint32_t Bs = base + nst * A_BYTES;      // [nst][BN][BK] swizzled
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int wgi = warp >> 2;  // warpgroup: tile rows [64 wgi, 64 wgi + 64)
+  const int wgi = warp >> 2;  // warpgroup: tile rows [64 MH wgi, 64 MH (wgi + 1))
 
-  const int bm = blockIdx.x * BM;
-  const int g = blockIdx.y / p.ntiles_n;
-  const int n0 = (blockIdx.y - g * p.ntiles_n) * BN;
+  const TileOrigin to = tile_origin(p, BM, BN);
+  const int bm = to.bm, g = to.g;
+  const int n0 = to.n0;  // first output channel of the tile, within group g
   const int cbase = g * p.Cin_g;
   const uint16_t* wg = static_cast<const uint16_t*>(p.w) + (long long)g * p.Cout_g * p.K;
 
@@ -111,9 +137,10 @@ __global__ void __launch_bounds__(WG_NT, 2) igemm_wgmma_kernel(const GemmParams 
   int4 arow[A_IT];
 #pragma unroll
   for (int i = 0; i < A_IT; ++i) arow[i] = rows[r0 + i * RSTEP];
-  // (r0 + i * RSTEP) % 8 == r0 % 8 since RSTEP is a multiple of 8: one swizzled column for all of them.
+  // The swizzle of row r is (r RB / 128) % CPR, periodic in 8 rows; RSTEP is a multiple of 8, so all of this
+  // thread's rows share one swizzled column.
   static_assert(RSTEP % 8 == 0, "");
-  const uint32_t sw_off = (uint32_t)r0 * 128u + (uint32_t)((kc ^ (r0 & 7)) << 4);
+  const uint32_t sw_off = (uint32_t)r0 * RB + (uint32_t)((kc ^ ((r0 * RB >> 7) & (CPR - 1))) << 4);
 
   // Convolutions: each row's window corner as one 64-bit element offset, computed once; per k tile only the
   // tap's offset r*sh + s*sw + c is new (shared by the rows), and (r, s, c) advance with the tiles instead of
@@ -134,13 +161,31 @@ __global__ void __launch_bounds__(WG_NT, 2) igemm_wgmma_kernel(const GemmParams 
     const int k = kt * BK + kc * 8;
     const bool kok = k < p.K;
     const uint32_t a_dst = As + stage * A_BYTES + sw_off;
+    const uint32_t b_dst = Bs + stage * B_BYTES + sw_off;
     if constexpr (KIND == KIND_CONV) {
       const long long toff = (long long)at.r * p.sh[0] + (long long)at.s * p.sw[0] + at.c;
 #pragma unroll
       for (int i = 0; i < A_IT; ++i) {
         const bool v = kok && arow[i].w && (unsigned)(arow[i].y + at.r) < (unsigned)p.H &&
                        (unsigned)(arow[i].z + at.s) < (unsigned)p.W;
-        cp_async<16>(a_dst + i * RSTEP * 128, v ? xg + rbase[i] + toff : xg, v);
+        cp_async<16>(a_dst + i * RSTEP * RB, v ? xg + rbase[i] + toff : xg, v);
+      }
+      if constexpr (BD) {
+        // Weight row of output n: [kh][kw][G] with G = 1 << bd_log2; this chunk holds super-group channels
+        // at.c .. at.c + 7 of tap (at.r, at.s), i.e. real groups at.c >> bd_log2 (and the next one when G = 4).
+        const int n = n0 + r0;  // B_IT == 1, n < 32 = Cout_g
+        const uint16_t* w = static_cast<const uint16_t*>(p.w);
+        const uint16_t* wrow = w + ((((long long)(g * p.Cout_g + n) * (p.kh * p.kw)) + at.r * p.kw + at.s)
+                                    << p.bd_log2);
+        const int gn = n >> p.bd_log2, gc = at.c >> p.bd_log2;
+        if (p.bd_log2 == 3) {
+          const bool ok = kok && gc == gn;
+          cp_async<16>(b_dst, ok ? wrow : w, ok);
+        } else {
+          const bool ok0 = kok && gc == gn, ok1 = kok && gc + 1 == gn;
+          cp_async<8>(b_dst, ok0 ? wrow : w, ok0);
+          cp_async<8>(b_dst + 8, ok1 ? wrow : w, ok1);
+        }
       }
       at.advance(BK, p);  // the next tile's k
     } else {
@@ -150,22 +195,28 @@ __global__ void __launch_bounds__(WG_NT, 2) igemm_wgmma_kernel(const GemmParams 
       for (int i = 0; i < A_IT; ++i) {
         const long long off = a_offset(d, arow[i], p, tab);
         const void* src = off >= 0 ? static_cast<const void*>(src_base + off * 2) : static_cast<const void*>(src_base);
-        cp_async<16>(a_dst + i * RSTEP * 128, src, off >= 0);
+        cp_async<16>(a_dst + i * RSTEP * RB, src, off >= 0);
       }
     }
-    const uint32_t b_dst = Bs + stage * B_BYTES + sw_off;
+    if constexpr (!BD) {
 #pragma unroll
-    for (int i = 0; i < B_IT; ++i) {
-      const int n = n0 + r0 + i * RSTEP;
-      const bool ok = kok && n < p.Cout_g;
-      const uint16_t* src = ok ? wg + (long long)n * p.K + k : wg;
-      cp_async<16>(b_dst + i * RSTEP * 128, src, ok);
+      for (int i = 0; i < B_IT; ++i) {
+        const int row = r0 + i * RSTEP;
+        if ((BN * CPR) % NT == 0 || row < BN) {
+          const int n = n0 + row;
+          const bool ok = kok && n < p.Cout_g;
+          const uint16_t* src = ok ? wg + (long long)n * p.K + k : wg;
+          cp_async<16>(b_dst + i * RSTEP * RB, src, ok);
+        }
+      }
     }
   };
 
-  float acc[BN / 2];
+  float acc[MH][BN / 2];
 #pragma unroll
-  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+  for (int h = 0; h < MH; ++h)
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[h][i] = 0.f;
 
 #pragma unroll
   for (int s = 0; s < PD; ++s) {
@@ -179,19 +230,23 @@ __global__ void __launch_bounds__(WG_NT, 2) igemm_wgmma_kernel(const GemmParams 
 
     // The MMAs first, then the gather arithmetic of the next loads, which the tensor cores then hide.
     const int st = kt % STAGES;
-    const uint32_t a_tile = As + st * A_BYTES + wgi * 64 * 128;
+    const uint32_t a_tile = As + st * A_BYTES + wgi * MH * 64 * RB;
     const uint32_t b_tile = Bs + st * B_BYTES;
-    fence_regs(acc);
+#pragma unroll
+    for (int h = 0; h < MH; ++h) fence_regs(acc[h]);
     wgmma_arrive();
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {
-      // k16 step ks = bytes [32 ks, 32 ks + 32) of each 128-byte row: advance the start address; the
-      // hardware applies the swizzle to the final address bits.
-      wgmma_ss<T, BN>(acc, sw128_desc(a_tile + ks * 32), sw128_desc(b_tile + ks * 32));
+      // k16 step ks = bytes [32 ks, 32 ks + 32) of each row: advance the start address; the hardware applies
+      // the swizzle to the final address bits.
+#pragma unroll
+      for (int h = 0; h < MH; ++h)
+        wgmma_ss<T, BN>(acc[h], sw_desc<RB>(a_tile + h * 64 * RB + ks * 32), sw_desc<RB>(b_tile + ks * 32));
     }
     wgmma_commit();
     wgmma_wait<1>();  // this warpgroup's tile kt - 1 is retired (tile kt stays in flight) ...
-    fence_regs(acc);
+#pragma unroll
+    for (int h = 0; h < MH; ++h) fence_regs(acc[h]);
     __syncthreads();  // ... and every warpgroup's: its buffer takes tile kt + STAGES - 1
 
     const int nk = kt + PD;
@@ -199,40 +254,45 @@ __global__ void __launch_bounds__(WG_NT, 2) igemm_wgmma_kernel(const GemmParams 
     cp_async_commit();
   }
   wgmma_wait<0>();
-  fence_regs(acc);
+#pragma unroll
+  for (int h = 0; h < MH; ++h) fence_regs(acc[h]);
   cp_async_wait<0>();
 
-  // Accumulator layout of m64nNk16 (per warp: 16 rows, like mma.m16n8 repeated along N): acc[4j + 2h + e] is
-  // row 16 (warp % 4) + lane / 4 + 8h, column 8j + 2 (lane % 4) + e.
+  // Accumulator layout of m64nNk16 (per warp: 16 rows, like mma.m16n8 repeated along N): acc[h][4j + 2e2 + e] is
+  // row 64 (MH wgi + h) + 16 (warp % 4) + lane / 4 + 8 e2, column 8j + 2 (lane % 4) + e.
   const Epilogue<T> epi(p);
   if (Epilogue<T>::staged_ok(p)) {
     // Row stride BN + 8 floats: the 8 rows of a fragment store land 8 banks apart (2 wavefronts per 256 bytes).
     constexpr int LDF = BN + 8;
-    static_assert(BM * LDF * 4 <= wg_staged_bytes<BN>(), "");
+    static_assert(BM * LDF * 4 <= C::STAGED_BYTES, "");
     float* tile = reinterpret_cast<float*>(wg_smem_raw + (base - smem_u32(wg_smem_raw)));
-    __syncthreads();  // both warpgroups' MMAs are retired: the pipeline buffers become the staging tile
+    __syncthreads();  // every warpgroup's MMAs are retired: the pipeline buffers become the staging tile
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = wgi * 64 + (warp & 3) * 16 + (lane >> 2) + h * 8;
+    for (int h = 0; h < MH; ++h)
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
-        *reinterpret_cast<float2*>(tile + r * LDF + j * 8 + (lane & 3) * 2) =
-            make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-    }
+      for (int e2 = 0; e2 < 2; ++e2) {
+        const int r = (wgi * MH + h) * 64 + (warp & 3) * 16 + (lane >> 2) + e2 * 8;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+          *reinterpret_cast<float2*>(tile + r * LDF + j * 8 + (lane & 3) * 2) =
+              make_float2(acc[h][4 * j + 2 * e2], acc[h][4 * j + 2 * e2 + 1]);
+      }
     __syncthreads();
     epi.template store_staged<BM, BN, LDF, NT>(p, tile, bm, g, n0, tid);
     return;
   }
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int m = bm + wgi * 64 + (warp & 3) * 16 + (lane >> 2) + h * 8;
-    if (m >= p.M) continue;
-    const auto row = epi.row(p, m);
+  for (int h = 0; h < MH; ++h)
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      epi.pair(p, row, g, n0 + j * 8 + (lane & 3) * 2, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+    for (int e2 = 0; e2 < 2; ++e2) {
+      const int m = bm + (wgi * MH + h) * 64 + (warp & 3) * 16 + (lane >> 2) + e2 * 8;
+      if (m >= p.M) continue;
+      const auto row = epi.row(p, m);
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        epi.pair(p, row, g, n0 + j * 8 + (lane & 3) * 2, acc[h][4 * j + 2 * e2], acc[h][4 * j + 2 * e2 + 1]);
+      }
     }
-  }
 #else
   __trap();  // not built for sm_90a; the host only launches this where it was (wgmma_built())
 #endif

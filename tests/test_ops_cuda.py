@@ -212,6 +212,17 @@ WGMMA_CASES = [
     (2, 128, 28, 28, 256, 1, 1, 0, 1),   # 1x1, wide
     (2, 256, 9, 9, 128, 3, 2, 1, 2),     # grouped, 128 channels a group
     (3, 64, 6, 5, 300, 1, 1, 0, 1),      # 3 column tiles with a tail
+    # narrow tiles (BN 16/32, BK 32, one warpgroup)
+    (2, 32, 13, 11, 32, 3, 1, 1, 1),     # BN 32, odd spatial, 9 k tiles
+    (1, 16, 9, 7, 16, 3, 2, 1, 1),       # BN 16, batch 1, stride 2, K = 144: half a last k tile
+    (2, 24, 7, 9, 24, 3, 1, 1, 1),       # K = 216, Cout 24 of a 32-wide tile
+    (2, 40, 5, 6, 8, 1, 1, 0, 1),        # 1x1, Cout 8 of a 16-wide tile, K = 40
+    (2, 64, 9, 9, 64, 3, 1, 1, 4),       # 16 channels a group: BN 16 per group
+    (1, 128, 6, 7, 128, 3, 2, 1, 4),     # 32 channels a group, batch 1, stride 2
+    # block-diagonal (4 / 8 channels a group, 32-channel super-groups)
+    (2, 64, 9, 11, 64, 3, 1, 1, 16),     # 4 a group: B chunks filled by two 8-byte copies
+    (1, 64, 7, 5, 64, 3, 2, 1, 8),       # 8 a group, batch 1, stride 2
+    (2, 96, 5, 6, 96, 3, 1, 1, 24),      # 4 a group, 3 super-groups
 ]
 
 
@@ -228,13 +239,17 @@ def test_conv_wgmma(case, dtype, lay):
 
 
 def test_conv_kernel_choice():
-    """fp16 picks tensor cores with the widest legal gather; few channels per group go direct."""
-    for case, expect in [((2, 16, 9, 11, 32, 3, 1, 1, 1), "tc f16 vw8"), ((1, 20, 7, 9, 24, 3, 2, 1, 1), "tc f16 vw4"),
+    """fp16 picks tensor cores with the widest legal gather (wgmma where it runs); few channels per group go
+    block-diagonal or direct."""
+    wg = cu.has_wgmma()
+    for case, expect in [((2, 16, 9, 11, 32, 3, 1, 1, 1), "wgmma f16 bn32" if wg else "tc f16 vw8"),
+                         ((1, 20, 7, 9, 24, 3, 2, 1, 1), "tc f16 vw4"),
                          ((1, 3, 15, 17, 16, 7, 1, 3, 1), "simt f16"),  # RGB stem with a residual: generic path
                          ((2, 3, 20, 21, 32, 7, 2, 3, 1), "simt f16"),  # < 8 input channels, not the stem
                          ((2, 13, 5, 7, 19, 3, 1, 1, 1), "tc f16 vw1"),
-                         ((2, 32, 10, 10, 32, 3, 1, 1, 8), "tc-blockdiag f16 g4 vw4"),
-                         ((2, 64, 9, 7, 64, 3, 1, 1, 8), "tc-blockdiag f16 g8 vw8"),
+                         ((2, 32, 10, 10, 32, 3, 1, 1, 8), "wgmma-blockdiag f16 g4" if wg else "tc-blockdiag f16 g4 vw4"),
+                         ((2, 64, 9, 7, 64, 3, 1, 1, 8), "wgmma-blockdiag f16 g8" if wg else "tc-blockdiag f16 g8 vw8"),
+                         ((2, 64, 9, 7, 64, 3, 1, 1, 4), "wgmma f16 bn16" if wg else "tc f16 vw8 bn16"),
                          ((3, 40, 5, 6, 40, 3, 1, 1, 10), "direct f16"),  # 40 channels: no 32-channel super-groups
                          ((2, 8, 5, 5, 8, 3, 1, 1, 8), "direct f16")]:
         _run_conv(case, torch.float16)
@@ -250,6 +265,23 @@ def test_conv_kernel_choice():
     assert cu.last_kernel().startswith("simt f32")
     _run_conv((2, 64, 9, 7, 64, 3, 1, 1, 8), torch.float32)  # 8 channels a group in fp32: the CUDA-core kernel
     assert cu.last_kernel() == "grouped f32 g8", cu.last_kernel()
+
+
+@pytest.mark.parametrize("bn", ["64", "128"])
+def test_conv_wide_bn_override(bn, monkeypatch):
+    """DLA_FAST_CUDA_WIDE_BN (benchmarking the 64/128 width rule) picks the tile, and both widths are right, with
+    an N tail (Cout 200) and a grid that is not a whole number of waves."""
+    monkeypatch.setenv("DLA_FAST_CUDA_WIDE_BN", bn)
+    for dtype in (torch.float16, torch.bfloat16):
+        y, ref64, eager = _run_conv((3, 96, 7, 9, 200, 3, 1, 1, 1), dtype, seed=int(bn))
+        assert_close(y, ref64, eager, dtype, f"wide bn {bn}")
+        assert cu.last_kernel().endswith("bn" + bn), cu.last_kernel()
+
+
+def test_conv_wide_bn_bad_value(monkeypatch):
+    monkeypatch.setenv("DLA_FAST_CUDA_WIDE_BN", "96")
+    with pytest.raises(RuntimeError, match="DLA_FAST_CUDA_WIDE_BN must be 64 or 128; got '96'"):
+        _run_conv((1, 64, 5, 5, 256, 1, 1, 0, 1), torch.float16)
 
 
 def test_conv_input_not_modified():
