@@ -107,7 +107,7 @@ __device__ __forceinline__ TileOrigin tile_origin(const GemmParams& p, int BM, i
   const int g = j / p.ntiles_n;
   return {mt * BM, g, (j - g * p.ntiles_n) * BN};
 }
-// The matching grid (p.ntiles_n set); the host checks the block count against the 1-D limit (tile_blocks()).
+// The matching grid (p.ntiles_n set); the host checks the block count against the 1-D limit (gemm_grid_fits()).
 inline dim3 tile_grid(const GemmParams& p, int BM) {
   return dim3(static_cast<unsigned>(((long long)(p.M + BM - 1) / BM) * p.groups * p.ntiles_n));
 }
@@ -204,6 +204,13 @@ struct TapCursor {
     }
   }
 };
+
+// Block-diagonal mode (GemmParams::bd_log2): the weight of output channel n of super-group g at tap (at.r, at.s),
+// i.e. the G = 1 << bd_log2 channels of its real group, read in place from the grouped weight [Cout][kh][kw][G].
+__device__ __forceinline__ const uint16_t* bd_weight_tap(const GemmParams& p, int g, int n, const TapCursor& at) {
+  return static_cast<const uint16_t*>(p.w) +
+         (((long long)(g * p.Cout_g + n) * (p.kh * p.kw) + (at.r * p.kw + at.s)) << p.bd_log2);
+}
 
 // Element offset (in T) of A[row][k] inside child d.child, or -1 when it is padding / out of range.
 __device__ __forceinline__ long long a_offset(const KSrc& d, const int4& row, const GemmParams& p,

@@ -172,9 +172,7 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
             if constexpr (BD) {
               // super-group channel at.c belongs to real group at.c >> bd_log2; output n to n >> bd_log2
               ok = ok && (at.c >> p.bd_log2) == (n >> p.bd_log2);
-              src = static_cast<const uint16_t*>(p.w) +
-                    (((long long)(g * p.Cout_g + n) * (p.kh * p.kw) + (at.r * p.kw + at.s)) << p.bd_log2) +
-                    (at.c & ((1 << p.bd_log2) - 1));
+              src = bd_weight_tap(p, g, n, at) + (at.c & ((1 << p.bd_log2) - 1));
             }
             cp_async<VW * 2>(smem_u32(Bs_s + row * LDS + kc * VW), ok ? src : wg, ok);
           }

@@ -175,8 +175,7 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
         // at.c .. at.c + 7 of tap (at.r, at.s), i.e. real groups at.c >> bd_log2 (and the next one when G = 4).
         const int n = n0 + r0;  // B_IT == 1, n < 32 = Cout_g
         const uint16_t* w = static_cast<const uint16_t*>(p.w);
-        const uint16_t* wrow = w + ((((long long)(g * p.Cout_g + n) * (p.kh * p.kw)) + at.r * p.kw + at.s)
-                                    << p.bd_log2);
+        const uint16_t* wrow = bd_weight_tap(p, g, n, at);
         const int gn = n >> p.bd_log2, gc = at.c >> p.bd_log2;
         if (p.bd_log2 == 3) {
           const bool ok = kok && gc == gn;
