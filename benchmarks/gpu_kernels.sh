@@ -39,7 +39,7 @@ if [ -n "${OPBENCH_BS1_ARGS:-}" ]; then  # batch 1, timed by CUDA-graph replay (
     --json "$OUT/opbench_bs1.json" > /tmp/opbench_bs1.txt 2>&1; echo "opbench bs1 rc=$? at +$(el)s"
 fi
 if [ -n "${NCU_ARGS:-}" ]; then  # e.g. "--shape 32 32 56 3 1 1 --backends cuda cuda:wgmma triton"
-  timeout $(( BUDGET - $(el) )) ncu --clock-control none ${NCU_OPTS:---set full} -k regex:"igemm|_conv_gemm|_gconv" \
+  timeout $(( BUDGET - $(el) )) ncu --clock-control none ${NCU_OPTS:---set full} -k regex:"igemm|_conv_gemm|grouped_conv|direct_conv" \
     -f -o /tmp/ncurep python3 benchmarks/ncu_small_n.py $NCU_ARGS > /tmp/ncu_run.txt 2>&1
   echo "ncu rc=$? at +$(el)s"
   { grep -v "^==PROF==" /tmp/ncu_run.txt; ncu -i /tmp/ncurep.ncu-rep --page details; } > "$OUT/ncu.txt" 2>&1
