@@ -400,7 +400,7 @@ SANITIZE_CASES = [
     Case("conv_bn_act", (32,), (7, 7), 32, (3, 3), (1, 1), (1, 1), 8, "tensor", True),      # block-diagonal, 4 ch/group
     Case("conv_bn_act", (64,), (6, 6), 64, (3, 3), (2, 2), (1, 1), 4, "none", True),        # tc / narrow wgmma bn16 grouped, 16/grp
     Case("conv_bn_act", (28,), (8, 8), 28, (3, 3), (1, 1), (1, 1), 1, "none", True, (112,)),  # slice, vw4
-    Case("conv_bn_act", (128,), (6, 5), 136, (3, 3), (1, 1), (1, 1), 1, "tensor", True),    # wgmma, 18 k tiles
+    Case("conv_bn_act", (128,), (6, 5), 136, (3, 3), (1, 1), (1, 1), 1, "tensor", True),    # wgmma, 18 k tiles; 192x256
     Case("conv_bn_act", (64,), (7, 6), 64, (3, 3), (2, 2), (1, 1), 8, "tensor", True),      # block-diagonal, 8 ch/group
     Case("aggregate", (32, 16), (5, 7), 32, residual="child0"),
     Case("aggregate", (28, 28, 28, 28), (6, 6), 128, residual="tensor", pitches=(28, 28, 28, 112)),
@@ -416,8 +416,12 @@ def sanitize() -> int:
     for dt in (torch.float16, torch.bfloat16, torch.float32):
         for case in SANITIZE_CASES:
             forces = ("auto", "wgmma", "tc", "simt") + (("direct",) if case.op == "conv_bn_act" else ())
+            if case.op == "conv_bn_act" and case.cout > 64 and case.groups == 1:
+                forces += ("wgmma256",)  # the 192x256 tile (DLA_FAST_CUDA_WIDE_BN=256)
             for force in forces:
-                os.environ["DLA_FAST_CUDA_KERNEL"] = force
+                os.environ["DLA_FAST_CUDA_KERNEL"] = force.replace("256", "")
+                if force.endswith("256"):
+                    os.environ["DLA_FAST_CUDA_WIDE_BN"] = "256"
                 try:
                     xs, wt, b, res = make_inputs(case, 2, dt, "cuda")
                     y = run_ours(case, xs, wt, b, res)
@@ -431,6 +435,7 @@ def sanitize() -> int:
                     ok, err, kern = False, f"{type(e).__name__}: {e}", "?"
                 finally:
                     os.environ.pop("DLA_FAST_CUDA_KERNEL", None)
+                    os.environ.pop("DLA_FAST_CUDA_WIDE_BN", None)
                 fails += not ok
                 print(f"{'ok  ' if ok else 'FAIL'} {str(dt):15s} {force:6s} {case.label():44s} {kern:22s} err {err}",
                       flush=True)

@@ -2,7 +2,7 @@
 # One-GPU kernel-iteration call: build; the CUDA op tests (xdist) with compute-sanitizer memcheck + racecheck
 # of the sanitize driver beside them (correctness only); then, with the GPU to itself, opbench of the layer
 # shapes (OPBENCH_ARGS; OPBENCH_TC_ARGS: also the CUDA backend forced onto one kernel, OPBENCH_FORCE, default
-# tc = mma.sync). NCU_ARGS: Nsight Compute of benchmarks/ncu_small_n.py (ncu.txt). Files back: env.txt,
+# tc = mma.sync; or, with OPBENCH_WIDTHS="128 256", onto each wide-tile width: opbench_bn<W>.json). NCU_ARGS: Nsight Compute of benchmarks/ncu_small_n.py (ncu.txt). Files back: env.txt,
 # pytest.log, sanitizer.log, opbench.json, opbench.md, opbench_tc.json; OPBENCH_BS1_ARGS: opbench_bs1.json;
 # TABLE_SOURCES (committed opbench runs under benchmarks/results, oldest first): the auto table rebuilt from
 # them plus this call's runs (auto_table.json); E2E_ARGS: `python -m dla_fast bench` with it (e2e.json).
@@ -23,11 +23,16 @@ echo "pytest rc=$? at +$(el)s"; grep -E "passed|failed" "$OUT/pytest.log" | tail
 wait
 grep -E "rc=|failures|FAIL" "$OUT/sanitizer.log" | head -20
 echo "== tests + sanitizer done at +$(el)s"
-if [ -n "${OPBENCH_TC_ARGS:-}" ]; then  # the CUDA backend forced onto one kernel family, for the kernel choice
+if [ -n "${OPBENCH_TC_ARGS:-}" ] && [ -z "${OPBENCH_WIDTHS:-}" ]; then  # the CUDA backend forced onto one kernel family
   DLA_FAST_CUDA_KERNEL=${OPBENCH_FORCE:-tc} timeout $(( BUDGET - $(el) )) python3 benchmarks/opbench.py --batch ${OPBATCH:-256} \
     $OPBENCH_TC_ARGS --impls cuda --json "$OUT/opbench_tc.json" > /tmp/opbench_tc.txt 2>&1
   echo "opbench (${OPBENCH_FORCE:-tc}) rc=$? at +$(el)s"
 fi
+for bn in ${OPBENCH_WIDTHS:-}; do  # the CUDA backend with the wide-tile width forced (opbench_bn<W>.json)
+  DLA_FAST_CUDA_WIDE_BN=$bn timeout $(( BUDGET - $(el) )) python3 benchmarks/opbench.py --batch ${OPBATCH:-256} \
+    $OPBENCH_TC_ARGS --impls cuda --json "$OUT/opbench_bn$bn.json" > /tmp/opbench_bn$bn.txt 2>&1
+  echo "opbench (width $bn) rc=$? at +$(el)s"
+done
 if [ -n "${OPBENCH_ARGS:-}" ]; then
   left=$(( BUDGET - $(el) ))
   timeout $left python3 benchmarks/opbench.py --batch ${OPBATCH:-256} $OPBENCH_ARGS --json "$OUT/opbench.json" \

@@ -214,17 +214,28 @@ inline bool pick_wgmma(Force force, DType dt, int vw, int bn, int kind) {
 // 128-wide grid has fewer blocks than the GPU has SMs (batch 1-8, 7x7 layers). A fuller 128-wide grid beats the
 // 64-wide one even when its last wave is mostly empty (a lone block on an SM runs ~1.6x faster): 64 wide was
 // 1.2-1.4x slower on every 7x7 / 14x14 layer at batch 256, 512->512 3x3 at 7x7 included (NOTES v7, K12).
-// DLA_FAST_CUDA_WIDE_BN=64|128 overrides the choice for benchmarking.
-inline int pick_bn(int cout_g, long long m, int groups) {
+// big_ok (wgmma dense convolutions): the 192x256 tile (one block an SM) where its grid takes no more waves-worth
+// of tile area than the 128x128 grid at two blocks an SM: waves x tile area per SM, 192 x 256 against
+// 2 x 128 x 128 (512->512 3x3 @7x7, batch 256: one wave of 132 big blocks against two of 264 128-wide slots).
+// DLA_FAST_CUDA_WIDE_BN=64|128|256 overrides the choice for benchmarking (256 only where big_ok, else 128).
+inline int pick_bn(int cout_g, long long m, int groups, bool big_ok = false) {
   int bn = cout_g <= 16 ? 16 : cout_g <= 32 ? 32 : cout_g <= 64 ? 64 : 128;
   if (bn == 128) {
+    const long long sms = dev_info().sms;
     const long long blocks = ((m + 127) / 128) * groups * ((cout_g + 127) / 128);
-    if (blocks < dev_info().sms) bn = 64;
+    if (blocks < sms) bn = 64;
+    if (big_ok && groups == 1 && cout_g > 128) {
+      const long long big = ((m + 191) / 192) * ((cout_g + 255) / 256);
+      const long long area128 = ((blocks + 2 * sms - 1) / (2 * sms)) * (2 * 128 * 128);
+      const long long area256 = ((big + sms - 1) / sms) * (192 * 256);
+      if (area256 <= area128) bn = 256;
+    }
     const char* e = std::getenv("DLA_FAST_CUDA_WIDE_BN");
     if (e != nullptr && *e != '\0') {
-      DLA_CHECK(std::strcmp(e, "64") == 0 || std::strcmp(e, "128") == 0,
-                "DLA_FAST_CUDA_WIDE_BN must be 64 or 128; got '", e, "'");
+      DLA_CHECK(std::strcmp(e, "64") == 0 || std::strcmp(e, "128") == 0 || std::strcmp(e, "256") == 0,
+                "DLA_FAST_CUDA_WIDE_BN must be 64, 128 or 256; got '", e, "'");
       bn = std::atoi(e);
+      if (bn == 256 && !(big_ok && groups == 1)) bn = 128;
     }
   }
   return bn;

@@ -9,6 +9,12 @@
 //     have few k tiles (a 32->32 3x3 conv: 9), so a block's pipeline fill and epilogue are a large part of its
 //     life; only many resident blocks hide them (the wide config forced onto 32->32 3x3 @56x56: 2 blocks/SM,
 //     152 us; Triton's 128x32x32 wgmma tiles, 5 blocks/SM: 92 us; ncu, NOTES v7).
+//   big tiles (BN 256; dense convolutions only): 384 threads = 3 warpgroups, BM = 192, BK = 64, 3 stages, one
+//     block an SM. For the deep 3x3 layers with few output pixels (512->512 @7x7, batch 256: M = 12544) the
+//     128x128 grid is 392 blocks = 1.48 waves of 2 blocks/SM, and each of its blocks re-reads its A and B tiles
+//     from L2 (0.93 GB at K = 4608, ~7 TB/s at the time we ran); 192x256 tiles are 132 blocks = one wave, with
+//     0.59x the L2 reads. A lone block hides its own barriers only because its k tile is 3x the MMA work of a
+//     128x128 one (pick_bn() in host_utils.h says where the grid favours it).
 //
 // Shared tiles are [rows][BK] 16-bit elements (RB = 2 BK bytes a row) in the swizzle the wgmma descriptors
 // name (128-byte for BK 64, 64-byte for BK 32): the 16-byte chunk c of row r sits at chunk c ^ ((r RB / 128) %
@@ -31,26 +37,28 @@
 
 namespace dla_fast {
 
-constexpr int WG_BM = 128;
-
 template <int BN>
 struct WgCfg {
   static constexpr bool NARROW = BN <= 32;
+  static constexpr bool BIG = BN == 256;
+  static constexpr int BM = BIG ? 192 : 128;
   static constexpr int BK = NARROW ? 32 : 64;
   static constexpr int RB = BK * 2;  // bytes per shared-memory row = the swizzle span
-  static constexpr int NT = NARROW ? 128 : 256;
+  static constexpr int NT = NARROW ? 128 : BIG ? 384 : 256;
   static constexpr int NWG = NT / 128;
-  static constexpr int MH = WG_BM / 64 / NWG;  // 64-row halves per warpgroup
+  static constexpr int MH = BM / 64 / NWG;  // 64-row slices per warpgroup
   // Ring depth: narrow 4 (see above). Wide: 3 tiles for BN 128, 4 for BN 64 (96 KB either way), so that two
   // blocks share an SM: one block's barrier and gather arithmetic hide behind the other's MMAs. (One block per
   // SM with 4-5 stages ran 512->512 3x3 @7x7 at 265 TFLOP/s on the H100; Triton's 128x128x64 tiles with 3
-  // stages, two blocks per SM, at 470.)
+  // stages, two blocks per SM, at 470.) Big: 3 stages of 56 KB, one block an SM; its k tile is 3x the MMA
+  // work of a 128x128 one.
   static constexpr int STAGES = BN >= 128 ? 3 : 4;
-  static constexpr int MIN_BLOCKS = NARROW ? 4 : 2;
-  static constexpr int A_BYTES = WG_BM * RB, B_BYTES = BN * RB;
+  static constexpr int MIN_BLOCKS = NARROW ? 4 : BIG ? 1 : 2;
+  static constexpr int A_BYTES = BM * RB, B_BYTES = BN * RB;
   // The staged epilogue's fp32 tile [BM][BN + 8] reuses the pipeline buffers; with few k tiles it is the larger.
-  static constexpr int STAGED_BYTES = WG_BM * (BN + 8) * 4;
+  static constexpr int STAGED_BYTES = BM * (BN + 8) * 4;
   static_assert(B_BYTES % 1024 == 0 && A_BYTES % 1024 == 0, "tiles must keep the 1024-byte alignment");
+  static_assert(MH * NWG * 64 == BM, "warpgroups must split the tile rows");
 };
 
 // A problem with fewer k tiles gets only as many buffers as it uses.
@@ -98,13 +106,13 @@ template <typename T, int BN, int KIND, bool BD = false>
 __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wgmma_kernel(const GemmParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = WgCfg<BN>;
-  constexpr int BM = WG_BM, BK = C::BK, RB = C::RB, NT = C::NT, MH = C::MH, STAGES = C::STAGES, PD = STAGES - 1;
+  constexpr int BM = C::BM, BK = C::BK, RB = C::RB, NT = C::NT, MH = C::MH, STAGES = C::STAGES, PD = STAGES - 1;
   constexpr int A_BYTES = C::A_BYTES, B_BYTES = C::B_BYTES;
   constexpr int CPR = BK / 8;                        // 16-byte chunks per row
   constexpr int A_IT = BM * CPR / NT;                // chunks per thread per tile
   constexpr int B_IT = (BN * CPR + NT - 1) / NT;     // (BN 16: half the threads copy one B chunk)
   constexpr int RSTEP = NT / CPR;                    // rows between a thread's chunks
-  static_assert(A_IT * NT == BM * CPR && ((BN * CPR) % NT == 0 || BN * CPR < NT), "tile must split over the threads");
+  static_assert(A_IT * NT == BM * CPR, "A tile must split over the threads");  // B: the last pass may be partial
   static_assert(!BD || (BN == 32 && KIND == KIND_CONV), "block-diagonal mode: 32-channel super-groups, convs");
 
   extern __shared__ uint8_t wg_smem_raw[];

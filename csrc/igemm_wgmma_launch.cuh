@@ -15,7 +15,7 @@ int run_wgmma(GemmParams p, cudaStream_t stream) {
   opt_in_smem(kern, wgmma_smem_bytes<BN>(C::STAGES), done);  // the most any launch asks for
   const int smem = wgmma_smem_bytes<BN>(wgmma_stages_used<BN>(p.K));
   p.ntiles_n = (p.Cout_g + BN - 1) / BN;
-  kern<<<tile_grid(p, WG_BM), C::NT, smem, stream>>>(p);
+  kern<<<tile_grid(p, C::BM), C::NT, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return BN;
 }
@@ -28,6 +28,7 @@ int dispatch_wgmma(int kind, int bn, const GemmParams& p, cudaStream_t s) {
     if (p.bd_log2 > 0) return run_wgmma<T, 32, KIND_CONV, true>(p, s);
     if (bn <= 16) return run_wgmma<T, 16, KIND_CONV>(p, s);
     if (bn <= 32) return run_wgmma<T, 32, KIND_CONV>(p, s);
+    if (bn >= 256) return run_wgmma<T, 256, KIND_CONV>(p, s);
     return bn <= 64 ? run_wgmma<T, 64, KIND_CONV>(p, s) : run_wgmma<T, 128, KIND_CONV>(p, s);
   }
   return bn <= 64 ? run_wgmma<T, 64, KIND_CAT>(p, s) : run_wgmma<T, 128, KIND_CAT>(p, s);

@@ -267,20 +267,61 @@ def test_conv_kernel_choice():
     assert cu.last_kernel() == "grouped f32 g8", cu.last_kernel()
 
 
-@pytest.mark.parametrize("bn", ["64", "128"])
+# The 192x256 tile (3 warpgroups, one block an SM), forced by DLA_FAST_CUDA_WIDE_BN=256: the auto rule picks it only
+# for grids of thousands of rows, too big for a float64 reference in every combination.
+BIG_CASES = [
+    (1, 64, 15, 13, 512, 3, 1, 1, 1),    # batch 1, 2 column tiles, M = 195: a 3-row second row tile
+    (2, 72, 11, 9, 264, 3, 2, 1, 1),     # K = 648: half a last k tile; Cout 264: an 8-channel second column tile
+    (3, 256, 9, 10, 260, 3, 1, 1, 1),    # K = 2304, 36 k tiles, M = 270; Cout 260: the unstaged epilogue
+    (2, 128, 17, 16, 384, 1, 1, 0, 1),   # 1x1, 2 k tiles (fewer than the 3 stages), N tail of 128
+]
+
+
+@pytest.mark.parametrize("lay", ["cl", "slice8", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_ID.get)
+@pytest.mark.parametrize("case", BIG_CASES, ids=lambda c: "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*c))
+def test_conv_wgmma_big(case, dtype, lay, monkeypatch):
+    if not cu.has_wgmma():
+        pytest.skip("needs an sm_90a build on a compute capability 9.x GPU")
+    monkeypatch.setenv("DLA_FAST_CUDA_WIDE_BN", "256")
+    for with_res, relu in RES_RELU if lay == "cl" else [(True, True)]:
+        y, ref64, eager = _run_conv(case, dtype, lay, with_res, relu, seed=hash(case) % 1000)
+        assert_close(y, ref64, eager, dtype, f"{case} {lay} res{with_res} relu{relu}")
+        assert cu.last_kernel() == f"wgmma {DT_ID[dtype]} bn256", cu.last_kernel()
+
+
+def test_conv_big_tile_rule():
+    """Without the override, a dense 512-channel conv gets the 192x256 tile exactly when its grid needs no more
+    wave-area than the 128x128 grid at two blocks an SM (pick_bn in host_utils.h), and the result is right."""
+    if not cu.has_wgmma():
+        pytest.skip("needs an sm_90a build on a compute capability 9.x GPU")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for case in [(2, 512, 68, 68, 512, 3, 1, 1, 1), (1, 512, 14, 14, 512, 3, 1, 1, 1)]:
+        n, _, h, w, co = case[:5]
+        m = n * h * w
+        b128 = -(-m // 128) * -(-co // 128)
+        b256 = -(-m // 192) * -(-co // 256)
+        big = -(-b256 // sms) * 192 * 256 <= -(-b128 // (2 * sms)) * 2 * 128 * 128
+        y, ref64, eager = _run_conv(case, torch.float16, with_res=True, seed=5)
+        assert_close(y, ref64, eager, torch.float16, f"{case}")
+        expect = "wgmma f16 bn256" if big else ("wgmma f16 bn128" if b128 >= sms else "wgmma f16 bn64")
+        assert cu.last_kernel() == expect, (case, cu.last_kernel())
+
+
+@pytest.mark.parametrize("bn", ["64", "128", "256"])
 def test_conv_wide_bn_override(bn, monkeypatch):
-    """DLA_FAST_CUDA_WIDE_BN (benchmarking the 64/128 width rule) picks the tile, and both widths are right, with
+    """DLA_FAST_CUDA_WIDE_BN (benchmarking the width rule) picks the tile, and every width is right, with
     an N tail (Cout 200) and a grid that is not a whole number of waves."""
     monkeypatch.setenv("DLA_FAST_CUDA_WIDE_BN", bn)
     for dtype in (torch.float16, torch.bfloat16):
         y, ref64, eager = _run_conv((3, 96, 7, 9, 200, 3, 1, 1, 1), dtype, seed=int(bn))
         assert_close(y, ref64, eager, dtype, f"wide bn {bn}")
-        assert cu.last_kernel().endswith("bn" + bn), cu.last_kernel()
+        assert cu.last_kernel().endswith("bn" + (bn if bn != "256" or cu.has_wgmma() else "128")), cu.last_kernel()
 
 
 def test_conv_wide_bn_bad_value(monkeypatch):
     monkeypatch.setenv("DLA_FAST_CUDA_WIDE_BN", "96")
-    with pytest.raises(RuntimeError, match="DLA_FAST_CUDA_WIDE_BN must be 64 or 128; got '96'"):
+    with pytest.raises(RuntimeError, match="DLA_FAST_CUDA_WIDE_BN must be 64, 128 or 256; got '96'"):
         _run_conv((1, 64, 5, 5, 256, 1, 1, 0, 1), torch.float16)
 
 

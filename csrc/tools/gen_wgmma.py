@@ -5,7 +5,7 @@ operands spelled out in the asm, which is what this generator is for; run it aft
 """
 import os
 
-NS = (16, 32, 64, 128)
+NS = (16, 32, 64, 128, 256)
 TYPES = (("__half", "f16"), ("__nv_bfloat16", "bf16"))
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "wgmma_ops.cuh")
 
