@@ -143,7 +143,7 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
     if (vw == 8 && !w_ok(8)) vw = w_ok(4) ? 4 : 1;
     if (vw == 4 && !w_ok(4)) vw = 1;
     const bool wg = pick_wgmma(force, dt, vw, 128, KIND_CONV);  // (convs: any width)
-    const int bn = pick_bn(p.Cout_g, M, p.groups, wg);
+    const int bn = pick_bn(p.Cout_g, M, p.groups, wg, p.K, p.res != nullptr);
     if (wg) {
       const int used = launch_igemm_wgmma(dt, KIND_CONV, bn, p, stream);
       set_last_kernel(std::string("wgmma ") + dtype_name(dt) + " bn" + std::to_string(used));

@@ -9,7 +9,7 @@
 //     have few k tiles (a 32->32 3x3 conv: 9), so a block's pipeline fill and epilogue are a large part of its
 //     life; only many resident blocks hide them (the wide config forced onto 32->32 3x3 @56x56: 2 blocks/SM,
 //     152 us; Triton's 128x32x32 wgmma tiles, 5 blocks/SM: 92 us; ncu, NOTES v7).
-//   big tiles (BN 256; dense convolutions only): 384 threads = 3 warpgroups, BM = 192, BK = 64, 3 stages, one
+//   big tiles (BN 256; dense convolutions only): 384 threads = 3 warpgroups, BM = 192, BK = 64, 4 stages, one
 //     block an SM. For the deep 3x3 layers with few output pixels (512->512 @7x7, batch 256: M = 12544) the
 //     128x128 grid is 392 blocks = 1.48 waves of 2 blocks/SM, and each of its blocks re-reads its A and B tiles
 //     from L2 (0.93 GB at K = 4608, ~7 TB/s at the time we ran); 192x256 tiles are 132 blocks = one wave, with
@@ -50,9 +50,9 @@ struct WgCfg {
   // Ring depth: narrow 4 (see above). Wide: 3 tiles for BN 128, 4 for BN 64 (96 KB either way), so that two
   // blocks share an SM: one block's barrier and gather arithmetic hide behind the other's MMAs. (One block per
   // SM with 4-5 stages ran 512->512 3x3 @7x7 at 265 TFLOP/s on the H100; Triton's 128x128x64 tiles with 3
-  // stages, two blocks per SM, at 470.) Big: 3 stages of 56 KB, one block an SM; its k tile is 3x the MMA
-  // work of a 128x128 one.
-  static constexpr int STAGES = BN >= 128 ? 3 : 4;
+  // stages, two blocks per SM, at 470.) Big: 4 stages of 56 KB (224 KB), one block an SM: a lone block has no
+  // neighbour to cover an L2 miss, so its loads are issued 3 tiles ahead, not 2.
+  static constexpr int STAGES = BN == 128 ? 3 : 4;
   static constexpr int MIN_BLOCKS = NARROW ? 4 : BIG ? 1 : 2;
   static constexpr int A_BYTES = BM * RB, B_BYTES = BN * RB;
   // The staged epilogue's fp32 tile [BM][BN + 8] reuses the pipeline buffers; with few k tiles it is the larger.
@@ -116,9 +116,11 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
   static_assert(!BD || (BN == 32 && KIND == KIND_CONV), "block-diagonal mode: 32-channel super-groups, convs");
 
   extern __shared__ uint8_t wg_smem_raw[];
-  __shared__ int4 rows[BM];
   __shared__ ChildTab tab;
   const uint32_t base = (smem_u32(wg_smem_raw) + 1023u) & ~1023u;
+  // The row table is read once, into registers, before any tile is loaded: it borrows the first A buffer (2-3
+  // KB of static shared memory less is what lets the 192x256 tile have 4 stages).
+  int4* rows = reinterpret_cast<int4*>(wg_smem_raw + (base - smem_u32(wg_smem_raw)));
   const int KT = (p.K + BK - 1) / BK;
   const int nst = KT < STAGES ? KT : STAGES;     // buffers in use (kt % STAGES < nst for every kt < KT)
   const uint32_t As = base;                      // [nst][BM][BK] swizzled
@@ -145,6 +147,7 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
   int4 arow[A_IT];
 #pragma unroll
   for (int i = 0; i < A_IT; ++i) arow[i] = rows[r0 + i * RSTEP];
+  __syncthreads();  // every thread has its rows: the buffer is free for the first tile
   // The swizzle of row r is (r RB / 128) % CPR, periodic in 8 rows; RSTEP is a multiple of 8, so all of this
   // thread's rows share one swizzled column.
   static_assert(RSTEP % 8 == 0, "");
