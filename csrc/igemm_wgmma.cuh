@@ -29,7 +29,8 @@
 // Pipeline: STAGES buffers, cp.async loads issued STAGES - 1 tiles ahead. Iteration kt: wait for tile kt,
 // barrier, issue its wgmmas, retire tile kt - 1 (wait_group 1: tile kt stays in flight), barrier (every
 // warpgroup has retired kt - 1), then load tile kt + STAGES - 1 into kt - 1's buffer while the tensor cores
-// work on tile kt.
+// work on tile kt. DEEP (big tiles): loads STAGES - 2 ahead into kt - 2's buffer right after kt's wgmmas are
+// issued, then retire kt - 1: one barrier a k tile, and the load work overlaps two queued MMA groups.
 #pragma once
 
 #include "common.cuh"
@@ -54,6 +55,10 @@ struct WgCfg {
   // neighbour to cover an L2 miss, so its loads are issued 3 tiles ahead, not 2.
   static constexpr int STAGES = BN == 128 ? 3 : 4;
   static constexpr int MIN_BLOCKS = NARROW ? 4 : BIG ? 1 : 2;
+  // Two MMA groups in flight while the next loads are issued (one barrier a k tile, loads PD = STAGES - 2 ahead;
+  // see the pipeline note), for the lone big block: its own load arithmetic was on the tensor cores' critical
+  // path (ncu, K16: tensor pipe 57% busy, 17% of warp samples at the barrier after the loads).
+  static constexpr bool DEEP = BIG;
   static constexpr int A_BYTES = BM * RB, B_BYTES = BN * RB;
   // The staged epilogue's fp32 tile [BM][BN + 8] reuses the pipeline buffers; with few k tiles it is the larger.
   static constexpr int STAGED_BYTES = BM * (BN + 8) * 4;
@@ -106,7 +111,8 @@ template <typename T, int BN, int KIND, bool BD = false>
 __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wgmma_kernel(const GemmParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = WgCfg<BN>;
-  constexpr int BM = C::BM, BK = C::BK, RB = C::RB, NT = C::NT, MH = C::MH, STAGES = C::STAGES, PD = STAGES - 1;
+  constexpr int BM = C::BM, BK = C::BK, RB = C::RB, NT = C::NT, MH = C::MH, STAGES = C::STAGES;
+  constexpr int PD = C::DEEP ? STAGES - 2 : STAGES - 1;  // tiles loaded ahead
   constexpr int A_BYTES = C::A_BYTES, B_BYTES = C::B_BYTES;
   constexpr int CPR = BK / 8;                        // 16-byte chunks per row
   constexpr int A_IT = BM * CPR / NT;                // chunks per thread per tile
@@ -254,14 +260,25 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
         wgmma_ss<T, BN>(acc[h], sw_desc<RB>(a_tile + h * 64 * RB + ks * 32), sw_desc<RB>(b_tile + ks * 32));
     }
     wgmma_commit();
-    wgmma_wait<1>();  // this warpgroup's tile kt - 1 is retired (tile kt stays in flight) ...
+    if constexpr (C::DEEP) {
+      // Tile kt - 2's buffer: every warpgroup retired kt - 2 before the barrier above. The loads are issued
+      // while the tensor cores still have kt - 1 and kt queued, and only then is kt - 1 retired.
+      const int nk = kt + PD;
+      if (nk < KT) load_stage(nk % STAGES, nk);
+      cp_async_commit();
+      wgmma_wait<1>();
 #pragma unroll
-    for (int h = 0; h < MH; ++h) fence_regs(acc[h]);
-    __syncthreads();  // ... and every warpgroup's: its buffer takes tile kt + STAGES - 1
+      for (int h = 0; h < MH; ++h) fence_regs(acc[h]);
+    } else {
+      wgmma_wait<1>();  // this warpgroup's tile kt - 1 is retired (tile kt stays in flight) ...
+#pragma unroll
+      for (int h = 0; h < MH; ++h) fence_regs(acc[h]);
+      __syncthreads();  // ... and every warpgroup's: its buffer takes tile kt + STAGES - 1
 
-    const int nk = kt + PD;
-    if (nk < KT) load_stage(nk % STAGES, nk);
-    cp_async_commit();
+      const int nk = kt + PD;
+      if (nk < KT) load_stage(nk % STAGES, nk);
+      cp_async_commit();
+    }
   }
   wgmma_wait<0>();
 #pragma unroll
