@@ -218,8 +218,9 @@ inline bool pick_wgmma(Force force, DType dt, int vw, int bn, int kind) {
 // of tile area than the 128x128 grid at two blocks an SM: waves x tile area per SM, 192 x 256 against
 // 2 x 128 x 128 (512->512 3x3 @7x7, batch 256: one wave of 132 big blocks against two of 264 128-wide slots),
 // and the K loop is long enough to bury the lone block's epilogue, which no neighbour block overlaps: K >= 1024,
-// or K >= 512 without a residual to read. Forced onto all 51 dense layer shapes with > 128 outputs (K15, batch
-// 256), it was 1.05-1.15x faster on those and 0.86-0.95x on 1x1 convs with K <= 512 and a residual (NOTES v8).
+// or K >= 256 without a residual to read. Forced onto all 51 dense layer shapes with > 128 outputs (K17, H100,
+// batch 256), it was 1.01-1.17x faster on those, and 0.86-0.96x on 1x1 convs with K <= 512 and a residual and
+// 0.94-0.99x with K = 128 (NOTES v8).
 // DLA_FAST_CUDA_WIDE_BN=64|128|256 overrides the choice for benchmarking (256 only where big_ok, else 128).
 inline int pick_bn(int cout_g, long long m, int groups, bool big_ok = false, long long k = 0, bool res = false) {
   int bn = cout_g <= 16 ? 16 : cout_g <= 32 ? 32 : cout_g <= 64 ? 64 : 128;
@@ -227,7 +228,7 @@ inline int pick_bn(int cout_g, long long m, int groups, bool big_ok = false, lon
     const long long sms = dev_info().sms;
     const long long blocks = ((m + 127) / 128) * groups * ((cout_g + 127) / 128);
     if (blocks < sms) bn = 64;
-    if (big_ok && groups == 1 && cout_g > 128 && (k >= 1024 || (k >= 512 && !res))) {
+    if (big_ok && groups == 1 && cout_g > 128 && (k >= 1024 || (k >= 256 && !res))) {
       const long long big = ((m + 191) / 192) * ((cout_g + 255) / 256);
       const long long area128 = ((blocks + 2 * sms - 1) / (2 * sms)) * (2 * 128 * 128);
       const long long area256 = ((big + sms - 1) / sms) * (192 * 256);

@@ -293,21 +293,22 @@ def test_conv_wgmma_big(case, dtype, lay, monkeypatch):
 def test_conv_big_tile_rule():
     """Without the override, a dense conv with > 128 outputs gets the 192x256 tile exactly when its grid needs no
     more wave-area than the 128x128 grid at two blocks an SM and K is long enough for the lone block's epilogue
-    (K >= 1024, or >= 512 without a residual; pick_bn in host_utils.h), and the result is right."""
+    (K >= 1024, or >= 256 without a residual; pick_bn in host_utils.h), and the result is right."""
     if not cu.has_wgmma():
         pytest.skip("needs an sm_90a build on a compute capability 9.x GPU")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for case, with_res in [((2, 512, 68, 68, 512, 3, 1, 1, 1), True),   # K 4608
                            ((2, 512, 68, 68, 512, 1, 1, 0, 1), True),   # K 512 with a residual: 128 wide
                            ((2, 512, 68, 68, 512, 1, 1, 0, 1), False),  # K 512, no residual
-                           ((2, 256, 68, 68, 512, 1, 1, 0, 1), False),  # K 256: 128 wide
+                           ((2, 256, 68, 68, 512, 1, 1, 0, 1), False),  # K 256, no residual
+                           ((2, 128, 68, 68, 512, 1, 1, 0, 1), False),  # K 128: 128 wide
                            ((1, 512, 14, 14, 512, 3, 1, 1, 1), True)]:  # a small grid: 64 wide
         n, c, h, w, co, k = case[:6]
         m, kk = n * h * w, c * k * k
         b128 = -(-m // 128) * -(-co // 128)
         b256 = -(-m // 192) * -(-co // 256)
         big = (-(-b256 // sms) * 192 * 256 <= -(-b128 // (2 * sms)) * 2 * 128 * 128
-               and (kk >= 1024 or (kk >= 512 and not with_res)))
+               and (kk >= 1024 or (kk >= 256 and not with_res)))
         y, ref64, eager = _run_conv(case, torch.float16, with_res=with_res, seed=5)
         assert_close(y, ref64, eager, torch.float16, f"{case}")
         expect = "wgmma f16 bn256" if big else ("wgmma f16 bn128" if b128 >= sms else "wgmma f16 bn64")
