@@ -302,11 +302,28 @@ struct Epilogue {
            (p.res == nullptr || (p.rsn % 8 == 0 && p.rsh % 8 == 0 && p.rsw % 8 == 0 && al16(p.res)));
   }
 
+  // Residual rows of a tile, brought into L2 some k tiles before the epilogue reads them (the same chunks as
+  // store_staged's, so the call sites need only the tile origin).
+  template <int BM, int BN, int NT>
+  __device__ __forceinline__ void prefetch_res(const GemmParams& p, int bm, int g, int n0, int tid) const {
+    constexpr int CH = BN / 8, RPP = NT / CH;
+    const int col = n0 + (tid % CH) * 8;
+    if (res == nullptr || col >= p.Cout_g) return;
+#pragma unroll
+    for (int i = 0; i < BM / RPP; ++i) {
+      const int m = bm + tid / CH + i * RPP;
+      if (m < p.M) asm volatile("prefetch.global.L2 [%0];" ::"l"(res + res_offset(p, m) + g * p.Cout_g + col));
+    }
+  }
+
   // tile: [BM][LDF] fp32 accumulators of pixels bm... and channels n0... of group g (all NT threads call this).
+  // Every residual chunk is requested before the first is used: with one block an SM nothing else hides this
+  // epilogue, and one load in flight per row pass made it latency-bound (512->512 @7x7 + residual, 192x256 tile:
+  // 12 us of 124, K17).
   template <int BM, int BN, int LDF, int NT>
   __device__ __forceinline__ void store_staged(const GemmParams& p, const float* tile, int bm, int g, int n0,
                                                int tid) const {
-    constexpr int CH = BN / 8, RPP = NT / CH;  // 8-channel chunks per row; rows per pass
+    constexpr int CH = BN / 8, RPP = NT / CH, IT = BM / RPP;  // 8-channel chunks per row; rows per pass; passes
     static_assert(BN % 8 == 0 && NT % CH == 0 && BM % RPP == 0 && LDF % 4 == 0, "bad staged tile");
     const int c8 = (tid % CH) * 8;
     const int col = n0 + c8;
@@ -318,8 +335,16 @@ struct Epilogue {
       const float4 b1 = *reinterpret_cast<const float4*>(p.bias + co + 4);
       b[0] = b0.x, b[1] = b0.y, b[2] = b0.z, b[3] = b0.w, b[4] = b1.x, b[5] = b1.y, b[6] = b1.z, b[7] = b1.w;
     }
-#pragma unroll 2
-    for (int i = 0; i < BM / RPP; ++i) {
+    uint4 rr[IT];
+    if (res != nullptr) {
+#pragma unroll
+      for (int i = 0; i < IT; ++i) {
+        const int m = bm + tid / CH + i * RPP;
+        rr[i] = m < p.M ? *reinterpret_cast<const uint4*>(res + res_offset(p, m) + co) : make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < IT; ++i) {
       const int r = tid / CH + i * RPP;
       const int m = bm + r;
       if (m >= p.M) break;  // r grows with i
@@ -331,8 +356,7 @@ struct Epilogue {
         for (int e = 0; e < 8; ++e) v[e] += b[e];
       }
       if (res != nullptr) {
-        const uint4 rr = *reinterpret_cast<const uint4*>(res + res_offset(p, m) + co);
-        const uint32_t w[4] = {rr.x, rr.y, rr.z, rr.w};
+        const uint32_t w[4] = {rr[i].x, rr[i].y, rr[i].z, rr[i].w};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           v[2 * e] += Num<T>::bits_to_f(static_cast<uint16_t>(w[e] & 0xffffu));

@@ -234,6 +234,9 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[h][i] = 0.f;
 
+  // The residual tile into L2 now, while the K loop runs. (Issued inside the loop, between in-flight wgmmas, it
+  // made ptxas serialise every wgmma: C7515.)
+  Epilogue<T>(p).template prefetch_res<BM, BN, NT>(p, bm, g, n0, tid);
 #pragma unroll
   for (int s = 0; s < PD; ++s) {
     if (s < KT) load_stage(s, s);

@@ -243,6 +243,24 @@ def test_setup_arch_flags(setup_mod):
         setup_mod.arch_flags("hopper")
 
 
+def test_wgmma_kernels_not_serialized(setup_mod, tmp_path):
+    """ptxas serialises every wgmma of a kernel (advisory C7515: each waits for the last; nothing else reports it) when
+    other code lands between in-flight wgmmas; compile the fp16 wgmma kernels for sm_90a and read its advice."""
+    cuda_home = setup_mod.find_cuda_home()
+    if cuda_home is None:
+        pytest.skip("no CUDA toolkit")
+    from torch.utils.cpp_extension import include_paths
+    cmd = [os.path.join(cuda_home, "bin", "nvcc"), "-std=c++17", "--expt-relaxed-constexpr", "-O3",
+           *("-I" + d for d in include_paths()), "-I" + os.path.join(cuda_home, "include"),
+           *setup_mod.arch_flags("90a"), "-DDLA_FAST_SM90A", "-Xptxas", "-v", "-c",
+           os.path.join(ROOT, "csrc", "wg_f16.cu"), "-o", str(tmp_path / "wg_f16.o")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "igemm_wgmma_kernel" in log, log[-2000:]  # ptxas -v did report on the kernels
+    assert "C7515" not in log, [line for line in log.splitlines() if "C7515" in line]
+
+
 def _fake_toolkit(root):
     os.makedirs(os.path.join(root, "bin"))
     os.makedirs(os.path.join(root, "include"))
