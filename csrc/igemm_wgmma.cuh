@@ -33,6 +33,8 @@
 // issued, then retire kt - 1: one barrier a k tile, and the load work overlaps two queued MMA groups.
 #pragma once
 
+#include <cuda.h>  // CUtensorMap (the type only; the host encodes it through the runtime's driver entry point)
+
 #include "common.cuh"
 #include "wgmma_ops.cuh"
 
@@ -59,6 +61,11 @@ struct WgCfg {
   // see the pipeline note), for the lone big block: its own load arithmetic was on the tensor cores' critical
   // path (ncu, K16: tensor pipe 57% busy, 17% of warp samples at the barrier after the loads).
   static constexpr bool DEEP = BIG;
+  // B (the weight, a plain [Cout][K] matrix) by TMA: one thread asks for the whole 256x64 tile, which lands
+  // swizzled and zero-filled past Cout / K, and an mbarrier says when. The 384 threads then only gather A: B's
+  // six 16-byte copies a thread, their address arithmetic and guards were half of the per-tile load work on the
+  // lone block's critical path.
+  static constexpr bool TMA_B = BIG;
   static constexpr int A_BYTES = BM * RB, B_BYTES = BN * RB;
   // The staged epilogue's fp32 tile [BM][BN + 8] reuses the pipeline buffers; with few k tiles it is the larger.
   static constexpr int STAGED_BYTES = BM * (BN + 8) * 4;
@@ -100,6 +107,24 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 }
 // cp.async writes through the generic proxy; wgmma reads through the async proxy.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_tx(uint32_t bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+// 2-D tile (c0 = the inner, contiguous coordinate) into shared memory; completion counted on bar in bytes.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar) : "memory");
+}
 // Keeps the compiler from moving accumulator registers across the asynchronous MMAs that own them.
 template <int R> __device__ __forceinline__ void fence_regs(float (&d)[R]) {
 #pragma unroll
@@ -108,7 +133,8 @@ template <int R> __device__ __forceinline__ void fence_regs(float (&d)[R]) {
 #endif
 
 template <typename T, int BN, int KIND, bool BD = false>
-__global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wgmma_kernel(const GemmParams p) {
+__global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wgmma_kernel(const GemmParams p,
+                                                                                    const __grid_constant__ CUtensorMap bmap) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = WgCfg<BN>;
   constexpr int BM = C::BM, BK = C::BK, RB = C::RB, NT = C::NT, MH = C::MH, STAGES = C::STAGES;
@@ -123,6 +149,7 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
 
   extern __shared__ uint8_t wg_smem_raw[];
   __shared__ ChildTab tab;
+  __shared__ alignas(8) uint64_t full_bar[STAGES];  // TMA_B: tile kt's B has landed (phase kt / STAGES)
   const uint32_t base = (smem_u32(wg_smem_raw) + 1023u) & ~1023u;
   // The row table is read once, into registers, before any tile is loaded: it borrows the first A buffer (2-3
   // KB of static shared memory less is what lets the 192x256 tile have 4 stages).
@@ -143,6 +170,13 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
   const int cbase = g * p.Cin_g;
   const uint16_t* wg = static_cast<const uint16_t*>(p.w) + (long long)g * p.Cout_g * p.K;
 
+  const uint32_t bar0 = smem_u32(full_bar);
+  if constexpr (C::TMA_B) {
+    if (tid == 0) {
+      for (int s = 0; s < STAGES; ++s) mbar_init(bar0 + 8 * s, 1);
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the TMA unit
+    }
+  }
   build_tables(p, rows, tab, bm, BM, tid, NT);
   __syncthreads();
 
@@ -214,7 +248,12 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
         cp_async<16>(a_dst + i * RSTEP * RB, src, off >= 0);
       }
     }
-    if constexpr (!BD) {
+    if constexpr (C::TMA_B) {
+      if (tid == 0) {  // dense only (pick_bn): rows n0.. of the weight, k tile kt
+        mbar_arrive_tx(bar0 + 8 * stage, B_BYTES);
+        tma_load_2d(Bs + stage * B_BYTES, &bmap, kt * BK, n0, bar0 + 8 * stage);
+      }
+    } else if constexpr (!BD) {
 #pragma unroll
       for (int i = 0; i < B_IT; ++i) {
         const int row = r0 + i * RSTEP;
@@ -245,6 +284,7 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
   for (int kt = 0; kt < KT; ++kt) {
     cp_async_wait<PD - 1>();  // this thread's copies of tile kt have landed
     fence_proxy_async();      // ... and are visible to the async proxy that wgmma reads through
+    if constexpr (C::TMA_B) mbar_wait(bar0 + 8 * (kt % STAGES), (kt / STAGES) & 1);  // B of tile kt
     __syncthreads();          // everyone's copies of tile kt
 
     // The MMAs first, then the gather arithmetic of the next loads, which the tensor cores then hide.
