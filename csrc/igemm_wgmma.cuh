@@ -151,9 +151,10 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
   __shared__ ChildTab tab;
   __shared__ alignas(8) uint64_t full_bar[STAGES];  // TMA_B: tile kt's B has landed (phase kt / STAGES)
   const uint32_t base = (smem_u32(wg_smem_raw) + 1023u) & ~1023u;
-  // The row table is read once, into registers, before any tile is loaded: it borrows the first A buffer (2-3
-  // KB of static shared memory less is what lets the 192x256 tile have 4 stages).
-  int4* rows = reinterpret_cast<int4*>(wg_smem_raw + (base - smem_u32(wg_smem_raw)));
+  // The row table is read once, into registers, before any tile is loaded. Big tiles: it borrows the first A
+  // buffer (3 KB of static shared memory less is what lets the 192x256 tile have 4 stages).
+  __shared__ int4 rows_static[C::BIG ? 1 : BM];
+  int4* rows = C::BIG ? reinterpret_cast<int4*>(wg_smem_raw + (base - smem_u32(wg_smem_raw))) : rows_static;
   const int KT = (p.K + BK - 1) / BK;
   const int nst = KT < STAGES ? KT : STAGES;     // buffers in use (kt % STAGES < nst for every kt < KT)
   const uint32_t As = base;                      // [nst][BM][BK] swizzled
@@ -187,7 +188,7 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
   int4 arow[A_IT];
 #pragma unroll
   for (int i = 0; i < A_IT; ++i) arow[i] = rows[r0 + i * RSTEP];
-  __syncthreads();  // every thread has its rows: the buffer is free for the first tile
+  if constexpr (C::BIG) __syncthreads();  // every thread has its rows: the buffer is free for the first tile
   // The swizzle of row r is (r RB / 128) % CPR, periodic in 8 rows; RSTEP is a multiple of 8, so all of this
   // thread's rows share one swizzled column.
   static_assert(RSTEP % 8 == 0, "");
@@ -273,9 +274,9 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[h][i] = 0.f;
 
-  // The residual tile into L2 now, while the K loop runs. (Issued inside the loop, between in-flight wgmmas, it
-  // made ptxas serialise every wgmma: C7515.)
-  Epilogue<T>(p).template prefetch_res<BM, BN, NT>(p, bm, g, n0, tid);
+  // Big tiles: the residual tile into L2 now, while the K loop runs (see store_staged). (Issued inside the loop,
+  // between in-flight wgmmas, it made ptxas serialise every wgmma: C7515.)
+  if constexpr (C::BIG) Epilogue<T>(p).template prefetch_res<BM, BN, NT>(p, bm, g, n0, tid);
 #pragma unroll
   for (int s = 0; s < PD; ++s) {
     if (s < KT) load_stage(s, s);
@@ -348,7 +349,7 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
               make_float2(acc[h][4 * j + 2 * e2], acc[h][4 * j + 2 * e2 + 1]);
       }
     __syncthreads();
-    epi.template store_staged<BM, BN, LDF, NT>(p, tile, bm, g, n0, tid);
+    epi.template store_staged<BM, BN, LDF, NT, C::BIG>(p, tile, bm, g, n0, tid);
     return;
   }
 #pragma unroll
