@@ -119,6 +119,9 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra wait_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
 }
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
 // 2-D tile (c0 = the inner, contiguous coordinate) into shared memory; completion counted on bar in bytes.
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
   asm volatile(
@@ -143,13 +146,14 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
   constexpr int CPR = BK / 8;                        // 16-byte chunks per row
   constexpr int A_IT = BM * CPR / NT;                // chunks per thread per tile
   constexpr int B_IT = (BN * CPR + NT - 1) / NT;     // (BN 16: half the threads copy one B chunk)
-  constexpr int RSTEP = NT / CPR;                    // rows between a thread's chunks
+  constexpr int RSTEP = (C::BIG ? 128 : NT) / CPR;   // rows between a thread's chunks (big: within its warpgroup)
   static_assert(A_IT * NT == BM * CPR, "A tile must split over the threads");  // B: the last pass may be partial
   static_assert(!BD || (BN == 32 && KIND == KIND_CONV), "block-diagonal mode: 32-channel super-groups, convs");
 
   extern __shared__ uint8_t wg_smem_raw[];
   __shared__ ChildTab tab;
-  __shared__ alignas(8) uint64_t full_bar[STAGES];  // TMA_B: tile kt's B has landed (phase kt / STAGES)
+  __shared__ alignas(8) uint64_t full_bar[STAGES];   // TMA_B: tile kt's B has landed (phase kt / STAGES)
+  __shared__ alignas(8) uint64_t empty_bar[STAGES];  // big: every warp has retired the stage's tile
   const uint32_t base = (smem_u32(wg_smem_raw) + 1023u) & ~1023u;
   // The row table is read once, into registers, before any tile is loaded. Big tiles: it borrows the first A
   // buffer (3 KB of static shared memory less is what lets the 192x256 tile have 4 stages).
@@ -171,10 +175,13 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
   const int cbase = g * p.Cin_g;
   const uint16_t* wg = static_cast<const uint16_t*>(p.w) + (long long)g * p.Cout_g * p.K;
 
-  const uint32_t bar0 = smem_u32(full_bar);
+  const uint32_t bar0 = smem_u32(full_bar), ebar0 = smem_u32(empty_bar);
   if constexpr (C::TMA_B) {
     if (tid == 0) {
-      for (int s = 0; s < STAGES; ++s) mbar_init(bar0 + 8 * s, 1);
+      for (int s = 0; s < STAGES; ++s) {
+        mbar_init(bar0 + 8 * s, 1);
+        mbar_init(ebar0 + 8 * s, NT / 32);
+      }
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the TMA unit
     }
   }
@@ -184,7 +191,7 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
   // This thread always copies chunk kc of rows r0 + i * RSTEP: their table entries and swizzled smem offsets
   // are fixed for the whole K loop.
   const int kc = tid % CPR;
-  const int r0 = tid / CPR;
+  const int r0 = C::BIG ? wgi * 64 + (tid & 127) / CPR : tid / CPR;  // big: a warpgroup loads its own A rows
   int4 arow[A_IT];
 #pragma unroll
   for (int i = 0; i < A_IT; ++i) arow[i] = rows[r0 + i * RSTEP];
@@ -251,6 +258,7 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
     }
     if constexpr (C::TMA_B) {
       if (tid == 0) {  // dense only (pick_bn): rows n0.. of the weight, k tile kt
+        if (kt >= STAGES) mbar_wait(ebar0 + 8 * stage, ((kt / STAGES) - 1) & 1);  // tile kt - STAGES retired
         mbar_arrive_tx(bar0 + 8 * stage, B_BYTES);
         tma_load_2d(Bs + stage * B_BYTES, &bmap, kt * BK, n0, bar0 + 8 * stage);
       }
@@ -286,7 +294,11 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
     cp_async_wait<PD - 1>();  // this thread's copies of tile kt have landed
     fence_proxy_async();      // ... and are visible to the async proxy that wgmma reads through
     if constexpr (C::TMA_B) mbar_wait(bar0 + 8 * (kt % STAGES), (kt / STAGES) & 1);  // B of tile kt
-    __syncthreads();          // everyone's copies of tile kt
+    if constexpr (C::BIG) {
+      asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wgi) : "memory");  // this warpgroup's copies of A
+    } else {
+      __syncthreads();  // everyone's copies of tile kt
+    }
 
     // The MMAs first, then the gather arithmetic of the next loads, which the tensor cores then hide.
     const int st = kt % STAGES;
@@ -305,14 +317,16 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
     }
     wgmma_commit();
     if constexpr (C::DEEP) {
-      // Tile kt - 2's buffer: every warpgroup retired kt - 2 before the barrier above. The loads are issued
-      // while the tensor cores still have kt - 1 and kt queued, and only then is kt - 1 retired.
+      // Tile kt - 2's buffer: this warpgroup retired kt - 2 before the barrier above (its own A rows), and the
+      // B tile's TMA waits until every warp has (empty_bar). The loads are issued while the tensor cores still
+      // have kt - 1 and kt queued, and only then is kt - 1 retired and released.
       const int nk = kt + PD;
       if (nk < KT) load_stage(nk % STAGES, nk);
       cp_async_commit();
       wgmma_wait<1>();
 #pragma unroll
       for (int h = 0; h < MH; ++h) fence_regs(acc[h]);
+      if (kt > 0 && lane == 0) mbar_arrive(ebar0 + 8 * ((kt - 1) % STAGES));
     } else {
       wgmma_wait<1>();  // this warpgroup's tile kt - 1 is retired (tile kt stays in flight) ...
 #pragma unroll
