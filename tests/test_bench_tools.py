@@ -14,6 +14,7 @@ if _BENCH not in sys.path:
     sys.path.insert(0, _BENCH)
 
 import opbench  # noqa: E402
+import opbench_summary  # noqa: E402
 import report  # noqa: E402
 import shapes  # noqa: E402
 from shapes import OpShape  # noqa: E402
@@ -173,3 +174,22 @@ def test_report_png(tmp_path):
     assert report.main([str(src), "--md", str(md), "--png", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert md.read_text().startswith("## End-to-end inference")
+
+
+def test_opbench_summary_counts_losses(tmp_path, capsys):
+    def rows(ms):
+        return [{"shape_id": s, "dtype": "float16", "impl": impl, "ms": t} for (s, impl), t in ms.items()]
+    run = {"rows": rows({("a", "cuda"): 1.0, ("a", "eager_seq"): 2.0, ("a", "triton"): 0.5,
+                         ("b", "cuda"): 3.0, ("b", "eager_seq"): 2.0, ("b", "triton"): 3.0})}
+    ref = {"rows": rows({("a", "cuda"): 2.0, ("b", "cuda"): 3.0})}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    assert opbench_summary.main([str(tmp_path / "run.json"), "--ref", str(tmp_path / "ref.json")]) == 0
+    out = capsys.readouterr().out
+    assert "cuda: 1 of 2 rows beat eager_seq" in out
+    assert f"geomean eager_seq/cuda {math.sqrt(2.0 * 2.0 / 3.0):.3f}" in out
+    assert "triton faster on 1 of 2" in out
+    assert f"geomean ref/cuda {math.sqrt(2.0):.3f} over 2 rows" in out
+    assert "LOSE b float16: 3.0000 ms, eager_seq 2.0000 (0.667x)" in out and "LOSE a" not in out
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": rows({("a", "triton"): 1.0})}))
+    assert opbench_summary.main([str(tmp_path / "bad.json")]) == 2
