@@ -13,8 +13,8 @@
 //     block an SM. For the deep 3x3 layers with few output pixels (512->512 @7x7, batch 256: M = 12544) the
 //     128x128 grid is 392 blocks = 1.48 waves of 2 blocks/SM, and each of its blocks re-reads its A and B tiles
 //     from L2 (0.93 GB at K = 4608, ~7 TB/s at the time we ran); 192x256 tiles are 132 blocks = one wave, with
-//     0.59x the L2 reads. A lone block hides its own barriers only because its k tile is 3x the MMA work of a
-//     128x128 one (pick_bn() in host_utils.h says where the grid favours it).
+//     0.59x the L2 reads (pick_bn() in host_utils.h says where the grid favours it). A lone block has no
+//     neighbour to hide its barriers and loads, so its warpgroups do not wait for each other: see DEEP below.
 //
 // Shared tiles are [rows][BK] 16-bit elements (RB = 2 BK bytes a row) in the swizzle the wgmma descriptors
 // name (128-byte for BK 64, 64-byte for BK 32): the 16-byte chunk c of row r sits at chunk c ^ ((r RB / 128) %
@@ -30,7 +30,10 @@
 // barrier, issue its wgmmas, retire tile kt - 1 (wait_group 1: tile kt stays in flight), barrier (every
 // warpgroup has retired kt - 1), then load tile kt + STAGES - 1 into kt - 1's buffer while the tensor cores
 // work on tile kt. DEEP (big tiles): loads STAGES - 2 ahead into kt - 2's buffer right after kt's wgmmas are
-// issued, then retire kt - 1: one barrier a k tile, and the load work overlaps two queued MMA groups.
+// issued, then retire kt - 1, so the load work overlaps two queued MMA groups; and no block-wide barrier: each
+// warpgroup gathers its own 64 A rows and syncs only its 128 threads (named barrier 1 + w), the weight tile
+// comes by TMA (full mbarrier a stage), and the thread that issues the TMA first waits on the stage's empty
+// mbarrier, where every warp arrives once it has retired the stage's previous tile.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (the type only; the host encodes it through the runtime's driver entry point)
@@ -57,9 +60,10 @@ struct WgCfg {
   // neighbour to cover an L2 miss, so its loads are issued 3 tiles ahead, not 2.
   static constexpr int STAGES = BN == 128 ? 3 : 4;
   static constexpr int MIN_BLOCKS = NARROW ? 4 : BIG ? 1 : 2;
-  // Two MMA groups in flight while the next loads are issued (one barrier a k tile, loads PD = STAGES - 2 ahead;
-  // see the pipeline note), for the lone big block: its own load arithmetic was on the tensor cores' critical
-  // path (ncu, K16: tensor pipe 57% busy, 17% of warp samples at the barrier after the loads).
+  // Two MMA groups in flight while the next loads are issued (loads PD = STAGES - 2 ahead), warpgroup-local
+  // barriers (see the pipeline note), for the lone big block: its own loads and barriers were on the tensor
+  // cores' critical path (ncu, K16: tensor pipe 57% busy, 17% of warp samples at the block barrier; K20, this
+  // version: barrier 4.6%).
   static constexpr bool DEEP = BIG;
   // B (the weight, a plain [Cout][K] matrix) by TMA: one thread asks for the whole 256x64 tile, which lands
   // swizzled and zero-filled past Cout / K, and an mbarrier says when. The 384 threads then only gather A: B's
