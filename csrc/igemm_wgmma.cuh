@@ -14,7 +14,8 @@
 //     128x128 grid is 392 blocks = 1.48 waves of 2 blocks/SM, and each of its blocks re-reads its A and B tiles
 //     from L2 (0.93 GB at K = 4608, ~7 TB/s at the time we ran); 192x256 tiles are 132 blocks = one wave, with
 //     0.59x the L2 reads (pick_bn() in host_utils.h says where the grid favours it). A lone block has no
-//     neighbour to hide its barriers and loads, so its warpgroups do not wait for each other: see DEEP below.
+//     neighbour to hide its barriers and loads, so its warpgroups do not wait for each other: see the pipeline
+//     note below.
 //
 // Shared tiles are [rows][BK] 16-bit elements (RB = 2 BK bytes a row) in the swizzle the wgmma descriptors
 // name (128-byte for BK 64, 64-byte for BK 32): the 16-byte chunk c of row r sits at chunk c ^ ((r RB / 128) %
@@ -29,7 +30,7 @@
 // Pipeline: STAGES buffers, cp.async loads issued STAGES - 1 tiles ahead. Iteration kt: wait for tile kt,
 // barrier, issue its wgmmas, retire tile kt - 1 (wait_group 1: tile kt stays in flight), barrier (every
 // warpgroup has retired kt - 1), then load tile kt + STAGES - 1 into kt - 1's buffer while the tensor cores
-// work on tile kt. DEEP (big tiles): loads STAGES - 2 ahead into kt - 2's buffer right after kt's wgmmas are
+// work on tile kt. Big tiles: loads STAGES - 2 ahead into kt - 2's buffer right after kt's wgmmas are
 // issued, then retire kt - 1, so the load work overlaps two queued MMA groups; and no block-wide barrier: each
 // warpgroup gathers its own 64 A rows and syncs only its 128 threads (named barrier 1 + w), the weight tile
 // comes by TMA (full mbarrier a stage), and the thread that issues the TMA first waits on the stage's empty
@@ -60,16 +61,13 @@ struct WgCfg {
   // neighbour to cover an L2 miss, so its loads are issued 3 tiles ahead, not 2.
   static constexpr int STAGES = BN == 128 ? 3 : 4;
   static constexpr int MIN_BLOCKS = NARROW ? 4 : BIG ? 1 : 2;
-  // Two MMA groups in flight while the next loads are issued (loads PD = STAGES - 2 ahead), warpgroup-local
-  // barriers (see the pipeline note), for the lone big block: its own loads and barriers were on the tensor
-  // cores' critical path (ncu, K16: tensor pipe 57% busy, 17% of warp samples at the block barrier; K20, this
-  // version: barrier 4.6%).
-  static constexpr bool DEEP = BIG;
-  // B (the weight, a plain [Cout][K] matrix) by TMA: one thread asks for the whole 256x64 tile, which lands
-  // swizzled and zero-filled past Cout / K, and an mbarrier says when. The 384 threads then only gather A: B's
-  // six 16-byte copies a thread, their address arithmetic and guards were half of the per-tile load work on the
-  // lone block's critical path.
-  static constexpr bool TMA_B = BIG;
+  // Big tiles also have their own pipeline (the note above): two MMA groups in flight while the next loads are
+  // issued (PD = STAGES - 2 ahead) and warpgroup-local barriers, because the lone block's own loads and barriers
+  // were on the tensor cores' critical path (ncu, K16: tensor pipe 57% busy, 17% of warp samples at the block
+  // barrier; K20, this version: barrier 4.6%); and B (the weight, a plain [Cout][K] matrix) by TMA: one thread
+  // asks for the whole 256x64 tile, which lands swizzled and zero-filled past Cout / K, and an mbarrier says when,
+  // so the 384 threads only gather A. The three go together: the stage release that lets the TMA overwrite a
+  // buffer is the empty mbarrier of the warpgroup-local pipeline.
   static constexpr int A_BYTES = BM * RB, B_BYTES = BN * RB;
   // The staged epilogue's fp32 tile [BM][BN + 8] reuses the pipeline buffers; with few k tiles it is the larger.
   static constexpr int STAGED_BYTES = BM * (BN + 8) * 4;
@@ -145,7 +143,7 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = WgCfg<BN>;
   constexpr int BM = C::BM, BK = C::BK, RB = C::RB, NT = C::NT, MH = C::MH, STAGES = C::STAGES;
-  constexpr int PD = C::DEEP ? STAGES - 2 : STAGES - 1;  // tiles loaded ahead
+  constexpr int PD = C::BIG ? STAGES - 2 : STAGES - 1;  // tiles loaded ahead
   constexpr int A_BYTES = C::A_BYTES, B_BYTES = C::B_BYTES;
   constexpr int CPR = BK / 8;                        // 16-byte chunks per row
   constexpr int A_IT = BM * CPR / NT;                // chunks per thread per tile
@@ -156,7 +154,7 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
 
   extern __shared__ uint8_t wg_smem_raw[];
   __shared__ ChildTab tab;
-  __shared__ alignas(8) uint64_t full_bar[STAGES];   // TMA_B: tile kt's B has landed (phase kt / STAGES)
+  __shared__ alignas(8) uint64_t full_bar[STAGES];   // big: tile kt's B has landed (phase kt / STAGES)
   __shared__ alignas(8) uint64_t empty_bar[STAGES];  // big: every warp has retired the stage's tile
   const uint32_t base = (smem_u32(wg_smem_raw) + 1023u) & ~1023u;
   // The row table is read once, into registers, before any tile is loaded. Big tiles: it borrows the first A
@@ -180,7 +178,7 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
   const uint16_t* wg = static_cast<const uint16_t*>(p.w) + (long long)g * p.Cout_g * p.K;
 
   const uint32_t bar0 = smem_u32(full_bar), ebar0 = smem_u32(empty_bar);
-  if constexpr (C::TMA_B) {
+  if constexpr (C::BIG) {
     if (tid == 0) {
       for (int s = 0; s < STAGES; ++s) {
         mbar_init(bar0 + 8 * s, 1);
@@ -260,7 +258,7 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
         cp_async<16>(a_dst + i * RSTEP * RB, src, off >= 0);
       }
     }
-    if constexpr (C::TMA_B) {
+    if constexpr (C::BIG) {
       if (tid == 0) {  // dense only (pick_bn): rows n0.. of the weight, k tile kt
         if (kt >= STAGES) mbar_wait(ebar0 + 8 * stage, ((kt / STAGES) - 1) & 1);  // tile kt - STAGES retired
         mbar_arrive_tx(bar0 + 8 * stage, B_BYTES);
@@ -297,8 +295,8 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
   for (int kt = 0; kt < KT; ++kt) {
     cp_async_wait<PD - 1>();  // this thread's copies of tile kt have landed
     fence_proxy_async();      // ... and are visible to the async proxy that wgmma reads through
-    if constexpr (C::TMA_B) mbar_wait(bar0 + 8 * (kt % STAGES), (kt / STAGES) & 1);  // B of tile kt
     if constexpr (C::BIG) {
+      mbar_wait(bar0 + 8 * (kt % STAGES), (kt / STAGES) & 1);          // B of tile kt
       asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wgi) : "memory");  // this warpgroup's copies of A
     } else {
       __syncthreads();  // everyone's copies of tile kt
@@ -320,7 +318,7 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
         wgmma_ss<T, BN>(acc[h], sw_desc<RB>(a_tile + h * 64 * RB + ks * 32), sw_desc<RB>(b_tile + ks * 32));
     }
     wgmma_commit();
-    if constexpr (C::DEEP) {
+    if constexpr (C::BIG) {
       // Tile kt - 2's buffer: this warpgroup retired kt - 2 before the barrier above (its own A rows), and the
       // B tile's TMA waits until every warp has (empty_bar). The loads are issued while the tensor cores still
       // have kt - 1 and kt queued, and only then is kt - 1 retired and released.

@@ -17,8 +17,8 @@ inline CUtensorMap weight_tensor_map(const void* w, long long rows, long long K,
     cudaDriverEntryPointQueryResult q{};
     const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q);
     TORCH_CHECK(e == cudaSuccess && q == cudaDriverEntryPointSuccess && fn != nullptr,
-              "dla_fast: the CUDA driver has no cuTensorMapEncodeTiled (", cudaGetErrorString(e),
-              "); the 192x256 wgmma tile needs it: update the driver, or set DLA_FAST_CUDA_WIDE_BN=128");
+                "dla_fast: the CUDA driver has no cuTensorMapEncodeTiled (", cudaGetErrorString(e),
+                "); the 192x256 wgmma tile needs it: update the driver, or set DLA_FAST_CUDA_WIDE_BN=128");
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
   CUtensorMap map;
@@ -30,7 +30,7 @@ inline CUtensorMap weight_tensor_map(const void* w, long long rows, long long K,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(r == CUDA_SUCCESS, "dla_fast: cuTensorMapEncodeTiled failed (CUresult ", (int)r, ") for a weight of ",
-            rows, " x ", K, " at ", w);
+              rows, " x ", K, " at ", w);
   return map;
 }
 
@@ -42,8 +42,8 @@ int run_wgmma(GemmParams p, cudaStream_t stream) {
   opt_in_smem(kern, wgmma_smem_bytes<BN>(C::STAGES), done);  // the most any launch asks for
   const int smem = wgmma_smem_bytes<BN>(wgmma_stages_used<BN>(p.K));
   p.ntiles_n = (p.Cout_g + BN - 1) / BN;
-  CUtensorMap bmap{};  // unused unless TMA_B
-  if constexpr (C::TMA_B) {
+  CUtensorMap bmap{};  // big tiles only
+  if constexpr (C::BIG) {
     TORCH_CHECK(p.groups == 1 && KIND == KIND_CONV, "dla_fast internal: the TMA weight tile is for dense convolutions");
     bmap = weight_tensor_map(p.w, p.Cout_g, p.K, BN);
   }

@@ -51,8 +51,8 @@ struct GemmParams {
 int launch_igemm_tc(DType dt, int kind, int vw, int bn, GemmParams p, cudaStream_t stream);
 
 // Hopper (sm_90a) wgmma implicit GEMM for fp16/bf16, 16-byte gather only (every channel run a multiple of 8,
-// 16-byte aligned); `bn` 16, 32, 64 or 128 for convs (p.bd_log2 > 0: block-diagonal, 32), 64 or 128 for the
-// aggregation. Returns the tile used. Only valid where wgmma_usable() (host_utils.h).
+// 16-byte aligned); `bn` 16, 32, 64, 128 or 256 (the 192x256 tile, dense only) for convs (p.bd_log2 > 0:
+// block-diagonal, 32), 64 or 128 for the aggregation. Returns the tile used. Only valid where wgmma_usable() (host_utils.h).
 int launch_igemm_wgmma(DType dt, int kind, int bn, GemmParams p, cudaStream_t stream);
 
 // CUDA-core implicit GEMM (fp32 FMA accumulation) for any dtype: the fp32 path and the generic fallback.
