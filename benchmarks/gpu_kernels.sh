@@ -2,9 +2,10 @@
 # One-GPU kernel-iteration call: build; the CUDA op tests (xdist) with compute-sanitizer memcheck + racecheck
 # of the sanitize driver beside them (correctness only); then, with the GPU to itself, opbench of the layer
 # shapes (OPBENCH_ARGS; OPBENCH_TC_ARGS: also the CUDA backend forced onto one kernel, OPBENCH_FORCE, default
-# tc = mma.sync; or, with OPBENCH_WIDTHS="128 256", onto each wide-tile width: opbench_bn<W>.json). NCU_ARGS: Nsight Compute of benchmarks/ncu_small_n.py (ncu.txt). Files back: env.txt,
+# tc = mma.sync; or, with OPBENCH_WIDTHS="128 256", onto each wide-tile width: opbench_bn<W>.json; or, with
+# OPBENCH_IM2COL="0 1", with each way of loading A on the 64/128-wide tiles: opbench_im2col<v>.json). NCU_ARGS: Nsight Compute of benchmarks/ncu_small_n.py (ncu.txt). Files back: env.txt,
 # pytest.log, sanitizer.log, opbench.json, opbench.md, opbench_tc.json; OPBENCH_BS1_ARGS: opbench_bs1.json;
-# TABLE_SOURCES (committed opbench runs under benchmarks/results, oldest first): the auto table rebuilt from
+# STOP_ON_FAIL=1: stop after failing tests. TABLE_SOURCES (committed opbench runs under benchmarks/results, oldest first): the auto table rebuilt from
 # them plus this call's runs (auto_table.json); E2E_ARGS: `python -m dla_fast bench` with it (e2e.json).
 #   OPBENCH_ARGS="--models dla34 dla60 --dtypes float16 bfloat16 --impls cuda triton cudnn_conv eager_seq" \
 #     bash benchmarks/gpu_kernels.sh
@@ -19,11 +20,13 @@ bash benchmarks/gpu_sanitizer.sh > "$OUT/sanitizer.log" 2>&1 &
 export OMP_NUM_THREADS=1
 timeout ${TEST_S:-240} python3 -m pytest -q -n ${NPROC:-8} -p no:cacheprovider -rfE --tb=short \
   ${TESTS:-tests/test_ops_cuda.py tests/test_cuda_ext.py} > "$OUT/pytest.log" 2>&1
-echo "pytest rc=$? at +$(el)s"; grep -E "passed|failed" "$OUT/pytest.log" | tail -2; grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
+prc=$?; echo "pytest rc=$prc at +$(el)s"; grep -E "passed|failed" "$OUT/pytest.log" | tail -2; grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
 wait
+# STOP_ON_FAIL=1: a kernel change that fails its tests is not worth timing
+[ -n "${STOP_ON_FAIL:-}" ] && [ $prc -ne 0 ] && { grep -E "rc=|failures|FAIL" "$OUT/sanitizer.log" | head; exit 1; }
 grep -E "rc=|failures|FAIL" "$OUT/sanitizer.log" | head -20
 echo "== tests + sanitizer done at +$(el)s"
-if [ -n "${OPBENCH_TC_ARGS:-}" ] && [ -z "${OPBENCH_WIDTHS:-}" ]; then  # the CUDA backend forced onto one kernel family
+if [ -n "${OPBENCH_TC_ARGS:-}" ] && [ -z "${OPBENCH_WIDTHS:-}${OPBENCH_IM2COL:-}" ]; then  # the CUDA backend forced onto one kernel family
   DLA_FAST_CUDA_KERNEL=${OPBENCH_FORCE:-tc} timeout $(( BUDGET - $(el) )) python3 benchmarks/opbench.py --batch ${OPBATCH:-256} \
     $OPBENCH_TC_ARGS --impls cuda --json "$OUT/opbench_tc.json" > /tmp/opbench_tc.txt 2>&1
   echo "opbench (${OPBENCH_FORCE:-tc}) rc=$? at +$(el)s"
@@ -32,6 +35,11 @@ for bn in ${OPBENCH_WIDTHS:-}; do  # the CUDA backend with the wide-tile width f
   DLA_FAST_CUDA_WIDE_BN=$bn timeout $(( BUDGET - $(el) )) python3 benchmarks/opbench.py --batch ${OPBATCH:-256} \
     $OPBENCH_TC_ARGS --impls cuda --json "$OUT/opbench_bn$bn.json" > /tmp/opbench_bn$bn.txt 2>&1
   echo "opbench (width $bn) rc=$? at +$(el)s"
+done
+for v in ${OPBENCH_IM2COL:-}; do  # the CUDA backend with DLA_FAST_CUDA_IM2COL=v (opbench_im2col<v>.json)
+  DLA_FAST_CUDA_IM2COL=$v timeout $(( BUDGET - $(el) )) python3 benchmarks/opbench.py --batch ${OPBATCH:-256} \
+    $OPBENCH_TC_ARGS --impls cuda --json "$OUT/opbench_im2col$v.json" > /tmp/opbench_im2col$v.txt 2>&1
+  echo "opbench (im2col $v) rc=$? at +$(el)s"
 done
 if [ -n "${OPBENCH_ARGS:-}" ]; then
   left=$(( BUDGET - $(el) ))

@@ -143,10 +143,13 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
     if (vw == 8 && !w_ok(8)) vw = w_ok(4) ? 4 : 1;
     if (vw == 4 && !w_ok(4)) vw = 1;
     const bool wg = pick_wgmma(force, dt, vw, 128, KIND_CONV);  // (convs: any width)
-    const int bn = pick_bn(p.Cout_g, M, p.groups, wg, p.K, p.res != nullptr);
+    const bool tma_ok = wg && im2col_ok(p);
+    const int bn = pick_bn(p.Cout_g, M, p.groups, tma_ok, p.K);
     if (wg) {
-      const int used = launch_igemm_wgmma(dt, KIND_CONV, bn, p, stream);
-      set_last_kernel(std::string("wgmma ") + dtype_name(dt) + " bn" + std::to_string(used));
+      // A and B by TMA where the tile has the TMA variant (64 wide and up) and the input suits an im2col map.
+      const bool tma = tma_ok && (bn == 256 || (bn >= 64 && im2col_enabled()));
+      const int used = launch_igemm_wgmma(dt, KIND_CONV, bn, p, stream, tma);
+      set_last_kernel(std::string("wgmma ") + dtype_name(dt) + " bn" + std::to_string(used) + (tma ? " tma" : ""));
       return y;
     }
     const int used = launch_igemm_tc(dt, KIND_CONV, vw, bn, p, stream);

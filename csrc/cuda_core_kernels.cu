@@ -11,8 +11,8 @@ int launch_tc_conv_f16(int vw, int bn, const GemmParams& p, cudaStream_t s);
 int launch_tc_conv_bf16(int vw, int bn, const GemmParams& p, cudaStream_t s);
 int launch_tc_cat_f16(int vw, int bn, const GemmParams& p, cudaStream_t s);
 int launch_tc_cat_bf16(int vw, int bn, const GemmParams& p, cudaStream_t s);
-int launch_wgmma_f16(int kind, int bn, const GemmParams& p, cudaStream_t s);
-int launch_wgmma_bf16(int kind, int bn, const GemmParams& p, cudaStream_t s);
+int launch_wgmma_f16(int kind, int bn, const GemmParams& p, cudaStream_t s, bool tma);
+int launch_wgmma_bf16(int kind, int bn, const GemmParams& p, cudaStream_t s, bool tma);
 
 int launch_igemm_tc(DType dt, int kind, int vw, int bn, GemmParams p, cudaStream_t stream) {
   if (dt == DType::F16)
@@ -20,8 +20,8 @@ int launch_igemm_tc(DType dt, int kind, int vw, int bn, GemmParams p, cudaStream
   return kind == KIND_CONV ? launch_tc_conv_bf16(vw, bn, p, stream) : launch_tc_cat_bf16(vw, bn, p, stream);
 }
 
-int launch_igemm_wgmma(DType dt, int kind, int bn, GemmParams p, cudaStream_t stream) {
-  return dt == DType::F16 ? launch_wgmma_f16(kind, bn, p, stream) : launch_wgmma_bf16(kind, bn, p, stream);
+int launch_igemm_wgmma(DType dt, int kind, int bn, GemmParams p, cudaStream_t stream, bool tma) {
+  return dt == DType::F16 ? launch_wgmma_f16(kind, bn, p, stream, tma) : launch_wgmma_bf16(kind, bn, p, stream, tma);
 }
 
 // ---------------------------------------------------------------------------------------------------------

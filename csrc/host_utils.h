@@ -214,25 +214,26 @@ inline bool pick_wgmma(Force force, DType dt, int vw, int bn, int kind) {
 // 128-wide grid has fewer blocks than the GPU has SMs (batch 1-8, 7x7 layers). A fuller 128-wide grid beats the
 // 64-wide one even when its last wave is mostly empty (a lone block on an SM runs ~1.6x faster): 64 wide was
 // 1.2-1.4x slower on every 7x7 / 14x14 layer at batch 256, 512->512 3x3 at 7x7 included (NOTES v7, K12).
-// big_ok (wgmma dense convolutions): the 192x256 tile (one block an SM) where its grid takes no more waves-worth
-// of tile area than the 128x128 grid at two blocks an SM: waves x tile area per SM, 192 x 256 against
-// 2 x 128 x 128 (512->512 3x3 @7x7, batch 256: one wave of 132 big blocks against two of 264 128-wide slots),
-// and the K loop is long enough to bury the lone block's epilogue, which no neighbour block overlaps: K >= 1024,
-// or K >= 256 without a residual to read. Forced onto all 51 dense layer shapes with > 128 outputs (K17, H100,
-// batch 256), it was 1.01-1.17x faster on those, and 0.86-0.96x on 1x1 convs with K <= 512 and a residual and
-// 0.94-0.99x with K = 128 (NOTES v8).
+// big_ok (wgmma dense convolutions that im2col_ok() in launch.h admits): the 192x256 tile (one block an SM, both
+// operands by TMA) where its grid takes at most 1.25x the waves-worth of tile area of the 128x128 grid at two
+// blocks an SM (waves x tile area per SM: 192 x 256 against 2 x 128 x 128; a 192x256 block does more work per
+// unit of area, so a slightly emptier last wave still pays), and K >= 256. Forced onto all dense layer shapes
+// with > 128 outputs (K23, H100, batch 256, the im2col tile), it was 1.05-1.62x faster wherever this picks it,
+// 0.85-0.93x on 1x1 convs at 7x7 with K <= 256 (area ratio 1.5), and 0.94-1.10x with K = 128; the wave
+// condition alone, without the 1.25, missed 512->896 1x1 @14x14 (ratio 1.09, 1.14x faster big) (NOTES v10).
+// One-wave 128 grids (batch 1) never qualify: 1.25 x 2 x 128 x 128 < 192 x 256.
 // DLA_FAST_CUDA_WIDE_BN=64|128|256 overrides the choice for benchmarking (256 only where big_ok, else 128).
-inline int pick_bn(int cout_g, long long m, int groups, bool big_ok = false, long long k = 0, bool res = false) {
+inline int pick_bn(int cout_g, long long m, int groups, bool big_ok = false, long long k = 0) {
   int bn = cout_g <= 16 ? 16 : cout_g <= 32 ? 32 : cout_g <= 64 ? 64 : 128;
   if (bn == 128) {
     const long long sms = dev_info().sms;
     const long long blocks = ((m + 127) / 128) * groups * ((cout_g + 127) / 128);
     if (blocks < sms) bn = 64;
-    if (big_ok && groups == 1 && cout_g > 128 && (k >= 1024 || (k >= 256 && !res))) {
+    if (big_ok && groups == 1 && cout_g > 128 && k >= 256) {
       const long long big = ((m + 191) / 192) * ((cout_g + 255) / 256);
       const long long area128 = ((blocks + 2 * sms - 1) / (2 * sms)) * (2 * 128 * 128);
       const long long area256 = ((big + sms - 1) / sms) * (192 * 256);
-      if (area256 <= area128) bn = 256;
+      if (4 * area256 <= 5 * area128) bn = 256;
     }
     const char* e = std::getenv("DLA_FAST_CUDA_WIDE_BN");
     if (e != nullptr && *e != '\0') {
@@ -243,6 +244,16 @@ inline int pick_bn(int cout_g, long long m, int groups, bool big_ok = false, lon
     }
   }
   return bn;
+}
+
+// DLA_FAST_CUDA_IM2COL=0 keeps the cp.async gather on the 64/128-wide wgmma tiles of the convs that could load A
+// by TMA im2col (benchmarking the two against each other; the 192x256 tile has only TMA). Default 1.
+inline bool im2col_enabled() {
+  const char* e = std::getenv("DLA_FAST_CUDA_IM2COL");
+  if (e == nullptr || *e == '\0') return true;
+  DLA_CHECK(std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0, "DLA_FAST_CUDA_IM2COL must be 0 or 1; got '", e,
+            "'");
+  return *e == '1';
 }
 
 inline const char* dtype_name(DType dt) { return dt == DType::F16 ? "f16" : dt == DType::BF16 ? "bf16" : "f32"; }

@@ -13,9 +13,8 @@
 //     block an SM. For the deep 3x3 layers with few output pixels (512->512 @7x7, batch 256: M = 12544) the
 //     128x128 grid is 392 blocks = 1.48 waves of 2 blocks/SM, and each of its blocks re-reads its A and B tiles
 //     from L2 (0.93 GB at K = 4608, ~7 TB/s at the time we ran); 192x256 tiles are 132 blocks = one wave, with
-//     0.59x the L2 reads (pick_bn() in host_utils.h says where the grid favours it). A lone block has no
-//     neighbour to hide its barriers and loads, so its warpgroups do not wait for each other: see the pipeline
-//     note below.
+//     0.59x the L2 reads (pick_bn() in host_utils.h says where the grid favours it). Both operands come by TMA
+//     (A in im2col mode), so the threads only issue wgmmas: see the pipeline note below.
 //
 // Shared tiles are [rows][BK] 16-bit elements (RB = 2 BK bytes a row) in the swizzle the wgmma descriptors
 // name (128-byte for BK 64, 64-byte for BK 32): the 16-byte chunk c of row r sits at chunk c ^ ((r RB / 128) %
@@ -30,11 +29,9 @@
 // Pipeline: STAGES buffers, cp.async loads issued STAGES - 1 tiles ahead. Iteration kt: wait for tile kt,
 // barrier, issue its wgmmas, retire tile kt - 1 (wait_group 1: tile kt stays in flight), barrier (every
 // warpgroup has retired kt - 1), then load tile kt + STAGES - 1 into kt - 1's buffer while the tensor cores
-// work on tile kt. Big tiles: loads STAGES - 2 ahead into kt - 2's buffer right after kt's wgmmas are
-// issued, then retire kt - 1, so the load work overlaps two queued MMA groups; and no block-wide barrier: each
-// warpgroup gathers its own 64 A rows and syncs only its 128 threads (named barrier 1 + w), the weight tile
-// comes by TMA (full mbarrier a stage), and the thread that issues the TMA first waits on the stage's empty
-// mbarrier, where every warp arrives once it has retired the stage's previous tile.
+// work on tile kt. Big tiles have no block-wide barrier in the loop: thread 0 asks the TMA unit for tile
+// kt + STAGES - 1 (A as an im2col box, B as a weight tile) once every warp has arrived at the stage's empty
+// mbarrier (retired kt - 1), and the warps wait for a tile on its full mbarrier (all of its bytes landed).
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (the type only; the host encodes it through the runtime's driver entry point)
@@ -58,16 +55,12 @@ struct WgCfg {
   // blocks share an SM: one block's barrier and gather arithmetic hide behind the other's MMAs. (One block per
   // SM with 4-5 stages ran 512->512 3x3 @7x7 at 265 TFLOP/s on the H100; Triton's 128x128x64 tiles with 3
   // stages, two blocks per SM, at 470.) Big: 4 stages of 56 KB (224 KB), one block an SM: a lone block has no
-  // neighbour to cover an L2 miss, so its loads are issued 3 tiles ahead, not 2.
+  // neighbour to cover an L2 miss, so its loads are issued 3 tiles ahead.
   static constexpr int STAGES = BN == 128 ? 3 : 4;
   static constexpr int MIN_BLOCKS = NARROW ? 4 : BIG ? 1 : 2;
-  // Big tiles also have their own pipeline (the note above): two MMA groups in flight while the next loads are
-  // issued (PD = STAGES - 2 ahead) and warpgroup-local barriers, because the lone block's own loads and barriers
-  // were on the tensor cores' critical path (ncu, K16: tensor pipe 57% busy, 17% of warp samples at the block
-  // barrier; K20, this version: barrier 4.6%); and B (the weight, a plain [Cout][K] matrix) by TMA: one thread
-  // asks for the whole 256x64 tile, which lands swizzled and zero-filled past Cout / K, and an mbarrier says when,
-  // so the 384 threads only gather A. The three go together: the stage release that lets the TMA overwrite a
-  // buffer is the empty mbarrier of the warpgroup-local pipeline.
+  // Big tiles also have their own pipeline (the note above): in the v9 version the 384 threads gathered A with
+  // cp.async and spent ~70 instructions a wgmma on its addresses and bounds (ncu K20: tensor pipe 58% busy, 110
+  // us for 512->512 @7x7); with A by TMA im2col the loop is the wgmmas and the barriers (K23: 86 us).
   static constexpr int A_BYTES = BM * RB, B_BYTES = BN * RB;
   // The staged epilogue's fp32 tile [BM][BN + 8] reuses the pipeline buffers; with few k tiles it is the larger.
   static constexpr int STAGED_BYTES = BM * (BN + 8) * 4;
@@ -130,6 +123,19 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
       ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar) : "memory");
 }
+// A tile in im2col mode: pixelsPerColumn output pixels from the one at (w, h, n) of the map's window box, each
+// with the channels c.. of tap (s, r) (the im2col offsets); taps outside the image land as zeros.
+__device__ __forceinline__ void tma_load_im2col(uint32_t dst, const CUtensorMap* map, int c, int w, int h, int n,
+                                                uint16_t s, uint16_t r, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.im2col.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6], {%7, %8};\n"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c), "r"(w), "r"(h), "r"(n), "r"(bar), "h"(s), "h"(r)
+      : "memory");
+}
+__device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
 // Keeps the compiler from moving accumulator registers across the asynchronous MMAs that own them.
 template <int R> __device__ __forceinline__ void fence_regs(float (&d)[R]) {
 #pragma unroll
@@ -137,30 +143,29 @@ template <int R> __device__ __forceinline__ void fence_regs(float (&d)[R]) {
 }
 #endif
 
-template <typename T, int BN, int KIND, bool BD = false>
+// TMA: both operands by TMA (dense convs whose input im2col_ok() admits; the 192x256 tile has nothing else).
+template <typename T, int BN, int KIND, bool BD = false, bool TMA = false>
 __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wgmma_kernel(const GemmParams p,
+                                                                                    const __grid_constant__ CUtensorMap amap,
                                                                                     const __grid_constant__ CUtensorMap bmap) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = WgCfg<BN>;
   constexpr int BM = C::BM, BK = C::BK, RB = C::RB, NT = C::NT, MH = C::MH, STAGES = C::STAGES;
-  constexpr int PD = C::BIG ? STAGES - 2 : STAGES - 1;  // tiles loaded ahead
+  constexpr int PD = STAGES - 1;  // tiles loaded ahead
   constexpr int A_BYTES = C::A_BYTES, B_BYTES = C::B_BYTES;
   constexpr int CPR = BK / 8;                        // 16-byte chunks per row
   constexpr int A_IT = BM * CPR / NT;                // chunks per thread per tile
   constexpr int B_IT = (BN * CPR + NT - 1) / NT;     // (BN 16: half the threads copy one B chunk)
-  constexpr int RSTEP = (C::BIG ? 128 : NT) / CPR;   // rows between a thread's chunks (big: within its warpgroup)
+  constexpr int RSTEP = NT / CPR;                     // rows between a thread's chunks
   static_assert(A_IT * NT == BM * CPR, "A tile must split over the threads");  // B: the last pass may be partial
   static_assert(!BD || (BN == 32 && KIND == KIND_CONV), "block-diagonal mode: 32-channel super-groups, convs");
 
   extern __shared__ uint8_t wg_smem_raw[];
   __shared__ ChildTab tab;
-  __shared__ alignas(8) uint64_t full_bar[STAGES];   // big: tile kt's B has landed (phase kt / STAGES)
-  __shared__ alignas(8) uint64_t empty_bar[STAGES];  // big: every warp has retired the stage's tile
+  __shared__ alignas(8) uint64_t full_bar[STAGES];   // TMA: tile kt has landed (phase kt / STAGES)
+  __shared__ alignas(8) uint64_t empty_bar[STAGES];  // TMA: every warp has retired the stage's tile
+  __shared__ int4 rows[TMA ? 1 : BM];                 // TMA kernels gather nothing themselves
   const uint32_t base = (smem_u32(wg_smem_raw) + 1023u) & ~1023u;
-  // The row table is read once, into registers, before any tile is loaded. Big tiles: it borrows the first A
-  // buffer (3 KB of static shared memory less is what lets the 192x256 tile have 4 stages).
-  __shared__ int4 rows_static[C::BIG ? 1 : BM];
-  int4* rows = C::BIG ? reinterpret_cast<int4*>(wg_smem_raw + (base - smem_u32(wg_smem_raw))) : rows_static;
   const int KT = (p.K + BK - 1) / BK;
   const int nst = KT < STAGES ? KT : STAGES;     // buffers in use (kt % STAGES < nst for every kt < KT)
   const uint32_t As = base;                      // [nst][BM][BK] swizzled
@@ -177,27 +182,87 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
   const int cbase = g * p.Cin_g;
   const uint16_t* wg = static_cast<const uint16_t*>(p.w) + (long long)g * p.Cout_g * p.K;
 
-  const uint32_t bar0 = smem_u32(full_bar), ebar0 = smem_u32(empty_bar);
-  if constexpr (C::BIG) {
+  static_assert(!C::BIG || TMA, "the 192x256 tile loads by TMA only");
+  static_assert(!TMA || (!C::NARROW && MH == 1 && KIND == KIND_CONV && !BD), "TMA: 64-row slices, dense convs");
+  float acc[MH][BN / 2];
+  if constexpr (TMA) {
+    // Both operands by TMA, asked for by thread 0: A as an im2col box of the BM output pixels from bm on, one tap
+    // and 64 channels a k tile (so Cin % 64 == 0: a k tile never spans two taps; im2col_ok() on the host), B as
+    // a BNx64 tile of the weight. The hardware walks the pixels across rows and images and zero-fills the taps
+    // that fall in the padding, which is the address and bounds arithmetic that had the 384 threads' issue slots
+    // (ncu K20: ~70 instructions a wgmma, IMAD alone 24%).
+    const uint32_t bar0 = smem_u32(full_bar), ebar0 = smem_u32(empty_bar);
+    const int tpt = p.Cin_g / BK;  // k tiles a tap
+    const int hw = p.Ho * p.Wo;
+    const int img = bm / hw, rem = bm - img * hw, oh = rem / p.Wo, ow = rem - oh * p.Wo;
+    const int wi0 = ow * p.stw - p.padw, hi0 = oh * p.sth - p.padh;  // the window corner of pixel bm
+    int lc = 0, ls = 0, lr = 0;  // channel tile, tap column, tap row of the next tile to load (thread 0)
     if (tid == 0) {
       for (int s = 0; s < STAGES; ++s) {
         mbar_init(bar0 + 8 * s, 1);
         mbar_init(ebar0 + 8 * s, NT / 32);
       }
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the TMA unit
+      prefetch_tensormap(&amap);
+      prefetch_tensormap(&bmap);
     }
-  }
+    __syncthreads();
+    // Tile kt into stage kt % STAGES, once every warp has retired the tile that was there (kt - STAGES).
+    auto load = [&](int kt) {
+      const int st = kt % STAGES;
+      const uint32_t bar = bar0 + 8 * st;
+      if (kt >= STAGES) mbar_wait(ebar0 + 8 * st, ((kt / STAGES) - 1) & 1);
+      mbar_arrive_tx(bar, A_BYTES + B_BYTES);
+      tma_load_im2col(As + st * A_BYTES, &amap, lc * BK, wi0, hi0, img, (uint16_t)ls, (uint16_t)lr, bar);
+      tma_load_2d(Bs + st * B_BYTES, &bmap, kt * BK, n0, bar);
+      if (++lc == tpt) {
+        lc = 0;
+        if (++ls == p.kw) {
+          ls = 0;
+          ++lr;
+        }
+      }
+    };
+#pragma unroll
+    for (int h = 0; h < MH; ++h)
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) acc[h][i] = 0.f;
+    // Big tiles: the residual tile into L2 now, while the K loop runs (see store_staged). (Issued inside the loop,
+    // between in-flight wgmmas, it made ptxas serialise every wgmma: C7515.)
+    if constexpr (C::BIG) Epilogue<T>(p).template prefetch_res<BM, BN, NT>(p, bm, g, n0, tid);
+    if (tid == 0)
+      for (int kt = 0; kt < PD && kt < KT; ++kt) load(kt);
+    for (int kt = 0; kt < KT; ++kt) {
+      const int st = kt % STAGES;
+      mbar_wait(bar0 + 8 * st, (kt / STAGES) & 1);
+      const uint32_t a_tile = As + st * A_BYTES + wgi * 64 * RB;
+      const uint32_t b_tile = Bs + st * B_BYTES;
+#pragma unroll
+      for (int h = 0; h < MH; ++h) fence_regs(acc[h]);
+      wgmma_arrive();
+#pragma unroll
+      for (int ks = 0; ks < BK / 16; ++ks)
+        wgmma_ss<T, BN>(acc[0], sw_desc<RB>(a_tile + ks * 32), sw_desc<RB>(b_tile + ks * 32));
+      wgmma_commit();
+      wgmma_wait<1>();  // tile kt - 1 retired; kt stays queued on the tensor cores
+#pragma unroll
+      for (int h = 0; h < MH; ++h) fence_regs(acc[h]);
+      if (kt > 0 && lane == 0) mbar_arrive(ebar0 + 8 * ((kt - 1) % STAGES));
+      // Into kt - 1's stage: thread 0's own warp has just released it, the other 11 warps release it as their
+      // wgmmas of kt - 1 finish, which the tensor cores do in order.
+      if (tid == 0 && kt + PD < KT) load(kt + PD);
+    }
+  } else {
   build_tables(p, rows, tab, bm, BM, tid, NT);
   __syncthreads();
 
   // This thread always copies chunk kc of rows r0 + i * RSTEP: their table entries and swizzled smem offsets
   // are fixed for the whole K loop.
   const int kc = tid % CPR;
-  const int r0 = C::BIG ? wgi * 64 + (tid & 127) / CPR : tid / CPR;  // big: a warpgroup loads its own A rows
+  const int r0 = tid / CPR;
   int4 arow[A_IT];
 #pragma unroll
   for (int i = 0; i < A_IT; ++i) arow[i] = rows[r0 + i * RSTEP];
-  if constexpr (C::BIG) __syncthreads();  // every thread has its rows: the buffer is free for the first tile
   // The swizzle of row r is (r RB / 128) % CPR, periodic in 8 rows; RSTEP is a multiple of 8, so all of this
   // thread's rows share one swizzled column.
   static_assert(RSTEP % 8 == 0, "");
@@ -258,13 +323,7 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
         cp_async<16>(a_dst + i * RSTEP * RB, src, off >= 0);
       }
     }
-    if constexpr (C::BIG) {
-      if (tid == 0) {  // dense only (pick_bn): rows n0.. of the weight, k tile kt
-        if (kt >= STAGES) mbar_wait(ebar0 + 8 * stage, ((kt / STAGES) - 1) & 1);  // tile kt - STAGES retired
-        mbar_arrive_tx(bar0 + 8 * stage, B_BYTES);
-        tma_load_2d(Bs + stage * B_BYTES, &bmap, kt * BK, n0, bar0 + 8 * stage);
-      }
-    } else if constexpr (!BD) {
+    if constexpr (!BD) {
 #pragma unroll
       for (int i = 0; i < B_IT; ++i) {
         const int row = r0 + i * RSTEP;
@@ -278,15 +337,11 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
     }
   };
 
-  float acc[MH][BN / 2];
 #pragma unroll
   for (int h = 0; h < MH; ++h)
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[h][i] = 0.f;
 
-  // Big tiles: the residual tile into L2 now, while the K loop runs (see store_staged). (Issued inside the loop,
-  // between in-flight wgmmas, it made ptxas serialise every wgmma: C7515.)
-  if constexpr (C::BIG) Epilogue<T>(p).template prefetch_res<BM, BN, NT>(p, bm, g, n0, tid);
 #pragma unroll
   for (int s = 0; s < PD; ++s) {
     if (s < KT) load_stage(s, s);
@@ -295,12 +350,7 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
   for (int kt = 0; kt < KT; ++kt) {
     cp_async_wait<PD - 1>();  // this thread's copies of tile kt have landed
     fence_proxy_async();      // ... and are visible to the async proxy that wgmma reads through
-    if constexpr (C::BIG) {
-      mbar_wait(bar0 + 8 * (kt % STAGES), (kt / STAGES) & 1);          // B of tile kt
-      asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wgi) : "memory");  // this warpgroup's copies of A
-    } else {
-      __syncthreads();  // everyone's copies of tile kt
-    }
+    __syncthreads();          // everyone's copies of tile kt
 
     // The MMAs first, then the gather arithmetic of the next loads, which the tensor cores then hide.
     const int st = kt % STAGES;
@@ -318,28 +368,16 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
         wgmma_ss<T, BN>(acc[h], sw_desc<RB>(a_tile + h * 64 * RB + ks * 32), sw_desc<RB>(b_tile + ks * 32));
     }
     wgmma_commit();
-    if constexpr (C::BIG) {
-      // Tile kt - 2's buffer: this warpgroup retired kt - 2 before the barrier above (its own A rows), and the
-      // B tile's TMA waits until every warp has (empty_bar). The loads are issued while the tensor cores still
-      // have kt - 1 and kt queued, and only then is kt - 1 retired and released.
-      const int nk = kt + PD;
-      if (nk < KT) load_stage(nk % STAGES, nk);
-      cp_async_commit();
-      wgmma_wait<1>();
+    wgmma_wait<1>();  // this warpgroup's tile kt - 1 is retired (tile kt stays in flight) ...
 #pragma unroll
-      for (int h = 0; h < MH; ++h) fence_regs(acc[h]);
-      if (kt > 0 && lane == 0) mbar_arrive(ebar0 + 8 * ((kt - 1) % STAGES));
-    } else {
-      wgmma_wait<1>();  // this warpgroup's tile kt - 1 is retired (tile kt stays in flight) ...
-#pragma unroll
-      for (int h = 0; h < MH; ++h) fence_regs(acc[h]);
-      __syncthreads();  // ... and every warpgroup's: its buffer takes tile kt + STAGES - 1
+    for (int h = 0; h < MH; ++h) fence_regs(acc[h]);
+    __syncthreads();  // ... and every warpgroup's: its buffer takes tile kt + STAGES - 1
 
-      const int nk = kt + PD;
-      if (nk < KT) load_stage(nk % STAGES, nk);
-      cp_async_commit();
-    }
+    const int nk = kt + PD;
+    if (nk < KT) load_stage(nk % STAGES, nk);
+    cp_async_commit();
   }
+  }  // TMA / gathered
   wgmma_wait<0>();
 #pragma unroll
   for (int h = 0; h < MH; ++h) fence_regs(acc[h]);

@@ -45,6 +45,20 @@ struct GemmParams {
   int bd_log2;
 };
 
+// Whether the wgmma kernel can load a conv's A by TMA in im2col mode (igemm_wgmma.cuh; the 192x256 tile always
+// does, the 64/128-wide tiles where DLA_FAST_CUDA_IM2COL is not 0), which needs a dense conv whose k tiles of 64 never span two taps (Cin % 64 == 0), a 16-byte aligned input with
+// strides of whole 16-byte units, and the window corners and steps the tensor map can hold (4-D maps: corners
+// in [-128, 127], element strides up to 8). Size-1 dims carry stride 0 here and are never stepped.
+inline bool im2col_ok(const GemmParams& p) {
+  auto st_ok = [](long long s, int size) { return size == 1 || (s > 0 && s % 8 == 0); };
+  auto corner_ok = [](int c) { return c >= -128 && c <= 127; };
+  return p.groups == 1 && p.bd_log2 == 0 && p.Cin_g % 64 == 0 &&
+         reinterpret_cast<uintptr_t>(p.src[0]) % 16 == 0 && reinterpret_cast<uintptr_t>(p.w) % 16 == 0 &&
+         st_ok(p.sw[0], p.W) && st_ok(p.sh[0], p.H) && st_ok(p.sn[0], p.N) && p.stw <= 8 && p.sth <= 8 &&
+         corner_ok(-p.padw) && corner_ok(-p.padh) && corner_ok((p.Wo - 1) * p.stw + 1 - p.W - p.padw) &&
+         corner_ok((p.Ho - 1) * p.sth + 1 - p.H - p.padh);
+}
+
 // Tensor-core (mma.sync m16n8k16) implicit GEMM for fp16/bf16. `vw` is the gather vector width in elements
 // (8, 4 or 1) that the caller verified alignment for; `bn` the preferred output-channel tile (16..128).
 // Returns the tile actually used.
@@ -52,8 +66,10 @@ int launch_igemm_tc(DType dt, int kind, int vw, int bn, GemmParams p, cudaStream
 
 // Hopper (sm_90a) wgmma implicit GEMM for fp16/bf16, 16-byte gather only (every channel run a multiple of 8,
 // 16-byte aligned); `bn` 16, 32, 64, 128 or 256 (the 192x256 tile, dense only) for convs (p.bd_log2 > 0:
-// block-diagonal, 32), 64 or 128 for the aggregation. Returns the tile used. Only valid where wgmma_usable() (host_utils.h).
-int launch_igemm_wgmma(DType dt, int kind, int bn, GemmParams p, cudaStream_t stream);
+// block-diagonal, 32), 64 or 128 for the aggregation. `tma` (convs with bn 64/128 where im2col_ok(); bn 256
+// always): A and B by TMA instead of the cp.async gather. Returns the tile used. Only valid where
+// wgmma_usable() (host_utils.h).
+int launch_igemm_wgmma(DType dt, int kind, int bn, GemmParams p, cudaStream_t stream, bool tma = false);
 
 // CUDA-core implicit GEMM (fp32 FMA accumulation) for any dtype: the fp32 path and the generic fallback.
 void launch_igemm_simt(DType dt, int kind, GemmParams p, cudaStream_t stream);

@@ -158,14 +158,15 @@ def test_conv(case, dtype, lay, res_relu):
 # rest pair by pair: a residual that is a channel slice at offset 4 (not 16-byte aligned) must take the pair path,
 # one at offset 8 the staged path, and both be right. Cases: mma.sync bn32, block-diagonal, wgmma/mma.sync bn128,
 # and an M tail inside the staged tile.
-@pytest.mark.parametrize("kernel", ["auto", "tc"])
+@pytest.mark.parametrize("kernel", ["auto", "auto-gather", "tc"])
 @pytest.mark.parametrize("res_lay", ["slice", "slice8"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("case", [(2, 16, 9, 11, 32, 3, 1, 1, 1), (2, 64, 7, 6, 64, 3, 1, 1, 16),
                                   (2, 64, 14, 14, 128, 1, 1, 0, 1), (1, 40, 5, 7, 48, 3, 1, 1, 1)],
                          ids=lambda c: "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*c))
 def test_conv_residual_slice_epilogues(case, dtype, res_lay, kernel, monkeypatch):
-    monkeypatch.setenv("DLA_FAST_CUDA_KERNEL", kernel)
+    monkeypatch.setenv("DLA_FAST_CUDA_KERNEL", kernel.replace("-gather", ""))
+    monkeypatch.setenv("DLA_FAST_CUDA_IM2COL", "0" if kernel.endswith("-gather") else "1")
     g, x, wt, b, r = _conv_inputs(case, dtype, seed=3)
     n, c, h, w, co, k, s, p, grp = case
     ref64 = conv_bn_act_ref(x.double(), wt.double(), b.double(), (s, s), (p, p), grp, r.double(), True)
@@ -226,16 +227,23 @@ WGMMA_CASES = [
 ]
 
 
+@pytest.mark.parametrize("im2col", ["1", "0"])
 @pytest.mark.parametrize("lay", ["cl", "slice8", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("case", WGMMA_CASES, ids=lambda c: "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*c))
-def test_conv_wgmma(case, dtype, lay):
+def test_conv_wgmma(case, dtype, lay, im2col, monkeypatch):
+    """Both ways of loading A on the 64/128-wide tiles: TMA im2col (dense, input channels a multiple of 64) and the
+    cp.async gather (everything else, and everything with DLA_FAST_CUDA_IM2COL=0)."""
     if not cu.has_wgmma():
         pytest.skip("needs an sm_90a build on a compute capability 9.x GPU")
+    monkeypatch.setenv("DLA_FAST_CUDA_IM2COL", im2col)
+    n, c, h, w, co, k, s, p, grp = case
+    tma = im2col == "1" and grp == 1 and c % 64 == 0 and co > 32
     for with_res, relu in RES_RELU if lay == "cl" else [(True, True)]:
         y, ref64, eager = _run_conv(case, dtype, lay, with_res, relu, seed=hash(case) % 1000)
         assert_close(y, ref64, eager, dtype, f"{case} {lay} res{with_res} relu{relu}")
         assert cu.last_kernel().startswith("wgmma"), cu.last_kernel()
+        assert cu.last_kernel().endswith(" tma") == tma, cu.last_kernel()
 
 
 def test_conv_kernel_choice():
@@ -256,6 +264,8 @@ def test_conv_kernel_choice():
         assert cu.last_kernel().startswith(expect), (case, cu.last_kernel())
     # 64+ output channels with the 16-byte gather: wgmma on Hopper builds/devices, else mma.sync
     _run_conv((2, 64, 14, 14, 128, 1, 1, 0, 1), torch.float16)
+    assert cu.last_kernel() == ("wgmma f16 bn64 tma" if cu.has_wgmma() else "tc f16 vw8 bn64"), cu.last_kernel()
+    _run_conv((2, 72, 14, 14, 128, 1, 1, 0, 1), torch.float16)  # 72 channels: no im2col map, the gather
     assert cu.last_kernel() == ("wgmma f16 bn64" if cu.has_wgmma() else "tc f16 vw8 bn64"), cu.last_kernel()
     for dtype in DTYPES:  # the RGB stem without a residual: its own kernel, in every dtype
         y, ref64, eager = _run_conv((1, 3, 15, 17, 16, 7, 1, 3, 1), dtype, with_res=False)
@@ -267,13 +277,17 @@ def test_conv_kernel_choice():
     assert cu.last_kernel() == "grouped f32 g8", cu.last_kernel()
 
 
-# The 192x256 tile (3 warpgroups, one block an SM), forced by DLA_FAST_CUDA_WIDE_BN=256: the auto rule picks it only
-# for grids of thousands of rows, too big for a float64 reference in every combination.
+# The 192x256 tile (3 warpgroups, one block an SM, A by TMA im2col), forced by DLA_FAST_CUDA_WIDE_BN=256: the auto
+# rule picks it only for grids of thousands of rows, too big for a float64 reference in every combination. Input
+# channels are multiples of 64 (big_tile_ok() in launch.h); the im2col box starts mid-row and mid-image, wraps
+# across images and runs past the last one (M tails), with strides 1 and 2, and taps up to 7x7 in the padding.
 BIG_CASES = [
     (1, 64, 15, 13, 512, 3, 1, 1, 1),    # batch 1, 2 column tiles, M = 195: a 3-row second row tile
-    (2, 72, 11, 9, 264, 3, 2, 1, 1),     # K = 648: half a last k tile; Cout 264: an 8-channel second column tile
+    (2, 64, 11, 9, 264, 3, 2, 1, 1),     # stride 2 on odd sizes (6x5 out); Cout 264: an 8-channel second column tile
     (3, 256, 9, 10, 260, 3, 1, 1, 1),    # K = 2304, 36 k tiles, M = 270; Cout 260: the unstaged epilogue
-    (2, 128, 17, 16, 384, 1, 1, 0, 1),   # 1x1, 2 k tiles (fewer than the 3 stages), N tail of 128
+    (2, 128, 17, 16, 384, 1, 1, 0, 1),   # 1x1, 2 k tiles (fewer than the 4 stages), N tail of 128
+    (2, 64, 12, 11, 256, 7, 2, 3, 1),    # 7x7 stride 2 padding 3: 49 taps, corners 3 pixels into the padding
+    (3, 128, 14, 13, 256, 1, 2, 0, 1),   # 1x1 stride 2 (7x7 out), 2 k tiles
 ]
 
 
@@ -287,31 +301,47 @@ def test_conv_wgmma_big(case, dtype, lay, monkeypatch):
     for with_res, relu in RES_RELU if lay == "cl" else [(True, True)]:
         y, ref64, eager = _run_conv(case, dtype, lay, with_res, relu, seed=hash(case) % 1000)
         assert_close(y, ref64, eager, dtype, f"{case} {lay} res{with_res} relu{relu}")
-        assert cu.last_kernel() == f"wgmma {DT_ID[dtype]} bn256", cu.last_kernel()
+        assert cu.last_kernel() == f"wgmma {DT_ID[dtype]} bn256 tma", cu.last_kernel()
+
+
+def test_conv_big_tile_needs_im2col(monkeypatch):
+    """Forced to 256 wide, a conv the im2col tensor map cannot serve (input channels not a multiple of 64, so a
+    64-wide k tile would span two taps) runs on the 128-wide tile instead, and right."""
+    if not cu.has_wgmma():
+        pytest.skip("needs an sm_90a build on a compute capability 9.x GPU")
+    monkeypatch.setenv("DLA_FAST_CUDA_WIDE_BN", "256")
+    for case in [(2, 72, 11, 9, 264, 3, 2, 1, 1), (2, 96, 7, 9, 300, 1, 1, 0, 1)]:
+        y, ref64, eager = _run_conv(case, torch.float16, seed=3)
+        assert_close(y, ref64, eager, torch.float16, f"{case}")
+        assert cu.last_kernel() == "wgmma f16 bn128", (case, cu.last_kernel())
 
 
 def test_conv_big_tile_rule():
-    """Without the override, a dense conv with > 128 outputs gets the 192x256 tile exactly when its grid needs no
-    more wave-area than the 128x128 grid at two blocks an SM and K is long enough for the lone block's epilogue
-    (K >= 1024, or >= 256 without a residual; pick_bn in host_utils.h), and the result is right."""
+    """Without the override, a dense conv with > 128 outputs, input channels a multiple of 64 and K >= 256 gets the
+    192x256 tile exactly when its grid needs at most 1.25x the wave-area of the 128x128 grid at two blocks an SM
+    (pick_bn in host_utils.h), and the result is right."""
     if not cu.has_wgmma():
         pytest.skip("needs an sm_90a build on a compute capability 9.x GPU")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for case, with_res in [((2, 512, 68, 68, 512, 3, 1, 1, 1), True),   # K 4608
-                           ((2, 512, 68, 68, 512, 1, 1, 0, 1), True),   # K 512 with a residual: 128 wide
-                           ((2, 512, 68, 68, 512, 1, 1, 0, 1), False),  # K 512, no residual
-                           ((2, 256, 68, 68, 512, 1, 1, 0, 1), False),  # K 256, no residual
+                           ((2, 512, 68, 68, 512, 1, 1, 0, 1), True),   # K 512 with a residual
+                           ((2, 256, 68, 68, 512, 1, 1, 0, 1), False),  # K 256
+                           ((2, 256, 140, 140, 512, 1, 1, 0, 1), False),  # on the H100: area ratio 1.2
+                           ((256, 256, 7, 7, 256, 1, 1, 0, 1), False),  # area ratio 1.5: 128 wide
                            ((2, 128, 68, 68, 512, 1, 1, 0, 1), False),  # K 128: 128 wide
+                           ((2, 96, 68, 68, 512, 3, 1, 1, 1), False),   # 96 input channels: no im2col map
                            ((1, 512, 14, 14, 512, 3, 1, 1, 1), True)]:  # a small grid: 64 wide
         n, c, h, w, co, k = case[:6]
         m, kk = n * h * w, c * k * k
         b128 = -(-m // 128) * -(-co // 128)
         b256 = -(-m // 192) * -(-co // 256)
-        big = (-(-b256 // sms) * 192 * 256 <= -(-b128 // (2 * sms)) * 2 * 128 * 128
-               and (kk >= 1024 or (kk >= 256 and not with_res)))
+        area128 = -(-b128 // (2 * sms)) * 2 * 128 * 128
+        area256 = -(-b256 // sms) * 192 * 256
+        big = 4 * area256 <= 5 * area128 and kk >= 256 and c % 64 == 0
         y, ref64, eager = _run_conv(case, torch.float16, with_res=with_res, seed=5)
         assert_close(y, ref64, eager, torch.float16, f"{case}")
         expect = "wgmma f16 bn256" if big else ("wgmma f16 bn128" if b128 >= sms else "wgmma f16 bn64")
+        expect += " tma" if c % 64 == 0 else ""
         assert cu.last_kernel() == expect, (case, with_res, cu.last_kernel())
 
 
@@ -321,14 +351,22 @@ def test_conv_wide_bn_override(bn, monkeypatch):
     an N tail (Cout 200) and a grid that is not a whole number of waves."""
     monkeypatch.setenv("DLA_FAST_CUDA_WIDE_BN", bn)
     for dtype in (torch.float16, torch.bfloat16):
-        y, ref64, eager = _run_conv((3, 96, 7, 9, 200, 3, 1, 1, 1), dtype, seed=int(bn))
+        y, ref64, eager = _run_conv((3, 128, 7, 9, 200, 3, 1, 1, 1), dtype, seed=int(bn))
         assert_close(y, ref64, eager, dtype, f"wide bn {bn}")
-        assert cu.last_kernel().endswith("bn" + (bn if bn != "256" or cu.has_wgmma() else "128")), cu.last_kernel()
+        assert f" bn{bn if bn != '256' or cu.has_wgmma() else '128'}" in cu.last_kernel(), cu.last_kernel()
 
 
 def test_conv_wide_bn_bad_value(monkeypatch):
     monkeypatch.setenv("DLA_FAST_CUDA_WIDE_BN", "96")
     with pytest.raises(RuntimeError, match="DLA_FAST_CUDA_WIDE_BN must be 64, 128 or 256; got '96'"):
+        _run_conv((1, 64, 5, 5, 256, 1, 1, 0, 1), torch.float16)
+
+
+def test_conv_im2col_bad_value(monkeypatch):
+    if not cu.has_wgmma():
+        pytest.skip("the switch is read where a wgmma tile could load by TMA")
+    monkeypatch.setenv("DLA_FAST_CUDA_IM2COL", "yes")
+    with pytest.raises(RuntimeError, match="DLA_FAST_CUDA_IM2COL must be 0 or 1; got 'yes'"):
         _run_conv((1, 64, 5, 5, 256, 1, 1, 0, 1), torch.float16)
 
 
