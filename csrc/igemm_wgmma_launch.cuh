@@ -9,18 +9,22 @@
 
 namespace dla_fast {
 
+// A driver function through the runtime (no -lcuda), looked up once per function.
+template <typename F>
+F driver_fn(const char* name) {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult q{};
+  const cudaError_t e = cudaGetDriverEntryPointByVersion(name, &fn, 12000, cudaEnableDefault, &q);
+  TORCH_CHECK(e == cudaSuccess && q == cudaDriverEntryPointSuccess && fn != nullptr, "dla_fast: the CUDA driver has no ",
+              name, " (", cudaGetErrorString(e), "); the TMA wgmma kernels need it: update the driver, or set ",
+              "DLA_FAST_CUDA_IM2COL=0 and DLA_FAST_CUDA_WIDE_BN=128 to keep to the gathering ones");
+  return reinterpret_cast<F>(fn);
+}
+
 // The weight [rows][K] (16-bit, K contiguous) as a TMA tensor map with box_rows x 64 boxes in the 128-byte
-// swizzle that the wgmma descriptors name. The driver function comes through the runtime (no -lcuda).
+// swizzle that the wgmma descriptors name.
 inline CUtensorMap weight_tensor_map(const void* w, long long rows, long long K, int box_rows) {
-  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q);
-    TORCH_CHECK(e == cudaSuccess && q == cudaDriverEntryPointSuccess && fn != nullptr,
-                "dla_fast: the CUDA driver has no cuTensorMapEncodeTiled (", cudaGetErrorString(e),
-                "); the 192x256 wgmma tile needs it: update the driver, or set DLA_FAST_CUDA_WIDE_BN=128");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
+  static const auto encode = driver_fn<PFN_cuTensorMapEncodeTiled_v12000>("cuTensorMapEncodeTiled");
   CUtensorMap map;
   const cuuint64_t dims[2] = {(cuuint64_t)K, (cuuint64_t)rows};
   const cuuint64_t strides[1] = {(cuuint64_t)K * 2};  // bytes between rows; K % 8 == 0 on the 16-byte path
@@ -40,15 +44,7 @@ inline CUtensorMap weight_tensor_map(const void* w, long long rows, long long K,
 // and each box row carries 64 channels of one tap. Size-1 dims have stride 0 in GemmParams (eff_stride); the
 // map needs a real one, and any multiple of 16 bytes serves for a dim that is never stepped.
 inline CUtensorMap input_im2col_map(const GemmParams& p, int pixels) {
-  static PFN_cuTensorMapEncodeIm2col_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeIm2col", &fn, 12000, cudaEnableDefault, &q);
-    TORCH_CHECK(e == cudaSuccess && q == cudaDriverEntryPointSuccess && fn != nullptr,
-                "dla_fast: the CUDA driver has no cuTensorMapEncodeIm2col (", cudaGetErrorString(e),
-                "); the 192x256 wgmma tile needs it: update the driver, or set DLA_FAST_CUDA_WIDE_BN=128");
-    return reinterpret_cast<PFN_cuTensorMapEncodeIm2col_v12000>(fn);
-  }();
+  static const auto encode = driver_fn<PFN_cuTensorMapEncodeIm2col_v12000>("cuTensorMapEncodeIm2col");
   auto stride = [](long long s) { return (cuuint64_t)(s > 0 ? s * 2 : 16); };
   CUtensorMap map;
   const cuuint64_t dims[4] = {(cuuint64_t)p.Cin_g, (cuuint64_t)p.W, (cuuint64_t)p.H, (cuuint64_t)p.N};
@@ -63,7 +59,7 @@ inline CUtensorMap input_im2col_map(const GemmParams& p, int pixels) {
   TORCH_CHECK(r == CUDA_SUCCESS, "dla_fast: cuTensorMapEncodeIm2col failed (CUresult ", (int)r, ") for an input of ",
               p.N, "x", p.H, "x", p.W, "x", p.Cin_g, " (strides ", p.sn[0], ", ", p.sh[0], ", ", p.sw[0],
               "), kernel ", p.kh, "x", p.kw, ", stride ", p.sth, ", padding ", p.padh,
-              "; set DLA_FAST_CUDA_WIDE_BN=128 to avoid the 192x256 tile");
+              "; set DLA_FAST_CUDA_IM2COL=0 and DLA_FAST_CUDA_WIDE_BN=128 to keep to the gathering kernels");
   return map;
 }
 
