@@ -1,6 +1,7 @@
-// Hopper (sm_90a) implicit GEMM for fp16/bf16: the same gather and epilogue as igemm_tc.cuh, but the MMAs are
-// warpgroup-wide wgmma.mma_async reading both operands straight from shared memory, which is what reaches the
-// H100's tensor-core rate (mma.sync tops out near half of it and needs every fragment moved through registers).
+// Hopper (sm_90a) implicit GEMM for fp16/bf16: the same gather (or TMA loads: the pipeline note) and epilogue as
+// igemm_tc.cuh, but the MMAs are warpgroup-wide wgmma.mma_async reading both operands straight from shared
+// memory, which is what reaches the H100's tensor-core rate (mma.sync tops out near half of it and needs every
+// fragment moved through registers).
 //
 //   wide tiles (BN 64, 128): 256 threads = 2 warpgroups, BM = 128 output pixels, BK = 64; warpgroup w computes
 //     rows [64w, 64w + 64) with m64nBNk16 (4 per k tile).
@@ -29,7 +30,8 @@
 // Pipeline: STAGES buffers, cp.async loads issued STAGES - 1 tiles ahead. Iteration kt: wait for tile kt,
 // barrier, issue its wgmmas, retire tile kt - 1 (wait_group 1: tile kt stays in flight), barrier (every
 // warpgroup has retired kt - 1), then load tile kt + STAGES - 1 into kt - 1's buffer while the tensor cores
-// work on tile kt. Big tiles have no block-wide barrier in the loop: thread 0 asks the TMA unit for tile
+// work on tile kt. TMA kernels (the 192x256 tile; the 64/128-wide ones for convs whose input suits an im2col
+// map) have no block-wide barrier in the loop: thread 0 asks the TMA unit for tile
 // kt + STAGES - 1 (A as an im2col box, B as a weight tile) once every warp has arrived at the stage's empty
 // mbarrier (retired kt - 1), and the warps wait for a tile on its full mbarrier (all of its bytes landed).
 #pragma once
@@ -189,7 +191,7 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
     // Both operands by TMA, asked for by thread 0: A as an im2col box of the BM output pixels from bm on, one tap
     // and 64 channels a k tile (so Cin % 64 == 0: a k tile never spans two taps; im2col_ok() on the host), B as
     // a BNx64 tile of the weight. The hardware walks the pixels across rows and images and zero-fills the taps
-    // that fall in the padding, which is the address and bounds arithmetic that had the 384 threads' issue slots
+    // that fall in the padding, which is the address and bounds arithmetic that took the big tile's issue slots
     // (ncu K20: ~70 instructions a wgmma, IMAD alone 24%).
     const uint32_t bar0 = smem_u32(full_bar), ebar0 = smem_u32(empty_bar);
     const int tpt = p.Cin_g / BK;  // k tiles a tap
@@ -248,7 +250,7 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
 #pragma unroll
       for (int h = 0; h < MH; ++h) fence_regs(acc[h]);
       if (kt > 0 && lane == 0) mbar_arrive(ebar0 + 8 * ((kt - 1) % STAGES));
-      // Into kt - 1's stage: thread 0's own warp has just released it, the other 11 warps release it as their
+      // Into kt - 1's stage: thread 0's own warp has just released it, the other warps release it as their
       // wgmmas of kt - 1 finish, which the tensor cores do in order.
       if (tid == 0 && kt + PD < KT) load(kt + PD);
     }
