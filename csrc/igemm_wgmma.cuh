@@ -187,6 +187,10 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
   static_assert(!C::BIG || TMA, "the 192x256 tile loads by TMA only");
   static_assert(!TMA || (!C::NARROW && MH == 1 && KIND == KIND_CONV && !BD), "TMA: 64-row slices, dense convs");
   float acc[MH][BN / 2];
+#pragma unroll
+  for (int h = 0; h < MH; ++h)
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[h][i] = 0.f;
   if constexpr (TMA) {
     // Both operands by TMA, asked for by thread 0: A as an im2col box of the BM output pixels from bm on, one tap
     // and 64 channels a k tile (so Cin % 64 == 0: a k tile never spans two taps; im2col_ok() on the host), B as
@@ -225,10 +229,6 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
         }
       }
     };
-#pragma unroll
-    for (int h = 0; h < MH; ++h)
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) acc[h][i] = 0.f;
     // Big tiles: the residual tile into L2 now, while the K loop runs (see store_staged). (Issued inside the loop,
     // between in-flight wgmmas, it made ptxas serialise every wgmma: C7515.)
     if constexpr (C::BIG) Epilogue<T>(p).template prefetch_res<BM, BN, NT>(p, bm, g, n0, tid);
@@ -338,11 +338,6 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
       }
     }
   };
-
-#pragma unroll
-  for (int h = 0; h < MH; ++h)
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) acc[h][i] = 0.f;
 
 #pragma unroll
   for (int s = 0; s < PD; ++s) {

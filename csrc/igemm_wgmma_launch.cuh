@@ -15,9 +15,10 @@ F driver_fn(const char* name) {
   void* fn = nullptr;
   cudaDriverEntryPointQueryResult q{};
   const cudaError_t e = cudaGetDriverEntryPointByVersion(name, &fn, 12000, cudaEnableDefault, &q);
-  TORCH_CHECK(e == cudaSuccess && q == cudaDriverEntryPointSuccess && fn != nullptr, "dla_fast: the CUDA driver has no ",
-              name, " (", cudaGetErrorString(e), "); the TMA wgmma kernels need it: update the driver, or set ",
-              "DLA_FAST_CUDA_IM2COL=0 and DLA_FAST_CUDA_WIDE_BN=128 to keep to the gathering ones");
+  TORCH_CHECK(e == cudaSuccess && q == cudaDriverEntryPointSuccess && fn != nullptr,
+              "dla_fast: the CUDA driver has no ", name, " (", cudaGetErrorString(e),
+              "); the TMA wgmma kernels need it: update the driver, or set DLA_FAST_CUDA_IM2COL=0 and ",
+              "DLA_FAST_CUDA_WIDE_BN=128 to keep to the gathering ones");
   return reinterpret_cast<F>(fn);
 }
 
@@ -31,8 +32,8 @@ inline CUtensorMap weight_tensor_map(const void* w, long long rows, long long K,
   const cuuint32_t box[2] = {64, (cuuint32_t)box_rows};
   const cuuint32_t unit[2] = {1, 1};
   const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, const_cast<void*>(w), dims, strides, box, unit,
-                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(r == CUDA_SUCCESS, "dla_fast: cuTensorMapEncodeTiled failed (CUresult ", (int)r, ") for a weight of ",
               rows, " x ", K, " at ", w);
   return map;
@@ -50,7 +51,7 @@ inline CUtensorMap input_im2col_map(const GemmParams& p, int pixels) {
   const cuuint64_t dims[4] = {(cuuint64_t)p.Cin_g, (cuuint64_t)p.W, (cuuint64_t)p.H, (cuuint64_t)p.N};
   const cuuint64_t strides[3] = {stride(p.sw[0]), stride(p.sh[0]), stride(p.sn[0])};
   const int lower[2] = {-p.padw, -p.padh};
-  const int upper[2] = {(p.Wo - 1) * p.stw + 1 - p.W - p.padw, (p.Ho - 1) * p.sth + 1 - p.H - p.padh};
+  const int upper[2] = {im2col_upper(p.Wo, p.stw, p.W, p.padw), im2col_upper(p.Ho, p.sth, p.H, p.padh)};
   const cuuint32_t step[4] = {1, (cuuint32_t)p.stw, (cuuint32_t)p.sth, 1};
   const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, const_cast<void*>(p.src[0]), dims, strides, lower,
                             upper, 64, (cuuint32_t)pixels, step, CU_TENSOR_MAP_INTERLEAVE_NONE,
@@ -92,7 +93,10 @@ int dispatch_wgmma(int kind, int bn, const GemmParams& p, cudaStream_t s, bool t
     if (bn <= 16) return run_wgmma<T, 16, KIND_CONV>(p, s);
     if (bn <= 32) return run_wgmma<T, 32, KIND_CONV>(p, s);
     if (bn >= 256) return run_wgmma<T, 256, KIND_CONV, false, true>(p, s);
-    if (tma) return bn <= 64 ? run_wgmma<T, 64, KIND_CONV, false, true>(p, s) : run_wgmma<T, 128, KIND_CONV, false, true>(p, s);
+    if (tma) {
+      return bn <= 64 ? run_wgmma<T, 64, KIND_CONV, false, true>(p, s)
+                      : run_wgmma<T, 128, KIND_CONV, false, true>(p, s);
+    }
     return bn <= 64 ? run_wgmma<T, 64, KIND_CONV>(p, s) : run_wgmma<T, 128, KIND_CONV>(p, s);
   }
   return bn <= 64 ? run_wgmma<T, 64, KIND_CAT>(p, s) : run_wgmma<T, 128, KIND_CAT>(p, s);

@@ -45,18 +45,24 @@ struct GemmParams {
   int bd_log2;
 };
 
+// The far corner of an im2col tensor map's window box along one spatial dim (the near one is -pad): the window
+// corner of the last output pixel, as an offset from the last input pixel (in - 1), so that stepping the box by
+// the conv stride visits exactly the `out` output positions.
+inline int im2col_upper(int out, int stride, int in, int pad) { return (out - 1) * stride + 1 - in - pad; }
+
 // Whether the wgmma kernel can load a conv's A by TMA in im2col mode (igemm_wgmma.cuh; the 192x256 tile always
-// does, the 64/128-wide tiles where DLA_FAST_CUDA_IM2COL is not 0), which needs a dense conv whose k tiles of 64 never span two taps (Cin % 64 == 0), a 16-byte aligned input with
-// strides of whole 16-byte units, and the window corners and steps the tensor map can hold (4-D maps: corners
-// in [-128, 127], element strides up to 8). Size-1 dims carry stride 0 here and are never stepped.
+// does, the 64/128-wide tiles where DLA_FAST_CUDA_IM2COL is not 0). That needs a dense conv whose k tiles of 64
+// never span two taps (Cin % 64 == 0), a 16-byte aligned input with strides of whole 16-byte units, and the
+// window corners and steps the tensor map can hold (4-D maps: corners in [-128, 127], element strides up to 8).
+// Size-1 dims carry stride 0 here and are never stepped.
 inline bool im2col_ok(const GemmParams& p) {
   auto st_ok = [](long long s, int size) { return size == 1 || (s > 0 && s % 8 == 0); };
   auto corner_ok = [](int c) { return c >= -128 && c <= 127; };
   return p.groups == 1 && p.bd_log2 == 0 && p.Cin_g % 64 == 0 &&
          reinterpret_cast<uintptr_t>(p.src[0]) % 16 == 0 && reinterpret_cast<uintptr_t>(p.w) % 16 == 0 &&
          st_ok(p.sw[0], p.W) && st_ok(p.sh[0], p.H) && st_ok(p.sn[0], p.N) && p.stw <= 8 && p.sth <= 8 &&
-         corner_ok(-p.padw) && corner_ok(-p.padh) && corner_ok((p.Wo - 1) * p.stw + 1 - p.W - p.padw) &&
-         corner_ok((p.Ho - 1) * p.sth + 1 - p.H - p.padh);
+         corner_ok(-p.padw) && corner_ok(-p.padh) && corner_ok(im2col_upper(p.Wo, p.stw, p.W, p.padw)) &&
+         corner_ok(im2col_upper(p.Ho, p.sth, p.H, p.padh));
 }
 
 // Tensor-core (mma.sync m16n8k16) implicit GEMM for fp16/bf16. `vw` is the gather vector width in elements
