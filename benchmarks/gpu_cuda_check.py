@@ -456,7 +456,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 2
-    import dla_fast._cuda as cu
+    import dla_fast.backends.cuda as cu
     if cu.unavailable_reason(torch.empty(1, device="cuda")) is not None:
         print("CUDA backend unavailable:", cu.unavailable_reason(torch.empty(1, device="cuda")))
         return 3

@@ -104,7 +104,7 @@ SWEEP = {
 
 
 def build_jobs(args):
-    from dla_fast.triton._shapes import AGG_SHAPES, CONV_SHAPES
+    from dla_fast.backends.triton._shapes import AGG_SHAPES, CONV_SHAPES
     convs = {s["name"]: s for s in CONV_SHAPES}
     aggs = {s["name"]: s for s in AGG_SHAPES}
     jobs = []
@@ -205,7 +205,7 @@ def agg_cost(s, batch, esize):
 # -------------------------------------------------------------------------------------------- runners
 
 def _ours_conv(x, w, b, s, r, tf32, config=None):
-    from dla_fast.triton import _launch
+    from dla_fast.backends.triton import _launch
     if config is None:
         return lambda: torch.ops.dla_fast_triton.conv_bn_act(x, w, b, [s["stride"]] * 2, [s["pad"]] * 2,
                                                              s["groups"], r, True, tf32)
@@ -214,14 +214,14 @@ def _ours_conv(x, w, b, s, r, tf32, config=None):
 
 
 def _ours_agg(kids, w, b, res, tf32, config=None):
-    from dla_fast.triton import _launch
+    from dla_fast.backends.triton import _launch
     if config is None:
         return lambda: torch.ops.dla_fast_triton.aggregate(kids, w, b, res, True, tf32)
     return lambda: _launch.aggregate_launch(kids, w, b, res, True, tf32, config=config)
 
 
 def _plan_of(job, x_or_kids, w):
-    from dla_fast.triton import _launch
+    from dla_fast.backends.triton import _launch
     s = job["shape"]
     if job.get("config"):
         return dict(job["config"])
@@ -380,7 +380,7 @@ def sweep_job(job):
 
 def worker_main(args):
     os.environ["DLA_FAST_TRITON_POISON"] = "1"
-    import dla_fast.triton  # noqa: F401
+    import dla_fast.backends.triton  # noqa: F401
     jobs = build_jobs(args)
     mine = jobs[args.worker::args.nworkers]
     done = set()
@@ -442,7 +442,7 @@ def main():
     log(f"torch {torch.__version__}, triton {triton.__version__}, {dev_name}")
     torch.backends.cudnn.benchmark = True
     os.environ["DLA_FAST_TRITON_POISON"] = "1"
-    import dla_fast.triton  # noqa: F401
+    import dla_fast.backends.triton  # noqa: F401
     jobs = build_jobs(args)
     warm(args)
 
@@ -491,7 +491,7 @@ def main():
 
 def smoke():
     """CUDA-graph capture and torch.compile(fullgraph=True) of the two ops."""
-    import dla_fast.triton as tb
+    import dla_fast.backends.triton as tb
     res = {}
     x = torch.randn(2, 32, 14, 14, device=DEVICE, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     w = (torch.randn(64, 32, 3, 3, device=DEVICE) * 0.05).half().contiguous(memory_format=torch.channels_last)

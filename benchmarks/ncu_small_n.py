@@ -12,7 +12,8 @@ import os
 
 import torch
 
-from dla_fast import _cuda, ops
+from dla_fast import ops
+from dla_fast.backends import cuda as _cuda
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ CHECKS = [
 ]
 
 if len(sys.argv) > 1:
-    import dla_fast._cuda  # noqa: F401  (loads dla_fast._C)
+    import dla_fast.backends.cuda  # noqa: F401  (loads dla_fast._C)
     x = torch.randn(2, 16, 5, 5, device="cuda", dtype=torch.float16)
     w = torch.randn(8, 16, 3, 3, device="cuda", dtype=torch.float16)
     op = torch.ops.dla_fast.conv_bn_act

@@ -124,7 +124,7 @@ def cmd_info(a) -> int:
         why = _backends.reason_unavailable(name, probe)
         print(f"  backend {name:<7}: {'available' if why is None else 'unavailable: ' + why}")
     if dev == "cuda":
-        from . import _cuda
+        from .backends import cuda as _cuda
         if _cuda._C is not None:
             print(f"  cuda kernels  : {'wgmma (sm_90a) + ' if _cuda.has_wgmma() else ''}mma.sync tensor cores, "
                   f"SIMT fp32 ({'sm_90a build' if _cuda._C.wgmma_built() else 'built without sm_90a'})")

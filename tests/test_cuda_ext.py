@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 
-import dla_fast._cuda as cuda_backend
+import dla_fast.backends.cuda as cuda_backend
 import dla_fast.ops as ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,12 +193,12 @@ def test_missing_extension_warns_once(monkeypatch):
 
 
 def test_import_without_extension_subprocess():
-    """`import dla_fast._cuda` must survive a missing _C (blocked via sys.modules) and report it."""
+    """`import dla_fast.backends.cuda` must survive a missing _C (blocked via sys.modules) and report it."""
     code = textwrap.dedent("""
         import sys, warnings
-        sys.modules["dla_fast._C"] = None          # makes `from . import _C` raise ImportError
+        sys.modules["dla_fast._C"] = None          # makes `from .. import _C` raise ImportError
         import torch
-        import dla_fast._cuda as cu
+        import dla_fast.backends.cuda as cu
         import dla_fast.ops as ops
         assert cu._C is None and "dla_fast._C" in cu._load_error, cu._load_error
         x = torch.randn(1, 4, 5, 5)

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-import dla_fast._cuda as cu
+import dla_fast.backends.cuda as cu
 import dla_fast.ops as ops
 from dla_fast.ops.reference import aggregate_ref, conv_bn_act_ref
 

@@ -1,4 +1,4 @@
-"""Tests of the Triton backend (dla_fast.triton) through the public ops API.
+"""Tests of the Triton backend (dla_fast.backends.triton) through the public ops API.
 
 Two ways to run them:
 
@@ -248,7 +248,7 @@ def test_split_k(split, dtype):
     """Split-K (partials in an fp32 workspace, then the epilogue kernel) gives the unsplit results, with K
     iteration counts that the split does not divide (slices may be short or empty), residual in another
     layout, and without bias/ReLU."""
-    from dla_fast.triton import _launch
+    from dla_fast.backends.triton import _launch
     torch.manual_seed(20 + split)
     for N, Cin, Cout, H, W, k, st, pad, res, relu, bias in [(1, 40, 24, 5, 7, 3, 1, 1, "nchw", True, True),
                                                            (2, 20, 20, 7, 5, 3, 2, 1, None, False, False),
@@ -279,7 +279,7 @@ def test_split_k(split, dtype):
 @needs_triton
 def test_split_k_plan():
     """Split-K is chosen only where the plain grid leaves most SMs idle, and never on the interpreter."""
-    from dla_fast.triton._launch import aggregate_plan, conv_plan
+    from dla_fast.backends.triton._launch import aggregate_plan, conv_plan
     f16 = torch.float16
     # dla34 level 5 3x3 512->512 at batch 1 (7x7): 4 tiles of 72 iterations on 132 SMs
     p = conv_plan(49, 512, 512, 1, 3, 3, f16, False, False, sms=132)
@@ -304,7 +304,7 @@ def test_split_k_plan():
 @needs_triton
 def test_split_k_workspace_too_large_is_a_clear_error():
     """A split-K workspace beyond 32-bit offsets is refused (before allocating) with what to do instead."""
-    from dla_fast.triton._launch import _workspace
+    from dla_fast.backends.triton._launch import _workspace
     y = torch.empty(0)
     assert _workspace(1, 2**30, 64, y) is y  # no split: no workspace at all
     with pytest.raises(ValueError, match="exceeds 32-bit offsets; use SPLIT=1"):
@@ -320,7 +320,7 @@ def test_max_pool(dtype):
     sizes (floor), every input layout, NaN propagation, channels past one tile."""
     import torch.nn.functional as F
 
-    import dla_fast.triton as tb
+    import dla_fast.backends.triton as tb
     torch.manual_seed(30)
     for (N, C, H, W, k, layout) in [(2, 13, 9, 7, 2, "nchw"), (1, 72, 8, 8, 2, "cl"), (1, 20, 7, 9, 3, "slice"),
                                     (2, 6, 5, 5, 2, "strided"), (1, 16, 2, 2, 2, "hwnc")]:
@@ -373,7 +373,7 @@ def test_aggregate_no_bias_4d_weight():
 @needs_kernels
 def test_64bit_offsets(monkeypatch):
     """The IDX64 variants (used when a tensor spans >= 2^31 elements) on small tensors."""
-    from dla_fast.triton import _launch
+    from dla_fast.backends.triton import _launch
     monkeypatch.setattr(_launch, "_IDX64_THRESHOLD", 0)
     torch.manual_seed(11)
     _conv_case(1, 20, 24, 5, 7, 3, 2, 1, 1, torch.float32)
@@ -387,7 +387,7 @@ def test_64bit_offsets(monkeypatch):
 def test_torch_compile_fullgraph():
     """The ops trace under torch.compile(fullgraph=True) and give the eager results (on CPU this checks the
     graph capture and the fake implementations; the cuda test runs Inductor too)."""
-    import dla_fast.triton as tb
+    import dla_fast.backends.triton as tb
     torch.manual_seed(5)
     x = _rand(2, 8, 7, 5)
     w = _rand(16, 8, 3, 3, scale=0.1).contiguous(memory_format=torch.channels_last)
@@ -433,7 +433,7 @@ def _run_py(code: str, interpret: bool) -> subprocess.CompletedProcess:
 
 _NO_INTERP_CODE = """
     import torch, dla_fast.ops as ops
-    from dla_fast import triton as tb
+    from dla_fast.backends import triton as tb
     x = torch.randn(1, 3, 5, 5)
     why = tb.unavailable_reason(x)
     assert why is not None and "TRITON_INTERPRET" in why and "CUDA" in why, why
@@ -458,7 +458,7 @@ def test_cpu_without_interpreter_is_refused_clearly():
 
 _BF16_CODE = """
     import torch, dla_fast.ops as ops
-    from dla_fast import triton as tb
+    from dla_fast.backends import triton as tb
     x = torch.randn(1, 3, 5, 5, dtype=torch.bfloat16)
     why = tb.unavailable_reason(x)
     assert why is not None and "bfloat16" in why, why
@@ -484,7 +484,7 @@ def test_bf16_in_interpreter_is_refused_clearly():
 
 @needs_triton
 def test_unsupported_dtype_is_refused_clearly():
-    from dla_fast import triton as tb
+    from dla_fast.backends import triton as tb
     why = tb.unavailable_reason(torch.zeros(1, 1, 1, 1, dtype=torch.float64))
     assert why is not None and "float64" in why and "backend='eager'" in why
 
@@ -492,7 +492,7 @@ def test_unsupported_dtype_is_refused_clearly():
 @needs_triton
 def test_fake_tensors_give_channels_last_outputs():
     from torch._subclasses.fake_tensor import FakeTensorMode
-    import dla_fast.triton  # noqa: F401  (registers the ops)
+    import dla_fast.backends.triton  # noqa: F401  (registers the ops)
     with FakeTensorMode():
         x = torch.empty(2, 8, 7, 5)
         w = torch.empty(16, 8, 3, 3).contiguous(memory_format=torch.channels_last)
@@ -505,7 +505,7 @@ def test_fake_tensors_give_channels_last_outputs():
 # --------------------------------------------------------------------------------- real shapes on a GPU
 
 def _dla_shapes():
-    from dla_fast.triton._shapes import AGG_SHAPES, CONV_SHAPES
+    from dla_fast.backends.triton._shapes import AGG_SHAPES, CONV_SHAPES
     return CONV_SHAPES, AGG_SHAPES
 
 
@@ -575,7 +575,7 @@ def test_recycled_nan_memory_cuda(monkeypatch):
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_graph_capture():
-    import dla_fast.triton as tb
+    import dla_fast.backends.triton as tb
     torch.manual_seed(10)
     x = _rand(2, 32, 14, 14, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     w = _rand(64, 32, 3, 3, dtype=torch.float16, scale=0.05).contiguous(memory_format=torch.channels_last)
@@ -611,7 +611,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from dla_fast.triton._kernels import tf32_round
+    from dla_fast.backends.triton._kernels import tf32_round
 
     @triton.jit
     def _round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):

@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-_MODULES = {"triton": "dla_fast.triton", "cuda": "dla_fast._cuda"}
+_MODULES = {"triton": "dla_fast.backends.triton", "cuda": "dla_fast.backends.cuda"}
 _loaded: Dict[str, object] = {}
 _import_errors: Dict[str, str] = {}
 

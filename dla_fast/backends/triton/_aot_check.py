@@ -1,6 +1,6 @@
 """Compile the kernels for a GPU without one: a developer tool, not used at run time.
 
-    python -m dla_fast.triton._aot_check [--arch 90] [--sass]
+    python -m dla_fast.backends.triton._aot_check [--arch 90] [--sass]
 
 Runs the real launchers on ``meta`` tensors of the DLA shapes, records each launch instead of running it,
 and compiles the recorded specialisation with ``triton.compile`` for the target (default sm_90). It

@@ -23,7 +23,7 @@ BUILD_HINT = ("reinstall with `pip install --no-build-isolation -e .` on a machi
 _C = None
 _load_error: Optional[str] = None
 try:
-    from . import _C  # noqa: F811  (registers torch.ops.dla_fast.* on import)
+    from .. import _C  # noqa: F811  (registers torch.ops.dla_fast.* on import)
 except Exception as e:  # ImportError when not built; anything (e.g. undefined symbol) when broken
     _C = None
     _load_error = f"{type(e).__name__}: {e}"

@@ -54,7 +54,7 @@ def unavailable_reason(x: torch.Tensor) -> Optional[str]:
     if x.device.type == "cpu":
         if not interp:
             if _interpret_env():
-                return ("TRITON_INTERPRET=1 was set after dla_fast.triton was imported, so its kernels were "
+                return ("TRITON_INTERPRET=1 was set after dla_fast.backends.triton was imported, so its kernels were "
                         "compiled for the GPU; set it before the first import (e.g. in the environment) to "
                         "run them on CPU, or use backend='eager'")
             return ("x is on the CPU and the Triton kernels need a CUDA tensor; move the inputs to a GPU "

@@ -1,0 +1,1 @@
+"""The kernel backends of the fused ops (eager, triton, cuda)."""
