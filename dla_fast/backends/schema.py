@@ -1,0 +1,27 @@
+"""The schemas of the fused ops, written once for both compiled backends.
+
+The CUDA extension defines them in the ``dla_fast`` namespace (``csrc/ops/schema.h`` is generated from this
+file by ``csrc/tools/gen_schema.py``; a CPU test checks that the two agree), the Triton backend in
+``dla_fast_triton``. Both take the same arguments, so the per-layer plan can hand either backend its
+``config``: the backend-specific kernel and tile choice, ``[]`` for the backend's own rule.
+
+This module imports nothing, so that ``setup.py`` and the generator can read it without torch.
+"""
+
+# op name -> argument list and return type, identical in every namespace.
+OPS = {
+    "conv_bn_act": ("(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int groups, "
+                    "Tensor? residual, bool relu, int[] config) -> Tensor"),
+    "aggregate": "(Tensor[] children, Tensor weight, Tensor? bias, Tensor? residual, bool relu, int[] config) -> Tensor",
+    "max_pool": "(Tensor x, int k) -> Tensor",
+}
+
+# Ops of the CUDA extension alone: the kernel configurations that can run a call, the rule's first, flattened
+# (see csrc/ops/plan.h for the encoding). The Triton backend answers the same question in Python.
+CUDA_ONLY = {
+    "conv_candidates": ("(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int groups, "
+                        "Tensor? residual) -> int[]"),
+    "aggregate_candidates": "(Tensor[] children, Tensor weight, Tensor? bias, Tensor? residual) -> int[]",
+}
+
+NAMESPACES = {"cuda": "dla_fast", "triton": "dla_fast_triton"}
