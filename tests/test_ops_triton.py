@@ -29,6 +29,7 @@ import zlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dla_fast.ops as ops
 from dla_fast.ops.reference import aggregate_ref, conv_bn_act_ref
@@ -327,7 +328,7 @@ def test_max_pool(dtype):
         x = _make_layout(_rand(N, C, H, W, dtype=dtype), layout)
         if layout == "nchw":
             x[0, 3, 1, 0] = float("nan")
-        out = tb.max_pool2d(x, k)
+        out = tb.max_pool(x, k)
         ref = F.max_pool2d(x, k, k)
         assert out.is_contiguous(memory_format=torch.channels_last)
         assert out.shape == ref.shape and out.dtype == dtype
@@ -414,9 +415,75 @@ def test_opcheck():
     w = _rand(8, 8, 3, 3, scale=0.1).contiguous(memory_format=torch.channels_last)
     r = _rand(1, 8, 5, 5)
     torch.library.opcheck(torch.ops.dla_fast_triton.conv_bn_act.default,
-                          (x, w, None, [1, 1], [1, 1], 1, r, True, False))
+                          (x, w, None, [1, 1], [1, 1], 1, r, True, [0]))
     torch.library.opcheck(torch.ops.dla_fast_triton.aggregate.default,
-                          ([x, r], _rand(4, 16), _rand(4), None, False, False))
+                          ([x, r], _rand(4, 16), _rand(4), None, False, [0]))
+
+
+@needs_triton
+def test_schemas_are_the_shared_ones():
+    """The Triton ops take exactly the arguments of dla_fast/backends/schema.py (the CUDA extension's too)."""
+    import dla_fast.backends.triton  # noqa: F401  (registers the ops)
+    from dla_fast.backends.schema import OPS
+    for name, sig in OPS.items():
+        schema = str(getattr(torch.ops.dla_fast_triton, name).default._schema)
+        assert schema == f"dla_fast_triton::{name}{sig}", schema
+
+
+@needs_triton
+def test_config_tuples_round_trip_and_bad_ones_are_refused():
+    from dla_fast.backends.triton import _launch
+    f16 = torch.float16
+    for p in (_launch.conv_plan(25088, 64, 64, 1, 3, 3, f16, False, False, sms=132),
+              _launch.conv_plan(49, 512, 512, 1, 3, 3, f16, False, False, sms=132),
+              _launch.conv_plan(6272, 4, 4, 32, 3, 3, f16, False, False, sms=132),
+              _launch.conv_plan(6272, 4, 4, 32, 3, 3, torch.float32, False, False, sms=132)):
+        t = _launch.conv_config_tuple(p)
+        back = _launch.conv_config_dict(t)
+        assert all(back[k] == v for k, v in p.items() if k != "SPLIT") and back["SPLIT"] == p.get("SPLIT", 1)
+        assert _launch.conv_config_tuple(back) == t
+    a = _launch.aggregate_plan(25088, [64, 64], 64, f16, False, True, sms=132)
+    assert _launch.aggregate_config_dict(_launch.aggregate_config_tuple(a)) == a
+    with pytest.raises(ValueError, match="Triton conv config .* is malformed"):
+        _launch.conv_config_dict((9, 1, 2))
+    with pytest.raises(ValueError, match="Triton aggregate config .* is malformed"):
+        _launch.aggregate_config_dict((64, 64, 0, 4, 3, 1))
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_every_candidate_tiling_is_right():
+    """The tilings the tuner may pick beside the heuristic's (other row tile, 64-wide columns, no split-K; the
+    block-diagonal / direct alternatives of small groups) compute the same function, here in the interpreter."""
+    from dla_fast.backends.triton import _launch
+    import dla_fast.backends.triton as tb
+    torch.manual_seed(8)
+    f16 = torch.float16
+    cases = [  # (x shape, weight shape, stride, padding, groups): a deep layer split along K, a wide one, groups
+        ((1, 128, 7, 7), (160, 128, 3, 3), 1, 1, 1),
+        ((2, 64, 6, 5), (160, 64, 1, 1), 1, 0, 1),
+        ((1, 64, 6, 6), (64, 4, 3, 3), 2, 1, 16),
+    ]
+    for xs, ws, st, pad, g in cases:
+        x = _rand(*xs, dtype=f16)
+        w = _rand(*ws, dtype=f16, scale=0.05).contiguous(memory_format=torch.channels_last)
+        b = _rand(ws[0])
+        M = xs[0] * ((xs[2] + 2 * pad - ws[2]) // st + 1) * ((xs[3] + 2 * pad - ws[3]) // st + 1)
+        base = _launch.conv_plan(M, ws[1], ws[0] // g, g, ws[2], ws[3], f16, False, False, sms=132)
+        cands = (_launch._alternatives(base, M, ws[0] // g, 132) if base["kind"] == "dense" else
+                 [base, _launch.conv_plan(M, ws[1], ws[0] // g, g, ws[2], ws[3], f16, False, False, "direct", 132)])
+        assert len(cands) >= 2
+        ref = F.conv2d(x.double(), w.double(), b.double(), st, pad, 1, g).relu()
+        for c in cands:
+            out = tb.conv_bn_act(x, w, b, (st, st), (pad, pad), g, None, True, _launch.conv_config_tuple(c))
+            assert (out.double() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item(), c
+    kids = [_rand(1, 96, 7, 7, dtype=f16), _rand(1, 64, 7, 7, dtype=f16)]
+    w2 = _rand(160, 160, dtype=f16, scale=0.05)
+    base = _launch.aggregate_plan(49, [96, 64], 160, f16, False, True, sms=132)
+    ref = F.conv2d(torch.cat(kids, 1).double(), w2.double()[:, :, None, None]).relu()
+    for c in _launch._alternatives(base, 49, 160, 132):
+        out = tb.aggregate(kids, w2, None, None, True, _launch.aggregate_config_tuple(c))
+        assert (out.double() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item(), c
 
 
 # ------------------------------------------------------------------------------------ errors and fakes
@@ -496,9 +563,9 @@ def test_fake_tensors_give_channels_last_outputs():
     with FakeTensorMode():
         x = torch.empty(2, 8, 7, 5)
         w = torch.empty(16, 8, 3, 3).contiguous(memory_format=torch.channels_last)
-        y = torch.ops.dla_fast_triton.conv_bn_act(x, w, None, [2, 2], [1, 1], 1, None, True, False)
+        y = torch.ops.dla_fast_triton.conv_bn_act(x, w, None, [2, 2], [1, 1], 1, None, True, [0])
         assert y.shape == (2, 16, 4, 3) and y.is_contiguous(memory_format=torch.channels_last)
-        z = torch.ops.dla_fast_triton.aggregate([x, x[:, :3]], torch.empty(4, 11), None, None, True, False)
+        z = torch.ops.dla_fast_triton.aggregate([x, x[:, :3]], torch.empty(4, 11), None, None, True, [0])
         assert z.shape == (2, 4, 7, 5) and z.is_contiguous(memory_format=torch.channels_last)
 
 

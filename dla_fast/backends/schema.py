@@ -8,18 +8,21 @@ file by ``csrc/tools/gen_schema.py``; a CPU test checks that the two agree), the
 This module imports nothing, so that ``setup.py`` and the generator can read it without torch.
 """
 
-# op name -> argument list and return type, identical in every namespace.
+# op name -> argument list and return type, identical in every namespace. Integers are SymInt: that is what
+# torch.library infers from a Python ``int`` annotation (so the Triton ops get these schemas on every torch
+# version), and C++ kernels taking int64_t / IntArrayRef register against it unchanged.
 OPS = {
-    "conv_bn_act": ("(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int groups, "
-                    "Tensor? residual, bool relu, int[] config) -> Tensor"),
-    "aggregate": "(Tensor[] children, Tensor weight, Tensor? bias, Tensor? residual, bool relu, int[] config) -> Tensor",
-    "max_pool": "(Tensor x, int k) -> Tensor",
+    "conv_bn_act": ("(Tensor x, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, SymInt groups, "
+                    "Tensor? residual, bool relu, SymInt[] config) -> Tensor"),
+    "aggregate": ("(Tensor[] children, Tensor weight, Tensor? bias, Tensor? residual, bool relu, "
+                  "SymInt[] config) -> Tensor"),
+    "max_pool": "(Tensor x, SymInt k) -> Tensor",
 }
 
 # Ops of the CUDA extension alone: the kernel configurations that can run a call, the rule's first, flattened
 # (see csrc/ops/plan.h for the encoding). The Triton backend answers the same question in Python.
 CUDA_ONLY = {
-    "conv_candidates": ("(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int groups, "
+    "conv_candidates": ("(Tensor x, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, SymInt groups, "
                         "Tensor? residual) -> int[]"),
     "aggregate_candidates": "(Tensor[] children, Tensor weight, Tensor? bias, Tensor? residual) -> int[]",
 }

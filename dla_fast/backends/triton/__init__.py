@@ -1,9 +1,9 @@
 """Triton backend of the fused inference ops (``backend="triton"`` in :mod:`dla_fast.ops`).
 
-Exposes the backend interface of :mod:`dla_fast.ops._backends`: ``NAME``, ``unavailable_reason(x)`` and the
-two validated-argument kernels. The kernels are registered as ``torch.ops.dla_fast_triton.conv_bn_act`` and
-``torch.ops.dla_fast_triton.aggregate`` (``torch.library.triton_op``), which ``torch.compile(fullgraph=True)``
-traces into and CUDA graphs capture.
+Implements the backend protocol of :mod:`dla_fast.backends`. The kernels are registered as
+``torch.ops.dla_fast_triton.conv_bn_act`` / ``aggregate`` / ``max_pool`` (``torch.library.triton_op``, with the
+schemas of :mod:`dla_fast.backends.schema`), which ``torch.compile(fullgraph=True)`` and ``torch.export`` trace
+into and CUDA graphs capture.
 
 On CPU the kernels run only in Triton's interpreter, which must be switched on with ``TRITON_INTERPRET=1``
 before this module is first imported (the interpreter is picked when the kernels are decorated).
@@ -84,30 +84,51 @@ def _direct(x: torch.Tensor) -> bool:
 
 
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
-                padding: Tuple[int, int], groups: int, residual: Optional[torch.Tensor],
-                relu: bool) -> torch.Tensor:
+                padding: Tuple[int, int], groups: int, residual: Optional[torch.Tensor], relu: bool,
+                config: Tuple[int, ...] = ()) -> torch.Tensor:
     if _direct(x):
+        cfg = _launch.conv_config_dict(config) if config else None
         return _launch.conv_launch(x, weight, bias, stride, padding, int(groups), residual, bool(relu), _tf32(),
-                                   raw=True)
+                                   config=cfg, raw=True)
     return torch.ops.dla_fast_triton.conv_bn_act(x, weight, bias, [int(s) for s in stride],
                                                  [int(p) for p in padding], int(groups), residual, bool(relu),
-                                                 _tf32())
+                                                 [int(_tf32())] + [int(v) for v in config])
 
 
 def aggregate(children: Sequence[torch.Tensor], weight2d: torch.Tensor, bias: Optional[torch.Tensor],
-              residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+              residual: Optional[torch.Tensor], relu: bool, config: Tuple[int, ...] = ()) -> torch.Tensor:
     kids: List[torch.Tensor] = list(children)
     if _direct(kids[0]):
-        return _launch.aggregate_launch(kids, weight2d, bias, residual, bool(relu), _tf32(), raw=True)
-    return torch.ops.dla_fast_triton.aggregate(kids, weight2d, bias, residual, bool(relu), _tf32())
+        cfg = _launch.aggregate_config_dict(config) if config else None
+        return _launch.aggregate_launch(kids, weight2d, bias, residual, bool(relu), _tf32(), config=cfg, raw=True)
+    return torch.ops.dla_fast_triton.aggregate(kids, weight2d, bias, residual, bool(relu),
+                                               [int(_tf32())] + [int(v) for v in config])
 
 
-def max_pool2d(x: torch.Tensor, k: int) -> torch.Tensor:
+def max_pool(x: torch.Tensor, k: int) -> torch.Tensor:
     """``F.max_pool2d(x, k, stride=k)`` (no padding, floor mode; the DLA trees' downsampling), channels_last
-    output. Callers check ``unavailable_reason(x)`` first."""
+    output."""
     if _direct(x):
         return _launch.max_pool_launch(x, int(k), raw=True)
     return torch.ops.dla_fast_triton.max_pool(x, int(k))
 
 
-__all__ = ["NAME", "unavailable_reason", "conv_bn_act", "aggregate", "max_pool2d"]
+def conv_candidates(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
+                    padding: Tuple[int, int], groups: int,
+                    residual: Optional[torch.Tensor]) -> List[Tuple[int, ...]]:
+    """The tile configs worth timing for this conv, the heuristic's first."""
+    return _launch.conv_candidates(x, weight, stride, padding, int(groups), _tf32())
+
+
+def aggregate_candidates(children: Sequence[torch.Tensor], weight2d: torch.Tensor, bias: Optional[torch.Tensor],
+                         residual: Optional[torch.Tensor]) -> List[Tuple[int, ...]]:
+    """The tile configs worth timing for this aggregation node, the heuristic's first."""
+    return _launch.aggregate_candidates(list(children), weight2d, _tf32())
+
+
+def describe(config: Tuple[int, ...], op: str = "conv_bn_act") -> str:
+    return _launch.describe(op, config)
+
+
+__all__ = ["NAME", "unavailable_reason", "conv_bn_act", "aggregate", "max_pool", "conv_candidates",
+           "aggregate_candidates", "describe"]

@@ -9,11 +9,13 @@ tiles without touching the heuristic.
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.library import triton_op, wrap_triton
+
+from ... import _env
+from ..schema import NAMESPACES, OPS
 
 from ._kernels import (_aggregate_kernel, _conv_direct_kernel, _conv_gemm_kernel, _max_pool_kernel,
                        _splitk_epilogue_kernel)
@@ -98,7 +100,7 @@ def _new_output(n: int, c: int, h: int, w: int, device, dtype) -> torch.Tensor:
     """The (channels_last) output. With DLA_FAST_TRITON_POISON=1 it starts as NaN instead of whatever the
     allocator hands back, so tests can prove that the kernels write every element."""
     y = torch.empty((n, c, h, w), device=device, dtype=dtype, memory_format=torch.channels_last)
-    if os.environ.get("DLA_FAST_TRITON_POISON", "0") not in ("", "0"):
+    if _env.flag("DLA_FAST_TRITON_POISON"):
         y.fill_(float("nan"))
     return y
 
@@ -159,7 +161,7 @@ def conv_plan(M: int, Cin_g: int, Cout_g: int, groups: int, kh: int, kw: int, dt
     tensor_cores = dtype in _TC_DTYPES or tf32
     small_group = groups > 1 and (Cin_g < 16 or Cout_g < 16)
     if force is None:
-        force = os.environ.get("DLA_FAST_TRITON_CONV") or None
+        force = _env.get("DLA_FAST_TRITON_CONV")
     if force is not None:
         kind = force
     elif small_group:
@@ -454,37 +456,165 @@ def max_pool_launch(x: torch.Tensor, k: int, raw: bool = False) -> torch.Tensor:
     return y
 
 
+# ------------------------------------------------------------------------------------------ plan configs
+# A per-layer plan hands this backend its tiles as a tuple of ints (the dla_fast.backends protocol); () keeps the
+# heuristic above. The registered ops take [tf32] + that tuple: TF32 follows torch.backends.cudnn.allow_tf32 at
+# call time, like cuDNN's fp32 convolutions, so it is not part of the plan.
+CONV_KINDS = ("dense", "flat", "blockdiag", "direct")
+_CONV_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GB", "COG", "num_warps", "num_stages", "SPLIT")
+_AGG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT")
+
+
+def conv_config_tuple(cfg: Dict) -> Tuple[int, ...]:
+    """A :func:`conv_plan` dict as the plan's int tuple."""
+    return (CONV_KINDS.index(cfg["kind"]),) + tuple(int(cfg.get(f, 1 if f == "SPLIT" else 0)) for f in _CONV_FIELDS)
+
+
+def conv_config_dict(t: Sequence[int]) -> Dict:
+    """The plan's int tuple as the dict :func:`conv_launch` takes."""
+    t = tuple(int(v) for v in t)
+    if len(t) != 1 + len(_CONV_FIELDS) or not 0 <= t[0] < len(CONV_KINDS) or min(t[1:]) < 0:
+        raise ValueError(f"Triton conv config {t} is malformed: expected (kind 0-{len(CONV_KINDS) - 1}, "
+                         f"{', '.join(_CONV_FIELDS)}), all non-negative")
+    cfg: Dict = dict(zip(_CONV_FIELDS, t[1:]))
+    cfg["kind"] = CONV_KINDS[t[0]]
+    if cfg["kind"] != "direct":
+        cfg["MODE"] = {"dense": 0, "flat": 1, "blockdiag": 2}[cfg["kind"]]
+    cfg["SPLIT"] = max(1, cfg["SPLIT"])
+    return cfg
+
+
+def aggregate_config_tuple(cfg: Dict) -> Tuple[int, ...]:
+    return tuple(int(cfg.get(f, 1 if f == "SPLIT" else 0)) for f in _AGG_FIELDS)
+
+
+def aggregate_config_dict(t: Sequence[int]) -> Dict:
+    t = tuple(int(v) for v in t)
+    if len(t) != len(_AGG_FIELDS) or min(t) < 1:
+        raise ValueError(f"Triton aggregate config {t} is malformed: expected ({', '.join(_AGG_FIELDS)}), "
+                         "all positive")
+    return dict(zip(_AGG_FIELDS, t))
+
+
+def _alternatives(base: Dict, M: int, cout: int, sms: int) -> List[Dict]:
+    """The few tilings of a dense GEMM worth timing beside the heuristic's: the other row tile, the 64-wide
+    column tile for wide outputs, and no split-K where the heuristic splits."""
+    out = [base]
+    if base.get("SPLIT", 1) > 1:
+        out.append(dict(base, SPLIT=1))
+    if base.get("SPLIT", 1) == 1:
+        bm = 64 if base["BLOCK_M"] == 128 else 128
+        out.append(dict(base, BLOCK_M=bm, num_warps=8 if bm * base["BLOCK_N"] >= 128 * 128 else 4))
+    if base["BLOCK_N"] == 128 and cout > 64:
+        out.append(dict(base, BLOCK_N=64, num_warps=8 if base["BLOCK_M"] * 64 >= 128 * 128 else 4))
+    return out
+
+
+def conv_candidates(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                    groups: int, tf32: bool) -> List[Tuple[int, ...]]:
+    """The conv configs worth timing for this call, the heuristic's first."""
+    N, _, H, W = x.shape
+    Cout, Cin_g, kh, kw = weight.shape
+    Ho = (H + 2 * int(padding[0]) - kh) // int(stride[0]) + 1
+    Wo = (W + 2 * int(padding[1]) - kw) // int(stride[1]) + 1
+    M = N * Ho * Wo
+    interp = interpreted()
+    sms = 0 if interp else _sm_count(x.device)
+    Cout_g = Cout // groups
+    base = conv_plan(M, Cin_g, Cout_g, groups, kh, kw, x.dtype, tf32, interp, None, sms)
+    cands = [base]
+    tensor_cores = x.dtype in _TC_DTYPES or tf32
+    if not interp and tensor_cores:
+        if base["kind"] == "dense":
+            cands = _alternatives(base, M, Cout_g, sms)
+        elif base["kind"] == "blockdiag":
+            cands.append(conv_plan(M, Cin_g, Cout_g, groups, kh, kw, x.dtype, tf32, interp, "direct", sms))
+        elif base["kind"] == "direct" and groups > 1 and max(Cin_g, Cout_g) <= 64:
+            cands.append(conv_plan(M, Cin_g, Cout_g, groups, kh, kw, x.dtype, tf32, interp, "blockdiag", sms))
+    seen, out = set(), []
+    for c in cands:
+        t = conv_config_tuple(c)
+        if t not in seen:
+            seen.add(t)
+            out.append(t)
+    return out
+
+
+def aggregate_candidates(children: Sequence[torch.Tensor], weight2d: torch.Tensor,
+                         tf32: bool) -> List[Tuple[int, ...]]:
+    """The aggregate configs worth timing for this call, the heuristic's first."""
+    ref = children[0]
+    M = ref.shape[0] * ref.shape[2] * ref.shape[3]
+    interp = interpreted()
+    sms = 0 if interp else _sm_count(ref.device)
+    chans = [int(c.shape[1]) for c in children]
+    base = aggregate_plan(M, chans, int(weight2d.shape[0]), ref.dtype, interp, tf32, sms)
+    tensor_cores = ref.dtype in _TC_DTYPES or tf32
+    cands = _alternatives(base, M, int(weight2d.shape[0]), sms) if (tensor_cores and not interp) else [base]
+    return list(dict.fromkeys(aggregate_config_tuple(c) for c in cands))
+
+
+def describe(op: str, config: Sequence[int]) -> str:
+    """A short human-readable name of a config, e.g. "dense 128x128x64 w8 s3 split4"."""
+    if not config:
+        return "heuristic"
+    if op == "aggregate":
+        c = aggregate_config_dict(config)
+        kind = "gemm"
+    else:
+        c = conv_config_dict(config)
+        kind = c["kind"]
+        if kind == "direct":
+            return f"direct {c['BLOCK_M']}x{c['GB']}x{c['COG']} w{c['num_warps']}"
+    split = f" split{c['SPLIT']}" if c.get("SPLIT", 1) > 1 else ""
+    return f"{kind} {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}{split}"
+
+
+def _unpack(config: Sequence[int]) -> Tuple[bool, Tuple[int, ...]]:
+    if len(config) < 1:
+        raise ValueError("the Triton ops take config = [tf32] + the plan's tile tuple (which may be empty)")
+    return bool(config[0]), tuple(int(v) for v in config[1:])
+
+
 # ------------------------------------------------------------------------------------------ custom ops
+# The annotations give the schemas of dla_fast/backends/schema.py (a test compares them): the same arguments as
+# the CUDA extension's ops.
 
 def _conv_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: List[int],
                padding: List[int], groups: int, residual: Optional[torch.Tensor], relu: bool,
-               tf32: bool) -> torch.Tensor:
-    return conv_launch(x, weight, bias, stride, padding, groups, residual, relu, tf32)
+               config: List[int]) -> torch.Tensor:
+    tf32, tiles = _unpack(config)
+    return conv_launch(x, weight, bias, stride, padding, groups, residual, relu, tf32,
+                       config=conv_config_dict(tiles) if tiles else None)
 
 
 def _aggregate_impl(children: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    residual: Optional[torch.Tensor], relu: bool, tf32: bool) -> torch.Tensor:
-    return aggregate_launch(children, weight, bias, residual, relu, tf32)
+                    residual: Optional[torch.Tensor], relu: bool, config: List[int]) -> torch.Tensor:
+    tf32, tiles = _unpack(config)
+    return aggregate_launch(children, weight, bias, residual, relu, tf32,
+                            config=aggregate_config_dict(tiles) if tiles else None)
 
 
 def _max_pool_impl(x: torch.Tensor, k: int) -> torch.Tensor:
     return max_pool_launch(x, k)
 
 
+_IMPLS = {"conv_bn_act": _conv_impl, "aggregate": _aggregate_impl, "max_pool": _max_pool_impl}
+
+
 def _register() -> None:
-    if interpreted():
-        # The interpreter's kernels cannot be traced into a graph (torch hands the raw kernel back from
-        # wrap_triton), so under TRITON_INTERPRET the ops are opaque custom ops whose fake implementation
-        # is the launcher itself (it skips the launch for fake tensors): torch.compile then calls the
-        # real kernels instead of silently dropping them from the graph.
-        for name, fn in (("conv_bn_act", _conv_impl), ("aggregate", _aggregate_impl),
-                         ("max_pool", _max_pool_impl)):
-            op = torch.library.custom_op(f"dla_fast_triton::{name}", mutates_args=())(fn)
+    ns = NAMESPACES["triton"]
+    for name, fn in _IMPLS.items():
+        qualname, schema = f"{ns}::{name}", OPS[name]
+        if interpreted():
+            # The interpreter's kernels cannot be traced into a graph (torch hands the raw kernel back from
+            # wrap_triton), so under TRITON_INTERPRET the ops are opaque custom ops whose fake implementation
+            # is the launcher itself (it skips the launch for fake tensors): torch.compile then calls the
+            # real kernels instead of silently dropping them from the graph.
+            op = torch.library.custom_op(qualname, mutates_args=(), schema=schema)(fn)
             op.register_fake(fn)
-    else:
-        triton_op("dla_fast_triton::conv_bn_act", mutates_args=())(_conv_impl)
-        triton_op("dla_fast_triton::aggregate", mutates_args=())(_aggregate_impl)
-        triton_op("dla_fast_triton::max_pool", mutates_args=())(_max_pool_impl)
+        else:
+            triton_op(qualname, mutates_args=(), schema=schema)(fn)
 
 
 _register()
