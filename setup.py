@@ -169,14 +169,23 @@ def cuda_extension():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def version() -> str:
+    """The package version, read from dla_fast/version.py (its single source) without importing the package."""
+    with open(os.path.join(ROOT, "dla_fast", "version.py")) as f:
+        m = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M)
+    if m is None:
+        raise RuntimeError("dla_fast/version.py does not define __version__ = \"...\"")
+    return m.group(1)
+
+
 def main() -> None:
     ext_modules, cmdclass = cuda_extension()
     setup(
         name="dla-fast",
-        version="0.1.0",
+        version=version(),
         description="A fast drop-in replacement for timm's DLA models (fused conv+BN+act and aggregation kernels)",
         packages=find_packages(include=["dla_fast", "dla_fast.*"]),
-        package_data={"dla_fast.ops": ["auto_table.json"]},
+        package_data={"dla_fast.plan": ["prior/*.json"]},
         python_requires=">=3.10",
         install_requires=["torch>=2.4", "numpy"],
         extras_require={

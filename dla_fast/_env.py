@@ -1,0 +1,78 @@
+"""Every ``DLA_FAST_*`` environment switch the package reads at run time, in one table, each read once.
+
+The table below is the documentation (``docs/environment.md`` renders the same list and adds the build-time
+switches that only ``setup.py`` reads). Values are read on first use and cached: a switch is a setting for the
+process, not something to flip between calls; tests that change one call :func:`reload`. The CUDA extension
+reads its three debugging overrides (``DLA_FAST_CUDA_KERNEL``, ``DLA_FAST_CUDA_WIDE_BN``,
+``DLA_FAST_CUDA_IM2COL``) once in C++; they are listed here so that one table names every switch.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class Switch:
+    name: str
+    values: str
+    default: str
+    doc: str
+    read_by: str = "python"  # "python", "c++" (the extension), "build" (setup.py), "tests"
+
+
+SWITCHES: Tuple[Switch, ...] = (
+    Switch("DLA_FAST_CACHE_DIR", "a directory", "$XDG_CACHE_HOME/dla_fast or ~/.cache/dla_fast",
+           "where tuned per-layer plans are kept (one file per GPU model and software versions)"),
+    Switch("DLA_FAST_PRIOR", "off | a prior JSON file", "the prior shipped for the GPU's compute capability",
+           "the committed measurements used before the GPU's own tuning exists; 'off' uses the rules alone"),
+    Switch("DLA_FAST_TRITON_CONV", "dense | flat | blockdiag | direct", "unset",
+           "debugging: force the Triton conv kernel family wherever the plan leaves the tiles to the heuristic"),
+    Switch("DLA_FAST_TRITON_POISON", "0 | 1", "0",
+           "tests: Triton outputs start as NaN, so an element a kernel never writes shows up"),
+    Switch("DLA_FAST_CUDA_KERNEL", "auto | wgmma | tc | simt | direct", "auto",
+           "debugging: force the CUDA kernel family over the plan (falls back wgmma -> tc -> simt)", "c++"),
+    Switch("DLA_FAST_CUDA_WIDE_BN", "64 | 128 | 256", "unset",
+           "debugging: force the width of the wide CUDA tensor-core tiles over the plan", "c++"),
+    Switch("DLA_FAST_CUDA_IM2COL", "0 | 1", "unset",
+           "debugging: 0 loads the input by cp.async gather instead of TMA im2col on the wgmma tiles", "c++"),
+    Switch("DLA_FAST_REQUIRE_EXT", "0 | 1", "0",
+           "tests: a missing dla_fast._C fails the CUDA tests instead of skipping them", "tests"),
+    Switch("DLA_FAST_SKIP_CUDA", "0 | 1", "0", "install without the CUDA extension", "build"),
+    Switch("DLA_FAST_FORCE_CUDA", "0 | 1", "0",
+           "fail the install when the CUDA extension cannot be built", "build"),
+    Switch("DLA_FAST_CUDA_ARCHS", "e.g. 80;90a", "80;90a",
+           "GPU architectures of the extension; 90a enables the Hopper wgmma/TMA kernels", "build"),
+)
+
+_BY_NAME: Dict[str, Switch] = {s.name: s for s in SWITCHES}
+_cache: Dict[str, Optional[str]] = {}
+
+
+def get(name: str) -> Optional[str]:
+    """The switch's value (stripped; None when unset or empty), read from the environment once."""
+    if name not in _BY_NAME:
+        raise KeyError(f"{name} is not a dla_fast switch; known: {', '.join(_BY_NAME)}")
+    if name not in _cache:
+        v = os.environ.get(name, "").strip()
+        _cache[name] = v or None
+    return _cache[name]
+
+
+def flag(name: str) -> bool:
+    """A 0/1 switch as a bool."""
+    return (get(name) or "0").lower() not in ("0", "false", "no", "off")
+
+
+def reload() -> None:
+    """Forget the values read so far (tests that change a switch call this)."""
+    _cache.clear()
+
+
+def markdown_table() -> str:
+    """The table of docs/environment.md."""
+    lines = ["| variable | values | default | read by | what it does |", "|---|---|---|---|---|"]
+    for s in SWITCHES:
+        lines.append(f"| `{s.name}` | {s.values} | {s.default} | {s.read_by} | {s.doc} |")
+    return "\n".join(lines)
