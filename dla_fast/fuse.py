@@ -1,29 +1,32 @@
 """The inference pass: fold BatchNorm into the convolutions and rebuild a DLA from fused modules.
 
 ``optimize(model)`` never touches its input: it reads the (eval-mode) statistics and weights and builds a
-new module tree in which every conv-BN(-ReLU)(+residual) group is one :class:`FusedConvBnAct` and every
-aggregation node (DlaRoot, and the Bottle2neck's concat -> conv3) is one :class:`FusedAggregate`. Each fused
-layer decides once per device which backend runs it (see :meth:`FusedDLA.summary`); the forward then calls
-that backend directly, without re-validating arguments the pass itself built.
+new module tree in which every conv-BN(-ReLU)(+residual) group is one :class:`FusedConvBnAct`, every
+aggregation node (DlaRoot, and the Bottle2neck's concat -> conv3) one :class:`FusedAggregate` and every tree's
+max-pool one :class:`FusedMaxPool`. Each of them asks the per-layer plan (:mod:`dla_fast.plan`) once per input
+shape which backend, kernel and tile run it, and then calls that backend directly, without re-validating
+arguments the pass itself built. :meth:`FusedDLA.summary` prints the plans and where each came from.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
-from .ops import _backends, auto_table
-from .ops.reference import aggregate_ref, conv_bn_act_ref
+from . import backends as _backends
 from .models import DLA, DlaFeatures, from_timm
 from .models.dla import DlaBasic, DlaBottle2neck, DlaBottleneck, DlaRoot, DlaTree, GlobalPool, check_input
+from .ops.reference import aggregate_ref, conv_bn_act_ref
+from .plan.planner import LAUNCH_BOUND_BATCH, PLANNER, Plan, aggregate_key, conv_key, max_pool_key
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("auto",) + _backends.NAMES
 
 
 @torch.no_grad()
@@ -56,13 +59,6 @@ def _refuse_training() -> None:
                        "train the original model and call optimize() on it again")
 
 
-# Batches up to this size run without a CUDA graph are paced by the host, not the GPU: a Triton launch costs
-# ~130 us of Python against 19 us for the CUDA extension's ops and ~50 us for cuDNN + an in-place ReLU, while
-# the kernels themselves take 3-30 us (dla34 at batch 1 on the H200: 4.8 ms per forward with Triton, 1.7 ms
-# with the CUDA backend, 0.28 ms replayed from a CUDA graph; benchmarks/NOTES.md, v4). There, backend="auto"
-# prefers the CUDA backend, then cuDNN; under a CUDA graph (optimize(..., cuda_graph=True)) or torch.compile
-# the launch cost is gone and the GPU-time table decides.
-LAUNCH_BOUND_BATCH = 16
 _graph_state = threading.local()
 
 
@@ -90,77 +86,22 @@ def _launch_bound(batch: int, replayed: Optional[bool] = None) -> bool:
     return not (_launch_cost_hidden() if replayed is None else replayed)
 
 
-def _name(impl) -> str:
-    """A resolved backend module's name ("eager" for None)."""
-    return "eager" if impl is None else impl.NAME
+class _NoCast:
+    """Refuses dtype casts (``.half()``, ``.float()``, ``.to(dtype)``) of an optimized module before anything is
+    changed: the layers were built for one dtype (weights in it, biases in fp32). Device moves are fine."""
 
+    _dtype: torch.dtype
 
-class _Fused(nn.Module):
-    """A fused layer: weights in the inference dtype (channels_last), bias in fp32, a resolved backend."""
+    def _apply(self, fn, *args, **kwargs):
+        probe = torch.zeros(1, dtype=self._dtype)
+        if fn(probe).dtype != self._dtype:
+            raise RuntimeError(f"don't cast an optimized model (.half()/.float()/.to(dtype)): it was built for "
+                               f"{self._dtype}; call dla_fast.optimize(model, dtype=...) again instead")
+        self._forget()
+        return super()._apply(fn, *args, **kwargs)
 
-    OP = ""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, relu: bool, backend: str, dtype: torch.dtype):
-        super().__init__()
-        self.register_buffer("weight", _backends.prep_weight(weight.to(dtype)))
-        self.register_buffer("bias", bias.float().contiguous())
-        self.relu = relu
-        self.backend = backend
-        self._impl = None       # the backend module, or None for eager (at large batches)
-        self._impl_name = "eager"
-        # Where the auto table measured this shape at several batch sizes and the winners differ:
-        # ((upper batch bound, backend module or None), ...) ascending; else None and _impl serves all.
-        self._by_batch = None
-        # backend="auto" where the launch-bound choice (see LAUNCH_BOUND_BATCH) differs from the table's
-        # small-batch one: (True, backend module or None); else (False, None).
-        self._launch_bound = (False, None)
-        # The input's (H, W) at the model's default input size, found by FusedDLA's shape probe: part of the
-        # key of the measured per-shape backend table (dla_fast/ops/auto_table.py).
-        self.in_hw: Optional[Tuple[int, int]] = None
-        self._probing = False
-
-    def shape_key(self):
-        raise NotImplementedError
-
-    def resolve(self, device: torch.device, dtype: torch.dtype) -> None:
-        probe = torch.empty(0, device=device, dtype=dtype)
-        key = self.shape_key()
-        impl = _backends.select(self.OP, self.backend, probe, False, key=key)
-        self._impl = impl
-        self._impl_name = _name(impl)
-        self._by_batch = None
-        self._launch_bound = (False, None)
-        if self.backend != "auto":
-            return
-        sizes = auto_table.batches(key)
-        if len(sizes) > 1:
-            impls = [_backends.select(self.OP, self.backend, probe, False, key=key, batch=b) for b in sizes]
-            if any(i is not impl for i in impls):
-                self._by_batch = tuple(zip(auto_table.batch_bounds(sizes), impls))
-        lb = _backends.select(self.OP, self.backend, probe, False, key=key, batch=1, launch_bound=True)
-        if lb is not self.impl_for(1, replayed=True):
-            self._launch_bound = (True, lb)
-
-    def impl_for(self, batch: int, replayed: Optional[bool] = None):
-        """The backend module (None: eager) this layer runs at batch size ``batch``; ``replayed``: whether the
-        launch cost is hidden (CUDA graph, torch.compile; None: as the current call)."""
-        if self._launch_bound[0] and _launch_bound(batch, replayed):
-            return self._launch_bound[1]
-        if self._by_batch is None:
-            return self._impl
-        for bound, impl in self._by_batch:
-            if batch <= bound:
-                return impl
-        return self._impl
-
-    def backend_note(self) -> str:
-        """The backend name, plus the small-batch choices where they differ, e.g.
-        "cuda (batch <= 16: triton; batch <= 16 without a CUDA graph: eager)"."""
-        extra = [] if self._by_batch is None else [f"batch <= {int(bound)}: {_name(impl)}"
-                                                   for bound, impl in self._by_batch[:-1]]
-        if self._launch_bound[0]:
-            extra.append(f"batch <= {LAUNCH_BOUND_BATCH} without a CUDA graph: {_name(self._launch_bound[1])}")
-        return f"{self._impl_name} ({'; '.join(extra)})" if extra else self._impl_name
+    def _forget(self) -> None:
+        pass
 
     def train(self, mode: bool = True):
         if mode:
@@ -168,73 +109,244 @@ class _Fused(nn.Module):
         return super().train(False)
 
 
-class FusedConvBnAct(_Fused):
+# Fused layers by id, for the plan lookup that torch.compile evaluates while tracing (see _traced_plan).
+_LAYERS: "weakref.WeakValueDictionary[int, _Planned]" = weakref.WeakValueDictionary()
+
+
+def _traced_plan(token: int, n: int, h: int, w: int, res: bool, lb: bool) -> Tuple[str, Tuple[int, ...]]:
+    return _LAYERS[token]._plan_entry(n, h, w, res, lb)[:2]
+
+
+_traced_plan_const = None
+
+
+def _constant_plan(*args) -> Tuple[str, Tuple[int, ...]]:
+    """The plan looked up while torch.compile traces: evaluated once then and baked into the graph as a constant,
+    so the planner's Python (file reads on first use included) never has to be traced."""
+    global _traced_plan_const
+    if _traced_plan_const is None:
+        _traced_plan_const = torch.compiler.assume_constant_result(_traced_plan)
+    return _traced_plan_const(*args)
+
+
+class _Planned(_NoCast, nn.Module):
+    """A fused layer: asks the plan once per input shape which backend and config run it."""
+
+    OP = ""
+
+    def __init__(self, backend: str, dtype: torch.dtype):
+        super().__init__()
+        self.backend = backend          # the requested backend: "auto" or a backend name
+        self._dtype = dtype
+        # (batch, H, W, has residual, launch-bound) -> (backend name, config, Plan)
+        self._memo: Dict[tuple, Tuple[str, Tuple[int, ...], Plan]] = {}
+        _LAYERS[id(self)] = self
+
+    def _forget(self) -> None:
+        self._memo.clear()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_memo"] = {}
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _LAYERS[id(self)] = self
+
+    def key(self, n: int, hw: Sequence[int], residual: bool):
+        raise NotImplementedError
+
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    def _plan_entry(self, n: int, h: int, w: int, res: bool, lb: bool) -> Tuple[str, Tuple[int, ...], Plan]:
+        mk = (n, h, w, res, lb)
+        hit = self._memo.get(mk)
+        if hit is None:
+            plan = self.plan_for(n, (h, w), res, lb)
+            hit = self._memo[mk] = (plan.backend, plan.config, plan)
+        return hit
+
+    def plan_for(self, n: int, hw: Sequence[int], residual: bool, launch_bound: bool = False) -> Plan:
+        """The plan of a call at batch ``n`` and input size ``hw``, for the backend this layer was built with."""
+        dev = self.device()
+        if self.backend == "auto":
+            if dev.type != "cuda":
+                return Plan("eager", (), "rule", f"no kernels off the GPU ({dev.type})")
+            return PLANNER.plan(self.key(n, hw, residual), dev, launch_bound)
+        if self.backend == "eager":
+            return Plan("eager", (), "requested")
+        # A forced backend keeps a tuned config of its own, else its own rule.
+        if dev.type == "cuda":
+            p = PLANNER.plan(self.key(n, hw, residual), dev, False)
+            if p.backend == self.backend and p.source in ("tuned", "cached"):
+                return Plan(p.backend, p.config, "requested", f"{p.source} config", p.ms)
+        return Plan(self.backend, (), "requested")
+
+    def _impl(self, x: torch.Tensor, res: bool):
+        n, h, w = x.shape[0], x.shape[2], x.shape[3]
+        lb = _launch_bound(n)
+        if torch.compiler.is_compiling():
+            if not all(isinstance(v, int) for v in (n, h, w)):
+                n, h, w = 256, 224, 224  # a dynamic shape: plan for the throughput regime
+            name, cfg = _constant_plan(id(self), n, h, w, res, lb)
+        else:
+            name, cfg, _ = self._plan_entry(n, h, w, res, lb)
+        return _backends.get(name), cfg
+
+    def plans(self) -> Dict[tuple, Plan]:
+        """The plans resolved so far: (batch, H, W, has residual, launch-bound) -> Plan."""
+        return {k: v[2] for k, v in self._memo.items()}
+
+
+class FusedConvBnAct(_Planned):
     OP = "conv_bn_act"
 
     def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], relu: bool, backend: str,
                  dtype: torch.dtype):
         if conv.dilation != (1, 1):
             raise ValueError("dilated convolutions are not supported by the fused path")
+        super().__init__(backend, dtype)
         if bn is not None:
             w, b = fold_bn(conv, bn)
         else:
             w = conv.weight.detach().float()
             b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels)
-        super().__init__(w, b, relu, backend, dtype)
+        self.register_buffer("weight", w.to(dtype).contiguous(memory_format=torch.channels_last))
+        self.register_buffer("bias", b.float().contiguous())
+        self.relu = relu
         self.stride = tuple(conv.stride)
         self.padding = tuple(conv.padding)
         self.groups = conv.groups
 
-    def shape_key(self):
-        return _backends.conv_key(self.weight.shape, self.stride, self.padding, self.groups, self.weight.dtype,
-                                  self.in_hw)
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def key(self, n: int, hw: Sequence[int], residual: bool):
+        return conv_key(self.weight.shape, self.stride, self.padding, self.groups, residual, self._dtype, n, hw)
+
+    # the tuner's view of a call (dla_fast.plan.tuner.collect_calls)
+    def layer_key(self, x, residual=None):
+        return self.key(int(x.shape[0]), (int(x.shape[2]), int(x.shape[3])), residual is not None)
+
+    def call_inputs(self, x, residual=None):
+        return [x]
+
+    def call_residual(self, x, residual=None):
+        return residual
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self._probing:  # shapes only (meta tensors): record the input size
-            self.in_hw = (int(x.shape[2]), int(x.shape[3]))
+        if x.device.type == "meta":  # shapes and layouts only (plan collection, summaries), as the kernels give
             return conv_bn_act_ref(x, self.weight.to("meta"), self.bias.to("meta"), self.stride, self.padding,
-                                   self.groups, residual, self.relu)
-        impl = self.impl_for(x.shape[0])
-        if impl is None:
-            return conv_bn_act_ref(x, self.weight, self.bias, self.stride, self.padding, self.groups, residual,
-                                   self.relu)
-        return impl.conv_bn_act(x, self.weight, self.bias, self.stride, self.padding, self.groups,
-                                      residual, self.relu)
+                                   self.groups, residual, self.relu).contiguous(memory_format=torch.channels_last)
+        impl, cfg = self._impl(x, residual is not None)
+        return impl.conv_bn_act(x, self.weight, self.bias, self.stride, self.padding, self.groups, residual,
+                                self.relu, cfg)
 
     def extra_repr(self) -> str:
         co, ci, kh, kw = self.weight.shape
         return (f"{ci * self.groups}->{co}, k={kh}x{kw}, stride={self.stride[0]}, groups={self.groups}, "
-                f"relu={self.relu}, backend={self.backend_note()}")
+                f"relu={self.relu}, backend={self.backend!r}")
 
 
-class FusedAggregate(_Fused):
+_RESIDUAL_KIND = {None: 0, "child0": 1, "tensor": 2}
+
+
+class FusedAggregate(_Planned):
     """concat(children) -> 1x1 conv -> BN -> (+ residual) -> ReLU, with no concat in memory."""
 
     OP = "aggregate"
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, split: Sequence[int], relu: bool, backend: str,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, residual: Optional[str] = None):
         if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0) or conv.groups != 1:
             raise ValueError("an aggregation node must be a plain 1x1 convolution")
+        super().__init__(backend, dtype)
         w, b = fold_bn(conv, bn)
-        super().__init__(w.reshape(w.shape[0], w.shape[1]), b, relu, backend, dtype)
+        self.register_buffer("weight", w.reshape(w.shape[0], w.shape[1]).to(dtype).contiguous())
+        self.register_buffer("bias", b.float().contiguous())
+        self.relu = relu
         self.split = tuple(split)
+        self.residual = residual  # None, "child0" (a root's shortcut) or "tensor" (the Bottle2neck's)
 
-    def shape_key(self):
-        return _backends.aggregate_key(self.split, self.weight.shape[0], self.weight.dtype, self.in_hw)
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def key(self, n: int, hw: Sequence[int], residual: bool):
+        kind = _RESIDUAL_KIND[self.residual] if residual else 0
+        return aggregate_key(self.split, self.weight.shape[0], kind, self._dtype, n, hw)
+
+    def layer_key(self, children, residual=None):
+        c = children[0]
+        return self.key(int(c.shape[0]), (int(c.shape[2]), int(c.shape[3])), residual is not None)
+
+    def call_inputs(self, children, residual=None):
+        return list(children)
+
+    def call_residual(self, children, residual=None):
+        return residual
 
     def forward(self, children: List[torch.Tensor], residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self._probing:
-            self.in_hw = (int(children[0].shape[2]), int(children[0].shape[3]))
-            return aggregate_ref(children, self.weight.to("meta"), self.bias.to("meta"), residual, self.relu)
-        impl = self.impl_for(children[0].shape[0])
-        if impl is None:
-            return aggregate_ref(children, self.weight, self.bias, residual, self.relu)
-        return impl.aggregate(children, self.weight, self.bias, residual, self.relu)
+        c0 = children[0]
+        if c0.device.type == "meta":
+            return aggregate_ref(children, self.weight.to("meta"), self.bias.to("meta"), residual,
+                                 self.relu).contiguous(memory_format=torch.channels_last)
+        impl, cfg = self._impl(c0, residual is not None)
+        return impl.aggregate(children, self.weight, self.bias, residual, self.relu, cfg)
 
     def extra_repr(self) -> str:
-        return (f"{'+'.join(map(str, self.split))}->{self.weight.shape[0]}, relu={self.relu}, "
-                f"backend={self.backend_note()}")
+        return f"{'+'.join(map(str, self.split))}->{self.weight.shape[0]}, relu={self.relu}, backend={self.backend!r}"
+
+
+class FusedMaxPool(_Planned):
+    """A tree's k x k / stride k max pooling, on the backend the plan picks."""
+
+    OP = "max_pool"
+
+    def __init__(self, k: int, backend: str, dtype: torch.dtype, device: torch.device):
+        super().__init__(backend, dtype)
+        self.k = int(k)
+        # No tensors of its own: the device it plans for follows the model's (FusedDLA._apply keeps it).
+        self._device = torch.device(device)
+        self._channels = 0  # the input's, seen at the first call (part of the plan key)
+
+    @staticmethod
+    def wrap(pool: nn.Module, backend: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        """A FusedMaxPool for a plain k x k, stride-k, unpadded max pool; anything else is copied as it is."""
+        if not isinstance(pool, nn.MaxPool2d):
+            return nn.Identity() if isinstance(pool, nn.Identity) else pool
+        k, st, pad, dil = (nn.modules.utils._pair(v) for v in (pool.kernel_size, pool.stride, pool.padding,
+                                                                  pool.dilation))
+        if k[0] != k[1] or st != k or pad != (0, 0) or dil != (1, 1) or pool.ceil_mode or pool.return_indices:
+            return nn.MaxPool2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, ceil_mode=pool.ceil_mode)
+        return FusedMaxPool(k[0], backend, dtype, device)
+
+    def device(self) -> torch.device:
+        return self._device
+
+    def key(self, n: int, hw: Sequence[int], residual: bool):
+        return max_pool_key(self._channels, self.k, self._dtype, n, hw)
+
+    def layer_key(self, x):
+        self._channels = int(x.shape[1])
+        return self.key(int(x.shape[0]), (int(x.shape[2]), int(x.shape[3])), False)
+
+    def call_inputs(self, x):
+        return [x]
+
+    def call_residual(self, x):
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "meta":
+            return F.max_pool2d(x, self.k, self.k).contiguous(memory_format=torch.channels_last)
+        self._channels = int(x.shape[1])
+        impl, _ = self._impl(x, False)
+        return impl.max_pool(x, self.k)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, stride={self.k}, backend={self.backend!r}"
 
 
 class FusedBasic(nn.Module):
@@ -264,9 +376,11 @@ class FusedBottle2neck(nn.Module):
         self.width, self.scale, self.is_first = blk.width, blk.scale, blk.is_first
         self.conv1 = FusedConvBnAct(blk.conv1, blk.bn1, True, **kw)
         self.convs = nn.ModuleList(FusedConvBnAct(c, b, True, **kw) for c, b in zip(blk.convs, blk.bns))
-        self.pool = blk.pool
+        p = blk.pool
+        self.pool = (nn.AvgPool2d(p.kernel_size, p.stride, p.padding, p.ceil_mode, p.count_include_pad)
+                     if p is not None else None)
         n_out = len(blk.convs) + (1 if blk.scale > 1 else 0)
-        self.conv3 = FusedAggregate(blk.conv3, blk.bn3, [blk.width] * n_out, True, **kw)
+        self.conv3 = FusedAggregate(blk.conv3, blk.bn3, [blk.width] * n_out, True, residual="tensor", **kw)
 
     def forward(self, x, shortcut: Optional[torch.Tensor] = None):
         pieces = torch.split(self.conv1(x), self.width, 1)
@@ -281,63 +395,23 @@ class FusedBottle2neck(nn.Module):
         return self.conv3(outs, x if shortcut is None else shortcut)
 
 
-class FusedMaxPool(nn.Module):
-    """A tree's k x k / stride k max pooling, on the Triton kernel for CUDA inputs when the layers' backend
-    is "auto" or "triton" (PyTorch's NHWC max-pool kernel took 15 us per call at batch 1 on the H200: a fifth
-    of dla34's kernel time), else torch's; under "auto" torch's too at launch-bound batches without a graph."""
-
-    def __init__(self, k: int, backend: str):
-        super().__init__()
-        self.k = int(k)
-        self.backend = backend
-        self._ok: Dict[Tuple[torch.device, torch.dtype], bool] = {}  # may the kernel run on this device/dtype
-
-    @staticmethod
-    def wrap(pool: nn.Module, backend: str) -> nn.Module:
-        """``pool`` itself unless it is a plain k x k, stride-k, unpadded max pool."""
-        if not isinstance(pool, nn.MaxPool2d):
-            return pool
-        k, st, pad, dil = (nn.modules.utils._pair(v) for v in (pool.kernel_size, pool.stride, pool.padding,
-                                                                  pool.dilation))
-        if k[0] != k[1] or st != k or pad != (0, 0) or dil != (1, 1) or pool.ceil_mode or pool.return_indices:
-            return pool
-        return FusedMaxPool(k[0], backend)
-
-    def wants_triton(self, device_type: str, batch: int) -> bool:
-        """Whether this call should take the Triton kernel (if it can run): not under ``auto`` at a launch-bound
-        batch without a CUDA graph, where a Triton launch's host cost (~46 us) is several times torch's."""
-        if device_type != "cuda" or self.backend not in ("auto", "triton"):
-            return False
-        return self.backend == "triton" or not _launch_bound(batch)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.wants_triton(x.device.type, x.shape[0]):
-            ok = self._ok.get((x.device, x.dtype))
-            if ok is None:
-                ok = self._ok[(x.device, x.dtype)] = _backends.reason_unavailable("triton", x) is None
-            if ok:
-                return _backends.get("triton").max_pool2d(x, self.k)
-        return F.max_pool2d(x, self.k, self.k)
-
-    def extra_repr(self) -> str:
-        return f"k={self.k}, stride={self.k}"
-
-
 class FusedTree(nn.Module):
-    def __init__(self, tree: DlaTree, **kw):
+    def __init__(self, tree: DlaTree, device: torch.device, **kw):
         super().__init__()
-        self.downsample = FusedMaxPool.wrap(tree.downsample, kw["backend"])
+        self.downsample = FusedMaxPool.wrap(tree.downsample, kw["backend"], kw["dtype"], device)
         self.project = (FusedConvBnAct(tree.project[0], tree.project[1], False, **kw)
                         if isinstance(tree.project, nn.Sequential) else None)
-        self.tree1 = _fuse_block(tree.tree1, **kw)
-        self.tree2 = _fuse_block(tree.tree2, **kw)
+        self.tree1 = _fuse_block(tree.tree1, device, **kw)
+        self.tree2 = _fuse_block(tree.tree2, device, **kw)
         self.root = None
+        self.root_shortcut = False
         if tree.root is not None:
             r: DlaRoot = tree.root
             if r.conv.kernel_size != (1, 1):
                 raise ValueError("only 1x1 aggregation roots are supported")
             # The real child split is filled in by _assign_root_splits once the whole tree exists.
-            self.root = FusedAggregate(r.conv, r.bn, [r.conv.in_channels], True, **kw)
+            self.root = FusedAggregate(r.conv, r.bn, [r.conv.in_channels], True,
+                                       residual="child0" if r.shortcut else None, **kw)
             self.root_shortcut = r.shortcut
         self.level_root = tree.level_root
 
@@ -371,9 +445,9 @@ def _assign_root_splits(t: "FusedTree", cin: int, cout: int, children: List[int]
     _assign_root_splits(t.tree2, cout, cout, children + [cout])
 
 
-def _fuse_block(m: nn.Module, **kw) -> nn.Module:
+def _fuse_block(m: nn.Module, device: torch.device, **kw) -> nn.Module:
     if isinstance(m, DlaTree):
-        return FusedTree(m, **kw)
+        return FusedTree(m, device, **kw)
     if isinstance(m, DlaBasic):
         return FusedBasic(m, **kw)
     if isinstance(m, DlaBottleneck):
@@ -392,74 +466,80 @@ def _fuse_seq(seq: nn.Sequential, **kw) -> nn.Sequential:
     return nn.Sequential(*[FusedConvBnAct(mods[i], mods[i + 1], True, **kw) for i in range(0, len(mods), 3)])
 
 
-class FusedDLA(nn.Module):
+class _Head(_NoCast, nn.Conv2d):
+    """The classifier (a 1x1 conv, as timm's DLA has it), in the inference dtype, guarded against casts."""
+
+    def __init__(self, fc: nn.Conv2d, dtype: torch.dtype):
+        super().__init__(fc.in_channels, fc.out_channels, 1, bias=fc.bias is not None,
+                         device=fc.weight.device, dtype=dtype)
+        self._dtype = dtype
+        with torch.no_grad():
+            self.weight.copy_(fc.weight)
+            if fc.bias is not None:
+                self.bias.copy_(fc.bias)
+        self.requires_grad_(False)
+
+
+def _feature_take_indices(num: int, indices) -> Tuple[List[int], int]:
+    from .models import dla as _dla
+    return _dla.feature_take_indices(num, indices)
+
+
+class FusedDLA(_NoCast, nn.Module):
     """Inference-only DLA built by :func:`optimize`; see there."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, backend: str):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, backend: str, tune: Union[bool, float] = False):
         super().__init__()
+        device = next(model.parameters()).device
         kw = dict(backend=backend, dtype=dtype)
-        self.dtype, self.backend = dtype, backend
+        self.dtype, self._dtype, self.backend = dtype, dtype, backend
         self.in_chans = model.in_chans
         self.features_only = isinstance(model, DlaFeatures)
-        self.out_indices = model.out_indices if self.features_only else (5,)
+        self.out_indices = tuple(model.out_indices) if self.features_only else (5,)
         self.last_level = max(self.out_indices)
         self.base_layer = _fuse_seq(model.base_layer, **kw)
         for i in range(self.last_level + 1):
             lvl = getattr(model, f"level{i}")
             setattr(self, f"level{i}", _fuse_seq(lvl, **kw) if isinstance(lvl, nn.Sequential)
-                    else _fuse_block(lvl, **kw))
+                    else _fuse_block(lvl, device, **kw))
         chans = model.channels
         for i in range(2, self.last_level + 1):
             _assign_root_splits(getattr(self, f"level{i}"), chans[i - 1], chans[i], [])
+        self.channels = tuple(chans)
         self.feature_info = model.feature_info
-        self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}))
+        self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        self.default_cfg = self.pretrained_cfg
+        self.num_features = chans[-1]
         if not self.features_only:
             self.num_classes = model.num_classes
-            self.num_features = model.num_features
             self.global_pool = GlobalPool(model.global_pool.pool_type)
             self.head_drop = nn.Identity()
-            self.fc = _copy_head(model.fc, dtype)
+            self.fc = _Head(model.fc, dtype) if isinstance(model.fc, nn.Conv2d) else nn.Identity()
             self.flatten = nn.Flatten(1) if model.global_pool.pool_type else nn.Identity()
-        self._resolved: Optional[Tuple[torch.device, torch.dtype]] = None
+        self.tune = tune
+        self._tuned_shapes: set = set()
         super().train(False)
-        self._probe_shapes(tuple(self.pretrained_cfg.get("input_size", (self.in_chans, 224, 224)))[-2:])
 
-    def _probe_shapes(self, hw: Tuple[int, int]) -> None:
-        """Record every fused layer's input size for an input of spatial size ``hw`` (a forward on the meta
-        device: no memory, no compute). The per-shape backend table is keyed by these sizes."""
-        layers = [m for _, m in self.fused_layers()]
-        for m in layers:
-            m._probing = True
-        try:
-            with torch.no_grad():
-                self._levels(torch.empty(1, self.in_chans, int(hw[0]), int(hw[1]), device="meta", dtype=self.dtype))
-        finally:
-            for m in layers:
-                m._probing = False
-        self._resolved = None
-
-    def fused_layers(self) -> List[Tuple[str, "_Fused"]]:
-        return [(n, m) for n, m in self.named_modules() if isinstance(m, _Fused)]
-
-    def _ensure_resolved(self, device: torch.device) -> None:
-        if self._resolved != (device, self.dtype):
-            for _, m in self.fused_layers():
-                m.resolve(device, self.dtype)
-            self._resolved = (device, self.dtype)
-
-    def train(self, mode: bool = True):
-        if mode:
-            _refuse_training()
-        return super().train(False)
+    # ------------------------------------------------------------------------------------------ plumbing
+    def fused_layers(self) -> List[Tuple[str, _Planned]]:
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, _Planned)]
 
     def _apply(self, fn, *args, **kwargs):
-        # A dtype cast would also cast the fp32 biases and break the dtype the layers were built for: refuse it
-        # before anything changes. Device moves are fine; they invalidate the per-device backend choice.
-        if fn(torch.zeros(1, device=self.weight_device())).dtype != torch.float32:
-            raise RuntimeError(f"don't cast an optimized model (.half()/.to(dtype)): it was built for {self.dtype}; "
-                               f"call dla_fast.optimize(model, dtype=...) again instead")
-        self._resolved = None
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        dev = self.weight_device()
+        for _, m in self.fused_layers():
+            if isinstance(m, FusedMaxPool):
+                m._device = dev
+        self._tuned_shapes = set()
+        return out
+
+    def forget_plans(self) -> None:
+        """Drop every layer's resolved plans (they are resolved again, e.g. after tuning)."""
+        for _, m in self.fused_layers():
+            m._forget()
+
+    def weight_device(self) -> torch.device:
+        return self.base_layer[0].weight.device
 
     def _prep_input(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_chans)
@@ -471,30 +551,42 @@ class FusedDLA(nn.Module):
             raise ValueError(f"input is on {x.device} but the optimized model is on {dev}; move one of them")
         if not x.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
-        self._ensure_resolved(dev)
+        if self.tune and dev.type == "cuda" and not torch.compiler.is_compiling():
+            shape = (int(x.shape[0]), int(x.shape[2]), int(x.shape[3]))
+            if shape not in self._tuned_shapes:
+                self._tune_shape(shape)
         # The model computes in self.dtype; inputs are cast to it (like autocast for the whole network).
         return x.to(dtype=self.dtype, memory_format=torch.channels_last)
 
-    def weight_device(self) -> torch.device:
-        return self.base_layer[0].weight.device
+    def _tune_shape(self, shape: Tuple[int, int, int]) -> None:
+        from .plan.tuner import tune
+        budget = None if self.tune is True else float(self.tune)
+        tune(self, shape[1:], [shape[0]], budget_s=budget)
+        self._tuned_shapes.add(shape)
 
-    def _levels(self, x: torch.Tensor):
+    def _levels(self, x: torch.Tensor, take: Optional[Sequence[int]] = None, stop: Optional[int] = None):
+        """(last level's output, the outputs of the levels in ``take``); ``stop``: the last level to run."""
+        take = self.out_indices if take is None else take
+        last = self.last_level if stop is None else stop
         x = self.base_layer(x)
         feats = []
-        for i in range(self.last_level + 1):
+        for i in range(last + 1):
             x = getattr(self, f"level{i}")(x)
-            if i in self.out_indices:
+            if i in take:
                 feats.append(x)
         return x, feats
 
+    # ------------------------------------------------------------------------------------------ the API
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.features_only:
             raise RuntimeError("forward_features is for classifiers; a features_only model's forward returns the maps")
         x = self._prep_input(x)
         with torch.no_grad():
-            return self._levels(x)[0]
+            return self._levels(x, take=())[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.features_only:
+            raise RuntimeError("a features_only model has no classifier head")
         with torch.no_grad():
             x = self.global_pool(x)
             if pre_logits:
@@ -509,33 +601,95 @@ class FusedDLA(nn.Module):
                 return feats
             return self.forward_head(x)
 
-    def summary(self) -> str:
-        """One line per fused layer: its name, op, shape and the backend that runs it on the model's device."""
-        self._ensure_resolved(self.weight_device())
-        counts = collections.Counter(m._impl_name for _, m in self.fused_layers())
-        lines = [f"FusedDLA({self.pretrained_cfg.get('architecture', '?')}, dtype={self.dtype}, "
-                 f"device={self.weight_device()}, backend={self.backend!r}): "
-                 + ", ".join(f"{n} {k} layers" for k, n in sorted(counts.items()))]
-        for name, m in self.fused_layers():
-            lines.append(f"  {name:<40} {m.OP:<12} {m.extra_repr()}")
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """The level outputs ``indices`` picks (timm's semantics: None = all six, an int n = the last n, a list =
+        those), computed by the fused kernels; returns ``(final features, intermediates)`` or, with
+        ``intermediates_only``, the list. DLA has no final norm, so ``norm`` changes nothing."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW' (DLA's feature maps are NCHW), got {output_fmt!r}")
+        take, max_index = _feature_take_indices(len(self.channels), indices)
+        if max_index > self.last_level:
+            raise ValueError(f"level {max_index} was not kept by this model (its deepest level is {self.last_level})")
+        x = self._prep_input(x)
+        with torch.no_grad():
+            stop = max_index if (stop_early or intermediates_only) else self.last_level
+            final, feats = self._levels(x, take=take, stop=stop)
+        if intermediates_only:
+            return feats
+        return final, feats
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+        """Drop the levels past the deepest one ``indices`` keeps (and the head); returns the kept indices."""
+        take, max_index = _feature_take_indices(len(self.channels), indices)
+        for i in range(max_index + 1, self.last_level + 1):
+            delattr(self, f"level{i}")
+        self.last_level = max_index
+        self.out_indices = tuple(i for i in self.out_indices if i <= max_index) or (max_index,)
+        if prune_head and not self.features_only:
+            self.global_pool = GlobalPool("")
+            self.fc = nn.Identity()
+            self.flatten = nn.Identity()
+            self.num_classes = 0
+        return take
+
+    def train(self, mode: bool = True):
+        if mode:
+            _refuse_training()
+        return super().train(False)
+
+    # ------------------------------------------------------------------------------------------ plans
+    def plans(self, batch: int = 256, hw: Optional[Sequence[int]] = None,
+              replayed: bool = True) -> List[Tuple[str, str, Plan]]:
+        """(layer name, layer description, plan) of every fused call at ``batch`` x ``hw`` (default: the model's
+        input size), as this model would run them (``replayed``: under a CUDA graph or torch.compile, where a
+        small batch is not paced by its launches)."""
+        from .plan.tuner import collect_calls
+
+        hw = tuple(hw) if hw is not None else self._default_hw()
+        out = []
+        for call in collect_calls(self, int(batch), hw):
+            plan = call.layer.plan_for(call.key.n, call.key.hw, bool(call.residual is not None),
+                                       _launch_bound(call.key.n, replayed))
+            for name in call.names:
+                out.append((name, call.key.label(), plan))
+        order = {n: i for i, (n, _) in enumerate(self.named_modules())}
+        return sorted(out, key=lambda t: order.get(t[0], 0))
+
+    def _default_hw(self) -> Tuple[int, int]:
+        size = tuple(self.pretrained_cfg.get("input_size", (self.in_chans, 224, 224)))
+        return int(size[-2]), int(size[-1])
+
+    def backends(self, batch: Optional[int] = None, hw: Optional[Sequence[int]] = None,
+                 replayed: Optional[bool] = None) -> Dict[str, str]:
+        """Layer name -> backend ("triton", "cuda" or "eager") at ``batch`` (None: 256) and ``hw``."""
+        rep = _launch_cost_hidden() if replayed is None else replayed
+        return {n: p.backend for n, _, p in self.plans(256 if batch is None else batch, hw, rep)}
+
+    def summary(self, batch: Optional[Union[int, Sequence[int]]] = None, hw: Optional[Sequence[int]] = None) -> str:
+        """One line per fused call: layer, shape, backend, kernel config and where the choice came from
+        (tuned / cached / prior / rule / requested), at the given batch sizes (default 256 and 1) and input size."""
+        dev = self.weight_device()
+        batches = [256, 1] if batch is None else ([batch] if isinstance(batch, int) else list(batch))
+        arch = self.pretrained_cfg.get("architecture", "?")
+        lines = [f"FusedDLA({arch}, dtype={self.dtype}, device={dev}, backend={self.backend!r})"]
+        if dev.type == "cuda" and self.backend == "auto":
+            lines += [f"  note: {s}" for s in PLANNER.note(dev, self.dtype)]
+        for b in batches:
+            rows = self.plans(b, hw, replayed=True)
+            counts = collections.Counter(f"{p.backend}/{p.source}" for _, _, p in rows)
+            size = hw or self._default_hw()
+            lines.append(f"  batch {b}, {size[0]}x{size[1]}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+            for name, label, plan in rows:
+                lines.append(f"    {name:<40} {label:<44} {plan.describe(_op_of(label))}")
+            if b <= LAUNCH_BOUND_BATCH and dev.type == "cuda":
+                lines.append(f"    (without a CUDA graph, batches <= {LAUNCH_BOUND_BATCH} take the launch-bound rule: "
+                             "CUDA extension, then cuDNN)")
         return "\n".join(lines)
 
-    def backends(self, batch: Optional[int] = None) -> Dict[str, str]:
-        """Layer name -> backend ("triton", "cuda" or "eager") on the model's device, at batch size ``batch``
-        (None: large batches; with backend="auto" small batches may differ, see the auto table)."""
-        self._ensure_resolved(self.weight_device())
-        if batch is None:
-            return {n: m._impl_name for n, m in self.fused_layers()}
-        return {n: _name(m.impl_for(int(batch))) for n, m in self.fused_layers()}
 
-
-def _copy_head(fc: nn.Module, dtype: torch.dtype) -> nn.Module:
-    if isinstance(fc, nn.Identity):
-        return nn.Identity()
-    new = nn.Conv2d(fc.in_channels, fc.out_channels, 1, bias=fc.bias is not None)
-    new.load_state_dict(fc.state_dict())
-    new.requires_grad_(False)
-    return new.to(device=fc.weight.device, dtype=dtype)
+def _op_of(label: str) -> str:
+    return {"conv": "conv_bn_act", "agg": "aggregate", "maxpool": "max_pool"}[label.split()[0]]
 
 
 class CudaGraphRunner(nn.Module):
@@ -552,17 +706,31 @@ class CudaGraphRunner(nn.Module):
         self.max_graphs, self.warmup = max_graphs, warmup
         self._graphs: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_graphs"] = collections.OrderedDict()  # graphs belong to this process's device memory
+        return state
+
     def train(self, mode: bool = True):
         if mode:
             _refuse_training()
         return super().train(False)
 
-    def summary(self) -> str:
-        return self.module.summary() + f"\n  (replayed from CUDA graphs; {len(self._graphs)} captured)"
+    def _apply(self, fn, *args, **kwargs):
+        self._graphs.clear()
+        return super()._apply(fn, *args, **kwargs)
 
-    def backends(self, batch: Optional[int] = None) -> Dict[str, str]:
-        with graph_mode():
-            return self.module.backends(batch)
+    def summary(self, batch=None, hw=None) -> str:
+        return self.module.summary(batch, hw) + f"\n  (replayed from CUDA graphs; {len(self._graphs)} captured)"
+
+    def backends(self, batch: Optional[int] = None, hw=None, replayed: Optional[bool] = None) -> Dict[str, str]:
+        return self.module.backends(batch, hw, True)
+
+    def plans(self, batch: int = 1, hw=None, replayed: bool = True):
+        return self.module.plans(batch, hw, True)
+
+    def forward_intermediates(self, *args, **kwargs):
+        return self.module.forward_intermediates(*args, **kwargs)
 
     def _capture(self, x: torch.Tensor):
         # A normal (non-inference) tensor, so that copy_ into it works both inside and outside inference_mode.
@@ -582,8 +750,9 @@ class CudaGraphRunner(nn.Module):
         return graph, static_x, static_y
 
     def forward(self, x: torch.Tensor):
-        if x.device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs CUDA inputs, got a tensor on {x.device}")
+        if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
+            where = x.device if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"cuda_graph=True needs CUDA inputs, got {where}")
         check_input(x, self.module.in_chans)
         key = (tuple(x.shape), x.dtype, x.device, x.stride())
         entry = self._graphs.get(key)
@@ -602,37 +771,67 @@ class CudaGraphRunner(nn.Module):
         return static_y.clone()
 
 
+def _resolve_device(device) -> Optional[torch.device]:
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"optimize(device={str(device)!r}): no CUDA GPU is visible to this process "
+                               "(torch.cuda.is_available() is False); leave device unset to stay on the CPU "
+                               "(the eager path), or run on a machine with a GPU")
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        if idx >= torch.cuda.device_count():
+            raise RuntimeError(f"optimize(device={str(device)!r}): this process sees {torch.cuda.device_count()} "
+                               f"GPU(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        dev = torch.device("cuda", idx)
+    return dev
+
+
 def optimize(model: nn.Module, dtype: torch.dtype = torch.float16, backend: str = "auto", *,
-             device: Optional[torch.device] = None, cuda_graph: bool = False, max_graphs: int = 8) -> nn.Module:
+             device: Optional[Union[str, torch.device]] = None, cuda_graph: bool = False, max_graphs: int = 8,
+             tune: Union[bool, float] = False) -> nn.Module:
     """An inference-only copy of a DLA (ours or timm's) running on fused kernels.
 
     BN is folded into the convolutions using its running statistics (the result computes what the model
-    computes in eval mode, whatever mode ``model`` is in), conv-BN-ReLU(+residual) groups and aggregation nodes become fused
-    ops, activations are channels_last and computed in ``dtype`` (inputs are cast to it). ``backend`` is
-    "auto" (per layer, the fastest available kernel; eager where none can run), "triton", "cuda" or "eager".
-    The model stays on its device unless ``device`` is given. ``cuda_graph=True`` replays a CUDA graph per
-    input shape (at most ``max_graphs`` kept): the low-latency path for small batches. ``model`` itself is
-    not modified.
+    computes in eval mode, whatever mode ``model`` is in), conv-BN-ReLU(+residual) groups and aggregation nodes
+    become fused ops, activations are channels_last and computed in ``dtype`` (inputs are cast to it).
+    ``backend`` is "auto" (per layer, the plan: tuned on this GPU, the shipped prior or the rules; eager where no
+    kernel can run), "triton", "cuda" or "eager". The model stays on its device unless ``device`` is given.
+    ``cuda_graph=True`` replays a CUDA graph per input shape (at most ``max_graphs`` kept): the low-latency path
+    for small batches. ``tune=True`` (or a time budget in seconds) times every layer's candidates on the GPU at
+    the first call of each new input shape and caches the winners (see :func:`dla_fast.tune`). ``model`` itself
+    is not modified.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype}")
-    if backend not in ops.BACKENDS:
-        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(model, (FusedDLA, CudaGraphRunner)):
         raise TypeError("this model is already optimized; pass the original model to optimize()")
+    if not isinstance(tune, (bool, int, float)) or (not isinstance(tune, bool) and tune <= 0):
+        raise ValueError(f"tune must be True, False or a positive time budget in seconds, got {tune!r}")
+    if not isinstance(max_graphs, int) or max_graphs < 1:
+        raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
+    dev = _resolve_device(device)
     if not isinstance(model, (DLA, DlaFeatures)):
         if type(model).__name__ == "DLA" and hasattr(model, "level5"):
             model = from_timm(model)
         else:
             raise TypeError(f"optimize() expects a dla_fast or timm DLA model, got {type(model).__name__}")
-    fused = FusedDLA(model, dtype, backend)
-    if device is not None:
-        fused = fused.to(device)
+    fused = FusedDLA(model, dtype, backend, tune=tune)
+    if dev is not None:
+        fused = fused.to(dev)
     dev = fused.weight_device()
     if backend in ("triton", "cuda"):
         why = _backends.reason_unavailable(backend, torch.empty(0, device=dev, dtype=dtype))
         if why is not None:
             raise RuntimeError(f"optimize(backend={backend!r}) cannot run on {dev}: {why}")
+    if dev.type == "cuda" and backend != "eager":
+        PLANNER.available(dev, dtype)  # loads the prior and the plan cache now, not inside a traced forward
     if cuda_graph:
         if dev.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {dev}; pass device='cuda'")

@@ -95,6 +95,14 @@ def test_inference_only_guards():
     with pytest.raises(RuntimeError, match="optimize\\(model, dtype=...\\) again"):
         fast.half()
     assert fast.base_layer[0].weight.dtype == torch.float32  # the refused cast changed nothing
+    half = dla_fast.optimize(dla_fast.create_model("dla46_c").eval(), dtype=torch.float16)
+    for cast in (lambda: half.float(), lambda: half.level3.float(), lambda: half.fc.float(),
+                 lambda: half.level2.tree1.conv1.to(torch.bfloat16), lambda: fast.level2.half()):
+        with pytest.raises(RuntimeError, match="don't cast an optimized model"):
+            cast()
+    assert all(b.dtype == torch.float16 for n, b in half.named_buffers() if n.endswith("weight"))
+    assert half.fc.weight.dtype == torch.float16
+    assert all(b.dtype == torch.float32 for n, b in fast.named_buffers())
     with pytest.raises(ValueError, match="32k"):
         fast(torch.randn(1, 3, 40, 40))
     with pytest.raises(TypeError, match="already optimized"):
@@ -113,6 +121,19 @@ def test_optimize_bad_args():
         dla_fast.optimize(m, cuda_graph=True)
     with pytest.raises(RuntimeError, match="backend='cuda'"):
         dla_fast.optimize(m, backend="cuda")
+    with pytest.raises(ValueError, match="tune must be True, False or a positive time budget"):
+        dla_fast.optimize(m, tune=-1)
+    with pytest.raises(ValueError, match="max_graphs must be a positive int"):
+        dla_fast.optimize(m, max_graphs=0)
+    with pytest.raises(ValueError, match="device='gpu0' is not a device"):
+        dla_fast.optimize(m, device="gpu0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_optimize_on_missing_gpu_says_so():
+    m = dla_fast.create_model("dla46_c").eval()
+    with pytest.raises(RuntimeError, match="no CUDA GPU is visible.*leave device unset"):
+        dla_fast.optimize(m, device="cuda")
 
 
 def test_input_cast_and_channels_last():
@@ -125,8 +146,8 @@ def test_input_cast_and_channels_last():
 
 
 def test_tree_downsampling_is_a_fused_max_pool():
-    """The trees' 2x2 max pools become FusedMaxPool (Triton on CUDA under auto/triton, torch elsewhere);
-    anything but a plain k x k / stride-k pool is kept as it is."""
+    """The trees' 2x2 max pools become FusedMaxPool (planned like every fused layer); anything but a plain
+    k x k / stride-k pool is copied as it is (the user's module is never shared)."""
     from dla_fast.fuse import FusedMaxPool
     fast = dla_fast.optimize(dla_fast.create_model("dla34"), dtype=torch.float32)
     pools = [m for m in fast.modules() if isinstance(m, FusedMaxPool)]
@@ -134,32 +155,40 @@ def test_tree_downsampling_is_a_fused_max_pool():
     assert not any(isinstance(m, nn.MaxPool2d) for m in fast.modules())
     x = torch.randn(2, 16, 9, 7)
     torch.testing.assert_close(pools[0](x), nn.functional.max_pool2d(x, 2, 2), rtol=0, atol=0)
+    cpu = torch.device("cpu")
     for keep in (nn.MaxPool2d(3, stride=2), nn.MaxPool2d(2, stride=2, ceil_mode=True),
                  nn.MaxPool2d(2, stride=2, padding=1), nn.Identity()):
-        assert FusedMaxPool.wrap(keep, "auto") is keep
-    assert isinstance(FusedMaxPool.wrap(nn.MaxPool2d(2), "auto"), FusedMaxPool)
+        copy_ = FusedMaxPool.wrap(keep, "auto", torch.float32, cpu)
+        assert type(copy_) is type(keep) and copy_ is not keep and repr(copy_) == repr(keep)
+    assert isinstance(FusedMaxPool.wrap(nn.MaxPool2d(2), "auto", torch.float32, cpu), FusedMaxPool)
 
 
-def test_max_pool_follows_the_launch_bound_rule():
-    """Under auto at batch <= LAUNCH_BOUND_BATCH without a CUDA graph the pool stays on torch (a Triton launch
-    costs several times its host time: dla46_c at batch 1 ran 1.27 ms under auto vs 0.98 ms on the CUDA
-    backend, H100); in graph mode, at large batches and under backend="triton" it takes the Triton kernel."""
-    from dla_fast.fuse import LAUNCH_BOUND_BATCH, FusedMaxPool, graph_mode
-    auto, tri, cu = FusedMaxPool(2, "auto"), FusedMaxPool(2, "triton"), FusedMaxPool(2, "cuda")
-    assert not auto.wants_triton("cuda", 1) and not auto.wants_triton("cuda", LAUNCH_BOUND_BATCH)
-    assert auto.wants_triton("cuda", LAUNCH_BOUND_BATCH + 1)
+def test_launch_bound_rule():
+    """Under auto at batch <= LAUNCH_BOUND_BATCH without a CUDA graph the host's launch cost decides: convs take
+    the CUDA extension (else cuDNN), pools torch's kernel; in graph mode and at large batches the plan decides."""
+    from dla_fast.fuse import LAUNCH_BOUND_BATCH, _launch_bound, graph_mode
+    from dla_fast.plan import conv_key, max_pool_key, rule
+    assert _launch_bound(1) and _launch_bound(LAUNCH_BOUND_BATCH) and not _launch_bound(LAUNCH_BOUND_BATCH + 1)
     with graph_mode():
-        assert auto.wants_triton("cuda", 1)
-    assert tri.wants_triton("cuda", 1) and not cu.wants_triton("cuda", 256)
-    assert not auto.wants_triton("cpu", 256)
+        assert not _launch_bound(1)
+    every = {"eager": True, "triton": True, "cuda": True}
+    pool = max_pool_key(64, 2, torch.float16, 1, (56, 56))
+    assert rule(pool, every, launch_bound=True).backend == "eager"
+    assert rule(pool, every).backend == "triton"
+    conv = conv_key((64, 64, 3, 3), (1, 1), (1, 1), 1, False, torch.float16, 1, (56, 56))
+    assert rule(conv, every, launch_bound=True).backend == "cuda"
+    assert rule(conv, dict(every, cuda=False), launch_bound=True).backend == "eager"
 
 
-def test_summary_names_backends():
+def test_summary_names_plans():
     fast = dla_fast.optimize(dla_fast.create_model("dla34").eval(), dtype=torch.float32)
     s = fast.summary()
-    assert "eager" in s and "level5.root" in s and "aggregate" in s and "conv_bn_act" in s
-    assert len(fast.backends()) == len(fast.fused_layers())
-    assert "backend=eager" in repr(fast)
+    assert "eager" in s and "level5.root" in s and "agg 512+512+256->512" in s and "conv 3->16 k7x7" in s
+    assert "rule: no kernels off the GPU (cpu)" in s and "batch 256, 224x224" in s and "batch 1, 224x224" in s
+    assert set(fast.backends()) == {n for n, _ in fast.fused_layers()}
+    assert "backend='auto'" in repr(fast)
+    s = fast.summary(batch=8, hw=(512, 256))
+    assert "batch 8, 512x256" in s and "@512x256 n8" in s
 
 
 @pytest.mark.interpreter
@@ -176,15 +205,36 @@ def test_optimize_triton_interpreter_small_model():
     assert rel_err(fast(x), ref) <= RATIO * eager_err + FLOOR[torch.float32]
 
 
+@pytest.mark.interpreter
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="needs TRITON_INTERPRET=1")
+def test_optimized_model_copies_and_pickles_after_use(tmp_path):
+    """A used optimized model (plans resolved, kernels launched) deep-copies, pickles and torch.saves, and the
+    copies compute the same; the copies resolve their own plans."""
+    import pickle
+    fast = dla_fast.optimize(randomize_bn(dla_fast.create_model("dla46_c")).eval(), dtype=torch.float32,
+                             backend="triton")
+    x = torch.randn(1, 3, 32, 32)
+    y = fast(x)
+    assert any(m.plans() for _, m in fast.fused_layers())
+    twins = [copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))]
+    torch.save(fast, tmp_path / "fast.pt")
+    twins.append(torch.load(tmp_path / "fast.pt", weights_only=False))
+    for t in twins:
+        assert not any(m.plans() for _, m in t.fused_layers())
+        assert all(torch.equal(a, b) for a, b in zip(t.buffers(), fast.buffers()))
+    # one of them runs (each interpreted forward takes tens of seconds here)
+    torch.testing.assert_close(twins[2](x), y, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- GPU ----
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _cuda_backends():
-    from dla_fast.ops import _backends
+    from dla_fast import backends
     probe = torch.empty(0, device="cuda", dtype=torch.float16)
-    return [b for b in ("triton", "cuda") if _backends.reason_unavailable(b, probe) is None]
+    return [b for b in ("triton", "cuda") if backends.reason_unavailable(b, probe) is None]
 
 
 @pytest.fixture(scope="module")

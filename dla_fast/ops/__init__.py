@@ -1,14 +1,14 @@
-"""The public functional API of the fused ops, and the dispatch to a backend.
+"""The public functional API of the fused ops; arguments are validated here, once.
 
-    conv_bn_act(x, w, b)  = relu(conv2d(x, w, b, stride, padding, groups) + residual)
+    conv_bn_act(x, w, b)      = relu(conv2d(x, w, b, stride, padding, groups) + residual)
     aggregate(children, w, b) = relu(conv1x1(cat(children, 1), w) + b + residual)
+    max_pool(x, k)            = max_pool2d(x, k, stride=k)
 
-``backend`` is one of ``"auto" | "triton" | "cuda" | "eager"``. A forced backend that cannot serve the call
-(CPU tensor without the Triton interpreter, missing extension, autograd, unsupported dtype) raises a
-``RuntimeError`` saying why; ``"auto"`` falls back to eager instead. Validation happens here, once, so the
-backends receive well-formed arguments: ``x``/children/residual are 4-D on one device with one dtype, the
-weight is in that dtype and in channels_last memory (K-contiguous: [Cout, kh, kw, Cin/g] in memory), the
-bias is float32 or None, and the residual, if any, has the output's shape.
+``backend`` is ``"auto"`` (the per-layer plan of :mod:`dla_fast.plan`: tuned on this GPU, the shipped prior or the
+rules) or one of :data:`dla_fast.backends.NAMES`. A requested backend that cannot serve the call (CPU tensor
+without the Triton interpreter, missing extension, autograd, unsupported dtype) raises a ``RuntimeError`` saying
+why; ``"auto"`` falls back to eager instead. The backends then receive well-formed arguments (see
+:mod:`dla_fast.backends`).
 """
 from __future__ import annotations
 
@@ -16,24 +16,30 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import _backends
+from .. import backends as _backends
 from .reference import aggregate_ref, conv_bn_act_ref
 
-__all__ = ["conv_bn_act", "aggregate", "conv_bn_act_ref", "aggregate_ref", "BACKENDS", "backend_for"]
+__all__ = ["conv_bn_act", "aggregate", "max_pool", "conv_bn_act_ref", "aggregate_ref", "BACKENDS", "backend_for"]
 
-BACKENDS = ("auto", "triton", "cuda", "eager")
+BACKENDS = ("auto",) + _backends.NAMES
 
 IntPair = Union[int, Tuple[int, int], Sequence[int]]
 
 
-def _pair(v: IntPair, name: str) -> Tuple[int, int]:
-    if isinstance(v, int):
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _pair(v: IntPair, name: str, minimum: int) -> Tuple[int, int]:
+    if _is_int(v):
         out = (v, v)
+    elif isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_int(i) for i in v):
+        out = (v[0], v[1])
     else:
-        out = tuple(int(i) for i in v)
-    if len(out) != 2 or any(i < 0 for i in out):
-        raise ValueError(f"{name} must be a non-negative int or a pair of them, got {v!r}")
-    return out  # type: ignore[return-value]
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(out) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v!r}")
+    return out
 
 
 def _check_backend(backend: str) -> None:
@@ -41,19 +47,23 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def _check_4d(t: torch.Tensor, name: str) -> None:
+def _check_4d(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 4:
         raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got shape {tuple(t.shape)}")
 
 
-def _check_bias(bias: Optional[torch.Tensor], cout: int, ref: torch.Tensor) -> None:
+def _check_bias(bias, cout: int, ref: torch.Tensor) -> None:
     if bias is None:
         return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a 1-D tensor of {cout} values or None, got {type(bias).__name__}")
     if bias.dim() != 1 or bias.shape[0] != cout:
         raise ValueError(f"bias must have shape ({cout},) to match the weight's {cout} output channels, "
                          f"got {tuple(bias.shape)}")
+    if not bias.is_floating_point():
+        raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
     if bias.device != ref.device:
         raise ValueError(f"bias is on {bias.device} but the input is on {ref.device}; move them to one device")
 
@@ -65,12 +75,40 @@ def _check_same(t: torch.Tensor, ref: torch.Tensor, name: str, what: str = "inpu
         raise ValueError(f"{name} has dtype {t.dtype} but the {what} has {ref.dtype}; cast them to one dtype")
 
 
+def _check_float(t: torch.Tensor, name: str) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
 def _needs_grad(*ts: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
 def conv_out_size(h: int, w: int, kh: int, kw: int, stride: Tuple[int, int], padding: Tuple[int, int]):
     return (h + 2 * padding[0] - kh) // stride[0] + 1, (w + 2 * padding[1] - kw) // stride[1] + 1
+
+
+def _select(backend: str, x: torch.Tensor, needs_grad: bool, key_fn, op: str):
+    """(backend module, config) for a call; ``key_fn()`` builds the plan key (only asked for under "auto")."""
+    if backend == "eager":
+        return _backends.get("eager"), ()
+    if backend != "auto":
+        if needs_grad:
+            raise RuntimeError(
+                f"backend={backend!r} is inference-only and an input requires grad; wrap the call in "
+                "torch.no_grad()/torch.inference_mode(), or use backend='eager' (or 'auto') for autograd")
+        why = _backends.reason_unavailable(backend, x)
+        if why is not None:
+            raise RuntimeError(f"{op}: backend={backend!r} cannot run here: {why}")
+        return _backends.get(backend), ()
+    # auto: kernels only for CUDA inference; everything else is the eager reference.
+    if needs_grad or x.device.type != "cuda":
+        return _backends.get("eager"), ()
+    from ..fuse import _launch_bound
+    from ..plan.planner import PLANNER
+    key = key_fn()
+    plan = PLANNER.plan(key, x.device, _launch_bound(key.n))
+    return _backends.get(plan.backend), plan.config
 
 
 def conv_bn_act(
@@ -93,12 +131,16 @@ def conv_bn_act(
     _check_backend(backend)
     _check_4d(x, "x")
     _check_4d(weight, "weight")
-    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
-    if stride[0] < 1 or stride[1] < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if not isinstance(groups, int) or groups < 1:
+    _check_float(x, "x")
+    stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+    if not _is_int(groups) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
     cout, cin_g, kh, kw = weight.shape
+    if cin_g == 0 or cout == 0 or kh == 0 or kw == 0:
+        raise ValueError(f"weight {tuple(weight.shape)} is empty: a convolution needs at least one input and one "
+                         "output channel and a kernel of at least 1x1")
     if x.shape[1] != cin_g * groups:
         raise ValueError(f"x has {x.shape[1]} channels but weight {tuple(weight.shape)} with groups={groups} "
                          f"expects {cin_g * groups} (= weight.shape[1] * groups)")
@@ -117,13 +159,17 @@ def conv_bn_act(
         if tuple(residual.shape) != expect:
             raise ValueError(f"residual must have the output's shape {expect}, got {tuple(residual.shape)}")
 
-    impl = _backends.select("conv_bn_act", backend, x, _needs_grad(x, weight, bias, residual),
-                            key=_backends.conv_key(weight.shape, stride, padding, groups, x.dtype,
-                                                  x.shape[2:]), batch=int(x.shape[0]))
-    if impl is None:
+    def key():
+        from ..plan.planner import conv_key
+        return conv_key(weight.shape, stride, padding, groups, residual is not None, x.dtype, x.shape[0],
+                        x.shape[2:])
+
+    impl, cfg = _select(backend, x, _needs_grad(x, weight, bias, residual), key, "conv_bn_act")
+    if impl.NAME == "eager":
         return conv_bn_act_ref(x, weight, bias, stride, padding, groups, residual, relu)
-    return impl.conv_bn_act(x, _backends.prep_weight(weight), _backends.prep_bias(bias),
-                            stride, padding, groups, residual, bool(relu))
+    return impl.conv_bn_act(x, weight.contiguous(memory_format=torch.channels_last),
+                            None if bias is None else bias.to(torch.float32).contiguous(),
+                            stride, padding, groups, residual, relu, cfg)
 
 
 def aggregate(
@@ -131,14 +177,14 @@ def aggregate(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     *,
-    residual: Union[bool, torch.Tensor] = False,
+    residual: Union[None, bool, torch.Tensor] = None,
     relu: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``relu(conv1x1(cat(children, 1), weight) + bias + residual)`` without materialising the concat.
 
-    ``weight`` is ``[Cout, sum(C_i)]`` or ``[Cout, sum(C_i), 1, 1]``. ``residual=True`` adds ``children[0]``
-    (a DLA root's shortcut); a tensor adds that tensor (the Bottle2neck's shortcut).
+    ``weight`` is ``[Cout, sum(C_i)]`` or ``[Cout, sum(C_i), 1, 1]``. ``residual`` None or False adds nothing,
+    True adds ``children[0]`` (a DLA root's shortcut), a tensor adds that tensor (the Bottle2neck's shortcut).
     """
     _check_backend(backend)
     if isinstance(children, torch.Tensor) or not isinstance(children, (list, tuple)) or len(children) == 0:
@@ -147,12 +193,20 @@ def aggregate(
     for i, c in enumerate(children):
         _check_4d(c, f"children[{i}]")
     ref = children[0]
+    _check_float(ref, "children[0]")
     n, _, h, w = ref.shape
-    for i, c in enumerate(children[1:], 1):
-        _check_same(c, ref, f"children[{i}]", "first child")
-        if c.shape[0] != n or tuple(c.shape[2:]) != (h, w):
-            raise ValueError(f"children must share batch and spatial size: children[0] is {tuple(ref.shape)}, "
-                             f"children[{i}] is {tuple(c.shape)}")
+    for i, c in enumerate(children):
+        if i:
+            _check_same(c, ref, f"children[{i}]", "first child")
+            if c.shape[0] != n or tuple(c.shape[2:]) != (h, w):
+                raise ValueError(f"children must share batch and spatial size: children[0] is {tuple(ref.shape)}, "
+                                 f"children[{i}] is {tuple(c.shape)}")
+        if c.shape[1] == 0:
+            raise ValueError(f"children[{i}] has no channels")
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() == 4:
         if weight.shape[2:] != (1, 1):
             raise ValueError(f"aggregate takes a 1x1 weight, got shape {tuple(weight.shape)}")
@@ -163,14 +217,19 @@ def aggregate(
         raise ValueError(f"weight must be [Cout, Cin] or [Cout, Cin, 1, 1], got shape {tuple(weight.shape)}")
     _check_same(weight2d, ref, "weight", "children")
     cout, ctot = weight2d.shape
+    if cout == 0:
+        raise ValueError(f"weight {tuple(weight.shape)} has no output channels")
     csum = sum(c.shape[1] for c in children)
     if ctot != csum:
         raise ValueError(f"weight expects {ctot} input channels but the children have "
                          f"{' + '.join(str(c.shape[1]) for c in children)} = {csum}")
     _check_bias(bias, cout, ref)
-    if isinstance(residual, bool):
-        res = children[0] if residual else None
-        if res is not None and res.shape[1] != cout:
+    kind = 0
+    if residual is None or residual is False:
+        res = None
+    elif residual is True:
+        res, kind = children[0], 1
+        if res.shape[1] != cout:
             raise ValueError(f"residual=True adds children[0], which has {res.shape[1]} channels, "
                              f"but the output has {cout}")
     elif isinstance(residual, torch.Tensor):
@@ -178,20 +237,47 @@ def aggregate(
         _check_same(residual, ref, "residual", "children")
         if tuple(residual.shape) != (n, cout, h, w):
             raise ValueError(f"residual must have the output's shape {(n, cout, h, w)}, got {tuple(residual.shape)}")
-        res = residual
+        res, kind = residual, 2
     else:
-        raise TypeError(f"residual must be a bool or a tensor, got {type(residual).__name__}")
+        raise TypeError(f"residual must be None, a bool or a tensor, got {type(residual).__name__}")
 
-    impl = _backends.select("aggregate", backend, ref, _needs_grad(weight, bias, res, *children),
-                            key=_backends.aggregate_key([c.shape[1] for c in children], cout, ref.dtype,
-                                                       (h, w)), batch=int(n))
-    if impl is None:
+    def key():
+        from ..plan.planner import aggregate_key
+        return aggregate_key([c.shape[1] for c in children], cout, kind, ref.dtype, n, (h, w))
+
+    impl, cfg = _select(backend, ref, _needs_grad(weight, bias, res, *children), key, "aggregate")
+    if impl.NAME == "eager":
         return aggregate_ref(children, weight2d, bias, res, relu)
-    return impl.aggregate(children, _backends.prep_weight(weight2d), _backends.prep_bias(bias), res, bool(relu))
+    return impl.aggregate(children, weight2d.contiguous(), None if bias is None else bias.to(torch.float32).contiguous(),
+                          res, relu, cfg)
 
 
-def backend_for(op: str, x: torch.Tensor, backend: str = "auto", key=None) -> str:
-    """Name of the backend ``op`` would run on for input ``x`` ("triton", "cuda" or "eager")."""
+def max_pool(x: torch.Tensor, k: int, *, backend: str = "auto") -> torch.Tensor:
+    """``max_pool2d(x, k, stride=k)`` (no padding, floor mode), channels_last out on the kernel backends."""
     _check_backend(backend)
-    impl = _backends.select(op, backend, x, False, key=key)
-    return "eager" if impl is None else impl.NAME
+    _check_4d(x, "x")
+    _check_float(x, "x")
+    if not _is_int(k) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if x.shape[2] < k or x.shape[3] < k:
+        raise ValueError(f"input of spatial size {tuple(x.shape[2:])} is smaller than the {k}x{k} window")
+
+    def key():
+        from ..plan.planner import max_pool_key
+        return max_pool_key(x.shape[1], k, x.dtype, x.shape[0], x.shape[2:])
+
+    impl, _ = _select(backend, x, _needs_grad(x), key, "max_pool")
+    return impl.max_pool(x, k)
+
+
+def backend_for(op: str, x: torch.Tensor, backend: str = "auto") -> str:
+    """Name of the backend ``op`` runs on for input ``x`` when the plan has nothing measured for it: "eager" off
+    the GPU or under autograd, else the requested backend or, under "auto", the rule's choice."""
+    _check_backend(backend)
+    if backend != "auto":
+        return backend
+    if x.device.type != "cuda":
+        return "eager"
+    from ..plan.planner import PLANNER, conv_key, rule
+    key = conv_key((8, max(1, x.shape[1]), 3, 3), (1, 1), (1, 1), 1, False, x.dtype, x.shape[0], x.shape[2:])
+    return rule(key, PLANNER.available(x.device, x.dtype)).backend

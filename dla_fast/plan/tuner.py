@@ -1,0 +1,306 @@
+"""Tuning on the user's GPU: every layer's candidates timed at the input shapes in use, the winners cached.
+
+For each batch size the fused model is traced once on the meta device to find its distinct layer calls (shape,
+strides and storage layout of every input, so channel-slice views are reproduced exactly); each call not yet
+measured on this GPU gets real random inputs and the candidates of every backend that can run it (the rule's
+choice first), which are checked against the rule's output (a fast wrong result never wins) and timed
+interleaved; the winner replaces the rule only when it is faster by more than ``margin``. Results go to the
+on-disk cache under its inter-process lock: of N processes tuning at once, one measures and the others find the
+entries when they get the lock.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import backends as _backends
+from .planner import PLANNER, LayerKey, Plan, rule
+from .timing import Progress, cuda_event_timer, pick, time_candidates
+
+MARGIN = 0.03          # a candidate replaces the rule's choice only when this much faster
+# A candidate's output must match cuDNN's on the same inputs this closely (relative L2) to be timed at all: a
+# check against wrong results, far above the rounding differences of correct kernels (which the test suite
+# bounds much more tightly against float64).
+CHECK_RTOL = {torch.float16: 2e-2, torch.bfloat16: 8e-2, torch.float32: 1e-2}
+
+
+@dataclass
+class LayerCall:
+    """One distinct fused call: the layer that makes it and its inputs' layout."""
+
+    key: LayerKey
+    layer: torch.nn.Module
+    inputs: List[Tuple[Tuple[int, ...], Tuple[int, ...], int, int]]   # (shape, stride, storage offset, storage numel)
+    residual: Optional[Tuple[Tuple[int, ...], Tuple[int, ...], int, int]]
+    names: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TuneReport:
+    device: str
+    dtype: str
+    input_sizes: List[Tuple[int, int, int]]
+    layers: int = 0                   # distinct layer calls found
+    measured: int = 0                 # of them timed in this call
+    reused: int = 0                   # already in the cache
+    changed: int = 0                  # measured ones whose winner is not the rule's choice
+    skipped: int = 0                  # left to the rule by the time budget
+    seconds: float = 0.0
+    plans: Dict[str, dict] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        sizes = ", ".join(f"{n}x{h}x{w}" for n, h, w in self.input_sizes)
+        extra = f", {self.skipped} left to the rule (time budget)" if self.skipped else ""
+        return (f"tuned {self.layers} distinct layer calls at {sizes} ({self.dtype}, {self.device}) in "
+                f"{self.seconds:.1f} s: {self.measured} measured ({self.changed} differ from the rule), "
+                f"{self.reused} reused from the cache{extra}")
+
+
+def _spec(t: torch.Tensor):
+    return (tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), int(t.untyped_storage().nbytes()
+                                                                            // t.element_size()))
+
+
+def _materialise(spec, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    shape, stride, offset, numel = spec
+    base = torch.randn(max(numel, 1), generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    return base.as_strided(shape, stride, offset)
+
+
+def collect_calls(fused, n: int, hw: Tuple[int, int]) -> List[LayerCall]:
+    """The distinct fused calls of ``fused`` (a FusedDLA) for an input of batch ``n`` and spatial size ``hw``,
+    found by one forward on the meta device."""
+    from ..fuse import FusedAggregate, FusedConvBnAct, FusedMaxPool
+
+    calls: Dict[str, LayerCall] = {}
+    hooks = []
+
+    def record(name, key, layer, inputs, residual):
+        c = calls.get(key.text())
+        if c is None:
+            c = calls[key.text()] = LayerCall(key, layer, [_spec(t) for t in inputs],
+                                              None if residual is None else _spec(residual))
+        c.names.append(name)
+
+    for name, m in fused.named_modules():
+        if isinstance(m, (FusedConvBnAct, FusedAggregate, FusedMaxPool)):
+            hooks.append(m.register_forward_hook(
+                lambda mod, args, out, name=name: record(name, mod.layer_key(*args), mod,
+                                                         mod.call_inputs(*args), mod.call_residual(*args))))
+    try:
+        with torch.no_grad():
+            fused._levels(torch.empty(n, fused.in_chans, hw[0], hw[1], device="meta", dtype=fused.dtype)
+                          .contiguous(memory_format=torch.channels_last))
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(calls.values())
+
+
+def _candidates(call: LayerCall, args, available: Dict[str, bool]) -> List[Tuple[str, Tuple[int, ...]]]:
+    """(backend, config) pairs to time, the rule's choice first."""
+    key = call.key
+    base = rule(key, available)
+    out: List[Tuple[str, Tuple[int, ...]]] = [(base.backend, ())]
+    for name in _backends.NAMES:
+        if not available.get(name):
+            continue
+        mod = _backends.get(name)
+        if key.op == "max_pool":
+            configs = [()]
+        elif key.op == "conv_bn_act":
+            x, w, b, stride, padding, groups, res = args
+            configs = mod.conv_candidates(x, w, b, stride, padding, groups, res)
+        else:
+            kids, w, b, res = args
+            configs = mod.aggregate_candidates(kids, w, b, res)
+        for i, cfg in enumerate(configs):
+            # The backend's first config is its own rule's choice, the same kernel as ().
+            pair = (name, () if i == 0 else tuple(cfg))
+            if pair not in out:
+                out.append(pair)
+    return out
+
+
+def _runner(call: LayerCall, backend: str, config: Tuple[int, ...], args) -> Callable[[], torch.Tensor]:
+    mod = _backends.get(backend)
+    layer = call.layer
+    if call.key.op == "max_pool":
+        (x,) = args
+
+        def fn():
+            return mod.max_pool(x, layer.k)
+    elif call.key.op == "conv_bn_act":
+        x, w, b, stride, padding, groups, res = args
+
+        def fn():
+            return mod.conv_bn_act(x, w, b, stride, padding, groups, res, layer.relu, config)
+    else:
+        kids, w, b, res = args
+
+        def fn():
+            return mod.aggregate(kids, w, b, res, layer.relu, config)
+    fn.backend, fn.config = backend, config  # what it runs (timers and tests read these)
+    return fn
+
+
+def _args(call: LayerCall, device: torch.device, dtype: torch.dtype, gen: torch.Generator):
+    inputs = [_materialise(s, dtype, device, gen) for s in call.inputs]
+    res = None if call.residual is None else _materialise(call.residual, dtype, device, gen)
+    layer = call.layer
+    if call.key.op == "max_pool":
+        return (inputs[0],)
+    if call.key.op == "conv_bn_act":
+        return (inputs[0], layer.weight, layer.bias, layer.stride, layer.padding, layer.groups, res)
+    return (inputs, layer.weight, layer.bias, res)
+
+
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def tune_calls(calls: Sequence[LayerCall], device: torch.device, dtype: torch.dtype, *, budget_s: Optional[float],
+               timer=None, progress: bool = True, force: bool = False, margin: float = MARGIN,
+               rounds: int = 7, clock: Callable[[], float] = time.perf_counter,
+               report: Optional[TuneReport] = None) -> Dict[LayerKey, Plan]:
+    """Measure ``calls`` (those not yet in the cache, or all with ``force``) and cache the winners."""
+    available = PLANNER.available(device, dtype)
+    cache = PLANNER.cache(device, dtype)
+    timer = timer or cuda_event_timer(device)
+    t0 = clock()
+    new: Dict[LayerKey, Plan] = {}
+    lock = cache.lock() if cache is not None else _NullLock()
+    with lock:
+        if cache is not None:
+            cache.reload()
+            PLANNER.reload()
+            available = PLANNER.available(device, dtype)
+        todo = [c for c in calls if force or not PLANNER.known(c.key, device)]
+        if report is not None:
+            report.reused += len(calls) - len(todo)
+        bar = Progress(len(todo), enabled=progress, prefix="tuning ")
+        gen = torch.Generator().manual_seed(0)
+        for i, call in enumerate(todo):
+            if budget_s is not None and clock() - t0 > budget_s:
+                if report is not None:
+                    report.skipped += len(todo) - i
+                break
+            bar.step(call.key.label())
+            args = _args(call, device, dtype, gen)
+            cands = _candidates(call, args, available)
+            fns = [_runner(call, b, c, args) for b, c in cands]
+            with torch.no_grad():
+                ref = _runner(call, "eager", (), args)()
+                ok = []
+                for fn in fns:
+                    try:
+                        ok.append(_rel_err(fn(), ref) <= CHECK_RTOL[dtype])
+                    except Exception:  # a candidate that cannot run this call is never picked
+                        ok.append(False)
+                remaining = None if budget_s is None else max(0.0, budget_s - (clock() - t0))
+                results = time_candidates([fn if good else _failing(fn) for fn, good in zip(fns, ok)], timer=timer,
+                                          rounds=rounds, budget_s=remaining, clock=clock)
+            win = pick(results, margin=margin)
+            backend, config = cands[win]
+            times = {f"{b}{' ' + _describe(b, c, call.key.op) if c else ''}": round(r.ms, 5)
+                     for (b, c), r in zip(cands, results) if r.error is None}
+            why = f"{results[win].ms:.4f} ms; rule's choice {results[0].ms:.4f} ms"
+            plan = Plan(backend, tuple(config), "tuned", why, results[win].ms)
+            new[call.key] = plan
+            if report is not None:
+                report.measured += 1
+                report.changed += int(win != 0)
+                report.plans[call.key.text()] = dict(plan.to_json(), candidates=times, layers=call.names)
+        bar.close()
+        if cache is not None and new:
+            cache.update({k.text(): p.to_json() for k, p in new.items()})
+    PLANNER.record(device, dtype, new)
+    return new
+
+
+def _failing(fn):
+    def failed():
+        raise RuntimeError(f"{fn.backend} {list(fn.config)} failed its check against cuDNN's result on the same "
+                           "inputs (or raised)")
+    failed.backend, failed.config = fn.backend, fn.config
+    return failed
+
+
+def _describe(backend: str, config, op: str) -> str:
+    mod = _backends.get(backend)
+    try:
+        return mod.describe(config, op) if backend == "triton" else mod.describe(config)
+    except Exception:
+        return str(list(config))
+
+
+class _NullLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _hw(input_size) -> Tuple[int, int]:
+    if isinstance(input_size, int):
+        return int(input_size), int(input_size)
+    t = tuple(int(v) for v in input_size)
+    if len(t) in (2, 3):
+        return t[-2], t[-1]
+    raise ValueError(f"input_size must be H, (H, W) or (C, H, W), got {input_size!r}")
+
+
+def tune(model, input_size: Union[int, Sequence[int]] = (224, 224), batch_sizes: Sequence[int] = (1,),
+         dtype: Optional[torch.dtype] = None, *, device: Optional[Union[str, torch.device]] = None,
+         budget_s: Optional[float] = 60.0, force: bool = False, progress: bool = True, timer=None) -> TuneReport:
+    """Time every layer's candidate kernels on the GPU in use at the given input sizes and cache the winners.
+
+    ``model``: an optimized model (:func:`dla_fast.optimize`) or a DLA (ours or timm's: an optimized copy is made
+    for the measurement, the model is not touched). Later :func:`dla_fast.optimize` calls, in this and other
+    processes, use the cached plans. ``budget_s`` bounds the measuring time (None: no bound); layers left over
+    keep the rule. Returns a :class:`TuneReport`; ``report.summary()`` says what was done.
+    """
+    from ..fuse import CudaGraphRunner, FusedDLA, optimize
+
+    if isinstance(model, CudaGraphRunner):
+        model = model.module
+    if not isinstance(model, FusedDLA):
+        model = optimize(model, dtype=dtype or torch.float16, device=device or "cuda")
+    elif dtype is not None and dtype != model.dtype:
+        raise ValueError(f"the optimized model computes in {model.dtype}, not {dtype}; optimize it for {dtype}")
+    dev = model.weight_device()
+    if timer is None and dev.type != "cuda":
+        raise RuntimeError(f"tuning times kernels on a GPU; the model is on {dev}. Pass device='cuda' (or an "
+                           "optimized model on a GPU)")
+    hw = _hw(input_size)
+    sizes = [int(b) for b in batch_sizes]
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"batch_sizes must be positive integers, got {list(batch_sizes)}")
+    from ..models.dla import check_input
+    check_input(torch.empty(1, model.in_chans, *hw, device="meta"), model.in_chans)
+    report = TuneReport(str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+                        _dtype_str(model.dtype), [(n, hw[0], hw[1]) for n in sizes])
+    t0 = time.perf_counter()
+    for n in sizes:
+        calls = collect_calls(model, n, hw)
+        report.layers += len(calls)
+        remaining = None if budget_s is None else max(0.0, budget_s - (time.perf_counter() - t0))
+        tune_calls(calls, dev, model.dtype, budget_s=remaining, timer=timer, progress=progress, force=force,
+                   report=report)
+    report.seconds = time.perf_counter() - t0
+    model.forget_plans()
+    if progress:
+        print(report.summary(), file=sys.stderr, flush=True)
+    return report
+
+
+def _dtype_str(dtype) -> str:
+    return str(dtype).replace("torch.", "")

@@ -1,0 +1,318 @@
+"""The per-layer plan: keys, the rule, the prior, the planner's sources, the tuner (fake timer on the CPU) and the
+plan cache shared by processes tuning at once."""
+import json
+import multiprocessing as mp
+import os
+
+import pytest
+import torch
+
+import dla_fast
+from dla_fast import _env
+from dla_fast.plan import PLANNER, LayerKey, Plan, aggregate_key, conv_key, max_pool_key, rule
+from dla_fast.plan import planner as planner_mod
+from dla_fast.plan import tuner
+from dla_fast.plan.timing import FakeTimer
+from helpers import randomize_bn
+
+EVERY = {"eager": True, "triton": True, "cuda": True}
+PRIOR = os.path.join(os.path.dirname(planner_mod.__file__), "prior", "sm90.json")
+INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache(tmp_path, monkeypatch):
+    """Every test gets its own cache directory and a planner that has read nothing yet."""
+    monkeypatch.setenv("DLA_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("DLA_FAST_PRIOR", raising=False)
+    _env.reload()
+    PLANNER.reload()
+    yield
+    _env.reload()
+    PLANNER.reload()
+
+
+# ------------------------------------------------------------------------------------------------- keys
+
+def test_keys_round_trip_and_read_well():
+    k = conv_key((128, 64, 1, 1), (1, 1), (0, 0), 1, True, torch.float16, 256, (56, 56))
+    assert LayerKey.parse(k.text()) == k
+    assert k.family() == k.text().rsplit("|", 1)[0]
+    assert k.label() == "conv 64->128 k1x1 s1 +res @56x56 n256 float16"
+    a = aggregate_key((128, 128, 64), 128, 1, torch.bfloat16, 8, (28, 28))
+    assert LayerKey.parse(a.text()) == a and a.label() == "agg 128+128+64->128 +res(c0) @28x28 n8 bfloat16"
+    g = conv_key((256, 8, 3, 3), (2, 2), (1, 1), 32, False, torch.float16, 1, (14, 14))
+    assert g.label() == "conv 256->256 k3x3 s2 g32 @14x14 n1 float16"
+    assert max_pool_key(64, 2, torch.float32, 4, (56, 56)).label() == "maxpool k2 c64 @56x56 n4 float32"
+    for bad in ("conv|1,2|float16|1x1", "nope|1|float16|1x1|n1", "conv_bn_act|a|float16|1x1|n1"):
+        with pytest.raises(ValueError, match="not a layer key"):
+            LayerKey.parse(bad)
+
+
+def test_plan_entries_are_checked():
+    p = Plan("cuda", (1, 128, 2), "tuned", "why", 0.5)
+    assert Plan.from_json(p.to_json(), "cached") == Plan("cuda", (1, 128, 2), "cached", "why", 0.5)
+    for bad in ({"backend": "tensorrt", "config": []}, {"backend": "cuda", "config": "1,2"},
+                {"backend": "cuda", "config": [1.5]}):
+        with pytest.raises(ValueError, match="not a plan entry"):
+            Plan.from_json(bad, "cached")
+
+
+# ------------------------------------------------------------------------------------------------- rule
+
+def test_rule():
+    stem = conv_key((16, 3, 7, 7), (1, 1), (3, 3), 1, False, torch.float16, 256, (224, 224))
+    assert rule(stem, EVERY).backend == "cuda" and "stem" in rule(stem, EVERY).why
+    assert rule(stem, dict(EVERY, cuda=False)).backend == "eager"
+    rgb3x3 = conv_key((32, 3, 3, 3), (2, 2), (1, 1), 1, False, torch.float16, 256, (224, 224))
+    assert rule(rgb3x3, EVERY).backend == "eager"
+    deep = conv_key((512, 512, 3, 3), (1, 1), (1, 1), 1, True, torch.float16, 256, (7, 7))
+    assert rule(deep, EVERY).backend == "cuda"
+    assert rule(deep, dict(EVERY, cuda=False)).backend == "triton"
+    one = conv_key((512, 512, 3, 3), (1, 1), (1, 1), 1, True, torch.float16, 1, (7, 7))
+    assert rule(one, EVERY).backend == "triton" and rule(one, dict(EVERY, triton=False)).backend == "cuda"
+    assert rule(one, {"eager": True}).backend == "eager"
+    assert all(p.source == "rule" and p.why for p in (rule(stem, EVERY), rule(one, EVERY)))
+
+
+# ------------------------------------------------------------------------------------------------ prior
+
+def test_prior_is_compact_and_its_keys_are_real_layer_calls():
+    """Every prior entry is a call some variant makes at 224x224 (batch 1 or 256) and differs from the rule."""
+    from dla_fast.plan.tuner import collect_calls
+    with open(PRIOR) as f:
+        prior = json.load(f)
+    assert tuple(prior["capability"]) == (9, 0) and prior["entries"]
+    families = set()  # the calls do not depend on the batch size or the dtype: collect each once
+    for name in dla_fast.list_models():
+        with torch.device("meta"):  # shapes only: no weights to draw
+            model = dla_fast.create_model(name)
+        fast = dla_fast.optimize(model, dtype=torch.float16)
+        families |= {c.key.family() for c in collect_calls(fast, 1, (224, 224))}
+    families |= {f.replace("|float16|", "|bfloat16|") for f in families}
+    for text, entry in prior["entries"].items():
+        assert LayerKey.parse(text).family() in families, text
+        key, plan = LayerKey.parse(text), Plan.from_json(entry, "prior")
+        assert (plan.backend, plan.config) != (rule(key, EVERY).backend, ()), text
+
+
+def test_prior_applies_on_its_capability_only(monkeypatch, tmp_path):
+    assert planner_mod.load_prior((9, 0))[0] is not None
+    prior, why = planner_mod.load_prior((8, 6))
+    assert prior is None and "8.6" in why
+    monkeypatch.setenv("DLA_FAST_PRIOR", "off")
+    _env.reload()
+    assert planner_mod.load_prior((9, 0)) == (None, "DLA_FAST_PRIOR=off")
+    monkeypatch.setenv("DLA_FAST_PRIOR", str(tmp_path / "missing.json"))
+    _env.reload()
+    with pytest.raises(FileNotFoundError, match="DLA_FAST_PRIOR="):
+        planner_mod.load_prior((9, 0))
+
+
+def test_store_takes_the_nearest_batch():
+    fam = conv_key((512, 512, 3, 3), (1, 1), (1, 1), 1, False, torch.float16, 1, (7, 7))
+    store = planner_mod._Store({fam.text(): {"backend": "triton", "config": []},
+                                LayerKey(fam.op, fam.sig, fam.dtype, 256, fam.hw).text():
+                                    {"backend": "cuda", "config": [1, 256, 2]}}, "prior")
+    picks = {n: store.nearest(LayerKey(fam.op, fam.sig, fam.dtype, n, fam.hw))[2].backend
+             for n in (1, 2, 16, 17, 64, 256, 4096)}
+    assert picks == {1: "triton", 2: "triton", 16: "triton", 17: "cuda", 64: "cuda", 256: "cuda", 4096: "cuda"}
+    other_hw = LayerKey(fam.op, fam.sig, fam.dtype, 1, (14, 14))
+    assert store.nearest(other_hw) is None
+
+
+# ---------------------------------------------------------------------------------------------- planner
+
+def _planner_with(prior_entries, cached_entries, available=EVERY):
+    """A planner for a pretend GPU with the given backends, prior and cache entries."""
+    p = planner_mod.Planner()
+    st = planner_mod._DeviceState(dict(available), {n: None for n in available},
+                                  planner_mod._Store(prior_entries, "prior") if prior_entries is not None else None,
+                                  None, None, planner_mod._Store(cached_entries, "cached"))
+    p._state = lambda device, dtype: st
+    return p
+
+
+def test_planner_sources_in_order():
+    k = conv_key((256, 256, 3, 3), (1, 1), (1, 1), 1, False, torch.float16, 256, (14, 14))
+    k1 = LayerKey(k.op, k.sig, k.dtype, 1, k.hw)
+    dev = torch.device("cuda", 0)
+    p = _planner_with({k.text(): {"backend": "triton", "config": []}}, {})
+    assert p.plan(k, dev).source == "prior" and p.plan(k, dev).backend == "triton"
+    plan1 = p.plan(k1, dev)  # only batch 256 measured: it stands in, and says so
+    assert plan1.source == "prior" and "measured at batch 256" in plan1.why
+    p = _planner_with({k.text(): {"backend": "triton", "config": []}},
+                      {k.text(): {"backend": "cuda", "config": [1, 128, 2]}})
+    assert (p.plan(k, dev).source, p.plan(k, dev).config) == ("cached", (1, 128, 2))
+    p.record(dev, torch.float16, {k: Plan("eager", (), "tuned", "x", 0.1)})
+    assert p.plan(k, dev).source == "tuned" and p.plan(k, dev).backend == "eager"
+    assert p.plan(k, dev, launch_bound=True).source == "rule"  # the host decides small eager batches
+    # a measured backend this machine lacks is skipped
+    p = _planner_with({k.text(): {"backend": "triton", "config": []}}, {}, dict(EVERY, triton=False))
+    assert p.plan(k, dev).source == "rule" and p.plan(k, dev).backend == "cuda"
+    # nothing measured: the rule
+    p = _planner_with(None, {})
+    assert p.plan(k, dev) == rule(k, EVERY)
+
+
+# ------------------------------------------------------------------------------------------------ tuner
+
+def test_collect_calls_dedupes_and_keeps_layouts():
+    fast = dla_fast.optimize(dla_fast.create_model("dla60_res2net"), dtype=torch.float32)
+    calls = tuner.collect_calls(fast, 2, (64, 64))
+    keys = [c.key.text() for c in calls]
+    assert len(keys) == len(set(keys))
+    names = [n for c in calls for n in c.names]
+    assert set(names) == {n for n, _ in fast.fused_layers()}  # every fused layer is some call
+    sliced = [c for c in calls if c.key.op == "conv_bn_act" and c.inputs[0][1][1] == 1
+              and c.inputs[0][0][1] * 4 <= c.inputs[0][1][3]]
+    assert sliced, "res2net's split convs read channel slices of a wider channels_last tensor"
+    x = tuner._materialise(sliced[0].inputs[0], torch.float32, torch.device("cpu"), torch.Generator())
+    assert (tuple(x.shape), tuple(x.stride()), x.storage_offset()) == sliced[0].inputs[0][:3]
+
+
+def _costs(table):
+    """A FakeTimer charging each candidate by its backend (and config) instead of running it."""
+    return FakeTimer(lambda fn: table.get((fn.backend, tuple(fn.config)), table.get(fn.backend, 1.0)) * 1e-3)
+
+
+@pytest.mark.skipif(not INTERP, reason="needs the Triton interpreter (TRITON_INTERPRET=1) as a second backend")
+def test_tuner_picks_the_fastest_checked_candidate_and_caches_it():
+    fast = dla_fast.optimize(randomize_bn(dla_fast.create_model("dla34")).eval(), dtype=torch.float32,
+                             backend="auto")
+    calls = [c for c in tuner.collect_calls(fast, 1, (32, 32)) if c.key.op != "max_pool"][:4]
+    dev = torch.device("cpu")
+    rep = tuner.TuneReport("cpu", "float32", [(1, 32, 32)])
+    plans = tuner.tune_calls(calls, dev, torch.float32, budget_s=None, timer=_costs({"eager": 0.5, "triton": 2.0}),
+                             progress=False, report=rep)
+    assert set(plans) == {c.key for c in calls} and all(p.backend == "eager" for p in plans.values())
+    assert rep.measured == 4 and rep.reused == 0
+    assert all(set(e["candidates"]) >= {"eager", "triton"} for e in rep.plans.values())
+    # what was measured is now the plan, in this process and from the cache in a fresh planner
+    assert all(PLANNER.plan(c.key, dev).source == "tuned" for c in calls)
+    PLANNER.reload()
+    assert all(PLANNER.plan(c.key, dev).source == "cached" for c in calls)
+    # a second tuning reuses the cache and measures nothing
+    rep2 = tuner.TuneReport("cpu", "float32", [(1, 32, 32)])
+    assert tuner.tune_calls(calls, dev, torch.float32, budget_s=None, timer=_costs({}), progress=False,
+                            report=rep2) == {}
+    assert (rep2.measured, rep2.reused) == (0, 4)
+    # the margin keeps the rule's choice (Triton at batch 1) when the other is barely faster
+    PLANNER.reload()
+    wide = [c for c in calls if c.key.sig[1] >= 8][:1]  # not the RGB stem, whose rule is the CUDA kernel/cuDNN
+    plans = tuner.tune_calls(wide, dev, torch.float32, budget_s=None, force=True, progress=False,
+                             timer=_costs({"eager": 0.99, "triton": 1.0}))
+    assert next(iter(plans.values())).backend == "triton"
+
+
+@pytest.mark.skipif(not INTERP, reason="needs the Triton interpreter (TRITON_INTERPRET=1) as a second backend")
+def test_tuner_never_picks_a_wrong_candidate(monkeypatch):
+    fast = dla_fast.optimize(randomize_bn(dla_fast.create_model("dla34")).eval(), dtype=torch.float32)
+    calls = [c for c in tuner.collect_calls(fast, 1, (32, 32)) if c.key.op == "conv_bn_act"][:2]
+    real = tuner._runner
+
+    def broken(call, backend, config, args):
+        fn = real(call, backend, config, args)
+        if backend != "triton":
+            return fn
+
+        def wrong():
+            return fn() * 1.5
+        wrong.backend, wrong.config = fn.backend, fn.config
+        return wrong
+    monkeypatch.setattr(tuner, "_runner", broken)
+    plans = tuner.tune_calls(calls, torch.device("cpu"), torch.float32, budget_s=None, progress=False,
+                             timer=_costs({"eager": 5.0, "triton": 0.1}))
+    assert all(p.backend == "eager" for p in plans.values())
+
+
+def test_tuner_budget_leaves_the_rest_to_the_rule():
+    fast = dla_fast.optimize(dla_fast.create_model("dla34"), dtype=torch.float32)
+    calls = tuner.collect_calls(fast, 1, (32, 32))[:5]
+    now = [0.0]
+
+    def clock():
+        now[0] += 1.0
+        return now[0]
+    rep = tuner.TuneReport("cpu", "float32", [(1, 32, 32)])
+    plans = tuner.tune_calls(calls, torch.device("cpu"), torch.float32, budget_s=3.0, progress=False,
+                             timer=_costs({}), clock=clock, report=rep)
+    assert 0 < len(plans) < 5 and rep.skipped == 5 - len(plans)
+
+
+def test_tune_needs_a_gpu_without_a_fake_timer():
+    with pytest.raises(RuntimeError, match="tuning times kernels on a GPU"):
+        dla_fast.tune(dla_fast.optimize(dla_fast.create_model("dla34"), dtype=torch.float32), 64, [1])
+    fast = dla_fast.optimize(dla_fast.create_model("dla34"), dtype=torch.float32)
+    with pytest.raises(ValueError, match="batch_sizes must be positive"):
+        dla_fast.tune(fast, 64, [0], timer=_costs({}))
+    with pytest.raises(ValueError, match="32k-1 or 32k"):
+        dla_fast.tune(fast, 65, [1], timer=_costs({}))
+    with pytest.raises(ValueError, match="computes in torch.float32, not torch.float16"):
+        dla_fast.tune(fast, 64, [1], torch.float16, timer=_costs({}))
+
+
+def test_tune_end_to_end_with_fake_timer(capsys, monkeypatch):
+    real = planner_mod._backends.reason_unavailable
+    monkeypatch.setattr(planner_mod._backends, "reason_unavailable",  # eager alone: quick under the interpreter
+                        lambda name, x: "off in this test" if name != "eager" else real(name, x))
+    fast = dla_fast.optimize(dla_fast.create_model("dla46_c"), dtype=torch.float32)
+    rep = dla_fast.tune(fast, (32, 64), [1, 2], timer=_costs({}), budget_s=None)
+    assert rep.layers == rep.measured + rep.reused and rep.measured > 20
+    assert "tuned" in capsys.readouterr().err
+    again = dla_fast.tune(fast, (32, 64), [2, 1], timer=_costs({}), progress=False)
+    assert again.measured == 0 and again.reused == rep.layers
+
+
+def _tune_in_process(cache_dir, out, delay):
+    os.environ["DLA_FAST_CACHE_DIR"] = cache_dir
+    import time
+    import torch as t
+    import dla_fast as d
+    from dla_fast.plan import tuner as tn
+    from dla_fast.plan.timing import FakeTimer as FT
+
+    def slow(fn):
+        time.sleep(delay)
+        return 1e-3
+    fast = d.optimize(d.create_model("dla46_c"), dtype=t.float32)
+    calls = tn.collect_calls(fast, 1, (32, 32))
+    rep = tn.TuneReport("cpu", "float32", [(1, 32, 32)])
+    tn.tune_calls(calls, t.device("cpu"), t.float32, budget_s=None, timer=FT(slow), progress=False, report=rep,
+                  rounds=1)
+    with open(out, "w") as f:
+        json.dump({"measured": rep.measured, "reused": rep.reused, "calls": len(calls)}, f)
+
+
+@pytest.mark.slow
+def test_processes_tuning_at_once_measure_once(tmp_path):
+    """Two processes tune the same model at once: one measures under the cache lock, the other waits and reuses."""
+    ctx = mp.get_context("spawn")
+    env_before = os.environ.get("TRITON_INTERPRET")
+    os.environ.pop("TRITON_INTERPRET", None)  # eager only: the point is the lock, not the kernels
+    try:
+        procs = [ctx.Process(target=_tune_in_process, args=(str(tmp_path / "c"), str(tmp_path / f"{i}.json"), 0.002))
+                 for i in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+            assert p.exitcode == 0
+    finally:
+        if env_before is not None:
+            os.environ["TRITON_INTERPRET"] = env_before
+    r = [json.load(open(tmp_path / f"{i}.json")) for i in range(2)]
+    n = r[0]["calls"]
+    assert sorted((x["measured"], x["reused"]) for x in r) == [(0, n), (n, 0)]
+    files = [f for f in os.listdir(tmp_path / "c") if f.endswith(".json")]
+    assert len(files) == 1 and len(json.load(open(tmp_path / "c" / files[0]))["entries"]) == n
+
+
+# ---------------------------------------------------------------------------------------- plan printing
+
+def test_summary_prints_sources(monkeypatch):
+    fast = dla_fast.optimize(dla_fast.create_model("dla34"), dtype=torch.float32, backend="triton")
+    s = fast.summary(batch=1, hw=(64, 64))
+    assert "triton [requested]" in s and "batch 1, 64x64" in s
+    rows = fast.plans(1, (64, 64))
+    assert {p.source for _, _, p in rows} == {"requested"} and len(rows) == len(fast.fused_layers())
