@@ -2,28 +2,34 @@
 
 For each (model, dtype, batch size) every implementation is built from the same random weights and timed on
 the same input, interleaved (round-robin over the implementations, several rounds, median), after warm-up.
-GPU times come from CUDA events; CPU times from ``time.perf_counter``.
+GPU times come from CUDA events; CPU times from ``time.perf_counter``. ``first_s`` is the time from building an
+implementation to its first result at this input size (torch.compile's compilation, dla_fast's planning and,
+with ``tune``, its tuning); ``peak_mem_mb`` the GPU memory the implementation's weights and activations took.
+With ``features`` every implementation is the ``features_only`` backbone (levels 2-5, the way detectors use DLA).
 """
 from __future__ import annotations
 
 import datetime
 import gc
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .verify import calibrated_random_weights, dtype_name, reference_output, rel_err
 
 IMPLS = ("timm_eager", "torch_compile", "torch_compile_reduce_overhead", "dla_fast_triton", "dla_fast_cuda",
-         "dla_fast_auto", "dla_fast_eager", "dla_fast_cudagraph")
+         "dla_fast_auto", "dla_fast_eager", "dla_fast_cudagraph", "dla_fast_aoti")
 GPU_DEFAULT_IMPLS = ("timm_eager", "torch_compile", "dla_fast_triton", "dla_fast_cuda", "dla_fast_auto",
                      "dla_fast_cudagraph")
 CPU_DEFAULT_IMPLS = ("timm_eager", "dla_fast_eager")
+FEATURE_LEVELS = (2, 3, 4, 5)
 
 
 @dataclass
@@ -36,9 +42,10 @@ class Row:
     ms: Optional[float] = None
     peak_mem_mb: Optional[float] = None
     rel_err: Optional[float] = None
-    compile_s: Optional[float] = None
+    first_s: Optional[float] = None
     error: Optional[str] = None
-    hw: int = 224
+    hw: Tuple[int, int] = (224, 224)
+    features: bool = False
     backends_used: Optional[str] = None
 
 
@@ -48,13 +55,15 @@ def environment(device: str) -> dict:
         tv = triton.__version__
     except Exception:
         tv = None
+    from . import __version__
     if device == "cuda":
         name = torch.cuda.get_device_name()
     else:
         name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"device": name, "torch": torch.__version__, "triton": tv,
+    return {"device": name, "torch": torch.__version__, "triton": tv, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-            "python": platform.python_version(), "date": datetime.date.today().isoformat()}
+            "dla_fast": __version__, "python": platform.python_version(),
+            "date": datetime.date.today().isoformat()}
 
 
 def _sync(device: str) -> None:
@@ -78,79 +87,113 @@ def _time_once(fn: Callable, x, iters: int, device: str) -> float:
     return (time.perf_counter() - t) / iters
 
 
-def _timm(name: str):
+def _flat(y) -> torch.Tensor:
+    """One tensor of every output (a features model returns a list)."""
+    if isinstance(y, (list, tuple)):
+        return torch.cat([t.float().flatten() for t in y])
+    return y.float().flatten()
+
+
+def _timm(name: str, features: bool):
     import timm
+    if features:
+        return timm.create_model(name, features_only=True, out_indices=FEATURE_LEVELS)
     return timm.create_model(name)
 
 
+def _ours(name: str, ours_fp32: torch.nn.Module, features: bool) -> torch.nn.Module:
+    import dla_fast
+    if not features:
+        return ours_fp32
+    m = dla_fast.create_model(name, features_only=True, out_indices=FEATURE_LEVELS)
+    own = m.state_dict()
+    m.load_state_dict({k: v for k, v in ours_fp32.state_dict().items() if k in own}, strict=True)
+    return m.eval()
+
+
+def _aoti(fast, x: torch.Tensor):
+    """An AOTInductor package of the optimized model (its fused ops exported as dla_fast ops), loaded back."""
+    path = os.path.join(tempfile.mkdtemp(prefix="dla_fast_aoti_"), "model.pt2")
+    with torch.no_grad():
+        ep = torch.export.export(fast, (x,))
+        torch._inductor.aoti_compile_and_package(ep, package_path=path)
+    return torch._inductor.aoti_load_package(path)
+
+
 def build_impl(impl: str, name: str, ours_fp32: torch.nn.Module, dtype: torch.dtype, device: str,
-               batch: Optional[int] = None):
+               batch: int, hw: Tuple[int, int], features: bool = False, x: Optional[torch.Tensor] = None,
+               tune: bool = False):
     """(callable, backends string or None) for one implementation; the backends are those used at ``batch``."""
     import dla_fast
 
     if impl in ("timm_eager", "torch_compile", "torch_compile_reduce_overhead"):
-        m = _timm(name)
-        m.load_state_dict(ours_fp32.state_dict(), strict=True)
+        m = _timm(name, features)
+        own = m.state_dict()
+        m.load_state_dict({k: v for k, v in ours_fp32.state_dict().items() if k in own}, strict=True)
         m = m.eval().to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
         if impl == "timm_eager":
-            fn = m
-        else:
-            torch._dynamo.reset()  # a fresh cache per model, so the recompile limit is never hit
-            mode = "reduce-overhead" if impl.endswith("reduce_overhead") else None
-            fn = torch.compile(m, mode=mode)
-        return fn, None
+            return m, None
+        torch._dynamo.reset()  # a fresh cache per model, so the recompile limit is never hit
+        mode = "reduce-overhead" if impl.endswith("reduce_overhead") else None
+        return torch.compile(m, mode=mode), None
     if impl.startswith("dla_fast_"):
         kind = impl[len("dla_fast_"):]
-        backend = "auto" if kind == "cudagraph" else kind
-        fast = dla_fast.optimize(ours_fp32, dtype=dtype, backend=backend, device=torch.device(device),
+        backend = "auto" if kind in ("cudagraph", "aoti") else kind
+        model = _ours(name, ours_fp32, features)
+        fast = dla_fast.optimize(model, dtype=dtype, backend=backend, device=torch.device(device),
                                  cuda_graph=(kind == "cudagraph"))
-        used = "+".join(sorted(set(fast.backends(batch).values())))
+        if tune and backend == "auto" and device == "cuda":
+            dla_fast.tune(fast, hw, [batch], progress=False)
+        used = "+".join(sorted(set(fast.backends(batch, hw).values())))
+        if kind == "aoti":
+            return _aoti(fast, x), used
         return fast, used
     raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
 
 
-def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], device: str, hw: int,
-              rounds: int, iters: int, warmup: int, log: Callable[[str], None]) -> List[Row]:
+def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], device: str, hw: Tuple[int, int],
+              rounds: int, iters: int, warmup: int, log: Callable[[str], None], features: bool = False,
+              tune: bool = False) -> List[Row]:
     import dla_fast
 
     torch.manual_seed(0)
     ours = calibrated_random_weights(dla_fast.create_model(name), 0).eval()
-    x32 = torch.randn(batch, 3, hw, hw, generator=torch.Generator().manual_seed(1))
-    ref = reference_output(ours, x32, device, torch.float32).cpu()
+    x32 = torch.randn(batch, 3, hw[0], hw[1], generator=torch.Generator().manual_seed(1))
+    ref = _flat(reference_output(_ours(name, ours, features), x32, device, torch.float32)).cpu()
     x = x32.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     rows: Dict[str, Row] = {}
     fns: Dict[str, Callable] = {}
     for impl in impls:
-        row = rows[impl] = Row(name, dtype_name(dtype), batch, impl, hw=hw)
-        if impl == "dla_fast_cudagraph" and device != "cuda":
-            row.error = "skipped: CUDA graphs need a GPU"
+        row = rows[impl] = Row(name, dtype_name(dtype), batch, impl, hw=tuple(hw), features=features)
+        if impl in ("dla_fast_cudagraph", "dla_fast_aoti", "torch_compile_reduce_overhead") and device != "cuda":
+            row.error = "skipped: needs a GPU"
             continue
         try:
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated() if device == "cuda" else 0
-            fn, used = build_impl(impl, name, ours, dtype, device, batch)
-            row.backends_used = used
             t = time.perf_counter()
-            with torch.inference_mode() if not impl.startswith("torch_compile") else torch.no_grad():
+            fn, used = build_impl(impl, name, ours, dtype, device, batch, hw, features, x, tune)
+            row.backends_used = used
+            with torch.inference_mode() if not impl.startswith(("torch_compile", "dla_fast_aoti")) \
+                    else torch.no_grad():
                 # copied out at once: CUDA-graph runners (reduce-overhead) overwrite their output on the next call
-                y = fn(x).float().cpu()
-                first = time.perf_counter() - t
+                y = _flat(fn(x)).cpu()
+                _sync(device)
+                row.first_s = round(time.perf_counter() - t, 3)
                 for _ in range(warmup):
                     fn(x)
                 _sync(device)
-            if impl.startswith("torch_compile"):
-                row.compile_s = round(first, 2)
             row.rel_err = rel_err(y, ref)
             if device == "cuda":
                 # this implementation's own weights + activations, not what the others hold
                 row.peak_mem_mb = round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 1)
             fns[impl] = fn
-            log(f"  built {impl:<30} first call {first:6.2f}s  rel_err {row.rel_err:.2e}"
+            log(f"  built {impl:<30} first result {row.first_s:7.2f}s  rel_err {row.rel_err:.2e}"
                 + (f"  [{used}]" if used else ""))
         except Exception as e:  # one broken implementation must not sink the whole run
-            row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             log(f"  FAILED {impl}: {row.error}")
     samples: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(rounds):
@@ -169,14 +212,16 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
 
 
 def run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch_sizes: Sequence[int], impls: Sequence[str],
-        device: str, hw: int, rounds: int, iters: Optional[int], warmup: int,
+        device: str, hw: Tuple[int, int], rounds: int, iters: Optional[int], warmup: int,
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
-        on_partial: Optional[Callable[[dict], None]] = None) -> dict:
+        on_partial: Optional[Callable[[dict], None]] = None, features: bool = False, tune: bool = False) -> dict:
     """All rows; ``on_partial`` gets the result so far after each (model, dtype, batch), so a long run that is
     cut off still leaves its finished part behind."""
     rows: List[Row] = []
     env = environment(device)
-    env["hw"] = hw
+    env["hw"] = list(hw)
+    env["features"] = list(FEATURE_LEVELS) if features else None
+    env["tune"] = tune
     total = len(models) * len(dtypes) * len(batch_sizes)
     k = 0
     t0 = time.perf_counter()
@@ -184,10 +229,10 @@ def run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch_sizes: Seque
         for dt in dtypes:
             for bs in batch_sizes:
                 k += 1
-                log(f"[{k}/{total}] {name} {dtype_name(dt)} batch {bs} ({time.perf_counter() - t0:.0f}s elapsed)")
-                use = [i for i in impls if not (i == "torch_compile_reduce_overhead" and device != "cuda")]
+                log(f"[{k}/{total}] {name} {dtype_name(dt)} batch {bs} {hw[0]}x{hw[1]}"
+                    f"{' features' if features else ''} ({time.perf_counter() - t0:.0f}s elapsed)")
                 n_iter = iters or (1 if device == "cpu" else max(3, min(50, 512 // bs)))
-                rows += bench_one(name, dt, bs, use, device, hw, rounds, n_iter, warmup, log)
+                rows += bench_one(name, dt, bs, impls, device, hw, rounds, n_iter, warmup, log, features, tune)
                 env["rows"] = [r.__dict__ for r in rows]
                 if on_partial is not None:
                     on_partial(env)
@@ -197,11 +242,16 @@ def run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch_sizes: Seque
 
 def format_table(result: dict) -> str:
     rows = result["rows"]
+    hw = result.get("hw", [224, 224])
+    hw = (hw, hw) if isinstance(hw, int) else hw
+    feats = result.get("features")
     out = [f"device: {result['device']} | torch {result['torch']} | triton {result['triton']} | "
-           f"cuDNN {result['cudnn']} | {result['date']} | input {result.get('hw', 224)}x{result.get('hw', 224)}",
+           f"cuDNN {result['cudnn']} | {result['date']} | input {hw[0]}x{hw[1]}"
+           + (f" | features_only levels {feats}" if feats else ""),
            "",
-           "| model | dtype | batch | impl | img/s | ms | vs timm_eager | vs torch_compile | peak MB | rel err |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| model | dtype | batch | impl | img/s | ms | vs timm_eager | vs torch_compile | first result s | "
+           "peak MB | rel err |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: Dict[tuple, List[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["dtype"], r["batch_size"]), []).append(r)
@@ -215,9 +265,11 @@ def format_table(result: dict) -> str:
             return f"{r['img_per_s'] / p['img_per_s']:.2f}x"
         for r in rs:
             if r.get("error"):
-                out.append(f"| {m} | {d} | {b} | {r['impl']} | - | - | - | - | - | {r['error'][:60]} |")
+                out.append(f"| {m} | {d} | {b} | {r['impl']} | - | - | - | - | - | - | {r['error'][:60]} |")
                 continue
+            first = r.get("first_s", r.get("compile_s"))
             out.append(f"| {m} | {d} | {b} | {r['impl']} | {r['img_per_s']:.1f} | {r['ms']:.3f} | "
                        f"{ratio(r, 'timm_eager')} | {ratio(r, 'torch_compile')} | "
+                       f"{first if first is not None else '-'} | "
                        f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else '-'} | {r['rel_err']:.1e} |")
     return "\n".join(out)
