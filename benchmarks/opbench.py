@@ -1038,6 +1038,8 @@ def sanitize(entries: Sequence[ShapeEntry], dtypes: Sequence[torch.dtype], backe
                     log(f"skip {dtype_name(dt):8} {be}: {why}")
                     continue
                 mod = None if be == "eager" else _backends.get(be)
+                if be == "cuda" and not hasattr(mod, "conv_candidates"):
+                    log("note: this CUDA extension has no candidate queries: its own rule only")
                 for e in entries:
                     case = build_case(e.shape, e.batch, dt, device)
                     ref = _reference64(case)
@@ -1065,6 +1067,8 @@ def sanitize(entries: Sequence[ShapeEntry], dtypes: Sequence[torch.dtype], backe
                             f"{msg}{'  [' + kernel + ']' if kernel else ''}")
                     del case, ref
                 pool = _max_pool_fn(mod, be)
+                if pool is None:
+                    log(f"note: the {be} backend has no max_pool: not checked")
                 seen = set()
                 for e in entries:
                     s = e.shape
