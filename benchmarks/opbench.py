@@ -985,7 +985,8 @@ def _kernel_configs(mod, backend: str, case: "Case") -> List[Tuple[tuple, str]]:
     else:
         cands = query(case.x, case.weight, case.bias, s.stride, s.padding, s.groups, case.residual)
     describe = getattr(mod, "describe", lambda c: "/".join(map(str, c)))
-    return [(tuple(c), describe(tuple(c))) for c in cands] or [((), "rule")]
+    return [(tuple(c), describe(tuple(c)) + (" =rule" if i == 0 else "")) for i, c in enumerate(cands)] or [
+        ((), "rule")]
 
 
 def _backend_call(mod, case: "Case", config: tuple) -> Callable[[], torch.Tensor]:

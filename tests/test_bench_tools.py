@@ -517,7 +517,7 @@ def test_sanitize_runs_every_cuda_candidate(monkeypatch):
     assert fake.calls == [("conv", (1, 128, 2)), ("conv", (2, 64, 1)), ("agg", (1, 128, 0)), ("pool", 2)]
     assert fails == 1
     assert [line[:4] for line in lines[:4]] == ["ok  ", "FAIL", "ok  ", "ok  "]
-    assert "family2 bn64" in lines[1] and "[fake]" in lines[0]
+    assert "family1 bn128 =rule" in lines[0] and "family2 bn64" in lines[1] and "[fake]" in lines[0]
     assert lines[-1] == "sanitize: 3 of 4 checks pass (2 shapes, float32; cuda); 1 failures"
 
 
