@@ -17,6 +17,8 @@ cmd=${1:-}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=${GPU_T0:-$(date +%s)}; BUDGET=${BUDGET:-570}
 el() { echo $(( $(date +%s) - T0 )); }
+# What an exit status means here: timeout's 124 (the deadline), compute-sanitizer's 9 (--error-exitcode).
+why() { case "$1" in 124) echo " (stopped at the deadline)";; 9) echo " (the sanitizer found errors)";; esac; }
 # Seconds a step may take: what is left of the budget less MARGIN for what follows it (at least 5).
 until_deadline() { local t=$(( BUDGET - $(el) - ${1:-10} )); [ $t -lt 5 ] && t=5; echo $t; }
 # setup.py finds nvcc through CUDA_HOME (not on PATH on the device image); one arch, sm_90a (the wgmma kernels
@@ -72,14 +74,14 @@ test)
   rc=$?
   grep -E "^(FAILED|ERROR)" "$log" | head -30
   summary=$(grep -E "[0-9]+ (passed|failed|errors?|skipped).* in [0-9.]+s" "$log" | tail -1)
-  echo "== pytest rc=$rc (124: stopped at the deadline) at +$(el)s, $NGPU GPU(s) x $per workers: $summary" ;;
+  echo "== pytest rc=$rc$(why $rc) at +$(el)s, $NGPU GPU(s) x $per workers: $summary" ;;
 
 sanitize)
   build
   # First without a sanitizer: a mismatch shows in seconds, and the Triton kernels compile here, outside the
   # instrumented runs (which load them from Triton's cache).
   timeout "$(until_deadline)" python3 benchmarks/opbench.py --sanitize "$@" > "$OUT/sanitize.log" 2>&1
-  echo "== plain run rc=$? at +$(el)s: $(grep '^sanitize:' "$OUT/sanitize.log")"
+  rc=$?; echo "== plain run rc=$rc$(why $rc) at +$(el)s: $(grep '^sanitize:' "$OUT/sanitize.log")"
   grep -E "^FAIL" "$OUT/sanitize.log" | head -20
   tools=${SAN_TOOLS:-memcheck racecheck}; g=0
   for tool in $tools; do
@@ -89,7 +91,7 @@ sanitize)
       [ "$tool" = memcheck ] && export PYTORCH_NO_CUDA_MEMORY_CACHING=1
       CUDA_VISIBLE_DEVICES=$(( g % NGPU )) timeout "$(until_deadline)" "$SAN" --tool "$tool" --error-exitcode 9 \
         python3 benchmarks/opbench.py --sanitize "$@" > "/tmp/$tool.log" 2>&1
-      echo "$tool rc=$? (9: the tool found errors; 124: out of time) at +$(el)s" >> "/tmp/$tool.log"
+      rc=$?; echo "$tool rc=$rc$(why $rc) at +$(el)s" >> "/tmp/$tool.log"
     ) &
     g=$(( g + 1 ))  # with two GPUs the tools run one per GPU
   done
@@ -107,9 +109,9 @@ opbench)
     --csv "$OUT/$name.csv" > "/tmp/$name.txt" 2>&1
   rc=$?
   grep -E "error|Error" "/tmp/$name.txt" | grep -v "rel_err" | head -5
-  grep -A40 "^Sum over each model" "/tmp/$name.txt" | head -30
-  grep -E "^(cuda|triton|geomean|LOSE)" "/tmp/$name.txt" | head -20  # the --ref summary, if asked for
-  echo "== opbench rc=$rc at +$(el)s: $(grep -c '^[a-z]' "$OUT/$name.csv") rows in $name.csv" ;;
+  grep -A30 "^Sum over each model" "$OUT/$name.md" | grep "^|"
+  grep -E "^([a-z_]+: [0-9]+ of [0-9]+ rows|geomean|LOSE)" "/tmp/$name.txt" | head -20  # the --ref summary
+  echo "== opbench rc=$rc$(why $rc) at +$(el)s: $(( $(grep -vc '^#' "$OUT/$name.csv") - 1 )) rows in $name.csv" ;;
 
 e2e)
   build
@@ -147,8 +149,8 @@ PY
   rc=$?
   python3 benchmarks/report.py "$OUT/$name.json" --md "$OUT/$name.md" --png "$OUT/$name.png" > /dev/null 2>&1 \
     || echo "report.py failed on $name.json"
-  grep -E "^\| dla" "$OUT/$name.md" 2>/dev/null | cut -c1-150 | head -40
-  echo "== e2e rc=$rc at +$(el)s: $(grep -c '"img_per_s"' "$OUT/$name.json" 2>/dev/null) rows in $name.json" ;;
+  sed '/^### Details/q' "$OUT/$name.md" 2>/dev/null | grep -E "^\| dla" | cut -c1-150 | head -40  # the summary table
+  echo "== e2e rc=$rc$(why $rc) at +$(el)s: $(grep -c '"img_per_s"' "$OUT/$name.json" 2>/dev/null) rows in $name.json" ;;
 
 ncu)
   build
@@ -163,7 +165,7 @@ ncu)
   "$NCU" -i /tmp/ncurep.ncu-rep --page source --csv --print-source sass 2>&1 | gzip > "$OUT/ncu_src.csv.gz"
   cp /tmp/ncurep.ncu-rep "$OUT/ncu.ncu-rep" 2>/dev/null
   grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|Compute \(SM\) Throughput" "$OUT/ncu.txt" | cut -c1-150 | head -60
-  echo "== ncu rc=$rc at +$(el)s" ;;
+  echo "== ncu rc=$rc$(why $rc) at +$(el)s" ;;
 
 profile)
   build
@@ -171,7 +173,7 @@ profile)
   timeout "$(until_deadline)" python3 benchmarks/profile_model.py "$@" --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1
   rc=$?
   head -${PROFILE_LINES:-25} "$OUT/$name.txt"
-  echo "== profile rc=$rc at +$(el)s" ;;
+  echo "== profile rc=$rc$(why $rc) at +$(el)s" ;;
 
 *)
   sed -n '2,9p' "$0"; exit 2 ;;
