@@ -1077,7 +1077,8 @@ def sanitize(entries: Sequence[ShapeEntry], dtypes: Sequence[torch.dtype], backe
                         continue
                     seen.add((s.cin, s.hw))
                     checks += 1
-                    x = build_case(s, e.batch, dt, device).x
+                    # dense, as a tree's input is when it is pooled
+                    x = build_case(s, e.batch, dt, device).x.contiguous(memory_format=torch.channels_last)
                     try:
                         with torch.no_grad():
                             y = pool(x, 2)
