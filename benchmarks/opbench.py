@@ -1,6 +1,6 @@
-"""Per-op benchmarks of the fused kernels on the real layer shapes of DLA variants.
+"""Per-op benchmarks of the fused kernels on the real layer shapes of DLA variants; the one op harness.
 
-For every distinct shape (see ``shapes.py``) and dtype, this times:
+For every distinct shape (:mod:`dla_fast.shapes`) and dtype, this times:
 
 * ``dla_fast`` per backend (``triton``, ``cuda`` when its extension can run, ``auto``; ``eager`` on CPU): the
   backend's kernel called the way :class:`dla_fast.fuse.FusedDLA` calls it (the backend chosen once, no
@@ -15,20 +15,32 @@ statistics folded into the weight. GPU times are ``triton.testing.do_bench`` med
 each call); without Triton CUDA events with the same protocol; on CPU a ``time.perf_counter`` median. Up to
 batch 16 (``--timer auto``) GPU times are CUDA-graph replays instead: there a kernel takes 3-30 us and its
 Python launch longer, so per-call events would time the launch, which a graph (cuda_graph=True) never pays.
+``--timer host`` times what a launch-bound caller pays instead: the wall clock of back-to-back calls.
 
-    python benchmarks/opbench.py --models dla34 dla60 --dtypes float16 bfloat16 --batch 256 \
-        --json out.json --md out.md
+    python benchmarks/opbench.py --models all --dtypes float16 bfloat16 --batch 256 \
+        --json out.json --md out.md --csv out.csv                 # a full run
+    python benchmarks/opbench.py --summary out.json --ref benchmarks/results/h100-ops-bs256.csv
+    python benchmarks/opbench.py --from-json old.json --csv old.csv   # an earlier JSON run as op-run CSV
+    python benchmarks/opbench.py --sanitize                        # correctness driver for compute-sanitizer
     python benchmarks/opbench.py --device cpu --batch 2 --hw 64 --dtypes float32    # smoke test
+
+``--csv`` writes the compact op-run format (comment lines with card, versions, date, commit, timer and
+command, then one row per shape, dtype and implementation; :func:`read_csv` reads it back). ``--sanitize``
+runs every op once per backend and kernel configuration on a few small real shapes and checks each output
+against a float64 reference (exit code 1 on a mismatch): the program compute-sanitizer watches.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
+import io
 import json
 import math
 import os
 import platform
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -41,15 +53,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if __package__ in (None, ""):
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, _here)
-    sys.path.insert(0, os.path.dirname(_here))
-    import shapes as _shapes  # noqa: E402
-else:  # pragma: no cover - imported as part of a package
-    from . import shapes as _shapes  # noqa: E402
+if __package__ in (None, ""):  # run as a script: the repository's dla_fast even when it is not installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dla_fast  # noqa: E402
+from dla_fast import shapes as _shapes  # noqa: E402
 from dla_fast.fuse import LAUNCH_BOUND_BATCH  # noqa: E402
 from dla_fast.ops import _backends  # noqa: E402
 from dla_fast.ops.reference import aggregate_ref, conv_bn_act_ref  # noqa: E402
@@ -300,13 +308,32 @@ def _bench_cudagraph(fn, warmup: float, rep: float, inner: int = 20) -> float:
     return statistics.median(samples)
 
 
-TIMERS = ("auto", "do_bench", "cudagraph")
+def _bench_host(fn, device: torch.device, warmup: float, rep: float, calls: int = 50) -> float:
+    """Wall-clock ms per call of ``calls`` back-to-back calls, synchronised once at the end: what a caller
+    without CUDA graphs pays, the larger of the host's launch cost and the kernel's GPU time (the launch-bound
+    regime of batch 1 and of the small late layers; see LAUNCH_BOUND_BATCH). Median over samples."""
+    def sample() -> float:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        return (time.perf_counter() - t0) * 1e3 / calls
+
+    est = max(sample(), 1e-4)
+    for _ in range(int(warmup / (est * calls))):
+        sample()
+    return statistics.median(sample() for _ in range(max(3, int(rep / (est * calls)))))
+
+
+TIMERS = ("auto", "do_bench", "cudagraph", "host", "none")
 # timer "auto": CUDA-graph timing up to this batch size, do_bench above -- the batches where a launch costs more
 # than its kernel, the same bound as the fused layers' launch-bound rule
 SMALL_BATCH = LAUNCH_BOUND_BATCH
 
 
 def timer_name(device: torch.device, timer: str = "do_bench", batch: Optional[int] = None) -> str:
+    if timer in ("host", "none"):
+        return timer
     if device.type != "cuda":
         return "perf_counter"
     if timer == "cudagraph" or (timer == "auto" and batch is not None and batch <= SMALL_BATCH):
@@ -320,8 +347,11 @@ def timer_name(device: torch.device, timer: str = "do_bench", batch: Optional[in
 
 def time_ms(fn, device, warmup: float = 25, rep: float = 100, timer: str = "do_bench") -> float:
     """Median milliseconds per call of ``fn``; ``warmup``/``rep`` are time budgets in ms, as in do_bench.
-    ``timer`` "cudagraph" (CUDA only) times graph replays instead (see _bench_cudagraph)."""
+    ``timer`` "cudagraph" (CUDA only) times graph replays instead (see _bench_cudagraph), "host" the wall clock
+    of back-to-back calls (see _bench_host)."""
     device = torch.device(device)
+    if timer == "host":
+        return _bench_host(fn, device, warmup, rep)
     if device.type == "cuda" and timer == "cudagraph":
         return _bench_cudagraph(fn, warmup, rep)
     if device.type == "cuda":
@@ -399,6 +429,9 @@ def bench_shape(entry: ShapeEntry, dtype: torch.dtype, device, impls: Sequence[s
                 if ref is not None and impl != "cudnn_conv":
                     row["rel_err"] = rel_err(out, ref)
                 del out
+                if timer == "none":  # one call each, for a profiler (gpu.sh ncu)
+                    rows.append(row)
+                    continue
                 ms = time_ms(fn, device, warmup, rep, timer)
             if not (ms > 0 and math.isfinite(ms)):
                 raise RuntimeError(f"timer returned {ms!r}")
@@ -650,40 +683,467 @@ def _progress_line(i: int, total: int, entry: ShapeEntry, dt: str, rows: List[Di
     return f"[{i:>3}/{total}] {dt:<8} {entry.shape.label():<52} x{entry.count:<2} | " + " | ".join(parts) + extra
 
 
-def run(models: Sequence[str] = ("dla34", "dla60"), dtypes: Sequence[str] = ("float16", "bfloat16"),
-        batch: int = 256, hw=224, device=None, impls: Optional[Sequence[str]] = None, warmup: float = 25,
-        rep: float = 100, check: bool = True, limit: Optional[int] = None, ops: Optional[Sequence[str]] = None,
-        match: Optional[str] = None, json_path: Optional[str] = None, log=print, into: Optional[Dict] = None,
-        precompile_workers: int = 0, timer: str = "auto") -> Dict:
-    """Benchmark every distinct shape of ``models``; returns (and fills ``into``, if given, as it goes) the
-    result dict that ``--json`` writes."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    hw2 = _shapes._hw_pair(hw)
-    impls = list(impls or default_impls(device))
-    entries = _shapes.distinct_shapes(models, batch=batch, hw=hw2)
+# ------------------------------------------------------------------------------------------- op-run CSV
+
+CSV_COLUMNS = ("op", "in_channels", "out_channels", "kernel", "stride", "padding", "groups", "in_hw", "residual",
+               "relu", "dtype", "batch", "impl", "ms", "count", "pitches")
+CSV_TITLE = "dla_fast op benchmark (benchmarks/opbench.py)"
+
+
+def _pair(v: Sequence[int]) -> str:
+    return f"{v[0]}x{v[1]}"
+
+
+def _pitches_cell(s: OpShape) -> str:
+    # Empty for dense inputs; else each input's channel pitch (and first channel when not 0): the Res2Net
+    # slices share every other column with a dense shape, and their timing differs.
+    if s.pitches == s.cin:
+        return ""
+    return "+".join(f"{p}@{o}" if o else str(p) for p, o in zip(s.pitches, s.offsets))
+
+
+def _ms_cell(ms: float) -> str:
+    # Fixed point with at least 5 significant digits: 1.76560 at batch 256, 0.0031200 at batch 1.
+    return f"{ms:.{max(5, 4 - math.floor(math.log10(ms)))}f}"
+
+
+def _command_of(result: Dict) -> Tuple[str, bool]:
+    """The command that made ``result`` and whether it was recorded (False: rebuilt from the run's settings)."""
+    if result.get("command"):
+        return result["command"], True
+    models = result["models"]
+    parts = ["python", "benchmarks/opbench.py", "--models",
+             *(["all"] if sorted(models) == sorted(dla_fast.list_models()) else models),
+             "--dtypes", *result["dtypes"], "--batch", str(result["batch"])]
+    if list(result["hw"]) != [224, 224]:
+        parts += ["--hw", _pair(result["hw"])]
+    parts += ["--impls", *result["impls"]]
+    timer, small = result["timer"], result["batch"] <= SMALL_BATCH
+    if timer == "host" or (timer == "cudagraph" and not small) or (timer != "cudagraph" and small):
+        parts += ["--timer", "cudagraph" if timer == "cudagraph" else "host" if timer == "host" else "do_bench"]
+    for k, default in (("warmup", 25), ("rep", 100)):
+        if result.get(k, default) != default:
+            parts += [f"--{k}", f"{result[k]:g}"]
+    return " ".join(parts), False
+
+
+def csv_rows(result: Dict) -> Tuple[List[Dict[str, str]], List[str]]:
+    """The CSV cells of every timed row of ``result`` (the ``--json`` dict), and the comment lines for the rows
+    left out: skipped implementations, errors, and results off eager_seq by more than REL_ERR_FLAG (a fast
+    wrong kernel must not look like a win in a table built from the CSV)."""
+    shapes = {d["id"]: OpShape.from_dict(d["shape"]) for d in result["shapes"]}
+    out, notes, skipped = [], [], set()
+    for r in result["rows"]:
+        what = f"{r['shape_id']} {r['dtype']} {r['impl']}"
+        if r.get("skipped"):
+            skipped.add(f"skipped: {r['impl']} ({r['dtype']}): {r['skipped']}")
+            continue
+        if r.get("error") or not r.get("ms"):
+            notes.append(f"error: {what}: {r.get('error') or 'no time'}")
+            continue
+        if (r.get("rel_err") or 0) > REL_ERR_FLAG:
+            notes.append(f"wrong: {what}: rel_err {r['rel_err']:.2e} vs eager_seq")
+            continue
+        s = shapes[r["shape_id"]]
+        out.append({"op": s.op, "in_channels": "+".join(map(str, s.cin)), "out_channels": str(s.cout),
+                    "kernel": _pair(s.kernel), "stride": _pair(s.stride), "padding": _pair(s.padding),
+                    "groups": str(s.groups), "in_hw": _pair(s.hw), "residual": s.residual,
+                    "relu": str(int(s.relu)), "dtype": r["dtype"], "batch": str(r["batch"]), "impl": r["impl"],
+                    "ms": _ms_cell(r["ms"]), "count": str(r["count"]), "pitches": _pitches_cell(s)})
+    return out, sorted(skipped) + notes
+
+
+def csv_text(result: Dict, source: Optional[str] = None) -> str:
+    """``result`` (the ``--json`` dict) in the op-run CSV format; ``source``: the JSON file it was converted
+    from, named in the header."""
+    env = result.get("env") or result
+    rows, notes = csv_rows(result)
+    cap = f" (compute capability {env['capability']})" if env.get("capability") else ""
+    command, recorded = _command_of(result)
+    head = [CSV_TITLE, f"device: {env['device']}{cap}",
+            f"versions: torch {env.get('torch')}, triton {env.get('triton')}, cuDNN {env.get('cudnn')}, "
+            f"CUDA {env.get('cuda')}, dla_fast {env.get('dla_fast')}",
+            f"date: {str(env.get('date'))[:10]}; commit: {env.get('git_commit')}; timer: {result['timer']} median, "
+            f"warmup {result['warmup']:g} ms, rep {result['rep']:g} ms",
+            f"command: {command}"]
+    planned = len(result["shapes"]) * len(result["dtypes"]) * len(result["impls"])
+    if len(result["rows"]) < planned:
+        head.append(f"partial: {len(result['rows'])} of {planned} rows (the run stopped before it measured every "
+                    f"shape)")
+    if source:
+        head.append(f"source: {source}, converted by opbench.py --from-json"
+                    + ("" if recorded else "; command rebuilt from the run's settings"))
+    lines = [f"# {h}" for h in head + notes]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return "\n".join(lines) + "\n" + buf.getvalue()
+
+
+def write_csv(path: str, result: Dict, source: Optional[str] = None) -> None:
+    _write_text(path, csv_text(result, source))
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)  # a run killed by a timeout leaves the last complete file, never a torn one
+
+
+def _ints(cell: str, sep: str, n: Optional[int], what: str) -> Tuple[int, ...]:
+    try:
+        v = tuple(int(x) for x in cell.split(sep))
+    except ValueError:
+        v = ()
+    if not v or (n is not None and len(v) != n) or min(v) < 0:
+        raise ValueError(f"{what} {cell!r} is not {n or 'some'} non-negative integers separated by {sep!r}")
+    return v
+
+
+def _shape_of(row: Dict[str, str]) -> OpShape:
+    cin = _ints(row["in_channels"], "+", None, "in_channels")
+    pitches, offsets = cin, (0,) * len(cin)
+    if row.get("pitches"):
+        parts = [p.partition("@") for p in row["pitches"].split("+")]
+        pitches = _ints("+".join(p for p, _, _ in parts), "+", len(cin), "pitches")
+        offsets = _ints("+".join(o or "0" for _, _, o in parts), "+", len(cin), "pitch offsets")
+    if row["relu"] not in ("0", "1"):
+        raise ValueError(f"relu {row['relu']!r} is not 0 or 1")
+    return OpShape(row["op"], cin, _ints(row["in_hw"], "x", 2, "in_hw"), int(row["out_channels"]),
+                   _ints(row["kernel"], "x", 2, "kernel"), _ints(row["stride"], "x", 2, "stride"),
+                   _ints(row["padding"], "x", 2, "padding"), int(row["groups"]), row["residual"], row["relu"] == "1",
+                   pitches, offsets)
+
+
+def read_csv(path: str) -> Tuple[Dict, List[Dict]]:
+    """An op-run CSV (``--csv``) as ``(meta, rows)``. ``meta``: the header's ``key: value`` fields ("device",
+    "versions", "date", "commit", "timer", "command", "partial", "source"; "title" for the first line) and the
+    lists "skipped", "error" and "wrong" of the rows left out. ``rows``: dicts with the columns typed (tuples for
+    in_channels and the NxM pairs, ints, bool relu, float ms) and "shape", the row's :class:`OpShape`."""
+    meta: Dict = {"skipped": [], "error": [], "wrong": []}
+    with open(path, newline="") as f:
+        lines = f.read().splitlines()
+    body = 0
+    while body < len(lines) and lines[body].startswith("#"):
+        text = lines[body][1:].strip()
+        body += 1
+        key, sep, value = text.partition(": ")
+        if body == 1 and not sep:
+            meta["title"] = text
+        elif key in ("skipped", "error", "wrong"):
+            meta[key].append(value)
+        elif key == "date":  # "date: D; commit: C; timer: T"
+            for part in text.split("; "):
+                k, _, v = part.partition(": ")
+                meta[k] = v
+        elif sep:
+            meta[key] = value
+    if meta.get("title") != CSV_TITLE:
+        raise ValueError(f"{path}: not an op-run CSV of opbench.py (its first line must be '# {CSV_TITLE}')")
+    reader = csv.DictReader(lines[body:])
+    missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or ())]
+    if missing:
+        raise ValueError(f"{path}: the column header lacks {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}")
+    rows = []
+    for i, raw in enumerate(reader):
+        try:
+            shape = _shape_of(raw)
+            row = {"op": shape.op, "in_channels": shape.cin, "out_channels": shape.cout, "kernel": shape.kernel,
+                   "stride": shape.stride, "padding": shape.padding, "groups": shape.groups, "in_hw": shape.hw,
+                   "residual": shape.residual, "relu": shape.relu, "dtype": raw["dtype"], "batch": int(raw["batch"]),
+                   "impl": raw["impl"], "ms": float(raw["ms"]), "count": int(raw["count"]),
+                   "pitches": raw.get("pitches") or "", "shape": shape}
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{path}, line {body + 2 + i}: {e}") from None
+        if not (row["ms"] > 0 and math.isfinite(row["ms"])) or row["batch"] < 1 or row["count"] < 1:
+            raise ValueError(f"{path}, line {body + 2 + i}: ms, batch and count must be positive")
+        rows.append(row)
+    return meta, rows
+
+
+def json_to_csv(json_path: str, csv_path: str) -> int:
+    """Convert an opbench ``--json`` run to the op-run CSV; returns the number of rows written."""
+    with open(json_path) as f:
+        result = json.load(f)
+    if not isinstance(result, dict) or not {"shapes", "rows", "dtypes", "impls", "timer"} <= set(result):
+        raise ValueError(f"{json_path}: not an opbench --json run (needs shapes, rows, dtypes, impls and timer)")
+    write_csv(csv_path, result, source=os.path.basename(json_path))
+    return len(csv_rows(result)[0])
+
+
+# ------------------------------------------------------------------------------------------------- summary
+
+def load_times(path: str, impl: str) -> Dict[Tuple[str, str], float]:
+    """``{(shape id, dtype): ms}`` of ``impl`` in an opbench run, ``--json`` or ``--csv``."""
+    if path.endswith(".csv"):
+        return {(r["shape"].ident(), r["dtype"]): r["ms"] for r in read_csv(path)[1] if r["impl"] == impl}
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    return {(r["shape_id"], r["dtype"]): r["ms"] for r in rows if r["impl"] == impl and r.get("ms")}
+
+
+def geomean(xs: Sequence[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def summary(run_path: str, ref_path: Optional[str] = None, impl: str = "cuda", show: Optional[str] = None,
+            log=print) -> int:
+    """One screen on a run: how many (shape, dtype) rows ``impl`` wins against eager_seq, geomean ratios against
+    Triton and against an earlier run, and every losing row. Returns 2 when the rows it needs are missing."""
+    ours, eager, triton = load_times(run_path, impl), load_times(run_path, "eager_seq"), load_times(run_path, "triton")
+    if not ours or not eager:
+        log(f"{run_path}: needs '{impl}' and 'eager_seq' rows")
+        return 2
+    both = [k for k in ours if k in eager]
+    lose = sorted(k for k in both if ours[k] > eager[k])
+    log(f"{impl}: {len(both) - len(lose)} of {len(both)} rows beat eager_seq; geomean eager_seq/{impl} "
+        f"{geomean([eager[k] / ours[k] for k in both]):.3f}")
+    if triton and impl != "triton":
+        tk = [k for k in ours if k in triton]
+        log(f"geomean triton/{impl} {geomean([triton[k] / ours[k] for k in tk]):.3f}; triton faster on "
+            f"{sum(triton[k] < ours[k] for k in tk)} of {len(tk)}")
+    if ref_path:
+        ref = load_times(ref_path, impl)
+        rk = [k for k in ours if k in ref]
+        log(f"geomean ref/{impl} {geomean([ref[k] / ours[k] for k in rk]):.3f} over {len(rk)} rows")
+    for k in lose:
+        log(f"LOSE {k[0]} {k[1]}: {ours[k]:.4f} ms, eager_seq {eager[k]:.4f} ({eager[k] / ours[k]:.3f}x)")
+    if show:
+        pat = re.compile(show)
+        for k in sorted(k for k in both if pat.search(k[0])):
+            log(f"     {k[0]} {k[1]}: {ours[k]:.4f} ms, eager_seq {eager[k]:.4f} ({eager[k] / ours[k]:.3f}x)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ sanitize
+
+# The sanitizer's input size: the smallest odd sizes the models accept (32k - 1) with a non-square map, so the
+# tiles' edges, the odd 63x95 front layers and the 2x3 last level are all reached, at a few KB per tensor.
+SANITIZE_HW = (63, 95)
+SANITIZE_BATCH = 2
+SANITIZE_BACKENDS = ("cuda", "triton", "eager")
+# max |out - ref| / max |ref| against the float64 reference of the same (rounded) inputs and weights: the
+# output's own rounding (fp16 2^-11, bf16 2^-8) with room for fp32 accumulation order; fp32 runs with TF32 off.
+SANITIZE_TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5}
+
+
+def _features(s: OpShape) -> set:
+    """What decides a kernel's path: the op, the kernel and stride, grouping (channels per group), the channel
+    counts' alignment and the output tile widths they get, residual kind, ReLU, channel-slice inputs, the number
+    of children."""
+    pitched = (s.pitches != s.cin, any(o % 8 for o in s.offsets))  # a slice; one not starting 16-byte aligned
+    cout = min(w for w in (16, 32, 64, 128, 256, 10 ** 9) if s.cout <= w)
+    if s.op == "aggregate":
+        return {("n", min(len(s.cin), 8)), ("res", s.residual), ("pitched", pitched), ("cout", cout),
+                ("aligned", all(c % 64 == 0 for c in s.cin)), ("vec", all(c % 8 == 0 for c in s.cin))}
+    cin_g = s.cin_total // s.groups
+    kind = "rgb" if s.cin_total < 8 else "dense" if s.groups == 1 else f"{min(cin_g, 64)}/group"
+    return {("path", kind, s.kernel, s.stride), ("cout", kind, cout), ("res", kind, s.residual), ("relu", s.relu),
+            ("aligned", kind, s.kernel, s.stride, cin_g % 64 == 0, cin_g % 8 == 0), ("pitched", kind, pitched)}
+
+
+def sanitize_shapes(models: Sequence[str], batch: int = SANITIZE_BATCH, hw=SANITIZE_HW) -> List[ShapeEntry]:
+    """A few small real shapes that between them reach every kernel path: a greedy cover of the shapes' features
+    (see _features) over ``models`` at input size ``hw``, the cheapest shape first among equals."""
+    pool = sorted(_shapes.distinct_shapes(models, batch=batch, hw=hw), key=lambda e: e.shape.flops(1))
+    need = {(e.shape.op, f) for e in pool for f in _features(e.shape)}
+    picked = []
+    while need:
+        best = max(pool, key=lambda e: len(need & {(e.shape.op, f) for f in _features(e.shape)}))
+        picked.append(best)
+        need -= {(best.shape.op, f) for f in _features(best.shape)}
+    return sorted(picked, key=lambda e: (e.shape.op, e.shape.flops(1)))
+
+
+def _max_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y = y.detach().cpu().double()
+    if y.shape != ref.shape or not torch.isfinite(y).all():
+        return math.inf
+    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def _poison(numel: int, dtype: torch.dtype, device: torch.device) -> None:
+    # NaN left in the caching allocator where the next output of this size lands: an element the kernel never
+    # writes then fails the check instead of passing on stale memory.
+    if device.type == "cuda":
+        junk = torch.full((numel,), float("nan"), dtype=dtype, device=device)
+        del junk
+
+
+def _kernel_configs(mod, backend: str, case: "Case") -> List[Tuple[tuple, str]]:
+    """``(config, label)`` for every kernel configuration of ``backend`` that can run ``case``: for the CUDA
+    extension what ``conv_candidates`` / ``aggregate_candidates`` return (the rule's choice first); one entry,
+    the backend's own rule, for the others (and for an extension without the candidate queries)."""
+    s = case.shape
+    query = getattr(mod, "aggregate_candidates" if s.op == "aggregate" else "conv_candidates", None)
+    if backend != "cuda" or query is None:
+        return [((), "rule")]
+    if s.op == "aggregate":
+        cands = query(case.inputs, case.weight, case.bias, case.residual)
+    else:
+        cands = query(case.x, case.weight, case.bias, s.stride, s.padding, s.groups, case.residual)
+    describe = getattr(mod, "describe", lambda c: "/".join(map(str, c)))
+    return [(tuple(c), describe(tuple(c)) + (" =rule" if i == 0 else "")) for i, c in enumerate(cands)] or [
+        ((), "rule")]
+
+
+def _backend_call(mod, case: "Case", config: tuple) -> Callable[[], torch.Tensor]:
+    s, ins, res = case.shape, case.inputs, case.residual
+    if mod is None:
+        if s.op == "aggregate":
+            return lambda: aggregate_ref(ins, case.weight, case.bias, res, s.relu)
+        return lambda: conv_bn_act_ref(ins[0], case.weight, case.bias, s.stride, s.padding, s.groups, res, s.relu)
+    # An empty config is the backend's own rule: called without one, so wrappers without the argument work too.
+    extra = (list(config),) if config else ()
+    if s.op == "aggregate":
+        return lambda: mod.aggregate(ins, case.weight, case.bias, res, s.relu, *extra)
+    return lambda: mod.conv_bn_act(ins[0], case.weight, case.bias, s.stride, s.padding, s.groups, res, s.relu,
+                                   *extra)
+
+
+def _reference64(case: "Case") -> torch.Tensor:
+    """The float64 result on the CPU, from the inputs and folded weights as rounded to the tested dtype (so only
+    the kernel's accumulation and output rounding count; and the GPU runs nothing but the kernels under test)."""
+    s = case.shape
+    d = lambda t: None if t is None else t.detach().cpu().double()  # noqa: E731
+    kids = [d(t) for t in case.inputs]
+    res = kids[0] if s.residual == "child0" else d(case.residual)
+    if s.op == "aggregate":
+        return aggregate_ref(kids, d(case.weight), d(case.bias), res, s.relu)
+    return conv_bn_act_ref(kids[0], d(case.weight), d(case.bias), s.stride, s.padding, s.groups, res, s.relu)
+
+
+def _max_pool_fn(mod, backend: str) -> Optional[Callable]:
+    if mod is None:
+        return lambda x, k: F.max_pool2d(x, k, k)
+    return getattr(mod, "max_pool", None) or getattr(mod, "max_pool2d", None)
+
+
+def sanitize(entries: Sequence[ShapeEntry], dtypes: Sequence[torch.dtype], backends: Sequence[str], device,
+             log=print) -> int:
+    """Every op once per backend and kernel configuration on each shape (see :func:`sanitize_shapes`), each
+    output checked against the float64 reference; also the trees' 2x2 max pool on the strided convs' inputs.
+    Returns the number of failed checks. The program that compute-sanitizer runs (``gpu.sh sanitize``)."""
+    device = torch.device(device)
+    fails = checks = 0
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here
+    try:
+        for dt in dtypes:
+            for be in backends:
+                why = None if be == "eager" else _backends.reason_unavailable(be, torch.empty(0, device=device,
+                                                                                                   dtype=dt))
+                if why is not None:
+                    log(f"skip {dtype_name(dt):8} {be}: {why}")
+                    continue
+                mod = None if be == "eager" else _backends.get(be)
+                if be == "cuda" and not hasattr(mod, "conv_candidates"):
+                    log("note: this CUDA extension has no candidate queries: its own rule only")
+                for e in entries:
+                    case = build_case(e.shape, e.batch, dt, device)
+                    ref = _reference64(case)
+                    try:
+                        configs = _kernel_configs(mod, be, case)
+                    except Exception as ex:  # the query itself failing is a finding too
+                        configs = [((), f"candidates query failed: {_short(ex)}")]
+                    for cfg, label in configs:
+                        checks += 1
+                        kernel = ""
+                        try:
+                            _poison(ref.numel(), dt, device)
+                            with torch.no_grad():
+                                y = _backend_call(mod, case, cfg)()
+                            _sync(device)
+                            err = _max_err(y, ref)
+                            ok = err <= SANITIZE_TOL[dt] and y.dtype == dt
+                            kernel = getattr(mod, "last_kernel", lambda: "")() if be == "cuda" else ""
+                            msg = f"err {err:.2e}"
+                        except Exception as ex:
+                            ok, msg = False, _short(ex)
+                            _recover(device)
+                        fails += not ok
+                        log(f"{'ok  ' if ok else 'FAIL'} {dtype_name(dt):8} {be:6} {label:18} {e.shape.label():54} "
+                            f"{msg}{'  [' + kernel + ']' if kernel else ''}")
+                    del case, ref
+                pool = _max_pool_fn(mod, be)
+                if pool is None:
+                    log(f"note: the {be} backend has no max_pool: not checked")
+                seen = set()
+                for e in entries:
+                    s = e.shape
+                    if pool is None or s.op != "conv_bn_act" or s.stride == (1, 1) or (s.cin, s.hw) in seen:
+                        continue
+                    seen.add((s.cin, s.hw))
+                    checks += 1
+                    # dense, as a tree's input is when it is pooled
+                    x = build_case(s, e.batch, dt, device).x.contiguous(memory_format=torch.channels_last)
+                    try:
+                        with torch.no_grad():
+                            y = pool(x, 2)
+                        _sync(device)
+                        ok = torch.equal(y.cpu().double(), F.max_pool2d(x.cpu().double(), 2, 2))
+                        msg = "exact" if ok else "differs from F.max_pool2d"
+                    except Exception as ex:
+                        ok, msg = False, _short(ex)
+                        _recover(device)
+                    fails += not ok
+                    log(f"{'ok  ' if ok else 'FAIL'} {dtype_name(dt):8} {be:6} {'max_pool k2':18} "
+                        f"{f'{s.cin[0]} ch @{s.hw[0]}x{s.hw[1]}':54} {msg}")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    log(f"sanitize: {checks - fails} of {checks} checks pass ({len(entries)} shapes, "
+        f"{', '.join(dtype_name(d) for d in dtypes)}; {', '.join(backends)}); {fails} failures")
+    return fails
+
+
+# --------------------------------------------------------------------------------------------------- run
+
+def select_entries(models: Sequence[str], batch: int, hw, ops: Optional[Sequence[str]] = None,
+                   match: Optional[str] = None, limit: Optional[int] = None,
+                   entries: Optional[List[ShapeEntry]] = None) -> List[ShapeEntry]:
+    """The distinct shapes of ``models`` (or ``entries``), filtered by op, a regular expression on the label or
+    id, and a count."""
+    if entries is None:
+        entries = _shapes.distinct_shapes(models, batch=batch, hw=hw)
     if ops:
         entries = [e for e in entries if e.shape.op in ops]
     if match:
         pat = re.compile(match)
         entries = [e for e in entries if pat.search(e.shape.label()) or pat.search(e.shape.ident())]
         if not entries:
-            raise SystemExit(f"--match {match!r} selects none of the shapes of {list(models)}")
-    if limit is not None:
-        entries = entries[:limit]
+            raise ValueError(f"--match {match!r} selects none of the shapes of {', '.join(models)}")
+    return entries if limit is None else entries[:limit]
+
+
+def run(models: Sequence[str] = ("dla34", "dla60"), dtypes: Sequence[str] = ("float16", "bfloat16"),
+        batch: int = 256, hw=224, device=None, impls: Optional[Sequence[str]] = None, warmup: float = 25,
+        rep: float = 100, check: bool = True, limit: Optional[int] = None, ops: Optional[Sequence[str]] = None,
+        match: Optional[str] = None, json_path: Optional[str] = None, log=print, into: Optional[Dict] = None,
+        precompile_workers: int = 0, timer: str = "auto", csv_path: Optional[str] = None,
+        command: Optional[str] = None) -> Dict:
+    """Benchmark every distinct shape of ``models``; returns (and fills ``into``, if given, as it goes) the
+    result dict that ``--json`` writes; ``csv_path``: the op-run CSV too, rewritten as rows arrive."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    hw2 = _shapes.parse_hw(hw)
+    impls = list(impls or default_impls(device))
+    entries = select_entries(models, batch, hw2, ops, match, limit)
     dts = [DTYPES[d] for d in dtypes]
     result = {} if into is None else into
     result.update({
-        "env": environment(device), "models": list(models), "dtypes": [dtype_name(d) for d in dts],
-        "batch": int(batch), "hw": list(hw2), "impls": impls, "warmup": warmup, "rep": rep,
-        "timer": timer_name(device, timer, batch),
+        "env": environment(device), "command": command, "models": list(models),
+        "dtypes": [dtype_name(d) for d in dts], "batch": int(batch), "hw": list(hw2), "impls": impls,
+        "warmup": warmup, "rep": rep, "timer": timer_name(device, timer, batch),
         "peaks": {"tflops": PEAK_TFLOPS, "gbps": PEAK_GBPS, "what": "H100 SXM dense tensor-core / copy"},
         "shapes": [e.to_dict() for e in entries], "rows": [],
         "model_layers": {m: len(_shapes.layer_records(m, hw2)) for m in models}})
     for k, v in result["env"].items():  # the flat keys report readers expect
         result.setdefault(k, v)
     total, i = len(entries) * len(dts), 0
+    shape_timer = result["timer"] if result["timer"] in ("cudagraph", "host", "none") else "do_bench"
     log(f"# {result['env']['device']} | torch {result['torch']} | triton {result['triton']} | "
         f"cuDNN {result['cudnn']} | {len(entries)} shapes x {len(dts)} dtypes x {len(impls)} impls")
     if precompile_workers > 0 and device.type == "cuda" and {"triton", "auto"} & set(impls):
@@ -691,30 +1151,36 @@ def run(models: Sequence[str] = ("dla34", "dla60"), dtypes: Sequence[str] = ("fl
     for dt in dts:
         for e in entries:
             i += 1
-            rows = bench_shape(e, dt, device, impls, warmup, rep, check,
-                               timer="cudagraph" if result["timer"] == "cudagraph" else "do_bench")
+            rows = bench_shape(e, dt, device, impls, warmup, rep, check, timer=shape_timer)
             result["rows"].extend(rows)
             log(_progress_line(i, total, e, dtype_name(dt), rows))
             if json_path:
                 _write_json(json_path, result)
+            if csv_path:
+                write_csv(csv_path, result)
     result["totals"] = model_totals(result)
     if json_path:
         _write_json(json_path, result)
     return result
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["dla34", "dla60"], help="variant names, or 'all'")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="variant names, or 'all' (default: dla34 dla60; all for --sanitize)")
     p.add_argument("--dtypes", nargs="+", default=None,
-                   help="float16 bfloat16 float32 (default: float16 bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--batch", type=int, default=None, help="default 256 on CUDA, 2 on CPU")
-    p.add_argument("--hw", type=int, nargs="+", default=None, help="input H [W]; default 224 on CUDA, 64 on CPU")
+                   help="float16 bfloat16 float32 (default: float16 bfloat16 on CUDA, float32 on CPU; all three on "
+                        "CUDA for --sanitize)")
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"default 256 on CUDA, 2 on CPU, {SANITIZE_BATCH} for --sanitize")
+    p.add_argument("--hw", nargs="+", default=None,
+                   help=f"input size: H, HxW or H W (default 224 on CUDA, 64 on CPU, "
+                        f"{SANITIZE_HW[0]}x{SANITIZE_HW[1]} for --sanitize)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--impls", nargs="+", default=None,
                    help=f"subset of {BACKEND_IMPLS + BASELINES} (default: triton cuda auto + baselines on CUDA, "
-                        "eager triton + baselines on CPU)")
+                        f"eager triton + baselines on CPU); for --sanitize backends among {SANITIZE_BACKENDS}")
     p.add_argument("--ops", nargs="+", choices=("conv_bn_act", "aggregate"), default=None)
     p.add_argument("--warmup", type=float, default=25, help="warmup budget per measurement, ms (do_bench's)")
     p.add_argument("--rep", type=float, default=100, help="timed budget per measurement, ms (do_bench's)")
@@ -729,54 +1195,134 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="processes compiling the Triton kernels before timing (default: min(8, CPUs / 2) on CUDA; "
                         "0 to compile in the timing process)")
     p.add_argument("--timer", choices=TIMERS, default="auto",
-                   help=f"GPU timer: do_bench (L2 flushed, per-call events), cudagraph (replays of calls captured "
-                        f"in a CUDA graph: no launch cost), auto (cudagraph up to batch {SMALL_BATCH})")
-    p.add_argument("--json", default=None)
-    p.add_argument("--md", default=None)
+                   help=f"do_bench (L2 flushed, per-call events), cudagraph (replays of calls captured in a CUDA "
+                        f"graph: no launch cost), host (wall clock of back-to-back calls: the launch cost where it "
+                        f"exceeds the kernel's), auto (cudagraph up to batch {SMALL_BATCH}, else do_bench), none "
+                        f"(one call each, nothing timed: for a profiler)")
+    p.add_argument("--json", default=None, help="the full result (every field of every row)")
+    p.add_argument("--md", default=None, help="the per-shape and per-model tables")
+    p.add_argument("--csv", default=None, help="the compact op-run CSV (see read_csv)")
+    p.add_argument("--ref", default=None, help="an earlier run (.json or .csv): print the summary against it last")
+    g = p.add_argument_group("other modes (nothing is timed)")
+    g.add_argument("--from-json", metavar="RUN.json", default=None,
+                   help="convert an earlier --json run to the op-run CSV given by --csv")
+    g.add_argument("--summary", metavar="RUN", default=None,
+                   help="summarise a run (.json or .csv): wins of --summary-impl against eager_seq, geomeans "
+                        "against triton and --ref, every losing row")
+    g.add_argument("--summary-impl", default="cuda", help="the implementation --summary and --ref judge (cuda)")
+    g.add_argument("--show", default=None, help="--summary: also the rows whose shape id matches this regex")
+    g.add_argument("--sanitize", action="store_true",
+                   help="every op once per backend and kernel configuration on a few small real shapes, each "
+                        "output checked against float64; exit code 1 on a mismatch (run under compute-sanitizer)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)
+    timing_outputs = [f"--{k}" for k in ("json", "md") if getattr(a, k)]
+    if a.from_json or a.summary:
+        if a.from_json and a.summary:
+            p.error("--from-json and --summary are separate modes: give one")
+        mode = "--from-json" if a.from_json else "--summary"
+        extra = timing_outputs + (["--sanitize"] if a.sanitize else []) + (["--csv"] if a.summary and a.csv else [])
+        if extra:
+            p.error(f"{mode} reads a saved run and times nothing: drop {', '.join(extra)}")
+        if a.from_json and not a.csv:
+            p.error("--from-json converts to the op-run CSV: give the output file with --csv PATH")
+        if not os.path.isfile(a.from_json or a.summary):
+            p.error(f"no such run file: {a.from_json or a.summary}")
+        try:
+            if a.summary:
+                return summary(a.summary, a.ref, a.summary_impl, a.show)
+            print(f"wrote {a.csv}: {json_to_csv(a.from_json, a.csv)} rows from {a.from_json}")
+            return 0
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            p.error(f"cannot read the run: {e}")
+    if a.ref and not os.path.isfile(a.ref):
+        p.error(f"no such run file for --ref: {a.ref}")
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     cpu = device.type != "cuda"
-    dtypes = a.dtypes or (["float32"] if cpu else ["float16", "bfloat16"])
+    if a.sanitize:
+        dtypes = a.dtypes or (["float32"] if cpu else ["float16", "bfloat16", "float32"])
+    else:
+        dtypes = a.dtypes or (["float32"] if cpu else ["float16", "bfloat16"])
     for d in dtypes:
         if d not in DTYPES:
             p.error(f"unknown dtype {d!r}; use float16, bfloat16 or float32")
-    if a.models == ["all"]:
-        a.models = dla_fast.list_models()
-    for m in a.models:
+    models = a.models or (["all"] if a.sanitize else ["dla34", "dla60"])
+    if models == ["all"]:
+        models = dla_fast.list_models()
+    for m in models:
         if m not in dla_fast.list_models():
             p.error(f"unknown model {m!r}; available: {', '.join(dla_fast.list_models())}")
+    try:
+        hw = _shapes.parse_hw(a.hw[0] if len(a.hw) == 1 else a.hw) if a.hw else None
+    except ValueError as e:
+        p.error(f"--hw: {e}")
+    if a.batch is not None and a.batch < 1:
+        p.error(f"--batch must be at least 1, got {a.batch}")
+    if a.sanitize:
+        return _main_sanitize(p, a, models, dtypes, hw, device, timing_outputs)
     for i in a.impls or ():
         if i not in BACKEND_IMPLS + BASELINES:
             p.error(f"unknown implementation {i!r}; choose from {BACKEND_IMPLS + BASELINES}")
     batch = a.batch or (2 if cpu else 256)
-    hw = a.hw or ([64] if cpu else [224])
-    hw = tuple(hw) if len(hw) == 2 else hw[0]
+    hw = hw or ((64, 64) if cpu else (224, 224))
     try:
-        for m in a.models:  # fail here, with a usage error, on an input size the model rejects
-            _shapes.layer_records(m, _shapes._hw_pair(hw))
-    except ValueError as e:
+        for m in models:  # fail here, with a usage error, on an input size the model rejects
+            _shapes.layer_records(m, hw)
+        select_entries(models, batch, hw, a.ops, a.match, a.limit)
+    except (ValueError, re.error) as e:
         p.error(str(e))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not a.no_cudnn_benchmark
-    for path in (a.json, a.md):
+    for path in (a.json, a.md, a.csv):
         if path and os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
+    command = " ".join(["python", "benchmarks/opbench.py", *map(shlex.quote, argv)])
     old_handler = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return _main_run(a, dtypes, batch, hw, device)
+        return _main_run(a, models, dtypes, batch, hw, device, command)
     finally:
         signal.signal(signal.SIGTERM, old_handler)  # main() may be called in-process (the tests do)
 
 
-def _main_run(a, dtypes, batch, hw, device) -> int:
+def _main_sanitize(p, a, models, dtypes, hw, device, timing_outputs) -> int:
+    drop = timing_outputs + [f"--{k}" for k in ("csv", "ref") if getattr(a, k)]
+    if drop:
+        p.error(f"--sanitize checks results and times nothing: drop {', '.join(drop)}")
+    backends = a.impls or (["cuda", "triton"] if device.type == "cuda" else
+                           ["eager"] + (["triton"] if _backends.interpreter_on() else []))
+    for b in backends:
+        if b not in SANITIZE_BACKENDS:
+            p.error(f"--sanitize runs backends, not {b!r}; choose from {', '.join(SANITIZE_BACKENDS)}")
+    cant = {b: _backends.reason_unavailable(b, torch.empty(0, device=device)) for b in backends if b != "eager"}
+    cant = {b: why for b, why in cant.items() if why is not None}
+    if cant and a.impls:  # asked for by name: say why not instead of checking nothing
+        p.error("; ".join(f"the {b} backend cannot run here: {why}" for b, why in cant.items()))
+    try:
+        entries = sanitize_shapes(models, a.batch or SANITIZE_BATCH, hw or SANITIZE_HW)
+        entries = select_entries(models, a.batch or SANITIZE_BATCH, hw, a.ops, a.match, a.limit, entries)
+    except (ValueError, re.error) as e:
+        p.error(str(e))
+    print(f"# sanitize on {environment(device)['device']}: {len(entries)} shapes of {len(models)} models at "
+          f"{_shapes.parse_hw(hw or SANITIZE_HW)}, batch {a.batch or SANITIZE_BATCH}", flush=True)
+    fails = sanitize(entries, [DTYPES[d] for d in dtypes], backends, device, log=lambda s: print(s, flush=True))
+    return 1 if fails else 0
+
+
+def _main_run(a, models, dtypes, batch, hw, device, command) -> int:
     res: Dict = {}
     done = False
     try:
         workers = a.precompile_workers if a.precompile_workers is not None else min(8, (os.cpu_count() or 2) // 2)
-        run(a.models, dtypes, batch, hw, device, a.impls, a.warmup, a.rep, not a.no_check, a.limit, a.ops,
-            a.match, a.json, log=lambda s: print(s, flush=True), into=res, precompile_workers=workers, timer=a.timer)
+        run(models, dtypes, batch, hw, device, a.impls, a.warmup, a.rep, not a.no_check, a.limit, a.ops,
+            a.match, a.json, log=lambda s: print(s, flush=True), into=res, precompile_workers=workers, timer=a.timer,
+            csv_path=a.csv, command=command)
         done = True
     except KeyboardInterrupt:
         print("interrupted: writing what was measured so far", file=sys.stderr, flush=True)
@@ -786,12 +1332,20 @@ def _main_run(a, dtypes, batch, hw, device) -> int:
         res["totals"] = model_totals(res)
         if a.json:
             _write_json(a.json, res)
+        if a.csv:
+            write_csv(a.csv, res)
     md = to_markdown(res)
     if a.md:
         with open(a.md, "w") as f:
             f.write(md)
     print()
     print(md, end="")
+    if a.ref and a.json:
+        print()
+        summary(a.json, a.ref, a.summary_impl, a.show)
+    elif a.ref and a.csv:
+        print()
+        summary(a.csv, a.ref, a.summary_impl, a.show)
     return 0 if done else 130
 
 

@@ -113,7 +113,8 @@ def to_markdown(data: Dict) -> str:
         out.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
 
     out += ["", "### Details", ""]
-    out.append("| model | dtype | batch | impl | img/s | ms | x timm eager | x compile | rel_err | peak MB | compile s |")
+    out.append("| model | dtype | batch | impl | img/s | ms | x timm eager | x compile | rel_err | peak MB "
+               "| compile s |")
     out.append("|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|")
     for k in keys:
         rows = table[k]
@@ -190,8 +191,8 @@ def plot(data: Dict, path: str) -> str:
             ax.set_axisbelow(True)
     seen: Dict[str, object] = {}  # one legend for all panels: an impl may be missing from some dtype
     for ax in axes[0]:
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(l, h)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
     fig.legend(list(seen.values()), list(seen.keys()), loc="lower center", ncol=min(len(seen), 8), frameon=False)
     fig.suptitle(f"DLA inference throughput on {data.get('device', '?')} (torch {data.get('torch')})")
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))

@@ -1,15 +1,15 @@
 """pytest-benchmark micro-benchmarks of the fused ops on the real layer shapes of DLA variants.
 
 One test per (distinct shape, dtype, implementation); the implementations of one shape share a benchmark
-group, so pytest-benchmark's table compares them side by side. The timed function synchronises the GPU, so
-these are per-call latencies including launch overhead (no L2 flush); ``opbench.py`` gives the GPU-time
-medians that the TFLOP/s figures in its report are based on.
+group, so pytest-benchmark's table compares them side by side. Inputs and implementations are opbench's own
+(``build_case``, ``impl_fn``). The timed function synchronises the GPU, so these are per-call latencies
+including launch overhead (no L2 flush); ``opbench.py`` gives the GPU-time medians for full runs.
 
     pytest benchmarks/test_bench_ops.py --benchmark-json=results/ops.json
     DLA_BENCH_DTYPES=float16 DLA_BENCH_MODELS=dla34 pytest benchmarks/test_bench_ops.py -k agg
 
-Environment: DLA_BENCH_MODELS (default "dla34,dla60"), DLA_BENCH_DTYPES ("float16,bfloat16"),
-DLA_BENCH_BATCH (256), DLA_BENCH_HW (224), DLA_BENCH_IMPLS ("triton,cuda,auto,cudnn_conv,eager_seq"),
+Environment: DLA_BENCH_MODELS (default "dla34,dla60"; "all"), DLA_BENCH_DTYPES ("float16,bfloat16"),
+DLA_BENCH_BATCH (256), DLA_BENCH_HW (224, or HxW), DLA_BENCH_IMPLS ("triton,cuda,auto,cudnn_conv,eager_seq"),
 DLA_BENCH_ROUNDS (20).
 """
 import os
@@ -19,8 +19,9 @@ import torch
 
 pytest.importorskip("pytest_benchmark", reason="pip install pytest-benchmark")
 
+import dla_fast  # noqa: E402
 import opbench  # noqa: E402  (benchmarks/ is on sys.path, see conftest.py)
-import shapes  # noqa: E402
+from dla_fast import shapes  # noqa: E402
 
 
 def _env_list(name, default):
@@ -28,9 +29,10 @@ def _env_list(name, default):
 
 
 MODELS = _env_list("DLA_BENCH_MODELS", "dla34,dla60")
+MODELS = dla_fast.list_models() if MODELS == ["all"] else MODELS
 DTYPES = _env_list("DLA_BENCH_DTYPES", "float16,bfloat16")
 BATCH = int(os.environ.get("DLA_BENCH_BATCH", "256"))
-HW = int(os.environ.get("DLA_BENCH_HW", "224"))
+HW = shapes.parse_hw(os.environ.get("DLA_BENCH_HW", "224"))
 IMPLS = _env_list("DLA_BENCH_IMPLS", "triton,cuda,auto,cudnn_conv,eager_seq")
 ROUNDS = int(os.environ.get("DLA_BENCH_ROUNDS", "20"))
 WARMUP_ROUNDS = 5

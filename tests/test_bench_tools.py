@@ -1,35 +1,44 @@
-"""CPU checks of the benchmark tooling in benchmarks/: shape extraction, the op timer, the report."""
+"""CPU checks of the benchmark tooling: the shape source (dla_fast.shapes), the op harness (benchmarks/opbench.py:
+timing, op-run CSV, JSON conversion, summary, sanitize driver), the end-to-end report, the Triton compile tool."""
 import json
 import math
 import os
+import re
+import subprocess
 import sys
 
 import pytest
 import torch
 
 import dla_fast
+from dla_fast import shapes
+from dla_fast.shapes import OpShape
 
-_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_BENCH = os.path.join(ROOT, "benchmarks")
 if _BENCH not in sys.path:
     sys.path.insert(0, _BENCH)
 
 import opbench  # noqa: E402
-import opbench_summary  # noqa: E402
 import report  # noqa: E402
-import shapes  # noqa: E402
-from shapes import OpShape  # noqa: E402
+
+# Fused layers per variant (the model_layers of the committed H100 op runs, which hooked the real models).
+LAYERS = {"dla34": 37, "dla46_c": 48, "dla46x_c": 48, "dla60": 63, "dla60x": 63, "dla60x_c": 62, "dla102": 105,
+          "dla102x": 105, "dla102x2": 105, "dla169": 168, "dla60_res2net": 95, "dla60_res2next": 95}
 
 
 def _find(entries, **kw):
     return [e for e in entries if all(getattr(e.shape, k) == v for k, v in kw.items())]
 
 
+# ------------------------------------------------------------------------------------------- shape source
+
 def test_dla34_shapes_come_from_the_model():
     entries = shapes.distinct_shapes(("dla34",), batch=8, hw=224)
     fused = dla_fast.optimize(dla_fast.create_model("dla34"), dtype=torch.float32, backend="eager")
     n_fused = len(fused.fused_layers())
     assert sum(e.count for e in entries) == n_fused == len(shapes.layer_records("dla34", 224))
-    assert sorted(l.split(":", 1)[1] for e in entries for l in e.layers) == sorted(n for n, _ in fused.fused_layers())
+    assert sorted(x.split(":", 1)[1] for e in entries for x in e.layers) == sorted(n for n, _ in fused.fused_layers())
     assert len(entries) < n_fused  # repeated blocks collapse into shared shapes
 
     stem, = _find(entries, op="conv_bn_act", cin=(3,), kernel=(7, 7))
@@ -56,6 +65,49 @@ def test_dla34_shapes_come_from_the_model():
     assert 3.0e9 < macs < 3.1e9
 
 
+def test_meta_forward_records_what_a_real_forward_sees():
+    """The shapes come from a forward on the meta device; a real CPU forward of the same model must give the
+    same layers, shapes, channel pitches and slice offsets (Res2Net's split views are where they could differ)."""
+    name, hw = "dla60_res2net", (63, 95)
+    fused = dla_fast.optimize(dla_fast.create_model(name).eval(), dtype=torch.float32, backend="eager")
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a, k, n=n: seen.append((n, shapes._record(m, a, k))),
+                                         with_kwargs=True) for n, m in fused.fused_layers()]
+    try:
+        with torch.no_grad():
+            fused(torch.randn(1, 3, *hw))
+    finally:
+        for h in hooks:
+            h.remove()
+    recs = [(r.name, r.shape) for r in shapes.layer_records(name, hw)]
+    assert recs == seen
+    assert any(s.pitches != s.cin and any(s.offsets) for _, s in recs)  # the slices are really there
+
+
+@pytest.mark.parametrize("hw", [224, "512x512", (608, 1088)], ids=["224", "512x512", "608x1088"])
+def test_every_variant_at_classification_and_detection_sizes(hw):
+    h, w = shapes.parse_hw(hw)
+    assert set(LAYERS) == set(dla_fast.list_models())
+    for name, n in LAYERS.items():
+        recs = shapes.layer_records(name, hw)
+        assert len(recs) == n, name
+        first, last = recs[0].shape, recs[-1].shape
+        assert (first.op, first.cin, first.hw) == ("conv_bn_act", (3,), (h, w)), name
+        assert last.op == "aggregate" and last.hw == (-(-h // 32), -(-w // 32)), name  # the last level's root
+        for r in recs:
+            s = r.shape
+            assert s.cout > 0 and min(s.hw) > 0 and min(s.out_hw) > 0 and s.flops(1) > 0, (name, r.name)
+        if "res2ne" in name:
+            assert any(r.shape.pitches != r.shape.cin for r in recs), name
+    entries = shapes.distinct_shapes(dla_fast.list_models(), batch=256, hw=hw)
+    assert sum(e.count for e in entries) == sum(LAYERS.values())
+    assert len({e.shape.ident() for e in entries}) == len(entries)
+    if (h, w) == (512, 512):  # every level's map grows by 512/224 in each dimension: FLOPs by its square
+        ratio = (sum(r.shape.flops(1) for r in shapes.layer_records("dla34", hw))
+                 / sum(r.shape.flops(1) for r in shapes.layer_records("dla34", 224)))
+        assert ratio == pytest.approx((512 / 224) ** 2, rel=1e-9)
+
+
 def test_shapes_follow_input_size_and_cli(capsys):
     entries = shapes.distinct_shapes("dla34", batch=2, hw=64)
     root5, = [e for e in entries if e.layers == ["dla34:level5.root"]]
@@ -64,6 +116,45 @@ def test_shapes_follow_input_size_and_cli(capsys):
     assert shapes.main(["dla34", "--batch", "2", "--hw", "64"]) == 0
     out = capsys.readouterr().out
     assert "2x3x64x64" in out and "distinct shapes over 37 layers" in out
+    assert shapes.main(["dla34", "--batch", "1", "--hw", "512x512"]) == 0
+    assert "1x3x512x512" in capsys.readouterr().out
+    assert shapes.main(["dla34", "--batch", "1", "--hw", "608", "1088"]) == 0
+    assert "input 608x1088" in capsys.readouterr().out
+
+
+def test_python_m_dla_fast_shapes():
+    p = subprocess.run([sys.executable, "-m", "dla_fast.shapes", "dla34", "--hw", "512x512"], capture_output=True,
+                       text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "25 distinct shapes over 37 layers" in p.stdout and "input 512x512" in p.stdout
+
+
+@pytest.mark.parametrize("hw,expect", [(224, (224, 224)), ("512x512", (512, 512)), ("608X1088", (608, 1088)),
+                                       ("96", (96, 96)), ((608, 1088), (608, 1088)), (["63", "95"], (63, 95))])
+def test_parse_hw(hw, expect):
+    assert shapes.parse_hw(hw) == expect
+
+
+@pytest.mark.parametrize("hw,msg", [("abc", "not H, HxW"), (0, "must be positive"), ((1, 2, 3), "not H, HxW"),
+                                    ("-5", "not H, HxW"), (True, "not H, HxW")])
+def test_parse_hw_rejects_bad_sizes(hw, msg):
+    with pytest.raises(ValueError, match=msg):
+        shapes.parse_hw(hw)
+
+
+def test_shape_source_errors_are_clear(capsys):
+    with pytest.raises(ValueError, match="unknown model 'dla35'; available: .*dla34"):
+        shapes.layer_records("dla35")
+    with pytest.raises(ValueError, match="32k-1 or 32k"):  # the model's own message for a size it rejects
+        shapes.layer_records("dla34", 100)
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        shapes.distinct_shapes("dla34", batch=0)
+    with pytest.raises(SystemExit):
+        shapes.main(["dla34", "--hw", "100"])
+    assert "32k-1 or 32k" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        shapes.main(["nope"])
+    assert "unknown model 'nope'" in capsys.readouterr().err
 
 
 def test_flops_and_bytes_of_grouped_and_aggregate_shapes():
@@ -77,6 +168,8 @@ def test_flops_and_bytes_of_grouped_and_aggregate_shapes():
     assert t.min_bytes(2, 2) - a.min_bytes(2, 2) == out
     assert a.min_bytes(2, 2) == 2 * 8 * 8 * 128 * 2 + 64 * 128 * 2 + 64 * 4 + out
 
+
+# ------------------------------------------------------------------------------------------------ opbench
 
 @pytest.mark.parametrize("shape", [
     OpShape("conv_bn_act", (16,), (12, 12), 32, (3, 3), (2, 2), (1, 1), residual="tensor"),
@@ -103,23 +196,344 @@ def test_opbench_cpu_eager(shape):
 
 
 def test_opbench_cli_cpu(tmp_path, capsys):
-    js, md = tmp_path / "o.json", tmp_path / "o.md"
+    js, md, cs = tmp_path / "o.json", tmp_path / "o.md", tmp_path / "o.csv"
     # "cuda" cannot run on CPU tensors: the run records why and goes on (triton would too, but importing it
-    # pulls in torch._inductor, seconds this test does not need). hw=64 reuses the shapes cached above.
-    rc = opbench.main(["--device", "cpu", "--models", "dla34", "--batch", "1", "--hw", "64", "--limit", "2",
-                       "--impls", "eager", "cuda", "cudnn_conv", "eager_seq",
-                       "--warmup", "1", "--rep", "1", "--json", str(js), "--md", str(md)])
-    assert rc == 0
+    # pulls in torch._inductor, seconds this test does not need).
+    argv = ["--device", "cpu", "--batch", "2", "--hw", "64", "--dtypes", "float32", "--models", "dla34",
+            "--limit", "2", "--impls", "eager", "cuda", "cudnn_conv", "eager_seq", "--warmup", "1", "--rep", "1",
+            "--json", str(js), "--md", str(md), "--csv", str(cs)]
+    assert opbench.main(argv) == 0
     data = json.loads(js.read_text())
     for k in ("device", "torch", "triton", "cudnn", "date"):
         assert k in data
+    assert data["command"].startswith("python benchmarks/opbench.py --device cpu --batch 2")
     assert len(data["shapes"]) == 2 and len(data["rows"]) == 2 * 4
     assert all(r.get("skipped") and r["ms"] is None for r in data["rows"] if r["impl"] == "cuda")
     assert all(r["ms"] > 0 for r in data["rows"] if r["impl"] != "cuda")
     text = md.read_text()
     assert "conv 3->16 k7x7 @64x64" in text and "| dla34 | 2/37 | float32 |" in text and "Skipped:" in text
     assert "[  2/2]" in capsys.readouterr().out
+    meta, rows = opbench.read_csv(str(cs))
+    assert meta["command"] == data["command"] and meta["date"] == data["date"][:10]
+    assert meta["timer"] == "perf_counter median, warmup 1 ms, rep 1 ms"
+    assert len(meta["skipped"]) == 1 and meta["skipped"][0].startswith("cuda (float32): ")
+    assert [(r["shape"].ident(), r["impl"]) for r in rows] == [
+        (r["shape_id"], r["impl"]) for r in data["rows"] if r["impl"] != "cuda"]
+    stem = rows[0]
+    assert (stem["op"], stem["in_channels"], stem["kernel"], stem["in_hw"], stem["batch"], stem["count"]) == (
+        "conv_bn_act", (3,), (7, 7), (64, 64), 2, 1)
 
+
+def test_opbench_cli_errors(capsys):
+    for argv, msg in [(["--device", "cpu", "--hw", "100"], "32k-1 or 32k"),
+                      (["--device", "cpu", "--hw", "0"], "--hw: input size '0' must be positive"),
+                      (["--device", "cpu", "--batch", "0"], "--batch must be at least 1"),
+                      (["--device", "cpu", "--models", "dla34", "--match", "nothing-like-this"], "selects none"),
+                      (["--device", "cpu", "--impls", "fast"], "unknown implementation 'fast'"),
+                      (["--device", "cpu", "--dtypes", "float64"], "unknown dtype 'float64'")]:
+        with pytest.raises(SystemExit):
+            opbench.main(argv)
+        assert msg in capsys.readouterr().err, argv
+
+
+def test_opbench_timer_choice():
+    """Small batches are timed by CUDA-graph replay (their launches outlast the kernels), large ones by
+    do_bench; the CPU always by perf_counter; "host" and "none" are what they say everywhere."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert opbench.timer_name(cuda, "auto", 1) == "cudagraph"
+    assert opbench.timer_name(cuda, "auto", opbench.SMALL_BATCH) == "cudagraph"
+    assert opbench.timer_name(cuda, "auto", opbench.SMALL_BATCH + 1) in ("triton.testing.do_bench", "cuda_events")
+    assert opbench.timer_name(cuda, "cudagraph", 256) == "cudagraph"
+    assert opbench.timer_name(cuda, "do_bench", 1) != "cudagraph"
+    assert opbench.timer_name(cpu, "cudagraph", 1) == "perf_counter"
+    assert opbench.timer_name(cuda, "host", 1) == opbench.timer_name(cpu, "host", 256) == "host"
+    assert opbench.timer_name(cuda, "none", 1) == "none"
+    calls = []
+    assert opbench.time_ms(lambda: calls.append(1), "cpu", warmup=1, rep=1, timer="host") > 0
+    assert len(calls) >= 4 * 50  # one estimate and at least three samples of 50 back-to-back calls
+
+
+def test_opbench_timer_none_calls_once(monkeypatch):
+    """--timer none (gpu.sh ncu): each implementation runs once, nothing is timed."""
+    entry = shapes.ShapeEntry(OpShape("conv_bn_act", (8,), (6, 6), 8, (3, 3), (1, 1), (1, 1)), batch=1, count=1)
+    monkeypatch.setattr(opbench, "time_ms", lambda *a, **k: pytest.fail("timed under --timer none"))
+    rows = opbench.bench_shape(entry, torch.float32, "cpu", ("eager", "eager_seq"), check=False, timer="none")
+    assert [(r["impl"], r["ms"], r.get("error")) for r in rows] == [("eager", None, None), ("eager_seq", None, None)]
+
+
+# ------------------------------------------------------------------------------------------- op-run CSV
+
+_SHAPES = [
+    OpShape("conv_bn_act", (3,), (224, 224), 16, (7, 7), (1, 1), (3, 3)),
+    OpShape("aggregate", (128, 128), (56, 56), 128, residual="child0"),
+    OpShape("conv_bn_act", (28,), (112, 112), 28, (3, 3), (2, 2), (1, 1), pitches=(112,), offsets=(28,)),
+    OpShape("aggregate", (28, 28, 28, 28), (56, 56), 128, residual="tensor", pitches=(28, 28, 28, 112),
+            offsets=(0, 0, 0, 84)),
+    OpShape("conv_bn_act", (64,), (28, 28), 128, (1, 1), relu=False),
+]
+
+
+def _tiny_run(impls=("cuda", "triton", "eager_seq"), dtypes=("float16", "bfloat16"), batch=256, drop=0):
+    """A synthetic opbench --json result over _SHAPES: every row timed, except the last ``drop`` (a partial run),
+    one skipped implementation, one error and one wrong result."""
+    entries = [shapes.ShapeEntry(s, batch, count=i + 1, layers=[f"m:l{i}"] * (i + 1), models=["m"])
+               for i, s in enumerate(_SHAPES)]
+    rows = []
+    for dt in dtypes:
+        for i, e in enumerate(entries):
+            for j, impl in enumerate(impls):
+                rows.append({"shape_id": e.shape.ident(), "label": e.shape.label(), "op": e.shape.op, "batch": batch,
+                             "dtype": dt, "count": e.count, "impl": impl, "ms": 0.001234567 * (1 + i + 10 * j) * batch,
+                             "rel_err": 1e-3})
+    rows[1]["rel_err"] = 0.5  # a fast wrong kernel
+    rows[2].update(ms=None, error="RuntimeError: boom")
+    rows[4].update(ms=None, skipped="no GPU")
+    rows = rows[:len(rows) - drop]
+    env = {"device": "NVIDIA H100 80GB HBM3", "capability": "9.0", "torch": "2.11.0+cu130", "triton": "3.6.0",
+           "cudnn": 91900, "cuda": "13.0", "dla_fast": "0.1.0", "git_commit": "3a74e45",
+           "date": "2026-11-26T12:54:34+00:00"}
+    return {"env": env, **env, "models": ["m"], "dtypes": list(dtypes), "batch": batch, "hw": [224, 224],
+            "impls": list(impls), "warmup": 25, "rep": 100, "timer": "triton.testing.do_bench",
+            "shapes": [e.to_dict() for e in entries], "rows": rows}
+
+
+def test_csv_round_trip(tmp_path):
+    run = _tiny_run()
+    path = tmp_path / "ops.csv"
+    opbench.write_csv(str(path), run)
+    text = path.read_text().splitlines()
+    assert text[:5] == [
+        "# dla_fast op benchmark (benchmarks/opbench.py)",
+        "# device: NVIDIA H100 80GB HBM3 (compute capability 9.0)",
+        "# versions: torch 2.11.0+cu130, triton 3.6.0, cuDNN 91900, CUDA 13.0, dla_fast 0.1.0",
+        "# date: 2026-11-26; commit: 3a74e45; timer: triton.testing.do_bench median, warmup 25 ms, rep 100 ms",
+        "# command: python benchmarks/opbench.py --models m --dtypes float16 bfloat16 --batch 256 --impls cuda "
+        "triton eager_seq"]
+    assert ",".join(opbench.CSV_COLUMNS) in text
+    assert "conv_bn_act,3,16,7x7,1x1,3x3,1,224x224,none,1,float16,256,cuda,0.31605,1," in text
+    assert "aggregate,28+28+28+28,128,1x1,1x1,0x0,1,56x56,tensor,1,float16,256,cuda,1.26420,4,28+28+28+112@84" in text
+    meta, rows = opbench.read_csv(str(path))
+    assert meta["device"] == "NVIDIA H100 80GB HBM3 (compute capability 9.0)" and meta["commit"] == "3a74e45"
+    assert meta["wrong"] == [f"{_SHAPES[0].ident()} float16 triton: rel_err 5.00e-01 vs eager_seq"]
+    assert meta["error"] == [f"{_SHAPES[0].ident()} float16 eager_seq: RuntimeError: boom"]
+    assert meta["skipped"] == ["triton (float16): no GPU"] and "partial" not in meta
+    kept = [r for r in run["rows"] if r["ms"] and r["rel_err"] < 0.1]
+    assert len(rows) == len(kept) == len(run["rows"]) - 3
+    by_id = {s.ident(): s for s in _SHAPES}
+    for got, want in zip(rows, kept):
+        assert got["shape"] == by_id[want["shape_id"]]
+        assert (got["dtype"], got["impl"], got["batch"], got["count"]) == (
+            want["dtype"], want["impl"], want["batch"], want["count"])
+        assert got["ms"] == pytest.approx(want["ms"], rel=1e-4)  # at least 5 significant digits
+    pitched = [r for r in rows if r["pitches"]]
+    assert {r["shape"].offsets for r in pitched} == {(28,), (0, 0, 0, 84)}
+
+
+def test_csv_keeps_small_times_significant(tmp_path):
+    run = _tiny_run(batch=1)
+    path = tmp_path / "bs1.csv"
+    opbench.write_csv(str(path), run)
+    assert "conv_bn_act,3,16,7x7,1x1,3x3,1,224x224,none,1,float16,1,cuda,0.0012346,1," in path.read_text()
+    for got in opbench.read_csv(str(path))[1]:
+        assert got["ms"] < 0.1
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda t: t.replace("# dla_fast op benchmark", "# something else"), "not an op-run CSV"),
+    (lambda t: t.replace(",count,", ",layers,"), "lacks count"),
+    (lambda t: t.replace(",7x7,", ",7,", 1), "line 10: kernel '7' is not 2 non-negative integers"),
+    (lambda t: t.replace(",0.31605,", ",-1,", 1), "line 10: ms, batch and count must be positive"),
+    (lambda t: t.replace("28+28+28+112@84", "28+112@84", 1), "pitches '28\\+112' is not 4"),
+])
+def test_read_csv_rejects_bad_files(tmp_path, edit, msg):
+    path = tmp_path / "bad.csv"
+    opbench.write_csv(str(path), _tiny_run())
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(ValueError, match=msg):
+        opbench.read_csv(str(path))
+
+
+def test_from_json_converts_a_run(tmp_path, capsys):
+    src, dst = tmp_path / "2026-11-26-run.json", tmp_path / "run.csv"
+    run = _tiny_run(impls=("cuda", "triton"), dtypes=("float16",), batch=1, drop=3)
+    src.write_text(json.dumps(run))
+    assert opbench.main(["--from-json", str(src), "--csv", str(dst)]) == 0
+    assert f"wrote {dst}: {len(run['rows']) - 3} rows" in capsys.readouterr().out
+    meta, rows = opbench.read_csv(str(dst))
+    planned = len(_SHAPES) * 2
+    assert meta["partial"] == f"{planned - 3} of {planned} rows (the run stopped before it measured every shape)"
+    assert meta["source"] == ("2026-11-26-run.json, converted by opbench.py --from-json; command rebuilt from the "
+                              "run's settings")
+    # batch 1 is timed by CUDA-graph replay by default: the rebuilt command says do_bench was asked for
+    assert meta["command"].endswith("--batch 1 --impls cuda triton --timer do_bench")
+    assert meta["commit"] == "3a74e45" and meta["date"] == "2026-11-26"
+    assert len(rows) == len(run["rows"]) - 3  # less the wrong result, the error and the skipped row
+
+
+def test_from_json_errors(tmp_path, capsys):
+    src = tmp_path / "run.json"
+    src.write_text(json.dumps({"rows": []}))
+    for argv, msg in [(["--from-json", str(src)], "give the output file with --csv"),
+                      (["--from-json", str(tmp_path / "nope.json"), "--csv", "x.csv"], "no such run file"),
+                      (["--from-json", str(src), "--csv", str(tmp_path / "x.csv")], "not an opbench --json run"),
+                      (["--from-json", str(src), "--csv", "x.csv", "--json", "y.json"], "drop --json"),
+                      (["--from-json", str(src), "--csv", "x.csv", "--summary", str(src)], "separate modes"),
+                      (["--summary", str(src), "--csv", "x.csv"], "--summary reads a saved run and times nothing: "
+                                                                  "drop --csv")]:
+        with pytest.raises(SystemExit):
+            opbench.main(argv)
+        assert msg in capsys.readouterr().err, argv
+
+
+def test_committed_op_runs_read_back():
+    """The converted H100 runs: their headers and sizes, read by the reader every consumer uses."""
+    for name, rows_expected, partial in (("h100-ops-bs256.csv", 1648, None), ("h100-ops-bs1.csv", 999, "999 of 1236")):
+        meta, rows = opbench.read_csv(os.path.join(_BENCH, "results", name))
+        assert meta["device"].startswith("NVIDIA H100") and meta["commit"] == "3a74e45"
+        assert len(rows) == rows_expected
+        assert (meta.get("partial") or "").startswith(partial or "")
+        assert {r["impl"] for r in rows} >= {"cuda", "triton", "eager_seq"}
+        assert len({r["shape"].ident() for r in rows}) == 206
+
+
+# ----------------------------------------------------------------------------------------------- summary
+
+def test_summary_counts_losses(tmp_path, capsys):
+    def rows(ms):
+        return [{"shape_id": s, "dtype": "float16", "impl": impl, "ms": t} for (s, impl), t in ms.items()]
+    run = {"rows": rows({("a", "cuda"): 1.0, ("a", "eager_seq"): 2.0, ("a", "triton"): 0.5,
+                         ("b", "cuda"): 3.0, ("b", "eager_seq"): 2.0, ("b", "triton"): 3.0})}
+    ref = {"rows": rows({("a", "cuda"): 2.0, ("b", "cuda"): 3.0})}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    assert opbench.main(["--summary", str(tmp_path / "run.json"), "--ref", str(tmp_path / "ref.json")]) == 0
+    out = capsys.readouterr().out
+    assert "cuda: 1 of 2 rows beat eager_seq" in out
+    assert f"geomean eager_seq/cuda {math.sqrt(2.0 * 2.0 / 3.0):.3f}" in out
+    assert "triton faster on 1 of 2" in out
+    assert f"geomean ref/cuda {math.sqrt(2.0):.3f} over 2 rows" in out
+    assert "LOSE b float16: 3.0000 ms, eager_seq 2.0000 (0.667x)" in out and "LOSE a" not in out
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": rows({("a", "triton"): 1.0})}))
+    assert opbench.main(["--summary", str(tmp_path / "bad.json")]) == 2
+    assert "needs 'cuda' and 'eager_seq' rows" in capsys.readouterr().out
+
+
+def test_summary_reads_csv_like_json(tmp_path, capsys):
+    run = _tiny_run()
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    opbench.write_csv(str(tmp_path / "run.csv"), run)
+    outs = []
+    for path in ("run.json", "run.csv"):
+        assert opbench.main(["--summary", str(tmp_path / path), "--summary-impl", "triton"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].startswith("triton: 8 of 8 rows beat eager_seq; geomean eager_seq/triton")
+
+
+# ------------------------------------------------------------------------------------------------ sanitize
+
+def test_sanitize_shapes_cover_every_feature():
+    models = dla_fast.list_models()
+    picked = opbench.sanitize_shapes(models)
+    every = {(e.shape.op, f) for e in shapes.distinct_shapes(models, 2, opbench.SANITIZE_HW)
+             for f in opbench._features(e.shape)}
+    assert {(e.shape.op, f) for e in picked for f in opbench._features(e.shape)} == every
+    assert len(picked) <= 30 and all(e.batch == opbench.SANITIZE_BATCH for e in picked)
+    assert any(len(e.shape.cin) == 7 for e in picked)  # dla169's seven-child root
+    assert any(e.shape.op == "conv_bn_act" and any(o % 8 for o in e.shape.offsets) for e in picked)  # Res2Net
+    assert any(e.shape.hw == opbench.SANITIZE_HW for e in picked)  # the odd-sized front layers
+
+
+def test_sanitize_cpu_passes(capsys):
+    assert opbench.main(["--sanitize", "--device", "cpu", "--impls", "eager", "--models", "dla34", "--limit", "3",
+                         "--dtypes", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"sanitize: (\d+) of \1 checks pass \(3 shapes, float32; eager\); 0 failures", out), out
+
+
+def test_sanitize_fails_on_a_wrong_result(monkeypatch, capsys):
+    real = opbench._backend_call
+
+    def off_by_a_bit(mod, case, config):
+        fn = real(mod, case, config)
+        return lambda: fn() * 1.001
+    monkeypatch.setattr(opbench, "_backend_call", off_by_a_bit)
+    assert opbench.main(["--sanitize", "--device", "cpu", "--impls", "eager", "--models", "dla34", "--limit", "2",
+                         "--dtypes", "float32"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("FAIL float32  eager") == 2 and "2 failures" in out
+
+
+class _FakeCuda:
+    """The CUDA backend's interface as the sanitizer uses it: candidate queries returning (family, bn, a_load)
+    tuples, the rule's first, and ops taking the config last. Computes on the CPU; config (2, 64, 1) is wrong."""
+
+    NAME = "cuda"
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def unavailable_reason(x):
+        return None
+
+    def conv_candidates(self, x, weight, bias, stride, padding, groups, residual):
+        assert weight.dim() == 4 and len(stride) == len(padding) == 2
+        return [(1, 128, 2), (2, 64, 1)]
+
+    def aggregate_candidates(self, children, weight, bias, residual):
+        assert isinstance(children, list) and weight.dim() == 2
+        return [(1, 128, 0)]
+
+    @staticmethod
+    def describe(config):
+        return "rule" if not config else f"family{config[0]} bn{config[1]}"
+
+    def conv_bn_act(self, x, weight, bias, stride, padding, groups, residual, relu, config=()):
+        self.calls.append(("conv", tuple(config)))
+        y = opbench.conv_bn_act_ref(x, weight, bias, stride, padding, groups, residual, relu)
+        return y + 1 if tuple(config) == (2, 64, 1) else y
+
+    def aggregate(self, children, weight, bias, residual, relu, config=()):
+        self.calls.append(("agg", tuple(config)))
+        return opbench.aggregate_ref(children, weight, bias, residual, relu)
+
+    def max_pool(self, x, k):
+        self.calls.append(("pool", k))
+        return torch.nn.functional.max_pool2d(x, k, k)
+
+    @staticmethod
+    def last_kernel():
+        return "fake"
+
+
+def test_sanitize_runs_every_cuda_candidate(monkeypatch):
+    fake = _FakeCuda()
+    monkeypatch.setattr(opbench._backends, "get", lambda name: fake)
+    monkeypatch.setattr(opbench._backends, "reason_unavailable", lambda name, x: None)
+    entries = [shapes.ShapeEntry(OpShape("conv_bn_act", (16,), (7, 9), 32, (3, 3), (2, 2), (1, 1)), batch=2),
+               shapes.ShapeEntry(OpShape("aggregate", (32, 16), (5, 7), 32, residual="child0"), batch=2)]
+    lines = []
+    fails = opbench.sanitize(entries, [torch.float32], ["cuda"], "cpu", log=lines.append)
+    assert fake.calls == [("conv", (1, 128, 2)), ("conv", (2, 64, 1)), ("agg", (1, 128, 0)), ("pool", 2)]
+    assert fails == 1
+    assert [line[:4] for line in lines[:4]] == ["ok  ", "FAIL", "ok  ", "ok  "]
+    assert "family1 bn128 =rule" in lines[0] and "family2 bn64" in lines[1] and "[fake]" in lines[0]
+    assert lines[-1] == "sanitize: 3 of 4 checks pass (2 shapes, float32; cuda); 1 failures"
+
+
+def test_sanitize_argument_handling(capsys):
+    for argv, msg in [(["--json", "x.json"], "--sanitize checks results and times nothing: drop --json"),
+                      (["--csv", "x.csv", "--md", "x.md"], "drop --md, --csv"),
+                      (["--impls", "cudnn_conv"], "--sanitize runs backends, not 'cudnn_conv'"),
+                      (["--impls", "cuda"], "the cuda backend cannot run here"),
+                      (["--hw", "100"], "32k-1 or 32k"),
+                      (["--models", "dla34", "--match", "no-such-layer"], "selects none")]:
+        with pytest.raises(SystemExit):
+            opbench.main(["--sanitize", "--device", "cpu"] + argv)
+        assert msg in capsys.readouterr().err, argv
+
+
+# ------------------------------------------------------------------------------------------ e2e report
 
 def _synthetic(path):
     rows = []
@@ -138,22 +552,10 @@ def _synthetic(path):
     return path
 
 
-def test_opbench_timer_choice():
-    """Small batches are timed by CUDA-graph replay (their launches outlast the kernels), large ones by
-    do_bench; the CPU always by perf_counter."""
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert opbench.timer_name(cuda, "auto", 1) == "cudagraph"
-    assert opbench.timer_name(cuda, "auto", opbench.SMALL_BATCH) == "cudagraph"
-    assert opbench.timer_name(cuda, "auto", opbench.SMALL_BATCH + 1) in ("triton.testing.do_bench", "cuda_events")
-    assert opbench.timer_name(cuda, "cudagraph", 256) == "cudagraph"
-    assert opbench.timer_name(cuda, "do_bench", 1) != "cudagraph"
-    assert opbench.timer_name(cpu, "cudagraph", 1) == "perf_counter"
-
-
 def test_report_markdown(tmp_path):
     data = report.load(str(_synthetic(tmp_path / "e2e.json")))
     md = report.to_markdown(data)
-    line = next(l for l in md.splitlines() if l.startswith("| dla34 | float16 | 256 |"))
+    line = next(x for x in md.splitlines() if x.startswith("| dla34 | float16 | 256 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[-4:-1] == ["ours auto", "2.00", "1.33"]  # best ours, x timm eager, x torch_compile
     assert "err[1]" in md and "RuntimeError: x" in md
@@ -176,20 +578,10 @@ def test_report_png(tmp_path):
     assert md.read_text().startswith("## End-to-end inference")
 
 
-def test_opbench_summary_counts_losses(tmp_path, capsys):
-    def rows(ms):
-        return [{"shape_id": s, "dtype": "float16", "impl": impl, "ms": t} for (s, impl), t in ms.items()]
-    run = {"rows": rows({("a", "cuda"): 1.0, ("a", "eager_seq"): 2.0, ("a", "triton"): 0.5,
-                         ("b", "cuda"): 3.0, ("b", "eager_seq"): 2.0, ("b", "triton"): 3.0})}
-    ref = {"rows": rows({("a", "cuda"): 2.0, ("b", "cuda"): 3.0})}
-    (tmp_path / "run.json").write_text(json.dumps(run))
-    (tmp_path / "ref.json").write_text(json.dumps(ref))
-    assert opbench_summary.main([str(tmp_path / "run.json"), "--ref", str(tmp_path / "ref.json")]) == 0
-    out = capsys.readouterr().out
-    assert "cuda: 1 of 2 rows beat eager_seq" in out
-    assert f"geomean eager_seq/cuda {math.sqrt(2.0 * 2.0 / 3.0):.3f}" in out
-    assert "triton faster on 1 of 2" in out
-    assert f"geomean ref/cuda {math.sqrt(2.0):.3f} over 2 rows" in out
-    assert "LOSE b float16: 3.0000 ms, eager_seq 2.0000 (0.667x)" in out and "LOSE a" not in out
-    (tmp_path / "bad.json").write_text(json.dumps({"rows": rows({("a", "triton"): 1.0})}))
-    assert opbench_summary.main([str(tmp_path / "bad.json")]) == 2
+# ------------------------------------------------------------------------------------------ developer tools
+
+def test_triton_compile_check_help():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "triton_compile_check.py"), "--help"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "--arch" in p.stdout and "--sass" in p.stdout and "--match" in p.stdout

@@ -572,21 +572,49 @@ def test_fake_tensors_give_channels_last_outputs():
 # --------------------------------------------------------------------------------- real shapes on a GPU
 
 def _dla_shapes():
-    from dla_fast.backends.triton._shapes import AGG_SHAPES, CONV_SHAPES
-    return CONV_SHAPES, AGG_SHAPES
+    """One conv and one aggregation node of each kind among the layers of the 12 variants at 224x224, read off
+    the models (dla_fast.shapes), as the dicts below take them: the first layer (in model order) of each kind
+    (grouping and stride; for dense convs also kernel, output width and channel alignment; for roots the number
+    of children, residual kind and alignment). Residual and layout are these tests' own parameters."""
+    from dla_fast import list_models
+    from dla_fast.shapes import distinct_shapes
+    convs, aggs = {}, {}
+    for e in distinct_shapes(list_models(), batch=2, hw=224):
+        s = e.shape
+        if s.op == "aggregate":
+            d = dict(children=s.cin, cout=s.cout, h=s.hw[0],
+                     shortcut={"none": False, "child0": True, "tensor": "res"}[s.residual])
+            d["name"] = f"agg {'+'.join(map(str, s.cin))}->{s.cout} @{s.hw[0]} {s.residual}"
+            aggs.setdefault((len(s.cin), s.residual, all(c % 64 == 0 for c in s.cin)), d)
+            continue
+        cin_g = s.cin[0] // s.groups
+        kind = "rgb" if s.cin[0] < 8 else "dense" if s.groups == 1 else f"{cin_g}/group"
+        d = dict(cin=s.cin[0], cout=s.cout, h=s.hw[0], k=s.kernel[0], stride=s.stride[0], pad=s.padding[0],
+                 groups=s.groups, kind=kind)
+        d["name"] = f"conv {s.cin[0]}->{s.cout} k{s.kernel[0]} s{s.stride[0]} g{s.groups} @{s.hw[0]}"
+        tiles = (min(w for w in (16, 32, 64, 128, 256, 10 ** 9) if s.cout <= w), s.cin[0] % 64 == 0, s.cin[0] % 8 == 0,
+                 s.cout % 64 == 0)
+        convs.setdefault((kind, s.stride[0]) + ((s.kernel[0],) + tiles if kind == "dense" else ()), d)
+    return list(convs.values()), list(aggs.values())
 
 
-_CONV_SHAPES, _AGG_SHAPES = _dla_shapes()
+# Read off the models only where these tests can run: building the 12 variants takes seconds per process.
+_CONV_SHAPES, _AGG_SHAPES = _dla_shapes() if torch.cuda.is_available() else ([], [])
 # A core subset gets every dtype; all shapes get fp16 (and bf16 for the roots). Compiling ~100 kernel
-# specialisations dominates the run time: on a GPU machine use pytest-xdist (-n 8).
-_CORE_CONVS = {"stem 7x7 (all)", "level0 3x3 (all)", "level1 3x3 s2 (all)", "dla34 l3 3x3", "dla34 l5 3x3 s2",
-               "dla34 l3 proj 1x1", "dla60 l2 conv1b 1x1", "dla60x l2 g32 3x3 (4/grp)",
-               "dla60x l4 g32 3x3 (16/grp)", "dla46x_c g32 3x3 (2/grp)", "res2next g8 3x3 s2 (4/grp)",
-               "res2net 3x3 (28 ch)", "dla34 head 1x1"}
+# specialisations dominates the run time: on a GPU machine use pytest-xdist (-n 8). The core: the stem, the
+# first dense 3x3 (stride 1 and 2) and 1x1 layers, a 64-channel-aligned 3x3, the 28-channel Res2Net 3x3s, and
+# the grouped convs with 2, 4 and 16 channels a group.
+_CORE_CONVS = {s["name"] for s in _CONV_SHAPES if s["kind"] in ("rgb", "2/group", "4/group", "16/group")
+               and s["stride"] == 1 or s["kind"] == "dense" and (s["h"] == 224 or s["cin"] == 28
+                                                                  or (s["k"], s["cin"], s["stride"]) == (3, 128, 1))}
+_CORE_CONVS |= set([s["name"] for s in _CONV_SHAPES if s["kind"] == "dense" and s["k"] == 1][:1])
 _CONV_PARAMS = [(s, torch.float16, False) for s in _CONV_SHAPES] + [
     (s, dt, tf) for s in _CONV_SHAPES if s["name"] in _CORE_CONVS
     for dt, tf in ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True))]
-_CORE_AGGS = {"dla34 root l3", "dla60 root l4", "dla169 root l4 (7 children)", "res2net conv3 l2 (4 splits)"}
+# The core roots: two children, four (dla34's level 3), the most (dla169's seven, with the shortcut), and the
+# Res2Net block's four 28-channel splits with a residual tensor.
+_CORE_AGGS = {s["name"] for s in _AGG_SHAPES if len(s["children"]) in (2, 4) and s["shortcut"] is False
+              or len(s["children"]) == 7 or s["children"][0] == 28}
 _AGG_PARAMS = [(s, dt, False) for s in _AGG_SHAPES for dt in (torch.float16, torch.bfloat16)] + [
     (s, torch.float32, tf) for s in _AGG_SHAPES if s["name"] in _CORE_AGGS for tf in (False, True)]
 

@@ -1,9 +1,10 @@
-"""Compile the kernels for a GPU without one: a developer tool, not used at run time.
+"""Compile the Triton backend's kernels for a GPU without one: a developer tool, not package code.
 
-    python -m dla_fast.backends.triton._aot_check [--arch 90] [--sass]
+    python tools/triton_compile_check.py [--arch 90] [--sass] [--models all] [--match REGEX]
 
-Runs the real launchers on ``meta`` tensors of the DLA shapes, records each launch instead of running it,
-and compiles the recorded specialisation with ``triton.compile`` for the target (default sm_90). It
+Runs the real launchers on ``meta`` tensors of the DLA layer shapes (:mod:`dla_fast.shapes`, every distinct
+shape of the chosen variants), records each launch instead of running it, and compiles each recorded
+specialisation once with ``triton.compile`` for the target (default sm_90). It
 catches compile errors, shared-memory overflows and register spills on a machine with no GPU, and with
 ``--sass`` counts the instructions that tell which path a kernel took (HGMMA = Hopper wgmma, HMMA = mma.sync,
 LDGSTS = cp.async, local memory = spills).
@@ -18,7 +19,13 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Tuple
 
-import torch
+# The Triton kernels are compiled, not interpreted, only if TRITON_INTERPRET is off when they are defined.
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+
+if __package__ in (None, ""):  # run as a script: the repository's dla_fast even when it is not installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -87,60 +94,71 @@ def _sass_stats(cubin: bytes) -> Dict[str, int]:
     return out
 
 
+def _meta_input(n: int, c: int, pitch: int, offset: int, hw, dtype) -> torch.Tensor:
+    # NHWC, and a channel slice of a wider tensor where the layer reads one (Res2Net): the kernels specialise
+    # on the strides and the pointer's alignment.
+    return torch.empty(n, *hw, pitch, device="meta", dtype=dtype).permute(0, 3, 1, 2)[:, offset:offset + c]
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--sass", action="store_true")
-    ap.add_argument("--dtype", default="float16,bfloat16,float32")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability to compile for, e.g. 90 or 80")
+    ap.add_argument("--sass", action="store_true", help="count SASS instructions (HGMMA, HMMA, LDGSTS, spills)")
+    ap.add_argument("--dtype", default="float16,bfloat16,float32", help="comma list")
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--only", default="", help="substring of the shape names to compile")
+    ap.add_argument("--models", nargs="+", default=["all"], help="variants whose layer shapes to compile")
+    ap.add_argument("--hw", default="224", help="input size, H or HxW (default 224)")
+    ap.add_argument("--match", default="", help="only the shapes whose label or id matches this regular expression")
     ap.add_argument("--sms", type=int, default=132, help="SM count the tile plans assume (split-K; H100 SXM: 132)")
     args = ap.parse_args(argv)
-    os.environ.pop("TRITON_INTERPRET", None)
-    from . import _launch
-    from ._shapes import AGG_SHAPES, CONV_SHAPES
+    import dla_fast
+    from dla_fast import shapes
+    from dla_fast.backends.triton import _launch
 
+    models = dla_fast.list_models() if args.models == ["all"] else args.models
+    try:
+        dtypes = [getattr(torch, d) for d in args.dtype.split(",")]
+        if any(not isinstance(d, torch.dtype) for d in dtypes):
+            raise AttributeError
+    except AttributeError:
+        ap.error(f"--dtype {args.dtype!r}: use a comma list of float16, bfloat16, float32")
+    try:
+        pat = re.compile(args.match)
+        entries = [e for e in shapes.distinct_shapes(models, batch=args.batch, hw=args.hw)
+                   if pat.search(e.shape.label()) or pat.search(e.shape.ident())]
+    except (ValueError, re.error) as e:
+        ap.error(str(e))
+    if not entries:
+        ap.error(f"--match {args.match!r} selects none of the shapes of {', '.join(models)}")
     rec = _Recorder()
     _launch.wrap_triton = rec  # launches are recorded, not run
     _launch._sm_count = lambda device: args.sms
-    dev = torch.device("meta")
     failures = 0
     seen = set()
-    for dname in args.dtype.split(","):
-        dtype = getattr(torch, dname)
+    for dtype in dtypes:
+        dname = str(dtype).replace("torch.", "")
         for tf32 in ([False, True] if dtype == torch.float32 else [True]):
-            for s in CONV_SHAPES:
-                if args.only not in s["name"]:
-                    continue
-                cin, cout, h, k, st, p, g = s["cin"], s["cout"], s["h"], s["k"], s["stride"], s["pad"], s["groups"]
-                x = torch.empty(args.batch, cin, h, h, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
-                w = torch.empty(cout, cin // g, k, k, device=dev, dtype=dtype).contiguous(
-                    memory_format=torch.channels_last)
-                b = torch.empty(cout, device=dev)
-                ho = (h + 2 * p - k) // st + 1
-                r = torch.empty(args.batch, cout, ho, ho, device=dev, dtype=dtype).contiguous(
-                    memory_format=torch.channels_last)
+            for e in entries:
+                s, n = e.shape, args.batch
+                xs = [_meta_input(n, c, p, o, s.hw, dtype) for c, p, o in zip(s.cin, s.pitches, s.offsets)]
+                b = torch.empty(s.cout, device="meta")
+                res = None
+                if s.residual == "tensor":
+                    res = torch.empty(n, *s.out_hw, s.cout, device="meta", dtype=dtype).permute(0, 3, 1, 2)
+                elif s.residual == "child0":
+                    res = xs[0]
                 rec.calls.clear()
-                _launch.conv_launch(x, w, b, (st, st), (p, p), g, r, True, tf32)
-                for kernel, a, kw in rec.calls:
-                    failures += _report(f"conv {s['name']} {dname} tf32={tf32}", kernel, a, kw, args, seen)
-            for s in AGG_SHAPES:
-                if args.only not in s["name"]:
-                    continue
-                kids = [torch.empty(args.batch, c, s["h"], s["h"], device=dev, dtype=dtype).contiguous(
-                    memory_format=torch.channels_last) for c in s["children"]]
-                w = torch.empty(s["cout"], sum(s["children"]), device=dev, dtype=dtype)
-                b = torch.empty(s["cout"], device=dev)
-                rec.calls.clear()
-                if s["shortcut"] == "res":
-                    res = torch.empty(args.batch, s["cout"], s["h"], s["h"], device=dev, dtype=dtype).contiguous(
-                        memory_format=torch.channels_last)
+                if s.op == "aggregate":
+                    w = torch.empty(s.cout, s.cin_total, device="meta", dtype=dtype)
+                    _launch.aggregate_launch(xs, w, b, res, s.relu, tf32)
                 else:
-                    res = kids[0] if s["shortcut"] else None
-                _launch.aggregate_launch(kids, w, b, res, True, tf32)
+                    w = torch.empty(s.weight_shape, device="meta", dtype=dtype).contiguous(
+                        memory_format=torch.channels_last)
+                    _launch.conv_launch(xs[0], w, b, s.stride, s.padding, s.groups, res, s.relu, tf32)
                 for kernel, a, kw in rec.calls:
-                    failures += _report(f"agg {s['name']} {dname} tf32={tf32}", kernel, a, kw, args, seen)
-    print(f"{failures} failures")
+                    failures += _report(f"{s.label()} {dname} tf32={tf32}", kernel, a, kw, args, seen)
+    print(f"{len(seen)} kernel specialisations of {len(entries)} shapes compiled for sm_{args.arch}: "
+          f"{failures} failures")
     return 1 if failures else 0
 
 

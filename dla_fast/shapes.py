@@ -1,30 +1,28 @@
 """The real per-layer shapes of the fused ops in a DLA variant, read off the model rather than typed in.
 
-We build the optimized model with the eager backend on the CPU, hook every fused layer and run one forward:
-whatever the fusion pass produced (strides, paddings, groups, root child splits, residual wiring, ReLU or
-not, channel-slice views in the Res2Net blocks) is what gets recorded, so the op benchmarks cannot drift
-from the model. Spatial shapes do not depend on the batch, so the forward runs at batch 1 and ``N`` is a
-parameter of the recorded shape.
+We build the optimized model with the eager backend on the CPU, hook every fused layer
+(:class:`~dla_fast.fuse.FusedConvBnAct`, :class:`~dla_fast.fuse.FusedAggregate`) and run one forward on the
+meta device (shapes and strides without memory or arithmetic): whatever the fusion pass produced (strides,
+paddings, groups, root child splits, residual wiring, ReLU or not, channel-slice views in the Res2Net blocks) is
+what gets recorded, so the op benchmarks, the tests and the tuner cannot drift from the model. Spatial shapes
+do not depend on the batch, so the forward runs at batch 1 and ``N`` is a parameter of the recorded shape; the
+input size is any (H, W) the model accepts (224x224 classification, 512x512 or 608x1088 detection, ...).
 
-    python benchmarks/shapes.py dla34 dla60 [--batch 256] [--hw 224]
+    python -m dla_fast.shapes dla34 dla60 [--batch 256] [--hw 224 | 512x512 | 608 1088] [--all-layers]
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-if __package__ in (None, ""):
-    # Run as a script or imported from benchmarks/ on sys.path: make the repository importable.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import dla_fast  # noqa: E402
-from dla_fast.fuse import FusedAggregate, FusedConvBnAct  # noqa: E402
+from .fuse import FusedAggregate, FusedConvBnAct
 
 HW = Union[int, Tuple[int, int], Sequence[int]]
 
@@ -177,8 +175,8 @@ class ShapeEntry:
 
     def model_counts(self) -> Dict[str, int]:
         out: Dict[str, int] = {}
-        for l in self.layers:
-            m = l.split(":", 1)[0]
+        for layer in self.layers:
+            m = layer.split(":", 1)[0]
             out[m] = out.get(m, 0) + 1
         return out
 
@@ -191,10 +189,27 @@ class ShapeEntry:
                 "output_shape": list(self.shape.output_shape(n)), "flops": self.shape.flops(n)}
 
 
-def _hw_pair(hw: HW) -> Tuple[int, int]:
-    if isinstance(hw, int):
-        return (hw, hw)
-    h, w = (int(v) for v in hw)
+HW = Union[int, str, Tuple[int, int], Sequence[int]]
+
+
+def parse_hw(hw: HW) -> Tuple[int, int]:
+    """An input size as ``(H, W)``: from an int (square), ``"HxW"`` / ``"H"`` or a pair."""
+    orig = hw
+    if isinstance(hw, str):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:[xX,]\s*(\d+)\s*)?", hw)
+        if not m:
+            raise ValueError(f"input size {orig!r} is not H, HxW or (H, W) with positive integers (e.g. 224, "
+                             f"512x512, 608x1088)")
+        hw = (int(m.group(1)), int(m.group(2) or m.group(1)))
+    if isinstance(hw, int) and not isinstance(hw, bool):
+        hw = (hw, hw)
+    try:
+        h, w = (int(v) for v in hw)
+    except (TypeError, ValueError):  # not a pair of integers
+        raise ValueError(f"input size {orig!r} is not H, HxW or (H, W) with positive integers (e.g. 224, 512x512, "
+                         f"608x1088)") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"input size {orig!r} must be positive")
     return (h, w)
 
 
@@ -239,14 +254,38 @@ def _record(module, args, kwargs) -> OpShape:
                    "none" if residual is None else "tensor", bool(module.relu), (_pitch(x),), (_offset(x),))
 
 
+def _check_model(name: str) -> None:
+    from . import list_models
+    if name not in list_models():
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+
+
 @functools.lru_cache(maxsize=None)
-def layer_records(name: str, hw: HW = 224) -> Tuple[LayerRecord, ...]:
-    """Every fused layer of ``name``'s optimized model, in execution order, with the shape it was called at."""
-    h, w = _hw_pair(hw)
+def _meta_model(name: str):
+    """``name``'s optimized model (eager backend), moved to the meta device: the weights' shapes without their
+    memory, so that a forward at any input size only propagates shapes and strides. Built once per variant."""
+    from . import create_model, optimize
     with torch.random.fork_rng(devices=[]):  # CPU only: needs no CUDA context
         torch.manual_seed(0)
-        model = dla_fast.create_model(name).eval()
-        fused = dla_fast.optimize(model, dtype=torch.float32, backend="eager")
+        fused = optimize(create_model(name).eval(), dtype=torch.float32, backend="eager")
+    return fused.to("meta")
+
+
+class _ChannelsLastConvs(TorchDispatchMode):
+    """Meta convolutions with channels_last outputs. The fused ops of both compiled backends return
+    channels_last (as does the CPU convolution for a channels_last input), but the meta kernel picks NCHW for a
+    strided input such as a Res2Net channel slice, and the next split would then lose the slices' pitch."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.convolution.default and out.dim() == 4:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_records(name: str, hw: Tuple[int, int]) -> Tuple[LayerRecord, ...]:
+    fused = _meta_model(name)
     layers = fused.fused_layers()
     seen: Dict[str, List[OpShape]] = {n: [] for n, _ in layers}
     order: List[Tuple[str, OpShape]] = []
@@ -258,8 +297,8 @@ def layer_records(name: str, hw: HW = 224) -> Tuple[LayerRecord, ...]:
             order.append((lname, s))
         handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        with torch.no_grad():
-            fused(torch.randn(1, fused.in_chans, h, w))
+        with torch.no_grad(), _ChannelsLastConvs():
+            fused(torch.empty(1, fused.in_chans, *hw, device="meta"))
     finally:
         for hd in handles:
             hd.remove()
@@ -270,13 +309,23 @@ def layer_records(name: str, hw: HW = 224) -> Tuple[LayerRecord, ...]:
     return tuple(LayerRecord(name, n, s) for n, s in order)
 
 
+def layer_records(name: str, hw: HW = 224) -> Tuple[LayerRecord, ...]:
+    """Every fused layer of ``name``'s optimized model, in execution order, with the shape it is called at for
+    an input of spatial size ``hw``. ValueError for an unknown variant or a size the model rejects."""
+    _check_model(name)
+    return _layer_records(name, parse_hw(hw))
+
+
 def distinct_shapes(names: Sequence[str] = ("dla34", "dla60"), batch: int = 256, hw: HW = 224) -> List[ShapeEntry]:
     """The distinct op shapes of the given variants (first-seen order), each with its layer count and names."""
     if isinstance(names, str):
         names = (names,)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    hw = parse_hw(hw)
     entries: Dict[OpShape, ShapeEntry] = {}
     for name in names:
-        for rec in layer_records(name, _hw_pair(hw)):
+        for rec in layer_records(name, hw):
             e = entries.get(rec.shape)
             if e is None:
                 e = entries[rec.shape] = ShapeEntry(rec.shape, int(batch))
@@ -306,33 +355,34 @@ def format_table(entries: Sequence[ShapeEntry], max_layers: int = 3) -> str:
                      s.residual, "y" if s.relu else "n", "x".join(map(str, s.output_shape(n))), str(e.count),
                      f"{s.flops(n) / 1e9:.2f}", lay])
     widths = [max(len(h), *(len(r[j]) for r in rows)) if rows else len(h) for j, h in enumerate(head)]
-    line = lambda r: "| " + " | ".join(c.ljust(widths[j]) for j, c in enumerate(r)) + " |"
+    def line(r):
+        return "| " + " | ".join(c.ljust(widths[j]) for j, c in enumerate(r)) + " |"
+
     out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in rows]
     return "\n".join(out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("models", nargs="*", default=["dla34", "dla60"], help="variants (default: dla34 dla60)")
+    from . import list_models
+    p = argparse.ArgumentParser(prog="python -m dla_fast.shapes", description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="*", default=["dla34", "dla60"], help="variants, or 'all' (default: dla34 dla60)")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--hw", type=int, nargs="+", default=[224], help="input size: H [W]")
+    p.add_argument("--hw", nargs="+", default=["224"], help="input size: H, HxW or H W (default 224)")
     p.add_argument("--all-layers", action="store_true", help="list every layer name, not the first three")
     a = p.parse_args(argv)
-    hw = tuple(a.hw) if len(a.hw) == 2 else a.hw[0]
-    for m in a.models:
-        if m not in dla_fast.list_models():
-            p.error(f"unknown model {m!r}; available: {', '.join(dla_fast.list_models())}")
+    models = list_models() if a.models == ["all"] else a.models
     try:
-        entries = distinct_shapes(a.models, batch=a.batch, hw=hw)
-    except ValueError as e:  # an input size the model rejects
+        hw = parse_hw(a.hw[0] if len(a.hw) == 1 else a.hw)
+        entries = distinct_shapes(models, batch=a.batch, hw=hw)
+    except ValueError as e:  # an unknown variant, a bad batch, an input size the model rejects
         p.error(str(e))
     print(format_table(entries, max_layers=10 ** 6 if a.all_layers else 3))
     tot = sum(e.count for e in entries)
-    per = ", ".join(f"{m}: {len(layer_records(m, _hw_pair(hw)))} layers, "
-                    f"{sum(r.shape.flops(a.batch) for r in layer_records(m, _hw_pair(hw))) / 1e12:.2f} TFLOP"
-                    for m in a.models)
-    print(f"\n{len(entries)} distinct shapes over {tot} layers ({per}; batch {a.batch})")
+    per = ", ".join(f"{m}: {len(layer_records(m, hw))} layers, "
+                    f"{sum(r.shape.flops(a.batch) for r in layer_records(m, hw)) / 1e12:.2f} TFLOP"
+                    for m in models)
+    print(f"\n{len(entries)} distinct shapes over {tot} layers ({per}; batch {a.batch}, input {hw[0]}x{hw[1]})")
     return 0
 
 
