@@ -110,12 +110,13 @@ SOURCE_DIRS = ("ops", "kernels", "instantiations")
 
 
 def extension_sources() -> list[str]:
-    """Every .cpp/.cu file of csrc/ops, csrc/kernels and csrc/instantiations, relative to the repository root."""
+    """Every .cpp/.cu file under csrc/ops, csrc/kernels and csrc/instantiations, relative to the repository root."""
     out = []
     for d in SOURCE_DIRS:
-        folder = os.path.join(ROOT, CSRC, d)
-        out += sorted(os.path.join(CSRC, d, f) for f in os.listdir(folder) if f.endswith((".cpp", ".cu")))
-    return out
+        for folder, _, files in os.walk(os.path.join(ROOT, CSRC, d)):
+            rel = os.path.relpath(folder, ROOT)
+            out += sorted(os.path.join(rel, f) for f in files if f.endswith((".cpp", ".cu")))
+    return sorted(out)
 
 
 def generated_stale() -> list[tuple[str, str]]:

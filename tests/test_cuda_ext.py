@@ -304,9 +304,9 @@ def test_setup_sources(setup_mod):
     srcs = setup_mod.extension_sources()
     want = []
     for d in ("ops", "kernels", "instantiations"):
-        want += [os.path.join("csrc", d, f) for f in os.listdir(os.path.join(ROOT, "csrc", d))
-                 if f.endswith((".cpp", ".cu"))]
-    assert sorted(srcs) == sorted(want)
+        for folder, _, files in os.walk(os.path.join(ROOT, "csrc", d)):
+            want += [os.path.relpath(os.path.join(folder, f), ROOT) for f in files if f.endswith((".cpp", ".cu"))]
+    assert sorted(srcs) == sorted(want) and len(srcs) == 16, srcs  # 4 ops, 5 kernels, 7 generated
     for must in ("ops/registration.cpp", "ops/conv_bn_act.cpp", "ops/aggregate.cpp", "ops/max_pool.cpp",
                  "kernels/max_pool.cu", "kernels/rgb_stem_conv.cu", "instantiations/igemm_dispatch.cpp",
                  "instantiations/igemm_wgmma_f16.cu", "instantiations/igemm_tc_aggregate_bf16.cu"):
