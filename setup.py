@@ -104,6 +104,31 @@ def arch_flags(spec: str) -> list[str]:
     return flags
 
 
+CSRC = "csrc"
+# Host code (ops), device code (kernels) and the generated per-dtype translation units (instantiations).
+SOURCE_DIRS = ("ops", "kernels", "instantiations")
+
+
+def extension_sources() -> list[str]:
+    """Every .cpp/.cu file under csrc/ops, csrc/kernels and csrc/instantiations, relative to the repository root."""
+    out = []
+    for d in SOURCE_DIRS:
+        for folder, _, files in os.walk(os.path.join(ROOT, CSRC, d)):
+            rel = os.path.relpath(folder, ROOT)
+            out += sorted(os.path.join(rel, f) for f in files if f.endswith((".cpp", ".cu")))
+    return sorted(out)
+
+
+def generated_stale() -> list[tuple[str, str]]:
+    """(file under csrc/, its generator) for each generated source that differs from its generator's output."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dla_fast_csrc_generated",
+                                                  os.path.join(ROOT, CSRC, "tools", "_generated.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.all_stale()
+
+
 def cuda_extension():
     """(ext_modules, cmdclass) for dla_fast._C, or ([], {}) with the reason printed when it cannot be built."""
     if _flag("DLA_FAST_SKIP_CUDA"):
@@ -150,9 +175,11 @@ def cuda_extension():
          f"archs {' '.join(archs)}" + (" (with the sm_90a wgmma kernels)" if sm90a else ""))
     # Host code picks the wgmma kernels only when their sm_90a image is in the binary.
     defines = ["-DDLA_FAST_SM90A"] if sm90a else []
-    csrc = os.path.join("csrc")
-    sources = sorted(os.path.join(csrc, f) for f in os.listdir(os.path.join(ROOT, csrc))
-                     if f.endswith((".cpp", ".cu")))
+    stale = generated_stale()
+    if stale:
+        raise RuntimeError("generated CUDA sources are out of date: " + "; ".join(
+            f"csrc/{f} (run python csrc/tools/{gen})" for f, gen in stale))
+    sources = extension_sources()
     nvcc_flags = [
         "-O3",
         "-lineinfo",  # source lines in compute-sanitizer / ncu reports; no run-time cost
@@ -162,7 +189,7 @@ def cuda_extension():
     ext = CUDAExtension(
         name="dla_fast._C",
         sources=sources,
-        include_dirs=[os.path.join(ROOT, csrc)],
+        include_dirs=[os.path.join(ROOT, CSRC)],  # includes name their folder: "ops/launch.h"
         # -g0: Python's CFLAGS carry -g, which triples the .so and the host compile time for no use here
         extra_compile_args={"cxx": ["-O3", "-g0"] + defines, "nvcc": nvcc_flags},
     )

@@ -1,13 +1,15 @@
 """CPU-runnable checks of the CUDA extension's packaging and Python side (no GPU needed).
 
 The extension must import (skipped only when it was not built AND ``DLA_FAST_REQUIRE_EXT`` is unset; CI sets
-``DLA_FAST_REQUIRE_EXT=1``), register the two ops with the documented schemas and fake kernels, and fail
-soft: a missing or broken ``dla_fast._C`` warns once and lets ``backend="auto"`` fall back.
+``DLA_FAST_REQUIRE_EXT=1``), register the ops of ``dla_fast/backends/schema.py`` with those schemas and fake kernels,
+and fail soft: a missing or broken ``dla_fast._C`` warns once and lets ``backend="auto"`` fall back. The generated
+sources under csrc/ must equal their generators' output.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -18,13 +20,11 @@ import torch
 
 import dla_fast.backends.cuda as cuda_backend
 import dla_fast.ops as ops
+from dla_fast.backends import schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRE = os.environ.get("DLA_FAST_REQUIRE_EXT", "").strip() not in ("", "0")
-
-CONV_SCHEMA = ("dla_fast::conv_bn_act(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
-               "int groups, Tensor? residual, bool relu) -> Tensor")
-AGG_SCHEMA = "dla_fast::aggregate(Tensor[] children, Tensor weight, Tensor? bias, Tensor? residual, bool relu) -> Tensor"
+FUSED_OPS = tuple(schema.OPS)  # conv_bn_act, aggregate, max_pool
 
 
 @pytest.fixture
@@ -44,7 +44,8 @@ def cl_stride(shape):
 
 def test_extension_imports(ext):
     import dla_fast._C as C  # noqa: F401  (the import itself registers the ops)
-    assert hasattr(torch.ops.dla_fast, "conv_bn_act") and hasattr(torch.ops.dla_fast, "aggregate")
+    for name in (*schema.OPS, *schema.CUDA_ONLY):
+        assert hasattr(torch.ops.dla_fast, name), name
     assert cuda_backend.NAME == "cuda"
     assert isinstance(C.last_kernel(), str)
     # whether the build has the sm_90a (wgmma) kernels; without a 9.x GPU they are never picked
@@ -54,14 +55,22 @@ def test_extension_imports(ext):
 
 
 def test_schemas(ext):
-    assert str(torch.ops.dla_fast.conv_bn_act.default._schema) == CONV_SCHEMA
-    assert str(torch.ops.dla_fast.aggregate.default._schema) == AGG_SCHEMA
+    """The extension's schemas are schema.py's text (csrc/ops/schema.h is generated from it), in its namespace."""
+    assert schema.NAMESPACES["cuda"] == "dla_fast"
+    for name, sig in (*schema.OPS.items(), *schema.CUDA_ONLY.items()):
+        assert str(getattr(torch.ops.dla_fast, name).default._schema) == f"dla_fast::{name}{sig}", name
 
 
 def test_dispatch_keys(ext):
-    for op in ("dla_fast::conv_bn_act", "dla_fast::aggregate"):
+    for name in FUSED_OPS:
+        op = f"dla_fast::{name}"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "Meta"), op  # from register_fake
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
+    for name in schema.CUDA_ONLY:  # plan-time queries on real CUDA tensors: nothing to trace
+        op = f"dla_fast::{name}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(op, "Meta"), op
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
 
 
@@ -87,14 +96,15 @@ def test_conv_fake_cuda(ext, case, dtype):
         wt = torch.empty(co, c // g, k, k, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
         b = torch.empty(co, device="cuda")
         r = torch.empty(n, co, ho, wo, device="cuda", dtype=dtype)
-        y = torch.ops.dla_fast.conv_bn_act(x, wt, b, [s, s], [p, p], g, r, True)
+        y = torch.ops.dla_fast.conv_bn_act(x, wt, b, [s, s], [p, p], g, r, True, [])
         assert y.device.type == "cuda" and y.dtype == dtype
         assert tuple(y.shape) == (n, co, ho, wo)
         assert y.stride() == cl_stride((n, co, ho, wo))
         assert y.is_contiguous(memory_format=torch.channels_last)
         # via the Python backend module (what dla_fast.ops calls)
-        y2 = cuda_backend.conv_bn_act(x, wt, None, (s, s), (p, p), g, None, False)
+        y2 = cuda_backend.conv_bn_act(x, wt, None, (s, s), (p, p), g, None, False, config=(1, 128, 2))
         assert tuple(y2.shape) == (n, co, ho, wo) and y2.stride() == y.stride()
+        assert cuda_backend.conv_out_shape(x, wt, (s, s), (p, p)) == (n, co, ho, wo)
 
 
 @pytest.mark.parametrize("chans", [(64,), (64, 64), (128, 128, 64, 128), (28, 28, 28, 28), (8,) * 8])
@@ -104,19 +114,38 @@ def test_aggregate_fake_cuda(ext, chans):
     with FakeTensorMode():
         kids = [torch.empty(n, c, h, w, device="cuda", dtype=torch.float16) for c in chans]
         wt = torch.empty(co, sum(chans), device="cuda", dtype=torch.float16)
-        y = torch.ops.dla_fast.aggregate(kids, wt, None, None, True)
+        y = torch.ops.dla_fast.aggregate(kids, wt, None, None, True, [])
         assert tuple(y.shape) == (n, co, h, w) and y.stride() == cl_stride((n, co, h, w))
-        y4 = cuda_backend.aggregate(kids, wt[:, :, None, None], None, None, False)
+        y4 = cuda_backend.aggregate(kids, wt[:, :, None, None], None, None, False, config=(2, 64, 0))
         assert tuple(y4.shape) == (n, co, h, w)
+
+
+@pytest.mark.parametrize("shape,k", [((2, 64, 56, 56), 2), ((1, 3, 7, 9), 2), ((3, 20, 11, 10), 3),
+                                     ((2, 8, 17, 33), 16), ((0, 16, 4, 4), 2), ((2, 16, 9, 9), 4)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_max_pool_fake_cuda(ext, shape, k, dtype):
+    """Floor mode: (H // k, W // k), channels_last strides, whatever the input's layout."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    n, c, h, w = shape
+    with FakeTensorMode():
+        x = torch.empty(shape, device="cuda", dtype=dtype)
+        for xin in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, ::1, 1:]):
+            y = torch.ops.dla_fast.max_pool(xin, k)
+            out = (n, c, xin.shape[2] // k, xin.shape[3] // k)
+            assert tuple(y.shape) == out and y.stride() == cl_stride(out) and y.dtype == dtype
+            assert tuple(cuda_backend.max_pool(xin, k).shape) == out
 
 
 def test_meta_tensors(ext):
     x = torch.empty(2, 16, 9, 11, device="meta", dtype=torch.float16)
     wt = torch.empty(32, 16, 3, 3, device="meta", dtype=torch.float16)
-    y = torch.ops.dla_fast.conv_bn_act(x, wt, None, [2, 2], [1, 1], 1, None, True)
+    y = torch.ops.dla_fast.conv_bn_act(x, wt, None, [2, 2], [1, 1], 1, None, True, [])
     assert tuple(y.shape) == (2, 32, 5, 6) and y.stride() == cl_stride((2, 32, 5, 6))
-    a = torch.ops.dla_fast.aggregate([x, x], torch.empty(8, 32, device="meta", dtype=torch.float16), None, None, True)
+    a = torch.ops.dla_fast.aggregate([x, x], torch.empty(8, 32, device="meta", dtype=torch.float16), None, None, True,
+                                     [])
     assert tuple(a.shape) == (2, 8, 9, 11) and a.stride() == cl_stride((2, 8, 9, 11))
+    m = torch.ops.dla_fast.max_pool(x, 2)
+    assert tuple(m.shape) == (2, 16, 4, 5) and m.stride() == cl_stride((2, 16, 4, 5))
 
 
 def test_opcheck_meta(ext):
@@ -124,9 +153,12 @@ def test_opcheck_meta(ext):
     x = torch.empty(2, 16, 9, 11, device="meta", dtype=torch.float16)
     w = torch.empty(32, 16, 3, 3, device="meta", dtype=torch.float16).to(memory_format=torch.channels_last)
     r = torch.empty(2, 32, 5, 6, device="meta", dtype=torch.float16)
-    torch.library.opcheck(torch.ops.dla_fast.conv_bn_act.default, (x, w, None, [2, 2], [1, 1], 1, r, True))
+    torch.library.opcheck(torch.ops.dla_fast.conv_bn_act.default, (x, w, None, [2, 2], [1, 1], 1, r, True, []))
+    torch.library.opcheck(torch.ops.dla_fast.conv_bn_act.default,
+                          (x, w, None, [2, 2], [1, 1], 1, r, True, [1, 64, 2]))
     w2 = torch.empty(24, 32, device="meta", dtype=torch.float16)
-    torch.library.opcheck(torch.ops.dla_fast.aggregate.default, ([x, x], w2, None, None, False))
+    torch.library.opcheck(torch.ops.dla_fast.aggregate.default, ([x, x], w2, None, None, False, [2, 0, 0]))
+    torch.library.opcheck(torch.ops.dla_fast.max_pool.default, (x, 2))
 
 
 def test_fake_under_dynamic_shapes(ext):
@@ -137,8 +169,10 @@ def test_fake_under_dynamic_shapes(ext):
     x = mode.from_tensor(torch.empty(2, 16, 9, 11), symbolic_context=None)
     with mode:
         wt = torch.empty(32, 16, 3, 3).to(memory_format=torch.channels_last)
-        y = torch.ops.dla_fast.conv_bn_act(x, wt, None, [2, 2], [1, 1], 1, None, True)
+        y = torch.ops.dla_fast.conv_bn_act(x, wt, None, [2, 2], [1, 1], 1, None, True, [])
+        m = torch.ops.dla_fast.max_pool(x, 2)
     assert y.shape[1] == 32 and y.dim() == 4
+    assert m.shape[1] == 16 and m.dim() == 4
 
 
 def test_cpu_tensor_errors(ext):
@@ -151,7 +185,11 @@ def test_cpu_tensor_errors(ext):
         ops.aggregate([x, x], torch.randn(8, 8), backend="cuda")
     # the dispatcher itself has no CPU kernel for these ops
     with pytest.raises(NotImplementedError):
-        torch.ops.dla_fast.conv_bn_act(x, w, None, [1, 1], [1, 1], 1, None, True)
+        torch.ops.dla_fast.conv_bn_act(x, w, None, [1, 1], [1, 1], 1, None, True, [])
+    with pytest.raises(NotImplementedError):
+        torch.ops.dla_fast.max_pool(x, 2)
+    with pytest.raises(NotImplementedError):
+        torch.ops.dla_fast.conv_candidates(x, w, None, [1, 1], [1, 1], 1, None)
 
 
 def test_dtype_reason(ext):
@@ -252,13 +290,30 @@ def test_wgmma_kernels_not_serialized(setup_mod, tmp_path):
     from torch.utils.cpp_extension import include_paths
     cmd = [os.path.join(cuda_home, "bin", "nvcc"), "-std=c++17", "--expt-relaxed-constexpr", "-O3",
            *("-I" + d for d in include_paths()), "-I" + os.path.join(cuda_home, "include"),
-           *setup_mod.arch_flags("90a"), "-DDLA_FAST_SM90A", "-Xptxas", "-v", "-c",
-           os.path.join(ROOT, "csrc", "wg_f16.cu"), "-o", str(tmp_path / "wg_f16.o")]
+           "-I" + os.path.join(ROOT, "csrc"), *setup_mod.arch_flags("90a"), "-DDLA_FAST_SM90A", "-Xptxas", "-v", "-c",
+           os.path.join(ROOT, "csrc", "instantiations", "igemm_wgmma_f16.cu"), "-o", str(tmp_path / "wg_f16.o")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     log = out.stdout + out.stderr
     assert "igemm_wgmma_kernel" in log, log[-2000:]  # ptxas -v did report on the kernels
     assert "C7515" not in log, [line for line in log.splitlines() if "C7515" in line]
+
+
+def test_setup_sources(setup_mod):
+    """setup.py compiles every .cpp/.cu of csrc/ops, csrc/kernels and csrc/instantiations, and nothing else."""
+    srcs = setup_mod.extension_sources()
+    want = []
+    for d in ("ops", "kernels", "instantiations"):
+        for folder, _, files in os.walk(os.path.join(ROOT, "csrc", d)):
+            want += [os.path.relpath(os.path.join(folder, f), ROOT) for f in files if f.endswith((".cpp", ".cu"))]
+    assert sorted(srcs) == sorted(want) and len(srcs) == 16, srcs  # 4 ops, 5 kernels, 7 generated
+    for must in ("ops/registration.cpp", "ops/conv_bn_act.cpp", "ops/aggregate.cpp", "ops/max_pool.cpp",
+                 "kernels/max_pool.cu", "kernels/rgb_stem_conv.cu", "instantiations/igemm_dispatch.cpp",
+                 "instantiations/igemm_wgmma_f16.cu", "instantiations/igemm_tc_aggregate_bf16.cu"):
+        assert os.path.join("csrc", *must.split("/")) in srcs, must
+    # no source is left loose in csrc/ itself
+    assert not [f for f in os.listdir(os.path.join(ROOT, "csrc")) if f.endswith((".cpp", ".cu", ".cuh", ".h"))]
+    assert setup_mod.generated_stale() == []
 
 
 def _fake_toolkit(root):
@@ -320,3 +375,87 @@ def test_tc_kernel_emulated_conv(emulator, case):
 def test_tc_kernel_emulated_aggregate(emulator, chans, cout):
     err, vw, bn = emulator.check_agg(chans, cout, 5, 3, "tensor", True, "slice")
     assert err < 1e-9, (chans, vw, bn, err)
+
+
+# ------------------------------------------------------------------ generated sources (no extension needed)
+@pytest.fixture(scope="module")
+def generated():
+    path = os.path.join(ROOT, "csrc", "tools", "_generated.py")
+    spec = importlib.util.spec_from_file_location("csrc_generated", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_generated_files_in_sync(generated):
+    """schema.h, the per-dtype instantiation units and wgmma_ops.cuh equal what their generators write now."""
+    files = {}
+    for gen in generated.GENERATORS:
+        out = generated.load(gen).render()
+        assert out, gen
+        for rel in out:
+            assert rel not in files, f"{rel} is written by {files.get(rel)} and {gen}"
+            files[rel] = gen
+    assert {"ops/schema.h", "kernels/wgmma_ops.cuh", "instantiations/igemm_dispatch.cpp",
+            "instantiations/igemm_tc_conv_f16.cu", "instantiations/igemm_wgmma_bf16.cu"} <= set(files)
+    assert generated.all_stale() == [], "run the generators named: python csrc/tools/<generator>"
+    # every file in csrc/instantiations is generated (nothing hand-written hides there)
+    inst = {f"instantiations/{f}" for f in os.listdir(os.path.join(ROOT, "csrc", "instantiations"))}
+    assert inst == {rel for rel in files if rel.startswith("instantiations/")}
+
+
+def test_generated_check_reports_stale(generated, tmp_path):
+    assert generated.stale({"ops/schema.h": "// not the generated text\n"}) == ["ops/schema.h"]
+    assert generated.stale({"no/such/file.h": ""}) == ["no/such/file.h"]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "csrc", "tools", "gen_schema.py"), "--check"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def _c_strings(text: str):
+    """The C string constants of a header: adjacent literals joined, in order."""
+    out = []
+    for block in re.findall(r'((?:"(?:[^"\\]|\\.)*"\s*)+),', text):
+        out.append("".join(re.findall(r'"((?:[^"\\]|\\.)*)"', block)))
+    return out
+
+
+def test_schema_header_matches_schema_py():
+    with open(os.path.join(ROOT, "csrc", "ops", "schema.h")) as f:
+        text = f.read()
+    assert _c_strings(text) == [n + sig for n, sig in (*schema.OPS.items(), *schema.CUDA_ONLY.items())]
+    assert max(len(line) for line in text.splitlines()) <= 120
+
+
+def test_plan_encoding_matches_python():
+    """The family codes of csrc/ops/plan.h are the ones dla_fast.backends.cuda describes."""
+    with open(os.path.join(ROOT, "csrc", "ops", "plan.h")) as f:
+        text = f.read()
+    enum = dict((int(v), k) for k, v in re.findall(r"\bk(\w+) = (\d+),", text.split("enum Family")[1].split("};")[0]))
+    names = {0: "RuleFamily", 1: "Wgmma", 2: "Tc", 3: "Simt", 4: "Direct", 5: "Grouped", 6: "Stem",
+             7: "BlockdiagWgmma", 8: "BlockdiagTc"}
+    assert enum == names
+    assert re.search(r'family_name.*?"rule", "wgmma", "tc", "simt", "direct", "grouped", "stem", "blockdiag-wgmma",\s*'
+                     r'"blockdiag-tc"', text, re.S)
+    assert cuda_backend.FAMILIES == {1: "wgmma", 2: "tc", 3: "simt", 4: "direct", 5: "grouped", 6: "stem",
+                                     7: "blockdiag-wgmma", 8: "blockdiag-tc"}
+    fixed = dict(re.findall(r"k(Simt|Direct|Grouped|Stem|Blockdiag)Bn = (\d+)", text))
+    assert {k: int(v) for k, v in fixed.items()} == {"Simt": 64, "Direct": 32, "Grouped": 64, "Stem": 16,
+                                                      "Blockdiag": 32}
+    assert cuda_backend.FIXED_WIDTH == {3: 64, 4: 32, 5: 64, 6: 16, 7: 32, 8: 32}
+
+
+@pytest.mark.parametrize("config,words", [
+    ((), "rule"), ([], "rule"), ((1, 128, 2), "wgmma bn128 tma"), ((1, 64, 1), "wgmma bn64 gather"),
+    ((1, 256, 2), "wgmma bn256 tma"), ((2, 32, 1), "tc bn32"), ((3, 64, 1), "simt"), ((4, 32, 1), "direct"),
+    ((5, 64, 1), "grouped"), ((6, 16, 1), "stem"), ((7, 32, 1), "blockdiag-wgmma"), ((8, 32, 1), "blockdiag-tc"),
+    ((0, 0, 0), "rule"), ((0, 128, 0), "rule bn128"), ((1, 0, 0), "wgmma"), ((0, 0, 1), "rule gather"),
+    ((3, 128, 0), "simt bn128"),
+])
+def test_describe(config, words):
+    assert cuda_backend.describe(config) == words
+
+
+def test_describe_rejects_bad_length():
+    with pytest.raises(ValueError, match=r"\(family, bn, a_load\)"):
+        cuda_backend.describe((1, 64))

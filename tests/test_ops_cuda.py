@@ -1,17 +1,26 @@
-"""GPU tests of the CUDA C++ backend through the public API (``dla_fast.ops.*(..., backend="cuda")``).
+"""GPU tests of the CUDA C++ backend: through the public API (``dla_fast.ops.*(..., backend="cuda")``, the
+extension's own kernel rule) and through ``dla_fast.backends.cuda`` with a per-call ``config`` (a kernel family,
+tile width and A load forced; csrc/ops/plan.h), including every config ``conv_candidates`` /
+``aggregate_candidates`` offers for real DLA layer shapes.
 
 Reference: ``dla_fast.ops.reference`` on float64 copies of the inputs. fp32 runs with TF32 off and must be
 IEEE-accurate (max error / max |ref| <= 1e-5); fp16/bf16 must be within 2x eager PyTorch's error in the same
-dtype plus a small floor. Outputs are poisoned with NaN before every call so unwritten elements show up.
+dtype plus a small floor. Outputs are poisoned with NaN before every call so unwritten elements show up. The
+environment overrides (DLA_FAST_CUDA_*) are read once per process, so they are tested in subprocesses.
 Skipped without a GPU (conftest) and, unless DLA_FAST_REQUIRE_EXT=1, without the built extension.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dla_fast.backends.cuda as cu
 import dla_fast.ops as ops
@@ -128,7 +137,8 @@ def _conv_inputs(case, dtype, seed=0):
     return g, x, wt, b, r
 
 
-def _run_conv(case, dtype, lay="cl", with_res=True, relu=True, seed=0):
+def _run_conv(case, dtype, lay="cl", with_res=True, relu=True, seed=0, config=None):
+    """The conv through the public API (config None: the extension's rule) or the backend with ``config``."""
     g, x, wt, b, r = _conv_inputs(case, dtype, seed)
     n, c, h, w, co, k, s, p, grp = case
     res = r if with_res else None
@@ -138,7 +148,11 @@ def _run_conv(case, dtype, lay="cl", with_res=True, relu=True, seed=0):
     xl = layout(x, lay, g)
     rl = None if res is None else layout(res, lay if lay != "slice" else "cl", g)
     poison(ref64.numel(), dtype)
-    y = ops.conv_bn_act(xl, wt, b, stride=s, padding=p, groups=grp, residual=rl, relu=relu, backend="cuda")
+    if config is None:
+        y = ops.conv_bn_act(xl, wt, b, stride=s, padding=p, groups=grp, residual=rl, relu=relu, backend="cuda")
+    else:
+        wl = wt.contiguous(memory_format=torch.channels_last)
+        y = cu.conv_bn_act(xl, wl, b, (s, s), (p, p), grp, rl, relu, config)
     return y, ref64, eager
 
 
@@ -158,24 +172,22 @@ def test_conv(case, dtype, lay, res_relu):
 # rest pair by pair: a residual that is a channel slice at offset 4 (not 16-byte aligned) must take the pair path,
 # one at offset 8 the staged path, and both be right. Cases: mma.sync bn32, block-diagonal, wgmma/mma.sync bn128,
 # and an M tail inside the staged tile.
-@pytest.mark.parametrize("kernel", ["auto", "auto-gather", "tc"])
+@pytest.mark.parametrize("config", [(), (0, 0, 1), (2, 0, 0)], ids=["rule", "rule-gather", "tc"])
 @pytest.mark.parametrize("res_lay", ["slice", "slice8"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("case", [(2, 16, 9, 11, 32, 3, 1, 1, 1), (2, 64, 7, 6, 64, 3, 1, 1, 16),
                                   (2, 64, 14, 14, 128, 1, 1, 0, 1), (1, 40, 5, 7, 48, 3, 1, 1, 1)],
                          ids=lambda c: "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*c))
-def test_conv_residual_slice_epilogues(case, dtype, res_lay, kernel, monkeypatch):
-    monkeypatch.setenv("DLA_FAST_CUDA_KERNEL", kernel.replace("-gather", ""))
-    monkeypatch.setenv("DLA_FAST_CUDA_IM2COL", "0" if kernel.endswith("-gather") else "1")
+def test_conv_residual_slice_epilogues(case, dtype, res_lay, config):
     g, x, wt, b, r = _conv_inputs(case, dtype, seed=3)
     n, c, h, w, co, k, s, p, grp = case
     ref64 = conv_bn_act_ref(x.double(), wt.double(), b.double(), (s, s), (p, p), grp, r.double(), True)
     eager = conv_bn_act_ref(x, wt, b, (s, s), (p, p), grp, r, True)
     rl = layout(r, res_lay, g)
     poison(ref64.numel(), dtype)
-    y = ops.conv_bn_act(layout(x, "cl", g), wt, b, stride=s, padding=p, groups=grp, residual=rl, relu=True,
-                        backend="cuda")
-    assert_close(y, ref64, eager, dtype, f"{case} residual {res_lay} {kernel}")
+    y = cu.conv_bn_act(layout(x, "cl", g), wt.contiguous(memory_format=torch.channels_last), b, (s, s), (p, p), grp,
+                       rl, True, config)
+    assert_close(y, ref64, eager, dtype, f"{case} residual {res_lay} {config}")
     assert cu.last_kernel().startswith(("tc", "wgmma")), cu.last_kernel()
 
 
@@ -184,13 +196,15 @@ def _wgmma_can(case_cin_g: int, dtype) -> bool:
     return cu.has_wgmma() and dtype != torch.float32 and case_cin_g % 8 == 0
 
 
+FAMILY = {"wgmma": 1, "tc": 2, "simt": 3, "direct": 4}
+
+
 @pytest.mark.parametrize("kernel", ["simt", "direct", "tc", "wgmma"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
 @pytest.mark.parametrize("case", CONV_CASES[:14], ids=lambda c: "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*c))
-def test_conv_forced_kernel(case, dtype, kernel, monkeypatch):
+def test_conv_forced_kernel(case, dtype, kernel):
     """Every kernel family on shapes it would not be picked for (the fallbacks must be right too)."""
-    monkeypatch.setenv("DLA_FAST_CUDA_KERNEL", kernel)
-    y, ref64, eager = _run_conv(case, dtype)
+    y, ref64, eager = _run_conv(case, dtype, config=(FAMILY[kernel], 0, 0))
     assert_close(y, ref64, eager, dtype, f"{case} forced {kernel}")
     used = cu.last_kernel()
     if kernel == "direct":
@@ -227,20 +241,21 @@ WGMMA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("im2col", ["1", "0"])
+@pytest.mark.parametrize("a_load", [2, 1], ids=["tma", "gather"])
 @pytest.mark.parametrize("lay", ["cl", "slice8", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("case", WGMMA_CASES, ids=lambda c: "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*c))
-def test_conv_wgmma(case, dtype, lay, im2col, monkeypatch):
+def test_conv_wgmma(case, dtype, lay, a_load):
     """Both ways of loading A on the 64/128-wide tiles: TMA im2col (dense, input channels a multiple of 64) and the
-    cp.async gather (everything else, and everything with DLA_FAST_CUDA_IM2COL=0)."""
+    cp.async gather (everything else, and everything with a_load 1)."""
     if not cu.has_wgmma():
         pytest.skip("needs an sm_90a build on a compute capability 9.x GPU")
-    monkeypatch.setenv("DLA_FAST_CUDA_IM2COL", im2col)
     n, c, h, w, co, k, s, p, grp = case
-    tma = im2col == "1" and grp == 1 and c % 64 == 0 and co > 32
+    tma = a_load == 2 and grp == 1 and c % 64 == 0 and co > 32  # the rule's width: 64+ for more than 32 outputs
+    family = 7 if grp > 1 and c // grp < 16 else 1  # 4 or 8 channels a group: the block-diagonal wgmma kernel
     for with_res, relu in RES_RELU if lay == "cl" else [(True, True)]:
-        y, ref64, eager = _run_conv(case, dtype, lay, with_res, relu, seed=hash(case) % 1000)
+        y, ref64, eager = _run_conv(case, dtype, lay, with_res, relu, seed=hash(case) % 1000,
+                                    config=(family, 0, a_load))
         assert_close(y, ref64, eager, dtype, f"{case} {lay} res{with_res} relu{relu}")
         assert cu.last_kernel().startswith("wgmma"), cu.last_kernel()
         assert cu.last_kernel().endswith(" tma") == tma, cu.last_kernel()
@@ -255,7 +270,8 @@ def test_conv_kernel_choice():
                          ((1, 3, 15, 17, 16, 7, 1, 3, 1), "simt f16"),  # RGB stem with a residual: generic path
                          ((2, 3, 20, 21, 32, 7, 2, 3, 1), "simt f16"),  # < 8 input channels, not the stem
                          ((2, 13, 5, 7, 19, 3, 1, 1, 1), "tc f16 vw1"),
-                         ((2, 32, 10, 10, 32, 3, 1, 1, 8), "wgmma-blockdiag f16 g4" if wg else "tc-blockdiag f16 g4 vw4"),
+                         ((2, 32, 10, 10, 32, 3, 1, 1, 8),
+                          "wgmma-blockdiag f16 g4" if wg else "tc-blockdiag f16 g4 vw4"),
                          ((2, 64, 9, 7, 64, 3, 1, 1, 8), "wgmma-blockdiag f16 g8" if wg else "tc-blockdiag f16 g8 vw8"),
                          ((2, 64, 9, 7, 64, 3, 1, 1, 4), "wgmma f16 bn16" if wg else "tc f16 vw8 bn16"),
                          ((3, 40, 5, 6, 40, 3, 1, 1, 10), "direct f16"),  # 40 channels: no 32-channel super-groups
@@ -277,8 +293,8 @@ def test_conv_kernel_choice():
     assert cu.last_kernel() == "grouped f32 g8", cu.last_kernel()
 
 
-# The 192x256 tile (3 warpgroups, one block an SM, A by TMA im2col), forced by DLA_FAST_CUDA_WIDE_BN=256: the auto
-# rule picks it only for grids of thousands of rows, too big for a float64 reference in every combination. Input
+# The 192x256 tile (3 warpgroups, one block an SM, A by TMA im2col), forced by config (1, 256, 0): the rule picks
+# it only for grids of thousands of rows, too big for a float64 reference in every combination. Input
 # channels are multiples of 64 (big_tile_ok() in launch.h); the im2col box starts mid-row and mid-image, wraps
 # across images and runs past the last one (M tails), with strides 1 and 2, and taps up to 7x7 in the padding.
 BIG_CASES = [
@@ -294,26 +310,26 @@ BIG_CASES = [
 @pytest.mark.parametrize("lay", ["cl", "slice8", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("case", BIG_CASES, ids=lambda c: "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*c))
-def test_conv_wgmma_big(case, dtype, lay, monkeypatch):
+def test_conv_wgmma_big(case, dtype, lay):
     if not cu.has_wgmma():
         pytest.skip("needs an sm_90a build on a compute capability 9.x GPU")
-    monkeypatch.setenv("DLA_FAST_CUDA_WIDE_BN", "256")
     for with_res, relu in RES_RELU if lay == "cl" else [(True, True)]:
-        y, ref64, eager = _run_conv(case, dtype, lay, with_res, relu, seed=hash(case) % 1000)
+        y, ref64, eager = _run_conv(case, dtype, lay, with_res, relu, seed=hash(case) % 1000, config=(1, 256, 0))
         assert_close(y, ref64, eager, dtype, f"{case} {lay} res{with_res} relu{relu}")
         assert cu.last_kernel() == f"wgmma {DT_ID[dtype]} bn256 tma", cu.last_kernel()
 
 
-def test_conv_big_tile_needs_im2col(monkeypatch):
-    """Forced to 256 wide, a conv the im2col tensor map cannot serve (input channels not a multiple of 64, so a
-    64-wide k tile would span two taps) runs on the 128-wide tile instead, and right."""
+def test_conv_big_tile_needs_im2col():
+    """Asked for 256 wide, a conv the im2col tensor map cannot serve (input channels not a multiple of 64, so a
+    64-wide k tile would span two taps; or a grouped conv) runs at the rule's width instead, and right."""
     if not cu.has_wgmma():
         pytest.skip("needs an sm_90a build on a compute capability 9.x GPU")
-    monkeypatch.setenv("DLA_FAST_CUDA_WIDE_BN", "256")
-    for case in [(2, 72, 11, 9, 264, 3, 2, 1, 1), (2, 96, 7, 9, 300, 1, 1, 0, 1)]:
-        y, ref64, eager = _run_conv(case, torch.float16, seed=3)
+    for case in [(2, 72, 11, 9, 264, 3, 2, 1, 1), (2, 96, 7, 9, 300, 1, 1, 0, 1), (2, 512, 7, 7, 512, 3, 1, 1, 2)]:
+        _run_conv(case, torch.float16, seed=3)
+        rule = cu.last_kernel()
+        y, ref64, eager = _run_conv(case, torch.float16, seed=3, config=(1, 256, 0))
         assert_close(y, ref64, eager, torch.float16, f"{case}")
-        assert cu.last_kernel() == "wgmma f16 bn128", (case, cu.last_kernel())
+        assert cu.last_kernel() == rule and "bn256" not in rule, (case, rule, cu.last_kernel())
 
 
 def test_conv_big_tile_rule():
@@ -345,29 +361,21 @@ def test_conv_big_tile_rule():
         assert cu.last_kernel() == expect, (case, with_res, cu.last_kernel())
 
 
-@pytest.mark.parametrize("bn", ["64", "128", "256"])
-def test_conv_wide_bn_override(bn, monkeypatch):
-    """DLA_FAST_CUDA_WIDE_BN (benchmarking the width rule) picks the tile, and every width is right, with
-    an N tail (Cout 200) and a grid that is not a whole number of waves."""
-    monkeypatch.setenv("DLA_FAST_CUDA_WIDE_BN", bn)
+@pytest.mark.parametrize("bn", [16, 32, 64, 128, 256])
+def test_conv_config_width(bn):
+    """config (0, bn, 0) picks the tile of the rule's family, and every width is right, with an N tail (Cout 200)
+    and a grid that is not a whole number of waves; 256 needs wgmma (else the rule's width runs)."""
+    case = (3, 128, 7, 9, 200, 3, 1, 1, 1)
     for dtype in (torch.float16, torch.bfloat16):
-        y, ref64, eager = _run_conv((3, 128, 7, 9, 200, 3, 1, 1, 1), dtype, seed=int(bn))
-        assert_close(y, ref64, eager, dtype, f"wide bn {bn}")
-        assert f" bn{bn if bn != '256' or cu.has_wgmma() else '128'}" in cu.last_kernel(), cu.last_kernel()
-
-
-def test_conv_wide_bn_bad_value(monkeypatch):
-    monkeypatch.setenv("DLA_FAST_CUDA_WIDE_BN", "96")
-    with pytest.raises(RuntimeError, match="DLA_FAST_CUDA_WIDE_BN must be 64, 128 or 256; got '96'"):
-        _run_conv((1, 64, 5, 5, 256, 1, 1, 0, 1), torch.float16)
-
-
-def test_conv_im2col_bad_value(monkeypatch):
-    if not cu.has_wgmma():
-        pytest.skip("the switch is read where a wgmma tile could load by TMA")
-    monkeypatch.setenv("DLA_FAST_CUDA_IM2COL", "yes")
-    with pytest.raises(RuntimeError, match="DLA_FAST_CUDA_IM2COL must be 0 or 1; got 'yes'"):
-        _run_conv((1, 64, 5, 5, 256, 1, 1, 0, 1), torch.float16)
+        _run_conv(case, dtype, seed=bn)
+        rule = cu.last_kernel()
+        y, ref64, eager = _run_conv(case, dtype, seed=bn, config=(0, bn, 0))
+        assert_close(y, ref64, eager, dtype, f"bn {bn}")
+        if bn != 256 or cu.has_wgmma():
+            assert f" bn{bn}" in cu.last_kernel(), cu.last_kernel()
+            assert cu.last_kernel().split()[0] == rule.split()[0], (rule, cu.last_kernel())
+        else:
+            assert cu.last_kernel() == rule, (rule, cu.last_kernel())
 
 
 def test_conv_input_not_modified():
@@ -402,7 +410,8 @@ AGG_CASES = [
 RES_KINDS = ["none", "child0", "tensor"]
 
 
-def _run_agg(case, dtype, res_kind="none", relu=True, lay="cl", seed=0):
+def _run_agg(case, dtype, res_kind="none", relu=True, lay="cl", seed=0, config=None):
+    """The aggregation through the public API (config None: the rule) or the backend with ``config``."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     chans, co, h, w = case
     n = 2
@@ -427,7 +436,11 @@ def _run_agg(case, dtype, res_kind="none", relu=True, lay="cl", seed=0):
     elif res_kind == "tensor":
         res_arg = layout(res_t, "cl" if lay == "slice" else lay, g)
     poison(ref64.numel(), dtype)
-    y = ops.aggregate(kl, wt, b, residual=res_arg, relu=relu, backend="cuda")
+    if config is None:
+        y = ops.aggregate(kl, wt, b, residual=res_arg, relu=relu, backend="cuda")
+    else:
+        res = kl[0] if res_arg is True else (None if res_arg is False else res_arg)
+        y = cu.aggregate(kl, wt, b, res, relu, config)
     return y, ref64, eager
 
 
@@ -446,10 +459,9 @@ def test_aggregate(case, dtype, lay, res_kind, relu):
 @pytest.mark.parametrize("kernel", ["simt", "tc", "wgmma"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("case", AGG_CASES, ids=lambda c: "c{}-o{}-{}x{}".format("+".join(map(str, c[0])), *c[1:]))
-def test_aggregate_forced_kernel(case, dtype, kernel, monkeypatch):
-    monkeypatch.setenv("DLA_FAST_CUDA_KERNEL", kernel)
+def test_aggregate_forced_kernel(case, dtype, kernel):
     for lay in ("cl", "slice8"):
-        y, ref64, eager = _run_agg(case, dtype, "tensor", lay=lay)
+        y, ref64, eager = _run_agg(case, dtype, "tensor", lay=lay, config=(FAMILY[kernel], 0, 0))
         assert_close(y, ref64, eager, dtype, f"{case} {lay} {kernel}")
         used = cu.last_kernel()
         if kernel == "wgmma" and all(c % 8 == 0 for c in case[0]) and cu.has_wgmma():
@@ -460,8 +472,8 @@ def test_aggregate_forced_kernel(case, dtype, kernel, monkeypatch):
 
 def test_aggregate_does_not_concat():
     """The inputs are read in place: no cat-sized allocation happens (only the output)."""
-    kids = [torch.randn(4, 256, 28, 28, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-            for _ in range(3)]
+    kids = [torch.randn(4, 256, 28, 28, device="cuda", dtype=torch.float16)
+            .contiguous(memory_format=torch.channels_last) for _ in range(3)]
     w = torch.randn(256, 768, device="cuda", dtype=torch.float16)
     ops.aggregate(kids, w, backend="cuda")
     torch.cuda.synchronize()
@@ -476,7 +488,12 @@ def test_aggregate_does_not_concat():
 def test_cpp_errors_are_clear():
     x = torch.randn(2, 16, 5, 5, device="cuda", dtype=torch.float16)
     w = torch.randn(8, 16, 3, 3, device="cuda", dtype=torch.float16)
-    op, agg = torch.ops.dla_fast.conv_bn_act, torch.ops.dla_fast.aggregate
+    def op(*args):
+        return torch.ops.dla_fast.conv_bn_act(*args, [])
+
+    def agg(*args):
+        return torch.ops.dla_fast.aggregate(*args, [])
+
     with pytest.raises(RuntimeError, match="float16, bfloat16 and float32"):
         op(x.double(), w.double(), None, [1, 1], [1, 1], 1, None, True)
     with pytest.raises(RuntimeError, match="weight has dtype"):
@@ -489,20 +506,26 @@ def test_cpp_errors_are_clear():
         op(x[:, :, :1, :1], w, None, [1, 1], [0, 0], 1, None, True)
     with pytest.raises(RuntimeError, match="is on cpu"):
         op(x, w.cpu(), None, [1, 1], [1, 1], 1, None, True)
-    with pytest.raises(RuntimeError, match="at most 8 children"):
+    with pytest.raises(RuntimeError, match="need 1 to 8 children, got 9"):
         agg([x] * 9, torch.randn(8, 144, device="cuda", dtype=torch.float16), None, None, True)
+    with pytest.raises(RuntimeError, match="need 1 to 8 children, got 0"):
+        agg([], torch.randn(8, 144, device="cuda", dtype=torch.float16), None, None, True)
+    with pytest.raises(RuntimeError, match="need stride >= 1"):
+        op(x, w, None, [0, 1], [1, 1], 1, None, True)
+    with pytest.raises(RuntimeError, match="stride and padding need 2 entries"):
+        op(x, w, None, [1], [1, 1], 1, None, True)
+    with pytest.raises(RuntimeError, match=r"weight must be \[Cout, sum\(C_i\)\]"):
+        agg([x, x], torch.randn(8, 32, 3, 3, device="cuda", dtype=torch.float16), None, None, True)
+    # the candidate queries make the same checks
+    with pytest.raises(RuntimeError, match="x has 16 channels"):
+        torch.ops.dla_fast.conv_candidates(x, w[:, :8], None, [1, 1], [1, 1], 1, None)
+    with pytest.raises(RuntimeError, match="need 1 to 8 children, got 9"):
+        torch.ops.dla_fast.aggregate_candidates([x] * 9, torch.randn(8, 144, device="cuda", dtype=torch.float16),
+                                                None, None)
     with pytest.raises(RuntimeError, match="weight expects 40 input channels"):
         agg([x, x], torch.randn(8, 40, device="cuda", dtype=torch.float16), None, None, True)
     with pytest.raises(RuntimeError, match="share batch and spatial size"):
         agg([x, x[:, :, :4]], torch.randn(8, 32, device="cuda", dtype=torch.float16), None, None, True)
-
-
-def test_forced_kernel_name_must_be_known(monkeypatch):
-    x = torch.randn(1, 16, 5, 5, device="cuda", dtype=torch.float16)
-    w = torch.randn(16, 16, 3, 3, device="cuda", dtype=torch.float16)
-    monkeypatch.setenv("DLA_FAST_CUDA_KERNEL", "fastest")
-    with pytest.raises(RuntimeError, match="must be one of auto, wgmma, tc, simt, direct; got 'fastest'"):
-        torch.ops.dla_fast.conv_bn_act(x, w, None, [1, 1], [1, 1], 1, None, True)
 
 
 def test_public_api_on_wrong_dtype():
@@ -515,18 +538,23 @@ def test_public_api_on_wrong_dtype():
 def test_opcheck_cuda():
     g, x, wt, b, r = _conv_inputs(CONV_CASES[0], torch.float16)
     wt = wt.contiguous(memory_format=torch.channels_last)
-    torch.library.opcheck(torch.ops.dla_fast.conv_bn_act.default, (x, wt, b, [1, 1], [1, 1], 1, r, True))
+    torch.library.opcheck(torch.ops.dla_fast.conv_bn_act.default, (x, wt, b, [1, 1], [1, 1], 1, r, True, []))
+    torch.library.opcheck(torch.ops.dla_fast.conv_bn_act.default, (x, wt, b, [1, 1], [1, 1], 1, r, True, [3, 0, 0]))
     kids = [rand(2, 16, 5, 7, dtype=torch.bfloat16), rand(2, 24, 5, 7, dtype=torch.bfloat16)]
     w2 = rand(32, 40, dtype=torch.bfloat16)
-    torch.library.opcheck(torch.ops.dla_fast.aggregate.default, (kids, w2, None, rand(2, 32, 5, 7, dtype=torch.bfloat16), True))
+    r2 = rand(2, 32, 5, 7, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.dla_fast.aggregate.default, (kids, w2, None, r2, True, []))
+    torch.library.opcheck(torch.ops.dla_fast.aggregate.default, (kids, w2, None, r2, True, [2, 64, 0]))
+    torch.library.opcheck(torch.ops.dla_fast.max_pool.default, (rand(2, 16, 9, 11, dtype=torch.float16), 2))
 
 
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
 
     def f(x, w1, b1, w2, b2):
-        y = cu.conv_bn_act(x, w1, b1, (1, 1), (1, 1), 1, None, True)
-        return cu.aggregate([y, x], w2, b2, y, True)
+        y = cu.conv_bn_act(x, w1, b1, (1, 1), (1, 1), 1, None, True, (2, 16, 1))
+        a = cu.aggregate([y, x], w2, b2, y, True)
+        return cu.max_pool(a, 2)
 
     x = rand(2, 16, 9, 9, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     w1 = rand(16, 16, 3, 3, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
@@ -546,7 +574,7 @@ def test_cuda_graph_capture_and_replay():
 
     def run():
         y = ops.conv_bn_act(x, w1, b, padding=1, backend="cuda")
-        return ops.aggregate([y, x], w2, None, backend="cuda")
+        return cu.max_pool(ops.aggregate([y, x], w2, None, backend="cuda"), 2)
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -590,3 +618,424 @@ def test_dla_layer_shapes_batch8(case, dtype):
         pytest.fail(f"could not load the DLA shape list: {_GPU_CHECK}")
     rec = _GPU_CHECK.check_case(case, 8, dtype)
     assert rec["ok"], rec
+
+
+# ------------------------------------------------------------------------------------------- config: fallbacks, errors
+def _matches(kernel: str, config) -> bool:
+    """Whether last_kernel() names what ``config`` (fully specified) asks for."""
+    fam, bn, a_load = config
+    words = kernel.split()
+    prefix = {1: "wgmma", 2: "tc", 3: "simt", 4: "direct", 5: "grouped", 6: "stem7", 7: "wgmma-blockdiag",
+              8: "tc-blockdiag"}[fam]
+    if words[0] != prefix:
+        return False
+    if fam in (1, 2, 7, 8) and f"bn{bn}" not in words:
+        return False
+    return fam != 1 or (words[-1] == "tma") == (a_load == 2)
+
+
+def test_conv_config_fallbacks():
+    """A config that cannot run a call falls back element by element to what the rule would run, and is right."""
+    wg = cu.has_wgmma()
+    rule_cases = [  # (case, dtype, config): config cannot run, so the rule's kernel runs
+        ((2, 64, 9, 7, 128, 3, 1, 1, 1), torch.float16, (6, 0, 0)),    # stem on a dense conv
+        ((2, 64, 9, 7, 128, 3, 1, 1, 1), torch.float16, (7, 0, 0)),    # blockdiag on a dense conv
+        ((2, 32, 10, 10, 32, 3, 1, 1, 8), torch.float16, (5, 0, 0)),   # grouped kernel on 4 channels a group
+        ((3, 40, 5, 6, 40, 3, 1, 1, 10), torch.float16, (8, 0, 0)),    # blockdiag without 32-channel super-groups
+        ((1, 3, 15, 17, 16, 7, 1, 3, 1), torch.float16, (6, 16, 1)),   # stem with a residual
+    ]
+    for case, dtype, config in rule_cases:
+        _run_conv(case, dtype, seed=1)
+        rule = cu.last_kernel()
+        y, ref64, eager = _run_conv(case, dtype, seed=1, config=config)
+        assert_close(y, ref64, eager, dtype, f"{case} {config}")
+        assert cu.last_kernel() == rule, (case, config, rule, cu.last_kernel())
+    expect_cases = [  # (case, dtype, config, the kernel that runs)
+        ((2, 64, 9, 7, 128, 3, 1, 1, 1), torch.float32, (1, 128, 2), "simt f32"),        # no tensor cores in fp32
+        ((2, 64, 9, 7, 128, 3, 1, 1, 1), torch.float32, (2, 0, 0), "simt f32"),
+        ((2, 64, 9, 7, 128, 3, 1, 1, 1), torch.float16, (4, 128, 2), "direct f16"),      # direct runs anything
+        ((2, 64, 9, 7, 128, 3, 1, 1, 1), torch.float16, (3, 16, 2), "simt f16"),
+        ((1, 20, 7, 9, 200, 3, 2, 1, 1), torch.float16, (2, 128, 0), "tc f16 vw4 bn64"),  # 128 needs the 16-byte gather
+        ((1, 20, 7, 9, 200, 3, 2, 1, 1), torch.float16, (1, 128, 0), "tc f16 vw4 bn64"),  # wgmma too: mma.sync
+        ((2, 64, 9, 7, 64, 3, 1, 1, 8), torch.bfloat16, (8, 0, 0), "tc-blockdiag bf16 g8 vw8 bn32"),
+        ((2, 64, 9, 7, 64, 3, 1, 1, 8), torch.bfloat16, (7, 0, 0),
+         "wgmma-blockdiag bf16 g8 bn32" if wg else "tc-blockdiag bf16 g8 vw8 bn32"),
+        ((2, 64, 9, 7, 64, 3, 1, 1, 8), torch.float32, (7, 0, 0), "grouped f32 g8"),    # the rule's
+        ((2, 64, 9, 7, 64, 3, 1, 1, 8), torch.float16, (5, 0, 0), "grouped f16 g8"),
+        ((2, 32, 10, 10, 32, 3, 1, 1, 8), torch.float16, (8, 64, 2), "tc-blockdiag f16 g4 vw4 bn32"),
+        ((1, 3, 15, 17, 16, 7, 1, 3, 1), torch.float16, (2, 0, 0), "tc f16 vw1 bn16"),
+    ]
+    if wg:
+        expect_cases += [
+            ((2, 72, 9, 7, 128, 3, 1, 1, 1), torch.float16, (1, 128, 2), "wgmma f16 bn128"),      # no im2col map
+            ((2, 64, 9, 7, 128, 3, 1, 1, 1), torch.float16, (1, 32, 2), "wgmma f16 bn32"),       # TMA needs 64+
+            ((2, 64, 9, 7, 128, 3, 1, 1, 1), torch.float16, (1, 64, 2), "wgmma f16 bn64 tma"),
+            ((2, 64, 9, 7, 128, 3, 1, 1, 1), torch.float16, (1, 128, 1), "wgmma f16 bn128"),
+            ((2, 64, 9, 7, 128, 3, 1, 1, 1), torch.float16, (1, 256, 1), "wgmma f16 bn256 tma"),  # 256: TMA only
+            ((2, 64, 9, 7, 128, 3, 1, 1, 4), torch.float16, (1, 256, 2), None),  # grouped: no 256, no TMA
+        ]
+    else:
+        expect_cases += [((2, 64, 9, 7, 128, 3, 1, 1, 1), torch.float16, (1, 128, 2), "tc f16 vw8 bn128")]
+    for case, dtype, config, expect in expect_cases:
+        y, ref64, eager = _run_conv(case, dtype, seed=2, config=config)
+        assert_close(y, ref64, eager, dtype, f"{case} {config}")
+        got = cu.last_kernel()
+        if expect is None:
+            assert got.startswith("wgmma") and "bn256" not in got and "tma" not in got, (case, config, got)
+        else:
+            assert got == expect, (case, config, got)
+
+
+def test_aggregate_config_fallbacks():
+    wg = cu.has_wgmma()
+    case = ((64, 64), 96, 5, 7)
+    for dtype, config, expect in [
+        (torch.float32, (1, 0, 0), "simt f32"),
+        (torch.float32, (2, 128, 0), "simt f32"),
+        (torch.float16, (3, 128, 1), "simt f16"),
+        (torch.float16, (2, 16, 0), "tc f16 vw8 bn64"),   # no 16-wide aggregate tile: the rule's width
+        (torch.float16, (2, 32, 0), "tc f16 vw8 bn32"),
+        (torch.float16, (2, 128, 1), "tc f16 vw8 bn128"),
+        (torch.bfloat16, (1, 32, 0), "wgmma bf16 bn64" if wg else "tc bf16 vw8 bn32"),
+        (torch.bfloat16, (1, 128, 0), "wgmma bf16 bn128" if wg else "tc bf16 vw8 bn128"),
+    ]:
+        y, ref64, eager = _run_agg(case, dtype, "tensor", config=config)
+        assert_close(y, ref64, eager, dtype, f"{config}")
+        assert cu.last_kernel() == expect, (dtype, config, cu.last_kernel())
+    # 4-channel children: the 8-byte gather, whose only mma.sync tile is 64 wide; no wgmma
+    y, ref64, eager = _run_agg(((28, 28, 28, 28), 128, 6, 7), torch.float16, "tensor", config=(1, 128, 0))
+    assert_close(y, ref64, eager, torch.float16, "res2net widths")
+    assert cu.last_kernel() == "tc f16 vw4 bn64", cu.last_kernel()
+
+
+@pytest.mark.parametrize("config,match", [
+    ([1], r"config must be \[\] \(the rule\) or \[family, bn, a_load\], got \[1\]"),
+    ([1, 64, 1, 0], r"got \[1, 64, 1, 0\]"),
+    ([9, 0, 0], r"config \[9, 0, 0\] has family 9; valid: 0 \(the rule's\), 1 wgmma, 2 tc, 3 simt, 4 direct, "
+                r"5 grouped, 6 stem, 7 blockdiag-wgmma, 8 blockdiag-tc"),
+    ([-1, 0, 0], r"has family -1"),
+    ([1, 48, 1], r"config \[1, 48, 1\] has bn 48; valid: 0 \(the rule's\), 16, 32, 64, 128, 256"),
+    ([1, 64, 3], r"config \[1, 64, 3\] has a_load 3; valid: 0 \(the rule's\), 1 gather, 2 TMA im2col"),
+])
+def test_conv_malformed_config(config, match):
+    x = rand(1, 16, 5, 5, dtype=torch.float16)
+    w = rand(16, 16, 3, 3, dtype=torch.float16)
+    for _ in range(2):  # the same error every time
+        with pytest.raises(RuntimeError, match=r"(?m)dla_fast::conv_bn_act: .*" + match):
+            torch.ops.dla_fast.conv_bn_act(x, w, None, [1, 1], [1, 1], 1, None, True, config)
+
+
+@pytest.mark.parametrize("config,match", [
+    ([4, 0, 0], r"has family 4; valid: 0 \(the rule's\), 1 wgmma, 2 tc, 3 simt$"),
+    ([1, 64, 2], r"has a_load 2; valid: 0 or 1 \(the aggregate's input is always gathered\)"),
+    ([2, 100, 0], r"has bn 100"),
+    ([2, 64], r"config must be \[\] \(the rule\) or \[family, bn, a_load\]"),
+])
+def test_aggregate_malformed_config(config, match):
+    x = rand(1, 16, 5, 5, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"(?m)dla_fast::aggregate: .*" + match):
+        torch.ops.dla_fast.aggregate([x, x], rand(8, 32, dtype=torch.float16), None, None, True, config)
+
+
+# ------------------------------------------------------------------------------------------- candidates
+# Real DLA layer shapes (N, Cin, H, W, Cout, k, stride, pad, groups), the input layout, and whether a residual is
+# added: dense 3x3 / 1x1 at 56, 28, 14 and 7, strided, the RGB stem and its neighbours, grouped convs with 4 and 8
+# channels a group (g 32 and 64), Res2Net's channel slices, batch 1 and odd sizes.
+CAND_CONV = [
+    ((2, 64, 56, 56, 64, 3, 1, 1, 1), "cl", True),
+    ((2, 128, 28, 28, 128, 3, 1, 1, 1), "cl", False),
+    ((2, 256, 14, 14, 256, 3, 1, 1, 1), "cl", True),
+    ((2, 512, 7, 7, 512, 3, 1, 1, 1), "cl", True),
+    ((2, 128, 56, 56, 256, 3, 2, 1, 1), "cl", False),
+    ((2, 256, 28, 28, 128, 1, 1, 0, 1), "cl", False),
+    ((2, 1024, 7, 7, 512, 1, 1, 0, 1), "cl", True),
+    ((1, 256, 15, 13, 256, 3, 1, 1, 1), "cl", True),
+    ((1, 512, 7, 7, 512, 3, 1, 1, 1), "strided", False),
+    ((3, 128, 9, 11, 200, 3, 1, 1, 1), "nchw", True),
+    ((2, 3, 64, 48, 16, 7, 1, 3, 1), "cl", False),       # the RGB stem
+    ((2, 3, 40, 36, 16, 7, 1, 3, 1), "cl", True),        # the stem shape with a residual: not the stem kernel
+    ((2, 16, 56, 56, 16, 3, 1, 1, 1), "cl", False),
+    ((2, 16, 56, 56, 32, 3, 2, 1, 1), "cl", False),
+    ((2, 128, 28, 28, 128, 3, 1, 1, 32), "cl", False),   # 4 channels a group
+    ((2, 256, 14, 14, 256, 3, 2, 1, 32), "cl", True),    # 8 a group, strided
+    ((1, 256, 14, 14, 256, 3, 1, 1, 64), "cl", True),    # 4 a group, batch 1
+    ((2, 512, 7, 7, 512, 3, 1, 1, 64), "slice8", True),  # 8 a group
+    ((2, 26, 28, 28, 26, 3, 1, 1, 1), "slice", True),    # Res2Net: a 26-channel split of a wider tensor
+    ((2, 52, 14, 14, 52, 3, 2, 1, 1), "slice8", False),
+    ((1, 104, 7, 7, 104, 3, 1, 1, 1), "slice", True),
+    ((2, 64, 28, 28, 64, 3, 1, 1, 8), "slice", True),    # Res2NeXt: 8 a group on a channel slice
+]
+
+
+def _cand_id(c):
+    case, lay, res = c
+    return "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*case) + f"-{lay}" + ("-res" if res else "")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("cand", CAND_CONV, ids=_cand_id)
+def test_conv_candidates_run(cand, dtype):
+    """Every config conv_candidates offers runs as named and is right; the first is the rule's pick, spelled out."""
+    case, lay, with_res = cand
+    g, x, wt, b, r = _conv_inputs(case, dtype, seed=7)
+    n, c, h, w, co, k, s, p, grp = case
+    res = r if with_res else None
+    ref64 = conv_bn_act_ref(x.double(), wt.double(), b.double(), (s, s), (p, p), grp,
+                            None if res is None else res.double(), True)
+    eager = conv_bn_act_ref(x, wt, b, (s, s), (p, p), grp, res, True)
+    xl = layout(x, lay, g)
+    rl = None if res is None else layout(res, "cl", g)
+    wl = wt.contiguous(memory_format=torch.channels_last)
+    cands = cu.conv_candidates(xl, wl, b, (s, s), (p, p), grp, rl)
+    assert 1 <= len(cands) <= 6 and len(set(cands)) == len(cands), cands
+    assert all(isinstance(cfg, tuple) and len(cfg) == 3 for cfg in cands), cands
+    assert all(v > 0 for v in cands[0]), cands  # fully specified
+    if dtype == torch.float32:
+        assert all(cfg[0] in (3, 4, 5, 6) for cfg in cands), cands  # no tensor cores in fp32
+    cu.conv_bn_act(xl, wl, b, (s, s), (p, p), grp, rl, True, ())
+    rule = cu.last_kernel()
+    for cfg in cands:
+        poison(ref64.numel(), dtype)
+        y = cu.conv_bn_act(xl, wl, b, (s, s), (p, p), grp, rl, True, cfg)
+        assert_close(y, ref64, eager, dtype, f"{case} {lay} {cfg} ({cu.describe(cfg)})")
+        assert _matches(cu.last_kernel(), cfg), (cfg, cu.last_kernel())
+    cu.conv_bn_act(xl, wl, b, (s, s), (p, p), grp, rl, True, cands[0])
+    assert cu.last_kernel() == rule, (cands[0], rule, cu.last_kernel())
+
+
+def test_conv_candidates_cover_the_alternatives():
+    """What the candidates offer where it applies: the widths and A loads of a wide dense conv, the block-diagonal
+    and CUDA-core kernels of a grouped one, mma.sync for the stem shape the rule leaves to simt."""
+    def cands(case, dtype=torch.float16, with_res=False):
+        g, x, wt, b, r = _conv_inputs(case, dtype)
+        n, c, h, w, co, k, s, p, grp = case
+        return cu.conv_candidates(x.contiguous(memory_format=torch.channels_last), wt, b, (s, s), (p, p), grp,
+                                  r if with_res else None)
+    wide = cands((2, 256, 14, 14, 256, 3, 1, 1, 1))
+    if cu.has_wgmma():
+        assert set(wide) == {(1, 64, 1), (1, 64, 2), (1, 128, 1), (1, 128, 2), (1, 256, 2)}, wide
+    else:
+        assert set(wide) == {(2, 64, 1), (2, 128, 1)}, wide
+    assert cands((2, 256, 14, 14, 64, 3, 1, 1, 1))[1:] == []  # 64 outputs: the rule's width only
+    g8 = cands((2, 256, 14, 14, 256, 3, 1, 1, 32))
+    assert set(g8) == ({(7, 32, 1)} if cu.has_wgmma() else set()) | {(8, 32, 1), (5, 64, 1)}, g8
+    g4 = cands((2, 128, 14, 14, 128, 3, 1, 1, 32))
+    assert set(g4) == ({(7, 32, 1)} if cu.has_wgmma() else set()) | {(8, 32, 1), (4, 32, 1)}, g4
+    assert cands((2, 3, 32, 32, 16, 7, 1, 3, 1)) == [(6, 16, 1)]
+    assert cands((2, 3, 32, 32, 16, 7, 1, 3, 1), with_res=True) == [(3, 64, 1), (2, 16, 1)]
+    assert cands((2, 256, 14, 14, 256, 3, 1, 1, 1), torch.float32) == [(3, 64, 1)]
+    assert cands((2, 64, 14, 14, 64, 3, 1, 1, 8), torch.float32) == [(5, 64, 1)]
+
+
+CAND_AGG = [
+    ((64, 64), 64, 56, 56),
+    ((128, 128), 128, 28, 28),
+    ((256, 256, 128), 256, 14, 14),
+    ((512, 512, 256), 512, 7, 7),
+    ((28, 28, 28, 28), 128, 14, 14),   # Res2Net widths
+    ((16, 48, 8), 300, 3, 5),
+    ((256, 256, 128), 256, 1, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("case", CAND_AGG, ids=lambda c: "c{}-o{}-{}x{}".format("+".join(map(str, c[0])), *c[1:]))
+def test_aggregate_candidates_run(case, dtype):
+    g = torch.Generator(device="cuda").manual_seed(11)
+    chans, co, h, w = case
+    kids = [rand(2, c, h, w, dtype=dtype, gen=g).contiguous(memory_format=torch.channels_last) for c in chans]
+    wt = (rand(co, sum(chans), gen=g) / sum(chans) ** 0.5).to(dtype)
+    b = 0.1 * rand(co, gen=g)
+    r = rand(2, co, h, w, dtype=dtype, gen=g).contiguous(memory_format=torch.channels_last)
+    ref64 = aggregate_ref([k.double() for k in kids], wt.double(), b.double(), r.double(), True)
+    eager = aggregate_ref(kids, wt, b, r, True)
+    cands = cu.aggregate_candidates(kids, wt, b, r)
+    assert 1 <= len(cands) <= 3 and len(set(cands)) == len(cands), cands
+    assert cands[0][0] > 0 and cands[0][1] > 0 and cands[0][2] == 1, cands
+    assert all(cfg[0] in (1, 2, 3) for cfg in cands), cands
+    if dtype == torch.float32:
+        assert cands == [(3, 64, 1)], cands
+    elif co > 64 and cands[0][0] == 1:
+        assert {cfg[1] for cfg in cands} == {64, 128}, cands
+    cu.aggregate(kids, wt, b, r, True, ())
+    rule = cu.last_kernel()
+    for cfg in cands:
+        poison(ref64.numel(), dtype)
+        y = cu.aggregate(kids, wt, b, r, True, cfg)
+        assert_close(y, ref64, eager, dtype, f"{case} {cfg}")
+        assert _matches(cu.last_kernel(), cfg), (cfg, cu.last_kernel())
+    cu.aggregate(kids, wt, b, r, True, cands[0])
+    assert cu.last_kernel() == rule, (cands[0], rule, cu.last_kernel())
+
+
+# ------------------------------------------------------------------------------------------- environment overrides
+# Read once per process, so each variant runs in a fresh interpreter.
+_ENV_SCRIPT = textwrap.dedent("""
+    import json, os, torch
+    import dla_fast.backends.cuda as cu
+    cl = torch.channels_last
+    x = torch.randn(2, 64, 9, 9, device="cuda", dtype=torch.float16).contiguous(memory_format=cl)
+    w = (torch.randn(128, 64, 3, 3, device="cuda", dtype=torch.float16) / 24).contiguous(memory_format=cl)
+    wa = torch.randn(128, 128, device="cuda", dtype=torch.float16) / 12
+    out = {}
+    def call(name, fn):
+        try:
+            fn()
+            torch.cuda.synchronize()
+            out[name] = cu.last_kernel()
+        except RuntimeError as e:
+            out[name] = "error: " + str(e).splitlines()[0]
+    conv = lambda cfg: cu.conv_bn_act(x, w, None, (1, 1), (1, 1), 1, None, True, cfg)
+    call("rule", lambda: conv(()))
+    call("wgmma128tma", lambda: conv((1, 128, 2)))
+    call("tc", lambda: conv((2, 0, 0)))
+    call("again", lambda: conv(()))
+    os.environ["DLA_FAST_CUDA_KERNEL"] = "direct"  # too late: read at the first call
+    os.environ["DLA_FAST_CUDA_WIDE_BN"] = "128"
+    call("after_change", lambda: conv(()))
+    call("aggregate", lambda: cu.aggregate([x, x], wa, None, None, True, ()))
+    call("candidates", lambda: cu.conv_candidates(x, w, None, (1, 1), (1, 1), 1, None))
+    call("max_pool", lambda: cu.max_pool(x, 2))
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def _env_run(env: dict) -> dict:
+    full = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("DLA_FAST_CUDA_KERNEL", "DLA_FAST_CUDA_WIDE_BN", "DLA_FAST_CUDA_IM2COL"):
+        full.pop(k, None)
+    full.update(env)
+    r = subprocess.run([sys.executable, "-c", _ENV_SCRIPT], capture_output=True, text=True, env=full, cwd=ROOT,
+                       timeout=600)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")]
+    assert r.returncode == 0 and line, r.stdout + r.stderr
+    return json.loads(line[0][len("RESULT"):])
+
+
+def test_env_overrides_applied():
+    wg = cu.has_wgmma()
+    # no variable: the config decides
+    got = _env_run({})
+    assert got["wgmma128tma"] == ("wgmma f16 bn128 tma" if wg else "tc f16 vw8 bn128"), got
+    assert got["tc"] == "tc f16 vw8 bn64" and got["rule"] == got["again"] == got["after_change"], got
+    # the family, ahead of the config, and read once
+    got = _env_run({"DLA_FAST_CUDA_KERNEL": "simt"})
+    assert {got[k] for k in ("rule", "wgmma128tma", "tc", "again", "after_change", "aggregate")} == {"simt f16"}, got
+    got = _env_run({"DLA_FAST_CUDA_KERNEL": "direct"})
+    assert got["rule"] == got["wgmma128tma"] == got["after_change"] == "direct f16", got
+    assert got["aggregate"] == "simt f16", got  # the aggregate has no direct kernel
+    got = _env_run({"DLA_FAST_CUDA_KERNEL": "tc"})
+    assert got["wgmma128tma"] == "tc f16 vw8 bn128" and got["rule"] == "tc f16 vw8 bn64", got
+    # the width of the calls with more than 64 outputs, ahead of the config
+    got = _env_run({"DLA_FAST_CUDA_WIDE_BN": "64"})
+    assert got["wgmma128tma"] == ("wgmma f16 bn64 tma" if wg else "tc f16 vw8 bn64"), got
+    assert "bn64" in got["aggregate"], got
+    got = _env_run({"DLA_FAST_CUDA_WIDE_BN": "256"})  # the big tile where it can run, else the rule's width
+    assert got["wgmma128tma"] == ("wgmma f16 bn256 tma" if wg else "tc f16 vw8 bn64"), got
+    # the A load of the wgmma tiles
+    got = _env_run({"DLA_FAST_CUDA_IM2COL": "0"})
+    assert got["wgmma128tma"] == ("wgmma f16 bn128" if wg else "tc f16 vw8 bn128"), got
+    assert "tma" not in got["rule"] and "tma" not in got["after_change"], got
+    got = _env_run({"DLA_FAST_CUDA_IM2COL": "1", "DLA_FAST_CUDA_KERNEL": "auto"})
+    assert got["rule"] == ("wgmma f16 bn64 tma" if wg else "tc f16 vw8 bn64"), got
+
+
+@pytest.mark.parametrize("env,msg", [
+    ({"DLA_FAST_CUDA_KERNEL": "fastest"}, "DLA_FAST_CUDA_KERNEL must be one of auto, wgmma, tc, simt, direct; "
+                                          "got 'fastest'"),
+    ({"DLA_FAST_CUDA_WIDE_BN": "96"}, "DLA_FAST_CUDA_WIDE_BN must be 64, 128 or 256; got '96'"),
+    ({"DLA_FAST_CUDA_IM2COL": "yes"}, "DLA_FAST_CUDA_IM2COL must be 0 or 1; got 'yes'"),
+])
+def test_env_override_bad_value(env, msg):
+    """An invalid value is the same clear error on every conv / aggregate / candidates call (max_pool has no
+    switches)."""
+    got = _env_run(env)
+    for k in ("rule", "wgmma128tma", "tc", "again", "after_change", "aggregate", "candidates"):
+        assert got[k].startswith("error: dla_fast::") and msg in got[k], (k, got[k])
+    assert got["rule"] == got["again"] == got["after_change"], got
+    assert got["max_pool"].startswith("max_pool f16"), got
+
+
+# ------------------------------------------------------------------------------------------- max_pool
+MP_SHAPES = [(2, 64, 56, 56), (1, 32, 7, 9), (3, 20, 11, 10), (2, 16, 17, 33), (1, 3, 5, 5), (2, 256, 28, 28),
+             (1, 12, 6, 6)]
+
+
+def _mp_input(shape, dtype, seed=0):
+    """Random values with NaN, +inf and -inf planted (one NaN where it would not be a window's maximum)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(*shape, device="cuda", generator=g).to(dtype)
+    n, c, h, w = shape
+    x[0, 0, 0, 0] = float("nan")
+    x[-1, c - 1, h - 1, w - 1] = float("nan")
+    x[0, c // 2, h // 2, w // 2] = float("-inf")
+    x[-1, c // 3, (h - 1) // 2, 1 % w] = float("inf")
+    if h >= 4 and w >= 4:
+        x[0, c - 1, 2:4, 2:4] = float("-inf")  # a whole window of -inf (k = 2)
+    return x, g
+
+
+def _mp_vw(x: torch.Tensor) -> int:
+    """The vector width the kernel should use: 16 bytes where every pixel's channels are 16-byte aligned."""
+    t = x if x.size(1) == 1 or x.stride(1) == 1 else x.contiguous(memory_format=torch.channels_last)
+    v = 16 // t.element_size()
+    eff = [0 if t.size(d) == 1 else t.stride(d) for d in (0, 2, 3)]
+    return v if t.size(1) % v == 0 and t.data_ptr() % 16 == 0 and all(s % v == 0 for s in eff) else 1
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("lay", ["cl", "nchw", "slice", "slice8", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("shape", MP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_max_pool(shape, dtype, lay, k):
+    """Bit-exact against F.max_pool2d (NaN propagates, floor mode), channels_last out, from any channel-stride-1
+    view without a copy and from anything else through one channels_last copy."""
+    x, g = _mp_input(shape, dtype)
+    if min(shape[2:]) < k:
+        pytest.skip("window larger than the input")  # pragma: no cover - none of MP_SHAPES
+    ref = F.max_pool2d(x, k, k)
+    xl = layout(x, lay, g)
+    poison(ref.numel(), dtype)
+    y = cu.max_pool(xl, k)
+    assert y.dtype == dtype and y.shape == ref.shape, (y.shape, ref.shape)
+    assert y.is_contiguous(memory_format=torch.channels_last), y.stride()
+    torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True)
+    assert cu.last_kernel() == f"max_pool {DT_ID[dtype]} vw{_mp_vw(xl)}", cu.last_kernel()
+
+
+def test_max_pool_vector_path_is_taken():
+    for dtype, vw in ((torch.float16, 8), (torch.bfloat16, 8), (torch.float32, 4)):
+        x = rand(2, 64, 8, 8, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        cu.max_pool(x, 2)
+        assert cu.last_kernel() == f"max_pool {DT_ID[dtype]} vw{vw}", cu.last_kernel()
+        cu.max_pool(x[:, 1:], 2)  # a channel slice at an odd offset: one element at a time
+        assert cu.last_kernel() == f"max_pool {DT_ID[dtype]} vw1", cu.last_kernel()
+
+
+@pytest.mark.parametrize("k", [4, 8, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+def test_max_pool_large_windows(dtype, k):
+    """k = 4, 8, 16 never occur in DLA but must be right, with floor-mode remainders."""
+    for shape in ((2, 16, 33, 35), (1, 24, 16, 47)):
+        x, g = _mp_input(shape, dtype, seed=k)
+        ref = F.max_pool2d(x, k, k)
+        for lay in ("cl", "nchw"):
+            y = cu.max_pool(layout(x, lay, g), k)
+            torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True)
+
+
+def test_max_pool_errors_and_empty():
+    x = rand(2, 8, 5, 6, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"dla_fast::max_pool: the window k must be in \[1, min\(H, W\)\] = "
+                                           r"\[1, 5\], got 0"):
+        cu.max_pool(x, 0)
+    with pytest.raises(RuntimeError, match=r"\[1, 5\], got 6"):
+        cu.max_pool(x, 6)
+    with pytest.raises(RuntimeError, match="must be a 4-D"):
+        torch.ops.dla_fast.max_pool(x[0], 2)
+    with pytest.raises(RuntimeError, match="float16, bfloat16 and float32"):
+        torch.ops.dla_fast.max_pool(x.double(), 2)
+    e = cu.max_pool(torch.empty(0, 8, 5, 6, device="cuda", dtype=torch.float16), 2)
+    assert e.shape == (0, 8, 2, 3)
+    e = cu.max_pool(torch.empty(2, 0, 5, 6, device="cuda", dtype=torch.float16), 2)
+    assert e.shape == (2, 0, 2, 3)

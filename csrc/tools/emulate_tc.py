@@ -1,5 +1,5 @@
-"""CPU emulation of the tensor-core kernel (csrc/igemm_tc.cuh + the host setup in conv_bn_act.cpp /
-aggregate.cpp), thread by thread, in float64:
+"""CPU emulation of the tensor-core kernel (csrc/kernels/igemm_tc.cuh + the host setup in csrc/ops/conv_bn_act.cpp
+and csrc/ops/aggregate.cpp), thread by thread, in float64:
 
     python csrc/tools/emulate_tc.py          # ~1-3 minutes; prints one line per case, "fails 0" at the end
 

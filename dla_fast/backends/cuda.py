@@ -4,8 +4,13 @@ The extension is optional. If it is missing or fails to load (not built, built a
 importing this module still works: :func:`unavailable_reason` then says why and how to build it, and the
 first such query emits one warning, so that ``backend="auto"`` visibly falls back to Triton/eager.
 
-Arguments arrive validated by :mod:`dla_fast.ops` (see ``_backends.py`` for the contract). The C++ side
-re-checks what it relies on, since ``torch.ops.dla_fast.*`` can also be called directly.
+Arguments arrive validated by :mod:`dla_fast.ops`. The C++ side keeps only the checks that protect memory,
+since ``torch.ops.dla_fast.*`` can also be called directly.
+
+``config`` (conv_bn_act, aggregate) picks the kernel and tile of one call: ``()`` for the extension's own rule,
+or ``(family, bn, a_load)`` as listed by :func:`conv_candidates` / :func:`aggregate_candidates` (the encoding is
+documented in ``csrc/ops/plan.h``; :func:`describe` names a config). A config that cannot run a call falls back to
+what the rule would run, element by element; :func:`last_kernel` names what ran.
 """
 from __future__ import annotations
 
@@ -19,6 +24,17 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 BUILD_HINT = ("reinstall with `pip install --no-build-isolation -e .` on a machine with nvcc and a CUDA build "
               "of torch (set DLA_FAST_FORCE_CUDA=1 to make a failed extension build an error)")
+
+# The config encoding of csrc/ops/plan.h (a CPU test checks that the two agree).
+FAMILIES = {1: "wgmma", 2: "tc", 3: "simt", 4: "direct", 5: "grouped", 6: "stem", 7: "blockdiag-wgmma",
+            8: "blockdiag-tc"}
+AGGREGATE_FAMILIES = (1, 2, 3)
+WIDTHS = (16, 32, 64, 128, 256)
+A_LOADS = {1: "gather", 2: "tma"}
+# Kernels with one output-channel width: describe() leaves it out.
+FIXED_WIDTH = {3: 64, 4: 32, 5: 64, 6: 16, 7: 32, 8: 32}
+
+Config = Tuple[int, int, int]
 
 _C = None
 _load_error: Optional[str] = None
@@ -61,7 +77,7 @@ def unavailable_reason(x: torch.Tensor) -> Optional[str]:
 
 
 def last_kernel() -> str:
-    """Which kernel family the last op on this thread launched ('' before any), e.g. 'tc f16 vw8 bn64'."""
+    """Which kernel the last op on this thread launched ('' before any), e.g. 'tc f16 vw8 bn64'."""
     return _C.last_kernel() if _C is not None else ""
 
 
@@ -73,18 +89,80 @@ def has_wgmma(device: Optional[torch.device] = None) -> bool:
     return torch.cuda.get_device_capability(device)[0] == 9
 
 
+def describe(config: Sequence[int]) -> str:
+    """A config in words: ``()`` -> "rule", ``(1, 128, 2)`` -> "wgmma bn128 tma", ``(6, 16, 1)`` -> "stem".
+    Elements left to the rule (0) are omitted; so are the widths of the one-width kernels."""
+    cfg = tuple(int(v) for v in config)
+    if not cfg:
+        return "rule"
+    if len(cfg) != 3:
+        raise ValueError(f"a config is () or (family, bn, a_load), got {cfg}")
+    fam, bn, a_load = cfg
+    words = [FAMILIES.get(fam, "rule" if fam == 0 else f"family{fam}")]
+    if bn and FIXED_WIDTH.get(fam) != bn:
+        words.append(f"bn{bn}")
+    if a_load == 2 or (a_load == 1 and fam in (0, 1)):
+        words.append(A_LOADS[a_load])
+    return " ".join(words)
+
+
+def _int_list(v: Sequence[int]) -> List[int]:
+    return [int(i) for i in v]
+
+
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
-                padding: Tuple[int, int], groups: int, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
-    return torch.ops.dla_fast.conv_bn_act(x, weight, bias, [int(stride[0]), int(stride[1])],
-                                          [int(padding[0]), int(padding[1])], int(groups), residual, bool(relu))
+                padding: Tuple[int, int], groups: int, residual: Optional[torch.Tensor], relu: bool,
+                config: Sequence[int] = ()) -> torch.Tensor:
+    return torch.ops.dla_fast.conv_bn_act(x, weight, bias, _int_list(stride), _int_list(padding), int(groups),
+                                          residual, bool(relu), _int_list(config))
 
 
 def aggregate(children: Sequence[torch.Tensor], weight2d: torch.Tensor, bias: Optional[torch.Tensor],
-              residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
-    return torch.ops.dla_fast.aggregate(list(children), weight2d, bias, residual, bool(relu))
+              residual: Optional[torch.Tensor], relu: bool, config: Sequence[int] = ()) -> torch.Tensor:
+    return torch.ops.dla_fast.aggregate(list(children), weight2d, bias, residual, bool(relu), _int_list(config))
 
 
-# --- fake (meta) kernels: shapes and channels_last strides, so the ops trace under torch.compile ----------
+def max_pool(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``F.max_pool2d(x, k, stride=k)`` (no padding, floor mode, NaN-propagating) into a channels_last output."""
+    return torch.ops.dla_fast.max_pool(x, int(k))
+
+
+def _triples(flat: Sequence[int]) -> List[Config]:
+    return [(int(flat[i]), int(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
+
+
+def conv_candidates(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
+                    padding: Tuple[int, int], groups: int, residual: Optional[torch.Tensor]) -> List[Config]:
+    """The configs that run this conv_bn_act call on this device exactly as named, the rule's pick first (fully
+    specified), then the few others that can win. Timing them and keeping the fastest is the per-layer plan."""
+    return _triples(torch.ops.dla_fast.conv_candidates(x, weight, bias, _int_list(stride), _int_list(padding),
+                                                       int(groups), residual))
+
+
+def aggregate_candidates(children: Sequence[torch.Tensor], weight2d: torch.Tensor, bias: Optional[torch.Tensor],
+                         residual: Optional[torch.Tensor]) -> List[Config]:
+    """As :func:`conv_candidates`, for an aggregation node."""
+    return _triples(torch.ops.dla_fast.aggregate_candidates(list(children), weight2d, bias, residual))
+
+
+# --- fake (meta) kernels: shapes and channels_last strides, so the ops trace under torch.compile / export ----
+# The C++ ops check the arguments; the fakes only compute the output each would allocate.
+
+def conv_out_shape(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]):
+    n, _, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    return (n, cout, (h + 2 * padding[0] - kh) // stride[0] + 1, (w + 2 * padding[1] - kw) // stride[1] + 1)
+
+
+def aggregate_out_shape(children: Sequence[torch.Tensor], weight: torch.Tensor):
+    n, _, h, w = children[0].shape
+    return (n, weight.shape[0], h, w)
+
+
+def max_pool_out_shape(x: torch.Tensor, k: int):
+    n, c, h, w = x.shape
+    return (n, c, h // k, w // k)
+
 
 def _cl_empty(like: torch.Tensor, shape) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
@@ -92,21 +170,17 @@ def _cl_empty(like: torch.Tensor, shape) -> torch.Tensor:
 
 def _register_fakes() -> None:
     def conv_bn_act_fake(x, weight, bias, stride: List[int], padding: List[int], groups: int, residual,
-                         relu: bool):
-        torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "x and weight must be 4-D")
-        n, _, h, w = x.shape
-        cout, _, kh, kw = weight.shape
-        ho = (h + 2 * padding[0] - kh) // stride[0] + 1
-        wo = (w + 2 * padding[1] - kw) // stride[1] + 1
-        return _cl_empty(x, (n, cout, ho, wo))
+                         relu: bool, config: List[int]):
+        return _cl_empty(x, conv_out_shape(x, weight, stride, padding))
 
-    def aggregate_fake(children, weight, bias, residual, relu: bool):
-        torch._check(len(children) >= 1, lambda: "children must be non-empty")
-        ref = children[0]
-        n, _, h, w = ref.shape
-        return _cl_empty(ref, (n, weight.shape[0], h, w))
+    def aggregate_fake(children, weight, bias, residual, relu: bool, config: List[int]):
+        return _cl_empty(children[0], aggregate_out_shape(children, weight))
 
-    for name, fn in (("dla_fast::conv_bn_act", conv_bn_act_fake), ("dla_fast::aggregate", aggregate_fake)):
+    def max_pool_fake(x, k: int):
+        return _cl_empty(x, max_pool_out_shape(x, k))
+
+    for name, fn in (("dla_fast::conv_bn_act", conv_bn_act_fake), ("dla_fast::aggregate", aggregate_fake),
+                     ("dla_fast::max_pool", max_pool_fake)):
         try:
             torch.library.register_fake(name)(fn)
         except RuntimeError as e:  # a second import of this module (importlib.reload in tests)

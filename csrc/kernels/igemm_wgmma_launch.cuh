@@ -4,8 +4,8 @@
 
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled, PFN_cuTensorMapEncodeIm2col
 
-#include "igemm_tc_launch.cuh"
-#include "igemm_wgmma.cuh"
+#include "kernels/igemm_tc_launch.cuh"
+#include "kernels/igemm_wgmma.cuh"
 
 namespace dla_fast {
 
@@ -17,8 +17,8 @@ F driver_fn(const char* name) {
   const cudaError_t e = cudaGetDriverEntryPointByVersion(name, &fn, 12000, cudaEnableDefault, &q);
   TORCH_CHECK(e == cudaSuccess && q == cudaDriverEntryPointSuccess && fn != nullptr,
               "dla_fast: the CUDA driver has no ", name, " (", cudaGetErrorString(e),
-              "); the TMA wgmma kernels need it: update the driver, or set DLA_FAST_CUDA_IM2COL=0 and ",
-              "DLA_FAST_CUDA_WIDE_BN=128 to keep to the gathering ones");
+              "); the TMA wgmma kernels need it: update the driver, or keep to the gathering kernels (a config with ",
+              "bn <= 128 and a_load 1, or DLA_FAST_CUDA_IM2COL=0 and DLA_FAST_CUDA_WIDE_BN=128)");
   return reinterpret_cast<F>(fn);
 }
 
@@ -60,7 +60,8 @@ inline CUtensorMap input_im2col_map(const GemmParams& p, int pixels) {
   TORCH_CHECK(r == CUDA_SUCCESS, "dla_fast: cuTensorMapEncodeIm2col failed (CUresult ", (int)r, ") for an input of ",
               p.N, "x", p.H, "x", p.W, "x", p.Cin_g, " (strides ", p.sn[0], ", ", p.sh[0], ", ", p.sw[0],
               "), kernel ", p.kh, "x", p.kw, ", stride ", p.sth, ", padding ", p.padh,
-              "; set DLA_FAST_CUDA_IM2COL=0 and DLA_FAST_CUDA_WIDE_BN=128 to keep to the gathering kernels");
+              "; keep to the gathering kernels with a config of bn <= 128 and a_load 1 (or DLA_FAST_CUDA_IM2COL=0 and ",
+              "DLA_FAST_CUDA_WIDE_BN=128)");
   return map;
 }
 

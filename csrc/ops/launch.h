@@ -1,6 +1,6 @@
-// Interface between the host-side ops (conv_bn_act.cpp, aggregate.cpp; compiled by the host compiler with
-// ATen) and the kernels (*.cu; compiled by nvcc without ATen, which keeps nvcc's share of the build short).
-// Only plain C++ types cross this boundary.
+// Interface between the host-side ops (ops/*.cpp, compiled by the host compiler with ATen) and the kernels
+// (kernels/*.cu and the generated instantiations/*.cu, compiled by nvcc without ATen, which keeps nvcc's share of
+// the build short). Only plain C++ types cross this boundary.
 #pragma once
 
 #include <cstdint>
@@ -51,7 +51,7 @@ struct GemmParams {
 inline int im2col_upper(int out, int stride, int in, int pad) { return (out - 1) * stride + 1 - in - pad; }
 
 // Whether the wgmma kernel can load a conv's A by TMA in im2col mode (igemm_wgmma.cuh; the 192x256 tile always
-// does, the 64/128-wide tiles where DLA_FAST_CUDA_IM2COL is not 0). That needs a dense conv whose k tiles of 64
+// does, the 64/128-wide tiles where the config or the rule asks for it). That needs a dense conv whose k tiles of 64
 // never span two taps (Cin % 64 == 0), a 16-byte aligned input with strides of whole 16-byte units, and the
 // window corners and steps the tensor map can hold (4-D maps: corners in [-128, 127], element strides up to 8).
 // Size-1 dims carry stride 0 here and are never stepped.
@@ -65,31 +65,45 @@ inline bool im2col_ok(const GemmParams& p) {
          corner_ok(im2col_upper(p.Ho, p.sth, p.H, p.padh));
 }
 
-// Tensor-core (mma.sync m16n8k16) implicit GEMM for fp16/bf16. `vw` is the gather vector width in elements
+// Tensor-core (mma.sync m16n8k16) implicit GEMM for fp16/bf16 (kernels/igemm_tc.cuh, instantiated per dtype in
+// instantiations/). `vw` is the gather vector width in elements
 // (8, 4 or 1) that the caller verified alignment for; `bn` the preferred output-channel tile (16..128).
 // Returns the tile actually used.
 int launch_igemm_tc(DType dt, int kind, int vw, int bn, GemmParams p, cudaStream_t stream);
 
-// Hopper (sm_90a) wgmma implicit GEMM for fp16/bf16, 16-byte gather only (every channel run a multiple of 8,
-// 16-byte aligned); `bn` 16, 32, 64, 128 or 256 (the 192x256 tile, dense only) for convs (p.bd_log2 > 0:
-// block-diagonal, 32), 64 or 128 for the aggregation. `tma` (convs with bn 64/128 where im2col_ok(); bn 256
+// Hopper (sm_90a) wgmma implicit GEMM for fp16/bf16 (kernels/igemm_wgmma.cuh, instantiations/), 16-byte gather
+// only (every channel run a multiple of 8, 16-byte aligned); `bn` 16, 32, 64, 128 or 256 (the 192x256 tile, dense
+// only) for convs (p.bd_log2 > 0: block-diagonal, 32), 64 or 128 for the aggregation. `tma` (convs with bn 64/128 where im2col_ok(); bn 256
 // always): A and B by TMA instead of the cp.async gather. Returns the tile used. Only valid where
 // wgmma_usable() (host_utils.h).
 int launch_igemm_wgmma(DType dt, int kind, int bn, GemmParams p, cudaStream_t stream, bool tma = false);
 
-// CUDA-core implicit GEMM (fp32 FMA accumulation) for any dtype: the fp32 path and the generic fallback.
+// CUDA-core implicit GEMM (fp32 FMA accumulation) for any dtype: the fp32 path and the generic fallback
+// (kernels/igemm_simt.cu).
 void launch_igemm_simt(DType dt, int kind, GemmParams p, cudaStream_t stream);
 
-// Direct convolution on CUDA cores for grouped convs with few channels per group.
+// Direct convolution on CUDA cores for grouped convs with few channels per group (kernels/direct_conv.cu).
 void launch_direct_conv(DType dt, GemmParams p, cudaStream_t stream);
 
-// Grouped 3x3 convs with 8 channels in and out per group, vector loads of a group's channels (grouped_conv.cu).
+// Grouped 3x3 convs with 8 channels in and out per group, vector loads of a group's channels
+// (kernels/grouped_conv.cu).
 // x_vw: the gather vector width (elements) that x's pointer and strides allow (host_utils.h nhwc_vw).
 bool grouped_supported(const GemmParams& p, int x_vw, int elem_size);
 void launch_grouped_conv(DType dt, const GemmParams& p, cudaStream_t stream);
 
-// The RGB stem (7x7, 3 -> 16, stride 1, padding 3, no residual): a shared-memory direct convolution.
+// The RGB stem (7x7, 3 -> 16, stride 1, padding 3, no residual): a shared-memory direct convolution
+// (kernels/rgb_stem_conv.cu).
 bool stem_supported(const GemmParams& p, bool has_residual);
 void launch_stem_conv(DType dt, const GemmParams& p, cudaStream_t stream);
+
+// k x k max pooling, stride k, no padding, floor mode (kernels/max_pool.cu). `vw`: elements a thread loads at once, 16
+// bytes' worth (8 for 16-bit types, 4 for fp32) where the channels, pointer and strides allow it, else 1.
+struct MaxPoolParams {
+  const void* x;
+  long long sn, sh, sw;  // x's N/H/W strides in elements; channel stride 1
+  void* y;               // dense NHWC [N][Ho][Wo][C]
+  int N, C, Ho, Wo, k;
+};
+void launch_max_pool(DType dt, int vw, const MaxPoolParams& p, cudaStream_t stream);
 
 }  // namespace dla_fast

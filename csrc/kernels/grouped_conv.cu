@@ -1,14 +1,14 @@
 // Grouped 3x3 convolution with 8 channels in and out per group (DLA-X and Res2NeXt layers), on CUDA cores. A
-// GEMM tile would be mostly padding here, and the direct kernel (cuda_core_kernels.cu) reads its inputs one
+// GEMM tile would be mostly padding here, and the direct kernel (direct_conv.cu) reads its inputs one
 // scalar at a time; this one is built around the two facts of these layers:
 //   * a group's 8 input channels of one pixel are one 16-byte vector (two for fp32), so a tap is one load;
 //   * all 32 lanes of a warp work on the same group (32 pixels each), so the weights come from shared
 //     memory as broadcast float4s, and each is used for P = 2 pixels (8 FMAs per shared load).
 // A block is 8 warps = 8 consecutive groups, so the 8 warps together read whole cache lines of a pixel.
-// (Groups of 4 channels stay on the direct kernel, which measured faster for them: see grouped_supported.)
+// (Groups of 4 channels stay on the direct kernel, which is faster for them: see grouped_supported.)
 #include <c10/cuda/CUDAException.h>
 
-#include "common.cuh"
+#include "kernels/common.cuh"
 
 namespace dla_fast {
 namespace {
@@ -191,8 +191,8 @@ void run_grouped_g(const GemmParams& p, cudaStream_t stream) {
 
 bool grouped_supported(const GemmParams& p, int x_vw, int elem_size) {
   const int G = p.Cin_g;
-  // 8 channels a group only: with 4 (DLA-X's 128-channel stages) this kernel measured 5-17% slower than the
-  // direct kernel on 7 of the 8 such fp16 shapes (H100, 2026-11-26), 1.2-1.8x faster on every 8-channel one.
+  // 8 channels a group only: with 4 (DLA-X's 128-channel stages) the direct kernel is faster on nearly every such
+  // shape on the H100, while this one is 1.2-1.8x faster than it on every 8-channel one.
   if (p.groups < 2 || G != p.Cout_g || G != 8 || p.kh != 3 || p.kw != 3) return false;
   // one group's channels are loaded in chunks of min(16, G * elem_size) bytes: x_vw (elements, from the
   // host's alignment check of data pointer and strides) must cover a chunk

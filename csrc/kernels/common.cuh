@@ -7,7 +7,7 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 
-#include "launch.h"
+#include "ops/launch.h"
 
 namespace dla_fast {
 
@@ -96,7 +96,7 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
 // Block -> tile. The grid is 1-D and the output-channel tiles (of every group) vary fastest, so the blocks resident
 // at one time span few output pixels and all of their channels: an input pixel is fetched from DRAM once for every
 // group and N tile that reads it, which M-fastest order did once per N tile (or super-group) whenever the input
-// outgrew L2 (ncu, NOTES v7: a strided grouped conv read 1.2x Triton's DRAM bytes at 0.72x its speed).
+// outgrew L2 (a strided grouped conv then reads 1.2x Triton's DRAM bytes).
 struct TileOrigin {
   int bm, g, n0;  // first output pixel, group, first output channel within the group
 };
@@ -318,9 +318,9 @@ struct Epilogue {
 
   // tile: [BM][LDF] fp32 accumulators of pixels bm... and channels n0... of group g (all NT threads call this).
   // RES_FIRST: every residual chunk is requested before the first is used. For the 192x256 tile, one block an SM
-  // with nothing else to hide its epilogue, one load in flight per row pass made it latency-bound (512->512
-  // @7x7 + residual: 0.124 -> 0.120 ms with this and the L2 prefetch, K17 -> K18); the 2-blocks-an-SM tiles keep
-  // the plain loop (with it, the residual aggregation nodes ran 3% slower, K18).
+  // with nothing else to hide its epilogue, one load in flight per row pass leaves it latency-bound; the
+  // 2-blocks-an-SM tiles keep the plain loop, which is faster for them (the residual aggregation nodes lose a few
+  // percent with RES_FIRST).
   template <int BM, int BN, int LDF, int NT, bool RES_FIRST = false>
   __device__ __forceinline__ void store_staged(const GemmParams& p, const float* tile, int bm, int g, int n0,
                                                int tid) const {

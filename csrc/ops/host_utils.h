@@ -1,10 +1,9 @@
-// Host-side helpers shared by the two ops: argument checks with messages a user can act on, NHWC views,
-// alignment tests for the vectorised gather, and the kernel choice.
+// Host-side helpers shared by the ops: the checks that keep the kernels' memory accesses in bounds (dla_fast.ops
+// validates user arguments before they get here; these guard direct torch.ops calls), NHWC views, alignment tests
+// for the vectorised gathers, device info and the rule's tile width.
 #pragma once
 
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -14,7 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "launch.h"
+#include "ops/launch.h"
 
 namespace dla_fast {
 
@@ -53,7 +52,7 @@ std::string fmt_msg(const A&... a) {
 
 namespace dla_fast {
 
-// Set by the ops, read by dla_fast._C.last_kernel() (tests and benchmarks report which path ran).
+// Set by the ops, read by dla_fast._C.last_kernel() (tests and benchmarks report which kernel ran).
 void set_last_kernel(const std::string& s);
 
 inline DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
@@ -143,21 +142,6 @@ inline void set_gemm_io(GemmParams& p, const at::Tensor& w, const at::Tensor& bi
   p.relu = relu ? 1 : 0;
 }
 
-// DLA_FAST_CUDA_KERNEL=auto|wgmma|tc|simt|direct forces a kernel family (debugging, tests, benchmarks); a
-// family that cannot run the case falls back the way `auto` would (wgmma -> tc -> simt). Read on every call
-// (a getenv is far cheaper than a launch) so a test can flip it at run time.
-enum class Force { Auto, Wgmma, TC, Simt, Direct };
-inline Force forced_kernel() {
-  const char* e = std::getenv("DLA_FAST_CUDA_KERNEL");
-  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return Force::Auto;
-  if (std::strcmp(e, "wgmma") == 0) return Force::Wgmma;
-  if (std::strcmp(e, "tc") == 0) return Force::TC;
-  if (std::strcmp(e, "simt") == 0) return Force::Simt;
-  if (std::strcmp(e, "direct") == 0) return Force::Direct;
-  DLA_CHECK(false, "DLA_FAST_CUDA_KERNEL must be one of auto, wgmma, tc, simt, direct; got '", e, "'");
-  return Force::Auto;
-}
-
 // Compute capability major and SM count of the current device, cached per device.
 struct DevInfo {
   int major = 0, sms = 1;
@@ -202,27 +186,15 @@ inline bool gemm_grid_fits(long long m, long long groups, long long cout_g) {
   return ((m + 63) / 64) * groups * ((cout_g + 15) / 16) <= 0x7fffffffLL;
 }
 
-// Which tensor-core kernel: wgmma wherever it can run (the 16-byte gather on a Hopper build and device), unless
-// DLA_FAST_CUDA_KERNEL=tc asks for mma.sync. Convolutions have narrow wgmma tiles (16/32 channels, 5 blocks an
-// SM); the aggregation node only the 64/128-wide ones, so its narrower outputs stay on mma.sync.
-inline bool pick_wgmma(Force force, DType dt, int vw, int bn, int kind) {
-  if (!wgmma_usable(dt, vw)) return false;
-  return force == Force::Wgmma || (force == Force::Auto && (kind == KIND_CONV || bn >= 64));
-}
-
-// Output-channel tile: the smallest of 16/32/64/128 that covers a group's channels; 64 instead of 128 only when the
-// 128-wide grid has fewer blocks than the GPU has SMs (batch 1-8, 7x7 layers). A fuller 128-wide grid beats the
-// 64-wide one even when its last wave is mostly empty (a lone block on an SM runs ~1.6x faster): 64 wide was
-// 1.2-1.4x slower on every 7x7 / 14x14 layer at batch 256, 512->512 3x3 at 7x7 included (NOTES v7, K12).
-// big_ok (wgmma dense convolutions that im2col_ok() in launch.h admits): the 192x256 tile (one block an SM, both
-// operands by TMA) where its grid takes at most 1.25x the waves-worth of tile area of the 128x128 grid at two
-// blocks an SM (waves x tile area per SM: 192 x 256 against 2 x 128 x 128; a 192x256 block does more work per
-// unit of area, so a slightly emptier last wave still pays), and K >= 256. Forced onto all dense layer shapes
-// with > 128 outputs (K23, H100, batch 256, the im2col tile), it was 1.05-1.62x faster wherever this picks it,
-// 0.85-0.93x on 1x1 convs at 7x7 with K <= 256 (area ratio 1.5), and 0.94-1.10x with K = 128; the wave
-// condition alone, without the 1.25, missed 512->896 1x1 @14x14 (ratio 1.09, 1.14x faster big) (NOTES v10).
-// One-wave 128 grids (batch 1) never qualify: 1.25 x 2 x 128 x 128 < 192 x 256.
-// DLA_FAST_CUDA_WIDE_BN=64|128|256 overrides the choice for benchmarking (256 only where big_ok, else 128).
+// The rule's output-channel tile for the tensor-core kernels: the smallest of 16/32/64/128 that covers a group's
+// channels; for wider groups 128, or 64 when the 128-wide grid has fewer blocks than the GPU has SMs (batch 1-8 at
+// 7x7). Otherwise a fuller 128-wide grid wins even with a mostly empty last wave, since a block alone on an SM
+// runs faster: 64 wide loses to 128 on every 7x7 and 14x14 layer at batch 256 on the H100.
+// big_ok (wgmma dense convs whose input suits a TMA im2col map, im2col_ok() in launch.h): the 192x256 tile (one
+// block an SM, both operands by TMA) where K >= 256 and its grid needs at most 1.25x the wave-area of the 128x128
+// grid at two blocks an SM (waves x tile area per SM: 192 x 256 against 2 x 128 x 128). A big block does more
+// work per unit of area, so a somewhat emptier last wave still pays; at a ratio of 1.5 (1x1 convs at 7x7 with
+// K <= 256), or with K = 128, the 128-wide tile wins. One-wave 128 grids (batch 1) never qualify.
 inline int pick_bn(int cout_g, long long m, int groups, bool big_ok = false, long long k = 0) {
   int bn = cout_g <= 16 ? 16 : cout_g <= 32 ? 32 : cout_g <= 64 ? 64 : 128;
   if (bn == 128) {
@@ -235,25 +207,8 @@ inline int pick_bn(int cout_g, long long m, int groups, bool big_ok = false, lon
       const long long area256 = ((big + sms - 1) / sms) * (192 * 256);
       if (4 * area256 <= 5 * area128) bn = 256;
     }
-    const char* e = std::getenv("DLA_FAST_CUDA_WIDE_BN");
-    if (e != nullptr && *e != '\0') {
-      DLA_CHECK(std::strcmp(e, "64") == 0 || std::strcmp(e, "128") == 0 || std::strcmp(e, "256") == 0,
-                "DLA_FAST_CUDA_WIDE_BN must be 64, 128 or 256; got '", e, "'");
-      bn = std::atoi(e);
-      if (bn == 256 && !(big_ok && groups == 1)) bn = 128;
-    }
   }
   return bn;
-}
-
-// DLA_FAST_CUDA_IM2COL=0 keeps the cp.async gather on the 64/128-wide wgmma tiles of the convs that could load A
-// by TMA im2col (benchmarking the two against each other; the 192x256 tile has only TMA). Default 1.
-inline bool im2col_enabled() {
-  const char* e = std::getenv("DLA_FAST_CUDA_IM2COL");
-  if (e == nullptr || *e == '\0') return true;
-  DLA_CHECK(std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0, "DLA_FAST_CUDA_IM2COL must be 0 or 1; got '", e,
-            "'");
-  return *e == '1';
 }
 
 inline const char* dtype_name(DType dt) { return dt == DType::F16 ? "f16" : dt == DType::BF16 ? "bf16" : "f32"; }

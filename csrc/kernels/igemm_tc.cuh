@@ -11,7 +11,7 @@
 // and store them to shared memory after the current tile's MMAs (2 buffers).
 #pragma once
 
-#include "common.cuh"
+#include "kernels/common.cuh"
 
 namespace dla_fast {
 
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(Cfg::NT) igemm_tc_kernel(const GemmParams p) {
     // element offset computed once, a tile adds the tap offset r*sh + s*sw + c shared by all rows, and
     // (r, s, c) advance with the tiles instead of being divided out of k. At N = 16-32 a tile has few MMAs, and
     // the per-vector divisions, table reads and 64-bit products of the general path (decompose_k + a_offset)
-    // were what the SM spent its issue slots on (2x behind Triton on 32->32 3x3 convs, NOTES_cuda.md 2a).
+    // were what the SM spent its issue slots on (they left it 2x behind Triton on 32->32 3x3 convs).
     // load_stage runs for kt = 0, 1, 2, ... in order, which the carried TapCursor relies on.
     const uint16_t* xg = static_cast<const uint16_t*>(p.src[0]);
     long long rbase[KIND == KIND_CONV ? A_IT : 1];  // the bounds test reads rows[] (registers: occupancy)

@@ -1,10 +1,9 @@
 // The RGB stem (7x7, 3 -> 16 channels, stride 1, padding 3): a direct convolution on CUDA cores.
 //
 // Why not the implicit GEMM: with 3 input channels a K step gathers 2-byte elements one by one (no vector
-// loads, no cp.async), and the stem then ran at ~10 TFLOP/s in both backends, slower than cuDNN (5.9 ms vs
-// 3.2 ms fp16 at batch 256, H100). Its arithmetic is small (60 GFLOP per 256 images = 1.0 ms of fp32 FMA on
-// an H100), so a CUDA-core kernel that stages each input tile in shared memory once and reuses every value
-// K*K*COUT times can sit near that FMA bound.
+// loads, no cp.async), which runs the stem at about half cuDNN's speed in both backends. Its arithmetic is small
+// (60 GFLOP per 256 images, about 1 ms of fp32 FMA on an H100), so a CUDA-core kernel that stages each input
+// tile in shared memory once and reuses every value K*K*COUT times can sit near that FMA bound.
 //
 // Block: a TH x TW tile of output pixels of one image, 256 threads, each thread PX consecutive pixels of one
 // row (so a loaded input value serves PX pixels at different kernel columns). Shared memory holds the input
@@ -12,7 +11,7 @@
 // accumulation for every dtype.
 #include <c10/cuda/CUDAException.h>
 
-#include "common.cuh"
+#include "kernels/common.cuh"
 
 namespace dla_fast {
 namespace {

@@ -6,7 +6,7 @@
 
 #include <c10/cuda/CUDAException.h>
 
-#include "igemm_tc.cuh"
+#include "kernels/igemm_tc.cuh"
 
 namespace dla_fast {
 

@@ -8,12 +8,12 @@
 //   narrow tiles (BN 16, 32; convolutions only): 128 threads = 1 warpgroup that computes both 64-row halves,
 //     BK = 32, 4 stages: ~40 KB a block, so 5 blocks share an SM. Small-N convs move few bytes per block and
 //     have few k tiles (a 32->32 3x3 conv: 9), so a block's pipeline fill and epilogue are a large part of its
-//     life; only many resident blocks hide them (the wide config forced onto 32->32 3x3 @56x56: 2 blocks/SM,
-//     152 us; Triton's 128x32x32 wgmma tiles, 5 blocks/SM: 92 us; ncu, NOTES v7).
+//     life; only many resident blocks hide them (on a 32->32 3x3 conv at 56x56 the wide config, 2 blocks an SM,
+//     takes 1.6x as long as Triton's 128x32x32 wgmma tiles at 5 blocks an SM).
 //   big tiles (BN 256; dense convolutions only): 384 threads = 3 warpgroups, BM = 192, BK = 64, 4 stages, one
 //     block an SM. For the deep 3x3 layers with few output pixels (512->512 @7x7, batch 256: M = 12544) the
 //     128x128 grid is 392 blocks = 1.48 waves of 2 blocks/SM, and each of its blocks re-reads its A and B tiles
-//     from L2 (0.93 GB at K = 4608, ~7 TB/s at the time we ran); 192x256 tiles are 132 blocks = one wave, with
+//     from L2 (0.93 GB at K = 4608); 192x256 tiles are 132 blocks = one wave, with
 //     0.59x the L2 reads (pick_bn() in host_utils.h says where the grid favours it). Both operands come by TMA
 //     (A in im2col mode), so the threads only issue wgmmas: see the pipeline note below.
 //
@@ -38,8 +38,8 @@
 
 #include <cuda.h>  // CUtensorMap (the type only; the host encodes it through the runtime's driver entry point)
 
-#include "common.cuh"
-#include "wgmma_ops.cuh"
+#include "kernels/common.cuh"
+#include "kernels/wgmma_ops.cuh"
 
 namespace dla_fast {
 
@@ -55,14 +55,14 @@ struct WgCfg {
   static constexpr int MH = BM / 64 / NWG;  // 64-row slices per warpgroup
   // Ring depth: narrow 4 (see above). Wide: 3 tiles for BN 128, 4 for BN 64 (96 KB either way), so that two
   // blocks share an SM: one block's barrier and gather arithmetic hide behind the other's MMAs. (One block per
-  // SM with 4-5 stages ran 512->512 3x3 @7x7 at 265 TFLOP/s on the H100; Triton's 128x128x64 tiles with 3
-  // stages, two blocks per SM, at 470.) Big: 4 stages of 56 KB (224 KB), one block an SM: a lone block has no
+  // SM with 4-5 stages reaches little more than half the rate of two blocks an SM with 3 stages on 512->512 3x3
+  // at 7x7 on the H100.) Big: 4 stages of 56 KB (224 KB), one block an SM: a lone block has no
   // neighbour to cover an L2 miss, so its loads are issued 3 tiles ahead.
   static constexpr int STAGES = BN == 128 ? 3 : 4;
   static constexpr int MIN_BLOCKS = NARROW ? 4 : BIG ? 1 : 2;
-  // Big tiles also have their own pipeline (the note above): in the v9 version the 384 threads gathered A with
-  // cp.async and spent ~70 instructions a wgmma on its addresses and bounds (ncu K20: tensor pipe 58% busy, 110
-  // us for 512->512 @7x7); with A by TMA im2col the loop is the wgmmas and the barriers (K23: 86 us).
+  // Big tiles also have their own pipeline (the note above): gathering A with cp.async, their 384 threads would
+  // spend ~70 instructions a wgmma on its addresses and bounds and leave the tensor pipe idle much of the time;
+  // with A by TMA im2col the loop is the wgmmas and the barriers.
   static constexpr int A_BYTES = BM * RB, B_BYTES = BN * RB;
   // The staged epilogue's fp32 tile [BM][BN + 8] reuses the pipeline buffers; with few k tiles it is the larger.
   static constexpr int STAGED_BYTES = BM * (BN + 8) * 4;
@@ -195,8 +195,8 @@ __global__ void __launch_bounds__(WgCfg<BN>::NT, WgCfg<BN>::MIN_BLOCKS) igemm_wg
     // Both operands by TMA, asked for by thread 0: A as an im2col box of the BM output pixels from bm on, one tap
     // and 64 channels a k tile (so Cin % 64 == 0: a k tile never spans two taps; im2col_ok() on the host), B as
     // a BNx64 tile of the weight. The hardware walks the pixels across rows and images and zero-fills the taps
-    // that fall in the padding, which is the address and bounds arithmetic that took the big tile's issue slots
-    // (ncu K20: ~70 instructions a wgmma, IMAD alone 24%).
+    // that fall in the padding, which is the address and bounds arithmetic that would take the big tile's issue
+    // slots (~70 instructions a wgmma, a quarter of them IMAD).
     const uint32_t bar0 = smem_u32(full_bar), ebar0 = smem_u32(empty_bar);
     const int tpt = p.Cin_g / BK;  // k tiles a tap
     const int hw = p.Ho * p.Wo;

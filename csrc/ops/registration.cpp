@@ -1,19 +1,20 @@
-// The op schemas (declared once, here) and the Python module object `dla_fast._C`. Importing the module
-// runs the static registrars of this library: the schemas below and the CUDA kernels in conv_bn_act.cpp and
-// aggregate.cpp. The module is a bare CPython module (no pybind11) to keep the build short.
+// The op schemas of the dla_fast namespace (schema.h, generated from dla_fast/backends/schema.py) and the Python
+// module object `dla_fast._C`. Importing the module runs the static registrars of this library: the schemas below
+// and the CUDA kernels of conv_bn_act.cpp, aggregate.cpp and max_pool.cpp. The module is a bare CPython module (no
+// pybind11) to keep the build short.
 #include <Python.h>
 
 #include <torch/library.h>
+
+#include "ops/schema.h"
 
 namespace dla_fast {
 const char* last_kernel();
 }
 
 TORCH_LIBRARY(dla_fast, m) {
-  m.def(
-      "conv_bn_act(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int groups, "
-      "Tensor? residual, bool relu) -> Tensor");
-  m.def("aggregate(Tensor[] children, Tensor weight, Tensor? bias, Tensor? residual, bool relu) -> Tensor");
+  for (const char* s : dla_fast::kFusedOpSchemas) m.def(s);
+  for (const char* s : dla_fast::kCudaOnlyOpSchemas) m.def(s);
 }
 
 namespace {
@@ -29,8 +30,8 @@ PyObject* py_wgmma_built(PyObject*, PyObject*) {
 
 PyMethodDef methods[] = {
     {"last_kernel", py_last_kernel, METH_NOARGS,
-     "Which kernel the last dla_fast CUDA op on this thread launched (e.g. 'tc f16 vw8 bn64', 'simt f32', "
-     "'direct bf16'); for tests and benchmarks."},
+     "Which kernel the last dla_fast CUDA op on this thread launched (e.g. 'tc f16 vw8 bn64', 'wgmma bf16 bn128 "
+     "tma', 'simt f32', 'max_pool f16 vw8'); for tests and benchmarks."},
     {"wgmma_built", py_wgmma_built, METH_NOARGS,
      "Whether this build has the sm_90a (Hopper wgmma) kernels; they run on compute capability 9.x devices."},
     {nullptr, nullptr, 0, nullptr}};

@@ -1,8 +1,0 @@
-// Tensor-core cat kernels for __nv_bfloat16 (one translation unit per dtype x op so that ninja compiles them in parallel).
-#include "igemm_tc_launch.cuh"
-
-namespace dla_fast {
-int launch_tc_cat_bf16(int vw, int bn, const GemmParams& p, cudaStream_t s) {
-  return dispatch_tc_cat<__nv_bfloat16>(vw, bn, p, s);
-}
-}  // namespace dla_fast
