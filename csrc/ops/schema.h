@@ -6,15 +6,16 @@ namespace dla_fast {
 
 // The fused ops (schema.OPS): the same signatures as the Triton backend's.
 inline constexpr const char* kFusedOpSchemas[] = {
-    "conv_bn_act(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int groups, Tensor? residual, "
-    "bool relu, int[] config) -> Tensor",
-    "aggregate(Tensor[] children, Tensor weight, Tensor? bias, Tensor? residual, bool relu, int[] config) -> Tensor",
-    "max_pool(Tensor x, int k) -> Tensor",
+    "conv_bn_act(Tensor x, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, SymInt groups, "
+    "Tensor? residual, bool relu, SymInt[] config) -> Tensor",
+    "aggregate(Tensor[] children, Tensor weight, Tensor? bias, Tensor? residual, bool relu, "
+    "SymInt[] config) -> Tensor",
+    "max_pool(Tensor x, SymInt k) -> Tensor",
 };
 
 // The kernel-configuration queries of this extension (schema.CUDA_ONLY).
 inline constexpr const char* kCudaOnlyOpSchemas[] = {
-    "conv_candidates(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int groups, "
+    "conv_candidates(Tensor x, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, SymInt groups, "
     "Tensor? residual) -> int[]",
     "aggregate_candidates(Tensor[] children, Tensor weight, Tensor? bias, Tensor? residual) -> int[]",
 };
