@@ -59,7 +59,8 @@ if __package__ in (None, ""):  # run as a script: the repository's dla_fast even
 import dla_fast  # noqa: E402
 from dla_fast import shapes as _shapes  # noqa: E402
 from dla_fast.fuse import LAUNCH_BOUND_BATCH  # noqa: E402
-from dla_fast.ops import _backends  # noqa: E402
+from dla_fast import backends as _backends  # noqa: E402
+from dla_fast.plan import PLANNER, aggregate_key, conv_key  # noqa: E402
 from dla_fast.ops.reference import aggregate_ref, conv_bn_act_ref  # noqa: E402
 
 OpShape = _shapes.OpShape
@@ -150,7 +151,8 @@ def build_case(shape: OpShape, batch: int, dtype: torch.dtype, device, seed: int
     w, b = dla_fast.fold_bn(conv, bn)
     if shape.op == "aggregate":
         w = w.reshape(shape.cout, shape.cin_total)
-    weight = _backends.prep_weight(w.to(device=device, dtype=dtype))
+    weight = w.to(device=device, dtype=dtype)
+    weight = weight.contiguous(memory_format=torch.channels_last) if weight.dim() == 4 else weight.contiguous()
     bias = b.to(device).float().contiguous()
     raw = conv.weight.detach().to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     bnp = tuple(t.detach().to(device=device, dtype=dtype) for t in
@@ -173,13 +175,21 @@ def build_case(shape: OpShape, batch: int, dtype: torch.dtype, device, seed: int
 # ---------------------------------------------------------------------------------------------- implementations
 
 def _select(case: Case, backend: str):
-    """The backend module the fused model would use for this layer (None: eager), keyed like FusedDLA."""
+    """(backend module, config) the fused model would run this layer with: the plan's under "auto" (keyed like
+    FusedDLA, at this batch and input size), the backend's own rule otherwise."""
     s = case.shape
+    if backend != "auto":
+        return _backends.get(backend), ()
+    if case.device.type != "cuda":
+        return _backends.get("eager"), ()
     if s.op == "aggregate":
-        key = _backends.aggregate_key(s.cin, s.cout, case.dtype, s.hw)
+        kind = {"none": 0, "child0": 1, "tensor": 2}[s.residual]
+        key = aggregate_key(s.cin, s.cout, kind, case.dtype, case.batch, s.hw)
     else:
-        key = _backends.conv_key(case.raw_weight.shape, s.stride, s.padding, s.groups, case.dtype, s.hw)
-    return _backends.select(s.op, backend, case.x, False, key=key)
+        key = conv_key(case.raw_weight.shape, s.stride, s.padding, s.groups, s.residual != "none", case.dtype,
+                       case.batch, s.hw)
+    plan = PLANNER.plan(key, case.device)  # kernel time: opbench times small batches by graph replay
+    return _backends.get(plan.backend), plan.config
 
 
 def skip_reason(impl: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -215,14 +225,10 @@ def impl_fn(case: Case, impl: str) -> Tuple[Callable[[], torch.Tensor], str]:
                 y += res
             return torch.relu_(y) if relu else y
         return seq, "aten"
-    mod = _select(case, impl)
-    if mod is None:
-        if s.op == "aggregate":
-            return (lambda: aggregate_ref(ins, w, b, res, relu)), "eager"
-        return (lambda: conv_bn_act_ref(ins[0], w, b, s.stride, s.padding, s.groups, res, relu)), "eager"
+    mod, cfg = _select(case, impl)
     if s.op == "aggregate":
-        return (lambda: mod.aggregate(ins, w, b, res, relu)), mod.NAME
-    return (lambda: mod.conv_bn_act(ins[0], w, b, s.stride, s.padding, s.groups, res, relu)), mod.NAME
+        return (lambda: mod.aggregate(ins, w, b, res, relu, cfg)), mod.NAME
+    return (lambda: mod.conv_bn_act(ins[0], w, b, s.stride, s.padding, s.groups, res, relu, cfg)), mod.NAME
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -531,7 +537,7 @@ def environment(device: torch.device) -> Dict:
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
             "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
             "python": platform.python_version(), "dla_fast": dla_fast.__version__, "git_commit": commit,
-            "triton_interpret": _backends.interpreter_on(),
+            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -1296,7 +1302,7 @@ def _main_sanitize(p, a, models, dtypes, hw, device, timing_outputs) -> int:
     if drop:
         p.error(f"--sanitize checks results and times nothing: drop {', '.join(drop)}")
     backends = a.impls or (["cuda", "triton"] if device.type == "cuda" else
-                           ["eager"] + (["triton"] if _backends.interpreter_on() else []))
+                           ["eager"] + (["triton"] if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else []))
     for b in backends:
         if b not in SANITIZE_BACKENDS:
             p.error(f"--sanitize runs backends, not {b!r}; choose from {', '.join(SANITIZE_BACKENDS)}")

@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dla_fast
 import dla_fast.backends.cuda as cu
 import dla_fast.ops as ops
 from dla_fast.ops.reference import aggregate_ref, conv_bn_act_ref
@@ -592,32 +593,33 @@ def test_cuda_graph_capture_and_replay():
 
 # ------------------------------------------------------------------------------------------- real DLA shapes
 def _dla_cases():
-    path = os.path.join(ROOT, "benchmarks", "gpu_cuda_check.py")
+    """Every distinct fused-layer shape of the 12 variants at 224x224 (the one shape source, dla_fast.shapes)."""
     try:
         import sys
-        sys.path.insert(0, os.path.dirname(path))
-        spec = importlib.util.spec_from_file_location("gpu_cuda_check", path)
-        mod = importlib.util.module_from_spec(spec)
-        # dataclasses look their module up in sys.modules while the class is being built
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        cases, _ = mod.load_cases(mod.MODELS)
-        return mod, cases
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+        import opbench
+        from dla_fast.shapes import distinct_shapes
+        return opbench, [e.shape for e in distinct_shapes(dla_fast.list_models(), batch=8, hw=224)]
     except Exception as e:  # pragma: no cover - keep collection alive; the test below reports it
         return e, []
 
 
-_GPU_CHECK, _DLA_CASES = _dla_cases() if torch.cuda.is_available() else (None, [])
+_OPBENCH, _DLA_CASES = _dla_cases() if torch.cuda.is_available() else (None, [])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
 @pytest.mark.parametrize("case", _DLA_CASES or [None], ids=lambda c: "none" if c is None else
                          c.label().replace(" ", "_"))
 def test_dla_layer_shapes_batch8(case, dtype):
+    """Every real layer shape through the CUDA backend's rule, against float64 (inputs rounded to ``dtype``)."""
     if case is None:
-        pytest.fail(f"could not load the DLA shape list: {_GPU_CHECK}")
-    rec = _GPU_CHECK.check_case(case, 8, dtype)
-    assert rec["ok"], rec
+        pytest.fail(f"could not load the DLA shape list: {_OPBENCH}")
+    c = _OPBENCH.build_case(case, 8, dtype, "cuda")
+    ref = _OPBENCH._reference64(c)
+    fn, _ = _OPBENCH.impl_fn(c, "cuda")
+    out = fn()
+    eager, _ = _OPBENCH.impl_fn(c, "eager")
+    assert_close(out.cpu(), ref, eager().cpu(), dtype, case.label())
 
 
 # ------------------------------------------------------------------------------------------- config: fallbacks, errors
