@@ -42,11 +42,16 @@ def create_model(name: str, pretrained: PretrainedArg = False, num_classes: int 
                 **MODEL_ARGS[name])
     model.pretrained_cfg = default_cfg(name)
     model.default_cfg = model.pretrained_cfg
+    # As timm: a num_classes other than the pretrained one means a new head, and the checkpoint's is dropped
+    # (with a warning); otherwise the checkpoint's classifier must fit. A features_only model has no head.
+    classifier = ("ignore" if features_only else
+                  "match" if num_classes == model.pretrained_cfg["num_classes"] else "adapt")
     if pretrained is True:
-        load_into(model, hub_state_dict(name), strict=strict, source=f"timm/{name}.in1k")
+        load_into(model, hub_state_dict(name), strict=strict, source=f"timm/{name}.in1k", classifier=classifier)
     elif pretrained not in (False, None):
         path = os.fspath(pretrained)
-        load_into(model, read_state_dict(path), strict=strict, source=f"checkpoint {path!r}")
+        load_into(model, read_state_dict(path), strict=strict, source=f"checkpoint {path!r}",
+                  classifier=classifier)
     if features_only:
         return DlaFeatures(model, out_indices)
     if out_indices is not None:
