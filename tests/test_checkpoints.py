@@ -1,5 +1,4 @@
 """Checkpoint files and state_dicts: formats, strictness, the classifier, all-or-nothing loading, bad tensors."""
-import copy
 import warnings
 
 import pytest
@@ -161,8 +160,8 @@ def test_half_a_classifier_is_never_loaded(ckpt_dir, key):
     sd[key] = torch.randn(10, *sd[key].shape[1:])
     m = dla_fast.create_model("dla46_c")
     before = _snapshot(m)
-    with pytest.raises(CheckpointError, match=rf"nothing was loaded.*the classifier does not fit: checkpoint "
-                                              rf"fc.weight .*fc.bias .* vs model fc.weight \(1000, 256, 1, 1\)"):
+    with pytest.raises(CheckpointError, match=r"nothing was loaded.*the classifier does not fit: checkpoint "
+                                              r"fc.weight .*fc.bias .* vs model fc.weight \(1000, 256, 1, 1\)"):
         load_into(m, sd)
     _assert_unchanged(m, before)
     with pytest.raises(CheckpointError, match="the classifier does not fit"):
