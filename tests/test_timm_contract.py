@@ -1,6 +1,7 @@
 """timm's model contract beyond the forward pass, on all 12 variants: FX tracing, TorchScript, cfgs and
 feature_info, forward_intermediates / prune_intermediate_layers, gradient checkpointing, group_matcher."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -17,7 +18,10 @@ except ImportError:  # the contract tests against timm skip; the rest runs
 
 ALL = dla_fast.list_models()
 needs_timm = pytest.mark.skipif(timm is None, reason="timm is the reference for this test (pip install timm)")
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+# torch deprecates TorchScript (the contract still has it), and scripting an FX GraphModule warns from torch's own
+# GraphModule.__init__.
+pytestmark = [pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning"),
+              pytest.mark.filterwarnings("ignore:The TorchScript type system doesn't support instance-level")]
 
 
 @pytest.fixture(scope="module", params=ALL)
@@ -156,6 +160,18 @@ def test_torchscript_checks_every_input_rule(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), s(x))
+
+
+def test_jit_trace_checks_the_example_quietly():
+    m = randomize_bn(dla_fast.create_model("dla34")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        t = torch.jit.trace(m, x)
+        with pytest.raises(ValueError, match=r"\(65, 64\) \(H=65\).*e\.g\. to 64x64"):
+            torch.jit.trace(m, torch.randn(1, 3, 65, 64))
+    with torch.no_grad():
+        assert rel_err(t(x), m(x)) <= 1e-6
 
 
 def test_torchscript_of_fx_graph():

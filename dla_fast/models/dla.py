@@ -9,6 +9,7 @@ in the same order (so fp32 CPU outputs agree to rounding). This file knows nothi
 import contextlib
 import math
 import operator
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
@@ -236,7 +237,7 @@ class GlobalPool(nn.Module):
 
 
 def _shape_str(shape: List[int]) -> str:
-    return "(" + ", ".join([str(s) for s in shape]) + ")"
+    return "(" + ", ".join([str(int(s)) for s in shape]) + ")"
 
 
 def check_input(x: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -246,19 +247,31 @@ def check_input(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     stride-2 feature map entering levels 2..5 must have an even size at each of the four halvings: the
     input side must be 32k - 1 or 32k.
 
-    The function is scriptable, and an FX leaf (``torch.fx.wrap`` below): a traced or scripted model still
-    checks every input. Returning ``x`` puts the check on the data path, so dead-code elimination of a
-    traced graph cannot drop it.
+    The function is scriptable, and an FX leaf (``torch.fx.wrap`` below): a scripted or FX-traced model still
+    checks every input (a ``torch.jit.trace`` checks its example input only). Returning ``x`` puts the check on
+    the data path, so dead-code elimination of a traced graph cannot drop it.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"DLA expects a torch.Tensor, got {type(x).__name__}")
+    if not torch.jit.is_scripting():
+        if torch.jit.is_tracing():
+            # torch.jit.trace gives the sizes as tensors: the example input is checked all the same, without the
+            # TracerWarnings the comparisons raise (a trace records no Python-level check either way).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                return _check_sizes(x, in_chans)
+    return _check_sizes(x, in_chans)
+
+
+def _check_sizes(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     shape = x.shape
     if x.dim() != 4:
         raise ValueError(f"DLA expects a 4-D input (N, C, H, W), got shape {_shape_str(shape)}")
-    if shape[1] != in_chans:
+    # Plain ints (torch.jit.trace gives tensors); never the batch size, which an export may keep symbolic.
+    c, h, w = int(shape[1]), int(shape[2]), int(shape[3])
+    if c != in_chans:
         raise ValueError(f"this model takes {in_chans} input channels (in_chans={in_chans}), "
-                         f"got an input with {shape[1]}: shape {_shape_str(shape)}")
-    h, w = shape[2], shape[3]
+                         f"got an input with {c}: shape {_shape_str(shape)}")
     bad: List[str] = []
     if not valid_size(h):
         bad.append(f"H={h}")
@@ -266,7 +279,7 @@ def check_input(x: torch.Tensor, in_chans: int) -> torch.Tensor:
         bad.append(f"W={w}")
     if len(bad) > 0:
         raise ValueError(
-            f"DLA cannot run on spatial size {_shape_str(shape[2:])} ({', '.join(bad)}): each of H and W must be "
+            f"DLA cannot run on spatial size ({h}, {w}) ({', '.join(bad)}): each of H and W must be "
             f"32k-1 or 32k for some k >= 1 (e.g. 31, 32, 63, 64, ..., 223, 224), because every level halves "
             f"the map and joins a floor-rounded pooled branch with a ceil-rounded strided conv. "
             f"Resize or crop the input, e.g. to {nearest_valid(h)}x{nearest_valid(w)}.")
