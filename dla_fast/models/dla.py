@@ -346,7 +346,7 @@ def feature_take_indices(num_features: int, indices: Optional[Union[int, Sequenc
 def _checkpointing(module: nn.Module) -> bool:
     """Whether ``module`` runs its levels under activation checkpointing now: asked for, training with
     autograd on, and not being traced (a trace records the plain graph)."""
-    return (module.grad_checkpointing and module.training and torch.is_grad_enabled()
+    return (getattr(module, "grad_checkpointing", False) and module.training and torch.is_grad_enabled()
             and not torch.jit.is_tracing() and not is_fx_symbolic_tracing())
 
 
