@@ -216,7 +216,7 @@ def main() -> None:
         python_requires=">=3.10",
         install_requires=["torch>=2.4", "numpy"],
         extras_require={
-            "test": ["pytest", "pytest-benchmark", "timm", "safetensors"],
+            "test": ["pytest", "pytest-benchmark", "timm", "safetensors", "onnx", "onnxscript", "onnxruntime"],
             "bench": ["matplotlib"],
         },
         ext_modules=ext_modules,

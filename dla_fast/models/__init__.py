@@ -9,11 +9,11 @@ import torch.nn as nn
 
 from ._weights import CheckpointError, hub_state_dict, load_into, read_state_dict
 from .dla import (DLA, MODEL_ARGS, DlaBasic, DlaBottle2neck, DlaBottleneck, DlaFeatures, DlaRoot, DlaTree,
-                  GlobalPool, check_input, default_cfg, valid_size)
+                  FeatureInfo, GlobalPool, check_input, default_cfg, feature_take_indices, valid_size)
 
 __all__ = ["create_model", "list_models", "from_timm", "DLA", "DlaFeatures", "CheckpointError",
-           "DlaBasic", "DlaBottleneck", "DlaBottle2neck", "DlaRoot", "DlaTree", "GlobalPool", "check_input",
-           "valid_size", "MODEL_ARGS"]
+           "DlaBasic", "DlaBottleneck", "DlaBottle2neck", "DlaRoot", "DlaTree", "GlobalPool", "FeatureInfo",
+           "check_input", "feature_take_indices", "valid_size", "MODEL_ARGS"]
 
 PretrainedArg = Union[bool, str, os.PathLike]
 
@@ -25,12 +25,14 @@ def list_models(pattern: str = "*") -> List[str]:
 
 def create_model(name: str, pretrained: PretrainedArg = False, num_classes: int = 1000, in_chans: int = 3,
                  drop_rate: float = 0.0, global_pool: str = "avg", features_only: bool = False,
-                 out_indices: Optional[Sequence[int]] = None, strict: bool = True, **kwargs) -> nn.Module:
+                 out_indices: Optional[Union[int, Sequence[int]]] = None, strict: bool = True,
+                 **kwargs) -> nn.Module:
     """Build a DLA variant, with timm's arguments.
 
     ``pretrained`` is False, True (timm's hub weights, needs timm and the network) or the path of a
     .pth/.pt/.safetensors checkpoint in timm's key layout. ``features_only=True`` returns a module whose
-    forward gives the feature maps of ``out_indices`` (default: levels 1..5, as timm).
+    forward gives the feature maps of ``out_indices`` (default: levels 1..5, as timm; an int ``n`` is the last
+    ``n`` levels, negative indices count from the end).
     """
     if name not in MODEL_ARGS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
@@ -40,13 +42,18 @@ def create_model(name: str, pretrained: PretrainedArg = False, num_classes: int 
                 **MODEL_ARGS[name])
     model.pretrained_cfg = default_cfg(name)
     model.default_cfg = model.pretrained_cfg
+    # As timm: a num_classes other than the pretrained one means a new head, and the checkpoint's is dropped
+    # (with a warning); otherwise the checkpoint's classifier must fit. A features_only model has no head.
+    classifier = ("ignore" if features_only else
+                  "match" if num_classes == model.pretrained_cfg["num_classes"] else "adapt")
     if pretrained is True:
-        load_into(model, hub_state_dict(name), strict=strict, source=f"timm/{name}.in1k")
+        load_into(model, hub_state_dict(name), strict=strict, source=f"timm/{name}.in1k", classifier=classifier)
     elif pretrained not in (False, None):
         path = os.fspath(pretrained)
-        load_into(model, read_state_dict(path), strict=strict, source=f"checkpoint {path!r}")
+        load_into(model, read_state_dict(path), strict=strict, source=f"checkpoint {path!r}",
+                  classifier=classifier)
     if features_only:
-        return DlaFeatures(model, (1, 2, 3, 4, 5) if out_indices is None else out_indices)
+        return DlaFeatures(model, out_indices)
     if out_indices is not None:
         raise ValueError("out_indices is only meaningful with features_only=True")
     return model

@@ -5,14 +5,22 @@ state_dict moves between the two strictly in both directions, and the forward co
 in the same order (so fp32 CPU outputs agree to rounding). This file knows nothing of the fused kernels:
 ``dla_fast.fuse`` reads this structure and builds the inference module from it.
 """
-from __future__ import annotations
 
+import contextlib
 import math
-from typing import Dict, List, Optional, Sequence, Type
+import operator
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+try:
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+except ImportError:  # torch without the symbolic-trace-only query
+    from torch.fx._symbolic_trace import is_fx_tracing as is_fx_symbolic_tracing
+from torch.utils.checkpoint import checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -121,7 +129,10 @@ class DlaBottle2neck(nn.Module):
             sp = self.relu(bn(conv(sp)))
             outs.append(sp)
         if self.scale > 1:
-            outs.append(self.pool(pieces[-1]) if self.pool is not None else pieces[-1])
+            if self.pool is not None:
+                outs.append(self.pool(pieces[-1]))
+            else:
+                outs.append(pieces[-1])
         y = self.bn3(self.conv3(torch.cat(outs, 1)))
         y += shortcut
         return self.relu(y)
@@ -180,7 +191,8 @@ class DlaTree(nn.Module):
 
     def forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor] = None,
                 children: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
-        children = [] if children is None else children
+        if children is None:
+            children = []
         bottom = self.downsample(x)
         shortcut = self.project(bottom)
         if self.level_root:
@@ -224,27 +236,54 @@ class GlobalPool(nn.Module):
         return f"pool_type={self.pool_type!r}"
 
 
-def check_input(x: torch.Tensor, in_chans: int) -> None:
-    """Reject inputs the network cannot run, before any compute, with the rule that applies.
+def _shape_str(shape: List[int]) -> str:
+    return "(" + ", ".join([str(int(s)) for s in shape]) + ")"
+
+
+def check_input(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Reject inputs the network cannot run, before any compute, with the rule that applies; returns ``x``.
 
     Every aggregation node joins a max-pooled (floor) branch with a stride-2 conv (ceil) branch, so the
     stride-2 feature map entering levels 2..5 must have an even size at each of the four halvings: the
     input side must be 32k - 1 or 32k.
+
+    The function is scriptable, and an FX leaf (``torch.fx.wrap`` below): a scripted or FX-traced model still
+    checks every input (a ``torch.jit.trace`` checks its example input only). Returning ``x`` puts the check on
+    the data path, so dead-code elimination of a traced graph cannot drop it.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"DLA expects a torch.Tensor, got {type(x).__name__}")
+    if not torch.jit.is_scripting():
+        if torch.jit.is_tracing():
+            # torch.jit.trace gives the sizes as tensors: the example input is checked all the same, without the
+            # TracerWarnings the comparisons raise (a trace records no Python-level check either way).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                return _check_sizes(x, in_chans)
+    return _check_sizes(x, in_chans)
+
+
+def _check_sizes(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    shape = x.shape
     if x.dim() != 4:
-        raise ValueError(f"DLA expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.shape[1] != in_chans:
+        raise ValueError(f"DLA expects a 4-D input (N, C, H, W), got shape {_shape_str(shape)}")
+    # Plain ints (torch.jit.trace gives tensors); never the batch size, which an export may keep symbolic.
+    c, h, w = int(shape[1]), int(shape[2]), int(shape[3])
+    if c != in_chans:
         raise ValueError(f"this model takes {in_chans} input channels (in_chans={in_chans}), "
-                         f"got an input with {x.shape[1]}: shape {tuple(x.shape)}")
-    bad = [f"{name}={s}" for name, s in (("H", x.shape[2]), ("W", x.shape[3])) if not valid_size(s)]
-    if bad:
+                         f"got an input with {c}: shape {_shape_str(shape)}")
+    bad: List[str] = []
+    if not valid_size(h):
+        bad.append(f"H={h}")
+    if not valid_size(w):
+        bad.append(f"W={w}")
+    if len(bad) > 0:
         raise ValueError(
-            f"DLA cannot run on spatial size {tuple(x.shape[2:])} ({', '.join(bad)}): each of H and W must be "
+            f"DLA cannot run on spatial size ({h}, {w}) ({', '.join(bad)}): each of H and W must be "
             f"32k-1 or 32k for some k >= 1 (e.g. 31, 32, 63, 64, ..., 223, 224), because every level halves "
             f"the map and joins a floor-rounded pooled branch with a ceil-rounded strided conv. "
-            f"Resize or crop the input, e.g. to {nearest_valid(x.shape[2])}x{nearest_valid(x.shape[3])}.")
+            f"Resize or crop the input, e.g. to {nearest_valid(h)}x{nearest_valid(w)}.")
+    return x
 
 
 def valid_size(s: int) -> bool:
@@ -253,6 +292,93 @@ def valid_size(s: int) -> bool:
 
 def nearest_valid(s: int) -> int:
     return max(32, int(round(s / 32)) * 32)
+
+
+torch.fx.wrap("check_input")
+
+NUM_LEVELS = 6  # level0..level5: the feature levels of feature_info, forward_intermediates and features_only
+
+
+def feature_take_indices(num_features: int, indices: Optional[Union[int, Sequence[int]]] = None
+                         ) -> Tuple[List[int], int]:
+    """The absolute feature indices that ``indices`` selects out of ``num_features``, and the largest.
+
+    ``None`` selects all, an int ``n`` the last ``n``, a sequence those indices (negative ones count from the
+    end), in the order given. The semantics of timm's ``forward_intermediates(indices=...)``.
+    """
+    if indices is None:
+        indices = num_features
+    what = "indices must be None, an int (the last n levels) or a list of level indices"
+    n: Optional[int] = None
+    items: List[int] = []
+    if isinstance(indices, (bool, str, bytes)):
+        raise TypeError(f"{what}, got {indices!r}")
+    try:
+        n = operator.index(indices)
+    except TypeError:
+        try:
+            items = list(indices)
+        except TypeError:
+            raise TypeError(f"{what}, got {indices!r}") from None
+    if n is not None:
+        if not 0 < n <= num_features:
+            raise ValueError(f"indices={n} asks for the last {n} levels; there are {num_features} "
+                             f"(use 1..{num_features}, or a list of level indices)")
+        take = list(range(num_features - n, num_features))
+    else:
+        take = []
+        for i in items:
+            try:
+                if isinstance(i, bool):
+                    raise TypeError
+                i = operator.index(i)
+            except TypeError:
+                raise TypeError(f"level indices must be ints, got {i!r} in {indices!r}") from None
+            if not -num_features <= i < num_features:
+                raise ValueError(f"level index {i} is out of range: there are {num_features} levels "
+                                 f"(0..{num_features - 1}, or -{num_features}..-1 from the end)")
+            take.append(i + num_features if i < 0 else i)
+        if not take:
+            raise ValueError("indices is an empty list: select at least one level")
+    return take, max(take)
+
+
+def _checkpointing(module: nn.Module) -> bool:
+    """Whether ``module`` runs its levels under activation checkpointing now: asked for, training with
+    autograd on, and not being traced (a trace records the plain graph)."""
+    return (getattr(module, "grad_checkpointing", False) and module.training and torch.is_grad_enabled()
+            and not torch.jit.is_tracing() and not is_fx_symbolic_tracing())
+
+
+@contextlib.contextmanager
+def _frozen_running_stats(module: nn.Module):
+    """BatchNorm still normalises with batch statistics but leaves its running statistics as they are.
+
+    The recomputation in the backward pass re-runs every BatchNorm of a checkpointed level; without this the
+    running mean/var and num_batches_tracked would be updated twice per step. Momentum 0 keeps the running
+    statistics exactly (the op and what it saves for backward are unchanged, which the checkpoint checks);
+    the batch counter is put back.
+    """
+    bns = [m for m in module.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    state = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, count in state:
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
+
+
+def _run_checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` keeping only ``x`` for the backward pass, which recomputes the rest."""
+    def contexts():
+        return contextlib.nullcontext(), _frozen_running_stats(module)
+    return checkpoint(module, x, use_reentrant=False, context_fn=contexts)
 
 
 class DLA(nn.Module):
@@ -274,6 +400,7 @@ class DLA(nn.Module):
         self.cardinality = cardinality
         self.base_width = base_width
         self.drop_rate = drop_rate
+        self.grad_checkpointing = False
         self.base_layer = nn.Sequential(
             nn.Conv2d(in_chans, channels[0], kernel_size=7, stride=1, padding=3, bias=False),
             _bn(channels[0]), nn.ReLU(inplace=True))
@@ -315,6 +442,26 @@ class DLA(nn.Module):
         return nn.Sequential(*mods)
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter-name patterns grouping the stem and the levels, for timm's layer-wise LR decay.
+
+        Coarse: one group per level. Fine: each level's trees and its root in order, the conv levels whole.
+        """
+        if coarse:
+            return dict(stem=r"^base_layer", blocks=r"^level(\d+)")
+        return dict(stem=r"^base_layer",
+                    blocks=[(r"^level(\d+)\.tree(\d+)", None), (r"^level(\d+)\.root", (2,)), (r"^level(\d+)", (1,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each level's activations in the backward pass instead of keeping them (training only).
+
+        The stem and every level run under ``torch.utils.checkpoint`` (non-reentrant) when the model is in
+        training mode with autograd on; gradients are unchanged, BatchNorm running statistics are updated once.
+        """
+        self.grad_checkpointing = bool(enable)
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.fc
 
@@ -329,12 +476,80 @@ class DLA(nn.Module):
         for m in (self.global_pool, self.head_drop, self.fc, self.flatten):
             m.train(self.training)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_chans)
-        x = self.base_layer(x)
-        for i in range(6):
-            x = getattr(self, f"level{i}")(x)
+    @torch.jit.ignore
+    def _stages(self) -> List[nn.Module]:
+        return [self.base_layer, self.level0, self.level1, self.level2, self.level3, self.level4, self.level5]
+
+    @torch.jit.ignore
+    def _forward_checkpointed(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self._stages():
+            x = _run_checkpointed(m, x)
         return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = check_input(x, self.in_chans)
+        if not torch.jit.is_scripting():  # (TorchScript skips this block: checkpointing is eager-only)
+            if _checkpointing(self):
+                return self._forward_checkpointed(x)
+        # Unrolled (not a loop over getattr) so that TorchScript can compile it.
+        x = self.base_layer(x)
+        x = self.level0(x)
+        x = self.level1(x)
+        x = self.level2(x)
+        x = self.level3(x)
+        x = self.level4(x)
+        x = self.level5(x)
+        return x
+
+    @torch.jit.ignore
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False
+                              ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The outputs of the feature levels ``indices`` (timm's semantics), with the final features.
+
+        The levels are ``level0`` .. ``level5`` (the entries of ``feature_info``): ``indices`` None takes all,
+        an int ``n`` the last ``n``, a list those levels (negative from the end); the maps come in level order.
+        Returns ``(final_features, maps)``, or only the maps with ``intermediates_only``. ``stop_early`` skips
+        the levels past the deepest one taken (the final features are then that level's output). ``norm`` has
+        no effect: DLA has no final norm layer.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r} is not supported: DLA's feature maps are NCHW "
+                             f"(output_fmt='NCHW'); permute them yourself for channels-last (NHWC) maps")
+        take, last = feature_take_indices(NUM_LEVELS, indices)
+        x = check_input(x, self.in_chans)
+        ckpt = _checkpointing(self)
+        stages = self._stages()
+        if not stop_early:
+            last = NUM_LEVELS - 1
+        maps: List[torch.Tensor] = []
+        for i, m in enumerate(stages[:last + 2]):
+            x = _run_checkpointed(m, x) if ckpt else m(x)
+            if i - 1 in take:
+                maps.append(x)
+        if intermediates_only:
+            return maps
+        return x, maps
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop what the feature levels ``indices`` do not need; returns the absolute indices taken.
+
+        The levels past the deepest one taken become ``nn.Identity``; then ``num_features`` is that level's
+        width and the classifier goes (``reset_classifier(0, '')``), as it does anyway with ``prune_head``.
+        ``prune_norm`` has no effect: DLA has no final norm layer.
+        """
+        take, last = feature_take_indices(NUM_LEVELS, indices)
+        for i in range(last + 1, NUM_LEVELS):
+            setattr(self, f"level{i}", nn.Identity())
+        if last < NUM_LEVELS - 1:
+            # The head is sized for level5's width; the features now end at a narrower level.
+            self.num_features = self.feature_info[last]["num_chs"]
+        if prune_head or last < NUM_LEVELS - 1:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(self.global_pool(x))
@@ -346,48 +561,146 @@ class DLA(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-class FeatureInfo(list):
-    """List of dicts (num_chs, reduction, module) with timm's accessor methods."""
+class FeatureInfo:
+    """timm's ``FeatureInfo`` for a features_only model: the six levels' dicts and the requested ``out_indices``.
 
-    def channels(self) -> List[int]:
-        return [d["num_chs"] for d in self]
+    ``len()`` and indexing cover all six levels; the accessors (``channels()``, ``reduction()``,
+    ``module_name()``, ``get()``, ``get_dicts()``) give the ``out_indices`` entries, in the order given, or
+    the entries of ``idx`` (an int or a list of level indices).
+    """
 
-    def reduction(self) -> List[int]:
-        return [d["reduction"] for d in self]
+    def __init__(self, info: Sequence[dict], out_indices: Sequence[int]):
+        self.info = [dict(d, index=i) for i, d in enumerate(info)]
+        self.out_indices = tuple(out_indices)
 
-    def module_name(self) -> List[str]:
-        return [d["module"] for d in self]
+    def from_other(self, out_indices: Union[int, Sequence[int]]) -> "FeatureInfo":
+        return FeatureInfo(self.info, _requested_out_indices(out_indices))
+
+    def get(self, key: str, idx: Optional[Union[int, Sequence[int]]] = None):
+        if idx is None:
+            return [self.info[i][key] for i in self.out_indices]
+        if isinstance(idx, (tuple, list)):
+            return [self.info[i][key] for i in idx]
+        return self.info[idx][key]
+
+    def get_dicts(self, keys: Optional[Sequence[str]] = None, idx: Optional[Union[int, Sequence[int]]] = None):
+        def pick(d: dict) -> dict:
+            return d if keys is None else {k: d[k] for k in keys}
+        if idx is None:
+            return [pick(self.info[i]) for i in self.out_indices]
+        if isinstance(idx, (tuple, list)):
+            return [pick(self.info[i]) for i in idx]
+        return pick(self.info[idx])
+
+    def channels(self, idx: Optional[Union[int, Sequence[int]]] = None):
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: Optional[Union[int, Sequence[int]]] = None):
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: Optional[Union[int, Sequence[int]]] = None):
+        return self.get("module", idx)
+
+    def __getitem__(self, item):
+        return self.info[item]
+
+    def __len__(self) -> int:
+        return len(self.info)
+
+    def __repr__(self) -> str:
+        return f"FeatureInfo(out_indices={self.out_indices}, info={self.info})"
+
+
+def _requested_out_indices(out_indices: Union[int, Sequence[int]]) -> Tuple[int, ...]:
+    """``out_indices`` as timm records it: an int ``n`` is the last ``n`` levels (-n .. -1), a sequence as given."""
+    if isinstance(out_indices, int) and not isinstance(out_indices, bool):
+        return tuple(range(-out_indices, 0))
+    return tuple(out_indices)
+
+
+def features_cfg(cfg: dict) -> dict:
+    """A classifier's pretrained_cfg for its features_only model: without the classifier's entries (as timm)."""
+    return {k: v for k, v in cfg.items() if k not in ("num_classes", "classifier", "global_pool")}
 
 
 class DlaFeatures(nn.Module):
-    """The backbone up to the deepest requested level, returning the requested levels' maps.
+    """The backbone up to the deepest requested level, returning the requested levels' maps (timm's
+    ``features_only`` model).
 
     Holds the same children as the classifier (``base_layer``, ``level0``, ...) so a classifier state_dict
-    minus the head loads into it, as with timm's ``features_only`` models.
+    minus the head loads into it, as with timm's ``features_only`` models. The levels past the deepest requested
+    one are ``nn.Identity`` (no parameters: the state_dict is that of the levels used). ``out_indices`` takes
+    timm's forms (an int ``n``: the last ``n`` levels; negative indices from the end); the attribute holds the
+    absolute levels in increasing order, which is the order of the returned maps, while
+    ``feature_info.out_indices`` keeps the form given, as timm's does.
     """
 
-    def __init__(self, model: DLA, out_indices: Sequence[int] = (1, 2, 3, 4, 5)):
+    def __init__(self, model: DLA, out_indices: Optional[Union[int, Sequence[int]]] = (1, 2, 3, 4, 5)):
         super().__init__()
-        out_indices = tuple(int(i) for i in out_indices)
-        if not out_indices or any(i < 0 or i > 5 for i in out_indices) or len(set(out_indices)) != len(out_indices):
-            raise ValueError(f"out_indices must be distinct level indices in 0..5, got {out_indices}")
-        self.out_indices = tuple(sorted(out_indices))
+        if out_indices is None:
+            out_indices = (1, 2, 3, 4, 5)
+        try:
+            requested = _requested_out_indices(out_indices)
+            take, last = feature_take_indices(NUM_LEVELS, list(requested))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"out_indices must be level indices in 0..5 (negative: from the end) or an int n "
+                             f"(the last n levels), got {out_indices!r}: {e}") from None
+        if len(set(take)) != len(take):
+            raise ValueError(f"out_indices must be distinct levels, got {out_indices!r} (levels {take})")
+        self.out_indices = tuple(sorted(take))
         self.in_chans = model.in_chans
         self.channels = tuple(model.channels)  # all six levels, for the fusion pass
+        self.grad_checkpointing = False
         self.base_layer = model.base_layer
+        for i in range(NUM_LEVELS):
+            setattr(self, f"level{i}", getattr(model, f"level{i}") if i <= last else nn.Identity())
+        # One flag per level, so that the unrolled (scriptable) forward tests a plain list.
+        self.take_level = [i in take for i in range(NUM_LEVELS)]
+        self.feature_info = FeatureInfo(model.feature_info, requested)
+        self.pretrained_cfg = features_cfg(dict(getattr(model, "pretrained_cfg", {})))
+        self.default_cfg = self.pretrained_cfg
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """See :meth:`DLA.set_grad_checkpointing`."""
+        self.grad_checkpointing = bool(enable)
+
+    @torch.jit.ignore
+    def _forward_checkpointed(self, x: torch.Tensor) -> List[torch.Tensor]:
+        out = []
+        x = _run_checkpointed(self.base_layer, x)
         for i in range(max(self.out_indices) + 1):
-            setattr(self, f"level{i}", getattr(model, f"level{i}"))
-        self.feature_info = FeatureInfo(model.feature_info[i] for i in self.out_indices)
-        self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}))
+            x = _run_checkpointed(getattr(self, f"level{i}"), x)
+            if self.take_level[i]:
+                out.append(x)
+        return out
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        check_input(x, self.in_chans)
+        x = check_input(x, self.in_chans)
+        if not torch.jit.is_scripting():  # (TorchScript skips this block: checkpointing is eager-only)
+            if _checkpointing(self):
+                return self._forward_checkpointed(x)
+        take = self.take_level
+        out: List[torch.Tensor] = []
         x = self.base_layer(x)
-        out = []
-        for i in range(max(self.out_indices) + 1):
-            x = getattr(self, f"level{i}")(x)
-            if i in self.out_indices:
-                out.append(x)
+        x = self.level0(x)
+        if take[0]:
+            out.append(x)
+        x = self.level1(x)
+        if take[1]:
+            out.append(x)
+        x = self.level2(x)
+        if take[2]:
+            out.append(x)
+        x = self.level3(x)
+        if take[3]:
+            out.append(x)
+        x = self.level4(x)
+        if take[4]:
+            out.append(x)
+        x = self.level5(x)
+        if take[5]:
+            out.append(x)
         return out
 
 
@@ -416,10 +729,11 @@ MODEL_ARGS: Dict[str, dict] = {
 
 
 def default_cfg(name: str) -> dict:
+    """timm's pretrained_cfg of ``timm/<name>.in1k`` (the same keys and values)."""
     return {
-        "architecture": name, "tag": "in1k", "hf_hub_id": f"timm/{name}.in1k", "num_classes": 1000,
-        "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875, "crop_mode": "center",
-        "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-        "first_conv": "base_layer.0", "classifier": "fc",
+        "url": "", "hf_hub_id": f"timm/{name}.in1k", "architecture": name, "tag": "in1k", "custom_load": False,
+        "input_size": (3, 224, 224), "fixed_input_size": False, "interpolation": "bilinear", "crop_pct": 0.875,
+        "crop_mode": "center", "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "num_classes": 1000,
+        "pool_size": (7, 7), "first_conv": "base_layer.0", "classifier": "fc",
         "license": "unknown" if "res2" in name else "bsd-3-clause",
     }
