@@ -446,6 +446,8 @@ def _assign_root_splits(t: "FusedTree", cin: int, cout: int, children: List[int]
 
 
 def _fuse_block(m: nn.Module, device: torch.device, **kw) -> nn.Module:
+    if isinstance(m, nn.Identity):  # a level removed by prune_intermediate_layers
+        return nn.Identity()
     if isinstance(m, DlaTree):
         return FusedTree(m, device, **kw)
     if isinstance(m, DlaBasic):
@@ -504,12 +506,13 @@ class FusedDLA(_NoCast, nn.Module):
                     else _fuse_block(lvl, device, **kw))
         chans = model.channels
         for i in range(2, self.last_level + 1):
-            _assign_root_splits(getattr(self, f"level{i}"), chans[i - 1], chans[i], [])
+            if isinstance(getattr(self, f"level{i}"), FusedTree):
+                _assign_root_splits(getattr(self, f"level{i}"), chans[i - 1], chans[i], [])
         self.channels = tuple(chans)
         self.feature_info = model.feature_info
         self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
         self.default_cfg = self.pretrained_cfg
-        self.num_features = chans[-1]
+        self.num_features = getattr(model, "num_features", chans[-1])
         if not self.features_only:
             self.num_classes = model.num_classes
             self.global_pool = GlobalPool(model.global_pool.pool_type)

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .fuse import FusedAggregate, FusedConvBnAct
 
@@ -271,22 +270,11 @@ def _meta_model(name: str):
     return fused.to("meta")
 
 
-class _ChannelsLastConvs(TorchDispatchMode):
-    """Meta convolutions with channels_last outputs. The fused ops of both compiled backends return
-    channels_last (as does the CPU convolution for a channels_last input), but the meta kernel picks NCHW for a
-    strided input such as a Res2Net channel slice, and the next split would then lose the slices' pitch."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten.convolution.default and out.dim() == 4:
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
-
-
 @functools.lru_cache(maxsize=None)
 def _layer_records(name: str, hw: Tuple[int, int]) -> Tuple[LayerRecord, ...]:
     fused = _meta_model(name)
-    layers = fused.fused_layers()
+    # The ops with a shape to benchmark (the trees' max-pools are planned too, but have no kernel choice to time).
+    layers = [(n, m) for n, m in fused.fused_layers() if isinstance(m, (FusedConvBnAct, FusedAggregate))]
     seen: Dict[str, List[OpShape]] = {n: [] for n, _ in layers}
     order: List[Tuple[str, OpShape]] = []
     handles = []
@@ -297,7 +285,9 @@ def _layer_records(name: str, hw: Tuple[int, int]) -> Tuple[LayerRecord, ...]:
             order.append((lname, s))
         handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        with torch.no_grad(), _ChannelsLastConvs():
+        # On the meta device the fused layers return channels_last outputs, as their kernels do, so the Res2Net
+        # slices keep their pitch.
+        with torch.no_grad():
             fused(torch.empty(1, fused.in_chans, *hw, device="meta"))
     finally:
         for hd in handles:

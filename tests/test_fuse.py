@@ -205,6 +205,39 @@ def test_optimize_triton_interpreter_small_model():
     assert rel_err(fast(x), ref) <= RATIO * eager_err + FLOOR[torch.float32]
 
 
+@pytest.mark.parametrize("name", ["dla34", "dla60_res2next"])
+def test_optimized_forward_intermediates_and_pruning(name):
+    """forward_intermediates / prune_intermediate_layers on the optimized model give the eager model's maps (the
+    neck of a detector gets the fused levels directly), and a pruned eager model optimizes."""
+    model = randomize_bn(dla_fast.create_model(name)).eval()
+    fast = dla_fast.optimize(model, dtype=torch.float32)
+    x = torch.randn(2, 3, 64, 63)
+    with torch.no_grad():
+        for kw in (dict(), dict(indices=2), dict(indices=[1, -1]), dict(indices=(0, 3), stop_early=True),
+                   dict(indices=3, intermediates_only=True)):
+            ref, got = model.forward_intermediates(x, **kw), fast.forward_intermediates(x, **kw)
+            if kw.get("intermediates_only"):
+                ref, got = (None, ref), (None, got)
+            else:
+                assert rel_err(got[0], ref[0]) < 1e-5, kw
+            assert len(got[1]) == len(ref[1]) and all(rel_err(a, b) < 1e-5 for a, b in zip(got[1], ref[1])), kw
+    with pytest.raises(ValueError, match="output_fmt must be 'NCHW'"):
+        fast.forward_intermediates(x, output_fmt="NHWC")
+    assert fast.prune_intermediate_layers([1, 3]) == [1, 3]
+    assert not hasattr(fast, "level4") and fast.last_level == 3
+    with torch.no_grad():
+        final, maps = fast.forward_intermediates(x, indices=[1, 3])
+        assert final.shape == maps[-1].shape and rel_err(maps[1], model.forward_intermediates(x, [3])[1][0]) < 1e-5
+        assert torch.equal(fast(x), final)  # the head went with the pruning: the deepest kept map
+    with pytest.raises(ValueError, match="level 5 was not kept"):
+        fast.forward_intermediates(x, indices=[5])
+    pruned = randomize_bn(dla_fast.create_model(name)).eval()
+    pruned.prune_intermediate_layers(2)
+    fp = dla_fast.optimize(pruned, dtype=torch.float32)
+    with torch.no_grad():
+        assert rel_err(fp(x), pruned(x)) < 1e-5
+
+
 @pytest.mark.interpreter
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="needs TRITON_INTERPRET=1")
 def test_optimized_model_copies_and_pickles_after_use(tmp_path):

@@ -27,18 +27,23 @@ def _run(sess, x):
     return [torch.from_numpy(y) for y in sess.run(None, {sess.get_inputs()[0].name: x.numpy()})]
 
 
+# Each export takes 4-15 s of CPU: every variant is exported with a dynamic batch, and one of each block type
+# (basic, bottleneck, grouped bottleneck, Res2Net) with a fixed one too.
+FIXED = ("dla34", "dla46x_c", "dla60_res2next", "dla102")
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_onnx_export_matches_eager(name, tmp_path):
     torch.manual_seed(ALL.index(name))
     m = randomize_bn(dla_fast.create_model(name)).eval()
-    # fixed batch
-    x = torch.randn(1, 3, 64, 64)
-    sess = _export(m, x, tmp_path / "fixed.onnx", dynamic_batch=False)
-    assert [d for d in sess.get_inputs()[0].shape] == [1, 3, 64, 64]
-    with torch.no_grad():
-        ref = m(x)
-    (y,) = _run(sess, x)
-    assert y.shape == ref.shape and rel_err(y, ref) <= TOL
+    if name in FIXED:
+        x = torch.randn(1, 3, 64, 64)
+        sess = _export(m, x, tmp_path / "fixed.onnx", dynamic_batch=False)
+        assert [d for d in sess.get_inputs()[0].shape] == [1, 3, 64, 64]
+        with torch.no_grad():
+            ref = m(x)
+        (y,) = _run(sess, x)
+        assert y.shape == ref.shape and rel_err(y, ref) <= TOL
     # dynamic batch: exported at batch 2, run at batches 1, 2 and 3
     sess = _export(m, torch.randn(2, 3, 63, 64), tmp_path / "dynamic.onnx", dynamic_batch=True)
     assert isinstance(sess.get_inputs()[0].shape[0], str)  # a symbolic batch dimension
