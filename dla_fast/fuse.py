@@ -682,7 +682,8 @@ class FusedDLA(_NoCast, nn.Module):
             rows = self.plans(b, hw, replayed=True)
             counts = collections.Counter(f"{p.backend}/{p.source}" for _, _, p in rows)
             size = hw or self._default_hw()
-            lines.append(f"  batch {b}, {size[0]}x{size[1]}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+            tally = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+            lines.append(f"  batch {b}, {size[0]}x{size[1]}: {tally}")
             for name, label, plan in rows:
                 lines.append(f"    {name:<40} {label:<44} {plan.describe(_op_of(label))}")
             if b <= LAUNCH_BOUND_BATCH and dev.type == "cuda":

@@ -11,7 +11,6 @@ Skipped without a GPU (conftest) and, unless DLA_FAST_REQUIRE_EXT=1, without the
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess

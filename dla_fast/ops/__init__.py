@@ -248,8 +248,8 @@ def aggregate(
     impl, cfg = _select(backend, ref, _needs_grad(weight, bias, res, *children), key, "aggregate")
     if impl.NAME == "eager":
         return aggregate_ref(children, weight2d, bias, res, relu)
-    return impl.aggregate(children, weight2d.contiguous(), None if bias is None else bias.to(torch.float32).contiguous(),
-                          res, relu, cfg)
+    b32 = None if bias is None else bias.to(torch.float32).contiguous()
+    return impl.aggregate(children, weight2d.contiguous(), b32, res, relu, cfg)
 
 
 def max_pool(x: torch.Tensor, k: int, *, backend: str = "auto") -> torch.Tensor:
