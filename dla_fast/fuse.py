@@ -186,13 +186,13 @@ class _Planned(_NoCast, nn.Module):
 
     def _impl(self, x: torch.Tensor, res: bool):
         n, h, w = x.shape[0], x.shape[2], x.shape[3]
-        lb = _launch_bound(n)
         if torch.compiler.is_compiling():
-            if not all(isinstance(v, int) for v in (n, h, w)):
-                n, h, w = 256, 224, 224  # a dynamic shape: plan for the throughput regime
-            name, cfg = _constant_plan(id(self), n, h, w, res, lb)
+            # torch.compile / torch.export: no launch cost to pay (lb False), and a dynamic size must not be
+            # branched on (an export would specialise it): such a call takes the throughput regime's plan.
+            n, h, w = (v if isinstance(v, int) else d for v, d in ((n, 256), (h, 224), (w, 224)))
+            name, cfg = _constant_plan(id(self), n, h, w, res, False)
         else:
-            name, cfg, _ = self._plan_entry(n, h, w, res, lb)
+            name, cfg, _ = self._plan_entry(n, h, w, res, _launch_bound(n))
         return _backends.get(name), cfg
 
     def plans(self) -> Dict[tuple, Plan]:

@@ -1,4 +1,5 @@
 """The inference pass: BN folding, optimize() on all variants, inference-only guards, backends, CUDA graphs."""
+import collections
 import copy
 import os
 
@@ -257,6 +258,21 @@ def test_optimized_model_copies_and_pickles_after_use(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(t.buffers(), fast.buffers()))
     # one of them runs (each interpreted forward takes tens of seconds here)
     torch.testing.assert_close(twins[2](x), y, rtol=0, atol=0)
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="needs TRITON_INTERPRET=1")
+def test_export_with_a_dynamic_batch_keeps_the_fused_ops():
+    """torch.export of an optimized model: every fused layer is one dla_fast_triton op in the graph, and a dynamic
+    batch is not specialised by the plan (which then takes the throughput regime's choice)."""
+    fast = dla_fast.optimize(dla_fast.create_model("dla46_c").eval(), dtype=torch.float32, backend="triton")
+    with torch.no_grad():
+        ep = torch.export.export(fast, (torch.randn(2, 3, 32, 32),),
+                                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    ops = [str(n.target) for n in ep.graph_module.graph.nodes
+           if n.op == "call_function" and getattr(n.target, "namespace", None) == "dla_fast_triton"]
+    fused = collections.Counter(m.OP for _, m in fast.fused_layers())
+    assert collections.Counter(o.split(".")[1] for o in ops) == fused
 
 
 # ---------------------------------------------------------------- GPU ----
