@@ -38,15 +38,19 @@ def model():
     return randomize_bn(dla_fast.create_model("dla46_c")).eval()
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_export_keeps_the_fused_ops(model, backend):
+def _exported(model, backend):
+    """(optimized model, input, its output, the exported program) on ``backend``; skips where it cannot run."""
     if not _available(backend):
         pytest.skip(f"the {backend} backend cannot run here")
     fast = dla_fast.optimize(model, dtype=torch.float16, backend=backend, device="cuda")
     x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.float16)
     with torch.no_grad():
-        ref = fast(x)
-        ep = torch.export.export(fast, (x,))
+        return fast, x, fast(x), torch.export.export(fast, (x,))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_export_keeps_the_fused_ops(model, backend):
+    fast, x, ref, ep = _exported(model, backend)
     ops = _dla_nodes(ep.graph_module, NAMESPACES[backend])
     convs = [t for t in ops if t.__name__.startswith(("conv_bn_act", "aggregate"))]
     assert len(convs) == _fused_calls(fast), [str(t) for t in ops]
@@ -71,13 +75,8 @@ def test_export_auto_dynamic_batch(model):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_aoti_package_runs_the_fused_kernels(model, backend, tmp_path):
-    if not _available(backend):
-        pytest.skip(f"the {backend} backend cannot run here")
-    fast = dla_fast.optimize(model, dtype=torch.float16, backend=backend, device="cuda")
-    x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.float16)
+    fast, x, ref, ep = _exported(model, backend)
     with torch.no_grad():
-        ref = fast(x)
-        ep = torch.export.export(fast, (x,))
         path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(tmp_path, "m.pt2"))
     runner = torch._inductor.aoti_load_package(path)
     with torch.no_grad():

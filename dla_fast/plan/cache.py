@@ -188,9 +188,9 @@ def _read_holder(path: str) -> Optional[int]:
         return None
 
 
-class _FlockLock:
-    """``fcntl.flock`` on the lock file (POSIX). The kernel drops the lock when its holder exits or dies, so a
-    crashed tuner never leaves the cache locked; the file itself stays, holding the last holder's pid."""
+class _FdLock:
+    """A lock on an open lock file, held by the OS for this process: the OS drops it when its holder exits or
+    dies, so a crashed tuner never leaves the cache locked. Subclasses lock and unlock the descriptor."""
 
     stale_hint = ""
 
@@ -198,56 +198,54 @@ class _FlockLock:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 
+    def _lock(self) -> None:
+        raise NotImplementedError
+
+    def _unlock(self) -> None:
+        raise NotImplementedError
+
     def try_acquire(self) -> bool:
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):  # EWOULDBLOCK, or EACCES on some systems
+            self._lock()
+        except OSError:  # held elsewhere: EWOULDBLOCK, or EACCES on some systems
             return False
+        return True
+
+    def release(self) -> None:
+        try:
+            self._unlock()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class _FlockLock(_FdLock):
+    """``fcntl.flock`` on the lock file (POSIX); the file keeps the last holder's pid for the timeout message."""
+
+    def _lock(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with contextlib.suppress(OSError):  # the pid only serves the timeout message
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        return True
 
-    def release(self) -> None:
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+    def _unlock(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
-class _MsvcrtLock:
-    """``msvcrt.locking`` on the lock file's first byte (Windows); Windows drops it when the holder exits."""
+class _MsvcrtLock(_FdLock):
+    """``msvcrt.locking`` on the lock file's first byte (Windows)."""
 
-    stale_hint = ""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-
-    def try_acquire(self) -> bool:
+    def _lock(self) -> None:
         os.lseek(self.fd, 0, os.SEEK_SET)
-        try:
-            msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        return True
+        msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
 
-    def release(self) -> None:
-        try:
-            os.lseek(self.fd, 0, os.SEEK_SET)
-            msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+    def _unlock(self) -> None:
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
 
 
 class _ExclusiveFileLock:
