@@ -108,46 +108,106 @@ def _write_json(path: str, obj: dict, quiet: bool = False) -> None:
 
 
 def cmd_bench(a) -> int:
-    from . import bench
+    from . import bench, distributed
 
+    try:
+        world = distributed.world_from_env()  # set when torchrun started this process
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    main_rank = world is None or world.rank == 0
+    log = _log if main_rank else (lambda s: None)  # only rank 0 speaks
+    if a.distributed is not None:
+        if world is not None:
+            raise _fail("--distributed N starts torchrun itself; under torchrun (RANK/WORLD_SIZE set) leave it out")
+        _positive("--distributed", a.distributed)
+    if a.train and world is None and a.distributed is None:
+        raise _fail("--train times data-parallel training steps (DDP) across processes: add --distributed N, or run "
+                    "under torchrun (torchrun --nproc_per_node N -m dla_fast bench --train ...)")
     device = _device(a.device)
+    if a.distributed is not None and device == "cuda" and a.distributed > torch.cuda.device_count():
+        raise _fail(f"--distributed {a.distributed} needs one GPU per process, and {torch.cuda.device_count()} "
+                    f"GPU(s) are visible; pass --distributed {torch.cuda.device_count()} or fewer")
     models = _models(a.model)
     cpu = device == "cpu"
-    dtypes = _dtypes(a.dtype, "float32" if cpu else "float16,bfloat16")
-    batch_sizes = _batches(a.batch_size, [1, 4] if cpu else [256, 1])
+    dtypes = _dtypes(a.dtype, "float32" if cpu else ("bfloat16" if a.train else "float16,bfloat16"))
+    batch_sizes = _batches(a.batch_size, ([4] if a.train else [1, 4]) if cpu else ([128] if a.train else [256, 1]))
     hw = _hw(a.hw, (224, 224))
     for name in ("--rounds", "--iters"):
         _positive(name, getattr(a, name[2:]))
     if a.warmup is not None and a.warmup < 0:
         raise _fail(f"--warmup must be >= 0, got {a.warmup}")
+    known = tuple(distributed.TRAIN_BUILDERS) if a.train else bench.IMPLS
     impls = [s.strip() for s in a.impl.split(",") if s.strip()] if a.impl is not None else list(
-        bench.CPU_DEFAULT_IMPLS if cpu else bench.GPU_DEFAULT_IMPLS)
+        distributed.TRAIN_IMPLS if a.train else bench.CPU_DEFAULT_IMPLS if cpu else bench.GPU_DEFAULT_IMPLS)
     if not impls:
-        raise _fail(f"--impl names no implementation; choose from: {', '.join(bench.IMPLS)}")
-    bad = [i for i in impls if i not in bench.IMPLS]
+        raise _fail(f"--impl names no implementation; choose from: {', '.join(known)}")
+    bad = [i for i in impls if i not in known]
     if bad:
-        raise _fail(f"unknown impl(s) {', '.join(bad)}; choose from: {', '.join(bench.IMPLS)}")
-    _check_writable(a.json)
+        what = "no training step for" if a.train and all(i in bench.IMPLS for i in bad) else "unknown"
+        raise _fail(f"{what} impl(s) {', '.join(bad)}; choose from: {', '.join(known)}")
+    if a.train and (a.features or a.tune):
+        raise _fail(f"--train times the classifier's training step; {'--features' if a.features else '--tune'} "
+                    "applies to inference only")
+    if main_rank:
+        _check_writable(a.json)
     needs_timm = [i for i in impls if i.startswith(("timm", "torch_compile"))]
     if needs_timm:
         try:
             import timm  # noqa: F401
         except ImportError:
-            _log(f"note: timm is not installed, skipping {', '.join(needs_timm)} (pip install timm)")
+            log(f"note: timm is not installed, skipping {', '.join(needs_timm)} (pip install timm)")
             impls = [i for i in impls if i not in needs_timm]
+    if a.distributed is not None:
+        import subprocess
+
+        cmd = distributed.relaunch_command(a.distributed, getattr(a, "argv", sys.argv[1:]))
+        _log(f"launching: {' '.join(cmd)}")
+        return subprocess.call(cmd)
     if cpu:
-        _log(f"note: no GPU in use: benchmarking on the CPU ({torch.get_num_threads()} threads) with small batches "
-             f"{batch_sizes}; fused kernels need a GPU, so dla_fast runs its eager fallback here")
-    _log(f"bench: models={','.join(models)} dtypes={','.join(str(d)[6:] for d in dtypes)} batch={batch_sizes} "
-         f"impls={','.join(impls)} device={device} input={hw[0]}x{hw[1]}{' features_only' if a.features else ''}"
-         f"{' tuned' if a.tune else ''}")
-    result = bench.run(models, dtypes, batch_sizes, impls, device, hw, a.rounds or (3 if cpu else 7), a.iters,
-                       a.warmup if a.warmup is not None else (1 if cpu else 5), log=_log,
+        log(f"note: no GPU in use: benchmarking on the CPU ({torch.get_num_threads()} threads) with small batches "
+            f"{batch_sizes}; fused kernels need a GPU, so dla_fast runs its eager fallback here")
+    log(f"bench: models={','.join(models)} dtypes={','.join(str(d)[6:] for d in dtypes)} batch={batch_sizes}"
+        f"{'/rank' if world else ''} impls={','.join(impls)} device={device} input={hw[0]}x{hw[1]}"
+        f"{' features_only' if a.features else ''}{' tuned' if a.tune else ''}{' train' if a.train else ''}"
+        f"{f' ranks={world.world_size}' if world else ''}")
+    rounds, warmup = a.rounds or (3 if cpu else 7), a.warmup if a.warmup is not None else (1 if cpu else 5)
+    if world is not None:
+        return _bench_distributed(a, world, device, models, dtypes, batch_sizes, impls, hw, rounds, warmup, log)
+    result = bench.run(models, dtypes, batch_sizes, impls, device, hw, rounds, a.iters, warmup, log=_log,
                        on_partial=(lambda r: _write_json(a.json, r, quiet=True)) if a.json else None,
                        features=a.features, tune=a.tune)
     if a.json:
         _write_json(a.json, result)
     print(bench.format_table(result))
+    return 0
+
+
+def _bench_distributed(a, world, device, models, dtypes, batch_sizes, impls, hw, rounds, warmup, log) -> int:
+    """This rank's part of a torchrun launch; rank 0 prints the table and writes --json."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from . import distributed
+
+    try:
+        dev = distributed.rank_device(device, world.local_rank, torch.cuda.device_count() if device == "cuda" else 0)
+    except ValueError as e:
+        raise _fail(f"rank {world.rank}: {e}") from None
+
+    @record  # torchrun's failure summary then names the exception, not just the exit code
+    def go():
+        ctx = distributed.Context(world, dev)
+        with ctx.failing_loudly():
+            result = distributed.run(ctx, models, dtypes, batch_sizes, impls, hw, rounds, a.iters, warmup,
+                                     train=a.train, features=a.features, tune=a.tune, log=log,
+                                     on_partial=(lambda r: _write_json(a.json, r, quiet=True)) if a.json else None)
+            ctx.close()
+        return result
+
+    result = go()
+    if result is not None:
+        if a.json:
+            _write_json(a.json, result)
+        print(distributed.format_table(result), flush=True)
     return 0
 
 
@@ -245,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default=None, help="float16|bfloat16|float32|all or a comma list "
                    "(default float16,bfloat16 on GPU, float32 on CPU)")
     b.add_argument("--batch-size", type=int, nargs="+", default=None,
-                   help="batch sizes (default 256 1 on GPU, 1 4 on CPU)")
+                   help="batch sizes, per process under torchrun (default 256 1 on GPU, 1 4 on CPU; with --train "
+                   "128 on GPU, 4 on CPU)")
     b.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     b.add_argument("--impl", default=None, help="comma list of implementations (default: all that apply)")
     b.add_argument("--hw", default=None, help="input size: a side (224) or HxW (608x1088); default 224")
@@ -256,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iters", type=int, default=None, help="calls per timing sample")
     b.add_argument("--warmup", type=int, default=None, help="warm-up calls per implementation")
     b.add_argument("--json", default=None, help="write the full results here")
+    b.add_argument("--distributed", type=int, default=None, metavar="N",
+                   help="run data-parallel on N processes of this node, one per GPU, by starting this command under "
+                   "torchrun (torch.distributed.run --standalone --nproc_per_node N); see docs/distributed.md")
+    b.add_argument("--train", action="store_true", help="time data-parallel training steps (DDP) of timm_eager and "
+                   "dla_fast_eager instead of inference; needs torchrun or --distributed")
     b.set_defaults(fn=cmd_bench)
     v = sub.add_parser("verify", help="check optimize() against a float64 reference, pass/fail table")
     v.add_argument("--model", default="all", help="a variant, a comma list, or 'all' (default all)")
@@ -285,4 +351,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     a = build_parser().parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)  # what --distributed starts again under torchrun
     return a.fn(a)
