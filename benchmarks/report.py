@@ -3,8 +3,8 @@
     python benchmarks/report.py results/X.json --md results/X.md --png results/X.png
 
 The JSON is ``{"device", "torch", "triton", "cudnn", "date", "rows": [{"model", "dtype", "batch_size", "impl",
-"img_per_s", "ms", "peak_mem_mb", "rel_err", ["first_s"], ["error"]}]}`` (older runs: ``compile_s``). Speedups are throughput ratios
-(img/s of the implementation over img/s of the baseline; > 1 means faster than the baseline).
+"img_per_s", "ms", "peak_mem_mb", "rel_err", ["first_s"], ["error"]}]}`` (older runs: ``compile_s``). Speedups
+are throughput ratios (img/s of the implementation over img/s of the baseline; > 1 means faster than the baseline).
 """
 from __future__ import annotations
 
