@@ -14,7 +14,7 @@ def tf32_round(x):
 
     Fed raw fp32, the tensor cores' TF32 mode drops the low 13 mantissa bits: truncation, biased towards
     zero. Over the 30-150 convolutions of a DLA that bias compounds, and the network's fp32 output came out
-    2.2-6.5x further from float64 than cuDNN's (which rounds) on the H100 (2026-11-25). Rounding first
+    2.2-6.5x further from float64 than cuDNN's (which rounds) on the H100. Rounding first
     makes the hardware's truncation exact. Integer ops rather than inline PTX so the interpreter runs it too.
     """
     u = x.to(tl.uint32, bitcast=True)
