@@ -12,6 +12,8 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
 	$(PY) -m pip install -q torch numpy
 	$(PY) -m pip install --no-build-isolation -e ".[test,bench]"
+	@# pip hides setup.py's output when the build succeeds: say here whether the CUDA extension was built
+	@$(PY) -c "import dla_fast.backends.cuda as c; print('dla_fast._C: built and loaded' if c._C is not None else 'dla_fast._C: NOT built (' + str(c._load_error) + '); the Triton and eager backends run instead')"
 	touch $@
 
 setup: $(VENV)/.installed
