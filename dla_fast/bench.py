@@ -222,6 +222,25 @@ def run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch_sizes: Seque
     env["hw"] = list(hw)
     env["features"] = list(FEATURE_LEVELS) if features else None
     env["tune"] = tune
+    for name, dt, bs in each_case(models, dtypes, batch_sizes, log,
+                                  lambda bs: f"batch {bs} {hw[0]}x{hw[1]}{' features' if features else ''}"):
+        rows += bench_one(name, dt, bs, impls, device, hw, rounds, iterations(iters, device, bs), warmup, log,
+                          features, tune)
+        env["rows"] = [r.__dict__ for r in rows]
+        if on_partial is not None:
+            on_partial(env)
+    env["rows"] = [r.__dict__ for r in rows]
+    return env
+
+
+def iterations(iters: Optional[int], device_type: str, batch: int) -> int:
+    """Calls per timing sample: ``iters`` if given, else enough that a GPU sample is not one short call."""
+    return iters or (1 if device_type == "cpu" else max(3, min(50, 512 // batch)))
+
+
+def each_case(models: Sequence[str], dtypes: Sequence[torch.dtype], batch_sizes: Sequence[int],
+              log: Callable[[str], None], describe: Callable[[int], str]):
+    """(model, dtype, batch) of a run in order, with a progress line before each."""
     total = len(models) * len(dtypes) * len(batch_sizes)
     k = 0
     t0 = time.perf_counter()
@@ -229,15 +248,8 @@ def run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch_sizes: Seque
         for dt in dtypes:
             for bs in batch_sizes:
                 k += 1
-                log(f"[{k}/{total}] {name} {dtype_name(dt)} batch {bs} {hw[0]}x{hw[1]}"
-                    f"{' features' if features else ''} ({time.perf_counter() - t0:.0f}s elapsed)")
-                n_iter = iters or (1 if device == "cpu" else max(3, min(50, 512 // bs)))
-                rows += bench_one(name, dt, bs, impls, device, hw, rounds, n_iter, warmup, log, features, tune)
-                env["rows"] = [r.__dict__ for r in rows]
-                if on_partial is not None:
-                    on_partial(env)
-    env["rows"] = [r.__dict__ for r in rows]
-    return env
+                log(f"[{k}/{total}] {name} {dtype_name(dt)} {describe(bs)} ({time.perf_counter() - t0:.0f}s elapsed)")
+                yield name, dt, bs
 
 
 def format_table(result: dict) -> str:

@@ -569,7 +569,7 @@ def run(ctx: Context, models: Sequence[str], dtypes: Sequence[torch.dtype], batc
         on_partial: Optional[Callable[[dict], None]] = None) -> Optional[dict]:
     """Every (model, dtype, batch) group on every rank; rank 0 returns the result (environment, ``ranks``,
     ``rows``), the other ranks None. ``on_partial`` (rank 0) gets the result so far after each group."""
-    from .bench import FEATURE_LEVELS, environment
+    from .bench import FEATURE_LEVELS, each_case, environment, iterations
     from .verify import dtype_name
 
     dev = ctx.device
@@ -583,31 +583,24 @@ def run(ctx: Context, models: Sequence[str], dtypes: Sequence[torch.dtype], batc
         result = environment(dev.type)
         result.update(world_size=ctx.world_size, backend=ctx.backend, ranks=ranks, mode="train" if train else "infer",
                       hw=list(hw), features=list(FEATURE_LEVELS) if features else None, tune=tune, rows=[])
-    total = len(models) * len(dtypes) * len(batch_sizes)
-    k = 0
-    t0 = time.perf_counter()
-    for name in models:
-        for dt in dtypes:
-            for bs in batch_sizes:
-                k += 1
-                log(f"[{k}/{total}] {name} {dtype_name(dt)} batch {bs}/rank x {ctx.world_size} ranks "
-                    f"{hw[0]}x{hw[1]}{' features' if features else ''}{' train' if train else ''} "
-                    f"({time.perf_counter() - t0:.0f}s elapsed)")
-                n_iter = iters or (1 if dev.type == "cpu" else max(3, min(50, 512 // bs)))
-                if train:
-                    cases = [TRAIN_BUILDERS[i](name, dt, bs, dev, hw) for i in impls]
-                else:
-                    cases = infer_cases(name, dt, bs, impls, dev, hw, features, tune)
-                recs = measure(ctx, cases, rounds, n_iter, warmup, log)
-                for rec in recs:
-                    rec.update(model=name, dtype=dtype_name(dt), batch_size=bs, hw=list(hw), features=features)
-                gathered = ctx.gather(recs)
-                if result is not None:
-                    result["rows"] += aggregate(gathered)
-                    if on_partial is not None:
-                        on_partial(result)
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
+    def what(bs: int) -> str:
+        return (f"batch {bs}/rank x {ctx.world_size} ranks {hw[0]}x{hw[1]}{' features' if features else ''}"
+                f"{' train' if train else ''}")
+    for name, dt, bs in each_case(models, dtypes, batch_sizes, log, what):
+        if train:
+            cases = [TRAIN_BUILDERS[i](name, dt, bs, dev, hw) for i in impls]
+        else:
+            cases = infer_cases(name, dt, bs, impls, dev, hw, features, tune)
+        recs = measure(ctx, cases, rounds, iterations(iters, dev.type, bs), warmup, log)
+        for rec in recs:
+            rec.update(model=name, dtype=dtype_name(dt), batch_size=bs, hw=list(hw), features=features)
+        gathered = ctx.gather(recs)
+        if result is not None:
+            result["rows"] += aggregate(gathered)
+            if on_partial is not None:
+                on_partial(result)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     return result
 
 
