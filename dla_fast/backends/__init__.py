@@ -10,7 +10,7 @@ A backend is a module with::
     max_pool(x, k) -> Tensor                    k x k, stride k, no padding (the trees' downsampling)
     conv_candidates(x, weight, bias, stride, padding, groups, residual) -> List[config]
     aggregate_candidates(children, weight2d, bias, residual) -> List[config]
-    describe(config) -> str
+    describe(config, op="conv_bn_act") -> str
 
 Arguments arrive validated by :mod:`dla_fast.ops` (or built by :mod:`dla_fast.fuse`): 4-D tensors on one device
 in one dtype, the weight channels_last ([Cout, kh, kw, Cin/g] in memory; 2-D for an aggregate), the bias float32

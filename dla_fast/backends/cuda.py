@@ -89,9 +89,10 @@ def has_wgmma(device: Optional[torch.device] = None) -> bool:
     return torch.cuda.get_device_capability(device)[0] == 9
 
 
-def describe(config: Sequence[int]) -> str:
+def describe(config: Sequence[int], op: str = "conv_bn_act") -> str:
     """A config in words: ``()`` -> "rule", ``(1, 128, 2)`` -> "wgmma bn128 tma", ``(6, 16, 1)`` -> "stem".
-    Elements left to the rule (0) are omitted; so are the widths of the one-width kernels."""
+    Elements left to the rule (0) are omitted; so are the widths of the one-width kernels. Both ops encode the
+    same way, so ``op`` changes nothing here."""
     cfg = tuple(int(v) for v in config)
     if not cfg:
         return "rule"

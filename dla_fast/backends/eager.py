@@ -42,5 +42,5 @@ def aggregate_candidates(children, weight2d, bias, residual) -> List[Tuple[int, 
     return [()]
 
 
-def describe(config: Tuple[int, ...]) -> str:
+def describe(config: Tuple[int, ...], op: str = "conv_bn_act") -> str:
     return "cuDNN/ATen"

@@ -119,15 +119,7 @@ class Plan:
     ms: Optional[float] = None
 
     def describe(self, op: str = "conv_bn_act") -> str:
-        detail = ""
-        if self.config:
-            mod = _backends.get(self.backend)
-            if mod is not None:
-                try:
-                    detail = " " + (mod.describe(self.config, op) if self.backend == "triton"
-                                    else mod.describe(self.config))
-                except Exception:  # a config this build cannot name still runs (the backend falls back)
-                    detail = f" {list(self.config)}"
+        detail = f" {describe_config(self.backend, self.config, op)}" if self.config else ""
         why = f": {self.why}" if self.why else ""
         return f"{self.backend}{detail} [{self.source}{why}]"
 
@@ -148,6 +140,16 @@ class Plan:
             raise ValueError(f"not a plan entry: {d!r}")
         ms = d.get("ms")
         return cls(backend, tuple(config), source, str(d.get("why", "")), float(ms) if ms is not None else None)
+
+
+def describe_config(backend: str, config: Sequence[int], op: str) -> str:
+    """``backend``'s name for ``config``, or the raw ints where this build cannot name it (it still runs: the
+    backend falls back)."""
+    mod = _backends.get(backend)
+    try:
+        return mod.describe(config, op)
+    except Exception:
+        return str(list(config))
 
 
 # ----------------------------------------------------------------------------------------------- the rule

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import backends as _backends
-from .planner import PLANNER, LayerKey, Plan, rule
+from .planner import PLANNER, LayerKey, Plan, describe_config, rule
 from .timing import Progress, cuda_event_timer, pick, time_candidates
 
 MARGIN = 0.03          # a candidate replaces the rule's choice only when this much faster
@@ -209,7 +209,7 @@ def tune_calls(calls: Sequence[LayerCall], device: torch.device, dtype: torch.dt
                                           rounds=rounds, budget_s=remaining, clock=clock)
             win = pick(results, margin=margin)
             backend, config = cands[win]
-            times = {f"{b}{' ' + _describe(b, c, call.key.op) if c else ''}": round(r.ms, 5)
+            times = {f"{b}{' ' + describe_config(b, c, call.key.op) if c else ''}": round(r.ms, 5)
                      for (b, c), r in zip(cands, results) if r.error is None}
             why = f"{results[win].ms:.4f} ms; rule's choice {results[0].ms:.4f} ms"
             plan = Plan(backend, tuple(config), "tuned", why, results[win].ms)
@@ -231,14 +231,6 @@ def _failing(fn):
                            "inputs (or raised)")
     failed.backend, failed.config = fn.backend, fn.config
     return failed
-
-
-def _describe(backend: str, config, op: str) -> str:
-    mod = _backends.get(backend)
-    try:
-        return mod.describe(config, op) if backend == "triton" else mod.describe(config)
-    except Exception:
-        return str(list(config))
 
 
 class _NullLock:
