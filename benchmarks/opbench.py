@@ -1027,6 +1027,19 @@ def _max_pool_fn(mod, backend: str) -> Optional[Callable]:
     return getattr(mod, "max_pool", None) or getattr(mod, "max_pool2d", None)
 
 
+def _check_and_log(run: Callable[[], Tuple[bool, str]], device, log, dt, backend: str, label: str,
+                   what: str) -> bool:
+    """One sanitize check: ``run()`` gives (ok, message); an exception fails it (and the device is recovered).
+    Logs one ok/FAIL line; returns ok."""
+    try:
+        ok, msg = run()
+    except Exception as ex:
+        ok, msg = False, _short(ex)
+        _recover(device)
+    log(f"{'ok  ' if ok else 'FAIL'} {dtype_name(dt):8} {backend:6} {label:18} {what:54} {msg}")
+    return ok
+
+
 def sanitize(entries: Sequence[ShapeEntry], dtypes: Sequence[torch.dtype], backends: Sequence[str], device,
              log=print) -> int:
     """Every op once per backend and kernel configuration on each shape (see :func:`sanitize_shapes`), each
@@ -1056,22 +1069,17 @@ def sanitize(entries: Sequence[ShapeEntry], dtypes: Sequence[torch.dtype], backe
                         configs = [((), f"candidates query failed: {_short(ex)}")]
                     for cfg, label in configs:
                         checks += 1
-                        kernel = ""
-                        try:
+
+                        def run(cfg=cfg, case=case, ref=ref):
                             _poison(ref.numel(), dt, device)
                             with torch.no_grad():
                                 y = _backend_call(mod, case, cfg)()
                             _sync(device)
                             err = _max_err(y, ref)
-                            ok = err <= SANITIZE_TOL[dt] and y.dtype == dt
                             kernel = getattr(mod, "last_kernel", lambda: "")() if be == "cuda" else ""
-                            msg = f"err {err:.2e}"
-                        except Exception as ex:
-                            ok, msg = False, _short(ex)
-                            _recover(device)
-                        fails += not ok
-                        log(f"{'ok  ' if ok else 'FAIL'} {dtype_name(dt):8} {be:6} {label:18} {e.shape.label():54} "
-                            f"{msg}{'  [' + kernel + ']' if kernel else ''}")
+                            return (err <= SANITIZE_TOL[dt] and y.dtype == dt,
+                                    f"err {err:.2e}{'  [' + kernel + ']' if kernel else ''}")
+                        fails += not _check_and_log(run, device, log, dt, be, label, e.shape.label())
                     del case, ref
                 pool = _max_pool_fn(mod, be)
                 if pool is None:
@@ -1085,18 +1093,15 @@ def sanitize(entries: Sequence[ShapeEntry], dtypes: Sequence[torch.dtype], backe
                     checks += 1
                     # dense, as a tree's input is when it is pooled
                     x = build_case(s, e.batch, dt, device).x.contiguous(memory_format=torch.channels_last)
-                    try:
+
+                    def run(x=x):
                         with torch.no_grad():
                             y = pool(x, 2)
                         _sync(device)
                         ok = torch.equal(y.cpu().double(), F.max_pool2d(x.cpu().double(), 2, 2))
-                        msg = "exact" if ok else "differs from F.max_pool2d"
-                    except Exception as ex:
-                        ok, msg = False, _short(ex)
-                        _recover(device)
-                    fails += not ok
-                    log(f"{'ok  ' if ok else 'FAIL'} {dtype_name(dt):8} {be:6} {'max_pool k2':18} "
-                        f"{f'{s.cin[0]} ch @{s.hw[0]}x{s.hw[1]}':54} {msg}")
+                        return ok, "exact" if ok else "differs from F.max_pool2d"
+                    fails += not _check_and_log(run, device, log, dt, be, "max_pool k2",
+                                                f"{s.cin[0]} ch @{s.hw[0]}x{s.hw[1]}")
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     log(f"sanitize: {checks - fails} of {checks} checks pass ({len(entries)} shapes, "
