@@ -1,0 +1,551 @@
+"""Triton kernels and launchers of the training path: convolution with batch statistics, BN apply, BN backward.
+
+Training cannot fold BatchNorm into the conv: each BN normalises with the statistics of the batch, known only
+once the whole conv output exists. The kernels here split a conv -> BN(train) -> ReLU layer where the data
+forces it:
+
+* ``_conv_stats_kernel``: the implicit-GEMM convolution (NHWC, fp32 accumulation; the tap-major, flat-K and
+  block-diagonal K walks of ``_conv_gemm_kernel``) whose epilogue writes the raw conv output ``z`` and, per
+  output channel, the tile's sum and its sum of squared deviations from the tile's own mean. Optionally a
+  prologue applies the *previous* layer's BN (its batch statistics, affine, ReLU) to the input as it loads it,
+  so the normalised input is never written (the "NormConv" pattern).
+* ``_bn_act_kernel``: ``act((z - mean) * scale + bias + residual)``, one elementwise pass.
+* ``_bn_bwd_reduce_kernel`` / ``_bn_bwd_apply_kernel``: BatchNorm(+ReLU) backward in two passes, the per-channel
+  sums ``sum(g)`` and ``sum(g * xhat)`` (``g`` the gradient after the ReLU mask) and then the input gradient.
+
+Per-channel reductions are deterministic: each program writes its partial to its own row of an fp32
+workspace ``[tiles, C]`` and fixed-shape torch reductions combine the rows; no float atomics, so two runs of
+one step give bit-identical statistics and gradients. The statistics partials are (sum, M2) pairs combined
+with Chan's parallel formula rather than raw sums of squares: ``E[z^2] - E[z]^2`` in fp32 loses every digit
+of the variance once a channel's mean is large against its spread.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from ._kernels import _mma
+from ._launch import (_I32_LIMIT, _cdiv, _kernel, _max_offset, _new_output, _nhwc, _pow2, _prec,
+                      _round_tf32, _row_stride, _skip_launch, conv_plan, interpreted)
+
+NAMESPACE = "dla_fast_train"
+# Element offsets switch to 64-bit when a tensor spans this many elements (tests lower it to cover IDX64).
+_IDX64_THRESHOLD = _I32_LIMIT
+TRAIN_CONV_KINDS = ("dense", "flat", "blockdiag")
+
+
+# ------------------------------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _norm_in(a, ch, ch_ok, ok, mu_ptr, sc_ptr, bi_ptr, RELU: tl.constexpr):
+    """The previous layer's BN (+ReLU) applied to a loaded input tile ``a`` whose columns are channels ``ch``;
+    elements outside ``ok`` (the conv's zero padding, channel tails) stay exactly zero, as they are zeros of
+    the normalised tensor, not of the raw one."""
+    mu = tl.load(mu_ptr + ch, mask=ch_ok, other=0.0)
+    sc = tl.load(sc_ptr + ch, mask=ch_ok, other=0.0)
+    bi = tl.load(bi_ptr + ch, mask=ch_ok, other=0.0)
+    v = (a.to(tl.float32) - mu[None, :]) * sc[None, :] + bi[None, :]
+    if RELU:
+        v = tl.where(v < 0.0, 0.0, v)
+    return tl.where(ok, v, 0.0).to(a.dtype)
+
+
+@triton.jit
+def _conv_stats_kernel(
+    x_ptr, w_ptr, z_ptr, psum_ptr, pm2_ptr, mu_ptr, sc_ptr, bi_ptr,
+    M, H, W, Ho, Wo, Cin, Cin_g, Cout_g, Cout,
+    sxn, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w,
+    n_tiles_n, tiles_per_group,
+    KH: tl.constexpr, KW: tl.constexpr,
+    MODE: tl.constexpr, GB: tl.constexpr, FULL: tl.constexpr, PAD: tl.constexpr,
+    NORM: tl.constexpr, NORM_RELU: tl.constexpr,
+    PREC: tl.constexpr, RND: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """z = conv(x) (or conv(act(bn(x))) with NORM) plus per-tile channel statistics of z.
+
+    The K walks are those of ``_conv_gemm_kernel`` (MODE 0 tap-major, 1 flat K, 2 block-diagonal; see there).
+    The epilogue stores z in z's dtype and, for program (m-tile i, n-tile j), row i of the workspaces: the
+    sum over the tile's valid rows of each channel, and the sum of squared deviations from that tile mean,
+    both from the fp32 accumulator (not from the rounded z).
+    """
+    pid = tl.program_id(0)
+    pid_m = pid // n_tiles_n
+    pid_n = pid % n_tiles_n
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IDX64:
+        rows = rows.to(tl.int64)
+    row_ok = rows < M
+    hw = Ho * Wo
+    img = rows // hw
+    pix = rows % hw
+    oh = pix // Wo
+    ow = pix % Wo
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    # May point before the image for padded rows; such lanes are masked and never dereferenced.
+    x_row = img * sxn + ih0 * sxh + iw0 * sxw
+
+    jj = tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, BLOCK_K)
+    KTOT = KH * KW * Cin_g  # one weight row: [kh, kw, Cin_g] contiguous
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if MODE == 2:
+        gi = kk // Cin_g
+        ci = kk % Cin_g
+        gj = jj // Cout_g
+        if FULL:
+            cols = pid_n * BLOCK_N + jj
+            cin0 = pid_n * BLOCK_K
+            col_ok = jj < BLOCK_N
+            k_ok = kk < BLOCK_K
+            b_mask = gi[:, None] == gj[None, :]
+        else:
+            n0 = pid_n * (GB * Cout_g)
+            cols = n0 + jj
+            col_ok = (jj < GB * Cout_g) & (cols < Cout)
+            cin0 = (n0 // Cout_g) * Cin_g
+            k_ok = (kk < GB * Cin_g) & (cin0 + kk < Cin)
+            b_mask = (gi[:, None] == gj[None, :]) & k_ok[:, None] & col_ok[None, :]
+        b_off = cols[None, :] * KTOT + ci[:, None]
+        for tap in range(KH * KW):
+            r = tap // KW
+            s = tap % KW
+            a_ok = row_ok
+            if PAD:
+                ih = ih0 + r
+                iw = iw0 + s
+                a_ok = a_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ptrs = x_ptr + (x_row + r * sxh + s * sxw)[:, None] + (cin0 + kk)[None, :]
+            ok = a_ok[:, None] & k_ok[None, :]
+            a = tl.load(a_ptrs, mask=ok, other=0.0)
+            if NORM:
+                a = _norm_in(a, cin0 + kk, k_ok, ok, mu_ptr, sc_ptr, bi_ptr, NORM_RELU)
+            b = tl.load(w_ptr + b_off + tap * Cin_g, mask=b_mask, other=0.0)
+            acc = _mma(a, b, acc, PREC, RND)
+    else:
+        g = pid_n // tiles_per_group
+        jn = (pid_n % tiles_per_group) * BLOCK_N + jj
+        col_ok = jn < Cout_g
+        cols = g * Cout_g + jn
+        cin0 = g * Cin_g
+        w_row = cols * KTOT
+        if MODE == 1:
+            kwc = KW * Cin_g
+            for k0 in range(0, KTOT, BLOCK_K):
+                k = k0 + kk
+                k_ok = k < KTOT
+                r = k // kwc
+                rem = k % kwc
+                s = rem // Cin_g
+                c = rem % Cin_g
+                a_ok = row_ok[:, None] & k_ok[None, :]
+                if PAD:
+                    ih = ih0[:, None] + r[None, :]
+                    iw = iw0[:, None] + s[None, :]
+                    a_ok = a_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a_ptrs = x_ptr + x_row[:, None] + (r * sxh + s * sxw + cin0 + c)[None, :]
+                a = tl.load(a_ptrs, mask=a_ok, other=0.0)
+                if NORM:
+                    a = _norm_in(a, cin0 + c, k_ok, a_ok, mu_ptr, sc_ptr, bi_ptr, NORM_RELU)
+                b = tl.load(w_ptr + w_row[None, :] + k[:, None],
+                            mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc = _mma(a, b, acc, PREC, RND)
+        else:
+            # One flat loop over (tap, chunk), as in _conv_gemm_kernel, so the pipeliner overlaps across taps.
+            n_cb = tl.cdiv(Cin_g, BLOCK_K)
+            for it in range(0, KH * KW * n_cb):
+                tap = it // n_cb
+                c = (it % n_cb) * BLOCK_K + kk
+                r = tap // KW
+                s = tap % KW
+                a_ok = row_ok
+                if PAD:
+                    ih = ih0 + r
+                    iw = iw0 + s
+                    a_ok = a_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                c_ok = c < Cin_g
+                ok = a_ok[:, None] & c_ok[None, :]
+                a_ptrs = x_ptr + (x_row + r * sxh + s * sxw)[:, None] + (cin0 + c)[None, :]
+                a = tl.load(a_ptrs, mask=ok, other=0.0)
+                if NORM:
+                    a = _norm_in(a, cin0 + c, c_ok, ok, mu_ptr, sc_ptr, bi_ptr, NORM_RELU)
+                b = tl.load(w_ptr + w_row[None, :] + (tap * Cin_g + c)[:, None],
+                            mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+                acc = _mma(a, b, acc, PREC, RND)
+
+    mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(z_ptr + rows[:, None] * Cout + cols[None, :], acc.to(z_ptr.dtype.element_ty), mask=mask)
+    # The tile's statistics: its channel sums, and squared deviations from the tile's own mean (combined
+    # across tiles by Chan's formula on the host side, which keeps the variance exact to fp32 rounding).
+    n_rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+    s1 = tl.sum(tl.where(mask, acc, 0.0), axis=0)
+    dev = tl.where(mask, acc - (s1 / n_rows)[None, :], 0.0)
+    m2 = tl.sum(dev * dev, axis=0)
+    t_row = pid_m
+    if IDX64:
+        t_row = t_row.to(tl.int64)
+    tl.store(psum_ptr + t_row * Cout + cols, s1, mask=col_ok)
+    tl.store(pm2_ptr + t_row * Cout + cols, m2, mask=col_ok)
+
+
+@triton.jit
+def _bn_act_kernel(
+    z_ptr, mu_ptr, sc_ptr, bi_ptr, r_ptr, y_ptr,
+    M, HW, W, C,
+    szm, srn, src, srh, srw,
+    n_tiles_c,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """y = act((z - mean) * scale + bias + residual) over NHWC rows; z at ``m * szm + c`` (a channels_last
+    tensor or a channel slice of one), the residual through its four strides, y channels_last-contiguous."""
+    pid = tl.program_id(0)
+    pid_m = pid // n_tiles_c
+    pid_c = pid % n_tiles_c
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IDX64:
+        rows = rows.to(tl.int64)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < M
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    mu = tl.load(mu_ptr + cols, mask=col_ok, other=0.0)
+    sc = tl.load(sc_ptr + cols, mask=col_ok, other=0.0)
+    bi = tl.load(bi_ptr + cols, mask=col_ok, other=0.0)
+    z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    v = (z - mu[None, :]) * sc[None, :] + bi[None, :]
+    if HAS_RES:
+        img = rows // HW
+        pix = rows % HW
+        oh = pix // W
+        ow = pix % W
+        r_off = (img * srn + oh * srh + ow * srw)[:, None] + (cols * src)[None, :]
+        v = v + tl.load(r_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        v = tl.where(v < 0.0, 0.0, v)
+    tl.store(y_ptr + rows[:, None] * C + cols[None, :], v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _masked_grad(g_ptr, y_ptr, rows, cols, mask, HW, W, sgn, sgc, sgh, sgw, sym, RELU: tl.constexpr):
+    """The output gradient read through its four strides, zeroed where the ReLU's output ``y`` is not > 0
+    (torch's threshold_backward: the gradient passes where the result is positive)."""
+    img = rows // HW
+    pix = rows % HW
+    oh = pix // W
+    ow = pix % W
+    g_off = (img * sgn + oh * sgh + ow * sgw)[:, None] + (cols * sgc)[None, :]
+    g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.load(y_ptr + rows[:, None] * sym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.where(y > 0.0, g, 0.0)
+    return g
+
+
+@triton.jit
+def _bn_bwd_reduce_kernel(
+    g_ptr, y_ptr, z_ptr, mu_ptr, ps_ptr, psx_ptr,
+    M, HW, W, C,
+    sgn, sgc, sgh, sgw, sym, szm,
+    n_tiles_c,
+    RELU: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Pass 1 of BN(+ReLU) backward: per tile and channel, sum(g) and sum(g * (z - mean)) (centred, so no
+    cancellation against a large mean), with g the masked output gradient. Row ``pid_m`` of the workspaces."""
+    pid = tl.program_id(0)
+    pid_m = pid // n_tiles_c
+    pid_c = pid % n_tiles_c
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IDX64:
+        rows = rows.to(tl.int64)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < M
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    g = _masked_grad(g_ptr, y_ptr, rows, cols, mask, HW, W, sgn, sgc, sgh, sgw, sym, RELU)
+    mu = tl.load(mu_ptr + cols, mask=col_ok, other=0.0)
+    z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    d = tl.where(mask, z - mu[None, :], 0.0)
+    t_row = pid_m
+    if IDX64:
+        t_row = t_row.to(tl.int64)
+    tl.store(ps_ptr + t_row * C + cols, tl.sum(g, axis=0), mask=col_ok)
+    tl.store(psx_ptr + t_row * C + cols, tl.sum(g * d, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _bn_bwd_apply_kernel(
+    g_ptr, y_ptr, z_ptr, mu_ptr, k1_ptr, k2_ptr, k3_ptr, dz_ptr, dr_ptr,
+    M, HW, W, C,
+    sgn, sgc, sgh, sgw, sym, szm,
+    n_tiles_c,
+    RELU: tl.constexpr, HAS_DRES: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Pass 2 of BN(+ReLU) backward: dz = k1 * g - k2 - k3 * (z - mean) per channel (k1 = gamma * rstd,
+    k2 = k1 * mean(g), k3 = k1 * rstd^2 * mean(g * (z - mean))), computed in fp32 and rounded once; dres = g."""
+    pid = tl.program_id(0)
+    pid_m = pid // n_tiles_c
+    pid_c = pid % n_tiles_c
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IDX64:
+        rows = rows.to(tl.int64)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < M
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    g = _masked_grad(g_ptr, y_ptr, rows, cols, mask, HW, W, sgn, sgc, sgh, sgw, sym, RELU)
+    mu = tl.load(mu_ptr + cols, mask=col_ok, other=0.0)
+    k1 = tl.load(k1_ptr + cols, mask=col_ok, other=0.0)
+    k2 = tl.load(k2_ptr + cols, mask=col_ok, other=0.0)
+    k3 = tl.load(k3_ptr + cols, mask=col_ok, other=0.0)
+    z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dz = k1[None, :] * g - k2[None, :] - k3[None, :] * (z - mu[None, :])
+    off = rows[:, None] * C + cols[None, :]
+    tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    if HAS_DRES:
+        tl.store(dr_ptr + off, g.to(dr_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+def _idx64(*extents: int) -> bool:
+    return max(extents) >= _IDX64_THRESHOLD
+
+
+def train_conv_kind(cin_g: int, cout_g: int, groups: int) -> Optional[str]:
+    """The K walk that runs a conv of this grouping, or None when none does (very wide groups against
+    narrow ones: the inference path's CUDA-core direct kernel has no statistics epilogue)."""
+    if groups > 1 and (cin_g < 16 or cout_g < 16):
+        return "blockdiag" if max(cin_g, cout_g) <= 128 else None
+    return "flat" if cin_g < 16 else "dense"
+
+
+def train_conv_plan(M: int, cin_g: int, cout_g: int, groups: int, kh: int, kw: int, dtype: torch.dtype,
+                    tf32: bool, force: Optional[str] = None) -> Dict:
+    """Tiles of the statistics conv: the inference heuristic's (:func:`conv_plan`) without split-K (the
+    statistics need whole output tiles; training batches fill the GPU anyway)."""
+    kind = force or train_conv_kind(cin_g, cout_g, groups)
+    if kind not in TRAIN_CONV_KINDS:
+        raise ValueError(f"no statistics-conv kernel for groups={groups} with {cin_g} -> {cout_g} channels a "
+                         f"group (kind {kind!r}); the training path falls back to eager for it")
+    cfg = conv_plan(M, cin_g, cout_g, groups, kh, kw, dtype, tf32, interpreted(), kind, 0)
+    cfg["SPLIT"] = 1
+    return cfg
+
+
+def _stats_from_partials(psum: torch.Tensor, pm2: torch.Tensor, M: int, bm: int) -> Tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+    """(mean, biased variance) of every channel from the per-tile (sum, M2) rows (Chan et al.'s pairwise
+    combination, all tiles at once): M2 = sum_i M2_i + sum_i n_i (mean_i - mean)^2."""
+    T = psum.shape[0]
+    counts = (M - torch.arange(T, device=psum.device, dtype=torch.float32) * bm).clamp_(max=float(bm))
+    mean = psum.sum(0) / M
+    dev = psum / counts[:, None] - mean
+    m2 = pm2.sum(0) + (counts[:, None] * dev * dev).sum(0)
+    return mean, m2 / M
+
+
+def conv_stats_launch(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                      groups: int, norm: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+                      norm_relu: bool = False, tf32: bool = False, config: Optional[Dict] = None,
+                      raw: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z, mean, var): z = conv2d(x', weight) channels_last in x's dtype, and the fp32 batch mean and biased
+    variance of each of z's channels. x' is x, or with ``norm = (mean, scale, bias)`` (fp32, one value per
+    input channel) ``act((x - mean) * scale + bias)`` computed as x is loaded."""
+    x = _nhwc(x)
+    N, Cin, H, W = x.shape
+    Cout, Cin_g, kh, kw = weight.shape
+    w = weight.permute(0, 2, 3, 1).contiguous()  # [Cout, kh, kw, Cin_g]: free for a channels_last weight
+    sh_, sw_ = int(stride[0]), int(stride[1])
+    ph, pw = int(padding[0]), int(padding[1])
+    Ho = (H + 2 * ph - kh) // sh_ + 1
+    Wo = (W + 2 * pw - kw) // sw_ + 1
+    Cout_g = Cout // groups
+    M = N * Ho * Wo
+    z = _new_output(N, Cout, Ho, Wo, x.device, x.dtype)
+    cfg = dict(config) if config is not None else train_conv_plan(M, Cin_g, Cout_g, groups, kh, kw, x.dtype,
+                                                                    tf32)
+    bm, bn, bk, mode, gb = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["MODE"], cfg["GB"]
+    T = _cdiv(M, bm)
+    psum = torch.empty((T, Cout), device=x.device, dtype=torch.float32)
+    pm2 = torch.empty((T, Cout), device=x.device, dtype=torch.float32)
+    if M == 0 or Cout == 0:
+        raise ValueError(f"conv_stats: empty output {(N, Cout, Ho, Wo)} has no statistics")
+    if _skip_launch(z):
+        return z, psum.sum(0), psum.sum(0)
+    if M >= _I32_LIMIT:
+        raise RuntimeError(f"conv_stats (triton): {M} output pixels exceed the kernel's 32-bit row index")
+    if mode == 2:
+        if gb * Cin_g > bk or gb * Cout_g > bn:
+            raise ValueError(f"block-diagonal config {cfg} does not cover {gb} groups of {Cin_g}->{Cout_g}")
+        tiles_per_group = 1
+        n_tiles = _cdiv(groups, gb)
+        full = groups % gb == 0 and gb * Cin_g == bk and gb * Cout_g == bn
+    else:
+        tiles_per_group = _cdiv(Cout_g, bn)
+        n_tiles = groups * tiles_per_group
+        full = False
+    if norm is not None:
+        mu, sc, bi = (t.to(torch.float32).contiguous() for t in norm)
+    else:
+        mu = sc = bi = psum
+    sxn, _, sxh, sxw = x.stride()
+    interp = interpreted()
+    _kernel(_conv_stats_kernel, raw)[lambda meta: (T * n_tiles,)](
+        x, w, z, psum, pm2, mu, sc, bi,
+        M, H, W, Ho, Wo, Cin, Cin_g, Cout_g, Cout,
+        sxn, sxh, sxw, sh_, sw_, ph, pw, n_tiles, tiles_per_group,
+        KH=kh, KW=kw, MODE=mode, GB=gb, FULL=full, PAD=ph > 0 or pw > 0,
+        NORM=norm is not None, NORM_RELU=bool(norm_relu),
+        PREC=_prec(x.dtype, tf32), RND=_round_tf32(x.dtype, tf32, interp),
+        IDX64=_idx64(_max_offset(x), z.numel()),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    mean, var = _stats_from_partials(psum, pm2, M, bm)
+    return z, mean, var
+
+
+def _rows(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """``t`` and its pixel stride: as it is when (n, h, w) collapse to one row index with channels at unit
+    stride (our own outputs, channel slices of them), else a channels_last copy."""
+    s = _row_stride(t)
+    if s is None:
+        t = t.contiguous(memory_format=torch.channels_last)
+        s = _row_stride(t)
+    return t, int(s)
+
+
+def _eltwise_tiles(C: int) -> Tuple[int, int]:
+    bc = min(64, max(16, _pow2(C)))
+    bm = 32 if interpreted() else max(16, 4096 // bc)
+    return bm, bc
+
+
+def bn_act_launch(z: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                  residual: Optional[torch.Tensor], relu: bool, out_dtype: torch.dtype,
+                  raw: bool = False) -> torch.Tensor:
+    """``act((z - mean) * scale + bias + residual)`` (per-channel fp32 mean/scale/bias) into a channels_last
+    tensor of ``out_dtype``."""
+    z, szm = _rows(z)
+    N, C, H, W = z.shape
+    y = _new_output(N, C, H, W, z.device, out_dtype)
+    M = N * H * W
+    if M == 0 or C == 0 or _skip_launch(y):
+        return y
+    if M >= _I32_LIMIT:
+        raise RuntimeError(f"bn_act (triton): {M} pixels exceed the kernel's 32-bit row index")
+    bm, bc = _eltwise_tiles(C)
+    n_tiles_c = _cdiv(C, bc)
+    srn, src, srh, srw = residual.stride() if residual is not None else (0, 0, 0, 0)
+    _kernel(_bn_act_kernel, raw)[lambda meta: (_cdiv(M, bm) * n_tiles_c,)](
+        z, mean.contiguous(), scale.contiguous(), bias.contiguous(), residual if residual is not None else z, y,
+        M, H * W, W, C, szm, srn, src, srh, srw, n_tiles_c,
+        HAS_RES=residual is not None, RELU=bool(relu),
+        IDX64=_idx64(_max_offset(z), y.numel(), 0 if residual is None else _max_offset(residual)),
+        BLOCK_M=bm, BLOCK_C=bc, num_warps=4, num_stages=1)
+    return y
+
+
+def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor,
+                       rstd: torch.Tensor, gamma: Optional[torch.Tensor], res_dtype: Optional[torch.dtype],
+                       raw: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """BatchNorm(train) + optional ReLU backward, from the batch statistics BN normalised with.
+
+    ``grad``: dL/dy in any layout; ``y``: the ReLU's output (only its mask is used), None without a ReLU;
+    ``z``: BN's input; ``mean``/``rstd``: fp32 batch mean and 1/sqrt(var + eps); ``gamma``: BN's weight as
+    fp32, or None (affine=False). Returns (dz in z's dtype, dgamma = sum(g * xhat), dbeta = sum(g), and the
+    residual's gradient g in ``res_dtype``, or None when ``res_dtype`` is None), the sums fp32.
+    """
+    z, szm = _rows(z)
+    N, C, H, W = z.shape
+    M = N * H * W
+    dz = _new_output(N, C, H, W, z.device, z.dtype)
+    dres = None if res_dtype is None else _new_output(N, C, H, W, z.device, res_dtype)
+    bm, bc = _eltwise_tiles(C)
+    T = _cdiv(M, bm)
+    ps = torch.empty((T, C), device=z.device, dtype=torch.float32)
+    psx = torch.empty((T, C), device=z.device, dtype=torch.float32)
+    if M == 0 or C == 0:
+        raise ValueError(f"bn backward: empty input {tuple(z.shape)}")
+    if _skip_launch(dz):
+        return dz, ps.sum(0), ps.sum(0), dres
+    if M >= _I32_LIMIT:
+        raise RuntimeError(f"bn backward (triton): {M} pixels exceed the kernel's 32-bit row index")
+    relu = y is not None
+    y, sym = _rows(y) if relu else (z, szm)
+    n_tiles_c = _cdiv(C, bc)
+    sgn, sgc, sgh, sgw = grad.stride()
+    idx64 = _idx64(_max_offset(grad), _max_offset(z), _max_offset(y), dz.numel())
+    mean = mean.contiguous()
+    grid = T * n_tiles_c
+    _kernel(_bn_bwd_reduce_kernel, raw)[lambda meta: (grid,)](
+        grad, y, z, mean, ps, psx, M, H * W, W, C, sgn, sgc, sgh, sgw, sym, szm, n_tiles_c,
+        RELU=relu, IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc, num_warps=4, num_stages=1)
+    dbeta = ps.sum(0)
+    s_gx = psx.sum(0)
+    k1 = rstd if gamma is None else gamma * rstd
+    k2 = k1 * (dbeta / M)
+    k3 = k1 * rstd * rstd * (s_gx / M)
+    _kernel(_bn_bwd_apply_kernel, raw)[lambda meta: (grid,)](
+        grad, y, z, mean, k1.contiguous(), k2.contiguous(), k3.contiguous(), dz, dres if dres is not None else dz,
+        M, H * W, W, C, sgn, sgc, sgh, sgw, sym, szm, n_tiles_c,
+        RELU=relu, HAS_DRES=dres is not None, IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc, num_warps=4,
+        num_stages=1)
+    return dz, s_gx * rstd, dbeta, dres
+
+
+# ------------------------------------------------------------------------------------------- custom ops
+# Registered so that torch.compile sees the kernels (triton_op); under TRITON_INTERPRET as opaque custom ops
+# whose fake implementation is the launcher itself, as in _launch._register.
+
+_SCHEMAS = {
+    "conv_stats": ("(Tensor x, Tensor weight, int[] stride, int[] padding, int groups, Tensor? norm_mean, "
+                   "Tensor? norm_scale, Tensor? norm_bias, bool norm_relu, bool tf32) -> (Tensor, Tensor, Tensor)"),
+    "bn_act": ("(Tensor z, Tensor mean, Tensor scale, Tensor bias, Tensor? residual, bool relu, "
+               "ScalarType out_dtype) -> Tensor"),
+    # The residual's gradient comes back as an empty tensor when res_dtype is None.
+    "bn_backward": ("(Tensor grad, Tensor? y, Tensor z, Tensor mean, Tensor rstd, Tensor? gamma, "
+                    "ScalarType? res_dtype) -> (Tensor, Tensor, Tensor, Tensor)"),
+}
+
+
+def _conv_stats_op(x, weight, stride, padding, groups, norm_mean, norm_scale, norm_bias, norm_relu, tf32):
+    norm = None if norm_mean is None else (norm_mean, norm_scale, norm_bias)
+    return conv_stats_launch(x, weight, stride, padding, groups, norm, norm_relu, tf32)
+
+
+def _bn_act_op(z, mean, scale, bias, residual, relu, out_dtype):
+    return bn_act_launch(z, mean, scale, bias, residual, relu, out_dtype)
+
+
+def _bn_backward_op(grad, y, z, mean, rstd, gamma, res_dtype):
+    dz, dgamma, dbeta, dres = bn_backward_launch(grad, y, z, mean, rstd, gamma, res_dtype)
+    return dz, dgamma, dbeta, dres if dres is not None else z.new_empty(0)
+
+
+_IMPLS = {"conv_stats": _conv_stats_op, "bn_act": _bn_act_op, "bn_backward": _bn_backward_op}
+
+
+def _register() -> None:
+    for name, fn in _IMPLS.items():
+        qualname, schema = f"{NAMESPACE}::{name}", _SCHEMAS[name]
+        if interpreted():
+            op = torch.library.custom_op(qualname, mutates_args=(), schema=schema)(fn)
+            op.register_fake(fn)
+        else:
+            triton_op(qualname, mutates_args=(), schema=schema)(fn)
+
+
+_register()
+
+__all__ = ["conv_stats_launch", "bn_act_launch", "bn_backward_launch", "train_conv_kind", "train_conv_plan",
+           "TRAIN_CONV_KINDS", "NAMESPACE"]
