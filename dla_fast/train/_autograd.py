@@ -1,0 +1,212 @@
+"""The autograd functions of the training path and the two implementations each of their pieces.
+
+A conv -> BatchNorm(train) -> ReLU layer is two functions:
+
+``ConvStats``  z, mean, var = conv2d(x', w) and z's per-channel batch statistics (fp32), where x' is x or,
+               with a prologue, the previous layer's BN + ReLU applied to x as it is read (x is then that
+               layer's raw conv output and the prologue's statistics are x's own).
+``BnAct``      y = act(BN(z; mean, var, gamma, beta) + residual).
+
+``mean``/``var`` leave ``ConvStats`` as non-differentiable outputs: every consumer of them (``BnAct``, the next
+``ConvStats``'s prologue) is a BatchNorm of that same ``z`` and returns the full BN input gradient, the terms
+through the batch statistics included, computed in fp32 and rounded once, as cuDNN's BN backward does. Passing
+statistics that are not ``z``'s own is therefore an error of the caller; :mod:`dla_fast.train.ops` only builds
+the valid combinations.
+
+Each piece has a Triton implementation (``dla_fast.backends.triton._train``) and a torch one below. The torch
+pieces are the same formulas in ATen ops: the oracle of the kernel tests, and with them the functions run in
+float64 for ``gradcheck`` of the hand-written backward. The convolution's own backward is ATen's
+``convolution_backward`` in both.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("triton", "torch")
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """BatchNorm statistics are fp32 for fp16/bf16/fp32 tensors (as ATen/cuDNN keep them), fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------------- torch pieces
+
+def _c(v: torch.Tensor) -> torch.Tensor:
+    return v[None, :, None, None]
+
+
+def bn_act_torch(z: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                 residual: Optional[torch.Tensor], relu: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    sd = mean.dtype
+    v = (z.to(sd) - _c(mean)) * _c(scale) + _c(bias)
+    if residual is not None:
+        v = v + residual.to(sd)
+    if relu:
+        v = torch.relu(v)
+    return v.to(out_dtype).contiguous(memory_format=torch.channels_last)
+
+
+def conv_stats_torch(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                     groups: int, norm: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                     norm_relu: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a = x if norm is None else bn_act_torch(x, *norm, None, norm_relu, x.dtype)
+    z = F.conv2d(a, weight, None, tuple(stride), tuple(padding), 1, groups)
+    zs = z.to(stats_dtype(z.dtype))
+    mean = zs.mean((0, 2, 3))
+    var = (zs - _c(mean)).square().mean((0, 2, 3))
+    return z.contiguous(memory_format=torch.channels_last), mean, var
+
+
+def bn_backward_torch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor,
+                      rstd: torch.Tensor, gamma: Optional[torch.Tensor], res_dtype: Optional[torch.dtype]):
+    """The formulas of ``_bn_bwd_reduce_kernel`` / ``_bn_bwd_apply_kernel`` in ATen ops (same contract as
+    :func:`dla_fast.backends.triton._train.bn_backward_launch`)."""
+    sd = mean.dtype
+    g = grad.to(sd)
+    if y is not None:
+        g = torch.where(y > 0, g, torch.zeros((), dtype=sd, device=g.device))
+    d = z.to(sd) - _c(mean)
+    m = z.shape[0] * z.shape[2] * z.shape[3]
+    dbeta = g.sum((0, 2, 3))
+    s_gx = (g * d).sum((0, 2, 3))
+    k1 = rstd if gamma is None else gamma * rstd
+    dz = _c(k1) * g - _c(k1 * dbeta / m) - _c(k1 * rstd * rstd * s_gx / m) * d
+    dres = None if res_dtype is None else g.to(res_dtype)
+    return dz.to(z.dtype), s_gx * rstd, dbeta, dres
+
+
+# ------------------------------------------------------------------------------------------ dispatching
+
+def _direct(x: torch.Tensor) -> bool:
+    # Outside torch.compile the launchers run straight from Python (the registered ops only add dispatch
+    # cost); traced code goes through the ops so the kernels enter the graph.
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling()
+
+
+def _tf32() -> bool:
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def conv_stats(impl: str, x, weight, stride, padding, groups, norm, norm_relu):
+    if impl == "torch":
+        return conv_stats_torch(x, weight, stride, padding, groups, norm, norm_relu)
+    from ..backends.triton import _train as kt
+    if _direct(x):
+        return kt.conv_stats_launch(x, weight, stride, padding, groups, norm, norm_relu, _tf32(), raw=True)
+    nm, ns, nb = norm if norm is not None else (None, None, None)
+    return torch.ops.dla_fast_train.conv_stats(x, weight, list(stride), list(padding), groups, nm, ns, nb,
+                                               norm_relu, _tf32())
+
+
+def bn_act(impl: str, z, mean, scale, bias, residual, relu, out_dtype):
+    if impl == "torch":
+        return bn_act_torch(z, mean, scale, bias, residual, relu, out_dtype)
+    from ..backends.triton import _train as kt
+    if _direct(z):
+        return kt.bn_act_launch(z, mean, scale, bias, residual, relu, out_dtype, raw=True)
+    return torch.ops.dla_fast_train.bn_act(z, mean, scale, bias, residual, relu, out_dtype)
+
+
+def bn_backward(impl: str, grad, y, z, mean, rstd, gamma, res_dtype):
+    if impl == "torch":
+        return bn_backward_torch(grad, y, z, mean, rstd, gamma, res_dtype)
+    from ..backends.triton import _train as kt
+    if _direct(z):
+        return kt.bn_backward_launch(grad, y, z, mean, rstd, gamma, res_dtype, raw=True)
+    dz, dgamma, dbeta, dres = torch.ops.dla_fast_train.bn_backward(grad, y, z, mean, rstd, gamma, res_dtype)
+    return dz, dgamma, dbeta, (dres if res_dtype is not None else None)
+
+
+def _scale_bias(gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], var: torch.Tensor, eps: float):
+    """(rstd, scale, bias) of a BatchNorm in the statistics' dtype: scale = gamma / sqrt(var + eps)."""
+    sd = var.dtype
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd if gamma is None else gamma.to(sd) * rstd
+    bias = torch.zeros_like(var) if beta is None else beta.to(sd)
+    return rstd, scale, bias
+
+
+def _grad_as(g: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if g is None or like is None:
+        return None
+    return g.to(like.dtype)
+
+
+# -------------------------------------------------------------------------------------------- functions
+
+class ConvStats(torch.autograd.Function):
+    """(z, mean, var) = conv2d(x', weight) and its batch statistics; see the module docstring.
+
+    forward(x, weight, stride, padding, groups, impl, norm_mean, norm_var, norm_gamma, norm_beta, norm_eps,
+    norm_relu): without a prologue the ``norm_*`` tensors are None. Autocast must be off inside (the caller
+    casts x and weight to the compute dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, groups, impl, norm_mean, norm_var, norm_gamma, norm_beta,
+                norm_eps, norm_relu):
+        norm = None
+        rstd = scale = bias = None
+        if norm_mean is not None:
+            rstd, scale, bias = _scale_bias(norm_gamma, norm_beta, norm_var, norm_eps)
+            norm = (norm_mean, scale, bias)
+        z, mean, var = conv_stats(impl, x, weight, stride, padding, groups, norm, norm_relu)
+        ctx.mark_non_differentiable(mean, var)
+        ctx.conf = (tuple(stride), tuple(padding), groups, impl, norm is not None, bool(norm_relu))
+        ctx.save_for_backward(x, weight, norm_mean, rstd, scale, bias, norm_gamma, norm_beta)
+        return z, mean, var
+
+    @staticmethod
+    def backward(ctx, dz, _dmean, _dvar):
+        stride, padding, groups, impl, has_norm, norm_relu = ctx.conf
+        x, weight, mean, rstd, scale, bias, gamma, beta = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_g, need_b = ctx.needs_input_grad[8], ctx.needs_input_grad[9]
+        dx = dw = dgamma = dbeta = None
+        if dz is None:
+            return (None,) * 12
+        a = x
+        if has_norm:
+            # The normalised input was never stored: recompute it (the memory the prologue saves).
+            a = bn_act(impl, x, mean, scale, bias, None, norm_relu, x.dtype)
+        need_a = need_x or (has_norm and (need_g or need_b))
+        da, dw, _ = torch.ops.aten.convolution_backward(
+            dz.to(a.dtype), a, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], groups,
+            [need_a, need_w, False])
+        if has_norm and need_a:
+            g32 = None if gamma is None else gamma.to(rstd.dtype)
+            dx, dgamma, dbeta, _ = bn_backward(impl, da, a if norm_relu else None, x, mean, rstd, g32, None)
+        elif need_x:
+            dx = da
+        return (dx if need_x else None, dw, None, None, None, None, None, None,
+                _grad_as(dgamma, gamma) if need_g else None, _grad_as(dbeta, beta) if need_b else None, None, None)
+
+
+class BnAct(torch.autograd.Function):
+    """y = act(BatchNorm(z; mean, var, gamma, beta, eps) + residual), mean/var the batch statistics of z from
+    :class:`ConvStats`. forward(z, mean, var, gamma, beta, residual, eps, relu, out_dtype, impl)."""
+
+    @staticmethod
+    def forward(ctx, z, mean, var, gamma, beta, residual, eps, relu, out_dtype, impl):
+        rstd, scale, bias = _scale_bias(gamma, beta, var, eps)
+        y = bn_act(impl, z, mean, scale, bias, residual, relu, out_dtype)
+        ctx.conf = (bool(relu), impl, None if residual is None else residual.dtype)
+        ctx.save_for_backward(z, y if relu else None, mean, rstd, gamma, beta)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        relu, impl, res_dtype = ctx.conf
+        z, y, mean, rstd, gamma, beta = ctx.saved_tensors
+        need_z, need_g, need_b, need_r = (ctx.needs_input_grad[0], ctx.needs_input_grad[3],
+                                          ctx.needs_input_grad[4], ctx.needs_input_grad[5])
+        if dy is None:
+            return (None,) * 10
+        g32 = None if gamma is None else gamma.to(rstd.dtype)
+        dz, dgamma, dbeta, dres = bn_backward(impl, dy, y, z, mean, rstd, g32, res_dtype if need_r else None)
+        return (dz if need_z else None, None, None, _grad_as(dgamma, gamma) if need_g else None,
+                _grad_as(dbeta, beta) if need_b else None, dres, None, None, None, None)

@@ -1,0 +1,107 @@
+"""Training modules over the fused training ops, sharing the user's parameters and buffers."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from . import ops
+
+__all__ = ["TrainConvBnAct"]
+
+
+def _conv_unsupported(conv: nn.Conv2d) -> Optional[str]:
+    """Why the fused kernels cannot run this conv's configuration at all (None: they can)."""
+    if conv.bias is not None:
+        return "the conv has a bias (the fused kernels take bias-free convs, as every conv before a BatchNorm is)"
+    if tuple(conv.dilation) != (1, 1):
+        return f"the conv is dilated ({tuple(conv.dilation)})"
+    if isinstance(conv.padding, str):
+        return f"the conv's padding is {conv.padding!r} (the kernels take explicit padding)"
+    if conv.padding_mode != "zeros":
+        return f"the conv pads with mode {conv.padding_mode!r} (the kernels zero-pad)"
+    return None
+
+
+class TrainConvBnAct(nn.Module):
+    """``act(bn(conv(x)) + residual)`` for training, on the fused kernels where they run.
+
+    Wraps an existing ``nn.Conv2d`` and ``nn.BatchNorm2d`` pair without copying them: the module's ``conv`` and
+    ``bn`` are the very modules passed in, so an optimizer built over either steps the same tensors, the running
+    statistics it updates are the BN's own buffers, and ``state_dict()`` holds the same tensors under
+    ``conv.*`` / ``bn.*``.
+
+    * training: :func:`dla_fast.train.ops.conv_bn_relu_train` (batch statistics, running statistics updated as
+      nn.BatchNorm2d updates them, momentum=None included);
+    * ``backend="auto"``: the fused kernels on CUDA for fp16/bf16 convolutions (autocast or a half model); the
+      eager ``conv -> bn -> act`` everywhere else (CPU, fp32, a conv with bias, dilation or non-zero padding
+      mode, grouped shapes without a kernel, a batch of a single value per channel), with the same numbers;
+    * ``backend="triton"``: the fused kernels or a ``RuntimeError`` saying why not (on the CPU this needs
+      ``TRITON_INTERPRET=1``; the tests use it); ``backend="eager"``: always the eager modules;
+    * ``eval()``: the plain eager ``act(bn(conv(x)) + residual)`` with the running statistics.
+
+    ``SyncBatchNorm`` is refused: its statistics are reduced across processes, which these kernels do not do.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True, backend: str = "auto"):
+        super().__init__()
+        if isinstance(bn, nn.SyncBatchNorm):
+            raise TypeError("TrainConvBnAct does not support SyncBatchNorm: the fused kernels compute per-process "
+                            "batch statistics. Keep nn.BatchNorm2d (per-process statistics, timm's default), or "
+                            "train this layer with the plain SyncBatchNorm modules instead")
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"bn has {bn.num_features} features but the conv has {conv.out_channels} output "
+                             "channels")
+        if not isinstance(relu, bool):
+            raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        self.conv = conv
+        self.bn = bn
+        self.relu = relu
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}, backend={self.backend!r}"
+
+    def fallback_reason(self, x: torch.Tensor) -> Optional[str]:
+        """None when a training forward on ``x`` runs the fused kernels; else why it runs eagerly."""
+        if self.backend == "eager":
+            return "backend='eager'"
+        why = _conv_unsupported(self.conv)
+        if why is not None:
+            return why
+        c = self.conv
+        n, _, h, w = x.shape
+        ho = (h + 2 * c.padding[0] - c.kernel_size[0]) // c.stride[0] + 1
+        wo = (w + 2 * c.padding[1] - c.kernel_size[1]) // c.stride[1] + 1
+        if n * ho * wo <= 1:
+            return "a single value per channel has no batch statistics (the eager BatchNorm raises its own error)"
+        return ops.fused_unavailable_reason(x, c.weight, c.groups, self.backend)
+
+    def _eager(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if self.relu else y
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not self.training:
+            return self._eager(x, residual)
+        why = self.fallback_reason(x)
+        if why is not None:
+            if self.backend == "triton":
+                raise RuntimeError(f"TrainConvBnAct(backend='triton') cannot run the fused kernels: {why}")
+            return self._eager(x, residual)
+        c, bn = self.conv, self.bn
+        track = bn.track_running_stats
+        return ops.conv_bn_relu_train(
+            x, c.weight, bn.weight, bn.bias, bn.running_mean if track else None,
+            bn.running_var if track else None, bn.num_batches_tracked if track else None,
+            stride=tuple(c.stride), padding=tuple(c.padding), groups=c.groups, momentum=bn.momentum, eps=bn.eps,
+            residual=residual, relu=self.relu, backend="triton")

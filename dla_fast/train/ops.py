@@ -1,0 +1,230 @@
+"""The functional training op: conv -> BatchNorm (batch statistics) -> (+ residual) -> ReLU, validated once.
+
+    conv_bn_relu_train(x, w, gamma, beta, running_mean, running_var, num_batches_tracked, ...)
+        = relu(batch_norm(conv2d(x, w), training=True) + residual)
+
+computed exactly as ``nn.Conv2d -> nn.BatchNorm2d (train) -> ReLU``: normalised with the batch mean and biased
+variance; ``running_mean`` / ``running_var`` updated in place with ``momentum`` and the *unbiased* variance;
+``num_batches_tracked`` incremented; ``momentum=None`` is the cumulative average (factor 1 / batches). Under
+``torch.autocast`` the convolution runs in the autocast dtype and the statistics in fp32, as ATen and cuDNN do.
+
+``backend``: ``"triton"`` runs the fused kernels (:mod:`dla_fast.backends.triton._train`) or raises saying why it
+cannot; ``"eager"`` is :func:`conv_bn_relu_train_ref` (``F.conv2d`` + ``F.batch_norm``); ``"auto"`` runs the
+kernels on CUDA for fp16/bf16 convolutions (autocast or half tensors) and the eager reference everywhere else
+(CPU, fp32, shapes without a kernel). fp32 stays on cuDNN under ``auto``: the Triton fp32 GEMM is either IEEE on
+FMA units (slow) or TF32, which fp32 training does not expect. The CPU interpreter runs the kernels only when
+asked for by name (tests): under ``TRITON_INTERPRET=1`` ``auto`` still means eager on the CPU.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import IntPair, _check_4d, _check_float, _is_int, _pair, conv_out_size
+from . import _autograd as ag
+
+__all__ = ["conv_bn_relu_train", "conv_bn_relu_train_ref", "fused_unavailable_reason", "compute_dtype",
+           "update_running_stats", "BACKENDS"]
+
+BACKENDS = ("auto", "triton", "eager")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_AUTO_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the convolution runs in: autocast's where it is on for x's device, else x's own."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def fused_unavailable_reason(x: torch.Tensor, weight: torch.Tensor, groups: int, backend: str = "triton",
+                             cdt: Optional[torch.dtype] = None) -> Optional[str]:
+    """None when the fused kernels run this call under ``backend`` ("triton" or "auto"); else why they don't.
+    ``cdt``: the compute dtype (default: :func:`compute_dtype`)."""
+    cdt = cdt or compute_dtype(x)
+    if cdt not in _KERNEL_DTYPES:
+        return (f"the fused training kernels take float16, bfloat16 or float32 (the conv computes in {cdt}); "
+                "use backend='eager'")
+    if backend == "auto":
+        if x.device.type != "cuda":
+            return f"backend='auto' runs the fused training kernels on CUDA only (the input is on {x.device})"
+        if cdt not in _AUTO_DTYPES:
+            return ("backend='auto' runs the fused training kernels for float16/bfloat16 convolutions (autocast or "
+                    f"half tensors); this one computes in {cdt}, which stays on cuDNN")
+    from ..backends import reason_unavailable
+    # The backend judges by device and dtype alone: an empty probe in the compute dtype stands for x.
+    why = reason_unavailable("triton", torch.empty(0, device=x.device, dtype=cdt))
+    if why is not None:
+        return why
+    from ..backends.triton import _train as kt
+    cout, cin_g = weight.shape[0], weight.shape[1]
+    if kt.train_conv_kind(cin_g, cout // groups, groups) is None:
+        return (f"no fused training kernel for groups={groups} with {cin_g} -> {cout // groups} channels a group "
+                "(very wide groups against narrow ones)")
+    return None
+
+
+def update_running_stats(mean: torch.Tensor, var: torch.Tensor, count: int, running_mean: Optional[torch.Tensor],
+                         running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
+                         momentum: Optional[float]) -> None:
+    """nn.BatchNorm2d's bookkeeping after a training batch of ``count`` values a channel with batch ``mean`` and
+    biased ``var``: the batch counter, then running = (1 - f) running + f stat with the unbiased variance, f =
+    ``momentum`` or, for momentum None, 1 / batches seen (0 without a counter, as in nn.BatchNorm2d)."""
+    factor = 0.0 if momentum is None else float(momentum)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    if running_mean is None:
+        return
+    with torch.no_grad():
+        sd = mean.dtype
+        running_mean.copy_(running_mean.to(sd) * (1.0 - factor) + mean * factor)
+        running_var.copy_(running_var.to(sd) * (1.0 - factor) + var * (factor * count / (count - 1)))
+
+
+def _check_vec(t, name: str, n: int, ref: torch.Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a 1-D tensor of {n} values or None, got {type(t).__name__}")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) to match the conv's {n} output channels, got "
+                         f"{tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {ref.device}; move them to one device")
+
+
+def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, stride, padding,
+              groups, momentum, eps, residual, relu, backend) -> Tuple[Tuple[int, int], Tuple[int, int], int]:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_4d(x, "x")
+    _check_4d(weight, "weight")
+    _check_float(x, "x")
+    _check_float(weight, "weight")
+    stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+    if not _is_int(groups) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+    cout, cin_g, kh, kw = weight.shape
+    if cin_g == 0 or cout == 0 or kh == 0 or kw == 0:
+        raise ValueError(f"weight {tuple(weight.shape)} is empty: a convolution needs at least one input and one "
+                         "output channel and a kernel of at least 1x1")
+    if x.shape[1] != cin_g * groups:
+        raise ValueError(f"x has {x.shape[1]} channels but weight {tuple(weight.shape)} with groups={groups} "
+                         f"expects {cin_g * groups} (= weight.shape[1] * groups)")
+    if cout % groups != 0:
+        raise ValueError(f"weight has {cout} output channels, not divisible by groups={groups}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but the input x is on {x.device}; move them to one device")
+    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"weight has dtype {weight.dtype} but the input x has {x.dtype}; cast them to one dtype "
+                         "(or run under torch.autocast)")
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _check_vec(t, name, cout, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None "
+                         "(track_running_stats=False)")
+    if num_batches_tracked is not None and (not isinstance(num_batches_tracked, torch.Tensor)
+                                            or num_batches_tracked.numel() != 1):
+        raise TypeError("num_batches_tracked must be a one-element tensor (BatchNorm's counter) or None")
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                 or not 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be a number in [0, 1] or None (cumulative average), got {momentum!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    ho, wo = conv_out_size(x.shape[2], x.shape[3], kh, kw, stride, padding)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"input of spatial size {tuple(x.shape[2:])} is too small for a {kh}x{kw} kernel "
+                         f"with stride {stride} and padding {padding}")
+    count = x.shape[0] * ho * wo
+    if count <= 1:
+        raise ValueError(f"batch statistics need more than 1 value per channel, got output size "
+                         f"{(x.shape[0], cout, ho, wo)} (BatchNorm in training mode refuses this too); use a larger "
+                         "batch or input, or eval mode")
+    if residual is not None:
+        _check_4d(residual, "residual")
+        _check_float(residual, "residual")
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but the input x is on {x.device}; move them to one "
+                             "device")
+        expect = (x.shape[0], cout, ho, wo)
+        if tuple(residual.shape) != expect:
+            raise ValueError(f"residual must have the output's shape {expect}, got {tuple(residual.shape)}")
+    return stride, padding, count
+
+
+def conv_bn_relu_train_ref(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
+                           bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                           running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
+                           stride: Tuple[int, int], padding: Tuple[int, int], groups: int,
+                           momentum: Optional[float], eps: float, residual: Optional[torch.Tensor],
+                           relu: bool) -> torch.Tensor:
+    """The eager reference: ``F.conv2d`` then ``F.batch_norm(training=True)`` with nn.BatchNorm2d's factor
+    logic, then the residual and ReLU. The fallback of the fused op and the oracle of its tests."""
+    z = F.conv2d(x, weight, None, stride, padding, 1, groups)
+    factor = 0.0 if momentum is None else float(momentum)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    y = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, True, factor, eps)
+    if residual is not None:
+        y = y + residual
+    if relu:
+        y = torch.relu(y)
+    return y
+
+
+def conv_bn_relu_train(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor] = None,
+    running_var: Optional[torch.Tensor] = None,
+    num_batches_tracked: Optional[torch.Tensor] = None,
+    *,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    groups: int = 1,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    residual: Optional[torch.Tensor] = None,
+    relu: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``relu(batch_norm_train(conv2d(x, weight)) + residual)`` with the running statistics updated in place (see
+    the module docstring). Differentiable in x, weight, bn_weight, bn_bias and residual.
+
+    The output is channels_last on the kernel path, in the conv's compute dtype (promoted with the residual's
+    dtype, as ``bn(z) + residual`` is eagerly).
+    """
+    stride, padding, count = _validate(x, weight, bn_weight, bn_bias, running_mean, running_var,
+                                       num_batches_tracked, stride, padding, groups, momentum, eps, residual, relu,
+                                       backend)
+    cdt = compute_dtype(x)
+    why = None if backend == "eager" else fused_unavailable_reason(x, weight, groups, backend, cdt)
+    if why is not None and backend == "triton":
+        raise RuntimeError(f"conv_bn_relu_train: backend='triton' cannot run here: {why}")
+    if backend == "eager" or why is not None:
+        return conv_bn_relu_train_ref(x, weight, bn_weight, bn_bias, running_mean, running_var,
+                                      num_batches_tracked, stride, padding, groups, momentum, eps, residual, relu)
+    out_dtype = cdt if residual is None else torch.promote_types(cdt, residual.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        # The casts are autograd ops: gradients reach fp32 master weights in fp32, as under eager autocast.
+        xc, wc = x.to(cdt), weight.to(cdt)
+        z, mean, var = ag.ConvStats.apply(xc, wc, stride, padding, groups, "triton", None, None, None, None, 0.0,
+                                          False)
+        y = ag.BnAct.apply(z, mean, var, bn_weight, bn_bias, residual, float(eps), relu, out_dtype, "triton")
+    update_running_stats(mean, var, count, running_mean, running_var, num_batches_tracked, momentum)
+    return y
