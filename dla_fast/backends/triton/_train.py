@@ -72,7 +72,7 @@ def _conv_stats_kernel(
     The K walks are those of ``_conv_gemm_kernel`` (MODE 0 tap-major, 1 flat K, 2 block-diagonal; see there).
     The epilogue stores z in z's dtype and, for program (m-tile i, n-tile j), row i of the workspaces: the
     sum over the tile's valid rows of each channel, and the sum of squared deviations from that tile mean,
-    both from the fp32 accumulator (not from the rounded z).
+    in fp32, of z as stored.
     """
     pid = tl.program_id(0)
     pid_m = pid // n_tiles_n
@@ -182,12 +182,17 @@ def _conv_stats_kernel(
                 acc = _mma(a, b, acc, PREC, RND)
 
     mask = row_ok[:, None] & col_ok[None, :]
-    tl.store(z_ptr + rows[:, None] * Cout + cols[None, :], acc.to(z_ptr.dtype.element_ty), mask=mask)
+    zr = acc.to(z_ptr.dtype.element_ty)
+    tl.store(z_ptr + rows[:, None] * Cout + cols[None, :], zr, mask=mask)
     # The tile's statistics: its channel sums, and squared deviations from the tile's own mean (combined
     # across tiles by Chan's formula on the host side, which keeps the variance exact to fp32 rounding).
+    # They are the statistics of z as stored, rounded: BN's backward differentiates through the mean and
+    # variance *of the z it saved*, and statistics of the unrounded accumulator would not sum to zero over the
+    # stored z's deviations (at fp16, with few values per channel, that doubled the input gradient's error).
+    zs = zr.to(tl.float32)
     n_rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-    s1 = tl.sum(tl.where(mask, acc, 0.0), axis=0)
-    dev = tl.where(mask, acc - (s1 / n_rows)[None, :], 0.0)
+    s1 = tl.sum(tl.where(mask, zs, 0.0), axis=0)
+    dev = tl.where(mask, zs - (s1 / n_rows)[None, :], 0.0)
     m2 = tl.sum(dev * dev, axis=0)
     t_row = pid_m
     if IDX64:

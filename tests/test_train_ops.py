@@ -1,0 +1,894 @@
+"""Tests of the training path's first piece: conv + BatchNorm (batch statistics) + ReLU, forward and backward
+(dla_fast.train, dla_fast.backends.triton._train).
+
+On the CPU the Triton kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1): tiny
+shapes in fp32 and fp16 (the interpreter has no bf16), always with ``backend="triton"`` because ``auto`` keeps
+the CPU on eager. The ``cuda`` tests add DLA-sized shapes, bf16/fp16 autocast, determinism and torch.compile.
+
+Numerics, the project's rule (dla_fast/verify.py): every quantity (output, each gradient, running statistics)
+is compared with a float64 eager reference on the same (rounded) inputs; the fused path passes when its
+relative error is at most 2x the error of eager PyTorch in the same dtype plus verify.FLOOR[dtype]. Outputs of
+the kernels start as NaN (DLA_FAST_TRITON_POISON=1), so an element a kernel never writes fails.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dla_fast.train import TrainConvBnAct, conv_bn_relu_train, conv_bn_relu_train_ref
+from dla_fast.train import _autograd as ag
+from dla_fast.verify import FLOOR, RATIO
+
+INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+HAS_CUDA = torch.cuda.is_available()
+try:
+    import triton  # noqa: F401
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - triton is a dependency of torch's CUDA builds
+    HAS_TRITON = False
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEV = "cpu" if INTERP else ("cuda" if HAS_CUDA else None)
+
+needs_kernels = pytest.mark.skipif(
+    not HAS_TRITON or DEV is None,
+    reason="no GPU and TRITON_INTERPRET is not set: run with TRITON_INTERPRET=1 to test the kernels on the CPU")
+needs_cuda = pytest.mark.skipif(not HAS_TRITON or not HAS_CUDA or INTERP,
+                                reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+SMALL_DTYPES = [torch.float32, torch.float16] if INTERP else [torch.float32, torch.float16, torch.bfloat16]
+DT_ID = lambda d: str(d).split(".")[-1]  # noqa: E731
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_ieee(monkeypatch):
+    """NaN-filled kernel outputs, and IEEE fp32 (no TF32) for the GPU runs of the fp32 cases."""
+    monkeypatch.setenv("DLA_FAST_TRITON_POISON", "1")
+    from dla_fast import _env
+    _env.reload()
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+    _env.reload()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double().to(a.device)
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def _judge(what: str, ours: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype) -> None:
+    assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
+    err, e_eager = _rel(ours, ref64), _rel(eager, ref64)
+    bound = RATIO * e_eager + FLOOR[dtype]
+    assert err <= bound, f"{what} ({dtype}): rel error {err:.3e} > {RATIO} x eager {e_eager:.3e} + {FLOOR[dtype]}"
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    """A fresh leaf that requires grad, with ``t``'s strides (never ``t`` itself: ``.to()`` of the same dtype
+    returns its input, and the cases' tensors must stay untouched)."""
+    out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    return out.requires_grad_()
+
+
+def _layout(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same values in another memory layout."""
+    if kind == "nchw":
+        return t.contiguous()
+    if kind == "cl":
+        return t.contiguous(memory_format=torch.channels_last)
+    if kind == "slice":  # a channel slice of a wider channels_last tensor
+        n, c, h, w = t.shape
+        big = torch.randn(n, c + 5, h, w, device=t.device).to(t.dtype).contiguous(memory_format=torch.channels_last)
+        big[:, 2:2 + c] = t
+        return big[:, 2:2 + c]
+    if kind == "strided":  # every other column of a wider tensor: no unit-stride dimension
+        n, c, h, w = t.shape
+        big = torch.randn(n, c, h, 2 * w, device=t.device).to(t.dtype)
+        big[..., ::2] = t
+        return big[..., ::2]
+    raise ValueError(kind)
+
+
+class Case:
+    """One layer's inputs, drawn once in fp32: conv (N, Cin, H, W) -> Cout, k x k, stride, padding, groups."""
+
+    def __init__(self, N, Cin, Cout, H, W, k, stride, pad, groups, *, residual=False, relu=True, affine=True,
+                 seed=0, device=None):
+        device = device or DEV
+        g = torch.Generator().manual_seed(seed)
+        self.conf = dict(stride=stride, padding=pad, groups=groups, relu=relu)
+        self.x = torch.randn(N, Cin, H, W, generator=g).to(device)
+        fan_in = Cin // groups * k * k
+        self.w = (torch.randn(Cout, Cin // groups, k, k, generator=g) * fan_in ** -0.5).to(device)
+        self.gamma = (torch.rand(Cout, generator=g) + 0.5).to(device) if affine else None
+        self.beta = (torch.randn(Cout, generator=g) * 0.5).to(device) if affine else None
+        self.rm = (torch.randn(Cout, generator=g) * 0.2).to(device)
+        self.rv = (torch.rand(Cout, generator=g) + 0.5).to(device)
+        ho, wo = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
+        self.res = torch.randn(N, Cout, ho, wo, generator=g).to(device) if residual else None
+        self.gy = torch.randn(N, Cout, ho, wo, generator=g).to(device)
+
+    def run(self, backend: str, dtype: torch.dtype, *, momentum=0.1, nbt=3, x_layout="nchw", res_layout="nchw",
+            gy_layout="nchw", param_dtype=None, autocast=False, operands=None, mask=None):
+        """Forward + backward; returns {name: tensor} of everything the layer produces.
+
+        Parameters and running statistics are fp32 (as under autocast) unless ``param_dtype``, float64 for a
+        float64 run. ``autocast``: x and w stay fp32 and the call runs under ``torch.autocast(dtype)``.
+        ``operands``: the dtype the low-precision run saw x, w and the residual in; a float64 run then starts
+        from those rounded values. ``mask``: the float64 reference through the ReLU branches of another run
+        (see :func:`_compare`).
+        """
+        pd = param_dtype or (torch.float64 if dtype == torch.float64 else torch.float32)
+        low = (lambda t: t.to(operands).to(dtype)) if operands is not None else (lambda t: t.to(dtype))
+        in_dt = torch.float32 if autocast else dtype
+        x = _leaf(_layout(low(self.x).to(in_dt) if not autocast else self.x.clone(), x_layout))
+        w = _leaf(low(self.w).to(in_dt) if not autocast else self.w)
+        gamma = None if self.gamma is None else _leaf(self.gamma.to(pd))
+        beta = None if self.beta is None else _leaf(self.beta.to(pd))
+        rm, rv = self.rm.to(pd).clone(), self.rv.to(pd).clone()
+        n = torch.tensor(nbt, device=x.device)
+        res = None if self.res is None else _leaf(_layout(low(self.res), res_layout))
+        conf = dict(self.conf)
+        if mask is not None:
+            conf["relu"] = False
+        with torch.autocast(x.device.type, dtype=dtype, enabled=autocast):
+            y = conv_bn_relu_train(x, w, gamma, beta, rm, rv, n, momentum=momentum, residual=res, backend=backend,
+                                   **conf)
+        if mask is not None:
+            y = torch.where(mask, y, torch.zeros((), dtype=y.dtype, device=y.device))
+        y.backward(_layout(self.gy.to(y.dtype), gy_layout))
+        out = dict(y=y.detach(), dx=x.grad, dw=w.grad, running_mean=rm, running_var=rv, nbt=n)
+        if gamma is not None:
+            out.update(dgamma=gamma.grad, dbeta=beta.grad)
+        if res is not None:
+            out["dres"] = res.grad
+        return out
+
+
+def _compare(case: Case, dtype: torch.dtype, what: str, backend: str = "triton", **kw) -> dict:
+    """The fused path (``backend``) and eager PyTorch, both in ``dtype``, each against float64.
+
+    ReLU's derivative jumps at zero: an element whose pre-activation lands on the other side of zero after
+    low-precision rounding flips its gradient by O(1), and in these small tensors one such element is several
+    percent of a gradient's norm, for eager and fused alike, by the luck of the draw. So each run is judged
+    against the float64 computation taken through *its own* ReLU branches (its output's mask): that measures
+    the arithmetic, everywhere, and not which side of zero a rounding fell.
+    """
+    ours = case.run(backend, dtype, **kw)
+    eager = case.run("eager", dtype, **kw)
+    kw64 = {k: v for k, v in kw.items() if k not in ("param_dtype", "autocast")}
+    kw64["operands"] = dtype
+    relu = case.conf["relu"]
+    ref_ours = case.run("eager", torch.float64, mask=ours["y"] > 0 if relu else None, **kw64)
+    ref_eager = case.run("eager", torch.float64, mask=eager["y"] > 0 if relu else None, **kw64) if relu else ref_ours
+    assert ours["y"].dtype == eager["y"].dtype, f"{what}: output dtype {ours['y'].dtype} != {eager['y'].dtype}"
+    assert ours["y"].is_contiguous(memory_format=torch.channels_last), f"{what}: output not channels_last"
+    assert set(ours) == set(ref_ours)
+    for k in ours:
+        if k == "nbt":
+            assert ours[k].item() == ref_ours[k].item() == kw.get("nbt", 3) + 1, f"{what}: num_batches_tracked"
+            continue
+        assert ours[k].dtype == eager[k].dtype, f"{what} {k}: dtype {ours[k].dtype} != eager's {eager[k].dtype}"
+        _judge2(f"{what} {k}", ours[k], ref_ours[k], eager[k], ref_eager[k], dtype)
+    return ours
+
+
+def _judge2(what: str, ours: torch.Tensor, ours_ref: torch.Tensor, eager: torch.Tensor, eager_ref: torch.Tensor,
+            dtype: torch.dtype) -> None:
+    """:func:`_judge` with each run measured against its own float64 reference."""
+    assert ours.shape == ours_ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ours_ref.shape)}"
+    err, e_eager = _rel(ours, ours_ref), _rel(eager, eager_ref)
+    bound = RATIO * e_eager + FLOOR[dtype]
+    assert err <= bound, f"{what} ({dtype}): rel error {err:.3e} > {RATIO} x eager {e_eager:.3e} + {FLOOR[dtype]}"
+
+
+# --------------------------------------------------------------------------- small shapes (interpreter)
+
+# name: (N, Cin, Cout, H, W, k, stride, pad, groups, residual, relu)
+SMALL = {
+    "3x3_res": (2, 16, 24, 9, 9, 3, 1, 1, 1, True, True),
+    "3x3_s2_odd": (2, 13, 20, 11, 9, 3, 2, 1, 1, False, True),
+    "1x1_res": (2, 24, 16, 9, 11, 1, 1, 0, 1, True, True),
+    "1x1_norelu": (2, 16, 12, 9, 9, 1, 1, 0, 1, False, False),       # the trees' project conv: BN, no ReLU
+    "stem7x7_s2": (2, 3, 16, 13, 13, 7, 2, 3, 1, False, True),        # flat-K walk
+    "stem7x7": (1, 3, 8, 9, 9, 7, 1, 3, 1, False, True),
+    "g4_4pg": (2, 16, 16, 9, 9, 3, 1, 1, 4, False, True),             # block-diagonal walk
+    "g8_2pg_s2": (2, 16, 16, 11, 11, 3, 2, 1, 8, False, True),
+    "g3_4to6pg": (2, 12, 18, 9, 9, 3, 1, 1, 3, True, True),           # partial block-diagonal tiles
+    "g2_16pg": (2, 32, 32, 9, 9, 3, 1, 1, 2, False, True),            # dense walk, one group per tile
+    "batch1": (1, 8, 12, 9, 9, 3, 1, 1, 1, True, True),
+    # N*H*W = 3, nearly the smallest batch BN takes. (At 2, xhat = +-1 and the input gradient is exactly zero
+    # up to eps: a relative error of pure cancellation noise.)
+    "batch1_tiny": (1, 8, 8, 3, 1, 1, 1, 0, 1, False, True),
+}
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
+@pytest.mark.parametrize("name", list(SMALL))
+def test_forward_backward_small(name, dtype):
+    """Output, every gradient, running statistics and the batch counter against eager and float64."""
+    N, Cin, Cout, H, W, k, s, p, g, res, relu = SMALL[name]
+    case = Case(N, Cin, Cout, H, W, k, s, p, g, residual=res, relu=relu, seed=zlib.crc32(name.encode()))
+    _compare(case, dtype, name)
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("x_layout,res_layout,gy_layout", [
+    ("cl", "cl", "cl"), ("slice", "strided", "nchw"), ("strided", "slice", "strided"),
+])
+def test_layouts(x_layout, res_layout, gy_layout):
+    """Non-contiguous inputs, residuals and output gradients give the same numbers."""
+    case = Case(2, 12, 16, 9, 7, 3, 1, 1, 1, residual=True, seed=11)
+    _compare(case, torch.float32, f"layouts {x_layout}/{res_layout}/{gy_layout}", x_layout=x_layout,
+             res_layout=res_layout, gy_layout=gy_layout)
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
+def test_affine_false_and_half_parameters(dtype):
+    """BN without affine parameters; and BN parameters/running statistics in the conv's dtype (a .half() model
+    without autocast): statistics stay fp32 inside, the buffers keep their dtype."""
+    _compare(Case(2, 8, 12, 9, 9, 3, 1, 1, 1, affine=False, seed=12), dtype, "affine=False")
+    out = _compare(Case(2, 8, 12, 9, 9, 3, 1, 1, 1, residual=True, seed=13), dtype, "params in conv dtype",
+                   param_dtype=dtype)
+    assert out["running_mean"].dtype == dtype and out["dgamma"].dtype == dtype
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "momentumNone"])
+def test_running_stats_over_steps(momentum, dtype):
+    """Running mean/var (momentum and unbiased variance; momentum None = cumulative average) and the batch
+    counter after 1 and 3 steps on different batches, starting from a fresh BN (counter 0)."""
+    cases = [Case(2, 8, 12, 9, 9, 3, 1, 1, 1, seed=40 + i) for i in range(3)]
+    state = {}
+    for backend, dt in (("triton", dtype), ("eager", dtype), ("eager", torch.float64)):
+        pd = torch.float64 if dt == torch.float64 else torch.float32
+        rm, rv = cases[0].rm.to(pd).clone(), cases[0].rv.to(pd).clone()
+        n = torch.tensor(0, device=rm.device)
+        snaps = []
+        for c in cases:
+            conv_bn_relu_train(c.x.to(dt), c.w.to(dt), c.gamma.to(pd), c.beta.to(pd), rm, rv, n, stride=1,
+                               padding=1, momentum=momentum, backend=backend)
+            snaps.append((rm.clone(), rv.clone(), n.item()))
+        state[(backend, dt)] = snaps
+    for step in (0, 2):
+        ours, eager, ref = (state[k][step] for k in (("triton", dtype), ("eager", dtype), ("eager", torch.float64)))
+        assert ours[2] == eager[2] == ref[2] == step + 1
+        _judge(f"running_mean after {step + 1}", ours[0], eager[0], ref[0], dtype)
+        _judge(f"running_var after {step + 1}", ours[1], eager[1], ref[1], dtype)
+    if momentum is None:  # the cumulative average of 3 batches is nothing like one batch's statistics
+        assert _rel(state[("eager", torch.float64)][2][0], state[("eager", torch.float64)][0][0]) > 0.05
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_momentum_none_without_counter_and_no_running_stats():
+    """As nn.BatchNorm2d: momentum None without a counter leaves the running statistics alone (factor 0), and
+    track_running_stats=False (no buffers) still normalises with the batch statistics."""
+    c = Case(2, 8, 12, 7, 7, 3, 1, 1, 1, seed=14)
+    rm, rv = c.rm.clone(), c.rv.clone()
+    y = conv_bn_relu_train(c.x, c.w, c.gamma, c.beta, rm, rv, None, stride=1, padding=1, momentum=None,
+                           backend="triton")
+    assert torch.equal(rm, c.rm) and torch.equal(rv, c.rv)
+    y2 = conv_bn_relu_train(c.x, c.w, c.gamma, c.beta, None, None, None, stride=1, padding=1, backend="triton")
+    ref = conv_bn_relu_train_ref(c.x.double(), c.w.double(), c.gamma.double(), c.beta.double(), None, None, None,
+                                 (1, 1), (1, 1), 1, 0.1, 1e-5, None, True)
+    assert _rel(y, ref) < 1e-5 and _rel(y2, ref) < 1e-5
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
+@pytest.mark.parametrize("kind,shape", [
+    ("dense", (2, 20, 24, 9, 7, 3, 2, 1, 1)), ("flat", (2, 20, 24, 9, 7, 3, 2, 1, 1)),
+    ("blockdiag", (2, 16, 24, 9, 7, 3, 1, 1, 4)), ("dense", (1, 40, 16, 5, 5, 3, 1, 1, 1)),
+    ("flat", (2, 6, 8, 9, 9, 7, 2, 3, 1)),
+])
+def test_conv_stats_kernel(kind, shape, dtype):
+    """Each K walk of the statistics conv, forced on shapes the heuristic sends elsewhere: z, the batch mean and
+    the biased variance against float64, with and without the BN+ReLU prologue on the input."""
+    from dla_fast.backends.triton import _train as kt
+    N, Cin, Cout, H, W, k, s, p, g = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{kind}{shape}".encode()))
+    x = (torch.randn(N, Cin, H, W, generator=gen) * 2 + 3).to(DEV, dtype)  # a large mean: Chan's combination
+    w = (torch.randn(Cout, Cin // g, k, k, generator=gen) * (Cin // g * k * k) ** -0.5).to(DEV, dtype)
+    norm = tuple(t.to(DEV) for t in (torch.randn(Cin, generator=gen) + 3, torch.rand(Cin, generator=gen) + 0.3,
+                                     torch.randn(Cin, generator=gen)))
+    for nrm, relu in ((None, False), (norm, True), (norm, False)):
+        Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+        cfg = kt.train_conv_plan(N * Ho * Wo, Cin // g, Cout // g, g, k, k, dtype, False, force=kind)
+        z, mean, var = kt.conv_stats_launch(x, w, (s, s), (p, p), g, nrm, relu, config=cfg)
+        n64 = None if nrm is None else tuple(t.double() for t in nrm)
+        z64, m64, v64 = ag.conv_stats_torch(x.double(), w.double(), (s, s), (p, p), g, n64, relu)
+        ze, me, ve = ag.conv_stats_torch(x, w, (s, s), (p, p), g, nrm, relu)
+        what = f"{kind} {shape} prologue={nrm is not None} relu={relu}"
+        assert z.dtype == dtype and z.is_contiguous(memory_format=torch.channels_last)
+        assert mean.dtype == var.dtype == torch.float32
+        _judge(f"{what} z", z, ze, z64, dtype)
+        _judge(f"{what} mean", mean, me, m64, dtype)
+        _judge(f"{what} var", var, ve, v64, dtype)
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_prologue_chain_normconv():
+    """Two layers where the second conv applies the first layer's BN+ReLU as it loads its input (the first
+    layer's normalised output is never written): output and every gradient, kernel and torch pieces, against
+    the eager conv->bn->relu->conv->bn(+residual)->relu in float64."""
+    gen = torch.Generator().manual_seed(15)
+    x0 = torch.randn(2, 8, 9, 9, generator=gen)
+    w1 = torch.randn(16, 8, 3, 3, generator=gen) * 0.1
+    w2 = torch.randn(12, 4, 3, 3, generator=gen) * 0.2     # grouped (4 groups of 4): the block-diagonal walk
+    p = [torch.rand(16, generator=gen) + 0.5, torch.randn(16, generator=gen), torch.rand(12, generator=gen) + 0.5,
+         torch.randn(12, generator=gen)]
+    res0 = torch.randn(2, 12, 5, 5, generator=gen)
+    gy = torch.randn(2, 12, 5, 5, generator=gen)
+
+    def run(impl, dt):
+        pd = torch.float64 if dt == torch.float64 else torch.float32
+        x = _leaf(x0.to(DEV, dt))
+        ws = [_leaf(w.to(DEV, dt)) for w in (w1, w2)]
+        g1, b1, g2, b2 = [_leaf(t.to(DEV, pd)) for t in p]
+        res = _leaf(res0.to(DEV, dt))
+        if impl == "eager":
+            a1 = torch.relu(F.batch_norm(F.conv2d(x, ws[0], padding=1), None, None, g1, b1, True, 0.0, 1e-5))
+            z2 = F.conv2d(a1, ws[1], stride=2, padding=1, groups=4)
+            y = torch.relu(F.batch_norm(z2, None, None, g2, b2, True, 0.0, 1e-5) + res)
+        else:
+            z1, m1, v1 = ag.ConvStats.apply(x, ws[0], (1, 1), (1, 1), 1, impl, None, None, None, None, 0.0, False)
+            z2, m2, v2 = ag.ConvStats.apply(z1, ws[1], (2, 2), (1, 1), 4, impl, m1, v1, g1, b1, 1e-5, True)
+            y = ag.BnAct.apply(z2, m2, v2, g2, b2, res, 1e-5, True, dt, impl)
+        y.backward(gy.to(DEV, y.dtype))
+        return [y.detach(), x.grad, ws[0].grad, ws[1].grad, g1.grad, b1.grad, g2.grad, b2.grad, res.grad]
+
+    names = ["y", "dx", "dw1", "dw2", "dgamma1", "dbeta1", "dgamma2", "dbeta2", "dres"]
+    ref = run("eager", torch.float64)
+    for dt in SMALL_DTYPES:
+        eager = run("eager", dt)
+        for impl in ("triton", "torch"):
+            for n, a, e, r in zip(names, run(impl, dt), eager, ref):
+                _judge(f"normconv {impl} {n}", a, e, r, dt)
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_backward_kernels_match_torch_pieces():
+    """The Triton BN+ReLU backward (two passes) and BN apply against their torch formulas, on a channels_last
+    slice input and a strided gradient, with and without ReLU mask and residual gradient."""
+    from dla_fast.backends.triton import _train as kt
+    gen = torch.Generator().manual_seed(16)
+    z = _layout((torch.randn(2, 20, 7, 9, generator=gen) * 3 + 1).to(DEV), "slice")
+    grad = _layout(torch.randn(2, 20, 7, 9, generator=gen).to(DEV), "strided")
+    mean, var = z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)
+    rstd = torch.rsqrt(var + 1e-5)
+    gamma, beta = (torch.rand(20, generator=gen) + 0.5).to(DEV), torch.randn(20, generator=gen).to(DEV)
+    res = _layout(torch.randn(2, 20, 7, 9, generator=gen).to(DEV), "strided")
+    for relu in (True, False):
+        for r in (None, res):
+            y = kt.bn_act_launch(z, mean, gamma * rstd, beta, r, relu, torch.float32)
+            y_t = ag.bn_act_torch(z, mean, gamma * rstd, beta, r, relu, torch.float32)
+            torch.testing.assert_close(y, y_t, rtol=1e-5, atol=1e-5)
+            got = kt.bn_backward_launch(grad, y if relu else None, z, mean, rstd, gamma,
+                                        None if r is None else r.dtype)
+            want = ag.bn_backward_torch(grad, y_t if relu else None, z, mean, rstd, gamma,
+                                        None if r is None else r.dtype)
+            for a, b in zip(got, want):
+                if b is None:
+                    assert a is None
+                else:
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_64bit_offsets(monkeypatch):
+    """The IDX64 variants of every training kernel (used when a tensor spans >= 2^31 elements)."""
+    from dla_fast.backends.triton import _train as kt
+    monkeypatch.setattr(kt, "_IDX64_THRESHOLD", 0)
+    _compare(Case(2, 16, 16, 7, 5, 3, 1, 1, 4, residual=True, seed=17), torch.float32, "idx64 grouped")
+    _compare(Case(1, 20, 24, 7, 5, 3, 2, 1, 1, seed=18), torch.float16, "idx64 dense")
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_cpu_autocast_fp16():
+    """Under torch.autocast the conv runs in the autocast dtype, the statistics in fp32, gradients reach the
+    fp32 parameters in fp32, and a fp32 residual promotes the output to fp32, as eagerly."""
+    c = Case(2, 8, 12, 9, 9, 3, 1, 1, 1, residual=True, seed=19)
+
+    def run(backend, autocast, dt=torch.float32):
+        # The float64 reference sees the operands the autocast conv sees: x and w rounded to fp16.
+        lowp = (lambda t: t.half().to(dt)) if dt == torch.float64 else (lambda t: t)
+        x, w = _leaf(lowp(c.x)), _leaf(lowp(c.w))
+        gamma, beta, res = (_leaf(t.to(dt)) for t in (c.gamma, c.beta, c.res))
+        rm, rv, n = c.rm.to(dt).clone(), c.rv.to(dt).clone(), torch.tensor(0)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            y = conv_bn_relu_train(x, w, gamma, beta, rm, rv, n, stride=1, padding=1, residual=res,
+                                   backend=backend)
+        y.backward(c.gy.to(y.dtype))
+        return dict(y=y.detach(), dx=x.grad, dw=w.grad, dgamma=gamma.grad, dbeta=beta.grad, dres=res.grad,
+                    running_mean=rm, running_var=rv)
+
+    ours, eager, ref = run("triton", True), run("eager", True), run("eager", False, torch.float64)
+    for k in ours:
+        assert ours[k].dtype == eager[k].dtype, k
+        _judge(f"autocast {k}", ours[k], eager[k], ref[k], torch.float16)
+    assert ours["y"].dtype == torch.float32 and ours["dw"].dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------- gradcheck
+
+def test_gradcheck_torch_pieces_float64():
+    """The hand-written backward of ConvStats (with and without the prologue) and BnAct (ReLU, residual),
+    through their torch implementations in float64, against finite differences."""
+    gen = torch.Generator().manual_seed(21)
+    d = dict(dtype=torch.float64)
+    x = torch.randn(2, 4, 5, 4, generator=gen, **d).requires_grad_()
+    w1 = (torch.randn(6, 4, 3, 3, generator=gen, **d) * 0.3).requires_grad_()
+    w2 = (torch.randn(6, 3, 1, 1, generator=gen, **d) * 0.5).requires_grad_()
+    g1, b1, g2, b2 = [(torch.rand(6, generator=gen, **d) + 0.5).requires_grad_() for _ in range(4)]
+    res = torch.randn(2, 6, 3, 2, generator=gen, **d).requires_grad_()
+
+    def layer(x, w1, w2, g1, b1, g2, b2, res):
+        z1, m1, v1 = ag.ConvStats.apply(x, w1, (1, 1), (1, 1), 1, "torch", None, None, None, None, 0.0, False)
+        z2, m2, v2 = ag.ConvStats.apply(z1, w2, (2, 2), (0, 0), 2, "torch", m1, v1, g1, b1, 1e-5, True)
+        return ag.BnAct.apply(z2, m2, v2, g2, b2, res, 1e-5, True, torch.float64, "torch")
+
+    assert torch.autograd.gradcheck(layer, (x, w1, w2, g1, b1, g2, b2, res), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+    def no_relu_no_affine(x, w1):
+        z, m, v = ag.ConvStats.apply(x, w1, (1, 1), (1, 1), 1, "torch", None, None, None, None, 0.0, False)
+        return ag.BnAct.apply(z, m, v, None, None, None, 1e-5, False, torch.float64, "torch")
+
+    assert torch.autograd.gradcheck(no_relu_no_affine, (x, w1), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_gradcheck_eager_reference_float64():
+    """The eager reference (the fallback) is differentiable in every input, float64 finite differences."""
+    gen = torch.Generator().manual_seed(22)
+    d = dict(dtype=torch.float64)
+    args = [torch.randn(2, 4, 4, 5, generator=gen, **d), torch.randn(6, 2, 3, 3, generator=gen, **d) * 0.3,
+            torch.rand(6, generator=gen, **d) + 0.5, torch.randn(6, generator=gen, **d),
+            torch.randn(2, 6, 4, 5, generator=gen, **d)]
+    args = [a.requires_grad_() for a in args]
+
+    def f(x, w, g, b, r):
+        return conv_bn_relu_train(x, w, g, b, None, None, None, stride=1, padding=1, groups=2, residual=r,
+                                  backend="eager")
+
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ the module
+
+def _pair(cin=8, cout=12, k=3, stride=1, groups=1, seed=0, **conv_kw):
+    torch.manual_seed(seed)
+    conv_kw = dict(dict(stride=stride, padding=k // 2, groups=groups, bias=False), **conv_kw)
+    conv = nn.Conv2d(cin, cout, k, **conv_kw)
+    bn = nn.BatchNorm2d(cout)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 1.5)
+    return conv, bn
+
+
+def test_module_shares_parameters_and_state_dict():
+    conv, bn = _pair()
+    m = TrainConvBnAct(conv, bn)
+    assert m.conv is conv and m.bn is bn
+    assert [p is q for p, q in zip(m.parameters(), [conv.weight, bn.weight, bn.bias])] == [True] * 3
+    sd = m.state_dict()
+    assert set(sd) == {f"conv.{k}" for k in conv.state_dict()} | {f"bn.{k}" for k in bn.state_dict()}
+    assert sd["conv.weight"].data_ptr() == conv.weight.data_ptr()
+    assert sd["bn.running_mean"].data_ptr() == bn.running_mean.data_ptr()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(torch.randn(2, 8, 5, 5)).sum().backward()
+    before = conv.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(conv.weight, before)  # the optimizer stepped the user's own conv weight
+
+
+def test_module_fallback_on_plain_cpu_is_the_eager_modules():
+    """backend='auto' keeps the CPU on the eager modules: bit-identical output, gradients and running
+    statistics to conv -> bn -> relu, in training and eval."""
+    conv, bn = _pair(seed=1)
+    conv2, bn2 = _pair(seed=1)
+    m = TrainConvBnAct(conv, bn)
+    x = torch.randn(2, 8, 7, 7)
+    r = torch.randn(2, 12, 7, 7)
+    assert "CUDA" in m.fallback_reason(x)
+    for train in (True, False):
+        m.train(train)
+        conv2.train(train)
+        bn2.train(train)
+        y = m(x, r)
+        y2 = torch.relu(bn2(conv2(x)) + r)
+        assert torch.equal(y, y2)
+        y.sum().backward()
+        y2.sum().backward()
+        assert torch.equal(conv.weight.grad, conv2.weight.grad) and torch.equal(bn.weight.grad, bn2.weight.grad)
+        assert torch.equal(bn.running_mean, bn2.running_mean) and torch.equal(bn.running_var, bn2.running_var)
+        assert bn.num_batches_tracked.item() == bn2.num_batches_tracked.item() == 1
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "momentumNone"])
+def test_module_fused_training_steps(momentum, dtype):
+    """TrainConvBnAct(backend='triton') against the user's own modules over two SGD steps: outputs, gradients,
+    the parameters after each step, running statistics and counter; eval() then gives the eager eval output
+    exactly (it is the eager computation)."""
+    def build(dt):
+        conv, bn = _pair(groups=2, seed=2)
+        bn.momentum = momentum
+        conv.to(dt)
+        bn.to(torch.float64 if dt == torch.float64 else torch.float32)
+        return conv, bn
+
+    xs = [torch.randn(2, 8, 9, 9, generator=torch.Generator().manual_seed(30 + i)) for i in range(2)]
+    runs = {}
+    for kind, dt in (("fused", dtype), ("eager", dtype), ("eager", torch.float64)):
+        conv, bn = build(dt)
+        m = TrainConvBnAct(conv, bn, backend="triton" if kind == "fused" else "eager")
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        snaps = []
+        for x in xs:
+            x = x.to(dt)
+            y = m(x)
+            (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+            snaps.append(dict(y=y.detach(), dw=conv.weight.grad.clone(), dgamma=bn.weight.grad.clone(),
+                              dbeta=bn.bias.grad.clone(), rm=bn.running_mean.clone(), rv=bn.running_var.clone()))
+            opt.step()
+            opt.zero_grad()
+            snaps[-1].update(w=conv.weight.detach().clone(), gamma=bn.weight.detach().clone())
+        assert bn.num_batches_tracked.item() == 2
+        m.eval()
+        xe = xs[0].to(dt)
+        snaps.append(dict(eval=m(xe)))
+        assert torch.equal(snaps[-1]["eval"], torch.relu(bn(conv(xe))))
+        runs[(kind, dt)] = snaps
+    ours, eager, ref = runs[("fused", dtype)], runs[("eager", dtype)], runs[("eager", torch.float64)]
+    for step in range(2):
+        for k in ours[step]:
+            _judge(f"module step {step} {k}", ours[step][k], eager[step][k], ref[step][k], dtype)
+    _judge("module eval", ours[2]["eval"], eager[2]["eval"], ref[2]["eval"], dtype)
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_module_falls_back_on_unsupported_convs():
+    """Convs the kernels do not take run eagerly under 'auto' (with the reason) and are refused under 'triton'."""
+    x = torch.randn(2, 8, 7, 7)
+    cases = [
+        (dict(bias=True), "bias"),
+        (dict(dilation=2), "dilated"),
+        (dict(padding_mode="reflect"), "reflect"),
+    ]
+    for kw, word in cases:
+        conv, bn = _pair(**kw)
+        why = TrainConvBnAct(conv, bn).fallback_reason(x)
+        assert word in why, why
+        m = TrainConvBnAct(conv, bn, backend="triton")
+        with pytest.raises(RuntimeError, match=word):
+            m(x)
+        m.backend = "auto"
+        conv2, bn2 = _pair(**kw)
+        assert torch.equal(m(x), torch.relu(bn2(conv2(x))))
+    # very wide groups against narrow ones: no statistics kernel
+    conv = nn.Conv2d(4, 2 * 160, 1, groups=2, bias=False)
+    why = TrainConvBnAct(conv, nn.BatchNorm2d(320), backend="triton").fallback_reason(torch.randn(2, 4, 3, 3))
+    assert "groups=2" in why
+    # float64 has no kernel
+    conv, bn = _pair()
+    m = TrainConvBnAct(conv.double(), bn.double(), backend="triton")
+    with pytest.raises(RuntimeError, match="float64"):
+        m(x.double())
+    # a single value per channel: eager, which raises BatchNorm's own error
+    m = TrainConvBnAct(*_pair(k=1), backend="auto")
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        m(torch.randn(1, 8, 1, 1))
+
+
+def test_module_construction_errors():
+    conv, bn = _pair()
+    with pytest.raises(TypeError, match="SyncBatchNorm"):
+        TrainConvBnAct(conv, nn.SyncBatchNorm(12))
+    with pytest.raises(TypeError, match="nn.Conv2d"):
+        TrainConvBnAct(nn.Linear(3, 3), bn)
+    with pytest.raises(TypeError, match="nn.BatchNorm2d"):
+        TrainConvBnAct(conv, nn.BatchNorm1d(12))
+    with pytest.raises(ValueError, match="12 output channels"):
+        TrainConvBnAct(conv, nn.BatchNorm2d(10))
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        TrainConvBnAct(conv, bn, relu=1)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        TrainConvBnAct(conv, bn, backend="cuda")
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+def _args(**over):
+    a = dict(x=torch.randn(2, 8, 5, 5), weight=torch.randn(12, 8, 3, 3), bn_weight=torch.ones(12),
+             bn_bias=torch.zeros(12), running_mean=torch.zeros(12), running_var=torch.ones(12),
+             num_batches_tracked=torch.tensor(0))
+    kw = dict(stride=1, padding=1, backend="eager")
+    for k, v in over.items():
+        (a if k in a else kw)[k] = v
+    return a, kw
+
+
+@pytest.mark.parametrize("over,exc,msg", [
+    (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(x=torch.randn(8, 5, 5)), ValueError, "x must be a 4-D"),
+    (dict(x=torch.randint(0, 3, (2, 8, 5, 5))), TypeError, "x must be a floating-point"),
+    (dict(x=torch.randn(2, 6, 5, 5)), ValueError, "x has 6 channels"),
+    (dict(weight=torch.randn(12, 8, 3, 3).half()), ValueError, "cast them to one dtype"),
+    (dict(weight=torch.randn(12, 4, 3, 3), groups=3), ValueError, "x has 8 channels"),
+    (dict(weight=torch.randn(10, 4, 3, 3), groups=2, bn_weight=torch.ones(10), bn_bias=torch.zeros(10),
+          running_mean=torch.zeros(10), running_var=torch.ones(10), x=torch.randn(2, 8, 5, 5), stride=1),
+     None, None),
+    (dict(groups=0), ValueError, "groups must be a positive int"),
+    (dict(stride=0), ValueError, "stride must be >= 1"),
+    (dict(bn_weight=torch.ones(11)), ValueError, "bn_weight must have shape"),
+    (dict(bn_bias=torch.zeros(12, dtype=torch.long)), TypeError, "bn_bias must be a floating-point"),
+    (dict(running_var=None), ValueError, "both be tensors or both be None"),
+    (dict(num_batches_tracked=torch.zeros(2)), TypeError, "num_batches_tracked"),
+    (dict(momentum=1.5), ValueError, "momentum must be a number in"),
+    (dict(eps=0.0), ValueError, "eps must be a positive number"),
+    (dict(relu=1), TypeError, "relu must be a bool"),
+    (dict(x=torch.randn(1, 8, 1, 1), weight=torch.randn(12, 8, 1, 1), padding=0), ValueError,
+     "more than 1 value per channel"),
+    (dict(x=torch.randn(2, 8, 2, 2), padding=0), ValueError, "too small"),
+    (dict(residual=torch.randn(2, 12, 4, 5)), ValueError, "residual must have the output's shape"),
+    (dict(residual=torch.randn(2, 12, 5, 5).long()), TypeError, "residual must be a floating-point"),
+], ids=lambda v: str(v)[:40] if not isinstance(v, dict) else None)
+def test_validation(over, exc, msg):
+    a, kw = _args(**over)
+    if exc is None:  # a valid grouped call, as a control
+        conv_bn_relu_train(*a.values(), **kw)
+        return
+    with pytest.raises(exc, match=msg):
+        conv_bn_relu_train(*a.values(), **kw)
+
+
+@needs_triton
+def test_triton_refuses_float64_clearly():
+    a, kw = _args(backend="triton")
+    a = {k: (v.double() if v.is_floating_point() else v) for k, v in a.items()}
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run here: .*float64"):
+        conv_bn_relu_train(*a.values(), **kw)
+
+
+def _run_py(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+_PLAIN_CPU = """
+    import torch, torch.nn as nn
+    from dla_fast.train import TrainConvBnAct, conv_bn_relu_train
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12)
+    m = TrainConvBnAct(conv, bn)
+    x = torch.randn(2, 8, 7, 7)
+    why = m.fallback_reason(x)
+    assert "CUDA" in why, why
+    y = m(x)
+    assert m.bn.num_batches_tracked.item() == 1
+    try:
+        TrainConvBnAct(conv, bn, backend="triton")(x)
+    except RuntimeError as e:
+        assert "TRITON_INTERPRET" in str(e), str(e)
+    else:
+        raise AssertionError("no error")
+    try:
+        conv_bn_relu_train(x, conv.weight, bn.weight, bn.bias, backend="triton", padding=1)
+    except RuntimeError as e:
+        assert "TRITON_INTERPRET" in str(e), str(e)
+    else:
+        raise AssertionError("no error")
+    print("OK")
+"""
+
+
+@needs_triton
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU without the interpreter")
+def test_plain_cpu_without_interpreter():
+    """Without TRITON_INTERPRET the CPU runs eagerly under 'auto' and 'triton' says how to run the kernels."""
+    p = _run_py(_PLAIN_CPU)
+    assert p.returncode == 0 and "OK" in p.stdout, p.stdout + p.stderr
+
+
+# ------------------------------------------------------------------------------------- compile and ops
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_opcheck():
+    """The registered ops' schemas and fake implementations (what torch.compile traces)."""
+    import dla_fast.backends.triton._train  # noqa: F401  (registers the ops)
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(2, 8, 5, 5, generator=gen).to(DEV)
+    w = (torch.randn(8, 8, 3, 3, generator=gen) * 0.2).to(DEV)
+    v = [(torch.rand(8, generator=gen) + 0.5).to(DEV) for _ in range(3)]
+    ops = torch.ops.dla_fast_train
+    torch.library.opcheck(ops.conv_stats.default, (x, w, [1, 1], [1, 1], 1, None, None, None, False, False))
+    torch.library.opcheck(ops.conv_stats.default, (x, w[:, :4], [2, 2], [1, 1], 2, v[0], v[1], v[2], True, False))
+    torch.library.opcheck(ops.bn_act.default, (x, v[0], v[1], v[2], x, True, torch.float32))
+    torch.library.opcheck(ops.bn_backward.default, (x, x.relu(), x, v[0], v[1], v[2], torch.float32))
+    torch.library.opcheck(ops.bn_backward.default, (x, None, x, v[0], v[1], None, None))
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_torch_compile_module():
+    """torch.compile around the module (graph capture through the autograd functions and the registered ops;
+    on the CPU with the eager/aot_eager backends, Inductor in the cuda test): the same output, gradients and
+    running statistics as without."""
+    def run(compiled):
+        conv, bn = _pair(seed=3)
+        m = TrainConvBnAct(conv, bn, backend="triton")
+        f = torch.compile(m, backend=compiled, fullgraph=False) if compiled else m
+        x = torch.randn(2, 8, 7, 7, generator=torch.Generator().manual_seed(24)).to(DEV)
+        r = torch.randn(2, 12, 7, 7, generator=torch.Generator().manual_seed(25)).to(DEV)
+        y = f(x, r)
+        (y * y).sum().backward()
+        return [y.detach(), conv.weight.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var,
+                bn.num_batches_tracked]
+
+    expect = run(None)
+    for backend in ("eager", "aot_eager"):
+        torch._dynamo.reset()
+        for a, b in zip(run(backend), expect):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"backend={backend}")
+
+
+# --------------------------------------------------------------------------------- DLA shapes on a GPU
+
+# (N, Cin, Cout, H, k, stride, groups, residual): the stem, a level-0/1 conv, DlaBasic 3x3s (stride 1/2), the
+# bottleneck 1x1s, the x variants' grouped 3x3 (4 channels a group), a res2net split (28 channels), a root 1x1.
+CUDA_SHAPES = [
+    (8, 3, 32, 112, 7, 1, 1, False), (8, 32, 64, 56, 3, 2, 1, False), (8, 64, 64, 56, 3, 1, 1, True),
+    (8, 128, 128, 28, 3, 2, 1, False), (8, 128, 64, 28, 1, 1, 1, False), (8, 64, 256, 28, 1, 1, 1, True),
+    (8, 128, 128, 28, 3, 1, 32, False), (8, 256, 256, 14, 3, 2, 64, False), (8, 28, 28, 28, 3, 1, 1, False),
+    (8, 768, 256, 14, 1, 1, 1, True),
+]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DT_ID)
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: f"{s[1]}-{s[2]}k{s[4]}s{s[5]}g{s[6]}@{s[3]}")
+def test_dla_shapes_autocast_cuda(shape, dtype):
+    """DLA layer shapes under CUDA autocast (fp32 parameters and input, channels_last), module path with
+    backend='auto' (which must pick the kernels), against eager autocast and float64."""
+    N, Cin, Cout, H, k, s, g, res = shape
+
+    def run(kind, dt):
+        conv, bn = _pair(Cin, Cout, k, s, g, seed=5)
+        conv, bn = conv.cuda().to(memory_format=torch.channels_last), bn.cuda()
+        if dt == torch.float64:
+            conv, bn = conv.double(), bn.double()
+        m = TrainConvBnAct(conv, bn, backend="auto" if kind == "fused" else "eager")
+        gen = torch.Generator().manual_seed(6)
+        x = torch.randn(N, Cin, H, H, generator=gen).cuda().to(memory_format=torch.channels_last)
+        ho = (H + 2 * (k // 2) - k) // s + 1
+        r = torch.randn(N, Cout, ho, ho, generator=gen).cuda() if res else None
+        gy = torch.randn(N, Cout, ho, ho, generator=gen).cuda()
+        if dt == torch.float64:
+            x, r, gy = x.double(), None if r is None else r.double(), gy.double()
+        x.requires_grad_()
+        if r is not None:
+            r = r.to(dtype if dt != torch.float64 else dt).requires_grad_()
+        with torch.autocast("cuda", dtype=dtype, enabled=dt != torch.float64):
+            if kind == "fused":
+                assert m.fallback_reason(x) is None
+            y = m(x, r)
+        y.backward(gy.to(y.dtype))
+        out = dict(y=y.detach(), dx=x.grad, dw=conv.weight.grad, dgamma=bn.weight.grad, dbeta=bn.bias.grad,
+                   rm=bn.running_mean, rv=bn.running_var)
+        if r is not None:
+            out["dres"] = r.grad
+        return out
+
+    ours, eager, ref = run("fused", dtype), run("eager", dtype), run("eager", torch.float64)
+    for k_ in ours:
+        assert ours[k_].dtype == eager[k_].dtype, k_
+        _judge(f"{shape} {k_}", ours[k_], eager[k_], ref[k_], dtype)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
+@pytest.mark.parametrize("name", ["3x3_res", "stem7x7_s2", "g4_4pg", "g3_4to6pg", "batch1"])
+def test_small_shapes_compiled_cuda(name, dtype):
+    """The interpreter's small cases on the compiled kernels (bf16 too)."""
+    N, Cin, Cout, H, W, k, s, p, g, res, relu = SMALL[name]
+    _compare(Case(N, Cin, Cout, H, W, k, s, p, g, residual=res, relu=relu, seed=zlib.crc32(name.encode()),
+                  device="cuda"), dtype, name)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_deterministic_cuda():
+    """Two runs of one step give bit-identical outputs, statistics and gradients (no float atomics)."""
+    c = Case(16, 64, 64, 28, 28, 3, 1, 1, 1, residual=True, seed=7, device="cuda")
+    a = c.run("triton", torch.bfloat16)
+    b = c.run("triton", torch.bfloat16)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_prologue_chain_cuda():
+    test_prologue_chain_normconv()
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_auto_keeps_fp32_on_cudnn_cuda():
+    conv, bn = _pair()
+    m = TrainConvBnAct(conv.cuda(), bn.cuda())
+    x = torch.randn(2, 8, 9, 9, device="cuda")
+    assert "float32" in m.fallback_reason(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert m.fallback_reason(x) is None
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_module_cuda(backend):
+    """torch.compile (Inductor included) around the module under bf16 autocast: the kernels traced through the
+    registered ops; output, gradients and running statistics judged like the uncompiled module (eager autocast
+    and float64 as references)."""
+    def run(kind, dt=torch.bfloat16):
+        conv, bn = _pair(32, 64, seed=8)
+        conv, bn = conv.cuda().to(memory_format=torch.channels_last), bn.cuda()
+        if dt == torch.float64:
+            conv, bn = conv.double(), bn.double()
+        m = TrainConvBnAct(conv, bn, backend="eager" if kind == "eager" else "auto")
+        f = torch.compile(m, backend=backend) if kind == "compiled" else m
+        gen = torch.Generator().manual_seed(9)
+        x = torch.randn(8, 32, 28, 28, generator=gen).cuda().to(memory_format=torch.channels_last)
+        r = torch.randn(8, 64, 28, 28, generator=gen).cuda().bfloat16()
+        x, r = (x.double(), r.double()) if dt == torch.float64 else (x, r)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dt != torch.float64):
+            y = f(x, r)
+        (y.float() * y.float()).sum().backward()
+        return dict(y=y.detach(), dw=conv.weight.grad, dgamma=bn.weight.grad, dbeta=bn.bias.grad,
+                    rm=bn.running_mean, rv=bn.running_var), bn.num_batches_tracked.item()
+
+    ours, n_ours = run("compiled")
+    eager, _ = run("eager")
+    ref, n_ref = run("eager", torch.float64)
+    assert n_ours == n_ref == 1
+    for k in ours:
+        _judge(f"compiled {backend} {k}", ours[k], eager[k], ref[k], torch.bfloat16)
