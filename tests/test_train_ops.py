@@ -332,6 +332,23 @@ def test_conv_stats_kernel(kind, shape, dtype):
 
 @pytest.mark.interpreter
 @needs_kernels
+def test_statistics_of_a_large_mean():
+    """A channel whose mean is ~500x its spread: the variance from E[z^2] - E[z]^2 in fp32 would be off by
+    tens of percent; the per-tile (sum, M2) partials combined by Chan's formula match eager's to fp32 rounding."""
+    from dla_fast.backends.triton import _train as kt
+    gen = torch.Generator().manual_seed(26)
+    x = (300 + torch.randn(2, 16, 9, 9, generator=gen)).to(DEV)
+    w = (torch.rand(8, 16, 1, 1, generator=gen) / 8).to(DEV)
+    z, mean, var = kt.conv_stats_launch(x, w, (1, 1), (0, 0), 1)
+    _, m64, v64 = ag.conv_stats_torch(x.double(), w.double(), (1, 1), (0, 0), 1, None, False)
+    _, me, ve = ag.conv_stats_torch(x, w, (1, 1), (0, 0), 1, None, False)
+    assert (m64 / v64.sqrt()).min() > 200
+    _judge("large-mean mean", mean, me, m64, torch.float32)
+    _judge("large-mean var", var, ve, v64, torch.float32)
+
+
+@pytest.mark.interpreter
+@needs_kernels
 def test_prologue_chain_normconv():
     """Two layers where the second conv applies the first layer's BN+ReLU as it loads its input (the first
     layer's normalised output is never written): output and every gradient, kernel and torch pieces, against

@@ -36,6 +36,13 @@ NAMESPACE = "dla_fast_train"
 # Element offsets switch to 64-bit when a tensor spans this many elements (tests lower it to cover IDX64).
 _IDX64_THRESHOLD = _I32_LIMIT
 TRAIN_CONV_KINDS = ("dense", "flat", "blockdiag")
+# Pipeline depth and warps of the statistics conv with the BN prologue (see train_conv_plan).
+STAGES_NORM = 2
+WARPS_NORM = 8
+# Elements a program of the elementwise BN kernels covers (rows x up to 64 channels), and its warps: 4096
+# elements on 4 warps spilled in the backward kernels on sm_90.
+ELTWISE_TILE = 2048
+WARPS_ELTWISE = 4
 
 
 # ------------------------------------------------------------------------------------------------- kernels
@@ -336,15 +343,21 @@ def train_conv_kind(cin_g: int, cout_g: int, groups: int) -> Optional[str]:
 
 
 def train_conv_plan(M: int, cin_g: int, cout_g: int, groups: int, kh: int, kw: int, dtype: torch.dtype,
-                    tf32: bool, force: Optional[str] = None) -> Dict:
+                    tf32: bool, force: Optional[str] = None, norm: bool = False) -> Dict:
     """Tiles of the statistics conv: the inference heuristic's (:func:`conv_plan`) without split-K (the
-    statistics need whole output tiles; training batches fill the GPU anyway)."""
+    statistics need whole output tiles; training batches fill the GPU anyway). With the BN prologue (``norm``)
+    the input tile passes through registers to be normalised, so deep cp.async pipelines buy nothing and
+    their buffers cost registers: STAGES_NORM stages."""
     kind = force or train_conv_kind(cin_g, cout_g, groups)
     if kind not in TRAIN_CONV_KINDS:
         raise ValueError(f"no statistics-conv kernel for groups={groups} with {cin_g} -> {cout_g} channels a "
                          f"group (kind {kind!r}); the training path falls back to eager for it")
     cfg = conv_plan(M, cin_g, cout_g, groups, kh, kw, dtype, tf32, interpreted(), kind, 0)
     cfg["SPLIT"] = 1
+    if norm:
+        cfg["num_stages"] = min(cfg["num_stages"], STAGES_NORM)
+        if cfg.get("BLOCK_M", 0) * cfg.get("BLOCK_N", 0) >= 128 * 64:
+            cfg["num_warps"] = max(cfg["num_warps"], WARPS_NORM)
     return cfg
 
 
@@ -379,7 +392,7 @@ def conv_stats_launch(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[in
     M = N * Ho * Wo
     z = _new_output(N, Cout, Ho, Wo, x.device, x.dtype)
     cfg = dict(config) if config is not None else train_conv_plan(M, Cin_g, Cout_g, groups, kh, kw, x.dtype,
-                                                                    tf32)
+                                                                    tf32, norm=norm is not None)
     bm, bn, bk, mode, gb = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["MODE"], cfg["GB"]
     T = _cdiv(M, bm)
     psum = torch.empty((T, Cout), device=x.device, dtype=torch.float32)
@@ -431,7 +444,7 @@ def _rows(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
 
 def _eltwise_tiles(C: int) -> Tuple[int, int]:
     bc = min(64, max(16, _pow2(C)))
-    bm = 32 if interpreted() else max(16, 4096 // bc)
+    bm = 32 if interpreted() else max(16, ELTWISE_TILE // bc)
     return bm, bc
 
 
@@ -456,7 +469,7 @@ def bn_act_launch(z: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, bias
         M, H * W, W, C, szm, srn, src, srh, srw, n_tiles_c,
         HAS_RES=residual is not None, RELU=bool(relu),
         IDX64=_idx64(_max_offset(z), y.numel(), 0 if residual is None else _max_offset(residual)),
-        BLOCK_M=bm, BLOCK_C=bc, num_warps=4, num_stages=1)
+        BLOCK_M=bm, BLOCK_C=bc, num_warps=WARPS_ELTWISE, num_stages=1)
     return y
 
 
@@ -494,7 +507,7 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
     grid = T * n_tiles_c
     _kernel(_bn_bwd_reduce_kernel, raw)[lambda meta: (grid,)](
         grad, y, z, mean, ps, psx, M, H * W, W, C, sgn, sgc, sgh, sgw, sym, szm, n_tiles_c,
-        RELU=relu, IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc, num_warps=4, num_stages=1)
+        RELU=relu, IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc, num_warps=WARPS_ELTWISE, num_stages=1)
     dbeta = ps.sum(0)
     s_gx = psx.sum(0)
     k1 = rstd if gamma is None else gamma * rstd
@@ -503,7 +516,7 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
     _kernel(_bn_bwd_apply_kernel, raw)[lambda meta: (grid,)](
         grad, y, z, mean, k1.contiguous(), k2.contiguous(), k3.contiguous(), dz, dres if dres is not None else dz,
         M, H * W, W, C, sgn, sgc, sgh, sgw, sym, szm, n_tiles_c,
-        RELU=relu, HAS_DRES=dres is not None, IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc, num_warps=4,
+        RELU=relu, HAS_DRES=dres is not None, IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc, num_warps=WARPS_ELTWISE,
         num_stages=1)
     return dz, s_gx * rstd, dbeta, dres
 
