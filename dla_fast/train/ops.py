@@ -221,8 +221,11 @@ def conv_bn_relu_train(
                                       num_batches_tracked, stride, padding, groups, momentum, eps, residual, relu)
     out_dtype = cdt if residual is None else torch.promote_types(cdt, residual.dtype)
     with torch.autocast(x.device.type, enabled=False):
-        # The casts are autograd ops: gradients reach fp32 master weights in fp32, as under eager autocast.
-        xc, wc = x.to(cdt), weight.to(cdt)
+        # The casts are autograd ops: gradients reach fp32 master weights in fp32, as under eager autocast. A
+        # cast copies anyway, so it also lays x out as the kernel reads it (channels_last); an x already in the
+        # compute dtype is passed as it is (the kernel reads channel slices of channels_last tensors in place).
+        xc = x if x.dtype == cdt else x.to(dtype=cdt, memory_format=torch.channels_last)
+        wc = weight.to(cdt)
         z, mean, var = ag.ConvStats.apply(xc, wc, stride, padding, groups, "triton", None, None, None, None, 0.0,
                                           False)
         y = ag.BnAct.apply(z, mean, var, bn_weight, bn_bias, residual, float(eps), relu, out_dtype, "triton")
