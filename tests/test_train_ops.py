@@ -482,6 +482,17 @@ def test_gradcheck_torch_pieces_float64():
     assert torch.autograd.gradcheck(no_relu_no_affine, (x, w1), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
+def test_double_backward_is_refused():
+    """The hand-written backwards are first-order only: asking for a second derivative raises."""
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    z, m, v = ag.ConvStats.apply(x, w, (1, 1), (1, 1), 1, "torch", None, None, None, None, 0.0, False)
+    y = ag.BnAct.apply(z, m, v, None, None, None, 1e-5, True, torch.float64, "torch")
+    (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
+
+
 def test_gradcheck_eager_reference_float64():
     """The eager reference (the fallback) is differentiable in every input, float64 finite differences."""
     gen = torch.Generator().manual_seed(22)

@@ -16,7 +16,8 @@ the valid combinations.
 Each piece has a Triton implementation (``dla_fast.backends.triton._train``) and a torch one below. The torch
 pieces are the same formulas in ATen ops: the oracle of the kernel tests, and with them the functions run in
 float64 for ``gradcheck`` of the hand-written backward. The convolution's own backward is ATen's
-``convolution_backward`` in both.
+``convolution_backward`` in both. The backwards are not differentiable themselves (``once_differentiable``: a
+double backward raises rather than returning wrong second derivatives).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 IMPLS = ("triton", "torch")
 
@@ -161,6 +163,7 @@ class ConvStats(torch.autograd.Function):
         return z, mean, var
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dz, _dmean, _dvar):
         stride, padding, groups, impl, has_norm, norm_relu = ctx.conf
         x, weight, mean, rstd, scale, bias, gamma, beta = ctx.saved_tensors
@@ -199,6 +202,7 @@ class BnAct(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         relu, impl, res_dtype = ctx.conf
         z, y, mean, rstd, gamma, beta = ctx.saved_tensors
