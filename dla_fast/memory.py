@@ -243,7 +243,7 @@ class ActivationTracer(TorchDispatchMode):
             self._records.append(rec)
             self._live[key] = rec
             # The finalizer fires when the storage itself dies: the last tensor or view of it gone.
-            weakref.finalize(st, self._freed, key, rec)
+            weakref.finalize(st, self._freed, key, rec).atexit = False
 
     def _read(self, keys: set) -> None:
         for key in keys:

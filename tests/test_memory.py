@@ -279,7 +279,10 @@ def _measured_peak(fn, x):
         y = fn(x)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
+        reserved = torch.cuda.max_memory_reserved()
     del y
+    print(f"  {type(fn).__name__}: allocated peak {peak / 2**20:.1f} MiB over {base / 2**20:.1f}, reserved at most "
+          f"{reserved / 2**20:.1f} MiB")
     return peak
 
 
