@@ -349,14 +349,40 @@ class FusedMaxPool(_Planned):
         return f"k={self.k}, stride={self.k}, backend={self.backend!r}"
 
 
+def _take(x: Union[torch.Tensor, List[torch.Tensor]]) -> torch.Tensor:
+    """A block's or tree's input, taken out of the one-element list its caller may hand it over in.
+
+    CPython keeps a call's arguments referenced until the call returns, so a tensor passed as it is outlives
+    whatever the callee does with it. A caller that passes ``[x]`` and drops its own name for ``x`` leaves the
+    callee the only reference, and the input's memory goes back to the allocator right after its last reader.
+    """
+    return x.pop() if isinstance(x, list) else x
+
+
+def _residual(shortcut, project: Optional[nn.Module]) -> torch.Tensor:
+    """A block's residual: ``shortcut`` (a tensor or one handed over), projected by ``project`` if given."""
+    shortcut = _take(shortcut)
+    return shortcut if project is None else project(shortcut)
+
+
+# The blocks: ``x`` is the input or ``[x]`` handed over (see _take); ``shortcut`` the residual of the last conv
+# (default: x), also possibly handed over; ``project`` (a tree's projection of its downsampled input) maps the
+# shortcut to the residual. The projection runs just before the last conv rather than before the block, so that
+# its output is not alive during the block's first convs (the largest maps), and the input is freed right after
+# conv1, its last reader when a shortcut is given.
+
 class FusedBasic(nn.Module):
     def __init__(self, blk: DlaBasic, **kw):
         super().__init__()
         self.conv1 = FusedConvBnAct(blk.conv1, blk.bn1, True, **kw)
         self.conv2 = FusedConvBnAct(blk.conv2, blk.bn2, True, **kw)
 
-    def forward(self, x, shortcut: Optional[torch.Tensor] = None):
-        return self.conv2(self.conv1(x), x if shortcut is None else shortcut)
+    def forward(self, x, shortcut=None, project: Optional[nn.Module] = None):
+        x = _take(x)
+        sc = x if shortcut is None else shortcut
+        y = self.conv1(x)
+        del x
+        return self.conv2(y, _residual(sc, project))
 
 
 class FusedBottleneck(nn.Module):
@@ -366,8 +392,13 @@ class FusedBottleneck(nn.Module):
         self.conv2 = FusedConvBnAct(blk.conv2, blk.bn2, True, **kw)
         self.conv3 = FusedConvBnAct(blk.conv3, blk.bn3, True, **kw)
 
-    def forward(self, x, shortcut: Optional[torch.Tensor] = None):
-        return self.conv3(self.conv2(self.conv1(x)), x if shortcut is None else shortcut)
+    def forward(self, x, shortcut=None, project: Optional[nn.Module] = None):
+        x = _take(x)
+        sc = x if shortcut is None else shortcut
+        y = self.conv1(x)
+        del x
+        y = self.conv2(y)
+        return self.conv3(y, _residual(sc, project))
 
 
 class FusedBottle2neck(nn.Module):
@@ -382,8 +413,11 @@ class FusedBottle2neck(nn.Module):
         n_out = len(blk.convs) + (1 if blk.scale > 1 else 0)
         self.conv3 = FusedAggregate(blk.conv3, blk.bn3, [blk.width] * n_out, True, residual="tensor", **kw)
 
-    def forward(self, x, shortcut: Optional[torch.Tensor] = None):
+    def forward(self, x, shortcut=None, project: Optional[nn.Module] = None):
+        x = _take(x)
+        sc = x if shortcut is None else shortcut
         pieces = torch.split(self.conv1(x), self.width, 1)
+        del x
         outs = []
         sp = pieces[0]
         for i, conv in enumerate(self.convs):
@@ -392,13 +426,18 @@ class FusedBottle2neck(nn.Module):
             outs.append(sp)
         if self.scale > 1:
             outs.append(self.pool(pieces[-1]) if self.pool is not None else pieces[-1])
-        return self.conv3(outs, x if shortcut is None else shortcut)
+        # conv1's output is read by nothing more, unless its last slice is itself a child of the aggregate
+        del pieces, sp
+        return self.conv3(outs, _residual(sc, project))
 
 
 class FusedTree(nn.Module):
     def __init__(self, tree: DlaTree, device: torch.device, **kw):
         super().__init__()
-        self.downsample = FusedMaxPool.wrap(tree.downsample, kw["backend"], kw["dtype"], device)
+        # The downsampled input is a child of the root (level_root) and, projected, the residual of a block
+        # tree1. A tree1 that is a tree makes its own, so a tree that is neither has no use for it: no pool.
+        self.downsample = (FusedMaxPool.wrap(tree.downsample, kw["backend"], kw["dtype"], device)
+                           if tree.level_root or not isinstance(tree.tree1, DlaTree) else None)
         self.project = (FusedConvBnAct(tree.project[0], tree.project[1], False, **kw)
                         if isinstance(tree.project, nn.Sequential) else None)
         self.tree1 = _fuse_block(tree.tree1, device, **kw)
@@ -416,12 +455,21 @@ class FusedTree(nn.Module):
         self.level_root = tree.level_root
 
     def forward(self, x, shortcut: Optional[torch.Tensor] = None, children: Optional[List[torch.Tensor]] = None):
+        """``x``: the input, or ``[x]`` handed over (see :func:`_take`); ``shortcut`` is not read (a tree makes its
+        own; the parameter keeps the blocks' signature); ``children``: the outer trees' children for the root."""
+        x = _take(x)
         children = [] if children is None else children
-        bottom = self.downsample(x)
-        sc = bottom if self.project is None else self.project(bottom)
-        if self.level_root:
-            children.append(bottom)
-        x1 = self.tree1(x, sc)
+        sc = None
+        if self.downsample is not None:  # see __init__
+            bottom = self.downsample(x)
+            if self.level_root:
+                children.append(bottom)
+            if not isinstance(self.tree1, FusedTree):
+                sc = [bottom]  # handed over, as the input is: the block projects it just before its last conv
+            del bottom
+        box = [x]
+        del x  # tree1 holds the input alone now, and frees it after its last reader
+        x1 = self.tree1(box) if sc is None else self.tree1(box, sc, self.project)
         if self.root is not None:
             x2 = self.tree2(x1)
             kids = [x2, x1] + children
@@ -568,13 +616,20 @@ class FusedDLA(_NoCast, nn.Module):
         self._tuned_shapes.add(shape)
 
     def _levels(self, x: torch.Tensor, take: Optional[Sequence[int]] = None, stop: Optional[int] = None):
-        """(last level's output, the outputs of the levels in ``take``); ``stop``: the last level to run."""
+        """(last level's output, the outputs of the levels in ``take``); ``stop``: the last level to run. ``x``: the
+        input, or ``[x]`` handed over, freed once the stem has read it."""
         take = self.out_indices if take is None else take
         last = self.last_level if stop is None else stop
-        x = self.base_layer(x)
+        x = self.base_layer(_take(x))
         feats = []
         for i in range(last + 1):
-            x = getattr(self, f"level{i}")(x)
+            level = getattr(self, f"level{i}")
+            if isinstance(level, FusedTree):
+                box = [x]
+                del x  # the tree frees its input after its last reader (a kept feature map stays in feats)
+                x = level(box)
+            else:
+                x = level(x)
             if i in take:
                 feats.append(x)
         return x, feats
@@ -583,7 +638,7 @@ class FusedDLA(_NoCast, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.features_only:
             raise RuntimeError("forward_features is for classifiers; a features_only model's forward returns the maps")
-        x = self._prep_input(x)
+        x = [self._prep_input(x)]  # handed over: a cast copy of the input is freed once the stem has read it
         with torch.no_grad():
             return self._levels(x, take=())[0]
 
@@ -591,17 +646,17 @@ class FusedDLA(_NoCast, nn.Module):
         if self.features_only:
             raise RuntimeError("a features_only model has no classifier head")
         with torch.no_grad():
-            x = self.global_pool(x)
+            x = self.global_pool(_take(x))  # a map handed over as [x] is freed once the pool has read it
             if pre_logits:
                 return self.flatten(x)
             return self.flatten(self.fc(x))
 
     def forward(self, x: torch.Tensor):
-        x = self._prep_input(x)
+        x = [self._prep_input(x)]  # handed over: a cast copy of the input is freed once the stem has read it
         with torch.no_grad():
-            x, feats = self._levels(x)
             if self.features_only:
-                return feats
+                return self._levels(x)[1]
+            x = [self._levels(x, take=())[0]]  # handed over: the last map is freed once the global pool has read it
             return self.forward_head(x)
 
     def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
@@ -614,7 +669,7 @@ class FusedDLA(_NoCast, nn.Module):
         take, max_index = _feature_take_indices(len(self.channels), indices)
         if max_index > self.last_level:
             raise ValueError(f"level {max_index} was not kept by this model (its deepest level is {self.last_level})")
-        x = self._prep_input(x)
+        x = [self._prep_input(x)]  # handed over: a cast copy of the input is freed once the stem has read it
         with torch.no_grad():
             stop = max_index if (stop_early or intermediates_only) else self.last_level
             final, feats = self._levels(x, take=take, stop=stop)
