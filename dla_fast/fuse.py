@@ -569,9 +569,10 @@ class FusedDLA(_NoCast, nn.Module):
             lvl = getattr(model, f"level{i}")
             setattr(self, f"level{i}", _fuse_seq(lvl, **kw) if isinstance(lvl, nn.Sequential)
                     else _fuse_block(lvl, device, **kw))
-        # The stem and levels 0-1 as one kernel where the front can run; the three layers above stay the fallback.
+        # The stem and levels 0-1 as one Triton kernel where the front can run; the three layers above stay the
+        # fallback (and all there is on the eager and CUDA backends).
         self.front = (FusedFront.build(self.base_layer, self.level0, self.level1, backend, dtype)
-                      if self.last_level >= 1 else None)
+                      if self.last_level >= 1 and backend in ("auto", "triton") else None)
         if self.front is not None:
             self.front.refresh(device)
         chans = model.channels
