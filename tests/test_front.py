@@ -430,6 +430,28 @@ def test_model_with_the_front_exports_and_copies(monkeypatch):
         assert twin.state_dict().keys() == fast.state_dict().keys()
 
 
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERP, reason="needs TRITON_INTERPRET=1")
+def test_opbench_front_mode(tmp_path, capsys):
+    """``opbench.py --front`` times the front beside the three layers and checks every output (CPU smoke run)."""
+    import json
+    import sys
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import opbench
+    out = tmp_path / "front.json"
+    args = ["--front", "--device", "cpu", "--batch", "1", "--hw", "9x7", "--dtypes", "float32", "--warmup", "1",
+            "--rep", "1"]
+    assert opbench.main(args + ["--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["front (heuristic)", "triton x3", "eager_seq"]
+    assert all(r["rel_err"] < 1e-5 and r["ms"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        opbench.main(args + ["--md", str(tmp_path / "x.md")])
+    assert "--front times its own fixed set of implementations: drop --md" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 
 _GPU_SHAPES = [(2, 224, 224), (1, 225, 199), (3, 63, 65)]
