@@ -203,9 +203,11 @@ def shape_reason(cin: int, c0: int, c1: int) -> Optional[str]:
     return None
 
 
-def front_plan(dtype: torch.dtype, tf32: bool, interp: bool, sms: int) -> Dict:
+def front_plan(dtype: torch.dtype, tf32: bool, interp: bool, sms: int, tiles16: object = None) -> Dict:
     """Tile sizes of the front kernel. 16x16 output tiles keep the recomputed halo small (the stem runs on 35x35
-    pixels for 32x32 useful ones, 1.20x; level 0 on 33x33, 1.06x) at ~74 KB of fp16 scratch a program.
+    pixels for 32x32 useful ones, 1.20x; level 0 on 33x33, 1.06x) at ~74 KB of fp16 scratch a program. When
+    16x16 tiles (``tiles16``: how many the call has, None if unknown) cannot give every SM two, 8x8 tiles do
+    (batch 1 at 224x224: 49 tiles of 16x16 would leave 83 SMs idle, 196 of 8x8 fill them).
 
     One stage, i.e. no software pipelining: the pipeliner turns 16-byte loads into cp.async.cg, which bypasses
     L1, and levels 0 and 1 read each scratch pixel nine times (once a tap), so plain loads that hit L1 are worth
@@ -213,8 +215,11 @@ def front_plan(dtype: torch.dtype, tf32: bool, interp: bool, sms: int) -> Dict:
     if interp:  # the interpreter's cost is per operation: fewer, larger tiles; a few programs take turns
         return dict(TH=8, TW=8, BLOCK_M=64, PROGRAMS=3, num_warps=4, num_stages=1)
     ieee = dtype not in _TC_DTYPES and not tf32
-    return dict(TH=16, TW=16, BLOCK_M=64 if ieee else 128, PROGRAMS=PROGRAMS_PER_SM * max(1, sms),
-                num_warps=4, num_stages=1)
+    n = max(1, sms)
+    if isinstance(tiles16, int) and tiles16 < 2 * n:
+        return dict(TH=8, TW=8, BLOCK_M=64, PROGRAMS=4 * n, num_warps=4, num_stages=1)
+    return dict(TH=16, TW=16, BLOCK_M=64 if ieee else 128, PROGRAMS=PROGRAMS_PER_SM * n, num_warps=4,
+                num_stages=1)
 
 
 def candidates(dtype: torch.dtype, tf32: bool, sms: int) -> List[Tuple[int, ...]]:
@@ -278,13 +283,14 @@ def front_launch(x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w1: torch.
     C0, C1 = w0.shape[0], w2.shape[0]
     Ho, Wo = out_size(H, W)
     y = _new_output(N, C1, Ho, Wo, x.device, x.dtype)
-    if N == 0 or _skip_launch(y):
+    if N == 0 or Ho == 0 or Wo == 0 or _skip_launch(y):
         return y
     # [Cout, kh, kw, Cin] contiguous: free views of channels_last weights.
     w0, w1, w2 = (w.permute(0, 2, 3, 1).contiguous() for w in (w0, w1, w2))
     interp = interpreted()
     sms = 0 if interp else _sm_count(x.device)
-    cfg = dict(config) if config is not None else front_plan(x.dtype, tf32, interp, sms)
+    cfg = dict(config) if config is not None else front_plan(x.dtype, tf32, interp, sms,
+                                                              N * _cdiv(Ho, 16) * _cdiv(Wo, 16))
     th, tw = int(cfg["TH"]), int(cfg["TW"])
     cp = max(2, _pow2(CIN))
     c0p, c1p = max(16, _pow2(C0)), max(16, _pow2(C1))
