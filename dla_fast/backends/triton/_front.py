@@ -223,12 +223,14 @@ def front_plan(dtype: torch.dtype, tf32: bool, interp: bool, sms: int, tiles16: 
 
 
 def candidates(dtype: torch.dtype, tf32: bool, sms: int) -> List[Tuple[int, ...]]:
-    """The configs worth timing on a GPU, the heuristic's first: smaller tiles with more programs a SM (less
-    scratch each, more halo), more programs at 16x16, and the pipelined loads."""
+    """The configs worth timing on a GPU, the heuristic's first: more programs a SM at 16x16, the pipelined loads,
+    twice the warps, and smaller tiles with more programs a SM (less scratch each, more halo)."""
     base = front_plan(dtype, tf32, False, sms)
     n = max(1, sms)
     alts = [dict(base, PROGRAMS=3 * n), dict(base, PROGRAMS=4 * n), dict(base, num_stages=2),
             dict(base, TH=8, TW=16, PROGRAMS=3 * n), dict(base, TH=8, TW=8, BLOCK_M=64, PROGRAMS=4 * n)]
+    if dtype in _TC_DTYPES or tf32:  # (IEEE fp32's FMA dot spills with 8 warps)
+        alts.insert(3, dict(base, num_warps=8))
     return list(dict.fromkeys(config_tuple(c) for c in [base] + alts))
 
 
