@@ -290,8 +290,9 @@ def front_policy(backend: str, device: torch.device, dtype: torch.dtype, cin: in
                  c1: int) -> Tuple[str, str]:
     """When a DLA front (``cin`` input, ``c0`` stem, ``c1`` level-1 channels) runs as the Triton front kernel
     under ``backend`` on ``device`` in ``dtype``: ``("always" | "unpaced" | "never", why)``. "unpaced": only
-    calls not paced by their launches (a Triton launch costs more host time than the CUDA extension's three,
-    so ``backend="auto"`` keeps the separate layers at small batches run without a CUDA graph or torch.compile).
+    calls not paced by their launches (one Triton launch costs 50-130 us of host time, the CUDA extension's
+    three ~60, so ``backend="auto"`` keeps the separate layers at small batches run without a CUDA graph or
+    torch.compile).
     The switch ``DLA_FAST_FRONT`` (0 / 1 / auto) decides with the backend; elsewhere the three layers run as
     separate fused ops."""
     _check_backend(backend)
