@@ -583,7 +583,7 @@ def test_model_front_cuda_graph(monkeypatch):
     """cuda_graph=True with backend="auto": the front is captured (a replayed batch 1 is not launch-bound)."""
     calls = _count_front_calls(monkeypatch)
     model, g = _models_cuda("dla34", torch.float16, cuda_graph=True)
-    _, fast = _models_cuda("dla34", torch.float16)
+    fast = dla_fast.optimize(model, dtype=torch.float16, device="cuda")
     x = torch.randn(1, 3, 224, 224, device="cuda", dtype=torch.float16)
     y = g(x)
     assert calls, "the front was not captured"
