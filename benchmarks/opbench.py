@@ -22,6 +22,7 @@ Python launch longer, so per-call events would time the launch, which a graph (c
     python benchmarks/opbench.py --summary out.json --ref benchmarks/results/h100-ops-bs256.csv
     python benchmarks/opbench.py --from-json old.json --csv old.csv   # an earlier JSON run as op-run CSV
     python benchmarks/opbench.py --sanitize                        # correctness driver for compute-sanitizer
+    python benchmarks/opbench.py --front --batch 256 --json f.json # the fused front vs its three layers
     python benchmarks/opbench.py --device cpu --batch 2 --hw 64 --dtypes float32    # smoke test
 
 ``--csv`` writes the compact op-run format (comment lines with card, versions, date, commit, timer and
@@ -1111,6 +1112,79 @@ def sanitize(entries: Sequence[ShapeEntry], dtypes: Sequence[torch.dtype], backe
 
 # --------------------------------------------------------------------------------------------------- run
 
+# ----------------------------------------------------------------------------------------------- the front
+
+def front_run(dtypes: Sequence[torch.dtype], batch: int, hw, device, warmup: float = 25, rep: float = 100,
+              timer: str = "auto", log=print) -> Dict:
+    """The fused front (dla34's stem, level 0 and level 1 in one Triton kernel, :func:`dla_fast.ops.front`)
+    against the same three layers run separately: per dtype, the front with each tiling worth timing (the
+    heuristic's first; on the CPU only that one), the three fused layers on every backend that runs here, and
+    the eager sequence. Each result is checked against the eager sequence; on a GPU each row also has the peak
+    memory its call allocates beyond its input (the two full-resolution maps, or the front's scratch)."""
+    import copy
+
+    import dla_fast.backends.triton as tb
+    from dla_fast.backends.triton import _front
+    from dla_fast.verify import randomize_bn
+
+    device = torch.device(device)
+    h, w = _shapes.parse_hw(hw)
+    timer = timer_name(device, timer, batch)
+    shape_timer = timer if timer in ("cudagraph", "host", "none") else "do_bench"
+    base = randomize_bn(dla_fast.create_model("dla34")).eval()
+    result = {"env": environment(device), "batch": int(batch), "hw": [h, w], "timer": timer, "rows": []}
+    log(f"# front {batch}x3x{h}x{w} on {result['env']['device']} | torch {result['env']['torch']} | "
+        f"triton {result['env']['triton']} | timer {timer}")
+    for dt in dtypes:
+        fast = dla_fast.optimize(base, dtype=dt, backend="eager", device=device)
+        layers = [fast.base_layer[0], fast.level0[0], fast.level1[0]]
+        params = [t for m in layers for t in (m.weight, m.bias)]
+        seq = copy.deepcopy(nn.Sequential(base.base_layer, base.level0, base.level1)).to(device=device, dtype=dt)
+        seq = seq.to(memory_format=torch.channels_last)
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = _nhwc_input(batch, 3, 3, h, w, dt, device, gen)
+        impls: List[Tuple[str, Callable[[], torch.Tensor]]] = []
+        if _backends.reason_unavailable("triton", x) is None:
+            tf32 = bool(torch.backends.cudnn.allow_tf32)
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+            configs = _front.candidates(dt, tf32, sms) if device.type == "cuda" else [()]
+            for cfg in configs:
+                label = _front.describe(cfg) if cfg else "front (heuristic)"
+                impls.append((label, lambda cfg=cfg: tb.front(x, *params, config=cfg)))
+        for name in ("cuda", "triton"):
+            if _backends.reason_unavailable(name, x) is None:
+                mod = _backends.get(name)
+
+                def three(mod=mod):
+                    y = x
+                    for m in layers:
+                        y = mod.conv_bn_act(y, m.weight, m.bias, m.stride, m.padding, 1, None, True)
+                    return y
+                impls.append((f"{name} x3", three))
+        impls.append(("eager_seq", lambda: seq(x)))
+        with torch.no_grad():
+            ref = seq(x)
+            for name, fn in impls:
+                out = fn()
+                err = rel_err(out, ref)
+                peak = None
+                if device.type == "cuda":
+                    del out
+                    torch.cuda.synchronize(device)
+                    before = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                    fn()
+                    torch.cuda.synchronize(device)
+                    peak = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+                ms = None if shape_timer == "none" else time_ms(fn, device, warmup, rep, shape_timer)
+                row = {"dtype": dtype_name(dt), "impl": name, "ms": ms, "rel_err": err, "peak_mb": peak}
+                result["rows"].append(row)
+                flag = "  MISMATCH" if err > REL_ERR_FLAG else ""
+                log(f"{dtype_name(dt):<9} {name:<32} {_fmt(ms)} ms  err {err:.1e}"
+                    + (f"  peak {peak:.0f} MB" if peak is not None else "") + flag)
+    return result
+
+
 def select_entries(models: Sequence[str], batch: int, hw, ops: Optional[Sequence[str]] = None,
                    match: Optional[str] = None, limit: Optional[int] = None,
                    entries: Optional[List[ShapeEntry]] = None) -> List[ShapeEntry]:
@@ -1222,6 +1296,10 @@ def _parser() -> argparse.ArgumentParser:
                         "against triton and --ref, every losing row")
     g.add_argument("--summary-impl", default="cuda", help="the implementation --summary and --ref judge (cuda)")
     g.add_argument("--show", default=None, help="--summary: also the rows whose shape id matches this regex")
+    g.add_argument("--front", action="store_true",
+                   help="time the fused front (stem + level 0 + level 1 in one Triton kernel, every tiling worth "
+                        "timing) against the three layers on each backend and the eager sequence, at --batch / "
+                        "--hw / --dtypes; --json writes the rows")
     g.add_argument("--sanitize", action="store_true",
                    help="every op once per backend and kernel configuration on a few small real shapes, each "
                         "output checked against float64; exit code 1 on a mismatch (run under compute-sanitizer)")
@@ -1278,6 +1356,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"--batch must be at least 1, got {a.batch}")
     if a.sanitize:
         return _main_sanitize(p, a, models, dtypes, hw, device, timing_outputs)
+    if a.front:
+        return _main_front(p, a, dtypes, hw, device)
     for i in a.impls or ():
         if i not in BACKEND_IMPLS + BASELINES:
             p.error(f"unknown implementation {i!r}; choose from {BACKEND_IMPLS + BASELINES}")
@@ -1324,6 +1404,19 @@ def _main_sanitize(p, a, models, dtypes, hw, device, timing_outputs) -> int:
           f"{_shapes.parse_hw(hw or SANITIZE_HW)}, batch {a.batch or SANITIZE_BATCH}", flush=True)
     fails = sanitize(entries, [DTYPES[d] for d in dtypes], backends, device, log=lambda s: print(s, flush=True))
     return 1 if fails else 0
+
+
+def _main_front(p, a, dtypes, hw, device) -> int:
+    drop = [f"--{k}" for k in ("md", "csv", "ref", "ops", "match", "limit", "impls") if getattr(a, k)]
+    if drop:
+        p.error(f"--front times its own fixed set of implementations: drop {', '.join(drop)}")
+    cpu = device.type != "cuda"
+    batch, hw = a.batch or (1 if cpu else 256), hw or ((32, 32) if cpu else (224, 224))
+    res = front_run([DTYPES[d] for d in dtypes], batch, hw, device, a.warmup, a.rep, a.timer,
+                    log=lambda s: print(s, flush=True))
+    if a.json:
+        _write_json(a.json, res)
+    return 1 if any(r["rel_err"] > REL_ERR_FLAG for r in res["rows"]) else 0
 
 
 def _main_run(a, models, dtypes, batch, hw, device, command) -> int:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from . import backends as _backends
 from .models import DLA, DlaFeatures, from_timm
 from .models.dla import DlaBasic, DlaBottle2neck, DlaBottleneck, DlaRoot, DlaTree, GlobalPool, check_input
+from .ops import front_policy
 from .ops.reference import aggregate_ref, conv_bn_act_ref
 from .plan.planner import LAUNCH_BOUND_BATCH, PLANNER, Plan, aggregate_key, conv_key, max_pool_key
 
@@ -530,6 +531,70 @@ class _Head(_NoCast, nn.Conv2d):
         self.requires_grad_(False)
 
 
+class FusedFront(nn.Module):
+    """The stem, level 0 and level 1 of a DLA as one Triton kernel that writes only level 1's output
+    (:func:`dla_fast.ops.front`): neither full-resolution map reaches memory.
+
+    It holds no tensors: the weights are those of the three fused layers, which :class:`FusedDLA` keeps (their
+    state_dict keys, plans and summaries stay as they were) and runs instead wherever the front does not run:
+    backends without a front, calls that ask for level 0's map, shapes or devices the kernel does not take, and
+    what :func:`dla_fast.ops.front_policy` leaves to the separate layers (``DLA_FAST_FRONT``).
+    """
+
+    LAYERS = ("base_layer.0", "level0.0", "level1.0")
+
+    def __init__(self, channels: Tuple[int, int, int], backend: str, dtype: torch.dtype):
+        super().__init__()
+        self.channels = tuple(int(c) for c in channels)   # input, stem, level 1
+        self.backend = backend
+        self._dtype = dtype
+        self.when, self.why = "never", "not placed on a device yet"
+
+    @staticmethod
+    def build(base_layer: nn.Module, level0: nn.Module, level1: nn.Module, backend: str,
+              dtype: torch.dtype) -> Optional["FusedFront"]:
+        """A FusedFront for three fused levels that are exactly a DLA front (a 7x7 stride-1 stem, a 3x3 level 0,
+        a 3x3 stride-2 level 1, one conv + ReLU each), else None."""
+        geometry = ((7, 1, 3), (3, 1, 1), (3, 2, 1))
+        convs = []
+        for seq, (k, st, pad) in zip((base_layer, level0, level1), geometry):
+            if not isinstance(seq, nn.Sequential) or len(seq) != 1 or not isinstance(seq[0], FusedConvBnAct):
+                return None
+            c = seq[0]
+            if (tuple(c.weight.shape[2:]) != (k, k) or c.stride != (st, st) or c.padding != (pad, pad)
+                    or c.groups != 1 or not c.relu):
+                return None
+            convs.append(c)
+        (c0, cin), (c0b, c0c), (c1, c0d) = (tuple(c.weight.shape[:2]) for c in convs)
+        if not c0 == c0b == c0c == c0d:
+            return None
+        return FusedFront((cin, c0, c1), backend, dtype)
+
+    def refresh(self, device: torch.device) -> None:
+        """Decide, for weights on ``device``, when the front runs (see :func:`dla_fast.ops.front_policy`)."""
+        self.when, self.why = front_policy(self.backend, device, self._dtype, *self.channels)
+
+    def runs(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the front (the caller has checked that level 0's map is not wanted)."""
+        if self.when == "never" or x.device.type == "meta":  # meta: plan collection sees the three layers
+            return False
+        if self.when == "always" or torch.compiler.is_compiling():
+            return True
+        return not _launch_bound(x.shape[0])
+
+    def runs_at(self, batch: int, replayed: bool) -> bool:
+        return self.when == "always" or (self.when == "unpaced" and not _launch_bound(batch, replayed))
+
+    def forward(self, x: torch.Tensor, stem: FusedConvBnAct, level0: FusedConvBnAct,
+                level1: FusedConvBnAct) -> torch.Tensor:
+        return _backends.get("triton").front(x, stem.weight, stem.bias, level0.weight, level0.bias, level1.weight,
+                                             level1.bias)
+
+    def extra_repr(self) -> str:
+        cin, c0, c1 = self.channels
+        return f"{cin}->{c0}->{c0}->{c1}, backend={self.backend!r}, runs={self.when!r} ({self.why})"
+
+
 def _feature_take_indices(num: int, indices) -> Tuple[List[int], int]:
     from .models import dla as _dla
     return _dla.feature_take_indices(num, indices)
@@ -552,6 +617,12 @@ class FusedDLA(_NoCast, nn.Module):
             lvl = getattr(model, f"level{i}")
             setattr(self, f"level{i}", _fuse_seq(lvl, **kw) if isinstance(lvl, nn.Sequential)
                     else _fuse_block(lvl, device, **kw))
+        # The stem and levels 0-1 as one Triton kernel where the front can run; the three layers above stay the
+        # fallback (and all there is on the eager and CUDA backends).
+        self.front = (FusedFront.build(self.base_layer, self.level0, self.level1, backend, dtype)
+                      if self.last_level >= 1 and backend in ("auto", "triton") else None)
+        if self.front is not None:
+            self.front.refresh(device)
         chans = model.channels
         for i in range(2, self.last_level + 1):
             if isinstance(getattr(self, f"level{i}"), FusedTree):
@@ -581,6 +652,8 @@ class FusedDLA(_NoCast, nn.Module):
         for _, m in self.fused_layers():
             if isinstance(m, FusedMaxPool):
                 m._device = dev
+        if self.front is not None:
+            self.front.refresh(dev)
         self._tuned_shapes = set()
         return out
 
@@ -620,9 +693,17 @@ class FusedDLA(_NoCast, nn.Module):
         input, or ``[x]`` handed over, freed once the stem has read it."""
         take = self.out_indices if take is None else take
         last = self.last_level if stop is None else stop
-        x = self.base_layer(_take(x))
         feats = []
-        for i in range(last + 1):
+        first = 0
+        if self.front is not None and last >= 1 and 0 not in take and \
+                self.front.runs(x[0] if isinstance(x, list) else x):
+            x = self.front(_take(x), self.base_layer[0], self.level0[0], self.level1[0])
+            first = 2
+            if 1 in take:
+                feats.append(x)
+        else:
+            x = self.base_layer(_take(x))
+        for i in range(first, last + 1):
             level = getattr(self, f"level{i}")
             if isinstance(level, FusedTree):
                 box = [x]
@@ -705,12 +786,16 @@ class FusedDLA(_NoCast, nn.Module):
         from .plan.tuner import collect_calls
 
         hw = tuple(hw) if hw is not None else self._default_hw()
+        front = None
+        if (self.front is not None and self.last_level >= 1 and 0 not in self.out_indices
+                and self.front.runs_at(int(batch), replayed)):
+            front = Plan("triton", (), "front", self.front.why)
         out = []
         for call in collect_calls(self, int(batch), hw):
             plan = call.layer.plan_for(call.key.n, call.key.hw, bool(call.residual is not None),
                                        _launch_bound(call.key.n, replayed))
             for name in call.names:
-                out.append((name, call.key.label(), plan))
+                out.append((name, call.key.label(), front if front and name in FusedFront.LAYERS else plan))
         order = {n: i for i, (n, _) in enumerate(self.named_modules())}
         return sorted(out, key=lambda t: order.get(t[0], 0))
 

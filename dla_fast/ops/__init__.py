@@ -3,6 +3,9 @@
     conv_bn_act(x, w, b)      = relu(conv2d(x, w, b, stride, padding, groups) + residual)
     aggregate(children, w, b) = relu(conv1x1(cat(children, 1), w) + b + residual)
     max_pool(x, k)            = max_pool2d(x, k, stride=k)
+    front(x, w0, b0, w1, b1, w2, b2) = a DLA's stem (7x7), level 0 (3x3) and level 1 (3x3 stride 2), each
+                                       conv + bias + ReLU; on the Triton backend one kernel that writes only
+                                       the last map
 
 ``backend`` is ``"auto"`` (the per-layer plan of :mod:`dla_fast.plan`: tuned on this GPU, the shipped prior or the
 rules) or one of :data:`dla_fast.backends.NAMES`. A requested backend that cannot serve the call (CPU tensor
@@ -16,10 +19,12 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .. import _env
 from .. import backends as _backends
-from .reference import aggregate_ref, conv_bn_act_ref
+from .reference import aggregate_ref, conv_bn_act_ref, front_ref
 
-__all__ = ["conv_bn_act", "aggregate", "max_pool", "conv_bn_act_ref", "aggregate_ref", "BACKENDS", "backend_for"]
+__all__ = ["conv_bn_act", "aggregate", "max_pool", "front", "conv_bn_act_ref", "aggregate_ref", "front_ref",
+           "BACKENDS", "backend_for", "front_policy"]
 
 BACKENDS = ("auto",) + _backends.NAMES
 
@@ -54,18 +59,18 @@ def _check_4d(t, name: str) -> None:
         raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got shape {tuple(t.shape)}")
 
 
-def _check_bias(bias, cout: int, ref: torch.Tensor) -> None:
+def _check_bias(bias, cout: int, ref: torch.Tensor, name: str = "bias", weight: str = "weight") -> None:
     if bias is None:
         return
     if not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a 1-D tensor of {cout} values or None, got {type(bias).__name__}")
+        raise TypeError(f"{name} must be a 1-D tensor of {cout} values or None, got {type(bias).__name__}")
     if bias.dim() != 1 or bias.shape[0] != cout:
-        raise ValueError(f"bias must have shape ({cout},) to match the weight's {cout} output channels, "
+        raise ValueError(f"{name} must have shape ({cout},) to match the {weight}'s {cout} output channels, "
                          f"got {tuple(bias.shape)}")
     if not bias.is_floating_point():
-        raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor, got {bias.dtype}")
     if bias.device != ref.device:
-        raise ValueError(f"bias is on {bias.device} but the input is on {ref.device}; move them to one device")
+        raise ValueError(f"{name} is on {bias.device} but the input is on {ref.device}; move them to one device")
 
 
 def _check_same(t: torch.Tensor, ref: torch.Tensor, name: str, what: str = "input") -> None:
@@ -268,6 +273,130 @@ def max_pool(x: torch.Tensor, k: int, *, backend: str = "auto") -> torch.Tensor:
 
     impl, _ = _select(backend, x, _needs_grad(x), key, "max_pool")
     return impl.max_pool(x, k)
+
+
+FRONT_MODES = ("0", "1", "auto")
+
+
+def _front_mode() -> str:
+    mode = (_env.get("DLA_FAST_FRONT") or "auto").lower()
+    if mode not in FRONT_MODES:
+        raise ValueError(f"DLA_FAST_FRONT={mode!r} is not a front mode: use 0 (never), 1 (wherever the Triton "
+                         "kernels run) or auto (where the fused front pays)")
+    return mode
+
+
+def front_policy(backend: str, device: torch.device, dtype: torch.dtype, cin: int, c0: int,
+                 c1: int) -> Tuple[str, str]:
+    """When a DLA front (``cin`` input, ``c0`` stem, ``c1`` level-1 channels) runs as the Triton front kernel
+    under ``backend`` on ``device`` in ``dtype``: ``("always" | "unpaced" | "never", why)``. "unpaced": only
+    calls not paced by their launches (one Triton launch costs 50-130 us of host time, the CUDA extension's
+    three ~60, so ``backend="auto"`` keeps the separate layers at small batches run without a CUDA graph or
+    torch.compile).
+    The switch ``DLA_FAST_FRONT`` (0 / 1 / auto) decides with the backend; elsewhere the three layers run as
+    separate fused ops."""
+    _check_backend(backend)
+    mode = _front_mode()
+    if mode == "0":
+        return "never", "DLA_FAST_FRONT=0"
+    if backend not in ("auto", "triton"):
+        return "never", f"backend={backend!r} has no fused front"
+    if backend == "auto" and device.type != "cuda":
+        return "never", f"no kernels off the GPU ({device.type})"
+    why = _backends.reason_unavailable("triton", torch.empty(0, device=device, dtype=dtype))
+    if why is None:
+        why = _backends.get("triton").front_shape_reason(cin, c0, c1)
+    if why is not None:
+        return "never", why
+    if mode == "1":
+        return "always", "DLA_FAST_FRONT=1"
+    if not _backends.get("triton").compiled(device):
+        return "never", "the Triton interpreter (DLA_FAST_FRONT=1 runs the front there)"
+    if backend == "triton":
+        return "always", "backend='triton'"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "never", f"auto keeps {dtype} on the separate layers"
+    return "unpaced", "one kernel for the stem, level 0 and level 1"
+
+
+def front(
+    x: torch.Tensor,
+    w0: torch.Tensor,
+    b0: Optional[torch.Tensor],
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """A DLA's high-resolution front, each step conv + bias (a folded BN) + ReLU::
+
+        y0 = relu(conv2d(x,  w0, b0, padding=3))              # the stem, 7x7: Cin -> C0
+        y1 = relu(conv2d(y0, w1, b1, padding=1))              # level 0, 3x3: C0 -> C0
+        y  = relu(conv2d(y1, w2, b2, stride=2, padding=1))    # level 1, 3x3 stride 2: C0 -> C1
+
+    On the Triton backend this is one kernel that writes only ``y`` (channels_last, x's dtype): the two
+    full-resolution maps never reach memory. ``backend="cuda"`` runs the three layers as separate fused ops,
+    ``"eager"`` the reference; ``"auto"`` takes the Triton front where :func:`front_policy` says so, else the
+    three ``conv_bn_act(backend="auto")`` calls.
+    """
+    _check_backend(backend)
+    _check_4d(x, "x")
+    _check_float(x, "x")
+    for name, w, k in (("w0", w0, 7), ("w1", w1, 3), ("w2", w2, 3)):
+        _check_4d(w, name)
+        _check_same(w, x, name, "input x")
+        if tuple(w.shape[2:]) != (k, k):
+            raise ValueError(f"{name} must be a {k}x{k} kernel (the front is a 7x7 stem and two 3x3 convs), got "
+                             f"shape {tuple(w.shape)}")
+    cin, c0, c1 = x.shape[1], w0.shape[0], w2.shape[0]
+    if w0.shape[1] != cin:
+        raise ValueError(f"x has {cin} channels but the stem weight w0 {tuple(w0.shape)} expects {w0.shape[1]}")
+    if c0 == 0 or c1 == 0 or cin == 0:
+        raise ValueError(f"the front needs at least one channel at every step, got {cin} -> {c0} -> {c1}")
+    if tuple(w1.shape[:2]) != (c0, c0):
+        raise ValueError(f"w1 must map the stem's {c0} channels to {c0} (shape ({c0}, {c0}, 3, 3)), got "
+                         f"{tuple(w1.shape)}")
+    if w2.shape[1] != c0:
+        raise ValueError(f"w2 must take level 0's {c0} channels (shape (C1, {c0}, 3, 3)), got {tuple(w2.shape)}")
+    for name, b, c, w in (("b0", b0, c0, "w0"), ("b1", b1, c0, "w1"), ("b2", b2, c1, "w2")):
+        _check_bias(b, c, x, name, w)
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"x has an empty spatial size {tuple(x.shape[2:])}")
+
+    def separate(be: str) -> torch.Tensor:
+        y = conv_bn_act(x, w0, b0, padding=3, backend=be)
+        y = conv_bn_act(y, w1, b1, padding=1, backend=be)
+        return conv_bn_act(y, w2, b2, stride=2, padding=1, backend=be)
+
+    needs_grad = _needs_grad(x, w0, b0, w1, b1, w2, b2)
+    if backend == "eager":
+        return front_ref(x, w0, b0, w1, b1, w2, b2)
+    if backend == "cuda":
+        return separate("cuda")
+    if backend == "triton":
+        tb, _ = _select("triton", x, needs_grad, None, "front")
+        why = tb.front_shape_reason(cin, c0, c1)
+        if why is not None:
+            raise RuntimeError(f"front: backend='triton' cannot run here: {why}; use backend='auto' (three "
+                               "separate layers) or 'eager'")
+    else:
+        when = "never" if needs_grad else front_policy("auto", x.device, x.dtype, cin, c0, c1)[0]
+        if when == "unpaced":
+            from ..fuse import _launch_bound
+            when = "never" if _launch_bound(x.shape[0]) else "always"
+        if when == "never":
+            return separate("auto")
+        tb = _backends.get("triton")
+
+    def prep(w):
+        return w.contiguous(memory_format=torch.channels_last)
+
+    def bias(b, c):
+        return torch.zeros(c, device=x.device) if b is None else b.to(torch.float32).contiguous()
+
+    return tb.front(x, prep(w0), bias(b0, c0), prep(w1), bias(b1, c0), prep(w2), bias(b2, c1))
 
 
 def backend_for(op: str, x: torch.Tensor, backend: str = "auto") -> str:

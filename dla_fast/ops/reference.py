@@ -48,3 +48,18 @@ def aggregate_ref(
     if relu:
         y = torch.relu(y)
     return y
+
+
+def front_ref(
+    x: torch.Tensor,
+    w0: torch.Tensor,
+    b0: Optional[torch.Tensor],
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """A DLA's stem, level 0 and level 1 (each conv + bias + ReLU): 7x7 pad 3, 3x3 pad 1, 3x3 stride 2 pad 1."""
+    y = conv_bn_act_ref(x, w0, b0, (1, 1), (3, 3), 1, None, True)
+    y = conv_bn_act_ref(y, w1, b1, (1, 1), (1, 1), 1, None, True)
+    return conv_bn_act_ref(y, w2, b2, (2, 2), (1, 1), 1, None, True)

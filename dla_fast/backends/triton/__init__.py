@@ -3,7 +3,8 @@
 Implements the backend protocol of :mod:`dla_fast.backends`. The kernels are registered as
 ``torch.ops.dla_fast_triton.conv_bn_act`` / ``aggregate`` / ``max_pool`` (``torch.library.triton_op``, with the
 schemas of :mod:`dla_fast.backends.schema`), which ``torch.compile(fullgraph=True)`` and ``torch.export`` trace
-into and CUDA graphs capture.
+into and CUDA graphs capture. Beyond the protocol, this backend alone has :func:`front`: a DLA's stem, level 0 and
+level 1 in one kernel (``torch.ops.dla_fast_triton.front``, see ``_front.py``).
 
 On CPU the kernels run only in Triton's interpreter, which must be switched on with ``TRITON_INTERPRET=1``
 before this module is first imported (the interpreter is picked when the kernels are decorated).
@@ -25,6 +26,14 @@ try:
 except Exception as e:  # no triton, or a triton too old for these kernels
     _launch = None
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+# Separately: a Triton that cannot build the front kernel still runs the per-layer ops (and the model the separate
+# layers).
+try:
+    from . import _front
+    _FRONT_ERROR: Optional[str] = None
+except Exception as e:
+    _front = None
+    _FRONT_ERROR = f"{type(e).__name__}: {e}"
 
 
 def _interpret_env() -> bool:
@@ -66,6 +75,11 @@ def unavailable_reason(x: torch.Tensor) -> Optional[str]:
         return None
     return (f"x is on {x.device}; the Triton kernels run on CUDA devices (or on CPU under TRITON_INTERPRET=1); "
             "use backend='eager'")
+
+
+def compiled(device: torch.device) -> bool:
+    """Whether the kernels run compiled on ``device`` (a CUDA device, no interpreter): where speed can be had."""
+    return _launch is not None and device.type == "cuda" and not _launch.interpreted()
 
 
 def _tf32() -> bool:
@@ -113,6 +127,25 @@ def max_pool(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.ops.dla_fast_triton.max_pool(x, int(k))
 
 
+def front(x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+          w2: torch.Tensor, b2: torch.Tensor, config: Tuple[int, ...] = ()) -> torch.Tensor:
+    """relu(conv3x3 s2(relu(conv3x3(relu(conv7x7(x, w0) + b0), w1) + b1), w2) + b2) in one kernel that writes only
+    the last map (channels_last, x's dtype); see :func:`dla_fast.ops.front`. Biases float32, weights in x's
+    dtype; ``config`` a tile tuple of ``_front`` (``()``: its heuristic)."""
+    if _direct(x):
+        cfg = _front.config_dict(config) if config else None
+        return _front.front_launch(x, w0, b0, w1, b1, w2, b2, _tf32(), config=cfg, raw=True)
+    return torch.ops.dla_fast_triton.front(x, w0, b0, w1, b1, w2, b2, [int(_tf32())] + [int(v) for v in config])
+
+
+def front_shape_reason(cin: int, c0: int, c1: int) -> Optional[str]:
+    """None when :func:`front` takes a front of ``cin`` input, ``c0`` stem and ``c1`` level-1 channels; else
+    what does not fit."""
+    if _front is None:
+        return f"the Triton front kernel could not be loaded ({_FRONT_ERROR})"
+    return _front.shape_reason(cin, c0, c1)
+
+
 def conv_candidates(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
                     padding: Tuple[int, int], groups: int,
                     residual: Optional[torch.Tensor]) -> List[Tuple[int, ...]]:
@@ -131,4 +164,4 @@ def describe(config: Tuple[int, ...], op: str = "conv_bn_act") -> str:
 
 
 __all__ = ["NAME", "unavailable_reason", "conv_bn_act", "aggregate", "max_pool", "conv_candidates",
-           "aggregate_candidates", "describe"]
+           "aggregate_candidates", "describe", "front", "front_shape_reason", "compiled"]
