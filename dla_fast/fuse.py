@@ -60,23 +60,33 @@ def _refuse_training() -> None:
                        "train the original model and call optimize() on it again")
 
 
-_graph_state = threading.local()
+# The threads inside graph_mode(), by id. Every fused call at a small batch asks whether its thread is one of
+# them: an empty-set test costs nanoseconds where a threading.local attribute lookup costs most of a microsecond.
+_GRAPH_THREADS: Dict[int, int] = {}
 
 
 @contextlib.contextmanager
 def graph_mode():
     """Within this block the fused layers pick the kernels that are fastest when replayed from a CUDA graph
     (CudaGraphRunner uses it around its warm-up and capture, so both run the same kernels)."""
-    prev = getattr(_graph_state, "on", False)
-    _graph_state.on = True
+    me = threading.get_ident()
+    _GRAPH_THREADS[me] = _GRAPH_THREADS.get(me, 0) + 1
     try:
         yield
     finally:
-        _graph_state.on = prev
+        left = _GRAPH_THREADS[me] - 1
+        if left:
+            _GRAPH_THREADS[me] = left
+        else:
+            del _GRAPH_THREADS[me]
+
+
+def _in_graph_mode() -> bool:
+    return bool(_GRAPH_THREADS) and threading.get_ident() in _GRAPH_THREADS
 
 
 def _launch_cost_hidden() -> bool:
-    return torch.compiler.is_compiling() or getattr(_graph_state, "on", False)
+    return torch.compiler.is_compiling() or _in_graph_mode()
 
 
 def _launch_bound(batch: int, replayed: Optional[bool] = None) -> bool:
@@ -118,15 +128,13 @@ def _traced_plan(token: int, n: int, h: int, w: int, res: bool, lb: bool) -> Tup
     return _LAYERS[token]._plan_entry(n, h, w, res, lb)[:2]
 
 
-_traced_plan_const = None
+# Marked here, at import: dynamo refuses to trace a call of assume_constant_result itself.
+_traced_plan_const = torch.compiler.assume_constant_result(_traced_plan)
 
 
 def _constant_plan(*args) -> Tuple[str, Tuple[int, ...]]:
     """The plan looked up while torch.compile traces: evaluated once then and baked into the graph as a constant,
     so the planner's Python (file reads on first use included) never has to be traced."""
-    global _traced_plan_const
-    if _traced_plan_const is None:
-        _traced_plan_const = torch.compiler.assume_constant_result(_traced_plan)
     return _traced_plan_const(*args)
 
 
@@ -139,8 +147,8 @@ class _Planned(_NoCast, nn.Module):
         super().__init__()
         self.backend = backend          # the requested backend: "auto" or a backend name
         self._dtype = dtype
-        # (batch, H, W, has residual, launch-bound) -> (backend name, config, Plan)
-        self._memo: Dict[tuple, Tuple[str, Tuple[int, ...], Plan]] = {}
+        # (batch, H, W, has residual, launch-bound) -> (backend name, config, Plan, backend module)
+        self._memo: Dict[tuple, tuple] = {}
         _LAYERS[id(self)] = self
 
     def _forget(self) -> None:
@@ -166,7 +174,7 @@ class _Planned(_NoCast, nn.Module):
         hit = self._memo.get(mk)
         if hit is None:
             plan = self.plan_for(n, (h, w), res, lb)
-            hit = self._memo[mk] = (plan.backend, plan.config, plan)
+            hit = self._memo[mk] = (plan.backend, plan.config, plan, _backends.get(plan.backend))
         return hit
 
     def plan_for(self, n: int, hw: Sequence[int], residual: bool, launch_bound: bool = False) -> Plan:
@@ -186,15 +194,20 @@ class _Planned(_NoCast, nn.Module):
         return Plan(self.backend, (), "requested")
 
     def _impl(self, x: torch.Tensor, res: bool):
-        n, h, w = x.shape[0], x.shape[2], x.shape[3]
+        # Every eager call of every layer passes here: at small batches the host's time per layer is the forward's
+        # time, so the common case is one dict lookup (the launch regime inlined from _launch_bound).
+        n, _, h, w = x.shape
         if torch.compiler.is_compiling():
             # torch.compile / torch.export: no launch cost to pay (lb False), and a dynamic size must not be
             # branched on (an export would specialise it): such a call takes the throughput regime's plan.
             n, h, w = (v if isinstance(v, int) else d for v, d in ((n, 256), (h, 224), (w, 224)))
             name, cfg = _constant_plan(id(self), n, h, w, res, False)
-        else:
-            name, cfg, _ = self._plan_entry(n, h, w, res, _launch_bound(n))
-        return _backends.get(name), cfg
+            return _backends.get(name), cfg
+        mk = (n, h, w, res, n <= LAUNCH_BOUND_BATCH and not _in_graph_mode())
+        hit = self._memo.get(mk)
+        if hit is None:
+            hit = self._plan_entry(*mk)
+        return hit[3], hit[1]
 
     def plans(self) -> Dict[tuple, Plan]:
         """The plans resolved so far: (batch, H, W, has residual, launch-bound) -> Plan."""
@@ -238,7 +251,7 @@ class FusedConvBnAct(_Planned):
         return residual
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if x.device.type == "meta":  # shapes and layouts only (plan collection, summaries), as the kernels give
+        if x.is_meta:  # shapes and layouts only (plan collection, summaries), as the kernels give
             return conv_bn_act_ref(x, self.weight.to("meta"), self.bias.to("meta"), self.stride, self.padding,
                                    self.groups, residual, self.relu).contiguous(memory_format=torch.channels_last)
         impl, cfg = self._impl(x, residual is not None)
@@ -290,7 +303,7 @@ class FusedAggregate(_Planned):
 
     def forward(self, children: List[torch.Tensor], residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         c0 = children[0]
-        if c0.device.type == "meta":
+        if c0.is_meta:
             return aggregate_ref(children, self.weight.to("meta"), self.bias.to("meta"), residual,
                                  self.relu).contiguous(memory_format=torch.channels_last)
         impl, cfg = self._impl(c0, residual is not None)
@@ -340,7 +353,7 @@ class FusedMaxPool(_Planned):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "meta":
+        if x.is_meta:
             return F.max_pool2d(x, self.k, self.k).contiguous(memory_format=torch.channels_last)
         self._channels = int(x.shape[1])
         impl, _ = self._impl(x, False)
@@ -576,7 +589,7 @@ class FusedFront(nn.Module):
 
     def runs(self, x: torch.Tensor) -> bool:
         """Whether this call takes the front (the caller has checked that level 0's map is not wanted)."""
-        if self.when == "never" or x.device.type == "meta":  # meta: plan collection sees the three layers
+        if self.when == "never" or x.is_meta:  # meta: plan collection sees the three layers
             return False
         if self.when == "always" or torch.compiler.is_compiling():
             return True

@@ -114,13 +114,14 @@ def _int_list(v: Sequence[int]) -> List[int]:
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
                 padding: Tuple[int, int], groups: int, residual: Optional[torch.Tensor], relu: bool,
                 config: Sequence[int] = ()) -> torch.Tensor:
-    return torch.ops.dla_fast.conv_bn_act(x, weight, bias, _int_list(stride), _int_list(padding), int(groups),
-                                          residual, bool(relu), _int_list(config))
+    # The arguments arrive as Python ints and tuples of them (validated by dla_fast.ops, or a fused layer's
+    # own), which the op takes as they are: no per-call conversion on this launch-bound path.
+    return torch.ops.dla_fast.conv_bn_act(x, weight, bias, stride, padding, groups, residual, relu, config)
 
 
 def aggregate(children: Sequence[torch.Tensor], weight2d: torch.Tensor, bias: Optional[torch.Tensor],
               residual: Optional[torch.Tensor], relu: bool, config: Sequence[int] = ()) -> torch.Tensor:
-    return torch.ops.dla_fast.aggregate(list(children), weight2d, bias, residual, bool(relu), _int_list(config))
+    return torch.ops.dla_fast.aggregate(children, weight2d, bias, residual, relu, config)
 
 
 def max_pool(x: torch.Tensor, k: int) -> torch.Tensor:
