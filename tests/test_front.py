@@ -554,6 +554,9 @@ def test_model_front_cuda(name, dtype, monkeypatch):
     assert without.front.when == "never"
     _switch(monkeypatch, "auto")
     _, auto = _models_cuda(name, dtype)
+    assert auto.front.when == "never"  # backend="auto" opts in only through the switch
+    _switch(monkeypatch, "1")
+    _, auto = _models_cuda(name, dtype)
     assert auto.front.when == "unpaced"
     assert {p.source for n, _, p in auto.plans(256) if n in ("base_layer.0", "level1.0")} == {"front"}
     assert "front" not in {p.source for _, _, p in auto.plans(1, replayed=False)}
