@@ -362,7 +362,8 @@ def test_front_is_built_only_for_a_front_and_the_front_backends(monkeypatch):
     for backend in ("eager", "cuda"):
         if backend == "cuda" and not HAS_CUDA:
             continue
-        assert dla_fast.optimize(model, dtype=torch.float32, backend=backend).front is None
+        dev = "cuda" if backend == "cuda" else None
+        assert dla_fast.optimize(model, dtype=torch.float32, backend=backend, device=dev).front is None
     fast = dla_fast.optimize(model, dtype=torch.float32)  # auto on the CPU: built, never runs
     assert isinstance(fast.front, FusedFront) and fast.front.when == "never"
     assert fast.front.channels == (3, 16, 32) and "3->16->16->32" in repr(fast)
@@ -583,7 +584,9 @@ def test_model_front_compile_export_cuda():
 @pytest.mark.cuda
 @needs_cuda
 def test_model_front_cuda_graph(monkeypatch):
-    """cuda_graph=True with backend="auto": the front is captured (a replayed batch 1 is not launch-bound)."""
+    """cuda_graph=True with backend="auto" and DLA_FAST_FRONT=1: the front is captured (a replayed batch 1 is not
+    launch-bound)."""
+    _switch(monkeypatch, "1")
     calls = _count_front_calls(monkeypatch)
     model, g = _models_cuda("dla34", torch.float16, cuda_graph=True)
     fast = dla_fast.optimize(model, dtype=torch.float16, device="cuda")

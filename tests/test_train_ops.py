@@ -882,3 +882,14 @@ def test_torch_compile_module_cuda(backend):
     assert n_ours == n_ref == 1
     for k in ours:
         _judge(f"compiled {backend} {k}", ours[k], eager[k], ref[k], torch.bfloat16)
+
+
+@needs_kernels
+def test_schemas_are_what_triton_op_infers():
+    """Some torch versions (2.11) register a triton_op under the schema inferred from the function's annotations,
+    ignoring the one given: the two must agree, or the ops fail to register on the GPU."""
+    from torch._library.infer_schema import infer_schema
+
+    from dla_fast.backends.triton import _train
+    for name, fn in _train._IMPLS.items():
+        assert infer_schema(fn, mutates_args=()) == _train._SCHEMAS[name], name

@@ -21,7 +21,7 @@ of the variance once a channel's mean is large against its spread.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -526,8 +526,9 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
 # whose fake implementation is the launcher itself, as in _launch._register.
 
 _SCHEMAS = {
-    "conv_stats": ("(Tensor x, Tensor weight, int[] stride, int[] padding, int groups, Tensor? norm_mean, "
-                   "Tensor? norm_scale, Tensor? norm_bias, bool norm_relu, bool tf32) -> (Tensor, Tensor, Tensor)"),
+    "conv_stats": ("(Tensor x, Tensor weight, SymInt[] stride, SymInt[] padding, SymInt groups, "
+                   "Tensor? norm_mean, Tensor? norm_scale, Tensor? norm_bias, bool norm_relu, bool tf32) "
+                   "-> (Tensor, Tensor, Tensor)"),
     "bn_act": ("(Tensor z, Tensor mean, Tensor scale, Tensor bias, Tensor? residual, bool relu, "
                "ScalarType out_dtype) -> Tensor"),
     # The residual's gradient comes back as an empty tensor when res_dtype is None.
@@ -536,16 +537,24 @@ _SCHEMAS = {
 }
 
 
-def _conv_stats_op(x, weight, stride, padding, groups, norm_mean, norm_scale, norm_bias, norm_relu, tf32):
+# Annotated: torch versions whose triton_op infers the schema from the signature (2.11) need the types; the
+# inferred schema is the one in _SCHEMAS.
+def _conv_stats_op(x: torch.Tensor, weight: torch.Tensor, stride: List[int], padding: List[int], groups: int,
+                   norm_mean: Optional[torch.Tensor], norm_scale: Optional[torch.Tensor],
+                   norm_bias: Optional[torch.Tensor], norm_relu: bool,
+                   tf32: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     norm = None if norm_mean is None else (norm_mean, norm_scale, norm_bias)
     return conv_stats_launch(x, weight, stride, padding, groups, norm, norm_relu, tf32)
 
 
-def _bn_act_op(z, mean, scale, bias, residual, relu, out_dtype):
+def _bn_act_op(z: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+               residual: Optional[torch.Tensor], relu: bool, out_dtype: torch.dtype) -> torch.Tensor:
     return bn_act_launch(z, mean, scale, bias, residual, relu, out_dtype)
 
 
-def _bn_backward_op(grad, y, z, mean, rstd, gamma, res_dtype):
+def _bn_backward_op(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor,
+                    rstd: torch.Tensor, gamma: Optional[torch.Tensor],
+                    res_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dz, dgamma, dbeta, dres = bn_backward_launch(grad, y, z, mean, rstd, gamma, res_dtype)
     return dz, dgamma, dbeta, dres if dres is not None else z.new_empty(0)
 
