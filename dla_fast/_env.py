@@ -29,8 +29,8 @@ SWITCHES: Tuple[Switch, ...] = (
            "the committed measurements used before the GPU's own tuning exists; 'off' uses the rules alone"),
     Switch("DLA_FAST_FRONT", "0, 1, auto", "auto",
            "the fused front (stem + level 0 + level 1 as one Triton kernel): auto runs it under backend='triton' on a "
-           "GPU (backend='auto' keeps the three separate layers); 1 wherever the Triton kernels run (the CPU "
-           "interpreter too; under backend='auto' for fp16/bf16 calls not paced by launches); 0 never"),
+           "GPU, and under backend='auto' for fp16 calls not paced by launches; 1 wherever the Triton kernels run (the "
+           "CPU interpreter too; under backend='auto' for fp16/bf16 calls not paced by launches); 0 never"),
     Switch("DLA_FAST_TRITON_CONV", "dense, flat, blockdiag, direct", "unset",
            "debugging: force the Triton conv kernel family wherever the plan leaves the tiles to the heuristic"),
     Switch("DLA_FAST_TRITON_POISON", "0, 1", "0",

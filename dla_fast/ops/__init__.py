@@ -316,9 +316,12 @@ def front_policy(backend: str, device: torch.device, dtype: torch.dtype, cin: in
         return "never", "the Triton interpreter (DLA_FAST_FRONT=1 runs the front there)"
     if backend == "triton":
         return "always", "backend='triton'"
-    # Under backend="auto" the front waits for a measurement on a GPU that shows it beating the three separate
-    # layers (benchmarks/NOTES.md); until then the plan keeps them, and DLA_FAST_FRONT=1 opts in.
-    return "never", "auto keeps the separate layers until the front is measured faster (DLA_FAST_FRONT=1 opts in)"
+    # Under backend="auto" the front runs where a GPU measurement showed it no slower than the three separate
+    # layers end to end, with half the peak memory (fp16 on the H100, benchmarks/NOTES.md); elsewhere the plan
+    # keeps the separate layers until measured, and DLA_FAST_FRONT=1 opts in.
+    if dtype == torch.float16:
+        return "unpaced", "one kernel for the stem, level 0 and level 1"
+    return "never", f"auto keeps {dtype} on the separate layers until the front is measured there (DLA_FAST_FRONT=1)"
 
 
 def front(
