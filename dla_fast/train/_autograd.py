@@ -7,6 +7,9 @@ A conv -> BatchNorm(train) -> ReLU layer is two functions:
                layer's raw conv output and the prologue's statistics are x's own).
 ``BnAct``      y = act(BN(z; mean, var, gamma, beta) + residual).
 
+An aggregation node (DLA's root: 1x1 conv over the concat of its children) is ``AggStats`` (z, mean, var of
+``conv1x1(cat(children), w)``, the children read in place) followed by the same ``BnAct``.
+
 ``mean``/``var`` leave ``ConvStats`` as non-differentiable outputs: every consumer of them (``BnAct``, the next
 ``ConvStats``'s prologue) is a BatchNorm of that same ``z`` and returns the full BN input gradient, the terms
 through the batch statistics included, computed in fp32 and rounded once, as cuDNN's BN backward does. Passing
@@ -63,6 +66,11 @@ def conv_stats_torch(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int
     return z.contiguous(memory_format=torch.channels_last), mean, var
 
 
+def agg_stats_torch(children: Sequence[torch.Tensor], weight: torch.Tensor
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return conv_stats_torch(torch.cat(list(children), 1), weight, (1, 1), (0, 0), 1, None, False)
+
+
 def bn_backward_torch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor,
                       rstd: torch.Tensor, gamma: Optional[torch.Tensor], res_dtype: Optional[torch.dtype]):
     """The formulas of ``_bn_bwd_reduce_kernel`` / ``_bn_bwd_apply_kernel`` in ATen ops (same contract as
@@ -102,6 +110,21 @@ def conv_stats(impl: str, x, weight, stride, padding, groups, norm, norm_relu):
     nm, ns, nb = norm if norm is not None else (None, None, None)
     return torch.ops.dla_fast_train.conv_stats(x, weight, list(stride), list(padding), groups, nm, ns, nb,
                                                norm_relu, _tf32())
+
+
+def agg_stats(impl: str, children, weight):
+    if impl == "torch":
+        return agg_stats_torch(children, weight)
+    from ..backends.triton import _train as kt
+    if _direct(children[0]):
+        return kt.agg_stats_launch(children, weight, _tf32(), raw=True)
+    return torch.ops.dla_fast_train.agg_stats(list(children), weight, _tf32())
+
+
+def _pixels(t: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] as its [N*H*W, C] matrix of pixels: a view for channels_last tensors and channel slices of
+    them, a copy otherwise."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
 def bn_act(impl: str, z, mean, scale, bias, residual, relu, out_dtype):
@@ -214,3 +237,55 @@ class BnAct(torch.autograd.Function):
         dz, dgamma, dbeta, dres = bn_backward(impl, dy, y, z, mean, rstd, g32, res_dtype if need_r else None)
         return (dz if need_z else None, None, None, _grad_as(dgamma, gamma) if need_g else None,
                 _grad_as(dbeta, beta) if need_b else None, dres, None, None, None, None)
+
+
+class AggStats(torch.autograd.Function):
+    """(z, mean, var) = conv1x1(cat(children, 1), weight) and z's batch statistics, the concat never formed.
+
+    forward(impl, weight, *children), weight [Cout, sum C_i, 1, 1]; autocast off inside (the caller casts to
+    the compute dtype). The backward writes each child's gradient ``dz @ W_i`` on its own and the weight's as
+    the column blocks ``dz^T @ child_i``: one matrix product per child on the NHWC pixel matrices (no concat of
+    inputs or gradients). The children are saved as they are read (a channels_last copy only for a child whose
+    pixels do not collapse to one row stride: the forward makes that copy anyway)."""
+
+    @staticmethod
+    def forward(ctx, impl, weight, *children):
+        kids = [c if _pixels_ok(c) else c.contiguous(memory_format=torch.channels_last) for c in children]
+        z, mean, var = agg_stats(impl, kids, weight)
+        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(weight, *kids)
+        return z, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dz, _dmean, _dvar):
+        weight, *kids = ctx.saved_tensors
+        n_in = 2 + len(kids)
+        if dz is None:
+            return (None,) * n_in
+        N, _, H, W = dz.shape
+        cout = weight.shape[0]
+        w2 = weight.reshape(cout, -1)
+        g = _pixels(dz.to(weight.dtype))  # [M, Cout]
+        need_w = ctx.needs_input_grad[1]
+        dkids, dw_blocks = [], []
+        k0 = 0
+        for i, c in enumerate(kids):
+            ci = c.shape[1]
+            wi = w2[:, k0:k0 + ci]
+            if ctx.needs_input_grad[2 + i]:
+                dkids.append((g @ wi).view(N, H, W, ci).permute(0, 3, 1, 2))
+            else:
+                dkids.append(None)
+            if need_w:
+                dw_blocks.append(g.t() @ _pixels(c).to(g.dtype))
+            k0 += ci
+        dw = torch.cat(dw_blocks, 1).view_as(weight) if need_w else None
+        return (None, dw, *dkids)
+
+
+def _pixels_ok(t: torch.Tensor) -> bool:
+    """Whether t's (n, h, w) collapse to one row index with channels at unit stride (read in place)."""
+    n, c, h, w = t.shape
+    sn, sc, sh, sw = t.stride()
+    return (c == 1 or sc == 1) and (h == 1 or sh == w * sw) and (n == 1 or sn == h * w * sw)

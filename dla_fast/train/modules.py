@@ -1,14 +1,14 @@
 """Training modules over the fused training ops, sharing the user's parameters and buffers."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from . import ops
 
-__all__ = ["TrainConvBnAct"]
+__all__ = ["TrainConvBnAct", "TrainAggregate"]
 
 
 def _conv_unsupported(conv: nn.Conv2d) -> Optional[str]:
@@ -105,3 +105,99 @@ class TrainConvBnAct(nn.Module):
             bn.running_var if track else None, bn.num_batches_tracked if track else None,
             stride=tuple(c.stride), padding=tuple(c.padding), groups=c.groups, momentum=bn.momentum, eps=bn.eps,
             residual=residual, relu=self.relu, backend="triton")
+
+
+class TrainAggregate(nn.Module):
+    """DLA's aggregation node for training: ``relu(bn(conv1x1(cat(children, 1))) + (children[0] if shortcut))``,
+    the concat never formed, on the fused kernels where they run.
+
+    Wraps the user's ``nn.Conv2d`` (1x1, no bias) and ``nn.BatchNorm2d`` as :class:`TrainConvBnAct` does (the
+    very modules: same parameters, buffers and state_dict tensors under ``conv.*`` / ``bn.*``);
+    :meth:`from_root` wraps a timm ``DlaRoot`` (its conv, bn and shortcut). Training runs
+    :func:`dla_fast.train.ops.aggregate_bn_relu_train`; ``backend`` as in :class:`TrainConvBnAct` (``auto``
+    falls back to the eager modules for a conv that is not a bias-free unpadded 1x1 one, more children than
+    the kernel reads, CPU, fp32, a single value per channel); ``eval()`` is the eager node with the running
+    statistics. ``SyncBatchNorm`` is refused.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut: bool = False, relu: bool = True,
+                 backend: str = "auto"):
+        super().__init__()
+        if isinstance(bn, nn.SyncBatchNorm):
+            raise TypeError("TrainAggregate does not support SyncBatchNorm: the fused kernels compute per-process "
+                            "batch statistics. Keep nn.BatchNorm2d (per-process statistics, timm's default), or "
+                            "train this node with the plain SyncBatchNorm modules instead")
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"bn has {bn.num_features} features but the conv has {conv.out_channels} output "
+                             "channels")
+        if conv.groups != 1:
+            raise ValueError(f"an aggregation node's conv mixes all children's channels; this one has "
+                             f"groups={conv.groups}")
+        for name, v in (("shortcut", shortcut), ("relu", relu)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+        if shortcut and conv.in_channels < conv.out_channels:
+            raise ValueError(f"shortcut adds the first child ({conv.in_channels} channels at most) to the "
+                             f"{conv.out_channels}-channel output; the conv takes too few channels for that")
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        self.conv = conv
+        self.bn = bn
+        self.shortcut = shortcut
+        self.relu = relu
+        self.backend = backend
+
+    @classmethod
+    def from_root(cls, root: nn.Module, backend: str = "auto") -> "TrainAggregate":
+        """Wraps a timm ``DlaRoot`` (any module with ``conv``, ``bn`` and ``shortcut``), sharing its modules."""
+        for attr in ("conv", "bn", "shortcut"):
+            if not hasattr(root, attr):
+                raise TypeError(f"from_root expects a DlaRoot-like module with conv, bn and shortcut; "
+                                f"{type(root).__name__} has no {attr!r}")
+        return cls(root.conv, root.bn, shortcut=bool(root.shortcut), relu=True, backend=backend)
+
+    def extra_repr(self) -> str:
+        return f"shortcut={self.shortcut}, relu={self.relu}, backend={self.backend!r}"
+
+    def fallback_reason(self, children: Sequence[torch.Tensor]) -> Optional[str]:
+        """None when a training forward on ``children`` runs the fused kernels; else why it runs eagerly."""
+        if self.backend == "eager":
+            return "backend='eager'"
+        why = _conv_unsupported(self.conv)
+        if why is not None:
+            return why
+        c = self.conv
+        if tuple(c.kernel_size) != (1, 1) or tuple(c.stride) != (1, 1) or tuple(c.padding) != (0, 0):
+            return (f"the conv is not an unpadded stride-1 1x1 one (kernel {tuple(c.kernel_size)}, stride "
+                    f"{tuple(c.stride)}, padding {tuple(c.padding)})")
+        n, _, h, w = children[0].shape
+        if n * h * w <= 1:
+            return "a single value per channel has no batch statistics (the eager BatchNorm raises its own error)"
+        return ops.aggregate_unavailable_reason(children, c.weight, self.backend)
+
+    def _eager(self, children: Sequence[torch.Tensor]) -> torch.Tensor:
+        y = self.bn(self.conv(torch.cat(list(children), 1)))
+        if self.shortcut:
+            y = y + children[0]
+        return torch.relu(y) if self.relu else y
+
+    def forward(self, children: Sequence[torch.Tensor]) -> torch.Tensor:
+        if isinstance(children, torch.Tensor) or not isinstance(children, (list, tuple)) or len(children) == 0:
+            raise TypeError("TrainAggregate takes a non-empty list or tuple of child tensors")
+        if not self.training:
+            return self._eager(children)
+        why = self.fallback_reason(children)
+        if why is not None:
+            if self.backend == "triton":
+                raise RuntimeError(f"TrainAggregate(backend='triton') cannot run the fused kernels: {why}")
+            return self._eager(children)
+        bn = self.bn
+        track = bn.track_running_stats
+        return ops.aggregate_bn_relu_train(
+            list(children), self.conv.weight, bn.weight, bn.bias, bn.running_mean if track else None,
+            bn.running_var if track else None, bn.num_batches_tracked if track else None, momentum=bn.momentum,
+            eps=bn.eps, shortcut=self.shortcut, relu=self.relu, backend="triton")

@@ -14,10 +14,13 @@ kernels on CUDA for fp16/bf16 convolutions (autocast or half tensors) and the ea
 (CPU, fp32, shapes without a kernel). fp32 stays on cuDNN under ``auto``: the Triton fp32 GEMM is either IEEE on
 FMA units (slow) or TF32, which fp32 training does not expect. The CPU interpreter runs the kernels only when
 asked for by name (tests): under ``TRITON_INTERPRET=1`` ``auto`` still means eager on the CPU.
+
+``aggregate_bn_relu_train(children, weight, ...)`` is DLA's aggregation node (timm's ``DlaRoot``) the same way:
+``relu(batch_norm_train(conv1x1(cat(children, 1))) + children[0] if shortcut)``, the concat never formed.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +29,14 @@ from ..ops import IntPair, _check_4d, _check_float, _is_int, _pair, conv_out_siz
 from . import _autograd as ag
 
 __all__ = ["conv_bn_relu_train", "conv_bn_relu_train_ref", "fused_unavailable_reason", "compute_dtype",
-           "update_running_stats", "BACKENDS"]
+           "update_running_stats", "aggregate_bn_relu_train", "aggregate_bn_relu_train_ref",
+           "aggregate_unavailable_reason", "BACKENDS", "AGG_MAX_CHILDREN"]
 
 BACKENDS = ("auto", "triton", "eager")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _AUTO_DTYPES = (torch.float16, torch.bfloat16)
+# Children one aggregation kernel reads (dla_fast.backends.triton._launch.MAX_CHILDREN; DLA roots have 2-7).
+AGG_MAX_CHILDREN = 8
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -228,6 +234,144 @@ def conv_bn_relu_train(
         wc = weight.to(cdt)
         z, mean, var = ag.ConvStats.apply(xc, wc, stride, padding, groups, "triton", None, None, None, None, 0.0,
                                           False)
+        y = ag.BnAct.apply(z, mean, var, bn_weight, bn_bias, residual, float(eps), relu, out_dtype, "triton")
+    update_running_stats(mean, var, count, running_mean, running_var, num_batches_tracked, momentum)
+    return y
+
+
+# ------------------------------------------------------------------------------------------ aggregation node
+
+def aggregate_unavailable_reason(children: Sequence[torch.Tensor], weight: torch.Tensor, backend: str = "triton",
+                                 cdt: Optional[torch.dtype] = None) -> Optional[str]:
+    """None when the fused aggregation kernels run this call under ``backend`` ("triton" or "auto"); else why
+    they don't."""
+    if len(children) > AGG_MAX_CHILDREN:
+        return (f"the fused aggregation kernel reads at most {AGG_MAX_CHILDREN} children, got {len(children)}; "
+                "use backend='eager' (or 'auto', which falls back to it)")
+    return fused_unavailable_reason(children[0], weight, 1, backend, cdt)
+
+
+def _validate_agg(children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum,
+                  eps, shortcut, relu, backend) -> int:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(children, torch.Tensor) or not isinstance(children, (list, tuple)):
+        raise TypeError(f"children must be a list or tuple of 4-D tensors, got {type(children).__name__}")
+    if len(children) == 0:
+        raise ValueError("children is empty: an aggregation node needs at least one input")
+    for i, c in enumerate(children):
+        _check_4d(c, f"children[{i}]")
+        _check_float(c, f"children[{i}]")
+    ref = children[0]
+    autocast = torch.is_autocast_enabled(ref.device.type)
+    for i, c in enumerate(children[1:], 1):
+        if c.device != ref.device:
+            raise ValueError(f"children[{i}] is on {c.device} but children[0] is on {ref.device}; move them to one "
+                             "device")
+        if (c.shape[0], c.shape[2], c.shape[3]) != (ref.shape[0], ref.shape[2], ref.shape[3]):
+            raise ValueError(f"children[{i}] has shape {tuple(c.shape)} but children[0] has {tuple(ref.shape)}: "
+                             "the children of an aggregation node must agree in batch and spatial size")
+        if c.dtype != ref.dtype and not autocast:
+            raise ValueError(f"children[{i}] has dtype {c.dtype} but children[0] has {ref.dtype}; cast them to one "
+                             "dtype (or run under torch.autocast)")
+    if not isinstance(shortcut, bool):
+        raise TypeError(f"shortcut must be a bool, got {type(shortcut).__name__}")
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+    _check_4d(weight, "weight")
+    _check_float(weight, "weight")
+    ctot = sum(int(c.shape[1]) for c in children)
+    cout = weight.shape[0]
+    if tuple(weight.shape[2:]) != (1, 1):
+        raise ValueError(f"weight {tuple(weight.shape)} is not a 1x1 kernel: the aggregation node's conv is 1x1 "
+                         "(use conv_bn_relu_train for other kernels)")
+    if weight.shape[1] != ctot or cout == 0:
+        raise ValueError(f"weight {tuple(weight.shape)} must have shape (Cout > 0, {ctot}, 1, 1): the children "
+                         f"have {[int(c.shape[1]) for c in children]} channels, {ctot} in all")
+    if weight.device != ref.device:
+        raise ValueError(f"weight is on {weight.device} but the children are on {ref.device}; move them to one "
+                         "device")
+    if weight.dtype != ref.dtype and not autocast:
+        raise ValueError(f"weight has dtype {weight.dtype} but the children have {ref.dtype}; cast them to one "
+                         "dtype (or run under torch.autocast)")
+    if shortcut and ref.shape[1] != cout:
+        raise ValueError(f"shortcut adds children[0] to the output, so it needs the output's {cout} channels; "
+                         f"children[0] has {ref.shape[1]}")
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _check_vec(t, name, cout, ref)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None "
+                         "(track_running_stats=False)")
+    if num_batches_tracked is not None and (not isinstance(num_batches_tracked, torch.Tensor)
+                                            or num_batches_tracked.numel() != 1):
+        raise TypeError("num_batches_tracked must be a one-element tensor (BatchNorm's counter) or None")
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                 or not 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be a number in [0, 1] or None (cumulative average), got {momentum!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    count = ref.shape[0] * ref.shape[2] * ref.shape[3]
+    if count <= 1:
+        raise ValueError(f"batch statistics need more than 1 value per channel, got output size "
+                         f"{(ref.shape[0], cout, ref.shape[2], ref.shape[3])} (BatchNorm in training mode refuses "
+                         "this too); use a larger batch or input, or eval mode")
+    return count
+
+
+def aggregate_bn_relu_train_ref(children: Sequence[torch.Tensor], weight: torch.Tensor,
+                                bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+                                running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                                num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float], eps: float,
+                                shortcut: bool, relu: bool) -> torch.Tensor:
+    """The eager reference: ``torch.cat`` then :func:`conv_bn_relu_train_ref` with children[0] as the residual
+    when ``shortcut`` (timm's DlaRoot). The fallback of the fused op and the oracle of its tests."""
+    return conv_bn_relu_train_ref(torch.cat(list(children), 1), weight, bn_weight, bn_bias, running_mean,
+                                  running_var, num_batches_tracked, (1, 1), (0, 0), 1, momentum, eps,
+                                  children[0] if shortcut else None, relu)
+
+
+def aggregate_bn_relu_train(
+    children: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor] = None,
+    running_var: Optional[torch.Tensor] = None,
+    num_batches_tracked: Optional[torch.Tensor] = None,
+    *,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    shortcut: bool = False,
+    relu: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``relu(batch_norm_train(conv1x1(cat(children, 1), weight)) + (children[0] if shortcut))`` with the running
+    statistics updated in place, as ``nn.Conv2d(1x1, bias=False) -> nn.BatchNorm2d (train) -> (+ children[0])
+    -> ReLU`` over the concat, without forming the concat forward or backward. Differentiable in every child,
+    weight, bn_weight and bn_bias; ``backend`` as in :func:`conv_bn_relu_train` (more than AGG_MAX_CHILDREN
+    children have no kernel: ``auto`` runs them eagerly, ``triton`` raises).
+
+    The output is channels_last on the kernel path, in the conv's compute dtype (promoted with children[0]'s
+    dtype under ``shortcut``).
+    """
+    count = _validate_agg(children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                          momentum, eps, shortcut, relu, backend)
+    children = list(children)
+    ref = children[0]
+    cdt = compute_dtype(ref)
+    why = None if backend == "eager" else aggregate_unavailable_reason(children, weight, backend, cdt)
+    if why is not None and backend == "triton":
+        raise RuntimeError(f"aggregate_bn_relu_train: backend='triton' cannot run here: {why}")
+    if backend == "eager" or why is not None:
+        return aggregate_bn_relu_train_ref(children, weight, bn_weight, bn_bias, running_mean, running_var,
+                                           num_batches_tracked, momentum, eps, shortcut, relu)
+    residual = ref if shortcut else None
+    out_dtype = cdt if residual is None else torch.promote_types(cdt, residual.dtype)
+    with torch.autocast(ref.device.type, enabled=False):
+        # As in conv_bn_relu_train: the casts are autograd ops and lay a cast child out channels_last.
+        kids = [c if c.dtype == cdt else c.to(dtype=cdt, memory_format=torch.channels_last) for c in children]
+        z, mean, var = ag.AggStats.apply("triton", weight.to(cdt), *kids)
         y = ag.BnAct.apply(z, mean, var, bn_weight, bn_bias, residual, float(eps), relu, out_dtype, "triton")
     update_running_stats(mean, var, count, running_mean, running_var, num_batches_tracked, momentum)
     return y

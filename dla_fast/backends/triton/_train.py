@@ -9,6 +9,8 @@ forces it:
   output channel, the tile's sum and its sum of squared deviations from the tile's own mean. Optionally a
   prologue applies the *previous* layer's BN (its batch statistics, affine, ReLU) to the input as it loads it,
   so the normalised input is never written (the "NormConv" pattern).
+* ``_agg_stats_kernel``: the aggregation node's 1x1 conv over the concat of its children, the children read
+  in place (the K loop of the inference ``_aggregate_kernel``), with the same statistics epilogue.
 * ``_bn_act_kernel``: ``act((z - mean) * scale + bias + residual)``, one elementwise pass.
 * ``_bn_bwd_reduce_kernel`` / ``_bn_bwd_apply_kernel``: BatchNorm(+ReLU) backward in two passes, the per-channel
   sums ``sum(g)`` and ``sum(g * xhat)`` (``g`` the gradient after the ReLU mask) and then the input gradient.
@@ -28,9 +30,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._kernels import _mma
-from ._launch import (_I32_LIMIT, _cdiv, _kernel, _max_offset, _new_output, _nhwc, _pow2, _prec,
-                      _round_tf32, _row_stride, _skip_launch, conv_plan, interpreted)
+from ._kernels import _child_select, _mma
+from ._launch import (_I32_LIMIT, MAX_CHILDREN, _cdiv, _kernel, _max_offset, _new_output, _nhwc, _pow2, _prec,
+                      _round_tf32, _row_stride, _skip_launch, aggregate_plan, conv_plan, interpreted)
 
 NAMESPACE = "dla_fast_train"
 # Element offsets switch to 64-bit when a tensor spans this many elements (tests lower it to cover IDX64).
@@ -196,6 +198,110 @@ def _conv_stats_kernel(
     # They are the statistics of z as stored, rounded: BN's backward differentiates through the mean and
     # variance *of the z it saved*, and statistics of the unrounded accumulator would not sum to zero over the
     # stored z's deviations (at fp16, with few values per channel, that doubled the input gradient's error).
+    zs = zr.to(tl.float32)
+    n_rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+    s1 = tl.sum(tl.where(mask, zs, 0.0), axis=0)
+    dev = tl.where(mask, zs - (s1 / n_rows)[None, :], 0.0)
+    m2 = tl.sum(dev * dev, axis=0)
+    t_row = pid_m
+    if IDX64:
+        t_row = t_row.to(tl.int64)
+    tl.store(psum_ptr + t_row * Cout + cols, s1, mask=col_ok)
+    tl.store(pm2_ptr + t_row * Cout + cols, m2, mask=col_ok)
+
+
+@triton.jit
+def _agg_stats_kernel(
+    p0, p1, p2, p3, p4, p5, p6, p7,
+    C0, C1, C2, C3, C4, C5, C6, C7,
+    S0, S1, S2, S3, S4, S5, S6, S7,
+    w_ptr, z_ptr, psum_ptr, pm2_ptr,
+    M, Cout, Ctot,
+    n_tiles_n,
+    NUM_CHILDREN: tl.constexpr,
+    PREC: tl.constexpr, RND: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """z = cat(children) @ W^T (the aggregation node's 1x1 conv) plus per-tile channel statistics of z,
+    without the concat: the flat K loop of the inference ``_aggregate_kernel`` (child i read in place at
+    ``p_i + m * S_i + c``, its pointer picked per iteration by scalar selects) and the epilogue of
+    ``_conv_stats_kernel`` (z, then row ``pid_m`` of the (sum, M2) workspaces)."""
+    pid = tl.program_id(0)
+    pid_m = pid // n_tiles_n
+    pid_n = pid % n_tiles_n
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IDX64:
+        rows = rows.to(tl.int64)
+    row_ok = rows < M
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < Cout
+    kk = tl.arange(0, BLOCK_K)
+    w_row = cols * Ctot
+
+    # Child boundaries in iterations (T) and in weight columns (K).
+    T1 = tl.cdiv(C0, BLOCK_K)
+    K1 = C0
+    T2 = T1 + tl.cdiv(C1, BLOCK_K)
+    K2 = K1 + C1
+    T3 = T2 + tl.cdiv(C2, BLOCK_K)
+    K3 = K2 + C2
+    T4 = T3 + tl.cdiv(C3, BLOCK_K)
+    K4 = K3 + C3
+    T5 = T4 + tl.cdiv(C4, BLOCK_K)
+    K5 = K4 + C4
+    T6 = T5 + tl.cdiv(C5, BLOCK_K)
+    K6 = K5 + C5
+    T7 = T6 + tl.cdiv(C6, BLOCK_K)
+    K7 = K6 + C6
+    T8 = T7 + tl.cdiv(C7, BLOCK_K)
+    if NUM_CHILDREN == 1:
+        total = T1
+    elif NUM_CHILDREN == 2:
+        total = T2
+    elif NUM_CHILDREN == 3:
+        total = T3
+    elif NUM_CHILDREN == 4:
+        total = T4
+    elif NUM_CHILDREN == 5:
+        total = T5
+    elif NUM_CHILDREN == 6:
+        total = T6
+    elif NUM_CHILDREN == 7:
+        total = T7
+    else:
+        total = T8
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, total):
+        base = p0
+        C = C0
+        S = S0
+        ts = 0
+        kb = 0
+        if NUM_CHILDREN > 1:
+            base, C, S, ts, kb = _child_select(t, T1, K1, base, C, S, ts, kb, p1, C1, S1)
+        if NUM_CHILDREN > 2:
+            base, C, S, ts, kb = _child_select(t, T2, K2, base, C, S, ts, kb, p2, C2, S2)
+        if NUM_CHILDREN > 3:
+            base, C, S, ts, kb = _child_select(t, T3, K3, base, C, S, ts, kb, p3, C3, S3)
+        if NUM_CHILDREN > 4:
+            base, C, S, ts, kb = _child_select(t, T4, K4, base, C, S, ts, kb, p4, C4, S4)
+        if NUM_CHILDREN > 5:
+            base, C, S, ts, kb = _child_select(t, T5, K5, base, C, S, ts, kb, p5, C5, S5)
+        if NUM_CHILDREN > 6:
+            base, C, S, ts, kb = _child_select(t, T6, K6, base, C, S, ts, kb, p6, C6, S6)
+        if NUM_CHILDREN > 7:
+            base, C, S, ts, kb = _child_select(t, T7, K7, base, C, S, ts, kb, p7, C7, S7)
+        c = (t - ts) * BLOCK_K + kk
+        c_ok = c < C
+        a = tl.load(base + (rows * S)[:, None] + c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + w_row[None, :] + (kb + c)[:, None], mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _mma(a, b, acc, PREC, RND)
+
+    mask = row_ok[:, None] & col_ok[None, :]
+    zr = acc.to(z_ptr.dtype.element_ty)
+    tl.store(z_ptr + rows[:, None] * Cout + cols[None, :], zr, mask=mask)
+    # The statistics of z as stored, as in _conv_stats_kernel (see there why rounded).
     zs = zr.to(tl.float32)
     n_rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
     s1 = tl.sum(tl.where(mask, zs, 0.0), axis=0)
@@ -448,6 +554,58 @@ def _eltwise_tiles(C: int) -> Tuple[int, int]:
     return bm, bc
 
 
+def agg_stats_launch(children: Sequence[torch.Tensor], weight: torch.Tensor, tf32: bool = False,
+                     config: Optional[Dict] = None, raw: bool = False) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """(z, mean, var): z = conv1x1(cat(children, 1), weight) channels_last in the children's dtype, without
+    the concat, and the fp32 batch mean and biased variance of each of z's channels. ``weight``: [Cout, sum of
+    the children's channels] or its 1x1 4-D form; up to MAX_CHILDREN children of one shape (N, *, H, W) and
+    dtype, each read in place when its pixels collapse to one row stride (channels_last, channel slices of
+    one), else through a channels_last copy."""
+    children = list(children)
+    if not 1 <= len(children) <= MAX_CHILDREN:
+        raise ValueError(f"agg_stats (triton) takes 1 to {MAX_CHILDREN} children, got {len(children)}")
+    ref = children[0]
+    N, _, H, W = ref.shape
+    w = weight.reshape(weight.shape[0], -1).contiguous()
+    Cout, Ctot = w.shape
+    kids, strides = [], []
+    for c in children:
+        c, s = _rows(c)
+        kids.append(c)
+        strides.append(s)
+    chans = [int(c.shape[1]) for c in kids]
+    if sum(chans) != Ctot:
+        raise ValueError(f"agg_stats: the children have {sum(chans)} channels but the weight takes {Ctot}")
+    M = N * H * W
+    if M == 0 or Cout == 0:
+        raise ValueError(f"agg_stats: empty output {(N, Cout, H, W)} has no statistics")
+    dtype = ref.dtype
+    z = _new_output(N, Cout, H, W, ref.device, dtype)
+    interp = interpreted()
+    cfg = dict(config) if config is not None else aggregate_plan(M, chans, Cout, dtype, interp, tf32, 0)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    T = _cdiv(M, bm)
+    psum = torch.empty((T, Cout), device=ref.device, dtype=torch.float32)
+    pm2 = torch.empty((T, Cout), device=ref.device, dtype=torch.float32)
+    if _skip_launch(z):
+        return z, psum.sum(0), psum.sum(0)
+    if M >= _I32_LIMIT:
+        raise RuntimeError(f"agg_stats (triton): {M} pixels exceed the kernel's 32-bit row index")
+    nc = len(kids)
+    ptrs = kids + [kids[0]] * (MAX_CHILDREN - nc)
+    cs = chans + [0] * (MAX_CHILDREN - nc)
+    ss = strides + [0] * (MAX_CHILDREN - nc)
+    n_tiles = _cdiv(Cout, bn)
+    _kernel(_agg_stats_kernel, raw)[lambda meta: (T * n_tiles,)](
+        *ptrs, *cs, *ss, w, z, psum, pm2, M, Cout, Ctot, n_tiles,
+        NUM_CHILDREN=nc, PREC=_prec(dtype, tf32), RND=_round_tf32(dtype, tf32, interp),
+        IDX64=_idx64(*[_max_offset(c) for c in kids], z.numel()),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    mean, var = _stats_from_partials(psum, pm2, M, bm)
+    return z, mean, var
+
+
 def bn_act_launch(z: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                   residual: Optional[torch.Tensor], relu: bool, out_dtype: torch.dtype,
                   raw: bool = False) -> torch.Tensor:
@@ -531,6 +689,7 @@ _SCHEMAS = {
                    "-> (Tensor, Tensor, Tensor)"),
     "bn_act": ("(Tensor z, Tensor mean, Tensor scale, Tensor bias, Tensor? residual, bool relu, "
                "ScalarType out_dtype) -> Tensor"),
+    "agg_stats": "(Tensor[] children, Tensor weight, bool tf32) -> (Tensor, Tensor, Tensor)",
     # The residual's gradient comes back as an empty tensor when res_dtype is None.
     "bn_backward": ("(Tensor grad, Tensor? y, Tensor z, Tensor mean, Tensor rstd, Tensor? gamma, "
                     "ScalarType? res_dtype) -> (Tensor, Tensor, Tensor, Tensor)"),
@@ -547,6 +706,11 @@ def _conv_stats_op(x: torch.Tensor, weight: torch.Tensor, stride: List[int], pad
     return conv_stats_launch(x, weight, stride, padding, groups, norm, norm_relu, tf32)
 
 
+def _agg_stats_op(children: List[torch.Tensor], weight: torch.Tensor,
+                  tf32: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return agg_stats_launch(children, weight, tf32)
+
+
 def _bn_act_op(z: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                residual: Optional[torch.Tensor], relu: bool, out_dtype: torch.dtype) -> torch.Tensor:
     return bn_act_launch(z, mean, scale, bias, residual, relu, out_dtype)
@@ -559,7 +723,8 @@ def _bn_backward_op(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.Tens
     return dz, dgamma, dbeta, dres if dres is not None else z.new_empty(0)
 
 
-_IMPLS = {"conv_stats": _conv_stats_op, "bn_act": _bn_act_op, "bn_backward": _bn_backward_op}
+_IMPLS = {"conv_stats": _conv_stats_op, "agg_stats": _agg_stats_op, "bn_act": _bn_act_op,
+          "bn_backward": _bn_backward_op}
 
 
 def _register() -> None:
@@ -574,5 +739,5 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["conv_stats_launch", "bn_act_launch", "bn_backward_launch", "train_conv_kind", "train_conv_plan",
-           "TRAIN_CONV_KINDS", "NAMESPACE"]
+__all__ = ["conv_stats_launch", "agg_stats_launch", "bn_act_launch", "bn_backward_launch", "train_conv_kind",
+           "train_conv_plan", "TRAIN_CONV_KINDS", "NAMESPACE"]
