@@ -167,6 +167,16 @@ def test_agg_stats_kernel_many_children():
 
 @pytest.mark.interpreter
 @needs_kernels
+def test_64bit_offsets(monkeypatch):
+    """The IDX64 variant of the aggregation kernel (used when a tensor spans >= 2^31 elements)."""
+    from dla_fast.backends.triton import _train as kt
+    monkeypatch.setattr(kt, "_IDX64_THRESHOLD", 0)
+    _compare(AggCase(2, (8, 5, 16), 8, 5, 7, shortcut=True, seed=32), torch.float32, "idx64",
+             layouts=["cl", "slice", "nchw"])
+
+
+@pytest.mark.interpreter
+@needs_kernels
 @pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "momentumNone"])
 def test_running_stats_over_steps(momentum, dtype):
@@ -487,12 +497,48 @@ def test_plain_cpu_without_interpreter():
 @pytest.mark.interpreter
 @needs_kernels
 def test_opcheck():
-    """The registered agg_stats op's schema and fake implementation (what torch.compile traces)."""
-    import dla_fast.backends.triton._train  # noqa: F401  (registers the ops)
+    """The registered agg_stats op's schema and fake implementation (what torch.compile traces); its annotated
+    implementation is among those test_train_ops.test_schemas_are_what_triton_op_infers checks."""
+    from dla_fast.backends.triton import _train  # registers the ops
+    assert _train._IMPLS["agg_stats"] is _train._agg_stats_op and "agg_stats" in _train._SCHEMAS
     gen = torch.Generator().manual_seed(90)
     kids = [torch.randn(2, c, 4, 5, generator=gen).to(DEV) for c in (8, 3, 16)]
     w = (torch.randn(8, 27, 1, 1, generator=gen) * 0.2).to(DEV)
     torch.library.opcheck(torch.ops.dla_fast_train.agg_stats.default, (kids, w, False))
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_torch_compile_module():
+    """torch.compile around TrainAggregate (graph capture through AggStats/BnAct and the registered agg_stats op;
+    eager and aot_eager backends here, Inductor in the cuda test): the numbers of the uncompiled module."""
+    def run(compiled):
+        root = _root(seed=4)
+        root.to(DEV)
+        m = TrainAggregate.from_root(root, backend="triton")
+        f = torch.compile(m, backend=compiled, fullgraph=False) if compiled else m
+        gen = torch.Generator().manual_seed(91)
+        kids = [torch.randn(2, c, 5, 5, generator=gen).to(DEV).requires_grad_() for c in (8, 8, 16)]
+        y = f(kids)
+        (y * y).sum().backward()
+        return [y.detach(), *(k.grad for k in kids), root.conv.weight.grad, root.bn.weight.grad,
+                root.bn.bias.grad, root.bn.running_mean, root.bn.running_var, root.bn.num_batches_tracked]
+
+    expect = run(None)
+    for backend in ("eager", "aot_eager"):
+        torch._dynamo.reset()
+        for a, b in zip(run(backend), expect):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"backend={backend}")
+
+
+def test_double_backward_is_refused():
+    """AggStats' backward is not differentiable itself: a double backward raises instead of being wrong."""
+    kids = [torch.randn(2, c, 3, 3, dtype=torch.float64, requires_grad=True) for c in (4, 4)]
+    w = torch.randn(4, 8, 1, 1, dtype=torch.float64, requires_grad=True)
+    z, _, _ = ag.AggStats.apply("torch", w, *kids)
+    (gk,) = torch.autograd.grad((z * z).sum(), (kids[1],), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gk.sum().backward()
 
 
 # --------------------------------------------------------------------------------- DLA shapes on a GPU
