@@ -388,6 +388,8 @@ def test_module_falls_back_on_unsupported_nodes():
         biased(kids[:2])
     with pytest.raises(RuntimeError, match="at most 8 children"):
         aggregate_bn_relu_train(kids, conv.weight, bn.weight, bn.bias, backend="triton")
+    # The child count is judged before the device: 'auto' on a GPU falls back for the same reason.
+    assert "at most 8 children" in train_ops.aggregate_unavailable_reason(kids, conv.weight, "auto")
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -564,6 +566,19 @@ def test_dla_roots_autocast_cuda(shape, dtype):
     with torch.autocast("cuda", dtype=dtype):
         assert train_ops.aggregate_unavailable_reason(case.kids, case.w, "auto") is None
     _compare(case, dtype, f"{shape}", backend="auto", autocast=True, layouts=["cl"] * len(chans))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_auto_falls_back_for_many_children_cuda(monkeypatch):
+    """Nine children (more than the kernel reads) under bf16 autocast: 'auto' runs the eager node, the same
+    numbers as backend='eager' bit for bit (cuDNN deterministic, so two eager runs agree bitwise)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    case = AggCase(4, (32,) * 9, 32, 14, 14, shortcut=True, seed=9, device="cuda")
+    a = case.run("auto", torch.bfloat16, autocast=True)
+    b = case.run("eager", torch.bfloat16, autocast=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.cuda
