@@ -116,6 +116,30 @@ def _select(backend: str, x: torch.Tensor, needs_grad: bool, key_fn, op: str):
     return _backends.get(plan.backend), plan.config
 
 
+def _check_conv(x, weight, stride: IntPair, padding: IntPair, groups: int,
+                relu: bool) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int, int, int]]:
+    """The checks every conv op shares (inference and training): shapes, geometry, flags. Returns the stride and
+    padding as pairs and the weight's shape."""
+    _check_4d(x, "x")
+    _check_4d(weight, "weight")
+    _check_float(x, "x")
+    stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+    if not _is_int(groups) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+    cout, cin_g, kh, kw = weight.shape
+    if cin_g == 0 or cout == 0 or kh == 0 or kw == 0:
+        raise ValueError(f"weight {tuple(weight.shape)} is empty: a convolution needs at least one input and one "
+                         "output channel and a kernel of at least 1x1")
+    if x.shape[1] != cin_g * groups:
+        raise ValueError(f"x has {x.shape[1]} channels but weight {tuple(weight.shape)} with groups={groups} "
+                         f"expects {cin_g * groups} (= weight.shape[1] * groups)")
+    if cout % groups != 0:
+        raise ValueError(f"weight has {cout} output channels, not divisible by groups={groups}")
+    return stride, padding, (int(cout), int(cin_g), int(kh), int(kw))
+
+
 def conv_bn_act(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -134,23 +158,7 @@ def conv_bn_act(
     :func:`dla_fast.fold_bn`); the output is channels_last in ``x``'s dtype.
     """
     _check_backend(backend)
-    _check_4d(x, "x")
-    _check_4d(weight, "weight")
-    _check_float(x, "x")
-    stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
-    if not _is_int(groups) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    if not isinstance(relu, bool):
-        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
-    cout, cin_g, kh, kw = weight.shape
-    if cin_g == 0 or cout == 0 or kh == 0 or kw == 0:
-        raise ValueError(f"weight {tuple(weight.shape)} is empty: a convolution needs at least one input and one "
-                         "output channel and a kernel of at least 1x1")
-    if x.shape[1] != cin_g * groups:
-        raise ValueError(f"x has {x.shape[1]} channels but weight {tuple(weight.shape)} with groups={groups} "
-                         f"expects {cin_g * groups} (= weight.shape[1] * groups)")
-    if cout % groups != 0:
-        raise ValueError(f"weight has {cout} output channels, not divisible by groups={groups}")
+    stride, padding, (cout, cin_g, kh, kw) = _check_conv(x, weight, stride, padding, groups, relu)
     _check_same(weight, x, "weight", "input x")
     _check_bias(bias, cout, x)
     ho, wo = conv_out_size(x.shape[2], x.shape[3], kh, kw, stride, padding)

@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..ops import IntPair, _check_4d, _check_float, _is_int, _pair, conv_out_size
+from ..ops import IntPair, _check_4d, _check_conv, _check_float, conv_out_size
 from . import _autograd as ag
 
 __all__ = ["conv_bn_relu_train", "conv_bn_relu_train_ref", "fused_unavailable_reason", "compute_dtype",
@@ -107,36 +107,13 @@ def _check_vec(t, name: str, n: int, ref: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but the input is on {ref.device}; move them to one device")
 
 
-def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, stride, padding,
-              groups, momentum, eps, residual, relu, backend) -> Tuple[Tuple[int, int], Tuple[int, int], int]:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _check_4d(x, "x")
-    _check_4d(weight, "weight")
-    _check_float(x, "x")
-    _check_float(weight, "weight")
-    stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
-    if not _is_int(groups) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    if not isinstance(relu, bool):
-        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
-    cout, cin_g, kh, kw = weight.shape
-    if cin_g == 0 or cout == 0 or kh == 0 or kw == 0:
-        raise ValueError(f"weight {tuple(weight.shape)} is empty: a convolution needs at least one input and one "
-                         "output channel and a kernel of at least 1x1")
-    if x.shape[1] != cin_g * groups:
-        raise ValueError(f"x has {x.shape[1]} channels but weight {tuple(weight.shape)} with groups={groups} "
-                         f"expects {cin_g * groups} (= weight.shape[1] * groups)")
-    if cout % groups != 0:
-        raise ValueError(f"weight has {cout} output channels, not divisible by groups={groups}")
-    if weight.device != x.device:
-        raise ValueError(f"weight is on {weight.device} but the input x is on {x.device}; move them to one device")
-    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise ValueError(f"weight has dtype {weight.dtype} but the input x has {x.dtype}; cast them to one dtype "
-                         "(or run under torch.autocast)")
+def _check_bn(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps, cout: int,
+              ref: torch.Tensor) -> None:
+    """The BatchNorm arguments both training ops take: per-channel vectors of ``cout`` on ``ref``'s device, the
+    running statistics both or neither, the counter, momentum and eps."""
     for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
-        _check_vec(t, name, cout, x)
+        _check_vec(t, name, cout, ref)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None "
                          "(track_running_stats=False)")
@@ -148,6 +125,20 @@ def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batc
         raise ValueError(f"momentum must be a number in [0, 1] or None (cumulative average), got {momentum!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
+
+
+def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, stride, padding,
+              groups, momentum, eps, residual, relu, backend) -> Tuple[Tuple[int, int], Tuple[int, int], int]:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    stride, padding, (cout, cin_g, kh, kw) = _check_conv(x, weight, stride, padding, groups, relu)
+    _check_float(weight, "weight")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but the input x is on {x.device}; move them to one device")
+    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"weight has dtype {weight.dtype} but the input x has {x.dtype}; cast them to one dtype "
+                         "(or run under torch.autocast)")
+    _check_bn(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps, cout, x)
     ho, wo = conv_out_size(x.shape[2], x.shape[3], kh, kw, stride, padding)
     if ho < 1 or wo < 1:
         raise ValueError(f"input of spatial size {tuple(x.shape[2:])} is too small for a {kh}x{kw} kernel "
@@ -297,20 +288,7 @@ def _validate_agg(children, weight, bn_weight, bn_bias, running_mean, running_va
     if shortcut and ref.shape[1] != cout:
         raise ValueError(f"shortcut adds children[0] to the output, so it needs the output's {cout} channels; "
                          f"children[0] has {ref.shape[1]}")
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        _check_vec(t, name, cout, ref)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be tensors or both be None "
-                         "(track_running_stats=False)")
-    if num_batches_tracked is not None and (not isinstance(num_batches_tracked, torch.Tensor)
-                                            or num_batches_tracked.numel() != 1):
-        raise TypeError("num_batches_tracked must be a one-element tensor (BatchNorm's counter) or None")
-    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                                 or not 0.0 <= momentum <= 1.0):
-        raise ValueError(f"momentum must be a number in [0, 1] or None (cumulative average), got {momentum!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    _check_bn(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps, cout, ref)
     count = ref.shape[0] * ref.shape[2] * ref.shape[3]
     if count <= 1:
         raise ValueError(f"batch statistics need more than 1 value per channel, got output size "
