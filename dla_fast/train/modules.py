@@ -24,6 +24,20 @@ def _conv_unsupported(conv: nn.Conv2d) -> Optional[str]:
     return None
 
 
+
+def _check_pair(conv, bn, cls: str, what: str) -> None:
+    """A training module's conv and BN: an nn.Conv2d and a (non-synchronised) nn.BatchNorm2d of its width."""
+    if isinstance(bn, nn.SyncBatchNorm):
+        raise TypeError(f"{cls} does not support SyncBatchNorm: the fused kernels compute per-process batch "
+                        "statistics. Keep nn.BatchNorm2d (per-process statistics, timm's default), or train this "
+                        f"{what} with the plain SyncBatchNorm modules instead")
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"bn has {bn.num_features} features but the conv has {conv.out_channels} output channels")
+
 class TrainConvBnAct(nn.Module):
     """``act(bn(conv(x)) + residual)`` for training, on the fused kernels where they run.
 
@@ -46,17 +60,7 @@ class TrainConvBnAct(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True, backend: str = "auto"):
         super().__init__()
-        if isinstance(bn, nn.SyncBatchNorm):
-            raise TypeError("TrainConvBnAct does not support SyncBatchNorm: the fused kernels compute per-process "
-                            "batch statistics. Keep nn.BatchNorm2d (per-process statistics, timm's default), or "
-                            "train this layer with the plain SyncBatchNorm modules instead")
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        if not isinstance(bn, nn.BatchNorm2d):
-            raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
-        if bn.num_features != conv.out_channels:
-            raise ValueError(f"bn has {bn.num_features} features but the conv has {conv.out_channels} output "
-                             "channels")
+        _check_pair(conv, bn, "TrainConvBnAct", "layer")
         if not isinstance(relu, bool):
             raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
         if backend not in ops.BACKENDS:
@@ -123,17 +127,7 @@ class TrainAggregate(nn.Module):
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut: bool = False, relu: bool = True,
                  backend: str = "auto"):
         super().__init__()
-        if isinstance(bn, nn.SyncBatchNorm):
-            raise TypeError("TrainAggregate does not support SyncBatchNorm: the fused kernels compute per-process "
-                            "batch statistics. Keep nn.BatchNorm2d (per-process statistics, timm's default), or "
-                            "train this node with the plain SyncBatchNorm modules instead")
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        if not isinstance(bn, nn.BatchNorm2d):
-            raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
-        if bn.num_features != conv.out_channels:
-            raise ValueError(f"bn has {bn.num_features} features but the conv has {conv.out_channels} output "
-                             "channels")
+        _check_pair(conv, bn, "TrainAggregate", "node")
         if conv.groups != 1:
             raise ValueError(f"an aggregation node's conv mixes all children's channels; this one has "
                              f"groups={conv.groups}")
