@@ -260,6 +260,18 @@ def aggregate_plan(M: int, chans: Sequence[int], Cout: int, dtype: torch.dtype, 
 
 # --------------------------------------------------------------------------------------------- launchers
 
+def _n_tiling(cfg: Dict[str, int], Cin_g: int, Cout_g: int, groups: int) -> Tuple[int, int, bool]:
+    """How a conv config's N tiles cover the output channels: (tiles per group, N tiles in all, whether the
+    block-diagonal tiles hold exactly GB whole groups with no tails)."""
+    bn, bk, gb = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GB"]
+    if cfg["MODE"] == 2:
+        if gb * Cin_g > bk or gb * Cout_g > bn:
+            raise ValueError(f"block-diagonal config {cfg} does not cover {gb} groups of {Cin_g}->{Cout_g}")
+        return 1, _cdiv(groups, gb), groups % gb == 0 and gb * Cin_g == bk and gb * Cout_g == bn
+    tiles_per_group = _cdiv(Cout_g, bn)
+    return tiles_per_group, groups * tiles_per_group, False
+
+
 def conv_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
                 padding: Sequence[int], groups: int, residual: Optional[torch.Tensor], relu: bool, tf32: bool,
                 config: Optional[Dict] = None, force: Optional[str] = None, raw: bool = False) -> torch.Tensor:
@@ -316,16 +328,7 @@ def conv_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         return y
 
     bm, bn, bk, mode, gb = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["MODE"], cfg["GB"]
-    if mode == 2:
-        if gb * Cin_g > bk or gb * Cout_g > bn:
-            raise ValueError(f"block-diagonal config {cfg} does not cover {gb} groups of {Cin_g}->{Cout_g}")
-        tiles_per_group = 1
-        n_tiles = _cdiv(groups, gb)
-        full = groups % gb == 0 and gb * Cin_g == bk and gb * Cout_g == bn
-    else:
-        tiles_per_group = _cdiv(Cout_g, bn)
-        n_tiles = groups * tiles_per_group
-        full = False
+    tiles_per_group, n_tiles, full = _n_tiling(cfg, Cin_g, Cout_g, groups)
     grid_n = _cdiv(M, bm) * n_tiles
     split = int(cfg.get("SPLIT", 1))
     if split > 1 and mode != 0:

@@ -31,8 +31,8 @@ import triton.language as tl
 from torch.library import triton_op
 
 from ._kernels import _child_select, _mma
-from ._launch import (_I32_LIMIT, MAX_CHILDREN, _cdiv, _kernel, _max_offset, _new_output, _nhwc, _pow2, _prec,
-                      _round_tf32, _row_stride, _skip_launch, aggregate_plan, conv_plan, interpreted)
+from ._launch import (_I32_LIMIT, MAX_CHILDREN, _cdiv, _kernel, _max_offset, _n_tiling, _new_output, _nhwc, _pow2,
+                      _prec, _round_tf32, _row_stride, _skip_launch, aggregate_plan, conv_plan, interpreted)
 
 NAMESPACE = "dla_fast_train"
 # Element offsets switch to 64-bit when a tensor spans this many elements (tests lower it to cover IDX64).
@@ -509,16 +509,7 @@ def conv_stats_launch(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[in
         return z, psum.sum(0), psum.sum(0)
     if M >= _I32_LIMIT:
         raise RuntimeError(f"conv_stats (triton): {M} output pixels exceed the kernel's 32-bit row index")
-    if mode == 2:
-        if gb * Cin_g > bk or gb * Cout_g > bn:
-            raise ValueError(f"block-diagonal config {cfg} does not cover {gb} groups of {Cin_g}->{Cout_g}")
-        tiles_per_group = 1
-        n_tiles = _cdiv(groups, gb)
-        full = groups % gb == 0 and gb * Cin_g == bk and gb * Cout_g == bn
-    else:
-        tiles_per_group = _cdiv(Cout_g, bn)
-        n_tiles = groups * tiles_per_group
-        full = False
+    tiles_per_group, n_tiles, full = _n_tiling(cfg, Cin_g, Cout_g, groups)
     if norm is not None:
         mu, sc, bi = (t.to(torch.float32).contiguous() for t in norm)
     else:
