@@ -27,12 +27,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
 from ..schema import NAMESPACES, TRITON_ONLY
 from ._kernels import _mma
 from ._launch import (_I32_LIMIT, _IDX64_THRESHOLD, _TC_DTYPES, _cdiv, _kernel, _max_offset, _new_output, _pow2,
-                      _prec, _round_tf32, _skip_launch, _sm_count, interpreted)
+                      _prec, _round_tf32, _skip_launch, _sm_count, interpreted, register_ops)
 
 # What the kernel's tiles hold without register spills in fp16/bf16 on sm_90 (compiled and checked): the stem's
 # K tile is 8 taps of a kernel row x CP padded input channels, the accumulators C0P / C1P wide. Every DLA's front
@@ -331,14 +330,6 @@ def _front_impl(x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w1: torch.T
 
 
 def _register() -> None:
-    qualname, schema = f"{NAMESPACES['triton']}::front", TRITON_ONLY["front"]
-    if interpreted():
-        # As for the other ops (see _launch._register): under TRITON_INTERPRET an opaque custom op whose fake
-        # implementation is the launcher (it skips the launch for fake tensors).
-        op = torch.library.custom_op(qualname, mutates_args=(), schema=schema)(_front_impl)
-        op.register_fake(_front_impl)
-    else:
-        triton_op(qualname, mutates_args=(), schema=schema)(_front_impl)
-
+    register_ops(NAMESPACES["triton"], {"front": _front_impl}, TRITON_ONLY)
 
 _register()

@@ -605,10 +605,11 @@ def _max_pool_impl(x: torch.Tensor, k: int) -> torch.Tensor:
 _IMPLS = {"conv_bn_act": _conv_impl, "aggregate": _aggregate_impl, "max_pool": _max_pool_impl}
 
 
-def _register() -> None:
-    ns = NAMESPACES["triton"]
-    for name, fn in _IMPLS.items():
-        qualname, schema = f"{ns}::{name}", OPS[name]
+def register_ops(namespace: str, impls: Dict[str, object], schemas: Dict[str, str]) -> None:
+    """Register each ``impls[name]`` as ``namespace::name`` with ``schemas[name]`` (every Triton op of the package:
+    inference, front, training)."""
+    for name, fn in impls.items():
+        qualname, schema = f"{namespace}::{name}", schemas[name]
         if interpreted():
             # The interpreter's kernels cannot be traced into a graph (torch hands the raw kernel back from
             # wrap_triton), so under TRITON_INTERPRET the ops are opaque custom ops whose fake implementation
@@ -619,5 +620,8 @@ def _register() -> None:
         else:
             triton_op(qualname, mutates_args=(), schema=schema)(fn)
 
+
+def _register() -> None:
+    register_ops(NAMESPACES["triton"], _IMPLS, OPS)
 
 _register()

@@ -28,11 +28,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
 from ._kernels import _child_select, _mma
 from ._launch import (_I32_LIMIT, MAX_CHILDREN, _cdiv, _kernel, _max_offset, _n_tiling, _new_output, _nhwc, _pow2,
-                      _prec, _round_tf32, _row_stride, _skip_launch, aggregate_plan, conv_plan, interpreted)
+                      _prec, _round_tf32, _row_stride, _skip_launch, aggregate_plan, conv_plan, interpreted,
+                      register_ops)
 
 NAMESPACE = "dla_fast_train"
 # Element offsets switch to 64-bit when a tensor spans this many elements (tests lower it to cover IDX64).
@@ -672,7 +672,7 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
 
 # ------------------------------------------------------------------------------------------- custom ops
 # Registered so that torch.compile sees the kernels (triton_op); under TRITON_INTERPRET as opaque custom ops
-# whose fake implementation is the launcher itself, as in _launch._register.
+# whose fake implementation is the launcher itself (_launch.register_ops).
 
 _SCHEMAS = {
     "conv_stats": ("(Tensor x, Tensor weight, SymInt[] stride, SymInt[] padding, SymInt groups, "
@@ -719,14 +719,7 @@ _IMPLS = {"conv_stats": _conv_stats_op, "agg_stats": _agg_stats_op, "bn_act": _b
 
 
 def _register() -> None:
-    for name, fn in _IMPLS.items():
-        qualname, schema = f"{NAMESPACE}::{name}", _SCHEMAS[name]
-        if interpreted():
-            op = torch.library.custom_op(qualname, mutates_args=(), schema=schema)(fn)
-            op.register_fake(fn)
-        else:
-            triton_op(qualname, mutates_args=(), schema=schema)(fn)
-
+    register_ops(NAMESPACE, _IMPLS, _SCHEMAS)
 
 _register()
 
