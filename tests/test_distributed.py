@@ -18,6 +18,7 @@ import torch
 
 from dla_fast import cli
 from dla_fast import distributed as D
+from dla_fast.verify import FLOOR, RATIO
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_TIMEOUT_S = 300
@@ -329,8 +330,10 @@ def test_bench_on_gpus(tmp_path, train):
     for row in r["rows"]:
         assert row["error"] is None, row
         assert len(row["per_rank_img_per_s"]) == n and row["efficiency"] > 0
-        if not train:
-            assert row["rel_err"] < 1e-2
+    if not train:
+        # Both rows against the same float32 reference: the fused model's error within twice timm's fp16 error
+        errs = {row["impl"]: row["rel_err"] for row in r["rows"]}
+        assert errs["dla_fast_auto"] <= RATIO * errs["timm_eager"] + FLOOR[torch.float16], errs
 
 
 # ------------------------------------------------------------------------------------------ the workers

@@ -500,7 +500,8 @@ def test_default_cache_dir_fallbacks(tmp_path, monkeypatch):
     assert pc.default_cache_dir() == str(tmp_path / "appdata" / "dla_fast")
 
 
-def test_cpu_fingerprint(tmp_path):
+def test_cpu_fingerprint(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the default of a machine without a GPU
     fp = pc.environment_fingerprint()
     assert set(fp) == {"format", "device", "capability", "torch", "cuda", "triton", "dla_fast"}
     assert fp["capability"] == "cpu" and fp["device"] and fp["format"] == pc.CACHE_FORMAT

@@ -303,6 +303,8 @@ def test_forward_intermediates_errors():
 @pytest.mark.parametrize("name", ["dla34", "dla46x_c", "dla60_res2next"])
 def test_forward_intermediates_and_prune_match_timm(name):
     ref = randomize_bn(timm.create_model(name)).eval()
+    if not hasattr(ref, "forward_intermediates"):
+        pytest.skip(f"timm {timm.__version__}'s DLA has no forward_intermediates (the semantics test above still runs)")
     ours = dla_fast.from_timm(ref)
     x = torch.randn(2, 3, 63, 64)
     with torch.no_grad():

@@ -111,17 +111,23 @@ def _int_list(v: Sequence[int]) -> List[int]:
     return [int(i) for i in v]
 
 
+# The rule's config spelled out: (0, 0, 0) runs what () runs (plan.h: 0 in an element is the rule's). The ops get
+# this form because torch.export serialises an empty SymInt[] as None, which AOTInductor's proxy executor then
+# cannot hand to the extension's int[] argument.
+_RULE = (0, 0, 0)
+
+
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
                 padding: Tuple[int, int], groups: int, residual: Optional[torch.Tensor], relu: bool,
                 config: Sequence[int] = ()) -> torch.Tensor:
     # The arguments arrive as Python ints and tuples of them (validated by dla_fast.ops, or a fused layer's
     # own), which the op takes as they are: no per-call conversion on this launch-bound path.
-    return torch.ops.dla_fast.conv_bn_act(x, weight, bias, stride, padding, groups, residual, relu, config)
+    return torch.ops.dla_fast.conv_bn_act(x, weight, bias, stride, padding, groups, residual, relu, config or _RULE)
 
 
 def aggregate(children: Sequence[torch.Tensor], weight2d: torch.Tensor, bias: Optional[torch.Tensor],
               residual: Optional[torch.Tensor], relu: bool, config: Sequence[int] = ()) -> torch.Tensor:
-    return torch.ops.dla_fast.aggregate(children, weight2d, bias, residual, relu, config)
+    return torch.ops.dla_fast.aggregate(children, weight2d, bias, residual, relu, config or _RULE)
 
 
 def max_pool(x: torch.Tensor, k: int) -> torch.Tensor:
