@@ -138,7 +138,8 @@ def cmd_bench(a) -> int:
         raise _fail(f"--warmup must be >= 0, got {a.warmup}")
     known = tuple(distributed.TRAIN_BUILDERS) if a.train else bench.IMPLS
     impls = [s.strip() for s in a.impl.split(",") if s.strip()] if a.impl is not None else list(
-        distributed.TRAIN_IMPLS if a.train else bench.CPU_DEFAULT_IMPLS if cpu else bench.GPU_DEFAULT_IMPLS)
+        distributed.TRAIN_DEFAULT_IMPLS["cpu" if cpu else "cuda"] if a.train
+        else bench.CPU_DEFAULT_IMPLS if cpu else bench.GPU_DEFAULT_IMPLS)
     if not impls:
         raise _fail(f"--impl names no implementation; choose from: {', '.join(known)}")
     bad = [i for i in impls if i not in known]
@@ -320,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--distributed", type=int, default=None, metavar="N",
                    help="run data-parallel on N processes of this node, one per GPU, by starting this command under "
                    "torchrun (torch.distributed.run --standalone --nproc_per_node N); see docs/distributed.md")
-    b.add_argument("--train", action="store_true", help="time data-parallel training steps (DDP) of timm_eager and "
-                   "dla_fast_eager instead of inference; needs torchrun or --distributed")
+    b.add_argument("--train", action="store_true", help="time data-parallel training steps (DDP) instead of inference: "
+                   "timm_eager, torch_compile, dla_fast_eager, dla_fast_fused (default on GPU: timm_eager, "
+                   "torch_compile, dla_fast_fused); needs torchrun or --distributed")
     b.set_defaults(fn=cmd_bench)
     v = sub.add_parser("verify", help="check optimize() against a float64 reference, pass/fail table")
     v.add_argument("--model", default="all", help="a variant, a comma list, or 'all' (default all)")

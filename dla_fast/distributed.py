@@ -38,7 +38,11 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-TRAIN_IMPLS = ("timm_eager", "dla_fast_eager")
+# The training steps: timm's model eager and under torch.compile (default mode), ours on the modules (eager) and on
+# the fused training kernels (set_fused_training; off CUDA or in float32 it falls back to the modules).
+TRAIN_IMPLS = ("timm_eager", "torch_compile", "dla_fast_eager", "dla_fast_fused")
+TRAIN_DEFAULT_IMPLS = {"cuda": ("timm_eager", "torch_compile", "dla_fast_fused"),
+                       "cpu": ("timm_eager", "dla_fast_eager")}
 GPU_ONLY_IMPLS = ("dla_fast_cudagraph", "dla_fast_aoti", "torch_compile_reduce_overhead")
 SGD_ARGS = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
 KEY_FIELDS = ("model", "dtype", "batch_size", "impl", "mode")
@@ -469,7 +473,8 @@ def infer_cases(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str],
 
 def train_model(impl: str, name: str) -> torch.nn.Module:
     """The float32 classifier an implementation trains, with the same random weights for every implementation and
-    rank: ours (``dla_fast_eager``) or timm's (``timm_eager``)."""
+    rank: ours (``dla_fast_eager``; ``dla_fast_fused`` with fused training on) or timm's (``timm_eager``,
+    ``torch_compile``: compiled by :func:`train_case`)."""
     import dla_fast
 
     from .verify import calibrated_random_weights
@@ -478,7 +483,9 @@ def train_model(impl: str, name: str) -> torch.nn.Module:
     ours = calibrated_random_weights(dla_fast.create_model(name), 0)
     if impl == "dla_fast_eager":
         return ours
-    if impl == "timm_eager":
+    if impl == "dla_fast_fused":
+        return ours.set_fused_training(True)
+    if impl in ("timm_eager", "torch_compile"):
         import timm
 
         m = timm.create_model(name)
@@ -540,7 +547,9 @@ def train_case(impl: str, name: str, dtype: torch.dtype, batch: int, device: tor
         def scaler():
             return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
         parallel = copy.deepcopy(model)  # before any step: the DDP copy starts from the same weights
-        wl = Workload(alone=make_train_step(model, sgd(model), x, y, amp, scaler()), grad=True)
+        # torch.compile: the optimizer steps the module's parameters, the step calls the compiled module
+        run = torch.compile(model) if impl == "torch_compile" else model
+        wl = Workload(alone=make_train_step(run, sgd(model), x, y, amp, scaler()), grad=True)
         wl.alone()  # the first step (its time is the row's first_s), local
 
         def connect() -> None:
@@ -548,7 +557,8 @@ def train_case(impl: str, name: str, dtype: torch.dtype, batch: int, device: tor
 
             m = torch.nn.SyncBatchNorm.convert_sync_batchnorm(parallel) if sync_bn else parallel
             ddp = DDP(m, device_ids=[device.index] if device.type == "cuda" else None)
-            wl.step = make_train_step(ddp, sgd(ddp), x, y, amp, scaler())
+            wl.step = make_train_step(torch.compile(ddp) if impl == "torch_compile" else ddp, sgd(ddp), x, y, amp,
+                                      scaler())
         wl.connect = connect
         return wl
 

@@ -154,7 +154,8 @@ def test_cli_errors(no_torchrun, monkeypatch, tmp_path):
     assert "--train times data-parallel training steps (DDP) across processes: add --distributed N" \
         in _cli_error(cpu + ["--train"])
     assert "--distributed must be >= 1, got 0" in _cli_error(cpu + ["--distributed", "0"])
-    assert "no training step for impl(s) dla_fast_triton; choose from: timm_eager, dla_fast_eager" \
+    assert ("no training step for impl(s) dla_fast_triton; choose from: timm_eager, torch_compile, dla_fast_eager, "
+            "dla_fast_fused") \
         in _cli_error(cpu + ["--distributed", "2", "--train", "--impl", "dla_fast_triton"])
     assert "unknown impl(s) nope" in _cli_error(cpu + ["--distributed", "2", "--train", "--impl", "nope"])
     assert "--features applies to inference only" in _cli_error(cpu + ["--distributed", "2", "--train",
@@ -251,7 +252,7 @@ def test_train_bench_through_distributed_flag(tmp_path):
     assert "launching: " in p.stderr and "--nproc_per_node=2" in p.stderr
     r = json.loads(out.read_text())
     assert r["world_size"] == 2 and r["mode"] == "train"
-    assert [x["impl"] for x in r["rows"]] == list(D.TRAIN_IMPLS)
+    assert [x["impl"] for x in r["rows"]] == list(D.TRAIN_DEFAULT_IMPLS["cpu"])
     for row in r["rows"]:
         assert row["error"] is None and row["mode"] == "train" and len(row["per_rank_img_per_s"]) == 2
         assert row["efficiency"] > 0 and row["rel_err"] is None

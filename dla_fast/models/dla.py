@@ -374,11 +374,51 @@ def _frozen_running_stats(module: nn.Module):
                 m.num_batches_tracked.copy_(count)
 
 
-def _run_checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` keeping only ``x`` for the backward pass, which recomputes the rest."""
+def _run_checkpointed(module: nn.Module, x: torch.Tensor, fn=None) -> torch.Tensor:
+    """``module(x)`` (or ``fn(x)``, computing the same with ``module``'s parameters) keeping only ``x`` for the
+    backward pass, which recomputes the rest."""
     def contexts():
         return contextlib.nullcontext(), _frozen_running_stats(module)
-    return checkpoint(module, x, use_reentrant=False, context_fn=contexts)
+    return checkpoint(fn if fn is not None else module, x, use_reentrant=False, context_fn=contexts)
+
+
+FUSED_TRAINING_BACKENDS = ("auto", "triton")
+
+
+def _fused_training(module: nn.Module) -> Optional[str]:
+    """The backend of the fused training path when ``module`` runs it now (training mode, fused training on, not
+    being traced: a trace records the plain graph); else None."""
+    backend = getattr(module, "fused_training", None)
+    if backend is None or not module.training or torch.jit.is_tracing() or is_fx_symbolic_tracing():
+        return None
+    return backend
+
+
+def _run_stage(owner: nn.Module, m: nn.Module, x: torch.Tensor, ckpt: bool) -> torch.Tensor:
+    """One stage of ``owner`` (stem or level): checkpointed or not, on the fused training path or the modules."""
+    backend = _fused_training(owner)
+    if backend is None:
+        return _run_checkpointed(m, x) if ckpt else m(x)
+    from ..train import model as fused
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        return fused.stage(m, t, backend)
+    return _run_checkpointed(m, x, run) if ckpt else run(x)
+
+
+def _set_fused_training(model: nn.Module, enable: bool, backend: str) -> nn.Module:
+    if not isinstance(enable, bool):
+        raise TypeError(f"enable must be a bool, got {type(enable).__name__}")
+    if backend not in FUSED_TRAINING_BACKENDS:
+        raise ValueError(f"backend must be one of {FUSED_TRAINING_BACKENDS}, got {backend!r}")
+    if enable:
+        sync = [n for n, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+        if sync:
+            raise TypeError(f"fused training computes per-process batch statistics and does not support "
+                            f"SyncBatchNorm ({len(sync)} of them, e.g. {sync[0]!r}): keep nn.BatchNorm2d (timm's "
+                            "default: per-process statistics) or leave fused training off")
+    model.fused_training = backend if enable else None
+    return model
 
 
 class DLA(nn.Module):
@@ -401,6 +441,7 @@ class DLA(nn.Module):
         self.base_width = base_width
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
+        self.fused_training = None  # the backend of set_fused_training, None: off
         self.base_layer = nn.Sequential(
             nn.Conv2d(in_chans, channels[0], kernel_size=7, stride=1, padding=3, bias=False),
             _bn(channels[0]), nn.ReLU(inplace=True))
@@ -462,6 +503,20 @@ class DLA(nn.Module):
         self.grad_checkpointing = bool(enable)
 
     @torch.jit.ignore
+    def set_fused_training(self, enable: bool = True, backend: str = "auto") -> "DLA":
+        """Train on the fused kernels: conv + BatchNorm (batch statistics) + ReLU and the concat-free aggregation
+        node, forward and backward (see ``docs/training.md``). Returns the model.
+
+        Applies in training mode; ``eval()`` runs the modules with the running statistics as before. Parameters,
+        buffers and the state_dict are the model's own; BN running statistics update as ``nn.BatchNorm2d``
+        updates them. ``backend="auto"`` runs the kernels on CUDA for float16/bfloat16 convolutions (autocast or
+        a half model) and the modules everywhere else (CPU, float32, a BN in eval mode); ``"triton"`` raises
+        where the kernels cannot run. Works with ``set_grad_checkpointing`` and ``torch.compile``; SyncBatchNorm
+        is refused.
+        """
+        return _set_fused_training(self, enable, backend)
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.fc
 
@@ -481,16 +536,17 @@ class DLA(nn.Module):
         return [self.base_layer, self.level0, self.level1, self.level2, self.level3, self.level4, self.level5]
 
     @torch.jit.ignore
-    def _forward_checkpointed(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_stages(self, x: torch.Tensor) -> torch.Tensor:
+        ckpt = _checkpointing(self)
         for m in self._stages():
-            x = _run_checkpointed(m, x)
+            x = _run_stage(self, m, x, ckpt)
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = check_input(x, self.in_chans)
-        if not torch.jit.is_scripting():  # (TorchScript skips this block: checkpointing is eager-only)
-            if _checkpointing(self):
-                return self._forward_checkpointed(x)
+        if not torch.jit.is_scripting():  # (TorchScript skips this block: checkpointing, fused training)
+            if _checkpointing(self) or _fused_training(self) is not None:
+                return self._forward_stages(x)
         # Unrolled (not a loop over getattr) so that TorchScript can compile it.
         x = self.base_layer(x)
         x = self.level0(x)
@@ -525,7 +581,7 @@ class DLA(nn.Module):
             last = NUM_LEVELS - 1
         maps: List[torch.Tensor] = []
         for i, m in enumerate(stages[:last + 2]):
-            x = _run_checkpointed(m, x) if ckpt else m(x)
+            x = _run_stage(self, m, x, ckpt)
             if i - 1 in take:
                 maps.append(x)
         if intermediates_only:
@@ -651,6 +707,7 @@ class DlaFeatures(nn.Module):
         self.in_chans = model.in_chans
         self.channels = tuple(model.channels)  # all six levels, for the fusion pass
         self.grad_checkpointing = False
+        self.fused_training = None  # the backend of set_fused_training, None: off
         self.base_layer = model.base_layer
         for i in range(NUM_LEVELS):
             setattr(self, f"level{i}", getattr(model, f"level{i}") if i <= last else nn.Identity())
@@ -666,20 +723,26 @@ class DlaFeatures(nn.Module):
         self.grad_checkpointing = bool(enable)
 
     @torch.jit.ignore
-    def _forward_checkpointed(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def set_fused_training(self, enable: bool = True, backend: str = "auto") -> "DlaFeatures":
+        """See :meth:`DLA.set_fused_training`."""
+        return _set_fused_training(self, enable, backend)
+
+    @torch.jit.ignore
+    def _forward_stages(self, x: torch.Tensor) -> List[torch.Tensor]:
+        ckpt = _checkpointing(self)
         out = []
-        x = _run_checkpointed(self.base_layer, x)
+        x = _run_stage(self, self.base_layer, x, ckpt)
         for i in range(max(self.out_indices) + 1):
-            x = _run_checkpointed(getattr(self, f"level{i}"), x)
+            x = _run_stage(self, getattr(self, f"level{i}"), x, ckpt)
             if self.take_level[i]:
                 out.append(x)
         return out
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         x = check_input(x, self.in_chans)
-        if not torch.jit.is_scripting():  # (TorchScript skips this block: checkpointing is eager-only)
-            if _checkpointing(self):
-                return self._forward_checkpointed(x)
+        if not torch.jit.is_scripting():  # (TorchScript skips this block: checkpointing, fused training)
+            if _checkpointing(self) or _fused_training(self) is not None:
+                return self._forward_stages(x)
         take = self.take_level
         out: List[torch.Tensor] = []
         x = self.base_layer(x)

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from . import ops
 
-__all__ = ["TrainConvBnAct", "TrainAggregate"]
+__all__ = ["TrainConvBnAct", "TrainAggregate", "conv_bn_act", "aggregate"]
 
 
 def _conv_unsupported(conv: nn.Conv2d) -> Optional[str]:
@@ -37,6 +37,99 @@ def _check_pair(conv, bn, cls: str, what: str) -> None:
         raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
     if bn.num_features != conv.out_channels:
         raise ValueError(f"bn has {bn.num_features} features but the conv has {conv.out_channels} output channels")
+
+def _conv_eager(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residual: Optional[torch.Tensor],
+                relu: bool) -> torch.Tensor:
+    y = bn(conv(x))
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+def conv_fallback_reason(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, backend: str) -> Optional[str]:
+    """None when :func:`conv_bn_act` runs the fused kernels on ``x``; else why it runs the eager modules."""
+    if backend == "eager":
+        return "backend='eager'"
+    if not bn.training:
+        return "the BatchNorm is in eval mode (it normalises with its running statistics)"
+    why = _conv_unsupported(conv)
+    if why is not None:
+        return why
+    n, _, h, w = x.shape
+    ho = (h + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+    wo = (w + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
+    if n * ho * wo <= 1:
+        return "a single value per channel has no batch statistics (the eager BatchNorm raises its own error)"
+    return ops.fused_unavailable_reason(x, conv.weight, conv.groups, backend)
+
+
+def _refuse_sync(bn: nn.Module) -> None:
+    if isinstance(bn, nn.SyncBatchNorm):
+        raise TypeError("the fused training kernels compute per-process batch statistics and do not support "
+                        "SyncBatchNorm: keep nn.BatchNorm2d (timm's default) or turn fused training off")
+
+
+def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                relu: bool = True, backend: str = "auto") -> torch.Tensor:
+    """``act(bn(conv(x)) + residual)`` with the modules' own parameters and buffers: the fused training op where
+    it runs (the BN in training mode), else the eager modules (``backend="triton"``: else a RuntimeError)."""
+    _refuse_sync(bn)
+    why = conv_fallback_reason(conv, bn, x, backend)
+    if why is not None:
+        if backend == "triton" and bn.training:
+            raise RuntimeError(f"backend='triton' cannot run the fused training kernels: {why}")
+        return _conv_eager(conv, bn, x, residual, relu)
+    track = bn.track_running_stats
+    return ops.conv_bn_relu_train(
+        x, conv.weight, bn.weight, bn.bias, bn.running_mean if track else None,
+        bn.running_var if track else None, bn.num_batches_tracked if track else None,
+        stride=tuple(conv.stride), padding=tuple(conv.padding), groups=conv.groups, momentum=bn.momentum,
+        eps=bn.eps, residual=residual, relu=relu, backend="triton")
+
+
+def _agg_eager(conv: nn.Conv2d, bn: nn.BatchNorm2d, children: Sequence[torch.Tensor], shortcut: bool,
+               relu: bool) -> torch.Tensor:
+    y = bn(conv(torch.cat(list(children), 1)))
+    if shortcut:
+        y = y + children[0]
+    return torch.relu(y) if relu else y
+
+
+def aggregate_fallback_reason(conv: nn.Conv2d, bn: nn.BatchNorm2d, children: Sequence[torch.Tensor],
+                              backend: str) -> Optional[str]:
+    """None when :func:`aggregate` runs the fused kernels on ``children``; else why it runs the eager modules."""
+    if backend == "eager":
+        return "backend='eager'"
+    if not bn.training:
+        return "the BatchNorm is in eval mode (it normalises with its running statistics)"
+    why = _conv_unsupported(conv)
+    if why is not None:
+        return why
+    if tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1) or tuple(conv.padding) != (0, 0):
+        return (f"the conv is not an unpadded stride-1 1x1 one (kernel {tuple(conv.kernel_size)}, stride "
+                f"{tuple(conv.stride)}, padding {tuple(conv.padding)})")
+    n, _, h, w = children[0].shape
+    if n * h * w <= 1:
+        return "a single value per channel has no batch statistics (the eager BatchNorm raises its own error)"
+    return ops.aggregate_unavailable_reason(children, conv.weight, backend)
+
+
+def aggregate(conv: nn.Conv2d, bn: nn.BatchNorm2d, children: Sequence[torch.Tensor], shortcut: bool = False,
+              relu: bool = True, backend: str = "auto") -> torch.Tensor:
+    """The aggregation node ``act(bn(conv1x1(cat(children))) + (children[0] if shortcut))`` with the modules' own
+    parameters and buffers, the concat never formed where the fused op runs (as :func:`conv_bn_act` falls back)."""
+    _refuse_sync(bn)
+    why = aggregate_fallback_reason(conv, bn, children, backend)
+    if why is not None:
+        if backend == "triton" and bn.training:
+            raise RuntimeError(f"backend='triton' cannot run the fused training kernels: {why}")
+        return _agg_eager(conv, bn, children, shortcut, relu)
+    track = bn.track_running_stats
+    return ops.aggregate_bn_relu_train(
+        list(children), conv.weight, bn.weight, bn.bias, bn.running_mean if track else None,
+        bn.running_var if track else None, bn.num_batches_tracked if track else None, momentum=bn.momentum,
+        eps=bn.eps, shortcut=shortcut, relu=relu, backend="triton")
+
 
 class TrainConvBnAct(nn.Module):
     """``act(bn(conv(x)) + residual)`` for training, on the fused kernels where they run.
@@ -75,40 +168,16 @@ class TrainConvBnAct(nn.Module):
 
     def fallback_reason(self, x: torch.Tensor) -> Optional[str]:
         """None when a training forward on ``x`` runs the fused kernels; else why it runs eagerly."""
-        if self.backend == "eager":
-            return "backend='eager'"
-        why = _conv_unsupported(self.conv)
-        if why is not None:
-            return why
-        c = self.conv
-        n, _, h, w = x.shape
-        ho = (h + 2 * c.padding[0] - c.kernel_size[0]) // c.stride[0] + 1
-        wo = (w + 2 * c.padding[1] - c.kernel_size[1]) // c.stride[1] + 1
-        if n * ho * wo <= 1:
-            return "a single value per channel has no batch statistics (the eager BatchNorm raises its own error)"
-        return ops.fused_unavailable_reason(x, c.weight, c.groups, self.backend)
-
-    def _eager(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
-        y = self.bn(self.conv(x))
-        if residual is not None:
-            y = y + residual
-        return torch.relu(y) if self.relu else y
+        return conv_fallback_reason(self.conv, self.bn, x, self.backend)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.training:
-            return self._eager(x, residual)
-        why = self.fallback_reason(x)
-        if why is not None:
-            if self.backend == "triton":
+            return _conv_eager(self.conv, self.bn, x, residual, self.relu)
+        if self.backend == "triton":
+            why = self.fallback_reason(x)
+            if why is not None:
                 raise RuntimeError(f"TrainConvBnAct(backend='triton') cannot run the fused kernels: {why}")
-            return self._eager(x, residual)
-        c, bn = self.conv, self.bn
-        track = bn.track_running_stats
-        return ops.conv_bn_relu_train(
-            x, c.weight, bn.weight, bn.bias, bn.running_mean if track else None,
-            bn.running_var if track else None, bn.num_batches_tracked if track else None,
-            stride=tuple(c.stride), padding=tuple(c.padding), groups=c.groups, momentum=bn.momentum, eps=bn.eps,
-            residual=residual, relu=self.relu, backend="triton")
+        return conv_bn_act(self.conv, self.bn, x, residual, self.relu, self.backend)
 
 
 class TrainAggregate(nn.Module):
@@ -159,39 +228,15 @@ class TrainAggregate(nn.Module):
 
     def fallback_reason(self, children: Sequence[torch.Tensor]) -> Optional[str]:
         """None when a training forward on ``children`` runs the fused kernels; else why it runs eagerly."""
-        if self.backend == "eager":
-            return "backend='eager'"
-        why = _conv_unsupported(self.conv)
-        if why is not None:
-            return why
-        c = self.conv
-        if tuple(c.kernel_size) != (1, 1) or tuple(c.stride) != (1, 1) or tuple(c.padding) != (0, 0):
-            return (f"the conv is not an unpadded stride-1 1x1 one (kernel {tuple(c.kernel_size)}, stride "
-                    f"{tuple(c.stride)}, padding {tuple(c.padding)})")
-        n, _, h, w = children[0].shape
-        if n * h * w <= 1:
-            return "a single value per channel has no batch statistics (the eager BatchNorm raises its own error)"
-        return ops.aggregate_unavailable_reason(children, c.weight, self.backend)
-
-    def _eager(self, children: Sequence[torch.Tensor]) -> torch.Tensor:
-        y = self.bn(self.conv(torch.cat(list(children), 1)))
-        if self.shortcut:
-            y = y + children[0]
-        return torch.relu(y) if self.relu else y
+        return aggregate_fallback_reason(self.conv, self.bn, children, self.backend)
 
     def forward(self, children: Sequence[torch.Tensor]) -> torch.Tensor:
         if isinstance(children, torch.Tensor) or not isinstance(children, (list, tuple)) or len(children) == 0:
             raise TypeError("TrainAggregate takes a non-empty list or tuple of child tensors")
         if not self.training:
-            return self._eager(children)
-        why = self.fallback_reason(children)
-        if why is not None:
-            if self.backend == "triton":
+            return _agg_eager(self.conv, self.bn, children, self.shortcut, self.relu)
+        if self.backend == "triton":
+            why = self.fallback_reason(children)
+            if why is not None:
                 raise RuntimeError(f"TrainAggregate(backend='triton') cannot run the fused kernels: {why}")
-            return self._eager(children)
-        bn = self.bn
-        track = bn.track_running_stats
-        return ops.aggregate_bn_relu_train(
-            list(children), self.conv.weight, bn.weight, bn.bias, bn.running_mean if track else None,
-            bn.running_var if track else None, bn.num_batches_tracked if track else None, momentum=bn.momentum,
-            eps=bn.eps, shortcut=self.shortcut, relu=self.relu, backend="triton")
+        return aggregate(self.conv, self.bn, children, self.shortcut, self.relu, self.backend)

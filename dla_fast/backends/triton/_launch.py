@@ -77,8 +77,6 @@ def _row_stride(t: torch.Tensor) -> Optional[int]:
     sn, sc, sh, sw = t.stride()
     if c > 1 and sc != 1:
         return None
-    if (h > 1 and sh != w * sw) or (n > 1 and sn != h * w * sw):
-        return None
     if w == 1:  # sw is arbitrary when w == 1: take the stride that the next dim implies
         if h > 1:
             sw = sh
@@ -86,6 +84,8 @@ def _row_stride(t: torch.Tensor) -> Optional[int]:
             sw = sn
         else:
             sw = c
+    if (h > 1 and sh != w * sw) or (n > 1 and sn != h * w * sw):
+        return None
     return sw
 
 

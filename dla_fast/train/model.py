@@ -1,0 +1,99 @@
+"""The fused training forward of a DLA, stage by stage (``DLA.set_fused_training``).
+
+It walks the model's own modules (stem, conv levels, trees, blocks, aggregation nodes) and runs each conv + BN
+(+ residual) + ReLU group through :func:`.modules.conv_bn_act` and each aggregation node through
+:func:`.modules.aggregate`, with the modules' own parameters and buffers: the optimizer, the state_dict and the
+BN running statistics are the model's. It computes what the modules' forwards compute (``dla_fast.models.dla``),
+so a structure it does not know is an error, never a silent difference.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+
+from .modules import aggregate, conv_bn_act
+
+__all__ = ["stage"]
+
+
+def _conv_level(seq: nn.Sequential, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """The stem or a conv level: (Conv2d, BatchNorm2d, ReLU) triples."""
+    mods = list(seq)
+    if len(mods) % 3 or not all(isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) and isinstance(r, nn.ReLU)
+                                for c, b, r in zip(mods[0::3], mods[1::3], mods[2::3])):
+        raise TypeError(f"fused training expects a conv level of (Conv2d, BatchNorm2d, ReLU) triples, got "
+                        f"{[type(m).__name__ for m in mods]}")
+    for i in range(0, len(mods), 3):
+        x = conv_bn_act(mods[i], mods[i + 1], x, None, True, backend)
+    return x
+
+
+def _block(b: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    from ..models.dla import DlaBasic, DlaBottle2neck, DlaBottleneck
+
+    if shortcut is None:
+        shortcut = x
+    if isinstance(b, DlaBasic):
+        y = conv_bn_act(b.conv1, b.bn1, x, None, True, backend)
+        return conv_bn_act(b.conv2, b.bn2, y, shortcut, True, backend)
+    if isinstance(b, DlaBottleneck):
+        y = conv_bn_act(b.conv1, b.bn1, x, None, True, backend)
+        y = conv_bn_act(b.conv2, b.bn2, y, None, True, backend)
+        return conv_bn_act(b.conv3, b.bn3, y, shortcut, True, backend)
+    if isinstance(b, DlaBottle2neck):
+        y = conv_bn_act(b.conv1, b.bn1, x, None, True, backend)
+        pieces = torch.split(y, b.width, 1)
+        outs: List[torch.Tensor] = []
+        sp = pieces[0]
+        for i, (conv, bn) in enumerate(zip(b.convs, b.bns)):
+            sp = pieces[i] if (i == 0 or b.is_first) else sp + pieces[i]
+            sp = conv_bn_act(conv, bn, sp, None, True, backend)
+            outs.append(sp)
+        if b.scale > 1:
+            outs.append(b.pool(pieces[-1]) if b.pool is not None else pieces[-1])
+        return conv_bn_act(b.conv3, b.bn3, torch.cat(outs, 1), shortcut, True, backend)
+    raise TypeError(f"fused training does not know the block {type(b).__name__}")
+
+
+def _node(m: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], children: Optional[List[torch.Tensor]],
+          backend: str) -> torch.Tensor:
+    from ..models.dla import DlaTree
+
+    if isinstance(m, DlaTree):
+        return _tree(m, x, shortcut, children, backend)
+    return _block(m, x, shortcut, backend)
+
+
+def _tree(t: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], children: Optional[List[torch.Tensor]],
+          backend: str) -> torch.Tensor:
+    if children is None:
+        children = []
+    bottom = t.downsample(x)
+    if isinstance(t.project, nn.Identity):
+        shortcut = bottom
+    else:
+        shortcut = conv_bn_act(t.project[0], t.project[1], bottom, None, False, backend)
+    if t.level_root:
+        children.append(bottom)
+    x1 = _node(t.tree1, x, shortcut, None, backend)
+    if t.root is not None:
+        x2 = _node(t.tree2, x1, None, None, backend)
+        r = t.root
+        return aggregate(r.conv, r.bn, [x2, x1] + children, bool(r.shortcut), True, backend)
+    children.append(x1)
+    return _node(t.tree2, x1, None, children, backend)
+
+
+def stage(m: nn.Module, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``m(x)`` for a stage of a DLA (``base_layer``, ``level0`` .. ``level5``) on the fused training path."""
+    from ..models.dla import DlaTree
+
+    if isinstance(m, nn.Identity):
+        return x
+    if isinstance(m, DlaTree):
+        return _tree(m, x, None, None, backend)
+    if isinstance(m, nn.Sequential):
+        return _conv_level(m, x, backend)
+    raise TypeError(f"fused training does not know the stage {type(m).__name__}")

@@ -1,0 +1,195 @@
+"""Fused training of whole models (``set_fused_training``): the same numbers as the modules against float64, the
+model's own parameters, buffers and state_dict, the fallbacks, checkpointing, tracing and scripting.
+
+On the CPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1) in float32 with
+``backend="triton"`` (``auto`` keeps the CPU on the modules); the ``cuda`` tests train all 12 variants under bf16
+and fp16 autocast and under torch.compile.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dla_fast
+from dla_fast.train import model as fused_model
+from dla_fast.verify import FLOOR, RATIO, calibrated_random_weights, rel_err
+
+INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+HAS_CUDA = torch.cuda.is_available()
+needs_interp = pytest.mark.skipif(not INTERP, reason="needs TRITON_INTERPRET=1 (the kernels on the CPU)")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA or INTERP, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+
+
+def _model(name="dla46_c", seed=0, **kw):
+    torch.manual_seed(seed)
+    return calibrated_random_weights(dla_fast.create_model(name, **kw), seed).train()
+
+
+def _step(model, x, target, amp=None):
+    """Forward, loss, backward under autocast to ``amp``: the output, and every parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        out = model(x)
+    loss = F.cross_entropy(out.float(), target)
+    loss.backward()
+    return out.detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+
+def _buffers(model):
+    return [b.detach().clone() for b in model.buffers()]
+
+
+def _compare(name, got, eager, truth, floor):
+    """Each tensor of ``got`` within RATIO x eager's error against float64 plus ``floor``."""
+    bad = []
+    for i, (g, e, t) in enumerate(zip(got, eager, truth)):
+        if t.dtype == torch.long:  # num_batches_tracked: exact
+            if not torch.equal(g.cpu(), t.cpu()):
+                bad.append((i, "count", g.item(), t.item()))
+            continue
+        eg, ee = rel_err(g, t), rel_err(e, t)
+        if not eg <= RATIO * ee + floor:
+            bad.append((i, tuple(t.shape), eg, ee))
+    assert not bad, f"{name}: {len(bad)} tensors beyond {RATIO}x eager's error + {floor}: {bad[:6]}"
+
+
+def _three(model, backend):
+    fused = copy.deepcopy(model).set_fused_training(True, backend=backend)
+    return fused, copy.deepcopy(model), copy.deepcopy(model).double()
+
+
+# ------------------------------------------------------------------------------------------ API and fallbacks
+
+def test_set_fused_training_api():
+    m = dla_fast.create_model("dla34")
+    keys = list(m.state_dict())
+    assert m.fused_training is None
+    assert m.set_fused_training() is m and m.fused_training == "auto"
+    assert m.set_fused_training(True, backend="triton").fused_training == "triton"
+    assert list(m.state_dict()) == keys  # a mode, not a structure: timm's state_dict as it was
+    assert m.set_fused_training(False).fused_training is None
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton'\), got 'cuda'"):
+        m.set_fused_training(True, backend="cuda")
+    with pytest.raises(TypeError, match="enable must be a bool, got int"):
+        m.set_fused_training(1)
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(dla_fast.create_model("dla34"))
+    with pytest.raises(TypeError, match="does not support SyncBatchNorm .* e.g. 'base_layer.1'"):
+        sync.set_fused_training()
+    assert sync.fused_training is None  # refused: nothing changed
+    f = dla_fast.create_model("dla34", features_only=True, out_indices=(2, 3))
+    assert f.set_fused_training() is f and f.fused_training == "auto"
+
+
+def test_auto_on_the_cpu_runs_the_modules():
+    """backend="auto" off CUDA: the modules themselves, so the very same numbers, running statistics included."""
+    model = _model()
+    fused, plain, _ = _three(model, "auto")
+    x, t = torch.randn(2, 3, 64, 64), torch.randint(0, 1000, (2,))
+    (yf, gf), (yp, gp) = _step(fused, x, t), _step(plain, x, t)
+    assert torch.equal(yf, yp) and all(torch.equal(a, b) for a, b in zip(gf, gp))
+    assert all(torch.equal(a, b) for a, b in zip(_buffers(fused), _buffers(plain)))
+
+
+def test_eval_and_traces_use_the_modules(monkeypatch):
+    """eval(), torch.fx and torch.jit.script never reach the fused path: they run and record the modules."""
+    model = _model("dla34").set_fused_training(True, backend="triton")
+
+    def boom(*a, **k):
+        raise AssertionError("the fused training path ran")
+    monkeypatch.setattr(fused_model, "stage", boom)
+    x = torch.randn(1, 3, 64, 64)
+    ref = copy.deepcopy(model).set_fused_training(False)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), ref.eval()(x))
+    model.train()
+    gm = torch.fx.symbolic_trace(model)
+    assert not any("stage" in str(n.target) for n in gm.graph.nodes)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        assert torch.equal(scripted.eval()(x), ref(x))
+
+
+def test_triton_backend_refuses_what_it_cannot_run():
+    model = _model().set_fused_training(True, backend="triton")
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run the fused training kernels"):
+        model.double()(x)
+
+
+# ------------------------------------------------------------------------------------------ the kernels (CPU)
+
+@needs_interp
+def test_fused_training_step_against_float64():
+    """One training step of a whole model on the kernels (float32, interpreter): output, every gradient and every
+    running statistic within 2x the modules' error against float64; the parameters are the model's own."""
+    model = _model("dla46_c")
+    fused, eager, truth = _three(model, "triton")
+    params = list(fused.parameters())
+    x, t = torch.randn(2, 3, 64, 64), torch.randint(0, 1000, (2,))
+    yf, gf = _step(fused, x, t)
+    ye, ge = _step(eager, x, t)
+    yt, gt = _step(truth, x.double(), t)
+    assert all(p is q for p, q in zip(params, fused.parameters()))
+    assert all(p.grad is not None for p in params)  # the optimizer's tensors got their gradients
+    _compare("output", [yf], [ye], [yt], FLOOR[torch.float32])
+    _compare("gradients", gf, ge, gt, FLOOR[torch.float32])
+    _compare("buffers", _buffers(fused), _buffers(eager), _buffers(truth), FLOOR[torch.float32])
+
+
+@needs_interp
+def test_fused_training_with_checkpointing():
+    """Checkpointed fused training recomputes the same kernels: the same gradients, statistics updated once."""
+    model = _model("dla46_c", seed=1)
+    a = copy.deepcopy(model).set_fused_training(True, backend="triton")
+    b = copy.deepcopy(model).set_fused_training(True, backend="triton")
+    b.set_grad_checkpointing(True)
+    x, t = torch.randn(4, 3, 32, 32), torch.randint(0, 1000, (4,))
+    (ya, ga), (yb, gb) = _step(a, x, t), _step(b, x, t)
+    assert torch.equal(ya, yb)
+    assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-7) for p, q in zip(ga, gb))
+    assert all(torch.equal(p, q) for p, q in zip(_buffers(a), _buffers(b)))
+
+
+# ------------------------------------------------------------------------------------------ the GPU
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", dla_fast.list_models())
+def test_fused_training_all_variants_cuda(name, amp):
+    """Every variant, one step under autocast on the kernels (backend="triton": nothing falls back silently):
+    output, gradients and running statistics within 2x eager autocast's error against float64."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    model = _model(name).cuda().to(memory_format=torch.channels_last)
+    fused, eager, truth = _three(model, "triton")
+    x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (8,), device="cuda")
+    yf, gf = _step(fused, x, t, amp)
+    ye, ge = _step(eager, x, t, amp)
+    yt, gt = _step(truth, x.double(), t)
+    _compare("output", [yf], [ye], [yt], FLOOR[amp])
+    _compare("gradients", gf, ge, gt, FLOOR[amp])
+    _compare("buffers", _buffers(fused), _buffers(eager), _buffers(truth), FLOOR[amp])
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_fused_training_under_compile_and_checkpointing_cuda():
+    """torch.compile around a fused model, and checkpointing, give the fused model's step."""
+    model = _model("dla34").cuda()
+    a = copy.deepcopy(model).set_fused_training(True)
+    b = copy.deepcopy(model).set_fused_training(True)
+    c = copy.deepcopy(model).set_fused_training(True)
+    c.set_grad_checkpointing(True)
+    x, t = torch.randn(8, 3, 64, 64, device="cuda"), torch.randint(0, 1000, (8,), device="cuda")
+    ya, ga = _step(a, x, t, torch.bfloat16)
+    torch._dynamo.reset()
+    yb, gb = _step(torch.compile(b), x, t, torch.bfloat16)
+    yc, gc = _step(c, x, t, torch.bfloat16)
+    assert rel_err(yb, ya) < 1e-2 and max(rel_err(p, q) for p, q in zip(gb, ga)) < 2e-2
+    assert torch.equal(yc, ya) and max(rel_err(p, q) for p, q in zip(gc, ga)) < 1e-5
