@@ -180,16 +180,23 @@ def test_fused_training_all_variants_cuda(name, amp):
 @pytest.mark.cuda
 @needs_cuda
 def test_fused_training_under_compile_and_checkpointing_cuda():
-    """torch.compile around a fused model, and checkpointing, give the fused model's step."""
+    """torch.compile around a fused model: within the float64 criterion, as the fused model is (the compiled graph
+    rounds the bf16 glue between the kernels differently, so neither is the other's reference); checkpointing
+    recomputes the same kernels: the fused model's own step."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     model = _model("dla34").cuda()
-    a = copy.deepcopy(model).set_fused_training(True)
+    a, eager, truth = _three(model, "auto")
     b = copy.deepcopy(model).set_fused_training(True)
     c = copy.deepcopy(model).set_fused_training(True)
     c.set_grad_checkpointing(True)
     x, t = torch.randn(8, 3, 64, 64, device="cuda"), torch.randint(0, 1000, (8,), device="cuda")
     ya, ga = _step(a, x, t, torch.bfloat16)
+    ye, ge = _step(eager, x, t, torch.bfloat16)
+    yt, gt = _step(truth, x.double(), t)
     torch._dynamo.reset()
     yb, gb = _step(torch.compile(b), x, t, torch.bfloat16)
     yc, gc = _step(c, x, t, torch.bfloat16)
-    assert rel_err(yb, ya) < 1e-2 and max(rel_err(p, q) for p, q in zip(gb, ga)) < 2e-2
+    _compare("compiled output", [yb], [ye], [yt], FLOOR[torch.bfloat16])
+    _compare("compiled gradients", gb, ge, gt, FLOOR[torch.bfloat16])
+    _compare("compiled buffers", _buffers(b), _buffers(eager), _buffers(truth), FLOOR[torch.bfloat16])
     assert torch.equal(yc, ya) and max(rel_err(p, q) for p, q in zip(gc, ga)) < 1e-5
