@@ -46,13 +46,34 @@ def _conv_eager(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residual: 
     return torch.relu(y) if relu else y
 
 
-def conv_fallback_reason(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, backend: str) -> Optional[str]:
-    """None when :func:`conv_bn_act` runs the fused kernels on ``x``; else why it runs the eager modules."""
+def _pair_reason(conv: nn.Conv2d, bn: nn.BatchNorm2d, backend: str) -> Optional[str]:
+    """Why a conv/BN pair runs the eager modules whatever its input (None: the input decides)."""
     if backend == "eager":
         return "backend='eager'"
     if not bn.training:
         return "the BatchNorm is in eval mode (it normalises with its running statistics)"
-    why = _conv_unsupported(conv)
+    return _conv_unsupported(conv)
+
+
+def _bn_state(bn: nn.BatchNorm2d):
+    """The BN arguments of the training ops: affine parameters, then the running statistics it tracks."""
+    track = bn.track_running_stats
+    return (bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None,
+            bn.num_batches_tracked if track else None)
+
+
+def _eager_instead(why: Optional[str], bn: nn.BatchNorm2d, backend: str) -> bool:
+    """Whether a call runs the eager modules (``why`` says why not the kernels); backend="triton" raises instead
+    where a training-mode BN asked for the kernels."""
+    _refuse_sync(bn)
+    if why is not None and backend == "triton" and bn.training:
+        raise RuntimeError(f"backend='triton' cannot run the fused training kernels: {why}")
+    return why is not None
+
+
+def conv_fallback_reason(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, backend: str) -> Optional[str]:
+    """None when :func:`conv_bn_act` runs the fused kernels on ``x``; else why it runs the eager modules."""
+    why = _pair_reason(conv, bn, backend)
     if why is not None:
         return why
     n, _, h, w = x.shape
@@ -73,18 +94,11 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residual: 
                 relu: bool = True, backend: str = "auto") -> torch.Tensor:
     """``act(bn(conv(x)) + residual)`` with the modules' own parameters and buffers: the fused training op where
     it runs (the BN in training mode), else the eager modules (``backend="triton"``: else a RuntimeError)."""
-    _refuse_sync(bn)
-    why = conv_fallback_reason(conv, bn, x, backend)
-    if why is not None:
-        if backend == "triton" and bn.training:
-            raise RuntimeError(f"backend='triton' cannot run the fused training kernels: {why}")
+    if _eager_instead(conv_fallback_reason(conv, bn, x, backend), bn, backend):
         return _conv_eager(conv, bn, x, residual, relu)
-    track = bn.track_running_stats
     return ops.conv_bn_relu_train(
-        x, conv.weight, bn.weight, bn.bias, bn.running_mean if track else None,
-        bn.running_var if track else None, bn.num_batches_tracked if track else None,
-        stride=tuple(conv.stride), padding=tuple(conv.padding), groups=conv.groups, momentum=bn.momentum,
-        eps=bn.eps, residual=residual, relu=relu, backend="triton")
+        x, conv.weight, *_bn_state(bn), stride=tuple(conv.stride), padding=tuple(conv.padding), groups=conv.groups,
+        momentum=bn.momentum, eps=bn.eps, residual=residual, relu=relu, backend="triton")
 
 
 def _agg_eager(conv: nn.Conv2d, bn: nn.BatchNorm2d, children: Sequence[torch.Tensor], shortcut: bool,
@@ -98,11 +112,7 @@ def _agg_eager(conv: nn.Conv2d, bn: nn.BatchNorm2d, children: Sequence[torch.Ten
 def aggregate_fallback_reason(conv: nn.Conv2d, bn: nn.BatchNorm2d, children: Sequence[torch.Tensor],
                               backend: str) -> Optional[str]:
     """None when :func:`aggregate` runs the fused kernels on ``children``; else why it runs the eager modules."""
-    if backend == "eager":
-        return "backend='eager'"
-    if not bn.training:
-        return "the BatchNorm is in eval mode (it normalises with its running statistics)"
-    why = _conv_unsupported(conv)
+    why = _pair_reason(conv, bn, backend)
     if why is not None:
         return why
     if tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1) or tuple(conv.padding) != (0, 0):
@@ -118,17 +128,10 @@ def aggregate(conv: nn.Conv2d, bn: nn.BatchNorm2d, children: Sequence[torch.Tens
               relu: bool = True, backend: str = "auto") -> torch.Tensor:
     """The aggregation node ``act(bn(conv1x1(cat(children))) + (children[0] if shortcut))`` with the modules' own
     parameters and buffers, the concat never formed where the fused op runs (as :func:`conv_bn_act` falls back)."""
-    _refuse_sync(bn)
-    why = aggregate_fallback_reason(conv, bn, children, backend)
-    if why is not None:
-        if backend == "triton" and bn.training:
-            raise RuntimeError(f"backend='triton' cannot run the fused training kernels: {why}")
+    if _eager_instead(aggregate_fallback_reason(conv, bn, children, backend), bn, backend):
         return _agg_eager(conv, bn, children, shortcut, relu)
-    track = bn.track_running_stats
-    return ops.aggregate_bn_relu_train(
-        list(children), conv.weight, bn.weight, bn.bias, bn.running_mean if track else None,
-        bn.running_var if track else None, bn.num_batches_tracked if track else None, momentum=bn.momentum,
-        eps=bn.eps, shortcut=shortcut, relu=relu, backend="triton")
+    return ops.aggregate_bn_relu_train(list(children), conv.weight, *_bn_state(bn), momentum=bn.momentum, eps=bn.eps,
+                                       shortcut=shortcut, relu=relu, backend="triton")
 
 
 class TrainConvBnAct(nn.Module):
