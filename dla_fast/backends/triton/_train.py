@@ -50,6 +50,30 @@ WARPS_ELTWISE = 4
 # ------------------------------------------------------------------------------------------------- kernels
 
 @triton.jit
+def _stats_epilogue(acc, rows, row_ok, cols, col_ok, pid_m, z_ptr, psum_ptr, pm2_ptr, M, Cout,
+                    IDX64: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The statistics convs' epilogue: z = acc in z's dtype, then row ``pid_m`` of the (sum, M2) workspaces."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    zr = acc.to(z_ptr.dtype.element_ty)
+    tl.store(z_ptr + rows[:, None] * Cout + cols[None, :], zr, mask=mask)
+    # The tile's statistics: its channel sums, and squared deviations from the tile's own mean (combined
+    # across tiles by Chan's formula on the host side, which keeps the variance exact to fp32 rounding).
+    # They are the statistics of z as stored, rounded: BN's backward differentiates through the mean and
+    # variance *of the z it saved*, and statistics of the unrounded accumulator would not sum to zero over the
+    # stored z's deviations (at fp16, with few values per channel, that doubled the input gradient's error).
+    zs = zr.to(tl.float32)
+    n_rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+    s1 = tl.sum(tl.where(mask, zs, 0.0), axis=0)
+    dev = tl.where(mask, zs - (s1 / n_rows)[None, :], 0.0)
+    m2 = tl.sum(dev * dev, axis=0)
+    t_row = pid_m
+    if IDX64:
+        t_row = t_row.to(tl.int64)
+    tl.store(psum_ptr + t_row * Cout + cols, s1, mask=col_ok)
+    tl.store(pm2_ptr + t_row * Cout + cols, m2, mask=col_ok)
+
+
+@triton.jit
 def _conv_stats_kernel(
     x_ptr, w_ptr, z_ptr, psum_ptr, pm2_ptr, mu_ptr, sc_ptr, bi_ptr,
     M, H, W, Ho, Wo, Cin, Cin_g, Cout_g, Cout,
@@ -79,24 +103,7 @@ def _conv_stats_kernel(
         tiles_per_group, KH, KW, MODE, GB, FULL, PAD, NORM, NORM_RELU, PREC, RND, IDX64,
         BLOCK_M, BLOCK_N, BLOCK_K, 1)
 
-    mask = row_ok[:, None] & col_ok[None, :]
-    zr = acc.to(z_ptr.dtype.element_ty)
-    tl.store(z_ptr + rows[:, None] * Cout + cols[None, :], zr, mask=mask)
-    # The tile's statistics: its channel sums, and squared deviations from the tile's own mean (combined
-    # across tiles by Chan's formula on the host side, which keeps the variance exact to fp32 rounding).
-    # They are the statistics of z as stored, rounded: BN's backward differentiates through the mean and
-    # variance *of the z it saved*, and statistics of the unrounded accumulator would not sum to zero over the
-    # stored z's deviations (at fp16, with few values per channel, that doubled the input gradient's error).
-    zs = zr.to(tl.float32)
-    n_rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-    s1 = tl.sum(tl.where(mask, zs, 0.0), axis=0)
-    dev = tl.where(mask, zs - (s1 / n_rows)[None, :], 0.0)
-    m2 = tl.sum(dev * dev, axis=0)
-    t_row = pid_m
-    if IDX64:
-        t_row = t_row.to(tl.int64)
-    tl.store(psum_ptr + t_row * Cout + cols, s1, mask=col_ok)
-    tl.store(pm2_ptr + t_row * Cout + cols, m2, mask=col_ok)
+    _stats_epilogue(acc, rows, row_ok, cols, col_ok, pid_m, z_ptr, psum_ptr, pm2_ptr, M, Cout, IDX64, BLOCK_M)
 
 
 @triton.jit
@@ -128,20 +135,7 @@ def _agg_stats_kernel(
                           S0, S1, S2, S3, S4, S5, S6, S7, w_ptr, rows, row_ok, cols, col_ok, Ctot,
                           NUM_CHILDREN, PREC, RND, BLOCK_M, BLOCK_N, BLOCK_K, 1)
 
-    mask = row_ok[:, None] & col_ok[None, :]
-    zr = acc.to(z_ptr.dtype.element_ty)
-    tl.store(z_ptr + rows[:, None] * Cout + cols[None, :], zr, mask=mask)
-    # The statistics of z as stored, as in _conv_stats_kernel (see there why rounded).
-    zs = zr.to(tl.float32)
-    n_rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-    s1 = tl.sum(tl.where(mask, zs, 0.0), axis=0)
-    dev = tl.where(mask, zs - (s1 / n_rows)[None, :], 0.0)
-    m2 = tl.sum(dev * dev, axis=0)
-    t_row = pid_m
-    if IDX64:
-        t_row = t_row.to(tl.int64)
-    tl.store(psum_ptr + t_row * Cout + cols, s1, mask=col_ok)
-    tl.store(pm2_ptr + t_row * Cout + cols, m2, mask=col_ok)
+    _stats_epilogue(acc, rows, row_ok, cols, col_ok, pid_m, z_ptr, psum_ptr, pm2_ptr, M, Cout, IDX64, BLOCK_M)
 
 
 @triton.jit
