@@ -379,17 +379,41 @@ def _child_select(t, T, K, base, C, S, ts, kb, p_i, C_i, S_i):
 
 
 @triton.jit
-def _aggregate_tile(
+def _aggregate_kernel(
     p0, p1, p2, p3, p4, p5, p6, p7,
     C0, C1, C2, C3, C4, C5, C6, C7,
     S0, S1, S2, S3, S4, S5, S6, S7,
-    w_ptr, rows, row_ok, cols, col_ok, Ctot,
-    NUM_CHILDREN: tl.constexpr, PREC: tl.constexpr, RND: tl.constexpr,
+    w_ptr, b_ptr, r_ptr, y_ptr, ws_ptr,
+    M, HW, W, Cout, Ctot,
+    srn, src, srh, srw,
+    n_tiles_n,
+    NUM_CHILDREN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    PREC: tl.constexpr, RND: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """The fp32 accumulator of an aggregation tile, ``cat(children)[rows] @ W[cols]^T``: the flat K loop over
-    all children's channel chunks described at ``_aggregate_kernel``, shared by it and the training
-    ``_agg_stats_kernel``. SPLIT > 1: this program's share of the iterations (split-K)."""
+    """relu(cat(children) @ W^T + b + residual) without the concat: one flat K loop over all children's
+    channel chunks; each iteration picks its child's pointer with scalar selects. A flat loop (rather than
+    one loop per child) keeps the software pipeline full across child boundaries; roots have 2-7 children
+    of 64-1024 channels, i.e. only a few chunks each.
+
+    Child i is read at ``p_i + m * S_i + c`` (S_i = its pixel stride, which is C_i for a contiguous
+    channels_last tensor and larger for a channel slice of a wider one). SPLIT > 1: split-K, as in
+    ``_conv_gemm_kernel``.
+    """
+    pid = tl.program_id(0)
+    pid_m = pid // n_tiles_n
+    pid_n = pid % n_tiles_n
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IDX64:
+        rows = rows.to(tl.int64)
+    row_ok = rows < M
+    img = rows // HW
+    pix = rows % HW
+    oh = pix // W
+    ow = pix % W
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < Cout
     kk = tl.arange(0, BLOCK_K)
     w_row = cols * Ctot
 
@@ -459,49 +483,6 @@ def _aggregate_tile(
         a = tl.load(base + (rows * S)[:, None] + c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         b = tl.load(w_ptr + w_row[None, :] + (kb + c)[:, None], mask=c_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, PREC, RND)
-
-    return acc
-
-
-@triton.jit
-def _aggregate_kernel(
-    p0, p1, p2, p3, p4, p5, p6, p7,
-    C0, C1, C2, C3, C4, C5, C6, C7,
-    S0, S1, S2, S3, S4, S5, S6, S7,
-    w_ptr, b_ptr, r_ptr, y_ptr, ws_ptr,
-    M, HW, W, Cout, Ctot,
-    srn, src, srh, srw,
-    n_tiles_n,
-    NUM_CHILDREN: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    PREC: tl.constexpr, RND: tl.constexpr, IDX64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-):
-    """relu(cat(children) @ W^T + b + residual) without the concat: one flat K loop over all children's
-    channel chunks; each iteration picks its child's pointer with scalar selects. A flat loop (rather than
-    one loop per child) keeps the software pipeline full across child boundaries; roots have 2-7 children
-    of 64-1024 channels, i.e. only a few chunks each.
-
-    Child i is read at ``p_i + m * S_i + c`` (S_i = its pixel stride, which is C_i for a contiguous
-    channels_last tensor and larger for a channel slice of a wider one). SPLIT > 1: split-K, as in
-    ``_conv_gemm_kernel``.
-    """
-    pid = tl.program_id(0)
-    pid_m = pid // n_tiles_n
-    pid_n = pid % n_tiles_n
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if IDX64:
-        rows = rows.to(tl.int64)
-    row_ok = rows < M
-    img = rows // HW
-    pix = rows % HW
-    oh = pix // W
-    ow = pix % W
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < Cout
-    acc = _aggregate_tile(p0, p1, p2, p3, p4, p5, p6, p7, C0, C1, C2, C3, C4, C5, C6, C7,
-                          S0, S1, S2, S3, S4, S5, S6, S7, w_ptr, rows, row_ok, cols, col_ok, Ctot,
-                          NUM_CHILDREN, PREC, RND, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT)
 
     _finish(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, ws_ptr, M, Cout,
             srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU, SPLIT)

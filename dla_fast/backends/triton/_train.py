@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._kernels import _aggregate_tile, _conv_tile
+from ._kernels import _child_select, _conv_tile, _mma
 from ._launch import (_I32_LIMIT, MAX_CHILDREN, _cdiv, _kernel, _max_offset, _n_tiling, _new_output, _nhwc, _pow2,
                       _prec, _round_tf32, _row_stride, _skip_launch, aggregate_plan, conv_plan, interpreted,
                       register_ops)
@@ -119,9 +119,9 @@ def _agg_stats_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """z = cat(children) @ W^T (the aggregation node's 1x1 conv) plus per-tile channel statistics of z,
-    without the concat: ``_aggregate_tile``, the flat K loop of the inference ``_aggregate_kernel`` (child i
-    read in place at ``p_i + m * S_i + c``, its pointer picked per iteration by scalar selects), and the
-    epilogue of ``_conv_stats_kernel`` (z, then row ``pid_m`` of the (sum, M2) workspaces)."""
+    without the concat: the flat K loop of the inference ``_aggregate_kernel`` (child i read in place at
+    ``p_i + m * S_i + c``, its pointer picked per iteration by scalar selects) and the epilogue of
+    ``_conv_stats_kernel`` (z, then row ``pid_m`` of the (sum, M2) workspaces)."""
     pid = tl.program_id(0)
     pid_m = pid // n_tiles_n
     pid_n = pid % n_tiles_n
@@ -131,9 +131,68 @@ def _agg_stats_kernel(
     row_ok = rows < M
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < Cout
-    acc = _aggregate_tile(p0, p1, p2, p3, p4, p5, p6, p7, C0, C1, C2, C3, C4, C5, C6, C7,
-                          S0, S1, S2, S3, S4, S5, S6, S7, w_ptr, rows, row_ok, cols, col_ok, Ctot,
-                          NUM_CHILDREN, PREC, RND, BLOCK_M, BLOCK_N, BLOCK_K, 1)
+    kk = tl.arange(0, BLOCK_K)
+    w_row = cols * Ctot
+
+    # Child boundaries in iterations (T) and in weight columns (K).
+    T1 = tl.cdiv(C0, BLOCK_K)
+    K1 = C0
+    T2 = T1 + tl.cdiv(C1, BLOCK_K)
+    K2 = K1 + C1
+    T3 = T2 + tl.cdiv(C2, BLOCK_K)
+    K3 = K2 + C2
+    T4 = T3 + tl.cdiv(C3, BLOCK_K)
+    K4 = K3 + C3
+    T5 = T4 + tl.cdiv(C4, BLOCK_K)
+    K5 = K4 + C4
+    T6 = T5 + tl.cdiv(C5, BLOCK_K)
+    K6 = K5 + C5
+    T7 = T6 + tl.cdiv(C6, BLOCK_K)
+    K7 = K6 + C6
+    T8 = T7 + tl.cdiv(C7, BLOCK_K)
+    if NUM_CHILDREN == 1:
+        total = T1
+    elif NUM_CHILDREN == 2:
+        total = T2
+    elif NUM_CHILDREN == 3:
+        total = T3
+    elif NUM_CHILDREN == 4:
+        total = T4
+    elif NUM_CHILDREN == 5:
+        total = T5
+    elif NUM_CHILDREN == 6:
+        total = T6
+    elif NUM_CHILDREN == 7:
+        total = T7
+    else:
+        total = T8
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, total):
+        base = p0
+        C = C0
+        S = S0
+        ts = 0
+        kb = 0
+        if NUM_CHILDREN > 1:
+            base, C, S, ts, kb = _child_select(t, T1, K1, base, C, S, ts, kb, p1, C1, S1)
+        if NUM_CHILDREN > 2:
+            base, C, S, ts, kb = _child_select(t, T2, K2, base, C, S, ts, kb, p2, C2, S2)
+        if NUM_CHILDREN > 3:
+            base, C, S, ts, kb = _child_select(t, T3, K3, base, C, S, ts, kb, p3, C3, S3)
+        if NUM_CHILDREN > 4:
+            base, C, S, ts, kb = _child_select(t, T4, K4, base, C, S, ts, kb, p4, C4, S4)
+        if NUM_CHILDREN > 5:
+            base, C, S, ts, kb = _child_select(t, T5, K5, base, C, S, ts, kb, p5, C5, S5)
+        if NUM_CHILDREN > 6:
+            base, C, S, ts, kb = _child_select(t, T6, K6, base, C, S, ts, kb, p6, C6, S6)
+        if NUM_CHILDREN > 7:
+            base, C, S, ts, kb = _child_select(t, T7, K7, base, C, S, ts, kb, p7, C7, S7)
+        c = (t - ts) * BLOCK_K + kk
+        c_ok = c < C
+        a = tl.load(base + (rows * S)[:, None] + c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + w_row[None, :] + (kb + c)[:, None], mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _mma(a, b, acc, PREC, RND)
 
     _stats_epilogue(acc, rows, row_ok, cols, col_ok, pid_m, z_ptr, psum_ptr, pm2_ptr, M, Cout, IDX64, BLOCK_M)
 
