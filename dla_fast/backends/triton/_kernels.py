@@ -52,42 +52,40 @@ def _epilogue(acc, rows, cols, row_ok, col_ok, img, oh, ow,
 
 
 @triton.jit
-def _conv_gemm_kernel(
-    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, ws_ptr,
+def _norm_in(a, ch, ch_ok, ok, mu_ptr, sc_ptr, bi_ptr, RELU: tl.constexpr):
+    """The previous layer's BN (+ReLU) applied to a loaded input tile ``a`` whose columns are channels ``ch``
+    (the training conv's prologue, see ``_conv_tile``); elements outside ``ok`` (the conv's zero padding,
+    channel tails) stay exactly zero, as they are zeros of the normalised tensor, not of the raw one."""
+    mu = tl.load(mu_ptr + ch, mask=ch_ok, other=0.0)
+    sc = tl.load(sc_ptr + ch, mask=ch_ok, other=0.0)
+    bi = tl.load(bi_ptr + ch, mask=ch_ok, other=0.0)
+    v = (a.to(tl.float32) - mu[None, :]) * sc[None, :] + bi[None, :]
+    if RELU:
+        v = tl.where(v < 0.0, 0.0, v)
+    return tl.where(ok, v, 0.0).to(a.dtype)
+
+
+@triton.jit
+def _conv_tile(
+    x_ptr, w_ptr, mu_ptr, sc_ptr, bi_ptr, pid_m, pid_n,
     M, H, W, Ho, Wo, Cin, Cin_g, Cout_g, Cout,
-    sxn, sxh, sxw, srn, src, srh, srw,
+    sxn, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w,
-    n_tiles_n, tiles_per_group,
+    tiles_per_group,
     KH: tl.constexpr, KW: tl.constexpr,
     MODE: tl.constexpr, GB: tl.constexpr, FULL: tl.constexpr, PAD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    NORM: tl.constexpr, NORM_RELU: tl.constexpr,
     PREC: tl.constexpr, RND: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """Implicit-GEMM convolution on tensor cores: rows = output pixels, columns = output channels.
+    """The implicit-GEMM body of a convolution tile, shared by the inference ``_conv_gemm_kernel`` and the
+    training ``_conv_stats_kernel``: the fp32 accumulator of output tile (pid_m, pid_n) and what the
+    epilogues need to address it, ``(acc, rows, row_ok, img, oh, ow, cols, col_ok)``.
 
-    MODE 0 (tap-major): the K loop walks (tap, channel chunk); each A tile is BLOCK_M pixels x BLOCK_K
-        contiguous input channels of one tap, so the only masks are per-row borders and the channel tail.
-    MODE 1 (flat K): K = (r, s, c) flattened, for few input channels per group (the 3-channel stem): a tap
-        holds too few channels to fill BLOCK_K, but (s, c) is contiguous in NHWC, so flattening wastes
-        almost nothing.
-    MODE 2 (block-diagonal): grouped conv with few channels per group. A tile covers GB whole groups; its
-        B tile is the block-diagonal [GB*Cin_g, GB*Cout_g] weight with zeros off the diagonal blocks. That
-        multiplies zeros, but tensor cores at GB-fold waste still beat CUDA cores and the A loads stay plain
-        contiguous channel runs.
-    Modes 0 and 1 handle groups through the N-tile index (tiles never straddle a group).
-
-    SPLIT > 1 (mode 0 only): split-K. Program (tile, program_id(1)) sums its share of the K iterations and
-    stores the fp32 partial to ``ws_ptr`` (SPLIT slices of [M, Cout]); ``_splitk_epilogue_kernel`` adds
-    them up and applies the epilogue. For grids that cannot fill the GPU (batch 1, 7x7 and 14x14 maps)
-    where a few programs would otherwise walk K = 9 x 512 alone.
+    The K walks (MODE 0, 1, 2) and split-K (SPLIT) are described at ``_conv_gemm_kernel``. NORM applies
+    ``_norm_in`` (BN with the statistics at mu/sc/bi_ptr, ReLU with NORM_RELU) to each A tile as it is loaded;
+    without it mu/sc/bi_ptr are never read and the code is that of a plain conv.
     """
-    pid = tl.program_id(0)
-    # Output-channel tiles vary fastest so that the few programs sharing one A (activation) tile run
-    # together and hit L2 for it.
-    pid_m = pid // n_tiles_n
-    pid_n = pid % n_tiles_n
-
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if IDX64:
         rows = rows.to(tl.int64)
@@ -138,9 +136,12 @@ def _conv_gemm_kernel(
                 a_ok = a_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a_ptrs = x_ptr + (x_row + r * sxh + s * sxw)[:, None] + (cin0 + kk)[None, :]
             if FULL:
-                a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
+                ok = a_ok[:, None]
             else:
-                a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+                ok = a_ok[:, None] & k_ok[None, :]
+            a = tl.load(a_ptrs, mask=ok, other=0.0)
+            if NORM:
+                a = _norm_in(a, cin0 + kk, k_ok, ok, mu_ptr, sc_ptr, bi_ptr, NORM_RELU)
             b = tl.load(w_ptr + b_off + tap * Cin_g, mask=b_mask, other=0.0)
             acc = _mma(a, b, acc, PREC, RND)
     else:
@@ -166,6 +167,8 @@ def _conv_gemm_kernel(
                     a_ok = a_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a_ptrs = x_ptr + x_row[:, None] + (r * sxh + s * sxw + cin0 + c)[None, :]
                 a = tl.load(a_ptrs, mask=a_ok, other=0.0)
+                if NORM:
+                    a = _norm_in(a, cin0 + c, k_ok, a_ok, mu_ptr, sc_ptr, bi_ptr, NORM_RELU)
                 b = tl.load(w_ptr + w_row[None, :] + k[:, None],
                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 acc = _mma(a, b, acc, PREC, RND)
@@ -192,11 +195,58 @@ def _conv_gemm_kernel(
                     a_ok = a_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 c_ok = c < Cin_g
                 a_ptrs = x_ptr + (x_row + r * sxh + s * sxw)[:, None] + (cin0 + c)[None, :]
-                a = tl.load(a_ptrs, mask=a_ok[:, None] & c_ok[None, :], other=0.0)
+                ok = a_ok[:, None] & c_ok[None, :]
+                a = tl.load(a_ptrs, mask=ok, other=0.0)
+                if NORM:
+                    a = _norm_in(a, cin0 + c, c_ok, ok, mu_ptr, sc_ptr, bi_ptr, NORM_RELU)
                 b = tl.load(w_ptr + w_row[None, :] + (tap * Cin_g + c)[:, None],
                             mask=c_ok[:, None] & col_ok[None, :], other=0.0)
                 acc = _mma(a, b, acc, PREC, RND)
+    return acc, rows, row_ok, img, oh, ow, cols, col_ok
 
+
+@triton.jit
+def _conv_gemm_kernel(
+    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, ws_ptr,
+    M, H, W, Ho, Wo, Cin, Cin_g, Cout_g, Cout,
+    sxn, sxh, sxw, srn, src, srh, srw,
+    stride_h, stride_w, pad_h, pad_w,
+    n_tiles_n, tiles_per_group,
+    KH: tl.constexpr, KW: tl.constexpr,
+    MODE: tl.constexpr, GB: tl.constexpr, FULL: tl.constexpr, PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    PREC: tl.constexpr, RND: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """Implicit-GEMM convolution on tensor cores: rows = output pixels, columns = output channels.
+
+    MODE 0 (tap-major): the K loop walks (tap, channel chunk); each A tile is BLOCK_M pixels x BLOCK_K
+        contiguous input channels of one tap, so the only masks are per-row borders and the channel tail.
+    MODE 1 (flat K): K = (r, s, c) flattened, for few input channels per group (the 3-channel stem): a tap
+        holds too few channels to fill BLOCK_K, but (s, c) is contiguous in NHWC, so flattening wastes
+        almost nothing.
+    MODE 2 (block-diagonal): grouped conv with few channels per group. A tile covers GB whole groups; its
+        B tile is the block-diagonal [GB*Cin_g, GB*Cout_g] weight with zeros off the diagonal blocks. That
+        multiplies zeros, but tensor cores at GB-fold waste still beat CUDA cores and the A loads stay plain
+        contiguous channel runs.
+    Modes 0 and 1 handle groups through the N-tile index (tiles never straddle a group).
+
+    SPLIT > 1 (mode 0 only): split-K. Program (tile, program_id(1)) sums its share of the K iterations and
+    stores the fp32 partial to ``ws_ptr`` (SPLIT slices of [M, Cout]); ``_splitk_epilogue_kernel`` adds
+    them up and applies the epilogue. For grids that cannot fill the GPU (batch 1, 7x7 and 14x14 maps)
+    where a few programs would otherwise walk K = 9 x 512 alone.
+    """
+    pid = tl.program_id(0)
+    # Output-channel tiles vary fastest so that the few programs sharing one A (activation) tile run
+    # together and hit L2 for it.
+    pid_m = pid // n_tiles_n
+    pid_n = pid % n_tiles_n
+    # mu/sc/bi_ptr are x_ptr: never read without NORM.
+    acc, rows, row_ok, img, oh, ow, cols, col_ok = _conv_tile(
+        x_ptr, w_ptr, x_ptr, x_ptr, x_ptr, pid_m, pid_n,
+        M, H, W, Ho, Wo, Cin, Cin_g, Cout_g, Cout, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w,
+        tiles_per_group, KH, KW, MODE, GB, FULL, PAD, False, False, PREC, RND, IDX64,
+        BLOCK_M, BLOCK_N, BLOCK_K, SPLIT)
     _finish(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, ws_ptr, M, Cout,
             srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU, SPLIT)
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._kernels import _child_select, _mma
+from ._kernels import _child_select, _conv_tile, _mma
 from ._launch import (_I32_LIMIT, MAX_CHILDREN, _cdiv, _kernel, _max_offset, _n_tiling, _new_output, _nhwc, _pow2,
                       _prec, _round_tf32, _row_stride, _skip_launch, aggregate_plan, conv_plan, interpreted,
                       register_ops)
@@ -50,146 +50,9 @@ WARPS_ELTWISE = 4
 # ------------------------------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _norm_in(a, ch, ch_ok, ok, mu_ptr, sc_ptr, bi_ptr, RELU: tl.constexpr):
-    """The previous layer's BN (+ReLU) applied to a loaded input tile ``a`` whose columns are channels ``ch``;
-    elements outside ``ok`` (the conv's zero padding, channel tails) stay exactly zero, as they are zeros of
-    the normalised tensor, not of the raw one."""
-    mu = tl.load(mu_ptr + ch, mask=ch_ok, other=0.0)
-    sc = tl.load(sc_ptr + ch, mask=ch_ok, other=0.0)
-    bi = tl.load(bi_ptr + ch, mask=ch_ok, other=0.0)
-    v = (a.to(tl.float32) - mu[None, :]) * sc[None, :] + bi[None, :]
-    if RELU:
-        v = tl.where(v < 0.0, 0.0, v)
-    return tl.where(ok, v, 0.0).to(a.dtype)
-
-
-@triton.jit
-def _conv_stats_kernel(
-    x_ptr, w_ptr, z_ptr, psum_ptr, pm2_ptr, mu_ptr, sc_ptr, bi_ptr,
-    M, H, W, Ho, Wo, Cin, Cin_g, Cout_g, Cout,
-    sxn, sxh, sxw,
-    stride_h, stride_w, pad_h, pad_w,
-    n_tiles_n, tiles_per_group,
-    KH: tl.constexpr, KW: tl.constexpr,
-    MODE: tl.constexpr, GB: tl.constexpr, FULL: tl.constexpr, PAD: tl.constexpr,
-    NORM: tl.constexpr, NORM_RELU: tl.constexpr,
-    PREC: tl.constexpr, RND: tl.constexpr, IDX64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """z = conv(x) (or conv(act(bn(x))) with NORM) plus per-tile channel statistics of z.
-
-    The K walks are those of ``_conv_gemm_kernel`` (MODE 0 tap-major, 1 flat K, 2 block-diagonal; see there).
-    The epilogue stores z in z's dtype and, for program (m-tile i, n-tile j), row i of the workspaces: the
-    sum over the tile's valid rows of each channel, and the sum of squared deviations from that tile mean,
-    in fp32, of z as stored.
-    """
-    pid = tl.program_id(0)
-    pid_m = pid // n_tiles_n
-    pid_n = pid % n_tiles_n
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if IDX64:
-        rows = rows.to(tl.int64)
-    row_ok = rows < M
-    hw = Ho * Wo
-    img = rows // hw
-    pix = rows % hw
-    oh = pix // Wo
-    ow = pix % Wo
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow * stride_w - pad_w
-    # May point before the image for padded rows; such lanes are masked and never dereferenced.
-    x_row = img * sxn + ih0 * sxh + iw0 * sxw
-
-    jj = tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, BLOCK_K)
-    KTOT = KH * KW * Cin_g  # one weight row: [kh, kw, Cin_g] contiguous
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if MODE == 2:
-        gi = kk // Cin_g
-        ci = kk % Cin_g
-        gj = jj // Cout_g
-        if FULL:
-            cols = pid_n * BLOCK_N + jj
-            cin0 = pid_n * BLOCK_K
-            col_ok = jj < BLOCK_N
-            k_ok = kk < BLOCK_K
-            b_mask = gi[:, None] == gj[None, :]
-        else:
-            n0 = pid_n * (GB * Cout_g)
-            cols = n0 + jj
-            col_ok = (jj < GB * Cout_g) & (cols < Cout)
-            cin0 = (n0 // Cout_g) * Cin_g
-            k_ok = (kk < GB * Cin_g) & (cin0 + kk < Cin)
-            b_mask = (gi[:, None] == gj[None, :]) & k_ok[:, None] & col_ok[None, :]
-        b_off = cols[None, :] * KTOT + ci[:, None]
-        for tap in range(KH * KW):
-            r = tap // KW
-            s = tap % KW
-            a_ok = row_ok
-            if PAD:
-                ih = ih0 + r
-                iw = iw0 + s
-                a_ok = a_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_ptrs = x_ptr + (x_row + r * sxh + s * sxw)[:, None] + (cin0 + kk)[None, :]
-            ok = a_ok[:, None] & k_ok[None, :]
-            a = tl.load(a_ptrs, mask=ok, other=0.0)
-            if NORM:
-                a = _norm_in(a, cin0 + kk, k_ok, ok, mu_ptr, sc_ptr, bi_ptr, NORM_RELU)
-            b = tl.load(w_ptr + b_off + tap * Cin_g, mask=b_mask, other=0.0)
-            acc = _mma(a, b, acc, PREC, RND)
-    else:
-        g = pid_n // tiles_per_group
-        jn = (pid_n % tiles_per_group) * BLOCK_N + jj
-        col_ok = jn < Cout_g
-        cols = g * Cout_g + jn
-        cin0 = g * Cin_g
-        w_row = cols * KTOT
-        if MODE == 1:
-            kwc = KW * Cin_g
-            for k0 in range(0, KTOT, BLOCK_K):
-                k = k0 + kk
-                k_ok = k < KTOT
-                r = k // kwc
-                rem = k % kwc
-                s = rem // Cin_g
-                c = rem % Cin_g
-                a_ok = row_ok[:, None] & k_ok[None, :]
-                if PAD:
-                    ih = ih0[:, None] + r[None, :]
-                    iw = iw0[:, None] + s[None, :]
-                    a_ok = a_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a_ptrs = x_ptr + x_row[:, None] + (r * sxh + s * sxw + cin0 + c)[None, :]
-                a = tl.load(a_ptrs, mask=a_ok, other=0.0)
-                if NORM:
-                    a = _norm_in(a, cin0 + c, k_ok, a_ok, mu_ptr, sc_ptr, bi_ptr, NORM_RELU)
-                b = tl.load(w_ptr + w_row[None, :] + k[:, None],
-                            mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = _mma(a, b, acc, PREC, RND)
-        else:
-            # One flat loop over (tap, chunk), as in _conv_gemm_kernel, so the pipeliner overlaps across taps.
-            n_cb = tl.cdiv(Cin_g, BLOCK_K)
-            for it in range(0, KH * KW * n_cb):
-                tap = it // n_cb
-                c = (it % n_cb) * BLOCK_K + kk
-                r = tap // KW
-                s = tap % KW
-                a_ok = row_ok
-                if PAD:
-                    ih = ih0 + r
-                    iw = iw0 + s
-                    a_ok = a_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                c_ok = c < Cin_g
-                ok = a_ok[:, None] & c_ok[None, :]
-                a_ptrs = x_ptr + (x_row + r * sxh + s * sxw)[:, None] + (cin0 + c)[None, :]
-                a = tl.load(a_ptrs, mask=ok, other=0.0)
-                if NORM:
-                    a = _norm_in(a, cin0 + c, c_ok, ok, mu_ptr, sc_ptr, bi_ptr, NORM_RELU)
-                b = tl.load(w_ptr + w_row[None, :] + (tap * Cin_g + c)[:, None],
-                            mask=c_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = _mma(a, b, acc, PREC, RND)
-
+def _stats_epilogue(acc, rows, row_ok, cols, col_ok, pid_m, z_ptr, psum_ptr, pm2_ptr, M, Cout,
+                    IDX64: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The statistics convs' epilogue: z = acc in z's dtype, then row ``pid_m`` of the (sum, M2) workspaces."""
     mask = row_ok[:, None] & col_ok[None, :]
     zr = acc.to(z_ptr.dtype.element_ty)
     tl.store(z_ptr + rows[:, None] * Cout + cols[None, :], zr, mask=mask)
@@ -208,6 +71,39 @@ def _conv_stats_kernel(
         t_row = t_row.to(tl.int64)
     tl.store(psum_ptr + t_row * Cout + cols, s1, mask=col_ok)
     tl.store(pm2_ptr + t_row * Cout + cols, m2, mask=col_ok)
+
+
+@triton.jit
+def _conv_stats_kernel(
+    x_ptr, w_ptr, z_ptr, psum_ptr, pm2_ptr, mu_ptr, sc_ptr, bi_ptr,
+    M, H, W, Ho, Wo, Cin, Cin_g, Cout_g, Cout,
+    sxn, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w,
+    n_tiles_n, tiles_per_group,
+    KH: tl.constexpr, KW: tl.constexpr,
+    MODE: tl.constexpr, GB: tl.constexpr, FULL: tl.constexpr, PAD: tl.constexpr,
+    NORM: tl.constexpr, NORM_RELU: tl.constexpr,
+    PREC: tl.constexpr, RND: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """z = conv(x) (or conv(act(bn(x))) with NORM) plus per-tile channel statistics of z.
+
+    The tile's GEMM is ``_conv_tile``, the K walks of ``_conv_gemm_kernel`` (MODE 0 tap-major, 1 flat K,
+    2 block-diagonal; see there), with NORM applying the BN prologue to each loaded input tile.
+    The epilogue stores z in z's dtype and, for program (m-tile i, n-tile j), row i of the workspaces: the
+    sum over the tile's valid rows of each channel, and the sum of squared deviations from that tile mean,
+    in fp32, of z as stored.
+    """
+    pid = tl.program_id(0)
+    pid_m = pid // n_tiles_n
+    pid_n = pid % n_tiles_n
+    acc, rows, row_ok, _, _, _, cols, col_ok = _conv_tile(
+        x_ptr, w_ptr, mu_ptr, sc_ptr, bi_ptr, pid_m, pid_n,
+        M, H, W, Ho, Wo, Cin, Cin_g, Cout_g, Cout, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w,
+        tiles_per_group, KH, KW, MODE, GB, FULL, PAD, NORM, NORM_RELU, PREC, RND, IDX64,
+        BLOCK_M, BLOCK_N, BLOCK_K, 1)
+
+    _stats_epilogue(acc, rows, row_ok, cols, col_ok, pid_m, z_ptr, psum_ptr, pm2_ptr, M, Cout, IDX64, BLOCK_M)
 
 
 @triton.jit
@@ -298,20 +194,7 @@ def _agg_stats_kernel(
         b = tl.load(w_ptr + w_row[None, :] + (kb + c)[:, None], mask=c_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, PREC, RND)
 
-    mask = row_ok[:, None] & col_ok[None, :]
-    zr = acc.to(z_ptr.dtype.element_ty)
-    tl.store(z_ptr + rows[:, None] * Cout + cols[None, :], zr, mask=mask)
-    # The statistics of z as stored, as in _conv_stats_kernel (see there why rounded).
-    zs = zr.to(tl.float32)
-    n_rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-    s1 = tl.sum(tl.where(mask, zs, 0.0), axis=0)
-    dev = tl.where(mask, zs - (s1 / n_rows)[None, :], 0.0)
-    m2 = tl.sum(dev * dev, axis=0)
-    t_row = pid_m
-    if IDX64:
-        t_row = t_row.to(tl.int64)
-    tl.store(psum_ptr + t_row * Cout + cols, s1, mask=col_ok)
-    tl.store(pm2_ptr + t_row * Cout + cols, m2, mask=col_ok)
+    _stats_epilogue(acc, rows, row_ok, cols, col_ok, pid_m, z_ptr, psum_ptr, pm2_ptr, M, Cout, IDX64, BLOCK_M)
 
 
 @triton.jit
