@@ -125,6 +125,25 @@ def test_layouts(layouts, gy_layout):
 
 @pytest.mark.interpreter
 @needs_kernels
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_weight_gradient_keeps_the_weight_layout(cl):
+    """dW comes back with the weight's own strides (a channels_last 1x1 weight, as ``model.to(memory_format=
+    torch.channels_last)`` makes it: the same bytes as a contiguous one, strides (Cin, 1, Cin, Cin)), the layout
+    autograd and DDP's gradient buckets expect of a parameter's gradient."""
+    kids = [torch.randn(2, c, 5, 5, device=DEV).contiguous(memory_format=torch.channels_last) for c in (8, 16)]
+    w = torch.randn(8, 1, 1, 24, device=DEV).permute(0, 3, 1, 2) if cl else torch.randn(8, 24, 1, 1, device=DEV)
+    w = (w * 0.2).requires_grad_()
+    assert w.stride() == ((24, 1, 24, 24) if cl else (24, 1, 1, 1))
+    z, _, _ = ag.AggStats.apply("triton", w, *kids)
+    gz = torch.randn_like(z)
+    (dw,) = torch.autograd.grad(z, (w,), gz)
+    zr, _, _ = ag.AggStats.apply("torch", w, *kids)
+    (dw_r,) = torch.autograd.grad(zr, (w,), gz)
+    assert dw.stride() == w.stride() and _rel(dw, dw_r) < 1e-5
+
+
+@pytest.mark.interpreter
+@needs_kernels
 def test_children_read_in_place():
     """Channel slices of one channels_last tensor (how a tree's outputs can sit in one buffer) are read where
     they are: AggStats saves the very tensors, no copies, and the gradients land on each slice."""

@@ -280,7 +280,13 @@ class AggStats(torch.autograd.Function):
             if need_w:
                 dw_blocks.append(g.t() @ _pixels(c).to(g.dtype))
             k0 += ci
-        dw = torch.cat(dw_blocks, 1).view_as(weight) if need_w else None
+        dw = None
+        if need_w:
+            dw = torch.cat(dw_blocks, 1)  # [Cout, Cin] row-major: the memory of any dense 1x1 weight
+            # With the weight's own strides (a channels_last 1x1 weight has the same bytes, other strides), so that
+            # the gradient keeps the parameter's layout and DDP's buckets take it without a copy.
+            dw = dw.as_strided(weight.shape, weight.stride()) if weight.stride()[:2] == dw.stride() \
+                else dw.view_as(weight)
         return (None, dw, *dkids)
 
 
