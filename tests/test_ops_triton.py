@@ -196,6 +196,23 @@ SMALL_CONVS = {
 }
 
 
+def test_pixel_stride_of_every_layout_that_is_one_row_per_pixel():
+    """The launchers read in place a tensor whose (n, h, w) collapse to one pixel index with unit-stride channels:
+    channels_last, a channel slice of it, and an NCHW tensor of 1x1 spatial size (the same bytes as channels_last:
+    a level-5 map of a 32x32 input); anything else gets a channels_last copy."""
+    from dla_fast.backends.triton._launch import _row_stride
+
+    cl = torch.channels_last
+    assert _row_stride(torch.empty(2, 16, 4, 4).contiguous(memory_format=cl)) == 16
+    assert _row_stride(torch.empty(2, 24, 4, 4).contiguous(memory_format=cl)[:, 8:]) == 24
+    assert _row_stride(torch.empty(2, 16, 1, 1)) == 16
+    assert _row_stride(torch.empty(1, 16, 1, 1)) == 16
+    assert _row_stride(torch.empty(2, 16, 1, 3).contiguous(memory_format=cl)) == 16
+    assert _row_stride(torch.empty(2, 16, 4, 4)) is None
+    assert _row_stride(torch.empty(2, 16, 3, 1)) is None  # NCHW with a 3x1 map: channels are not unit-stride
+    assert _row_stride(torch.empty(2, 16, 4, 4).contiguous(memory_format=cl)[:, :, ::2]) is None
+
+
 @pytest.mark.interpreter
 @needs_kernels
 @pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
