@@ -181,6 +181,7 @@ class ConvStats(torch.autograd.Function):
             norm = (norm_mean, scale, bias)
         z, mean, var = conv_stats(impl, x, weight, stride, padding, groups, norm, norm_relu)
         ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
         ctx.conf = (tuple(stride), tuple(padding), groups, impl, norm is not None, bool(norm_relu))
         ctx.save_for_backward(x, weight, norm_mean, rstd, scale, bias, norm_gamma, norm_beta)
         return z, mean, var
@@ -253,6 +254,7 @@ class AggStats(torch.autograd.Function):
         kids = [c if _pixels_ok(c) else c.contiguous(memory_format=torch.channels_last) for c in children]
         z, mean, var = agg_stats(impl, kids, weight)
         ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
         ctx.save_for_backward(weight, *kids)
         return z, mean, var
 

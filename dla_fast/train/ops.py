@@ -88,9 +88,15 @@ def update_running_stats(mean: torch.Tensor, var: torch.Tensor, count: int, runn
     if running_mean is None:
         return
     with torch.no_grad():
-        sd = mean.dtype
-        running_mean.copy_(running_mean.to(sd) * (1.0 - factor) + mean * factor)
-        running_var.copy_(running_var.to(sd) * (1.0 - factor) + var * (factor * count / (count - 1)))
+        unbiased = var * (count / (count - 1))
+        if running_mean.dtype == mean.dtype and running_var.dtype == var.dtype:
+            # in place, one kernel each: running + f (stat - running)
+            running_mean.lerp_(mean, factor)
+            running_var.lerp_(unbiased, factor)
+        else:  # reduced-precision buffers (a .half() model): computed in the statistics' dtype, rounded once
+            sd = mean.dtype
+            running_mean.copy_(torch.lerp(running_mean.to(sd), mean, factor))
+            running_var.copy_(torch.lerp(running_var.to(sd), unbiased, factor))
 
 
 def _check_vec(t, name: str, n: int, ref: torch.Tensor) -> None:

@@ -198,6 +198,65 @@ def _agg_stats_kernel(
 
 
 @triton.jit
+def _stats_finalize_kernel(
+    psum_ptr, pm2_ptr, mean_ptr, var_ptr, T, C, M, BM,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Each channel's batch mean and biased variance from the per-tile (sum, M2) rows of a [T, C] workspace,
+    tile t holding min(BM, M - t * BM) values: Chan's combination M2 = sum_t M2_t + sum_t n_t (mean_t - mean)^2.
+    One launch for what would be a dozen small tensor ops a layer; the rows are summed in a fixed order."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    total = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        ok = (t < T)[:, None] & col_ok[None, :]
+        total += tl.sum(tl.load(psum_ptr + t[:, None] * C + cols[None, :], mask=ok, other=0.0), axis=0)
+    mean = total / M
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < T
+        ok = t_ok[:, None] & col_ok[None, :]
+        n = tl.where(t_ok, tl.minimum(M - t * BM, BM), 1).to(tl.float32)
+        s = tl.load(psum_ptr + t[:, None] * C + cols[None, :], mask=ok, other=0.0)
+        q = tl.load(pm2_ptr + t[:, None] * C + cols[None, :], mask=ok, other=0.0)
+        d = s / n[:, None] - mean[None, :]
+        m2 += tl.sum(tl.where(ok, q + n[:, None] * d * d, 0.0), axis=0)
+    tl.store(mean_ptr + cols, mean, mask=col_ok)
+    tl.store(var_ptr + cols, m2 / M, mask=col_ok)
+
+
+@triton.jit
+def _bn_bwd_finalize_kernel(
+    ps_ptr, psx_ptr, rstd_ptr, gamma_ptr, dbeta_ptr, dgamma_ptr, k1_ptr, k2_ptr, k3_ptr, T, C, M,
+    HAS_GAMMA: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Between the two passes of BN(+ReLU) backward: the column sums of the per-tile rows, sum(g) = dbeta and
+    sum(g * (z - mean)), then dgamma = rstd * sum(g (z - mean)) and the apply pass's k1 = gamma * rstd,
+    k2 = k1 * mean(g), k3 = k1 * rstd^2 * mean(g (z - mean)). One launch for a dozen small tensor ops a layer."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    sg = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sgx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        off = t[:, None] * C + cols[None, :]
+        ok = (t < T)[:, None] & col_ok[None, :]
+        sg += tl.sum(tl.load(ps_ptr + off, mask=ok, other=0.0), axis=0)
+        sgx += tl.sum(tl.load(psx_ptr + off, mask=ok, other=0.0), axis=0)
+    rstd = tl.load(rstd_ptr + cols, mask=col_ok, other=0.0)
+    k1 = rstd
+    if HAS_GAMMA:
+        k1 = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0) * rstd
+    tl.store(dbeta_ptr + cols, sg, mask=col_ok)
+    tl.store(dgamma_ptr + cols, sgx * rstd, mask=col_ok)
+    tl.store(k1_ptr + cols, k1, mask=col_ok)
+    tl.store(k2_ptr + cols, k1 * (sg / M), mask=col_ok)
+    tl.store(k3_ptr + cols, k1 * rstd * rstd * (sgx / M), mask=col_ok)
+
+
+@triton.jit
 def _bn_act_kernel(
     z_ptr, mu_ptr, sc_ptr, bi_ptr, r_ptr, y_ptr,
     M, HW, W, C,
@@ -350,16 +409,27 @@ def train_conv_plan(M: int, cin_g: int, cout_g: int, groups: int, kh: int, kw: i
     return cfg
 
 
-def _stats_from_partials(psum: torch.Tensor, pm2: torch.Tensor, M: int, bm: int) -> Tuple[torch.Tensor,
-                                                                                             torch.Tensor]:
-    """(mean, biased variance) of every channel from the per-tile (sum, M2) rows (Chan et al.'s pairwise
-    combination, all tiles at once): M2 = sum_i M2_i + sum_i n_i (mean_i - mean)^2."""
-    T = psum.shape[0]
-    counts = (M - torch.arange(T, device=psum.device, dtype=torch.float32) * bm).clamp_(max=float(bm))
-    mean = psum.sum(0) / M
-    dev = psum / counts[:, None] - mean
-    m2 = pm2.sum(0) + (counts[:, None] * dev * dev).sum(0)
-    return mean, m2 / M
+FINAL_BLOCK_T = 64  # workspace rows a finalize program reads per step
+
+
+def _finalize_tiles(C: int) -> Tuple[int, int]:
+    """(channels a finalize program owns, programs): at most 64 channels a program, so that wide layers spread
+    over several SMs; narrow layers have few tile rows' worth of channels anyway."""
+    bc = min(64, max(16, _pow2(C)))
+    return bc, _cdiv(C, bc)
+
+
+def _stats_from_partials(psum: torch.Tensor, pm2: torch.Tensor, M: int, bm: int,
+                         raw: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) of every channel from the per-tile (sum, M2) rows: _stats_finalize_kernel."""
+    T, C = psum.shape
+    mean = torch.empty(C, device=psum.device, dtype=torch.float32)
+    var = torch.empty_like(mean)
+    bc, grid = _finalize_tiles(C)
+    _kernel(_stats_finalize_kernel, raw)[lambda meta: (grid,)](
+        psum, pm2, mean, var, T, C, M, bm, BLOCK_T=FINAL_BLOCK_T, BLOCK_C=bc, num_warps=WARPS_ELTWISE,
+        num_stages=1)
+    return mean, var
 
 
 def conv_stats_launch(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
@@ -408,7 +478,7 @@ def conv_stats_launch(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[in
         PREC=_prec(x.dtype, tf32), RND=_round_tf32(x.dtype, tf32, interp),
         IDX64=_idx64(_max_offset(x), z.numel()),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    mean, var = _stats_from_partials(psum, pm2, M, bm)
+    mean, var = _stats_from_partials(psum, pm2, M, bm, raw)
     return z, mean, var
 
 
@@ -476,7 +546,7 @@ def agg_stats_launch(children: Sequence[torch.Tensor], weight: torch.Tensor, tf3
         NUM_CHILDREN=nc, PREC=_prec(dtype, tf32), RND=_round_tf32(dtype, tf32, interp),
         IDX64=_idx64(*[_max_offset(c) for c in kids], z.numel()),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    mean, var = _stats_from_partials(psum, pm2, M, bm)
+    mean, var = _stats_from_partials(psum, pm2, M, bm, raw)
     return z, mean, var
 
 
@@ -540,17 +610,18 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
     _kernel(_bn_bwd_reduce_kernel, raw)[lambda meta: (grid,)](
         grad, y, z, mean, ps, psx, M, H * W, W, C, sgn, sgc, sgh, sgw, sym, szm, n_tiles_c,
         RELU=relu, IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc, num_warps=WARPS_ELTWISE, num_stages=1)
-    dbeta = ps.sum(0)
-    s_gx = psx.sum(0)
-    k1 = rstd if gamma is None else gamma * rstd
-    k2 = k1 * (dbeta / M)
-    k3 = k1 * rstd * rstd * (s_gx / M)
+    dbeta, dgamma, k1, k2, k3 = (torch.empty(C, device=z.device, dtype=torch.float32) for _ in range(5))
+    fc, fgrid = _finalize_tiles(C)
+    rstd = rstd.contiguous()
+    _kernel(_bn_bwd_finalize_kernel, raw)[lambda meta: (fgrid,)](
+        ps, psx, rstd, gamma.contiguous() if gamma is not None else rstd, dbeta, dgamma, k1, k2, k3, T, C, M,
+        HAS_GAMMA=gamma is not None, BLOCK_T=FINAL_BLOCK_T, BLOCK_C=fc, num_warps=WARPS_ELTWISE, num_stages=1)
     _kernel(_bn_bwd_apply_kernel, raw)[lambda meta: (grid,)](
-        grad, y, z, mean, k1.contiguous(), k2.contiguous(), k3.contiguous(), dz, dres if dres is not None else dz,
+        grad, y, z, mean, k1, k2, k3, dz, dres if dres is not None else dz,
         M, H * W, W, C, sgn, sgc, sgh, sgw, sym, szm, n_tiles_c,
         RELU=relu, HAS_DRES=dres is not None, IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc, num_warps=WARPS_ELTWISE,
         num_stages=1)
-    return dz, s_gx * rstd, dbeta, dres
+    return dz, dgamma, dbeta, dres
 
 
 # ------------------------------------------------------------------------------------------- custom ops
