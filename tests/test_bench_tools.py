@@ -587,3 +587,33 @@ def test_triton_compile_check_help():
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "--arch" in p.stdout and "--sass" in p.stdout and "--match" in p.stdout
+
+
+def test_triton_compile_check_records_every_front_config(monkeypatch):
+    """--front runs the front's launcher on meta tensors for each candidate config and hands every launch to the
+    compiler (here a recorder: compiling needs ptxas and takes seconds a kernel)."""
+    import argparse
+    import importlib.util
+
+    # Imported first: the tool drops TRITON_INTERPRET as it is imported, and a kernel module imported without it
+    # would define compiled kernels for the interpreter tests after this one. The variable is restored after.
+    from dla_fast.backends.triton import _front, _launch
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    spec = importlib.util.spec_from_file_location("tcc", os.path.join(ROOT, "tools", "triton_compile_check.py"))
+    tcc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tcc)
+
+    got = []
+    monkeypatch.setattr(tcc, "_report", lambda label, kernel, a, kw, args, seen: got.append((label, kernel, kw)) or 0)
+    rec = tcc._Recorder()
+    monkeypatch.setattr(_launch, "wrap_triton", rec)
+    monkeypatch.setattr(_front, "_sm_count", _front._sm_count)  # the tool sets its own SM count; put it back after
+    # The interpreter's kernels launch directly; as compiled ones they go through the recorder
+    monkeypatch.setattr(_launch, "interpreted", lambda: False)
+    monkeypatch.setattr(_front, "interpreted", lambda: False)
+    args = argparse.Namespace(hw="64", batch=2, sms=132, arch=90, sass=False)
+    assert tcc._front_check(args, [torch.float16], rec, set()) == 0
+    want = _front.candidates(torch.float16, True, 132)
+    assert [g[0] for g in got] == [f"{_front.describe(t)} float16 tf32=True" for t in want]
+    assert all(getattr(k, "__name__", str(k)).endswith("_front_kernel") or "front" in str(k) for _, k, _ in got)
+    assert [(kw["TH"], kw["TW"], kw["num_warps"]) for _, _, kw in got] == [(t[0], t[1], t[4]) for t in want]

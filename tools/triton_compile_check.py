@@ -1,6 +1,6 @@
 """Compile the Triton backend's kernels for a GPU without one: a developer tool, not package code.
 
-    python tools/triton_compile_check.py [--arch 90] [--sass] [--models all] [--match REGEX]
+    python tools/triton_compile_check.py [--arch 90] [--sass] [--models all] [--match REGEX] [--front]
 
 Runs the real launchers on ``meta`` tensors of the DLA layer shapes (:mod:`dla_fast.shapes`, every distinct
 shape of the chosen variants), records each launch instead of running it, and compiles each recorded
@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hw", default="224", help="input size, H or HxW (default 224)")
     ap.add_argument("--match", default="", help="only the shapes whose label or id matches this regular expression")
     ap.add_argument("--sms", type=int, default=132, help="SM count the tile plans assume (split-K; H100 SXM: 132)")
+    ap.add_argument("--front", action="store_true", help="also the fused front (stem + level 0 + level 1) with every "
+                    "tile config worth timing, at --batch x 3 x --hw")
     args = ap.parse_args(argv)
     import dla_fast
     from dla_fast import shapes
@@ -157,9 +159,35 @@ def main(argv=None) -> int:
                     _launch.conv_launch(xs[0], w, b, s.stride, s.padding, s.groups, res, s.relu, tf32)
                 for kernel, a, kw in rec.calls:
                     failures += _report(f"{s.label()} {dname} tf32={tf32}", kernel, a, kw, args, seen)
-    print(f"{len(seen)} kernel specialisations of {len(entries)} shapes compiled for sm_{args.arch}: "
-          f"{failures} failures")
+    if args.front:
+        failures += _front_check(args, dtypes, rec, seen)
+    print(f"{len(seen)} kernel specialisations of {len(entries)} shapes{' and the front' if args.front else ''} "
+          f"compiled for sm_{args.arch}: {failures} failures")
     return 1 if failures else 0
+
+
+def _front_check(args, dtypes, rec, seen) -> int:
+    """The front kernel of every candidate config (the heuristic's first) for each dtype: DLA's 3 -> 16 -> 16 -> 32
+    channels, at the batch and input size asked for."""
+    from dla_fast import shapes
+    from dla_fast.backends.triton import _front
+
+    _front._sm_count = lambda device: args.sms
+    h, w = shapes.parse_hw(args.hw)
+    failures = 0
+    for dtype in dtypes:
+        for tf32 in ([False, True] if dtype == torch.float32 else [True]):
+            x = torch.empty(args.batch, h, w, 3, device="meta", dtype=dtype).permute(0, 3, 1, 2)
+            ws = [torch.empty(co, ci, k, k, device="meta", dtype=dtype) for co, ci, k in ((16, 3, 7), (16, 16, 3),
+                                                                                        (32, 16, 3))]
+            bs = [torch.empty(co, device="meta") for co in (16, 16, 32)]
+            for t in _front.candidates(dtype, tf32, args.sms):
+                rec.calls.clear()
+                _front.front_launch(x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], tf32, config=_front.config_dict(t))
+                for kernel, a, kw in rec.calls:
+                    label = f"{_front.describe(t)} {str(dtype).replace('torch.', '')} tf32={tf32}"
+                    failures += _report(label, kernel, a, kw, args, seen)
+    return failures
 
 
 def _report(label, kernel, a, kw, args, seen) -> int:
@@ -175,7 +203,7 @@ def _report(label, kernel, a, kw, args, seen) -> int:
     except Exception as e:  # report and go on: one bad specialisation must not hide the others
         print(f"FAIL {label}: {type(e).__name__}: {str(e)[:2000]}")
         return 1
-    meta = {k: kw[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "MODE", "GB", "COG", "SPLIT", "num_warps",
+    meta = {k: kw[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "MODE", "GB", "COG", "SPLIT", "TH", "TW", "num_warps",
                                  "num_stages") if k in kw}
     line = f"ok   {label}: smem={c.metadata.shared} {meta}"
     if args.sass:
