@@ -8,6 +8,11 @@ specialisation once with ``triton.compile`` for the target (default sm_90). It
 catches compile errors, shared-memory overflows and register spills on a machine with no GPU, and with
 ``--sass`` counts the instructions that tell which path a kernel took (HGMMA = Hopper wgmma, HMMA = mma.sync,
 LDGSTS = cp.async, local memory = spills).
+
+``--aliasing`` checks instead of compiling, with the training launchers recorded too: no two arguments that torch's
+TTIR analysis says a kernel may write share memory. torch.compile's functionalization clones each such argument,
+runs the kernel on the clones and copies them back, so a tensor passed twice (a real one and a placeholder for an
+unused pointer) can come back as the stale copy.
 """
 from __future__ import annotations
 
@@ -112,6 +117,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sms", type=int, default=132, help="SM count the tile plans assume (split-K; H100 SXM: 132)")
     ap.add_argument("--front", action="store_true", help="also the fused front (stem + level 0 + level 1) with every "
                     "tile config worth timing, at --batch x 3 x --hw")
+    ap.add_argument("--aliasing", action="store_true", help="instead of compiling, check that no two arguments a "
+                    "kernel may write alias (what torch.compile's functionalization needs); adds the training "
+                    "launchers")
     args = ap.parse_args(argv)
     import dla_fast
     from dla_fast import shapes
@@ -157,12 +165,15 @@ def main(argv=None) -> int:
                     w = torch.empty(s.weight_shape, device="meta", dtype=dtype).contiguous(
                         memory_format=torch.channels_last)
                     _launch.conv_launch(xs[0], w, b, s.stride, s.padding, s.groups, res, s.relu, tf32)
+                if args.aliasing:
+                    _record_training(s, n, xs, res, dtype, tf32)
                 for kernel, a, kw in rec.calls:
                     failures += _report(f"{s.label()} {dname} tf32={tf32}", kernel, a, kw, args, seen)
     if args.front:
         failures += _front_check(args, dtypes, rec, seen)
+    what = "checked for aliased written arguments" if args.aliasing else "compiled"
     print(f"{len(seen)} kernel specialisations of {len(entries)} shapes{' and the front' if args.front else ''} "
-          f"compiled for sm_{args.arch}: {failures} failures")
+          f"{what} for sm_{args.arch}: {failures} failures")
     return 1 if failures else 0
 
 
@@ -198,6 +209,8 @@ def _report(label, kernel, a, kw, args, seen) -> int:
     if key in seen:
         return 0
     seen.add(key)
+    if getattr(args, "aliasing", False):
+        return _alias_report(label, kernel, a, kw, args.arch)
     try:
         c = _compile(kernel, a, dict(kw), args.arch)
     except Exception as e:  # report and go on: one bad specialisation must not hide the others
@@ -209,6 +222,82 @@ def _report(label, kernel, a, kw, args, seen) -> int:
     if args.sass:
         line += f" {_sass_stats(c.asm['cubin'])}"
     print(line)
+    sys.stdout.flush()
+    return 0
+
+
+def _record_training(s, n: int, xs, res, dtype, tf32: bool) -> None:
+    """The training launchers on one layer shape (meta tensors): the statistics conv (with and without the BN
+    prologue) or aggregation node, BN+ReLU apply and its backward, with and without residual."""
+    from dla_fast.backends.triton import _train
+
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return
+    ho, wo = s.out_hw
+    z = torch.empty(n, ho, wo, s.cout, device="meta", dtype=dtype).permute(0, 3, 1, 2)
+    vec = [torch.empty(s.cout, device="meta") for _ in range(3)]
+    if s.op == "aggregate":
+        w = torch.empty(s.cout, s.cin_total, 1, 1, device="meta", dtype=dtype)
+        _train.agg_stats_launch(xs, w, tf32)
+    else:
+        w = torch.empty(s.weight_shape, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
+        cin = [torch.empty(s.cin[0], device="meta") for _ in range(3)]
+        for norm in (None, tuple(cin)):
+            try:
+                _train.conv_stats_launch(xs[0], w, s.stride, s.padding, s.groups, norm, norm is not None, tf32)
+            except ValueError:  # a grouping the statistics conv does not take (the training path runs eager)
+                return
+    r = res if res is not None else z
+    _train.bn_act_launch(z, vec[0], vec[1], vec[2], r, True, dtype)
+    _train.bn_act_launch(z, vec[0], vec[1], vec[2], None, False, dtype)
+    _train.bn_backward_launch(z, z, z, vec[0], vec[1], vec[2], dtype)
+    _train.bn_backward_launch(z, None, z, vec[0], vec[1], None, None)
+
+
+class _TargetOnly:
+    """The active Triton driver as far as TTIR generation asks: the target GPU (there is none on this machine)."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+
+def _written(kernel, vals: Dict[str, Any], arch: int) -> List[str]:
+    """The argument names torch's TTIR analysis says ``kernel`` may write (every tensor where it cannot tell)."""
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+    from triton.runtime import driver
+
+    kwargs = {k: v for k, v in vals.items() if k not in ("num_warps", "num_stages")}
+    before = driver._active  # None until a driver is asked for; reset_active() would look for a GPU
+    driver.set_active(_TargetOnly(arch))
+    try:
+        if hasattr(tkw, "identify_accessed_tensors"):
+            acc = tkw.identify_accessed_tensors(kernel, kwargs, {})
+            return sorted(d.name for d in acc.read_writes.writes)
+        return sorted(tkw.identify_mutated_tensors(kernel, kwargs, {}))
+    finally:
+        driver._active = before
+
+
+def _alias_report(label, kernel, a, kw, arch: int) -> int:
+    fn = kernel.fn if hasattr(kernel, "fn") and not hasattr(kernel, "arg_names") else kernel
+    vals = dict(zip(fn.arg_names, a))
+    vals.update(kw)
+    tensors = {k: v for k, v in vals.items() if isinstance(v, torch.Tensor)}
+    written = _written(fn, vals, arch)
+    # Two written arguments on one tensor get one clone each, and the copy-back of the one the kernel did not
+    # write wins or loses by order. (A written argument aliasing a read-only one is sound: the kernel reads the
+    # original, as it would have before writing.)
+    clashes = [(w, o) for i, w in enumerate(written) for o in written[i + 1:]
+               if tensors[o].untyped_storage()._cdata == tensors[w].untyped_storage()._cdata]
+    name = getattr(fn, "__name__", str(fn))
+    if clashes:
+        print(f"FAIL {label} {name}: written arguments alias each other: {clashes} (writes {written})")
+        return 1
+    print(f"ok   {label} {name}: writes {written}")
     sys.stdout.flush()
     return 0
 

@@ -419,6 +419,12 @@ def _finalize_tiles(C: int) -> Tuple[int, int]:
     return bc, _cdiv(C, bc)
 
 
+def _unused_pointer(device: torch.device) -> torch.Tensor:
+    """A pointer argument the kernel never dereferences (its constexpr flag is off), distinct from every real
+    argument: a kernel argument must not alias another one that the kernel may write."""
+    return torch.empty(1, device=device, dtype=torch.float32)
+
+
 def _stats_from_partials(psum: torch.Tensor, pm2: torch.Tensor, M: int, bm: int,
                          raw: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mean, biased variance) of every channel from the per-tile (sum, M2) rows: _stats_finalize_kernel."""
@@ -465,8 +471,13 @@ def conv_stats_launch(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[in
     tiles_per_group, n_tiles, full = _n_tiling(cfg, Cin_g, Cout_g, groups)
     if norm is not None:
         mu, sc, bi = (t.to(torch.float32).contiguous() for t in norm)
+    elif raw:
+        mu = sc = bi = psum  # never dereferenced (NORM is off)
     else:
-        mu = sc = bi = psum
+        # Traced: unused pointers, each its own. torch.compile's functionalization clones every argument its
+        # analysis of the kernel may write (through the shared tile helpers it counts these) and writes the clones
+        # back, so a workspace passed twice came back as its stale copy.
+        mu, sc, bi = (_unused_pointer(x.device) for _ in range(3))
     sxn, _, sxh, sxw = x.stride()
     interp = interpreted()
     _kernel(_conv_stats_kernel, raw)[lambda meta: (T * n_tiles,)](
