@@ -420,6 +420,37 @@ def test_backward_kernels_match_torch_pieces():
 
 @pytest.mark.interpreter
 @needs_kernels
+@pytest.mark.parametrize("chunk_rows", [1, 3, 10**6], ids=["chunk1", "chunk3", "onestage"])
+def test_finalize_in_chunks(monkeypatch, chunk_rows):
+    """The two-stage finalize of the [tiles, C] workspaces (a first stage over chunks of rows, then the chunks),
+    forced onto small shapes by a small chunk size: uneven chunks and a partial last tile give the statistics
+    and BN backward's sums of the one-stage combination, within fp32 rounding, against float64."""
+    from dla_fast.backends.triton import _train as kt
+    monkeypatch.setattr(kt, "FINAL_CHUNK_ROWS", chunk_rows)
+    gen = torch.Generator().manual_seed(27)
+    x = (torch.randn(2, 12, 15, 15, generator=gen) * 2 + 40).to(DEV)  # 450 pixels: a partial last tile
+    w = (torch.randn(20, 12, 1, 1, generator=gen) / 4).to(DEV)
+    T = -(-450 // kt.train_conv_plan(450, 12, 20, 1, 1, 1, torch.float32, False)["BLOCK_M"])
+    assert T > 3, T
+    z, mean, var = kt.conv_stats_launch(x, w, (1, 1), (0, 0), 1)
+    _, m64, v64 = ag.conv_stats_torch(x.double(), w.double(), (1, 1), (0, 0), 1, None, False)
+    _, me, ve = ag.conv_stats_torch(x, w, (1, 1), (0, 0), 1, None, False)
+    _judge(f"chunks={chunk_rows} mean", mean, me, m64, torch.float32)
+    _judge(f"chunks={chunk_rows} var", var, ve, v64, torch.float32)
+    grad = torch.randn(2, 20, 15, 15, generator=gen).to(DEV)
+    rstd = torch.rsqrt(var + 1e-5)
+    gamma = (torch.rand(20, generator=gen) + 0.5).to(DEV)
+    y = kt.bn_act_launch(z, mean, gamma * rstd, torch.zeros_like(mean), None, True, torch.float32)
+    got = kt.bn_backward_launch(grad, y, z, mean, rstd, gamma, None)
+    ref = ag.bn_backward_torch(grad.double(), y.double(), z.double(), mean.double(), rstd.double(), gamma.double(),
+                               None)
+    eager = ag.bn_backward_torch(grad, y, z, mean, rstd, gamma, None)
+    for n, a, e, r in zip(("dz", "dgamma", "dbeta"), got, eager, ref):
+        _judge(f"chunks={chunk_rows} {n}", a, e, r, torch.float32)
+
+
+@pytest.mark.interpreter
+@needs_kernels
 def test_64bit_offsets(monkeypatch):
     """The IDX64 variants of every training kernel (used when a tensor spans >= 2^31 elements)."""
     from dla_fast.backends.triton import _train as kt

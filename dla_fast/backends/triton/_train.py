@@ -198,33 +198,71 @@ def _agg_stats_kernel(
 
 
 @triton.jit
-def _stats_finalize_kernel(
-    psum_ptr, pm2_ptr, mean_ptr, var_ptr, T, C, M, BM,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+def _stats_combine_kernel(
+    psum_ptr, pm2_ptr, out_a_ptr, out_b_ptr, T, C, M, BM, TC, n_cblocks,
+    FINAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Each channel's batch mean and biased variance from the per-tile (sum, M2) rows of a [T, C] workspace,
-    tile t holding min(BM, M - t * BM) values: Chan's combination M2 = sum_t M2_t + sum_t n_t (mean_t - mean)^2.
-    One launch for what would be a dozen small tensor ops a layer; the rows are summed in a fixed order."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """Chan's combination of per-tile (sum, M2) rows of a [T, C] workspace, tile t holding min(BM, M - t * BM)
+    values: M2 = sum_t M2_t + sum_t n_t (mean_t - mean)^2 over the TC rows of chunk ``pid // n_cblocks``.
+    FINAL: the chunk is the whole workspace, and the channels' batch mean and biased variance are written;
+    otherwise the chunk's (sum, M2) become row ``chunk`` of a [T / TC, C] workspace whose chunks hold TC * BM
+    values each, which this kernel combines again with FINAL. Two stages, not one long loop a channel block: a
+    224x224 layer has tens of thousands of tile rows, and one program walking them all took milliseconds. The
+    rows are combined in a fixed order (no atomics): the result is the same on every run."""
+    pid = tl.program_id(0)
+    chunk = pid // n_cblocks
+    cols = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
+    t_lo = chunk * TC
+    t_hi = tl.minimum(T, t_lo + TC)
+    n_all = tl.minimum(M - t_lo * BM, TC * BM).to(tl.float32)
     total = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
+    for t0 in range(t_lo, t_hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        ok = (t < T)[:, None] & col_ok[None, :]
+        ok = (t < t_hi)[:, None] & col_ok[None, :]
         total += tl.sum(tl.load(psum_ptr + t[:, None] * C + cols[None, :], mask=ok, other=0.0), axis=0)
-    mean = total / M
+    mean = total / n_all
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
+    for t0 in range(t_lo, t_hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = t < T
+        t_ok = t < t_hi
         ok = t_ok[:, None] & col_ok[None, :]
         n = tl.where(t_ok, tl.minimum(M - t * BM, BM), 1).to(tl.float32)
         s = tl.load(psum_ptr + t[:, None] * C + cols[None, :], mask=ok, other=0.0)
         q = tl.load(pm2_ptr + t[:, None] * C + cols[None, :], mask=ok, other=0.0)
         d = s / n[:, None] - mean[None, :]
         m2 += tl.sum(tl.where(ok, q + n[:, None] * d * d, 0.0), axis=0)
-    tl.store(mean_ptr + cols, mean, mask=col_ok)
-    tl.store(var_ptr + cols, m2 / M, mask=col_ok)
+    if FINAL:
+        tl.store(out_a_ptr + cols, mean, mask=col_ok)
+        tl.store(out_b_ptr + cols, m2 / n_all, mask=col_ok)
+    else:
+        tl.store(out_a_ptr + chunk * C + cols, total, mask=col_ok)
+        tl.store(out_b_ptr + chunk * C + cols, m2, mask=col_ok)
+
+
+@triton.jit
+def _sum_chunks_kernel(
+    a_ptr, b_ptr, out_a_ptr, out_b_ptr, T, C, TC, n_cblocks,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Column sums of the TC-row chunk ``pid // n_cblocks`` of two [T, C] workspaces, into row ``chunk`` of two
+    [T / TC, C] ones: the first stage of BN backward's finalize on layers with many tile rows (fixed order)."""
+    pid = tl.program_id(0)
+    chunk = pid // n_cblocks
+    cols = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    t_lo = chunk * TC
+    t_hi = tl.minimum(T, t_lo + TC)
+    sa = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sb = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        off = t[:, None] * C + cols[None, :]
+        ok = (t < t_hi)[:, None] & col_ok[None, :]
+        sa += tl.sum(tl.load(a_ptr + off, mask=ok, other=0.0), axis=0)
+        sb += tl.sum(tl.load(b_ptr + off, mask=ok, other=0.0), axis=0)
+    tl.store(out_a_ptr + chunk * C + cols, sa, mask=col_ok)
+    tl.store(out_b_ptr + chunk * C + cols, sb, mask=col_ok)
 
 
 @triton.jit
@@ -410,13 +448,25 @@ def train_conv_plan(M: int, cin_g: int, cout_g: int, groups: int, kh: int, kw: i
 
 
 FINAL_BLOCK_T = 64  # workspace rows a finalize program reads per step
+FINAL_CHUNK_ROWS = 256  # workspace rows a first-stage program combines (fewer rows: one stage)
+FINAL_MAX_PROGRAMS = 1024  # first-stage programs at most (chunks x channel blocks)
 
 
 def _finalize_tiles(C: int) -> Tuple[int, int]:
-    """(channels a finalize program owns, programs): at most 64 channels a program, so that wide layers spread
-    over several SMs; narrow layers have few tile rows' worth of channels anyway."""
+    """(channels a finalize program owns, channel blocks): at most 64 channels a program, so that wide layers
+    spread over several SMs."""
     bc = min(64, max(16, _pow2(C)))
     return bc, _cdiv(C, bc)
+
+
+def _chunks(T: int, n_cblocks: int) -> Tuple[int, int]:
+    """(rows a chunk, chunks) of a [T, C] workspace's first combining stage; one chunk: no first stage. The
+    split depends only on the shape (not on the GPU), so results are the same on every card."""
+    if T <= FINAL_CHUNK_ROWS:
+        return T, 1
+    s = max(1, min(_cdiv(T, FINAL_CHUNK_ROWS), FINAL_MAX_PROGRAMS // n_cblocks))
+    tc = _cdiv(T, s)
+    return tc, _cdiv(T, tc)
 
 
 def _unused_pointer(device: torch.device) -> torch.Tensor:
@@ -427,14 +477,23 @@ def _unused_pointer(device: torch.device) -> torch.Tensor:
 
 def _stats_from_partials(psum: torch.Tensor, pm2: torch.Tensor, M: int, bm: int,
                          raw: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased variance) of every channel from the per-tile (sum, M2) rows: _stats_finalize_kernel."""
+    """(mean, biased variance) of every channel from the per-tile (sum, M2) rows: _stats_combine_kernel, in
+    two stages where there are many rows."""
     T, C = psum.shape
     mean = torch.empty(C, device=psum.device, dtype=torch.float32)
     var = torch.empty_like(mean)
-    bc, grid = _finalize_tiles(C)
-    _kernel(_stats_finalize_kernel, raw)[lambda meta: (grid,)](
-        psum, pm2, mean, var, T, C, M, bm, BLOCK_T=FINAL_BLOCK_T, BLOCK_C=bc, num_warps=WARPS_ELTWISE,
-        num_stages=1)
+    bc, ncb = _finalize_tiles(C)
+    tc, n_chunks = _chunks(T, ncb)
+    if n_chunks > 1:
+        csum = torch.empty((n_chunks, C), device=psum.device, dtype=torch.float32)
+        cm2 = torch.empty_like(csum)
+        _kernel(_stats_combine_kernel, raw)[lambda meta: (n_chunks * ncb,)](
+            psum, pm2, csum, cm2, T, C, M, bm, tc, ncb, FINAL=False, BLOCK_T=FINAL_BLOCK_T, BLOCK_C=bc,
+            num_warps=WARPS_ELTWISE, num_stages=1)
+        psum, pm2, T, bm = csum, cm2, n_chunks, tc * bm
+    _kernel(_stats_combine_kernel, raw)[lambda meta: (ncb,)](
+        psum, pm2, mean, var, T, C, M, bm, T, ncb, FINAL=True, BLOCK_T=FINAL_BLOCK_T, BLOCK_C=bc,
+        num_warps=WARPS_ELTWISE, num_stages=1)
     return mean, var
 
 
@@ -623,6 +682,14 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
         RELU=relu, IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc, num_warps=WARPS_ELTWISE, num_stages=1)
     dbeta, dgamma, k1, k2, k3 = (torch.empty(C, device=z.device, dtype=torch.float32) for _ in range(5))
     fc, fgrid = _finalize_tiles(C)
+    tc, n_chunks = _chunks(T, fgrid)
+    if n_chunks > 1:
+        cs = torch.empty((n_chunks, C), device=z.device, dtype=torch.float32)
+        csx = torch.empty_like(cs)
+        _kernel(_sum_chunks_kernel, raw)[lambda meta: (n_chunks * fgrid,)](
+            ps, psx, cs, csx, T, C, tc, fgrid, BLOCK_T=FINAL_BLOCK_T, BLOCK_C=fc, num_warps=WARPS_ELTWISE,
+            num_stages=1)
+        ps, psx, T = cs, csx, n_chunks
     rstd = rstd.contiguous()
     _kernel(_bn_bwd_finalize_kernel, raw)[lambda meta: (fgrid,)](
         ps, psx, rstd, gamma.contiguous() if gamma is not None else rstd, dbeta, dgamma, k1, k2, k3, T, C, M,
