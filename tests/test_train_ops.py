@@ -451,6 +451,47 @@ def test_finalize_in_chunks(monkeypatch, chunk_rows):
 
 @pytest.mark.interpreter
 @needs_kernels
+@pytest.mark.parametrize("layout", ["cl", "slice"])
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
+def test_tensor_stats_kernel(layout, dtype):
+    """The statistics pass over an existing conv output (what follows the CUDA stem): mean and biased variance
+    of a channels_last tensor and of a channel slice of one, a large-mean channel included, against float64."""
+    from dla_fast.backends.triton import _train as kt
+    gen = torch.Generator().manual_seed(28)
+    z0 = torch.randn(3, 20, 11, 13, generator=gen) * 2
+    z0[:, 3] += 200
+    z = _layout(z0.to(DEV, dtype), layout)
+    mean, var = kt.tensor_stats_launch(z)
+    z64 = z.double()
+    me, ve = z.float().mean((0, 2, 3)), z.float().var((0, 2, 3), unbiased=False)
+    _judge(f"{layout} mean", mean, me, z64.mean((0, 2, 3)), dtype)
+    _judge(f"{layout} var", var, ve, z64.var((0, 2, 3), unbiased=False), dtype)
+    with pytest.raises(ValueError, match="channels_last"):
+        kt.tensor_stats_launch(z0.to(DEV, dtype).permute(0, 1, 3, 2))
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DT_ID)
+def test_stem_statistics_on_the_cuda_conv_cuda(dtype):
+    """The stem (3 -> 16 channels, 7x7) runs as the CUDA extension's conv plus the statistics pass where the
+    extension is built: z, mean and variance judged against float64 like the Triton kernel's."""
+    from dla_fast.backends import cuda
+    gen = torch.Generator().manual_seed(29)
+    x = torch.randn(4, 3, 61, 67, generator=gen).cuda().to(dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(16, 3, 7, 7, generator=gen) * 0.1).cuda().to(dtype)
+    assert ag.stem_on_cuda(x, w, 1, None) == (cuda.unavailable_reason(x) is None)
+    assert not ag.stem_on_cuda(x, w, 1, (w, w, w)) and not ag.stem_on_cuda(x.float(), w.float(), 1, None)
+    z, mean, var = ag.conv_stats("triton", x, w, (1, 1), (3, 3), 1, None, False)
+    z64, m64, v64 = ag.conv_stats_torch(x.double(), w.double(), (1, 1), (3, 3), 1, None, False)
+    ze, me, ve = ag.conv_stats_torch(x, w, (1, 1), (3, 3), 1, None, False)
+    assert z.dtype == dtype and z.is_contiguous(memory_format=torch.channels_last)
+    for n, a, e, r in (("z", z, ze, z64), ("mean", mean, me, m64), ("var", var, ve, v64)):
+        _judge(f"stem {n}", a, e, r, dtype)
+
+
+@pytest.mark.interpreter
+@needs_kernels
 def test_64bit_offsets(monkeypatch):
     """The IDX64 variants of every training kernel (used when a tensor spans >= 2^31 elements)."""
     from dla_fast.backends.triton import _train as kt

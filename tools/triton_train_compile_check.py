@@ -3,9 +3,10 @@
     python tools/triton_train_compile_check.py [--arch 90] [--sass] [--models all] [--match REGEX]
 
 The training counterpart of ``tools/triton_compile_check.py`` (whose recorder and compiler it reuses): runs the
-training launchers (:mod:`dla_fast.backends.triton._train`) on ``meta`` tensors of every distinct conv shape
-of the chosen variants, plus each aggregation root as the 1x1 conv over its concatenated children, with and
-without the BN+ReLU prologue, and the BN apply / backward kernels on the outputs; records each launch and
+training launchers (:mod:`dla_fast.backends.triton._train`) on ``meta`` tensors of every distinct layer shape
+of the chosen variants (:func:`record_training`: the statistics conv with and without the BN+ReLU prologue and
+the statistics pass over a conv output, the aggregation node over its children in place, BN apply / backward
+on the outputs); records each launch and
 compiles each specialisation once for the target (default sm_90), reporting compile errors, shared memory and,
 with ``--sass``, instruction counts (HGMMA, LDGSTS, spills).
 """
@@ -26,6 +27,40 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from triton_compile_check import _meta_input, _Recorder, _report  # noqa: E402
 
 
+def record_training(s, n: int, dtype: torch.dtype, tf32: bool = True) -> bool:
+    """Run the training launchers of one layer shape ``s`` (a :class:`dla_fast.shapes.OpShape`) at batch ``n`` on
+    meta tensors, so that their launches reach whatever ``_launch.wrap_triton`` is (a recorder): the statistics
+    conv with and without the BN+ReLU prologue (and the statistics pass over a conv output, which follows the
+    CUDA stem), or the aggregation node over its children read in place; then BN + ReLU apply and its backward,
+    with and without a residual. False when the shape has no training kernel (the training path runs eager)."""
+    from dla_fast.backends.triton import _train
+
+    if s.op == "aggregate":
+        xs = [_meta_input(n, c, p, o, s.hw, dtype) for c, p, o in zip(s.cin, s.pitches, s.offsets)]
+        if _train.train_conv_kind(s.cin_total, s.cout, 1) is None:
+            return False
+        w = torch.empty(s.cout, s.cin_total, 1, 1, device="meta", dtype=dtype)
+        z, _, _ = _train.agg_stats_launch(xs, w, tf32)
+    else:
+        x = _meta_input(n, s.cin[0], s.pitches[0], s.offsets[0], s.hw, dtype)
+        cin, groups = x.shape[1], s.groups
+        if _train.train_conv_kind(cin // groups, s.cout // groups, groups) is None:
+            return False
+        w = torch.empty(s.weight_shape, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
+        vec = [torch.empty(cin, device="meta") for _ in range(3)]
+        for norm, relu in ((None, False), (vec, True)):
+            z, _, _ = _train.conv_stats_launch(x, w, s.stride, s.padding, groups, norm, relu, tf32)
+        _train.tensor_stats_launch(z)
+    cvec = [torch.empty(s.cout, device="meta") for _ in range(3)]
+    res = torch.empty(n, *z.shape[2:], s.cout, device="meta", dtype=dtype).permute(0, 3, 1, 2)
+    for r in (None, res):
+        y = _train.bn_act_launch(z, cvec[0], cvec[1], cvec[2], r, s.relu, dtype)
+        _train.bn_backward_launch(y, y if s.relu else None, z, cvec[0], cvec[1], cvec[2],
+                                  None if r is None else dtype)
+    _train.bn_backward_launch(y, None, z, cvec[0], cvec[1], None, None)  # no ReLU, affine=False
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability to compile for, e.g. 90 or 80")
@@ -38,7 +73,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import dla_fast
     from dla_fast import shapes
-    from dla_fast.backends.triton import _launch, _train
+    from dla_fast.backends.triton import _launch
 
     models = dla_fast.list_models() if args.models == ["all"] else args.models
     dtypes = [getattr(torch, d) for d in args.dtype.split(",")]
@@ -53,30 +88,12 @@ def main(argv=None) -> int:
     for dtype in dtypes:
         dname = str(dtype).replace("torch.", "")
         for e in entries:
-            s, n = e.shape, args.batch
-            if s.op == "aggregate":  # the root's 1x1 conv over the concatenated children
-                x = _meta_input(n, s.cin_total, s.cin_total, 0, s.hw, dtype)
-                wshape, stride, padding, groups = (s.cout, s.cin_total, 1, 1), (1, 1), (0, 0), 1
-            else:
-                x = _meta_input(n, s.cin[0], s.pitches[0], s.offsets[0], s.hw, dtype)
-                wshape, stride, padding, groups = s.weight_shape, s.stride, s.padding, s.groups
-            cin = x.shape[1]
-            if _train.train_conv_kind(cin // groups, s.cout // groups, groups) is None:
+            rec.calls.clear()
+            if not record_training(e.shape, args.batch, dtype):
                 skipped += 1
                 continue
-            w = torch.empty(wshape, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
-            vec = [torch.empty(cin, device="meta") for _ in range(3)]
-            cvec = [torch.empty(s.cout, device="meta") for _ in range(3)]
-            rec.calls.clear()
-            for norm, relu in ((None, False), (vec, True)):
-                z, _, _ = _train.conv_stats_launch(x, w, stride, padding, groups, norm, relu)
-            res = torch.empty(n, *z.shape[2:], s.cout, device="meta", dtype=dtype).permute(0, 3, 1, 2)
-            for r in (None, res):
-                y = _train.bn_act_launch(z, cvec[0], cvec[1], cvec[2], r, s.relu, dtype)
-                _train.bn_backward_launch(y, y if s.relu else None, z, cvec[0], cvec[1], cvec[2],
-                                          None if r is None else dtype)
             for kernel, a, kw in rec.calls:
-                failures += _report(f"{s.label()} {dname}", kernel, a, kw, args, seen)
+                failures += _report(f"{e.shape.label()} {dname}", kernel, a, kw, args, seen)
     print(f"{len(seen)} training-kernel specialisations of {len(entries)} shapes compiled for sm_{args.arch} "
           f"({skipped} shapes without a training kernel): {failures} failures")
     return 1 if failures else 0

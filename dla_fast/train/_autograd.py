@@ -101,11 +101,30 @@ def _tf32() -> bool:
     return bool(torch.backends.cudnn.allow_tf32)
 
 
+def stem_on_cuda(x: torch.Tensor, weight: torch.Tensor, groups: int, norm) -> bool:
+    """Whether the statistics conv runs as the CUDA extension's conv followed by a statistics pass over its
+    output: a conv of few input channels (the stem's 3) in fp16/bf16, without a prologue. There the Triton
+    kernel's flat K walk gathers 3-channel pixels (the 224x224 stem took several times the CUDA kernel's time),
+    while a second read of the output costs a fraction of either."""
+    from ..backends.triton import _train as kt
+    if norm is not None or x.dtype not in (torch.float16, torch.bfloat16) or x.device.type != "cuda":
+        return False
+    if kt.train_conv_kind(weight.shape[1], weight.shape[0] // groups, groups) != "flat":
+        return False
+    from ..backends import cuda
+    return cuda.unavailable_reason(x) is None
+
+
 def conv_stats(impl: str, x, weight, stride, padding, groups, norm, norm_relu):
     if impl == "torch":
         return conv_stats_torch(x, weight, stride, padding, groups, norm, norm_relu)
     from ..backends.triton import _train as kt
     if _direct(x):
+        # (Traced code keeps the one registered Triton op: the choice below is an eager-launch one.)
+        if stem_on_cuda(x, weight, groups, norm):
+            from ..backends import cuda
+            z = cuda.conv_bn_act(x, weight, None, tuple(stride), tuple(padding), groups, None, False)
+            return (z, *kt.tensor_stats_launch(z, raw=True))
         return kt.conv_stats_launch(x, weight, stride, padding, groups, norm, norm_relu, _tf32(), raw=True)
     nm, ns, nb = norm if norm is not None else (None, None, None)
     return torch.ops.dla_fast_train.conv_stats(x, weight, list(stride), list(padding), groups, nm, ns, nb,

@@ -50,6 +50,21 @@ WARPS_ELTWISE = 4
 # ------------------------------------------------------------------------------------------------- kernels
 
 @triton.jit
+def _tile_stats(zs, mask, cols, col_ok, M, C, pid_m, psum_ptr, pm2_ptr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row ``pid_m`` of the (sum, M2) workspaces from a [BLOCK_M, C] fp32 tile: its per-channel sums and squared
+    deviations from the tile's own mean, the partials that Chan's formula combines across tiles
+    (_stats_combine_kernel)."""
+    n_rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+    s1 = tl.sum(tl.where(mask, zs, 0.0), axis=0)
+    dev = tl.where(mask, zs - (s1 / n_rows)[None, :], 0.0)
+    t_row = pid_m
+    if IDX64:
+        t_row = t_row.to(tl.int64)
+    tl.store(psum_ptr + t_row * C + cols, s1, mask=col_ok)
+    tl.store(pm2_ptr + t_row * C + cols, tl.sum(dev * dev, axis=0), mask=col_ok)
+
+
+@triton.jit
 def _stats_epilogue(acc, rows, row_ok, cols, col_ok, pid_m, z_ptr, psum_ptr, pm2_ptr, M, Cout,
                     IDX64: tl.constexpr, BLOCK_M: tl.constexpr):
     """The statistics convs' epilogue: z = acc in z's dtype, then row ``pid_m`` of the (sum, M2) workspaces."""
@@ -57,20 +72,11 @@ def _stats_epilogue(acc, rows, row_ok, cols, col_ok, pid_m, z_ptr, psum_ptr, pm2
     zr = acc.to(z_ptr.dtype.element_ty)
     tl.store(z_ptr + rows[:, None] * Cout + cols[None, :], zr, mask=mask)
     # The tile's statistics: its channel sums, and squared deviations from the tile's own mean (combined
-    # across tiles by Chan's formula on the host side, which keeps the variance exact to fp32 rounding).
+    # across tiles by Chan's formula in _stats_combine_kernel, which keeps the variance exact to fp32 rounding).
     # They are the statistics of z as stored, rounded: BN's backward differentiates through the mean and
     # variance *of the z it saved*, and statistics of the unrounded accumulator would not sum to zero over the
     # stored z's deviations (at fp16, with few values per channel, that doubled the input gradient's error).
-    zs = zr.to(tl.float32)
-    n_rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-    s1 = tl.sum(tl.where(mask, zs, 0.0), axis=0)
-    dev = tl.where(mask, zs - (s1 / n_rows)[None, :], 0.0)
-    m2 = tl.sum(dev * dev, axis=0)
-    t_row = pid_m
-    if IDX64:
-        t_row = t_row.to(tl.int64)
-    tl.store(psum_ptr + t_row * Cout + cols, s1, mask=col_ok)
-    tl.store(pm2_ptr + t_row * Cout + cols, m2, mask=col_ok)
+    _tile_stats(zr.to(tl.float32), mask, cols, col_ok, M, Cout, pid_m, psum_ptr, pm2_ptr, IDX64, BLOCK_M)
 
 
 @triton.jit
@@ -198,6 +204,36 @@ def _agg_stats_kernel(
 
 
 @triton.jit
+def _tensor_stats_kernel(
+    z_ptr, psum_ptr, pm2_ptr, M, C, szm, n_tiles_c,
+    IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The (sum, M2) partials of an existing [M, C] pixel matrix (row stride ``szm``), one [BLOCK_M, BLOCK_C]
+    tile a program, into row ``pid_m`` of the workspaces: the statistics of a conv whose output another kernel
+    wrote (the CUDA stem)."""
+    pid = tl.program_id(0)
+    pid_m = pid // n_tiles_c
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IDX64:
+        rows = rows.to(tl.int64)
+    cols = (pid % n_tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    zs = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    _tile_stats(zs, mask, cols, col_ok, M, C, pid_m, psum_ptr, pm2_ptr, IDX64, BLOCK_M)
+
+
+@triton.jit
+def _chunk_of(pid, T, C, TC, n_cblocks, BLOCK_C: tl.constexpr):
+    """A finalize program's share of a [T, C] workspace: (chunk, its channel block's columns and their mask,
+    the chunk's first row and end row), programs ordered chunk-major over ``n_cblocks`` channel blocks."""
+    chunk = pid // n_cblocks
+    cols = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    t_lo = chunk * TC
+    return chunk, cols, cols < C, t_lo, tl.minimum(T, t_lo + TC)
+
+
+@triton.jit
 def _stats_combine_kernel(
     psum_ptr, pm2_ptr, out_a_ptr, out_b_ptr, T, C, M, BM, TC, n_cblocks,
     FINAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -209,12 +245,7 @@ def _stats_combine_kernel(
     values each, which this kernel combines again with FINAL. Two stages, not one long loop a channel block: a
     224x224 layer has tens of thousands of tile rows, and one program walking them all took milliseconds. The
     rows are combined in a fixed order (no atomics): the result is the same on every run."""
-    pid = tl.program_id(0)
-    chunk = pid // n_cblocks
-    cols = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    t_lo = chunk * TC
-    t_hi = tl.minimum(T, t_lo + TC)
+    chunk, cols, col_ok, t_lo, t_hi = _chunk_of(tl.program_id(0), T, C, TC, n_cblocks, BLOCK_C)
     n_all = tl.minimum(M - t_lo * BM, TC * BM).to(tl.float32)
     total = tl.zeros([BLOCK_C], dtype=tl.float32)
     for t0 in range(t_lo, t_hi, BLOCK_T):
@@ -247,12 +278,7 @@ def _sum_chunks_kernel(
 ):
     """Column sums of the TC-row chunk ``pid // n_cblocks`` of two [T, C] workspaces, into row ``chunk`` of two
     [T / TC, C] ones: the first stage of BN backward's finalize on layers with many tile rows (fixed order)."""
-    pid = tl.program_id(0)
-    chunk = pid // n_cblocks
-    cols = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    t_lo = chunk * TC
-    t_hi = tl.minimum(T, t_lo + TC)
+    chunk, cols, col_ok, t_lo, t_hi = _chunk_of(tl.program_id(0), T, C, TC, n_cblocks, BLOCK_C)
     sa = tl.zeros([BLOCK_C], dtype=tl.float32)
     sb = tl.zeros([BLOCK_C], dtype=tl.float32)
     for t0 in range(t_lo, t_hi, BLOCK_T):
@@ -550,6 +576,30 @@ def conv_stats_launch(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[in
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     mean, var = _stats_from_partials(psum, pm2, M, bm, raw)
     return z, mean, var
+
+
+def tensor_stats_launch(z: torch.Tensor, raw: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) in fp32 of each channel of ``z`` [N, C, H, W], whose pixels must collapse to one
+    row stride (channels_last, or a channel slice of it): what the statistics conv's epilogue computes, for a
+    conv output written by another kernel."""
+    s = _row_stride(z)
+    if s is None:
+        raise ValueError("tensor_stats: z's pixels do not collapse to one row stride (make it channels_last)")
+    N, C, H, W = z.shape
+    M = N * H * W
+    if M == 0 or C == 0:
+        raise ValueError(f"tensor_stats: empty input {tuple(z.shape)} has no statistics")
+    bm, bc = _eltwise_tiles(C)
+    T = _cdiv(M, bm)
+    n_tiles_c = _cdiv(C, bc)
+    psum = torch.empty((T, C), device=z.device, dtype=torch.float32)
+    pm2 = torch.empty((T, C), device=z.device, dtype=torch.float32)
+    if _skip_launch(z):
+        return psum.sum(0), psum.sum(0)
+    _kernel(_tensor_stats_kernel, raw)[lambda meta: (T * n_tiles_c,)](
+        z, psum, pm2, M, C, int(s), n_tiles_c, IDX64=_idx64(_max_offset(z)), BLOCK_M=bm, BLOCK_C=bc,
+        num_warps=WARPS_ELTWISE, num_stages=1)
+    return _stats_from_partials(psum, pm2, M, bm, raw)
 
 
 def _rows(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
