@@ -140,6 +140,9 @@ def main(argv=None) -> int:
         ap.error(str(e))
     if not entries:
         ap.error(f"--match {args.match!r} selects none of the shapes of {', '.join(models)}")
+    if args.aliasing:  # the training launchers' recording lives beside this tool
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from triton_train_compile_check import record_training
     rec = _Recorder()
     _launch.wrap_triton = rec  # launches are recorded, not run
     _launch._sm_count = lambda device: args.sms
@@ -166,8 +169,6 @@ def main(argv=None) -> int:
                         memory_format=torch.channels_last)
                     _launch.conv_launch(xs[0], w, b, s.stride, s.padding, s.groups, res, s.relu, tf32)
                 if args.aliasing and dtype != torch.float32:  # training runs fp16/bf16 autocast
-                    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-                    from triton_train_compile_check import record_training
                     record_training(s, n, dtype, tf32)
                 for kernel, a, kw in rec.calls:
                     failures += _report(f"{s.label()} {dname} tf32={tf32}", kernel, a, kw, args, seen)
