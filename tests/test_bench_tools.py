@@ -589,36 +589,49 @@ def test_triton_compile_check_help():
     assert "--arch" in p.stdout and "--sass" in p.stdout and "--match" in p.stdout
 
 
-def _alias_check(*code: str) -> subprocess.CompletedProcess:
-    """tools/triton_compile_check.py --aliasing on dla34's and dla60x_c's shapes at a small size, in its own
-    process (the kernels must be defined with TRITON_INTERPRET off), after ``code``."""
+def _run_without_interpreter(prog: str) -> subprocess.CompletedProcess:
+    """``prog`` in its own process with TRITON_INTERPRET off (the kernels must be defined compiled)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    prog = "\n".join(["import runpy, sys", "sys.argv = ['tcc', '--aliasing', '--models', 'dla34', 'dla60x_c', "
-                      "'--dtype', 'float16,bfloat16', '--batch', '2', '--hw', '64']", *code,
-                      f"runpy.run_path({os.path.join(ROOT, 'tools', 'triton_compile_check.py')!r}, "
-                      "run_name='__main__')"])
     return subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=600, env=env,
                           cwd=ROOT)
 
 
 def test_no_two_written_kernel_arguments_alias():
     """Every Triton launcher (inference, training, the front) on DLA shapes: no two arguments that torch's TTIR
-    analysis says a kernel may write are one tensor. torch.compile clones each written argument and copies the
-    clones back, so such a pair came back stale (the statistics conv's unused prologue pointers were its
-    workspace: wrong batch statistics under torch.compile). The same check must catch that placeholder."""
+    analysis says a kernel may write are one tensor, and no kernel counts its input or weights as written.
+    torch.compile clones each written argument around a traced launch and copies the clones back: a pair came
+    back stale (the statistics conv's unused prologue pointers were its workspace: wrong batch statistics), and
+    inputs counted as written were copied at every conv (the tile body's results once carried the store
+    addresses, and the analysis follows a call's results back to all of its arguments). The check must catch
+    two written arguments on one tensor."""
     pytest.importorskip("triton")
-    p = _alias_check()
+    tools = os.path.join(ROOT, "tools")
+    p = _run_without_interpreter(
+        "import runpy, sys\n"
+        "sys.argv = ['tcc', '--aliasing', '--models', 'dla34', 'dla60x_c', '--dtype', 'float16,bfloat16', "
+        "'--batch', '2', '--hw', '64']\n"
+        f"runpy.run_path({os.path.join(tools, 'triton_compile_check.py')!r}, run_name='__main__')")
     if "TTIR" in p.stderr and p.returncode != 0 and "FAIL" not in p.stdout:  # pragma: no cover
         pytest.skip(f"this triton cannot generate sm_90 TTIR here: {p.stderr[-300:]}")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert re.search(r"\b\d{2,} kernel specialisations .* checked for aliased written arguments .*: 0 failures",
                      p.stdout), p.stdout[-500:]
     assert "_conv_stats_kernel" in p.stdout and "_bn_bwd_apply_kernel" in p.stdout
-    bad = _alias_check("import torch",
-                       "import dla_fast.backends.triton._train as t",
-                       "shared = torch.empty(1, device='meta')",
-                       "t._unused_pointer = lambda device: shared")
-    assert bad.returncode == 1 and "FAIL" in bad.stdout and "_conv_stats_kernel" in bad.stdout, bad.stdout[-2000:]
+    writes = re.findall(r"^ok .* (_\w+_kernel): writes \[(.*)\]$", p.stdout, re.M)
+    assert len(writes) > 50
+    assert not [(k, w) for k, w in writes if "'x_ptr'" in w or "'w_ptr'" in w], writes
+    bad = _run_without_interpreter("\n".join([
+        "import sys, torch", f"sys.path.insert(0, {tools!r})", "import triton_compile_check as tcc",
+        "from dla_fast.backends.triton import _launch, _train",
+        "rec = tcc._Recorder()", "_launch.wrap_triton = rec",
+        "x = torch.empty(2, 16, 8, 8, device='meta', dtype=torch.float16)",
+        "w = torch.empty(16, 16, 3, 3, device='meta', dtype=torch.float16)",
+        "_train.conv_stats_launch(x, w, (1, 1), (1, 1), 1)",
+        "k, a, kw = rec.calls[0]",
+        "a = list(a); a[4] = a[3]  # pm2 is psum",
+        "sys.exit(tcc._alias_report('psum=pm2', k, a, kw, 90))"]))
+    assert bad.returncode == 1 and "FAIL psum=pm2 _conv_stats_kernel" in bad.stdout, \
+        bad.stdout[-2000:] + bad.stderr[-2000:]
 
 
 def test_triton_compile_check_records_every_front_config(monkeypatch):

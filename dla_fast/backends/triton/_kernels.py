@@ -66,9 +66,45 @@ def _norm_in(a, ch, ch_ok, ok, mu_ptr, sc_ptr, bi_ptr, RELU: tl.constexpr):
 
 
 @triton.jit
+def _tile_coords(pid_m, pid_n, M, Ho, Wo, Cout_g, Cout, tiles_per_group,
+                 MODE: tl.constexpr, GB: tl.constexpr, FULL: tl.constexpr, IDX64: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Output tile (pid_m, pid_n) of a conv: ``(rows, row_ok, img, oh, ow, cols, col_ok)``, the output pixels
+    (rows of the [M, Cout] matrix, and their image / output row / column) and channels it covers, for the K walk
+    of ``MODE`` (see ``_conv_gemm_kernel``).
+
+    Computed from integers only, outside ``_conv_tile`` (which takes the pixels from it): the kernels address
+    their stores with it. torch's analysis of which kernel arguments a launch writes (what torch.compile clones
+    around a traced launch) follows a store's address back through a call's results to every argument of the
+    call: addresses coming out of the tile body would count the input and the weights as written."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IDX64:
+        rows = rows.to(tl.int64)
+    row_ok = rows < M
+    hw = Ho * Wo
+    img = rows // hw
+    pix = rows % hw
+    oh = pix // Wo
+    ow = pix % Wo
+    jj = tl.arange(0, BLOCK_N)
+    if MODE == 2:
+        if FULL:
+            cols = pid_n * BLOCK_N + jj
+            col_ok = jj < BLOCK_N
+        else:
+            cols = pid_n * (GB * Cout_g) + jj
+            col_ok = (jj < GB * Cout_g) & (cols < Cout)
+    else:
+        jn = (pid_n % tiles_per_group) * BLOCK_N + jj
+        col_ok = jn < Cout_g
+        cols = (pid_n // tiles_per_group) * Cout_g + jn
+    return rows, row_ok, img, oh, ow, cols, col_ok
+
+
+@triton.jit
 def _conv_tile(
-    x_ptr, w_ptr, mu_ptr, sc_ptr, bi_ptr, pid_m, pid_n,
-    M, H, W, Ho, Wo, Cin, Cin_g, Cout_g, Cout,
+    x_ptr, w_ptr, mu_ptr, sc_ptr, bi_ptr, pid_n, row_ok, img, oh, ow, cols, col_ok,
+    H, W, Cin, Cin_g, Cout_g,
     sxn, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w,
     tiles_per_group,
@@ -79,22 +115,14 @@ def _conv_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """The implicit-GEMM body of a convolution tile, shared by the inference ``_conv_gemm_kernel`` and the
-    training ``_conv_stats_kernel``: the fp32 accumulator of output tile (pid_m, pid_n) and what the
-    epilogues need to address it, ``(acc, rows, row_ok, img, oh, ow, cols, col_ok)``.
+    training ``_conv_stats_kernel``: the fp32 accumulator of the output tile whose pixels (``row_ok``, ``img``,
+    ``oh``, ``ow``) and channels (``cols``, ``col_ok``) the kernel took from ``_tile_coords`` for column tile
+    ``pid_n``.
 
     The K walks (MODE 0, 1, 2) and split-K (SPLIT) are described at ``_conv_gemm_kernel``. NORM applies
     ``_norm_in`` (BN with the statistics at mu/sc/bi_ptr, ReLU with NORM_RELU) to each A tile as it is loaded;
     without it mu/sc/bi_ptr are never read and the code is that of a plain conv.
     """
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if IDX64:
-        rows = rows.to(tl.int64)
-    row_ok = rows < M
-    hw = Ho * Wo
-    img = rows // hw
-    pix = rows % hw
-    oh = pix // Wo
-    ow = pix % Wo
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
     # May point before the image for padded rows; such lanes are masked and never dereferenced.
@@ -113,16 +141,11 @@ def _conv_tile(
             # Tiles hold exactly GB groups and GB divides groups: no tails, and writing the channel
             # offsets as multiples of the block sizes tells the compiler they are aligned (16-byte
             # vector loads, cp.async).
-            cols = pid_n * BLOCK_N + jj
             cin0 = pid_n * BLOCK_K
-            col_ok = jj < BLOCK_N
             k_ok = kk < BLOCK_K
             b_mask = gi[:, None] == gj[None, :]
         else:
-            n0 = pid_n * (GB * Cout_g)
-            cols = n0 + jj
-            col_ok = (jj < GB * Cout_g) & (cols < Cout)
-            cin0 = (n0 // Cout_g) * Cin_g
+            cin0 = (pid_n * (GB * Cout_g) // Cout_g) * Cin_g
             k_ok = (kk < GB * Cin_g) & (cin0 + kk < Cin)
             b_mask = (gi[:, None] == gj[None, :]) & k_ok[:, None] & col_ok[None, :]
         b_off = cols[None, :] * KTOT + ci[:, None]
@@ -145,11 +168,7 @@ def _conv_tile(
             b = tl.load(w_ptr + b_off + tap * Cin_g, mask=b_mask, other=0.0)
             acc = _mma(a, b, acc, PREC, RND)
     else:
-        g = pid_n // tiles_per_group
-        jn = (pid_n % tiles_per_group) * BLOCK_N + jj
-        col_ok = jn < Cout_g
-        cols = g * Cout_g + jn
-        cin0 = g * Cin_g
+        cin0 = (pid_n // tiles_per_group) * Cin_g
         w_row = cols * KTOT
         if MODE == 1:
             kwc = KW * Cin_g
@@ -202,7 +221,7 @@ def _conv_tile(
                 b = tl.load(w_ptr + w_row[None, :] + (tap * Cin_g + c)[:, None],
                             mask=c_ok[:, None] & col_ok[None, :], other=0.0)
                 acc = _mma(a, b, acc, PREC, RND)
-    return acc, rows, row_ok, img, oh, ow, cols, col_ok
+    return acc
 
 
 @triton.jit
@@ -242,9 +261,11 @@ def _conv_gemm_kernel(
     pid_m = pid // n_tiles_n
     pid_n = pid % n_tiles_n
     # mu/sc/bi_ptr are x_ptr: never read without NORM.
-    acc, rows, row_ok, img, oh, ow, cols, col_ok = _conv_tile(
-        x_ptr, w_ptr, x_ptr, x_ptr, x_ptr, pid_m, pid_n,
-        M, H, W, Ho, Wo, Cin, Cin_g, Cout_g, Cout, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w,
+    rows, row_ok, img, oh, ow, cols, col_ok = _tile_coords(pid_m, pid_n, M, Ho, Wo, Cout_g, Cout, tiles_per_group,
+                                                           MODE, GB, FULL, IDX64, BLOCK_M, BLOCK_N)
+    acc = _conv_tile(
+        x_ptr, w_ptr, x_ptr, x_ptr, x_ptr, pid_n, row_ok, img, oh, ow, cols, col_ok,
+        H, W, Cin, Cin_g, Cout_g, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w,
         tiles_per_group, KH, KW, MODE, GB, FULL, PAD, False, False, PREC, RND, IDX64,
         BLOCK_M, BLOCK_N, BLOCK_K, SPLIT)
     _finish(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, ws_ptr, M, Cout,

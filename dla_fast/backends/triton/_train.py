@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._kernels import _child_select, _conv_tile, _mma
+from ._kernels import _child_select, _conv_tile, _mma, _tile_coords
 from ._launch import (_I32_LIMIT, MAX_CHILDREN, _cdiv, _kernel, _max_offset, _n_tiling, _new_output, _nhwc, _pow2,
                       _prec, _round_tf32, _row_stride, _skip_launch, aggregate_plan, conv_plan, interpreted,
                       register_ops)
@@ -103,9 +103,11 @@ def _conv_stats_kernel(
     pid = tl.program_id(0)
     pid_m = pid // n_tiles_n
     pid_n = pid % n_tiles_n
-    acc, rows, row_ok, _, _, _, cols, col_ok = _conv_tile(
-        x_ptr, w_ptr, mu_ptr, sc_ptr, bi_ptr, pid_m, pid_n,
-        M, H, W, Ho, Wo, Cin, Cin_g, Cout_g, Cout, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w,
+    rows, row_ok, img, oh, ow, cols, col_ok = _tile_coords(pid_m, pid_n, M, Ho, Wo, Cout_g, Cout, tiles_per_group,
+                                                           MODE, GB, FULL, IDX64, BLOCK_M, BLOCK_N)
+    acc = _conv_tile(
+        x_ptr, w_ptr, mu_ptr, sc_ptr, bi_ptr, pid_n, row_ok, img, oh, ow, cols, col_ok,
+        H, W, Cin, Cin_g, Cout_g, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w,
         tiles_per_group, KH, KW, MODE, GB, FULL, PAD, NORM, NORM_RELU, PREC, RND, IDX64,
         BLOCK_M, BLOCK_N, BLOCK_K, 1)
 
