@@ -111,7 +111,7 @@ def _conv_tile(
     KH: tl.constexpr, KW: tl.constexpr,
     MODE: tl.constexpr, GB: tl.constexpr, FULL: tl.constexpr, PAD: tl.constexpr,
     NORM: tl.constexpr, NORM_RELU: tl.constexpr,
-    PREC: tl.constexpr, RND: tl.constexpr, IDX64: tl.constexpr,
+    PREC: tl.constexpr, RND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """The implicit-GEMM body of a convolution tile, shared by the inference ``_conv_gemm_kernel`` and the
@@ -266,7 +266,7 @@ def _conv_gemm_kernel(
     acc = _conv_tile(
         x_ptr, w_ptr, x_ptr, x_ptr, x_ptr, pid_n, row_ok, img, oh, ow, cols, col_ok,
         H, W, Cin, Cin_g, Cout_g, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w,
-        tiles_per_group, KH, KW, MODE, GB, FULL, PAD, False, False, PREC, RND, IDX64,
+        tiles_per_group, KH, KW, MODE, GB, FULL, PAD, False, False, PREC, RND,
         BLOCK_M, BLOCK_N, BLOCK_K, SPLIT)
     _finish(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, ws_ptr, M, Cout,
             srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU, SPLIT)
