@@ -39,11 +39,14 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 # The training steps: timm's model eager and under torch.compile (default mode), ours on the modules (eager) and on
-# the fused training kernels (set_fused_training; off CUDA or in float32 it falls back to the modules).
-TRAIN_IMPLS = ("timm_eager", "torch_compile", "dla_fast_eager", "dla_fast_fused")
-TRAIN_DEFAULT_IMPLS = {"cuda": ("timm_eager", "torch_compile", "dla_fast_fused"),
+# the fused training kernels (set_fused_training; off CUDA or in float32 it falls back to the modules); "_graph":
+# the same model's forward and backward replayed from a CUDA graph (dla_fast.train.graph), rank 0 alone, no DDP.
+TRAIN_IMPLS = ("timm_eager", "torch_compile", "dla_fast_eager", "dla_fast_fused", "timm_eager_graph",
+               "dla_fast_fused_graph")
+TRAIN_DEFAULT_IMPLS = {"cuda": ("timm_eager", "torch_compile", "dla_fast_fused", "dla_fast_fused_graph"),
                        "cpu": ("timm_eager", "dla_fast_eager")}
-GPU_ONLY_IMPLS = ("dla_fast_cudagraph", "dla_fast_aoti", "torch_compile_reduce_overhead")
+GPU_ONLY_IMPLS = ("dla_fast_cudagraph", "dla_fast_aoti", "torch_compile_reduce_overhead", "timm_eager_graph",
+                  "dla_fast_fused_graph")
 SGD_ARGS = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
 KEY_FIELDS = ("model", "dtype", "batch_size", "impl", "mode")
 
@@ -183,12 +186,14 @@ class Workload:
     ``step()``: one step on the case's batch (``batch_size`` images), run by every rank together; ``alone()``:
     the single-GPU baseline's step, timed on rank 0 alone (default ``step``); ``connect()``: collective set-up run
     on every rank after every rank has built (DDP's parameter broadcast), which may set ``step``; ``grad``: whether
-    the step needs autograd (an inference step runs under ``torch.no_grad``)."""
+    the step needs autograd (an inference step runs under ``torch.no_grad``); ``alone_only``: the case has no
+    all-ranks step (a captured training step, which has no DDP), only rank 0's figure."""
 
     step: Optional[Callable[[], object]] = None
     alone: Optional[Callable[[], object]] = None
     connect: Optional[Callable[[], None]] = None
     grad: bool = False
+    alone_only: bool = False
     rel_err: Optional[float] = None
     backends_used: Optional[str] = None
 
@@ -271,6 +276,7 @@ def measure(ctx: Context, cases: Sequence[Case], rounds: int, iters: int, warmup
             if dev.type == "cuda":
                 rec["peak_mem_mb"] = round((torch.cuda.max_memory_allocated(dev) - base) / 2 ** 20, 1)
             rec["rel_err"], rec["backends_used"] = wl.rel_err, wl.backends_used
+            rec["alone_only"] = wl.alone_only
             built[i] = wl
             local_errors.append(None)
             log(f"  built {case.impl:<30} ({case.mode}) first step {rec['first_s']:7.2f}s"
@@ -288,7 +294,7 @@ def measure(ctx: Context, cases: Sequence[Case], rounds: int, iters: int, warmup
     for i in sorted(built):
         if built[i].connect is not None:
             built[i].connect()
-        if built[i].step is None:
+        if built[i].step is None and not built[i].alone_only:
             raise RuntimeError(f"the {cases[i].impl} ({cases[i].mode}) workload has no step after connect()")
 
     def timed(i: int, alone: bool) -> float:
@@ -300,6 +306,8 @@ def measure(ctx: Context, cases: Sequence[Case], rounds: int, iters: int, warmup
     def warm(alone: bool) -> None:
         for i in sorted(built):
             wl = built[i]
+            if wl.alone_only and not alone:
+                continue
             fn = (wl.alone or wl.step) if alone else wl.step
             with torch.no_grad() if not wl.grad else contextlib.nullcontext():
                 for _ in range(warmup):
@@ -315,8 +323,9 @@ def measure(ctx: Context, cases: Sequence[Case], rounds: int, iters: int, warmup
                 records[i]["alone_samples_s"].append(timed(i, alone=True))
     ctx.barrier()  # the other ranks wait here while rank 0 measures alone
     warm(alone=False)
+    together = [i for i in order if not built[i].alone_only]  # the same on every rank: built is agreed on
     for _ in range(rounds):
-        for i in order:
+        for i in together:
             ctx.barrier()
             records[i]["samples_s"].append(timed(i, alone=False))
     ctx.barrier()
@@ -373,6 +382,14 @@ def aggregate(per_rank: Sequence[Sequence[dict]]) -> List[dict]:
         batch = int(row["batch_size"])
         samples = [r.get("samples_s") or [] for r in recs]
         alone = first.get("alone_samples_s") or []
+        if first.get("alone_only"):  # rank 0's figure only (no DDP step to time together)
+            if not alone or min(alone) <= 0:
+                row["error"] = "no timing samples (rank 0 alone)" if not alone else \
+                    "a timing sample of 0 s (below the clock's resolution): raise --iters"
+                continue
+            row.update(single_img_per_s=round(_median_rate(batch, alone), 1),
+                       ms=round(statistics.median(alone) * 1e3, 4), alone_only=True)
+            continue
         if not all(samples) or not alone:
             row["error"] = "no timing samples" + ("" if alone else " (rank 0 alone)")
             continue
@@ -421,6 +438,12 @@ def format_table(result: dict) -> str:
         head = f"| {r['model']} | {r['dtype']} | {r['batch_size']} | {impl} |"
         if r.get("error"):
             out.append(f"{head} - | - | - | - | - | - | - | {r['error'][:80]} |")
+            continue
+        if r.get("alone_only"):
+            out.append(f"{head} {r['single_img_per_s']:.1f} | no DDP | - | - | - | "
+                       f"{r['first_s'] if r['first_s'] is not None else '-'} | "
+                       f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else '-'} | "
+                       f"{'-' if r['rel_err'] is None else format(r['rel_err'], '.1e')} |")
             continue
         per = " / ".join(f"{p:.1f}" for p in r["per_rank_img_per_s"])
         out.append(f"{head} {r['single_img_per_s']:.1f} | {per} | {r['agg_img_per_s']:.1f} | "
@@ -483,9 +506,9 @@ def train_model(impl: str, name: str) -> torch.nn.Module:
     ours = calibrated_random_weights(dla_fast.create_model(name), 0)
     if impl == "dla_fast_eager":
         return ours
-    if impl == "dla_fast_fused":
+    if impl in ("dla_fast_fused", "dla_fast_fused_graph"):
         return ours.set_fused_training(True)
-    if impl in ("timm_eager", "torch_compile"):
+    if impl in ("timm_eager", "torch_compile", "timm_eager_graph"):
         import timm
 
         m = timm.create_model(name)
@@ -531,12 +554,38 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x:
     return step
 
 
+def make_captured_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                       amp_dtype: Optional[torch.dtype] = None, scaler=None) -> Callable[[], torch.Tensor]:
+    """:func:`make_train_step`'s step with the forward, loss and backward replayed from a CUDA graph
+    (:class:`dla_fast.train.graph.CapturedTrainStep`, captured here) and the optimizer step eager."""
+    from .train.graph import CapturedTrainStep
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(out.float(), target)
+
+    # The batch is the graph's own input tensors (donated): one copy of it in memory, as the other steps have.
+    captured = CapturedTrainStep(model, loss_fn, x, y, amp_dtype=amp_dtype, scaler=scaler, donate_examples=True)
+
+    def step() -> torch.Tensor:
+        loss = captured(captured.inputs, captured.target)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        return loss
+
+    return step
+
+
 def train_case(impl: str, name: str, dtype: torch.dtype, batch: int, device: torch.device, hw: Tuple[int, int],
                sync_bn: bool = False) -> Case:
     """A data-parallel training step of ``impl``'s model: rank 0 alone runs it without DDP, all ranks together
     with DDP. ``dtype`` other than float32 trains under autocast (float16 with a GradScaler), the weights stay
     float32. ``sync_bn``: SyncBatchNorm in the DDP model instead of per-process BN statistics."""
     def build() -> Workload:
+        if impl in GPU_ONLY_IMPLS and device.type != "cuda":
+            raise Skipped("skipped: needs a GPU")
         model = train_model(impl, name).to(device).to(memory_format=torch.channels_last).train()
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(batch, 3, hw[0], hw[1], generator=gen).to(device).contiguous(
@@ -546,6 +595,11 @@ def train_case(impl: str, name: str, dtype: torch.dtype, batch: int, device: tor
 
         def scaler():
             return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        if impl.endswith("_graph"):
+            wl = Workload(alone=make_captured_step(model, sgd(model), x, y, amp, scaler()), grad=True,
+                          alone_only=True)
+            wl.alone()
+            return wl
         parallel = copy.deepcopy(model)  # before any step: the DDP copy starts from the same weights
         # torch.compile: the optimizer steps the module's parameters, the step calls the compiled module
         run = torch.compile(model) if impl == "torch_compile" else model

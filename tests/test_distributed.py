@@ -23,6 +23,8 @@ from dla_fast.verify import FLOOR, RATIO
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_TIMEOUT_S = 300
 # the smallest real run: 2 images of 32x32 per rank, two timing rounds of one step
+# the training steps DDP runs (a captured step has no DDP)
+UNCAPTURED = [i for i in D.TRAIN_IMPLS if not i.endswith("_graph")]
 SMALL = ["--device", "cpu", "--model", "dla46_c", "--hw", "32", "--batch-size", "2", "--rounds", "2", "--iters", "1"]
 
 
@@ -125,6 +127,22 @@ def test_format_table():
     assert "2 ranks (nccl) on 1 node(s): GPU" in t
     assert "| dla34 | float16 | 4 | a | 500.0 | 400.0 / 200.0 | 600.0 | 400.0 | 0.600 |" in t
     assert "| b (train) | - |" in t and "skipped: needs a GPU" in t
+
+
+def test_rank0_only_rows():
+    """A captured step has no DDP: rank 0's figure only, from its alone samples; no all-ranks figures."""
+    r0 = [_rec("g", [], alone=[0.004, 0.005, 0.004], mode="train", alone_only=True)]
+    r1 = [_rec("g", [], mode="train", alone_only=True)]
+    (row,) = D.aggregate([r0, r1])
+    assert row["error"] is None and row["alone_only"]
+    assert row["single_img_per_s"] == 1000.0 and row["ms"] == pytest.approx(4.0)
+    assert row["agg_img_per_s"] is None and row["per_rank_img_per_s"] is None and row["efficiency"] is None
+    t = D.format_table({"world_size": 2, "backend": "nccl", "torch": "2", "triton": "3", "date": "today",
+                        "ranks": [{"rank": r, "host": "node", "device": "GPU"} for r in range(2)], "mode": "train",
+                        "rows": [row]})
+    assert "| g (train) | 1000.0 | no DDP | - | - | - |" in t
+    (row,) = D.aggregate([[_rec("g", [], alone=[], mode="train", alone_only=True)]])
+    assert row["error"] == "no timing samples (rank 0 alone)"
 
 
 def test_relaunch_command():
@@ -269,7 +287,7 @@ def test_ddp_gradients_equal_one_process_on_the_concatenated_batch(tmp_path):
     out = tmp_path / "grads.json"
     _ok(_torchrun([__file__, "grads", str(out)]))
     r = json.loads(out.read_text())
-    assert set(r) == set(D.TRAIN_IMPLS)
+    assert set(r) == set(UNCAPTURED)
     for impl, ranks in r.items():
         assert len(ranks) == 2
         for x in ranks:
@@ -330,7 +348,12 @@ def test_bench_on_gpus(tmp_path, train):
     assert len({x["gpu_uuid"] for x in r["ranks"]}) == n  # each rank on its own GPU
     for row in r["rows"]:
         assert row["error"] is None, row
+        if row.get("alone_only"):  # the captured step: rank 0 alone, no DDP
+            assert row["impl"].endswith("_graph") and row["single_img_per_s"] > 0
+            continue
         assert len(row["per_rank_img_per_s"]) == n and row["efficiency"] > 0
+    if train:
+        assert "dla_fast_fused_graph" in {row["impl"] for row in r["rows"]}
     if not train:
         # Both rows against the same float32 reference: the fused model's error within twice timm's fp16 error
         errs = {row["impl"]: row["rel_err"] for row in r["rows"]}
@@ -345,7 +368,7 @@ def _worker_grads(ctx: D.Context, out: str) -> None:
 
     results = {}
     n, r = 2, ctx.rank
-    for impl in D.TRAIN_IMPLS:
+    for impl in UNCAPTURED:
         base = D.freeze_bn(D.train_model(impl, "dla46_c").double().train())
         gen = torch.Generator().manual_seed(5)
         x = torch.randn(n * ctx.world_size, 3, 32, 32, generator=gen, dtype=torch.float64)
@@ -367,7 +390,7 @@ def _worker_grads(ctx: D.Context, out: str) -> None:
     got = ctx.gather(results)
     if ctx.is_main:
         with open(out, "w") as f:
-            json.dump({impl: [g[impl] for g in got] for impl in D.TRAIN_IMPLS}, f)
+            json.dump({impl: [g[impl] for g in got] for impl in UNCAPTURED}, f)
 
 
 def _worker_tune(ctx: D.Context, out: str) -> None:
