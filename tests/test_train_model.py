@@ -124,14 +124,20 @@ def test_triton_backend_refuses_what_it_cannot_run():
 # ------------------------------------------------------------------------------------------ the kernels (CPU)
 
 @needs_interp
-def test_fused_training_step_against_float64():
+def test_fused_training_step_against_float64(monkeypatch):
     """One training step of a whole model on the kernels (float32, interpreter): output, every gradient and every
-    running statistic within 2x the modules' error against float64; the parameters are the model's own."""
+    running statistic within 2x the modules' error against float64; the parameters are the model's own; the
+    trees' max pools ran on the kernels too."""
+    from dla_fast.train import _autograd as ag
     model = _model("dla46_c")
     fused, eager, truth = _three(model, "triton")
     params = list(fused.parameters())
     x, t = torch.randn(2, 3, 64, 64), torch.randint(0, 1000, (2,))
+    pools = []
+    apply = ag.MaxPool.apply
+    monkeypatch.setattr(ag.MaxPool, "apply", lambda *a: pools.append(a[1]) or apply(*a))
     yf, gf = _step(fused, x, t)
+    assert pools == [2] * sum(isinstance(m, nn.MaxPool2d) for m in fused.modules())  # every tree's downsampling
     ye, ge = _step(eager, x, t)
     yt, gt = _step(truth, x.double(), t)
     assert all(p is q for p, q in zip(params, fused.parameters()))

@@ -470,6 +470,35 @@ def test_tensor_stats_kernel(layout, dtype):
         kt.tensor_stats_launch(z0.to(DEV, dtype).permute(0, 1, 3, 2))
 
 
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("k,hw,layout", [(2, (8, 6), "cl"), (2, (9, 7), "nchw"), (3, (10, 11), "slice")])
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
+def test_max_pool_forward_backward(k, hw, layout, dtype):
+    """The trees' max pool on the kernels (``MaxPool``: no indices stored, each window's winner found again in
+    the backward) against F.max_pool2d's forward and backward, exactly: inputs drawn from 3 values, so most
+    windows tie (the first maximum wins, as in torch), a NaN and an all -inf window, odd sizes (floor mode leaves
+    rows and columns without gradient), a non-contiguous output gradient."""
+    gen = torch.Generator().manual_seed(31)
+    x0 = torch.randint(-1, 2, (3, 20, *hw), generator=gen).float()
+    x0[0, 1, 0, 0] = float("nan")
+    x0[1, 2, :k, :k] = float("-inf")
+    x = _layout(x0.to(DEV, dtype), layout)
+    g = torch.randn(3, 20, hw[1] // k, hw[0] // k, generator=gen).to(DEV, dtype).transpose(2, 3)
+    xr = x.detach().clone().requires_grad_(True)
+    yr = F.max_pool2d(xr, k, k)
+    yr.backward(g)
+    xa = x.detach().clone().requires_grad_(True)
+    ya = ag.MaxPool.apply(xa, k)
+    ya.backward(g)
+    torch.testing.assert_close(ya, yr, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(xa.grad, xr.grad, rtol=0, atol=0)
+    from dla_fast.backends.triton import _train as kt
+    dx = kt.max_pool_backward_launch(x, g, k)
+    assert dx.is_contiguous(memory_format=torch.channels_last) and dx.dtype == dtype
+    torch.testing.assert_close(dx, xr.grad, rtol=0, atol=0)
+
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DT_ID)

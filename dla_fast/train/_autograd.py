@@ -8,7 +8,8 @@ A conv -> BatchNorm(train) -> ReLU layer is two functions:
 ``BnAct``      y = act(BN(z; mean, var, gamma, beta) + residual).
 
 An aggregation node (DLA's root: 1x1 conv over the concat of its children) is ``AggStats`` (z, mean, var of
-``conv1x1(cat(children), w)``, the children read in place) followed by the same ``BnAct``.
+``conv1x1(cat(children), w)``, the children read in place) followed by the same ``BnAct``. ``MaxPool`` is the
+trees' downsampling (K x K, stride K) on the Triton kernels, forward and backward.
 
 ``mean``/``var`` leave ``ConvStats`` as non-differentiable outputs: every consumer of them (``BnAct``, the next
 ``ConvStats``'s prologue) is a BatchNorm of that same ``z`` and returns the full BN input gradient, the terms
@@ -309,6 +310,29 @@ class AggStats(torch.autograd.Function):
             dw = dw.as_strided(weight.shape, weight.stride()) if weight.stride()[:2] == dw.stride() \
                 else dw.view_as(weight)
         return (None, dw, *dkids)
+
+
+class MaxPool(torch.autograd.Function):
+    """y = max_pool2d(x, k, stride=k) (no padding, floor mode: the trees' downsampling) on the Triton kernels.
+    The forward stores no indices (the inference kernel); the backward finds each window's winner again from x,
+    which the model keeps anyway (the previous layer's output), and writes every input's gradient in one pass
+    where ATen zero-fills the input gradient and then scatters into it. forward(x, k)."""
+
+    @staticmethod
+    def forward(ctx, x, k):
+        from ..backends.triton import _launch
+        ctx.k = int(k)
+        ctx.save_for_backward(x)
+        return _launch.max_pool_launch(x, int(k), raw=True)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        from ..backends.triton import _train as kt
+        (x,) = ctx.saved_tensors
+        if dy is None:
+            return None, None
+        return kt.max_pool_backward_launch(x, dy, ctx.k, raw=True), None
 
 
 def _pixels_ok(t: torch.Tensor) -> bool:

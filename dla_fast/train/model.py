@@ -66,11 +66,38 @@ def _node(m: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], child
     return _block(m, x, shortcut, backend)
 
 
+def _pool_size(pool: nn.Module) -> Optional[int]:
+    """K for a plain K x K max pool of stride K (no padding, dilation, ceil mode or indices), else None."""
+    if not isinstance(pool, nn.MaxPool2d) or pool.ceil_mode or pool.return_indices:
+        return None
+    k, s, p, d = (nn.modules.utils._pair(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation))
+    if k != s or k[0] != k[1] or p != (0, 0) or d != (1, 1):
+        return None
+    return int(k[0])
+
+
+def _downsample(pool: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """A tree's downsampling: the Triton max-pool (forward and backward, no indices) where the kernels run
+    under ``backend`` (as for the convs: CUDA fp16/bf16 under auto; the interpreter only when asked for by
+    name), else the module. Traced code (torch.compile) keeps the module, which Inductor fuses itself."""
+    from ..backends import reason_unavailable
+    from . import _autograd as ag
+
+    k = _pool_size(pool)
+    if k is None or backend == "eager" or not ag._direct(x) or x.dim() != 4:
+        return pool(x)
+    if backend == "auto" and (x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16)):
+        return pool(x)
+    if reason_unavailable("triton", x) is not None:
+        return pool(x)
+    return ag.MaxPool.apply(x, k)
+
+
 def _tree(t: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], children: Optional[List[torch.Tensor]],
           backend: str) -> torch.Tensor:
     if children is None:
         children = []
-    bottom = t.downsample(x)
+    bottom = _downsample(t.downsample, x, backend)
     if isinstance(t.project, nn.Identity):
         shortcut = bottom
     else:

@@ -14,6 +14,8 @@ forces it:
 * ``_bn_act_kernel``: ``act((z - mean) * scale + bias + residual)``, one elementwise pass.
 * ``_bn_bwd_reduce_kernel`` / ``_bn_bwd_apply_kernel``: BatchNorm(+ReLU) backward in two passes, the per-channel
   sums ``sum(g)`` and ``sum(g * xhat)`` (``g`` the gradient after the ReLU mask) and then the input gradient.
+* ``_max_pool_bwd_kernel``: the trees' K x K max-pool backward, the winner of each window found again from the
+  input (the forward is the inference max-pool kernel and stores no indices).
 
 Per-channel reductions are deterministic: each program writes its partial to its own row of an fp32
 workspace ``[tiles, C]`` and fixed-shape torch reductions combine the rows; no float atomics, so two runs of
@@ -444,6 +446,46 @@ def _bn_bwd_apply_kernel(
 
 # ----------------------------------------------------------------------------------------------- launchers
 
+@triton.jit
+def _max_pool_bwd_kernel(
+    x_ptr, g_ptr, dx_ptr,
+    P, Ho, Wo, C,
+    sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdh, sdw,
+    n_tiles_c,
+    K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The gradient of K x K max pooling with stride K, no padding (the DLA trees' downsampling): each window's
+    output gradient goes to the input that won it, zeros to the others, every covered input written once (the
+    windows do not overlap). The winner is found again from x, as torch's max_pool2d picks it: the first
+    maximum in scan order, the last NaN. No indices are stored by the forward."""
+    pid = tl.program_id(0)
+    pid_p = pid // n_tiles_c
+    pid_c = pid % n_tiles_c
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (p < P)[:, None] & (c < C)[None, :]
+    hw = Ho * Wo
+    img = p // hw
+    pix = p % hw
+    oh = pix // Wo
+    ow = pix % Wo
+    xbase = img * sxn + (oh * K) * sxh + (ow * K) * sxw
+    best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float32)
+    arg = tl.zeros((BLOCK_P, BLOCK_C), tl.int32)
+    for t in range(K * K):
+        v = tl.load(x_ptr + (xbase + (t // K) * sxh + (t % K) * sxw)[:, None] + (c * sxc)[None, :], mask=mask,
+                    other=float("-inf")).to(tl.float32)
+        take = (v > best) | (v != v)
+        best = tl.where(take, v, best)
+        arg = tl.where(take, t, arg)
+    g = tl.load(g_ptr + (img * sgn + oh * sgh + ow * sgw)[:, None] + (c * sgc)[None, :], mask=mask, other=0.0)
+    zero = tl.zeros((BLOCK_P, BLOCK_C), g.dtype)
+    dbase = img * sdn + (oh * K) * sdh + (ow * K) * sdw
+    for t in range(K * K):
+        tl.store(dx_ptr + (dbase + (t // K) * sdh + (t % K) * sdw)[:, None] + c[None, :],
+                 tl.where(arg == t, g, zero).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 def _idx64(*extents: int) -> bool:
     return max(extents) >= _IDX64_THRESHOLD
 
@@ -602,6 +644,34 @@ def tensor_stats_launch(z: torch.Tensor, raw: bool = False) -> Tuple[torch.Tenso
         z, psum, pm2, M, C, int(s), n_tiles_c, IDX64=_idx64(_max_offset(z)), BLOCK_M=bm, BLOCK_C=bc,
         num_warps=WARPS_ELTWISE, num_stages=1)
     return _stats_from_partials(psum, pm2, M, bm, raw)
+
+
+def max_pool_backward_launch(x: torch.Tensor, grad: torch.Tensor, k: int, raw: bool = False) -> torch.Tensor:
+    """The input gradient of ``F.max_pool2d(x, k, stride=k)`` (no padding, floor mode) given the output's
+    gradient ``grad``, channels_last, in ``grad``'s dtype. Inputs beyond the last whole window (floor mode) get
+    zeros."""
+    N, C, H, W = x.shape
+    Ho, Wo = H // k, W // k
+    if tuple(grad.shape) != (N, C, Ho, Wo):
+        raise ValueError(f"max_pool backward: grad {tuple(grad.shape)} is not the pooled shape {(N, C, Ho, Wo)}")
+    dx = _new_output(N, C, H, W, x.device, grad.dtype)
+    if H != Ho * k or W != Wo * k:  # the rows / columns floor mode leaves out get no gradient
+        dx[:, :, Ho * k:].zero_()
+        dx[:, :, :, Wo * k:].zero_()
+    P = N * Ho * Wo
+    if P == 0 or C == 0 or _skip_launch(dx):
+        return dx
+    if max(_max_offset(x), _max_offset(grad), dx.numel()) >= _I32_LIMIT:
+        raise RuntimeError(f"max_pool backward (triton): a {tuple(x.shape)} input exceeds the kernel's 32-bit "
+                           "offsets")
+    bc = min(64, max(16, _pow2(C)))
+    bp = 16 if interpreted() else max(16, ELTWISE_TILE // bc)
+    n_tiles_c = _cdiv(C, bc)
+    sdn, _, sdh, sdw = dx.stride()
+    _kernel(_max_pool_bwd_kernel, raw)[lambda meta: (_cdiv(P, bp) * n_tiles_c,)](
+        x, grad, dx, P, Ho, Wo, C, *x.stride(), *grad.stride(), sdn, sdh, sdw, n_tiles_c,
+        K=int(k), BLOCK_P=bp, BLOCK_C=bc, num_warps=WARPS_ELTWISE, num_stages=1)
+    return dx
 
 
 def _rows(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
@@ -807,5 +877,5 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["conv_stats_launch", "agg_stats_launch", "bn_act_launch", "bn_backward_launch", "train_conv_kind",
-           "train_conv_plan", "TRAIN_CONV_KINDS", "NAMESPACE"]
+__all__ = ["conv_stats_launch", "agg_stats_launch", "bn_act_launch", "bn_backward_launch", "max_pool_backward_launch",
+           "train_conv_kind", "train_conv_plan", "TRAIN_CONV_KINDS", "NAMESPACE"]
