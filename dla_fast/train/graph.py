@@ -90,8 +90,9 @@ class CapturedTrainStep:
 
         self.model, self.loss_fn, self.amp_dtype, self.scaler = model, loss_fn, amp_dtype, scaler
         self._params = params
-        if donate_examples:
-            self._static_x, self._static_y = example_inputs.detach(), example_target.detach()
+        if donate_examples:  # the tensors themselves (detach() would hand back another tensor object)
+            self._static_x, self._static_y = (t.detach() if t.requires_grad else t
+                                              for t in (example_inputs, example_target))
         else:
             self._static_x, self._static_y = example_inputs.detach().clone(), example_target.detach().clone()
         self._graph = torch.cuda.CUDAGraph()
