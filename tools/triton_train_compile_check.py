@@ -6,7 +6,7 @@ The training counterpart of ``tools/triton_compile_check.py`` (whose recorder an
 training launchers (:mod:`dla_fast.backends.triton._train`) on ``meta`` tensors of every distinct layer shape
 of the chosen variants (:func:`record_training`: the statistics conv with and without the BN+ReLU prologue and
 the statistics pass over a conv output, the aggregation node over its children in place, BN apply / backward
-on the outputs); records each launch and
+on the outputs, and the trees' max-pool backward); records each launch and
 compiles each specialisation once for the target (default sm_90), reporting compile errors, shared memory and,
 with ``--sass``, instruction counts (HGMMA, LDGSTS, spills).
 """
@@ -61,6 +61,22 @@ def record_training(s, n: int, dtype: torch.dtype, tf32: bool = True) -> bool:
     return True
 
 
+# The trees' max-pool inputs (channels, size at 224x224) of the DLA variants: level 1's 32 channels at 112 (dla34),
+# then the wider levels; the kernel specialises on the channel tile (32 or 64) and the dtype.
+POOL_INPUTS = ((32, 112), (64, 56), (128, 56), (128, 28), (256, 28), (256, 14), (512, 14), (1024, 7))
+
+
+def record_pools(n: int, dtype: torch.dtype, hw: int = 224) -> None:
+    """The trees' 2x2 max-pool backward (the forward is the inference kernel) at batch ``n``, meta tensors."""
+    from dla_fast.backends.triton import _train
+
+    for c, size in POOL_INPUTS:
+        size = size * hw // 224
+        x = torch.empty(n, size, size, c, device="meta", dtype=dtype).permute(0, 3, 1, 2)
+        g = torch.empty(n, size // 2, size // 2, c, device="meta", dtype=dtype).permute(0, 3, 1, 2)
+        _train.max_pool_backward_launch(x, g, 2)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability to compile for, e.g. 90 or 80")
@@ -94,6 +110,10 @@ def main(argv=None) -> int:
                 continue
             for kernel, a, kw in rec.calls:
                 failures += _report(f"{e.shape.label()} {dname}", kernel, a, kw, args, seen)
+        rec.calls.clear()
+        record_pools(args.batch, dtype, int(args.hw.split("x")[0]))
+        for kernel, a, kw in rec.calls:
+            failures += _report(f"max-pool backward {dname}", kernel, a, kw, args, seen)
     print(f"{len(seen)} training-kernel specialisations of {len(entries)} shapes compiled for sm_{args.arch} "
           f"({skipped} shapes without a training kernel): {failures} failures")
     return 1 if failures else 0

@@ -42,7 +42,8 @@ class CapturedTrainStep:
     running statistics update on every call, as in the uncaptured step.
 
     Construction runs ``warmup`` uncaptured steps on a side stream (kernels compile and select their configs
-    outside the capture) on the example batch, then restores every buffer of the model (BN running statistics
+    outside the capture) and one more with host synchronisation forbidden (a step that synchronises is refused
+    with the reason before any capture starts), on the example batch, then restores every buffer of the model (BN running statistics
     and counters) to its value before, so that the model's state is as if only the calls had run. The parameters'
     gradients become the step's own tensors (whatever ``.grad`` held before is dropped). The graph keeps the
     step's activations allocated between calls (its memory pool): about the peak memory of one step.
@@ -106,6 +107,24 @@ class CapturedTrainStep:
                     for p in params:
                         p.grad = None
                     self._body()
+                # One more step with host synchronisation forbidden: a step that synchronises cannot be captured,
+                # and a capture that fails part-way leaves torch's CUDA generator unusable in this process.
+                for p in params:
+                    p.grad = None
+                mode = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    self._body()
+                except RuntimeError as e:
+                    if "synchroniz" not in str(e):
+                        raise
+                    raise RuntimeError(
+                        f"the training step synchronises with the host, so it cannot be captured in a CUDA graph "
+                        f"({e}). Typical causes: .item() or float() of a CUDA tensor, BatchNorm with momentum=None "
+                        "(it reads its batch counter), boolean indexing, nonzero. Run that model without capture"
+                    ) from e
+                finally:
+                    torch.cuda.set_sync_debug_mode(mode)
             torch.cuda.current_stream(dev).wait_stream(side)
             for p in params:
                 p.grad = None
@@ -113,10 +132,7 @@ class CapturedTrainStep:
                 with torch.cuda.graph(self._graph):
                     self._loss = self._body()
             except RuntimeError as e:
-                raise RuntimeError(
-                    f"capturing the training step in a CUDA graph failed: {e}\nSomething in the model or the loss "
-                    "synchronises with the host or changes shape with the data (.item(), BatchNorm with "
-                    "momentum=None, boolean indexing, nonzero); run that model without capture") from e
+                raise RuntimeError(f"capturing the training step in a CUDA graph failed: {e}") from e
         finally:
             with torch.no_grad():
                 for b, s in zip(buffers, saved):
