@@ -134,10 +134,10 @@ def test_weight_gradient_keeps_the_weight_layout(cl):
     w = torch.randn(8, 1, 1, 24, device=DEV).permute(0, 3, 1, 2) if cl else torch.randn(8, 24, 1, 1, device=DEV)
     w = (w * 0.2).requires_grad_()
     assert w.stride() == ((24, 1, 24, 24) if cl else (24, 1, 1, 1))
-    z, _, _ = ag.AggStats.apply("triton", w, *kids)
+    z, _, _ = ag.AggStats.apply("triton", None, w, *kids)
     gz = torch.randn_like(z)
     (dw,) = torch.autograd.grad(z, (w,), gz)
-    zr, _, _ = ag.AggStats.apply("torch", w, *kids)
+    zr, _, _ = ag.AggStats.apply("torch", None, w, *kids)
     (dw_r,) = torch.autograd.grad(zr, (w,), gz)
     assert dw.stride() == w.stride() and _rel(dw, dw_r) < 1e-5
 
@@ -150,11 +150,11 @@ def test_children_read_in_place():
     big = torch.randn(2, 24, 5, 5, device=DEV).contiguous(memory_format=torch.channels_last).requires_grad_()
     kids = [big[:, :8], big[:, 8:24]]
     w = (torch.randn(8, 24, 1, 1, device=DEV) * 0.2).requires_grad_()
-    z, mean, var = ag.AggStats.apply("triton", w, *kids)
+    z, mean, var = ag.AggStats.apply("triton", None, w, *kids)
     assert z.grad_fn is not None
     saved = z.grad_fn.saved_tensors
     assert saved[1].data_ptr() == big.data_ptr() and saved[2].data_ptr() == kids[1].data_ptr()
-    zr, mr, vr = ag.AggStats.apply("torch", w, *kids)
+    zr, mr, vr = ag.AggStats.apply("torch", None, w, *kids)
     assert _rel(z, zr) < 1e-5 and _rel(mean, mr) < 1e-5 and _rel(var, vr) < 1e-5
     gz = torch.randn_like(z)
     dbig, dw = torch.autograd.grad(z, (big, w), gz)
@@ -257,7 +257,7 @@ def test_gradcheck_float64():
     beta = torch.randn(4, generator=gen, dtype=torch.float64).requires_grad_()
 
     def f(k0, k1, k2, w, gamma, beta):
-        z, mean, var = ag.AggStats.apply("torch", w, k0, k1, k2)
+        z, mean, var = ag.AggStats.apply("torch", None, w, k0, k1, k2)
         return ag.BnAct.apply(z, mean, var, gamma, beta, k0, 1e-5, False, torch.float64, "torch")
 
     assert torch.autograd.gradcheck(f, (*kids, w, gamma, beta))
@@ -556,7 +556,7 @@ def test_double_backward_is_refused():
     """AggStats' backward is not differentiable itself: a double backward raises instead of being wrong."""
     kids = [torch.randn(2, c, 3, 3, dtype=torch.float64, requires_grad=True) for c in (4, 4)]
     w = torch.randn(4, 8, 1, 1, dtype=torch.float64, requires_grad=True)
-    z, _, _ = ag.AggStats.apply("torch", w, *kids)
+    z, _, _ = ag.AggStats.apply("torch", None, w, *kids)
     (gk,) = torch.autograd.grad((z * z).sum(), (kids[1],), create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gk.sum().backward()

@@ -472,6 +472,49 @@ def test_tensor_stats_kernel(layout, dtype):
 
 @pytest.mark.interpreter
 @needs_kernels
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_bn_fold_in_the_final_launch(affine):
+    """The statistics' final launch finishing the layer's BN (``BnFold``): rstd, scale = gamma * rstd, the running
+    statistics (momentum, unbiased variance) and the counter, from the conv kernel, from the statistics pass over
+    an existing tensor (the CUDA stem's path) and by torch ops (``impl="torch"``), against the same formulas in
+    float64 on the returned batch statistics."""
+    from dla_fast.backends.triton import _train as kt
+    gen = torch.Generator().manual_seed(33)
+    x = torch.randn(3, 8, 9, 7, generator=gen).to(DEV)
+    w = (torch.randn(12, 8, 3, 3, generator=gen) * 0.2).to(DEV)
+    gamma = (torch.rand(12, generator=gen) + 0.5).to(DEV) if affine else None
+    rm0, rv0 = torch.randn(12, generator=gen).to(DEV), (torch.rand(12, generator=gen) + 0.5).to(DEV)
+    count = 3 * 9 * 7
+
+    def fold():
+        if not affine:  # track_running_stats=False as well: nothing to update
+            return kt.BnFold(None, 1e-3, None, None, None, 0.1, count)
+        return kt.BnFold(gamma, 1e-3, rm0.clone(), rv0.clone(), torch.tensor(5, device=DEV), 0.1, count)
+
+    runs = {}
+    for impl in ("triton", "torch"):
+        f = fold()
+        runs[impl] = (ag.ConvStats.apply(x, w, (1, 1), (1, 1), 1, impl, None, None, None, None, 0.0, False, f), f)
+    z = runs["triton"][0][0]
+    f = fold()
+    runs["stats pass"] = ((z, *kt.tensor_stats_launch(z, fold=f)), f)
+    for what, ((_, mean, var, rstd, scale), f) in runs.items():
+        m, v = mean.double(), var.double()
+        r = 1 / (v + 1e-3).sqrt()
+        torch.testing.assert_close(rstd.double(), r, rtol=1e-6, atol=0, msg=what)
+        torch.testing.assert_close(scale.double(), r * (gamma.double() if affine else 1), rtol=1e-6, atol=0,
+                                   msg=what)
+        if affine:
+            torch.testing.assert_close(f.running_mean.double(), rm0.double() + 0.1 * (m - rm0.double()), rtol=1e-6,
+                                       atol=1e-7, msg=what)
+            torch.testing.assert_close(f.running_var.double(),
+                                       rv0.double() + 0.1 * (v * count / (count - 1) - rv0.double()), rtol=1e-6,
+                                       atol=1e-7, msg=what)
+            assert int(f.num_batches_tracked) == 6, what
+
+
+@pytest.mark.interpreter
+@needs_kernels
 @pytest.mark.parametrize("k,hw,layout", [(2, (8, 6), "cl"), (2, (9, 7), "nchw"), (3, (10, 11), "slice")])
 @pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
 def test_max_pool_forward_backward(k, hw, layout, dtype):

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 if __package__ in (None, ""):  # run as a script: the repository's dla_fast even when it is not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64"}
 
 
 class _Recorder:
@@ -75,6 +75,8 @@ def _compile(kernel, args, kwargs, arch: int):
             sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
         else:
             raise TypeError(f"{name}: {type(v)}")
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)

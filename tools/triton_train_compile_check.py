@@ -51,6 +51,10 @@ def record_training(s, n: int, dtype: torch.dtype, tf32: bool = True) -> bool:
         for norm, relu in ((None, False), (vec, True)):
             z, _, _ = _train.conv_stats_launch(x, w, s.stride, s.padding, groups, norm, relu, tf32)
         _train.tensor_stats_launch(z)
+        # the final launch finishing the layer's BN (coefficients, running statistics, counter)
+        c = [torch.empty(s.cout, device="meta") for _ in range(3)]
+        fold = _train.BnFold(c[0], 1e-5, c[1], c[2], torch.empty((), device="meta", dtype=torch.int64), 0.1, 2)
+        _train.conv_stats_launch(x, w, s.stride, s.padding, groups, None, False, tf32, fold=fold)
     cvec = [torch.empty(s.cout, device="meta") for _ in range(3)]
     res = torch.empty(n, *z.shape[2:], s.cout, device="meta", dtype=dtype).permute(0, 3, 1, 2)
     for r in (None, res):

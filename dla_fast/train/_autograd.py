@@ -116,29 +116,45 @@ def stem_on_cuda(x: torch.Tensor, weight: torch.Tensor, groups: int, norm) -> bo
     return cuda.unavailable_reason(x) is None
 
 
-def conv_stats(impl: str, x, weight, stride, padding, groups, norm, norm_relu):
+def _folded(out, fold):
+    """(z, mean, var) -> with ``fold`` (a layer's BN, :class:`dla_fast.backends.triton._train.BnFold`): (z, mean,
+    var, rstd, scale) with its running statistics updated, by torch ops: what the kernels' final launch does."""
+    if fold is None:
+        return out
+    from .ops import update_running_stats
+    z, mean, var = out
+    rstd, scale, _ = _scale_bias(fold.gamma, None, var, fold.eps)
+    update_running_stats(mean, var, fold.count, fold.running_mean, fold.running_var, fold.num_batches_tracked,
+                         fold.factor)
+    return z, mean, var, rstd, scale
+
+
+def conv_stats(impl: str, x, weight, stride, padding, groups, norm, norm_relu, fold=None):
+    """(z, mean, var) of the statistics conv; with ``fold`` also (rstd, scale) of the layer's BN, whose running
+    statistics it updates (see :func:`_folded`)."""
     if impl == "torch":
-        return conv_stats_torch(x, weight, stride, padding, groups, norm, norm_relu)
+        return _folded(conv_stats_torch(x, weight, stride, padding, groups, norm, norm_relu), fold)
     from ..backends.triton import _train as kt
     if _direct(x):
         # (Traced code keeps the one registered Triton op: the choice below is an eager-launch one.)
         if stem_on_cuda(x, weight, groups, norm):
             from ..backends import cuda
             z = cuda.conv_bn_act(x, weight, None, tuple(stride), tuple(padding), groups, None, False)
-            return (z, *kt.tensor_stats_launch(z, raw=True))
-        return kt.conv_stats_launch(x, weight, stride, padding, groups, norm, norm_relu, _tf32(), raw=True)
+            return (z, *kt.tensor_stats_launch(z, raw=True, fold=fold))
+        return kt.conv_stats_launch(x, weight, stride, padding, groups, norm, norm_relu, _tf32(), raw=True,
+                                    fold=fold)
     nm, ns, nb = norm if norm is not None else (None, None, None)
-    return torch.ops.dla_fast_train.conv_stats(x, weight, list(stride), list(padding), groups, nm, ns, nb,
-                                               norm_relu, _tf32())
+    return _folded(torch.ops.dla_fast_train.conv_stats(x, weight, list(stride), list(padding), groups, nm, ns, nb,
+                                                       norm_relu, _tf32()), fold)
 
 
-def agg_stats(impl: str, children, weight):
+def agg_stats(impl: str, children, weight, fold=None):
     if impl == "torch":
-        return agg_stats_torch(children, weight)
+        return _folded(agg_stats_torch(children, weight), fold)
     from ..backends.triton import _train as kt
     if _direct(children[0]):
-        return kt.agg_stats_launch(children, weight, _tf32(), raw=True)
-    return torch.ops.dla_fast_train.agg_stats(list(children), weight, _tf32())
+        return kt.agg_stats_launch(children, weight, _tf32(), raw=True, fold=fold)
+    return _folded(torch.ops.dla_fast_train.agg_stats(list(children), weight, _tf32()), fold)
 
 
 def _pixels(t: torch.Tensor) -> torch.Tensor:
@@ -166,13 +182,15 @@ def bn_backward(impl: str, grad, y, z, mean, rstd, gamma, res_dtype):
     return dz, dgamma, dbeta, (dres if res_dtype is not None else None)
 
 
+def _bias(beta: Optional[torch.Tensor], var: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(var) if beta is None else beta.to(var.dtype)
+
+
 def _scale_bias(gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], var: torch.Tensor, eps: float):
     """(rstd, scale, bias) of a BatchNorm in the statistics' dtype: scale = gamma / sqrt(var + eps)."""
-    sd = var.dtype
     rstd = torch.rsqrt(var + eps)
-    scale = rstd if gamma is None else gamma.to(sd) * rstd
-    bias = torch.zeros_like(var) if beta is None else beta.to(sd)
-    return rstd, scale, bias
+    scale = rstd if gamma is None else gamma.to(var.dtype) * rstd
+    return rstd, scale, _bias(beta, var)
 
 
 def _grad_as(g: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -187,35 +205,37 @@ class ConvStats(torch.autograd.Function):
     """(z, mean, var) = conv2d(x', weight) and its batch statistics; see the module docstring.
 
     forward(x, weight, stride, padding, groups, impl, norm_mean, norm_var, norm_gamma, norm_beta, norm_eps,
-    norm_relu): without a prologue the ``norm_*`` tensors are None. Autocast must be off inside (the caller
-    casts x and weight to the compute dtype).
+    norm_relu, fold=None): without a prologue the ``norm_*`` tensors are None. Autocast must be off inside (the
+    caller casts x and weight to the compute dtype). ``fold``: this layer's own BN
+    (:class:`dla_fast.backends.triton._train.BnFold`), whose coefficients come back as two more outputs, (z,
+    mean, var, rstd, scale), and whose running statistics are updated, in the statistics' final launch.
     """
 
     @staticmethod
     def forward(ctx, x, weight, stride, padding, groups, impl, norm_mean, norm_var, norm_gamma, norm_beta,
-                norm_eps, norm_relu):
+                norm_eps, norm_relu, fold=None):
         norm = None
         rstd = scale = bias = None
         if norm_mean is not None:
             rstd, scale, bias = _scale_bias(norm_gamma, norm_beta, norm_var, norm_eps)
             norm = (norm_mean, scale, bias)
-        z, mean, var = conv_stats(impl, x, weight, stride, padding, groups, norm, norm_relu)
-        ctx.mark_non_differentiable(mean, var)
+        out = conv_stats(impl, x, weight, stride, padding, groups, norm, norm_relu, fold)
+        ctx.mark_non_differentiable(*out[1:])
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
         ctx.conf = (tuple(stride), tuple(padding), groups, impl, norm is not None, bool(norm_relu))
         ctx.save_for_backward(x, weight, norm_mean, rstd, scale, bias, norm_gamma, norm_beta)
-        return z, mean, var
+        return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dz, _dmean, _dvar):
+    def backward(ctx, dz, *_stats):
         stride, padding, groups, impl, has_norm, norm_relu = ctx.conf
         x, weight, mean, rstd, scale, bias, gamma, beta = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_g, need_b = ctx.needs_input_grad[8], ctx.needs_input_grad[9]
         dx = dw = dgamma = dbeta = None
         if dz is None:
-            return (None,) * 12
+            return (None,) * 13
         a = x
         if has_norm:
             # The normalised input was never stored: recompute it (the memory the prologue saves).
@@ -230,16 +250,21 @@ class ConvStats(torch.autograd.Function):
         elif need_x:
             dx = da
         return (dx if need_x else None, dw, None, None, None, None, None, None,
-                _grad_as(dgamma, gamma) if need_g else None, _grad_as(dbeta, beta) if need_b else None, None, None)
+                _grad_as(dgamma, gamma) if need_g else None, _grad_as(dbeta, beta) if need_b else None, None, None,
+                None)
 
 
 class BnAct(torch.autograd.Function):
     """y = act(BatchNorm(z; mean, var, gamma, beta, eps) + residual), mean/var the batch statistics of z from
-    :class:`ConvStats`. forward(z, mean, var, gamma, beta, residual, eps, relu, out_dtype, impl)."""
+    :class:`ConvStats`. forward(z, mean, var, gamma, beta, residual, eps, relu, out_dtype, impl, coef=None);
+    ``coef``: (rstd, scale) already computed (by the statistics' final launch), else computed here."""
 
     @staticmethod
-    def forward(ctx, z, mean, var, gamma, beta, residual, eps, relu, out_dtype, impl):
-        rstd, scale, bias = _scale_bias(gamma, beta, var, eps)
+    def forward(ctx, z, mean, var, gamma, beta, residual, eps, relu, out_dtype, impl, coef=None):
+        if coef is None:
+            rstd, scale, bias = _scale_bias(gamma, beta, var, eps)
+        else:
+            (rstd, scale), bias = coef, _bias(beta, var)
         y = bn_act(impl, z, mean, scale, bias, residual, relu, out_dtype)
         ctx.conf = (bool(relu), impl, None if residual is None else residual.dtype)
         ctx.save_for_backward(z, y if relu else None, mean, rstd, gamma, beta)
@@ -253,49 +278,50 @@ class BnAct(torch.autograd.Function):
         need_z, need_g, need_b, need_r = (ctx.needs_input_grad[0], ctx.needs_input_grad[3],
                                           ctx.needs_input_grad[4], ctx.needs_input_grad[5])
         if dy is None:
-            return (None,) * 10
+            return (None,) * 11
         g32 = None if gamma is None else gamma.to(rstd.dtype)
         dz, dgamma, dbeta, dres = bn_backward(impl, dy, y, z, mean, rstd, g32, res_dtype if need_r else None)
         return (dz if need_z else None, None, None, _grad_as(dgamma, gamma) if need_g else None,
-                _grad_as(dbeta, beta) if need_b else None, dres, None, None, None, None)
+                _grad_as(dbeta, beta) if need_b else None, dres, None, None, None, None, None)
 
 
 class AggStats(torch.autograd.Function):
     """(z, mean, var) = conv1x1(cat(children, 1), weight) and z's batch statistics, the concat never formed.
 
-    forward(impl, weight, *children), weight [Cout, sum C_i, 1, 1]; autocast off inside (the caller casts to
-    the compute dtype). The backward writes each child's gradient ``dz @ W_i`` on its own and the weight's as
-    the column blocks ``dz^T @ child_i``: one matrix product per child on the NHWC pixel matrices (no concat of
-    inputs or gradients). The children are saved as they are read (a channels_last copy only for a child whose
-    pixels do not collapse to one row stride: the forward makes that copy anyway)."""
+    forward(impl, fold, weight, *children), weight [Cout, sum C_i, 1, 1]; autocast off inside (the caller casts
+    to the compute dtype); ``fold`` as in :class:`ConvStats` (None, or the node's BN: five outputs). The backward
+    writes each child's gradient ``dz @ W_i`` on its own and the weight's as the column blocks ``dz^T @ child_i``:
+    one matrix product per child on the NHWC pixel matrices (no concat of inputs or gradients). The children are
+    saved as they are read (a channels_last copy only for a child whose pixels do not collapse to one row stride:
+    the forward makes that copy anyway)."""
 
     @staticmethod
-    def forward(ctx, impl, weight, *children):
+    def forward(ctx, impl, fold, weight, *children):
         kids = [c if _pixels_ok(c) else c.contiguous(memory_format=torch.channels_last) for c in children]
-        z, mean, var = agg_stats(impl, kids, weight)
-        ctx.mark_non_differentiable(mean, var)
+        out = agg_stats(impl, kids, weight, fold)
+        ctx.mark_non_differentiable(*out[1:])
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
         ctx.save_for_backward(weight, *kids)
-        return z, mean, var
+        return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dz, _dmean, _dvar):
+    def backward(ctx, dz, *_stats):
         weight, *kids = ctx.saved_tensors
-        n_in = 2 + len(kids)
+        n_in = 3 + len(kids)
         if dz is None:
             return (None,) * n_in
         N, _, H, W = dz.shape
         cout = weight.shape[0]
         w2 = weight.reshape(cout, -1)
         g = _pixels(dz.to(weight.dtype))  # [M, Cout]
-        need_w = ctx.needs_input_grad[1]
+        need_w = ctx.needs_input_grad[2]
         dkids, dw_blocks = [], []
         k0 = 0
         for i, c in enumerate(kids):
             ci = c.shape[1]
             wi = w2[:, k0:k0 + ci]
-            if ctx.needs_input_grad[2 + i]:
+            if ctx.needs_input_grad[3 + i]:
                 dkids.append((g @ wi).view(N, H, W, ci).permute(0, 3, 1, 2))
             else:
                 dkids.append(None)
@@ -309,7 +335,7 @@ class AggStats(torch.autograd.Function):
             # the gradient keeps the parameter's layout and DDP's buckets take it without a copy.
             dw = dw.as_strided(weight.shape, weight.stride()) if weight.stride()[:2] == dw.stride() \
                 else dw.view_as(weight)
-        return (None, dw, *dkids)
+        return (None, None, dw, *dkids)
 
 
 class MaxPool(torch.autograd.Function):

@@ -43,10 +43,11 @@ class CapturedTrainStep:
 
     Construction runs ``warmup`` uncaptured steps on a side stream (kernels compile and select their configs
     outside the capture) and one more with host synchronisation forbidden (a step that synchronises is refused
-    with the reason before any capture starts), on the example batch, then restores every buffer of the model (BN running statistics
-    and counters) to its value before, so that the model's state is as if only the calls had run. The parameters'
-    gradients become the step's own tensors (whatever ``.grad`` held before is dropped). The graph keeps the
-    step's activations allocated between calls (its memory pool): about the peak memory of one step.
+    with the reason before any capture starts), on the example batch, then restores every buffer of the model
+    (BN running statistics and counters) to its value before, so that the model's state is as if only the calls
+    had run. The parameters' gradients become the step's own tensors (whatever ``.grad`` held before is dropped).
+    The graph keeps the step's activations allocated between calls (its memory pool): about the peak memory of one
+    step.
 
     The graph reads its batch from two tensors of its own, :attr:`inputs` and :attr:`target`, which each call
     fills (a call given those very tensors copies nothing). They are copies of the examples, or with

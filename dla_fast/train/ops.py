@@ -99,6 +99,27 @@ def update_running_stats(mean: torch.Tensor, var: torch.Tensor, count: int, runn
             running_var.copy_(torch.lerp(running_var.to(sd), unbiased, factor))
 
 
+def _fold(ref: torch.Tensor, gamma: Optional[torch.Tensor], eps: float, running_mean: Optional[torch.Tensor],
+          running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float],
+          count: int):
+    """The layer's BN for the kernels' final statistics launch to finish (its coefficients, running statistics and
+    counter: :class:`dla_fast.backends.triton._train.BnFold`), or None where torch ops do it after the layer:
+    traced code, ``momentum=None`` (the factor needs the counter on the host), running statistics that are not
+    fp32 (a .half() model: rounded once from fp32) or not contiguous, a counter that is not int64."""
+    if momentum is None or not ag._direct(ref):
+        return None
+    if running_mean is not None and any(t.dtype != torch.float32 or not t.is_contiguous()
+                                        for t in (running_mean, running_var)):
+        return None
+    if num_batches_tracked is not None and (num_batches_tracked.dtype != torch.int64
+                                            or num_batches_tracked.device != ref.device):
+        return None
+    if gamma is not None and not gamma.is_contiguous():
+        return None
+    from ..backends.triton._train import BnFold
+    return BnFold(gamma, float(eps), running_mean, running_var, num_batches_tracked, float(momentum), int(count))
+
+
 def _check_vec(t, name: str, n: int, ref: torch.Tensor) -> None:
     if t is None:
         return
@@ -229,10 +250,13 @@ def conv_bn_relu_train(
         # compute dtype is passed as it is (the kernel reads channel slices of channels_last tensors in place).
         xc = x if x.dtype == cdt else x.to(dtype=cdt, memory_format=torch.channels_last)
         wc = weight.to(cdt)
-        z, mean, var = ag.ConvStats.apply(xc, wc, stride, padding, groups, "triton", None, None, None, None, 0.0,
-                                          False)
-        y = ag.BnAct.apply(z, mean, var, bn_weight, bn_bias, residual, float(eps), relu, out_dtype, "triton")
-    update_running_stats(mean, var, count, running_mean, running_var, num_batches_tracked, momentum)
+        fold = _fold(xc, bn_weight, eps, running_mean, running_var, num_batches_tracked, momentum, count)
+        z, mean, var, *coef = ag.ConvStats.apply(xc, wc, stride, padding, groups, "triton", None, None, None, None,
+                                                 0.0, False, fold)
+        y = ag.BnAct.apply(z, mean, var, bn_weight, bn_bias, residual, float(eps), relu, out_dtype, "triton",
+                           coef or None)
+    if fold is None:
+        update_running_stats(mean, var, count, running_mean, running_var, num_batches_tracked, momentum)
     return y
 
 
@@ -355,7 +379,10 @@ def aggregate_bn_relu_train(
     with torch.autocast(ref.device.type, enabled=False):
         # As in conv_bn_relu_train: the casts are autograd ops and lay a cast child out channels_last.
         kids = [c if c.dtype == cdt else c.to(dtype=cdt, memory_format=torch.channels_last) for c in children]
-        z, mean, var = ag.AggStats.apply("triton", weight.to(cdt), *kids)
-        y = ag.BnAct.apply(z, mean, var, bn_weight, bn_bias, residual, float(eps), relu, out_dtype, "triton")
-    update_running_stats(mean, var, count, running_mean, running_var, num_batches_tracked, momentum)
+        fold = _fold(kids[0], bn_weight, eps, running_mean, running_var, num_batches_tracked, momentum, count)
+        z, mean, var, *coef = ag.AggStats.apply("triton", fold, weight.to(cdt), *kids)
+        y = ag.BnAct.apply(z, mean, var, bn_weight, bn_bias, residual, float(eps), relu, out_dtype, "triton",
+                           coef or None)
+    if fold is None:
+        update_running_stats(mean, var, count, running_mean, running_var, num_batches_tracked, momentum)
     return y

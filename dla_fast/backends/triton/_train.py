@@ -25,7 +25,7 @@ of the variance once a channel's mean is large against its spread.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -240,7 +240,9 @@ def _chunk_of(pid, T, C, TC, n_cblocks, BLOCK_C: tl.constexpr):
 @triton.jit
 def _stats_combine_kernel(
     psum_ptr, pm2_ptr, out_a_ptr, out_b_ptr, T, C, M, BM, TC, n_cblocks,
-    FINAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    gamma_ptr, rstd_ptr, scale_ptr, rmean_ptr, rvar_ptr, count_ptr, eps, factor, unbias,
+    FINAL: tl.constexpr, BN: tl.constexpr, HAS_GAMMA: tl.constexpr, RUNNING: tl.constexpr,
+    COUNTER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Chan's combination of per-tile (sum, M2) rows of a [T, C] workspace, tile t holding min(BM, M - t * BM)
     values: M2 = sum_t M2_t + sum_t n_t (mean_t - mean)^2 over the TC rows of chunk ``pid // n_cblocks``.
@@ -248,7 +250,12 @@ def _stats_combine_kernel(
     otherwise the chunk's (sum, M2) become row ``chunk`` of a [T / TC, C] workspace whose chunks hold TC * BM
     values each, which this kernel combines again with FINAL. Two stages, not one long loop a channel block: a
     224x224 layer has tens of thousands of tile rows, and one program walking them all took milliseconds. The
-    rows are combined in a fixed order (no atomics): the result is the same on every run."""
+    rows are combined in a fixed order (no atomics): the result is the same on every run.
+
+    BN (with FINAL): also the layer's BatchNorm coefficients, rstd = 1 / sqrt(var + eps) and scale = gamma * rstd,
+    and its bookkeeping as nn.BatchNorm2d does it (RUNNING: running = running + factor (stat - running) with the
+    unbiased variance, var * unbias; COUNTER: the batch counter + 1, by program 0): what would otherwise be a
+    dozen small tensor ops a layer, each a launch the host issues."""
     chunk, cols, col_ok, t_lo, t_hi = _chunk_of(tl.program_id(0), T, C, TC, n_cblocks, BLOCK_C)
     n_all = tl.minimum(M - t_lo * BM, TC * BM).to(tl.float32)
     total = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -268,8 +275,23 @@ def _stats_combine_kernel(
         d = s / n[:, None] - mean[None, :]
         m2 += tl.sum(tl.where(ok, q + n[:, None] * d * d, 0.0), axis=0)
     if FINAL:
+        var = m2 / n_all
         tl.store(out_a_ptr + cols, mean, mask=col_ok)
-        tl.store(out_b_ptr + cols, m2 / n_all, mask=col_ok)
+        tl.store(out_b_ptr + cols, var, mask=col_ok)
+        if BN:
+            rstd = 1.0 / tl.sqrt_rn(var + eps)
+            tl.store(rstd_ptr + cols, rstd, mask=col_ok)
+            if HAS_GAMMA:
+                rstd = rstd * tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            tl.store(scale_ptr + cols, rstd, mask=col_ok)
+            if RUNNING:
+                rm = tl.load(rmean_ptr + cols, mask=col_ok, other=0.0)
+                rv = tl.load(rvar_ptr + cols, mask=col_ok, other=0.0)
+                tl.store(rmean_ptr + cols, rm + factor * (mean - rm), mask=col_ok)
+                tl.store(rvar_ptr + cols, rv + factor * (var * unbias - rv), mask=col_ok)
+            if COUNTER:
+                if tl.program_id(0) == 0:
+                    tl.store(count_ptr, tl.load(count_ptr) + 1)
     else:
         tl.store(out_a_ptr + chunk * C + cols, total, mask=col_ok)
         tl.store(out_b_ptr + chunk * C + cols, m2, mask=col_ok)
@@ -545,35 +567,67 @@ def _unused_pointer(device: torch.device) -> torch.Tensor:
     return torch.empty(1, device=device, dtype=torch.float32)
 
 
-def _stats_from_partials(psum: torch.Tensor, pm2: torch.Tensor, M: int, bm: int,
-                         raw: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+class BnFold(NamedTuple):
+    """A layer's BatchNorm, for the statistics' final kernel to compute its coefficients and update its running
+    statistics (see ``_stats_combine_kernel``): ``gamma`` (or None: affine=False), ``eps``; the running mean and
+    variance (fp32, or both None) with ``factor`` (the momentum) and ``count`` (values a channel, for the unbiased
+    variance); the batch counter (int64, or None)."""
+
+    gamma: Optional[torch.Tensor]
+    eps: float
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+    num_batches_tracked: Optional[torch.Tensor]
+    factor: float
+    count: int
+
+
+def _stats_from_partials(psum: torch.Tensor, pm2: torch.Tensor, M: int, bm: int, raw: bool = False,
+                         fold: Optional[BnFold] = None) -> Tuple[torch.Tensor, ...]:
     """(mean, biased variance) of every channel from the per-tile (sum, M2) rows: _stats_combine_kernel, in
-    two stages where there are many rows."""
+    two stages where there are many rows. With ``fold``: (mean, var, rstd, scale), and its running statistics
+    and counter updated in place, in the same final launch."""
     T, C = psum.shape
-    mean = torch.empty(C, device=psum.device, dtype=torch.float32)
+    dev = psum.device
+    mean = torch.empty(C, device=dev, dtype=torch.float32)
     var = torch.empty_like(mean)
     bc, ncb = _finalize_tiles(C)
     tc, n_chunks = _chunks(T, ncb)
+    unused = _unused_pointer(dev)
     if n_chunks > 1:
-        csum = torch.empty((n_chunks, C), device=psum.device, dtype=torch.float32)
+        csum = torch.empty((n_chunks, C), device=dev, dtype=torch.float32)
         cm2 = torch.empty_like(csum)
         _kernel(_stats_combine_kernel, raw)[lambda meta: (n_chunks * ncb,)](
-            psum, pm2, csum, cm2, T, C, M, bm, tc, ncb, FINAL=False, BLOCK_T=FINAL_BLOCK_T, BLOCK_C=bc,
+            psum, pm2, csum, cm2, T, C, M, bm, tc, ncb, *([unused] * 6), 0.0, 0.0, 0.0,
+            FINAL=False, BN=False, HAS_GAMMA=False, RUNNING=False, COUNTER=False, BLOCK_T=FINAL_BLOCK_T, BLOCK_C=bc,
             num_warps=WARPS_ELTWISE, num_stages=1)
         psum, pm2, T, bm = csum, cm2, n_chunks, tc * bm
+    if fold is None:
+        fold_args, flags = ([unused] * 6, 0.0, 0.0, 0.0), dict(BN=False, HAS_GAMMA=False, RUNNING=False, COUNTER=False)
+    else:
+        rstd, scale = torch.empty_like(mean), torch.empty_like(mean)
+        running = fold.running_mean is not None
+        fold_args = ([fold.gamma if fold.gamma is not None else unused, rstd, scale,
+                    fold.running_mean if running else unused, fold.running_var if running else unused,
+                    fold.num_batches_tracked if fold.num_batches_tracked is not None else unused],
+                   float(fold.eps), float(fold.factor), fold.count / (fold.count - 1))
+        flags = dict(BN=True, HAS_GAMMA=fold.gamma is not None, RUNNING=running,
+                     COUNTER=fold.num_batches_tracked is not None)
+    ptrs, eps, factor, unbias = fold_args
     _kernel(_stats_combine_kernel, raw)[lambda meta: (ncb,)](
-        psum, pm2, mean, var, T, C, M, bm, T, ncb, FINAL=True, BLOCK_T=FINAL_BLOCK_T, BLOCK_C=bc,
-        num_warps=WARPS_ELTWISE, num_stages=1)
-    return mean, var
+        psum, pm2, mean, var, T, C, M, bm, T, ncb, *ptrs, eps, factor, unbias, FINAL=True, **flags,
+        BLOCK_T=FINAL_BLOCK_T, BLOCK_C=bc, num_warps=WARPS_ELTWISE, num_stages=1)
+    return (mean, var) if fold is None else (mean, var, rstd, scale)
 
 
 def conv_stats_launch(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
                       groups: int, norm: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
                       norm_relu: bool = False, tf32: bool = False, config: Optional[Dict] = None,
-                      raw: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      raw: bool = False, fold: Optional[BnFold] = None) -> Tuple[torch.Tensor, ...]:
     """(z, mean, var): z = conv2d(x', weight) channels_last in x's dtype, and the fp32 batch mean and biased
     variance of each of z's channels. x' is x, or with ``norm = (mean, scale, bias)`` (fp32, one value per
-    input channel) ``act((x - mean) * scale + bias)`` computed as x is loaded."""
+    input channel) ``act((x - mean) * scale + bias)`` computed as x is loaded. With ``fold``, the layer's BN:
+    (z, mean, var, rstd, scale), its running statistics updated (:func:`_stats_from_partials`)."""
     x = _nhwc(x)
     N, Cin, H, W = x.shape
     Cout, Cin_g, kh, kw = weight.shape
@@ -594,7 +648,7 @@ def conv_stats_launch(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[in
     if M == 0 or Cout == 0:
         raise ValueError(f"conv_stats: empty output {(N, Cout, Ho, Wo)} has no statistics")
     if _skip_launch(z):
-        return z, psum.sum(0), psum.sum(0)
+        return (z,) + tuple(psum.sum(0) for _ in range(2 if fold is None else 4))
     if M >= _I32_LIMIT:
         raise RuntimeError(f"conv_stats (triton): {M} output pixels exceed the kernel's 32-bit row index")
     tiles_per_group, n_tiles, full = _n_tiling(cfg, Cin_g, Cout_g, groups)
@@ -618,14 +672,14 @@ def conv_stats_launch(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[in
         PREC=_prec(x.dtype, tf32), RND=_round_tf32(x.dtype, tf32, interp),
         IDX64=_idx64(_max_offset(x), z.numel()),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    mean, var = _stats_from_partials(psum, pm2, M, bm, raw)
-    return z, mean, var
+    return (z, *_stats_from_partials(psum, pm2, M, bm, raw, fold))
 
 
-def tensor_stats_launch(z: torch.Tensor, raw: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def tensor_stats_launch(z: torch.Tensor, raw: bool = False,
+                        fold: Optional[BnFold] = None) -> Tuple[torch.Tensor, ...]:
     """(mean, biased variance) in fp32 of each channel of ``z`` [N, C, H, W], whose pixels must collapse to one
     row stride (channels_last, or a channel slice of it): what the statistics conv's epilogue computes, for a
-    conv output written by another kernel."""
+    conv output written by another kernel. With ``fold``: (mean, var, rstd, scale), as conv_stats_launch."""
     s = _row_stride(z)
     if s is None:
         raise ValueError("tensor_stats: z's pixels do not collapse to one row stride (make it channels_last)")
@@ -639,11 +693,11 @@ def tensor_stats_launch(z: torch.Tensor, raw: bool = False) -> Tuple[torch.Tenso
     psum = torch.empty((T, C), device=z.device, dtype=torch.float32)
     pm2 = torch.empty((T, C), device=z.device, dtype=torch.float32)
     if _skip_launch(z):
-        return psum.sum(0), psum.sum(0)
+        return tuple(psum.sum(0) for _ in range(2 if fold is None else 4))
     _kernel(_tensor_stats_kernel, raw)[lambda meta: (T * n_tiles_c,)](
         z, psum, pm2, M, C, int(s), n_tiles_c, IDX64=_idx64(_max_offset(z)), BLOCK_M=bm, BLOCK_C=bc,
         num_warps=WARPS_ELTWISE, num_stages=1)
-    return _stats_from_partials(psum, pm2, M, bm, raw)
+    return _stats_from_partials(psum, pm2, M, bm, raw, fold)
 
 
 def max_pool_backward_launch(x: torch.Tensor, grad: torch.Tensor, k: int, raw: bool = False) -> torch.Tensor:
@@ -691,13 +745,13 @@ def _eltwise_tiles(C: int) -> Tuple[int, int]:
 
 
 def agg_stats_launch(children: Sequence[torch.Tensor], weight: torch.Tensor, tf32: bool = False,
-                     config: Optional[Dict] = None, raw: bool = False) -> Tuple[torch.Tensor, torch.Tensor,
-                                                                                 torch.Tensor]:
+                     config: Optional[Dict] = None, raw: bool = False,
+                     fold: Optional[BnFold] = None) -> Tuple[torch.Tensor, ...]:
     """(z, mean, var): z = conv1x1(cat(children, 1), weight) channels_last in the children's dtype, without
     the concat, and the fp32 batch mean and biased variance of each of z's channels. ``weight``: [Cout, sum of
     the children's channels] or its 1x1 4-D form; up to MAX_CHILDREN children of one shape (N, *, H, W) and
     dtype, each read in place when its pixels collapse to one row stride (channels_last, channel slices of
-    one), else through a channels_last copy."""
+    one), else through a channels_last copy. With ``fold``: (z, mean, var, rstd, scale), as conv_stats_launch."""
     children = list(children)
     if not 1 <= len(children) <= MAX_CHILDREN:
         raise ValueError(f"agg_stats (triton) takes 1 to {MAX_CHILDREN} children, got {len(children)}")
@@ -725,7 +779,7 @@ def agg_stats_launch(children: Sequence[torch.Tensor], weight: torch.Tensor, tf3
     psum = torch.empty((T, Cout), device=ref.device, dtype=torch.float32)
     pm2 = torch.empty((T, Cout), device=ref.device, dtype=torch.float32)
     if _skip_launch(z):
-        return z, psum.sum(0), psum.sum(0)
+        return (z,) + tuple(psum.sum(0) for _ in range(2 if fold is None else 4))
     if M >= _I32_LIMIT:
         raise RuntimeError(f"agg_stats (triton): {M} pixels exceed the kernel's 32-bit row index")
     nc = len(kids)
@@ -738,8 +792,7 @@ def agg_stats_launch(children: Sequence[torch.Tensor], weight: torch.Tensor, tf3
         NUM_CHILDREN=nc, PREC=_prec(dtype, tf32), RND=_round_tf32(dtype, tf32, interp),
         IDX64=_idx64(*[_max_offset(c) for c in kids], z.numel()),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    mean, var = _stats_from_partials(psum, pm2, M, bm, raw)
-    return z, mean, var
+    return (z, *_stats_from_partials(psum, pm2, M, bm, raw, fold))
 
 
 def bn_act_launch(z: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
@@ -878,4 +931,4 @@ def _register() -> None:
 _register()
 
 __all__ = ["conv_stats_launch", "agg_stats_launch", "bn_act_launch", "bn_backward_launch", "max_pool_backward_launch",
-           "train_conv_kind", "train_conv_plan", "TRAIN_CONV_KINDS", "NAMESPACE"]
+           "BnFold", "train_conv_kind", "train_conv_plan", "TRAIN_CONV_KINDS", "NAMESPACE"]
