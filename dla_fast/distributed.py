@@ -382,22 +382,23 @@ def aggregate(per_rank: Sequence[Sequence[dict]]) -> List[dict]:
         batch = int(row["batch_size"])
         samples = [r.get("samples_s") or [] for r in recs]
         alone = first.get("alone_samples_s") or []
-        if first.get("alone_only"):  # rank 0's figure only (no DDP step to time together)
-            if not alone or min(alone) <= 0:
-                row["error"] = "no timing samples (rank 0 alone)" if not alone else \
-                    "a timing sample of 0 s (below the clock's resolution): raise --iters"
-                continue
-            row.update(single_img_per_s=round(_median_rate(batch, alone), 1),
-                       ms=round(statistics.median(alone) * 1e3, 4), alone_only=True)
-            continue
-        if not all(samples) or not alone:
+        if first.get("alone_only"):
+            samples = []  # rank 0's figure only: no DDP step was timed together
+        elif not all(samples):
             row["error"] = "no timing samples" + ("" if alone else " (rank 0 alone)")
             continue
-        if len({len(s) for s in samples}) != 1:
+        if not alone:
+            row["error"] = "no timing samples (rank 0 alone)"
+            continue
+        if len({len(s) for s in samples}) > 1:
             raise ValueError(f"case {i} ({row['impl']}): the ranks took {[len(s) for s in samples]} samples; "
                              "every rank times the same rounds")
         if min(min(s) for s in samples + [alone]) <= 0:
             row["error"] = "a timing sample of 0 s (below the clock's resolution): raise --iters"
+            continue
+        if not samples:
+            row.update(single_img_per_s=round(_median_rate(batch, alone), 1),
+                       ms=round(statistics.median(alone) * 1e3, 4), alone_only=True)
             continue
         per = [_median_rate(batch, s) for s in samples]
         slowest = [max(s[k] for s in samples) for k in range(len(samples[0]))]
@@ -440,14 +441,12 @@ def format_table(result: dict) -> str:
             out.append(f"{head} - | - | - | - | - | - | - | {r['error'][:80]} |")
             continue
         if r.get("alone_only"):
-            out.append(f"{head} {r['single_img_per_s']:.1f} | no DDP | - | - | - | "
-                       f"{r['first_s'] if r['first_s'] is not None else '-'} | "
-                       f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else '-'} | "
-                       f"{'-' if r['rel_err'] is None else format(r['rel_err'], '.1e')} |")
-            continue
-        per = " / ".join(f"{p:.1f}" for p in r["per_rank_img_per_s"])
-        out.append(f"{head} {r['single_img_per_s']:.1f} | {per} | {r['agg_img_per_s']:.1f} | "
-                   f"{r['paced_img_per_s']:.1f} | {r['efficiency']:.3f} | "
+            together = "no DDP | - | - | -"
+        else:
+            per = " / ".join(f"{p:.1f}" for p in r["per_rank_img_per_s"])
+            together = (f"{per} | {r['agg_img_per_s']:.1f} | {r['paced_img_per_s']:.1f} | "
+                        f"{r['efficiency']:.3f}")
+        out.append(f"{head} {r['single_img_per_s']:.1f} | {together} | "
                    f"{r['first_s'] if r['first_s'] is not None else '-'} | "
                    f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else '-'} | "
                    f"{'-' if r['rel_err'] is None else format(r['rel_err'], '.1e')} |")

@@ -1,6 +1,6 @@
 """A training step's forward, loss and backward captured once in a CUDA graph and replayed per batch.
 
-A fused DLA training step issues several hundred kernels a step (dla34: about 900), and at batch 256 the host takes
+A fused DLA training step issues several hundred kernels (dla34: about 640), and at batch 256 the host can take
 longer to issue them one by one than the GPU takes to run them. A CUDA graph replays all of them in one launch, so
 the step runs at the speed of its kernels. The optimizer stays outside the graph and runs eagerly on the gradients
 the replay leaves in the parameters' ``.grad``: learning-rate schedules, gradient clipping, a GradScaler's inf check
@@ -8,7 +8,7 @@ and any optimizer work as they do without a graph, at the cost of the optimizer'
 
 What a captured step needs, as any CUDA graph does: the same input shapes every call (one ``CapturedTrainStep``
 per shape), no host synchronisation inside the model or the loss (``.item()``, BatchNorm with ``momentum=None``,
-data-dependent shapes; capture fails with an error naming the cause), and no DistributedDataParallel (its gradient
+data-dependent shapes; refused before the capture, with the cause), and no DistributedDataParallel (its gradient
 all-reduce is not captured here; use the uncaptured step under DDP). It works for any ``nn.Module``, timm's eager
 models included, not only the fused ones.
 """
@@ -105,13 +105,11 @@ class CapturedTrainStep:
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 for _ in range(warmup):
-                    for p in params:
-                        p.grad = None
+                    self._clear_grads()
                     self._body()
                 # One more step with host synchronisation forbidden: a step that synchronises cannot be captured,
                 # and a capture that fails part-way leaves torch's CUDA generator unusable in this process.
-                for p in params:
-                    p.grad = None
+                self._clear_grads()
                 mode = torch.cuda.get_sync_debug_mode()
                 torch.cuda.set_sync_debug_mode("error")
                 try:
@@ -127,8 +125,7 @@ class CapturedTrainStep:
                 finally:
                     torch.cuda.set_sync_debug_mode(mode)
             torch.cuda.current_stream(dev).wait_stream(side)
-            for p in params:
-                p.grad = None
+            self._clear_grads()
             try:
                 with torch.cuda.graph(self._graph):
                     self._loss = self._body()
@@ -142,6 +139,10 @@ class CapturedTrainStep:
         # The gradients the replay writes: the tensors the captured backward left in .grad (None for a parameter
         # the loss does not reach).
         self._grads: List[Optional[torch.Tensor]] = [p.grad for p in params]
+
+    def _clear_grads(self) -> None:
+        for p in self._params:
+            p.grad = None
 
     def _body(self) -> torch.Tensor:
         dev_type = self._static_x.device.type

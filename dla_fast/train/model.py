@@ -80,15 +80,12 @@ def _downsample(pool: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
     """A tree's downsampling: the Triton max-pool (forward and backward, no indices) where the kernels run
     under ``backend`` (as for the convs: CUDA fp16/bf16 under auto; the interpreter only when asked for by
     name), else the module. Traced code (torch.compile) keeps the module, which Inductor fuses itself."""
-    from ..backends import reason_unavailable
     from . import _autograd as ag
+    from .ops import kernels_unavailable_reason
 
     k = _pool_size(pool)
-    if k is None or backend == "eager" or not ag._direct(x) or x.dim() != 4:
-        return pool(x)
-    if backend == "auto" and (x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16)):
-        return pool(x)
-    if reason_unavailable("triton", x) is not None:
+    if (k is None or backend == "eager" or not ag._direct(x) or x.dim() != 4
+            or kernels_unavailable_reason(x, backend, x.dtype) is not None):
         return pool(x)
     return ag.MaxPool.apply(x, k)
 

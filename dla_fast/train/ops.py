@@ -47,11 +47,10 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def fused_unavailable_reason(x: torch.Tensor, weight: torch.Tensor, groups: int, backend: str = "triton",
-                             cdt: Optional[torch.dtype] = None) -> Optional[str]:
-    """None when the fused kernels run this call under ``backend`` ("triton" or "auto"); else why they don't.
-    ``cdt``: the compute dtype (default: :func:`compute_dtype`)."""
-    cdt = cdt or compute_dtype(x)
+def kernels_unavailable_reason(x: torch.Tensor, backend: str, cdt: torch.dtype) -> Optional[str]:
+    """None when the training path's kernels run on tensors like ``x`` computing in ``cdt`` under ``backend``
+    ("triton" or "auto": CUDA fp16/bf16 only, the interpreter only when asked for by name); else why they don't.
+    What every kernel of the path (the convs, the trees' max pools) decides by device and dtype alone."""
     if cdt not in _KERNEL_DTYPES:
         return (f"the fused training kernels take float16, bfloat16 or float32 (the conv computes in {cdt}); "
                 "use backend='eager'")
@@ -63,7 +62,14 @@ def fused_unavailable_reason(x: torch.Tensor, weight: torch.Tensor, groups: int,
                     f"half tensors); this one computes in {cdt}, which stays on cuDNN")
     from ..backends import reason_unavailable
     # The backend judges by device and dtype alone: an empty probe in the compute dtype stands for x.
-    why = reason_unavailable("triton", torch.empty(0, device=x.device, dtype=cdt))
+    return reason_unavailable("triton", torch.empty(0, device=x.device, dtype=cdt))
+
+
+def fused_unavailable_reason(x: torch.Tensor, weight: torch.Tensor, groups: int, backend: str = "triton",
+                             cdt: Optional[torch.dtype] = None) -> Optional[str]:
+    """None when the fused kernels run this call under ``backend`` ("triton" or "auto"); else why they don't.
+    ``cdt``: the compute dtype (default: :func:`compute_dtype`)."""
+    why = kernels_unavailable_reason(x, backend, cdt or compute_dtype(x))
     if why is not None:
         return why
     from ..backends.triton import _train as kt

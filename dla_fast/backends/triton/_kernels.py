@@ -510,6 +510,23 @@ def _aggregate_kernel(
 
 
 @triton.jit
+def _pool_tile(n_tiles_c, P, Ho, Wo, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of a pooled output, BLOCK_P output pixels (tiles major) x BLOCK_C channels: ``(p, c,
+    mask, img, oh, ow)``, the pixels' flat index, the channels, what is in bounds, and each pixel's image, output
+    row and column (the max pool's forward and backward kernels)."""
+    pid = tl.program_id(0)
+    pid_p = pid // n_tiles_c
+    pid_c = pid % n_tiles_c
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (p < P)[:, None] & (c < C)[None, :]
+    hw = Ho * Wo
+    img = p // hw
+    pix = p % hw
+    return p, c, mask, img, pix // Wo, pix % Wo
+
+
+@triton.jit
 def _max_pool_kernel(
     x_ptr, y_ptr,
     P, H, W, Ho, Wo, C,
@@ -520,19 +537,7 @@ def _max_pool_kernel(
     """K x K max pooling with stride K and no padding (the DLA trees' downsampling) of an NHWC-addressable
     input into a channels_last output: BLOCK_P output pixels x BLOCK_C channels per program. NaN wins, as in
     torch's max_pool2d."""
-    pid = tl.program_id(0)
-    pid_p = pid // n_tiles_c
-    pid_c = pid % n_tiles_c
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok = p < P
-    c_ok = c < C
-    mask = p_ok[:, None] & c_ok[None, :]
-    hw = Ho * Wo
-    img = p // hw
-    pix = p % hw
-    oh = pix // Wo
-    ow = pix % Wo
+    p, c, mask, img, oh, ow = _pool_tile(n_tiles_c, P, Ho, Wo, C, BLOCK_P, BLOCK_C)
     base = img * sxn + (oh * K) * sxh + (ow * K) * sxw
     best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float32)
     for t in range(K * K):

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._kernels import _child_select, _conv_tile, _mma, _tile_coords
+from ._kernels import _child_select, _conv_tile, _mma, _pool_tile, _tile_coords
 from ._launch import (_I32_LIMIT, MAX_CHILDREN, _cdiv, _kernel, _max_offset, _n_tiling, _new_output, _nhwc, _pow2,
                       _prec, _round_tf32, _row_stride, _skip_launch, aggregate_plan, conv_plan, interpreted,
                       register_ops)
@@ -480,17 +480,7 @@ def _max_pool_bwd_kernel(
     output gradient goes to the input that won it, zeros to the others, every covered input written once (the
     windows do not overlap). The winner is found again from x, as torch's max_pool2d picks it: the first
     maximum in scan order, the last NaN. No indices are stored by the forward."""
-    pid = tl.program_id(0)
-    pid_p = pid // n_tiles_c
-    pid_c = pid % n_tiles_c
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (p < P)[:, None] & (c < C)[None, :]
-    hw = Ho * Wo
-    img = p // hw
-    pix = p % hw
-    oh = pix // Wo
-    ow = pix % Wo
+    _, c, mask, img, oh, ow = _pool_tile(n_tiles_c, P, Ho, Wo, C, BLOCK_P, BLOCK_C)
     xbase = img * sxn + (oh * K) * sxh + (ow * K) * sxw
     best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float32)
     arg = tl.zeros((BLOCK_P, BLOCK_C), tl.int32)
@@ -582,6 +572,9 @@ class BnFold(NamedTuple):
     count: int
 
 
+_NO_FOLD = BnFold(None, 0.0, None, None, None, 0.0, 2)  # the final launch's BN arguments when it finishes no BN
+
+
 def _stats_from_partials(psum: torch.Tensor, pm2: torch.Tensor, M: int, bm: int, raw: bool = False,
                          fold: Optional[BnFold] = None) -> Tuple[torch.Tensor, ...]:
     """(mean, biased variance) of every channel from the per-tile (sum, M2) rows: _stats_combine_kernel, in
@@ -602,21 +595,15 @@ def _stats_from_partials(psum: torch.Tensor, pm2: torch.Tensor, M: int, bm: int,
             FINAL=False, BN=False, HAS_GAMMA=False, RUNNING=False, COUNTER=False, BLOCK_T=FINAL_BLOCK_T, BLOCK_C=bc,
             num_warps=WARPS_ELTWISE, num_stages=1)
         psum, pm2, T, bm = csum, cm2, n_chunks, tc * bm
-    if fold is None:
-        fold_args, flags = ([unused] * 6, 0.0, 0.0, 0.0), dict(BN=False, HAS_GAMMA=False, RUNNING=False, COUNTER=False)
-    else:
-        rstd, scale = torch.empty_like(mean), torch.empty_like(mean)
-        running = fold.running_mean is not None
-        fold_args = ([fold.gamma if fold.gamma is not None else unused, rstd, scale,
-                    fold.running_mean if running else unused, fold.running_var if running else unused,
-                    fold.num_batches_tracked if fold.num_batches_tracked is not None else unused],
-                   float(fold.eps), float(fold.factor), fold.count / (fold.count - 1))
-        flags = dict(BN=True, HAS_GAMMA=fold.gamma is not None, RUNNING=running,
-                     COUNTER=fold.num_batches_tracked is not None)
-    ptrs, eps, factor, unbias = fold_args
+    f = fold if fold is not None else _NO_FOLD
+    rstd, scale = (torch.empty_like(mean), torch.empty_like(mean)) if fold is not None else (unused, unused)
+    ptrs = [unused if t is None else t
+            for t in (f.gamma, rstd, scale, f.running_mean, f.running_var, f.num_batches_tracked)]
     _kernel(_stats_combine_kernel, raw)[lambda meta: (ncb,)](
-        psum, pm2, mean, var, T, C, M, bm, T, ncb, *ptrs, eps, factor, unbias, FINAL=True, **flags,
-        BLOCK_T=FINAL_BLOCK_T, BLOCK_C=bc, num_warps=WARPS_ELTWISE, num_stages=1)
+        psum, pm2, mean, var, T, C, M, bm, T, ncb, *ptrs, float(f.eps), float(f.factor), f.count / (f.count - 1),
+        FINAL=True, BN=fold is not None, HAS_GAMMA=f.gamma is not None, RUNNING=f.running_mean is not None,
+        COUNTER=f.num_batches_tracked is not None, BLOCK_T=FINAL_BLOCK_T, BLOCK_C=bc, num_warps=WARPS_ELTWISE,
+        num_stages=1)
     return (mean, var) if fold is None else (mean, var, rstd, scale)
 
 
