@@ -31,6 +31,10 @@ SWITCHES: Tuple[Switch, ...] = (
            "the fused front (stem + level 0 + level 1 as one Triton kernel): auto runs it under backend='triton' on a "
            "GPU, and under backend='auto' for fp16 calls not paced by launches; 1 wherever the Triton kernels run (the "
            "CPU interpreter too; under backend='auto' for fp16/bf16 calls not paced by launches); 0 never"),
+    Switch("DLA_FAST_TRAIN_SAVE_MEMORY", "prologue, recompute", "prologue",
+           "how set_fused_training(save_memory=True) avoids keeping a block's inner activations: prologue (the next "
+           "conv normalises its input as it loads it) or recompute (a pass of its own forms it, dropped after the "
+           "conv)"),
     Switch("DLA_FAST_TRITON_CONV", "dense, flat, blockdiag, direct", "unset",
            "debugging: force the Triton conv kernel family wherever the plan leaves the tiles to the heuristic"),
     Switch("DLA_FAST_TRITON_POISON", "0, 1", "0",

@@ -322,8 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run data-parallel on N processes of this node, one per GPU, by starting this command under "
                    "torchrun (torch.distributed.run --standalone --nproc_per_node N); see docs/distributed.md")
     b.add_argument("--train", action="store_true", help="time data-parallel training steps (DDP) instead of inference: "
-                   "timm_eager, torch_compile, dla_fast_eager, dla_fast_fused, and the CUDA-graph captured "
-                   "timm_eager_graph, dla_fast_fused_graph (rank 0 alone, no DDP) (default on GPU: timm_eager, "
+                   "timm_eager, torch_compile, dla_fast_eager, dla_fast_fused, dla_fast_fused_save_memory, and the "
+                   "CUDA-graph captured timm_eager_graph, dla_fast_fused_graph, dla_fast_fused_save_memory_graph "
+                   "(rank 0 alone, no DDP) (default on GPU: timm_eager, "
                    "torch_compile, dla_fast_fused, dla_fast_fused_graph); needs torchrun or --distributed")
     b.set_defaults(fn=cmd_bench)
     v = sub.add_parser("verify", help="check optimize() against a float64 reference, pass/fail table")

@@ -39,14 +39,15 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 # The training steps: timm's model eager and under torch.compile (default mode), ours on the modules (eager) and on
-# the fused training kernels (set_fused_training; off CUDA or in float32 it falls back to the modules); "_graph":
-# the same model's forward and backward replayed from a CUDA graph (dla_fast.train.graph), rank 0 alone, no DDP.
-TRAIN_IMPLS = ("timm_eager", "torch_compile", "dla_fast_eager", "dla_fast_fused", "timm_eager_graph",
-               "dla_fast_fused_graph")
+# the fused training kernels (set_fused_training; off CUDA or in float32 it falls back to the modules);
+# "_save_memory": set_fused_training(save_memory=True); "_graph": the same model's forward and backward replayed
+# from a CUDA graph (dla_fast.train.graph), rank 0 alone, no DDP.
+TRAIN_IMPLS = ("timm_eager", "torch_compile", "dla_fast_eager", "dla_fast_fused", "dla_fast_fused_save_memory",
+               "timm_eager_graph", "dla_fast_fused_graph", "dla_fast_fused_save_memory_graph")
 TRAIN_DEFAULT_IMPLS = {"cuda": ("timm_eager", "torch_compile", "dla_fast_fused", "dla_fast_fused_graph"),
                        "cpu": ("timm_eager", "dla_fast_eager")}
 GPU_ONLY_IMPLS = ("dla_fast_cudagraph", "dla_fast_aoti", "torch_compile_reduce_overhead", "timm_eager_graph",
-                  "dla_fast_fused_graph")
+                  "dla_fast_fused_graph", "dla_fast_fused_save_memory_graph")
 SGD_ARGS = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
 KEY_FIELDS = ("model", "dtype", "batch_size", "impl", "mode")
 
@@ -495,7 +496,7 @@ def infer_cases(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str],
 
 def train_model(impl: str, name: str) -> torch.nn.Module:
     """The float32 classifier an implementation trains, with the same random weights for every implementation and
-    rank: ours (``dla_fast_eager``; ``dla_fast_fused`` with fused training on) or timm's (``timm_eager``,
+    rank: ours (``dla_fast_eager``; ``dla_fast_fused*`` with fused training on) or timm's (``timm_eager``,
     ``torch_compile``: compiled by :func:`train_case`)."""
     import dla_fast
 
@@ -505,8 +506,8 @@ def train_model(impl: str, name: str) -> torch.nn.Module:
     ours = calibrated_random_weights(dla_fast.create_model(name), 0)
     if impl == "dla_fast_eager":
         return ours
-    if impl in ("dla_fast_fused", "dla_fast_fused_graph"):
-        return ours.set_fused_training(True)
+    if impl.startswith("dla_fast_fused"):
+        return ours.set_fused_training(True, save_memory="_save_memory" in impl)
     if impl in ("timm_eager", "torch_compile", "timm_eager_graph"):
         import timm
 

@@ -73,6 +73,11 @@ def test_set_fused_training_api():
     assert m.set_fused_training(True, backend="triton").fused_training == "triton"
     assert list(m.state_dict()) == keys  # a mode, not a structure: timm's state_dict as it was
     assert m.set_fused_training(False).fused_training is None
+    assert not m.fused_training_save_memory
+    assert m.set_fused_training(save_memory=True).fused_training_save_memory
+    assert not m.set_fused_training(False, save_memory=True).fused_training_save_memory  # off is off
+    with pytest.raises(TypeError, match="save_memory must be a bool, got str"):
+        m.set_fused_training(save_memory="yes")
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton'\), got 'cuda'"):
         m.set_fused_training(True, backend="cuda")
     with pytest.raises(TypeError, match="enable must be a bool, got int"):
@@ -148,6 +153,57 @@ def test_fused_training_step_against_float64(monkeypatch):
 
 
 @needs_interp
+def test_save_memory_keeps_one_tensor_a_layer_fewer(monkeypatch):
+    """``set_fused_training(save_memory=True)``: inside the bottleneck blocks each inner activation is deferred to
+    the next conv (its prologue, or with DLA_FAST_TRAIN_SAVE_MEMORY=recompute a pass of its own dropped after the
+    conv), so the tensors kept for the backward shrink by exactly those activations' bytes; the step's numbers stay
+    those of the default, which keeps them."""
+    from dla_fast import _env
+    from dla_fast.train.ops import Deferred
+    model = _model("dla46_c", seed=2)
+    x, t = torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,))
+    runs, call = {}, fused_model.conv_bn_act
+    for mode in ("prologue", "recompute", "keep"):
+        monkeypatch.setenv("DLA_FAST_TRAIN_SAVE_MEMORY", "prologue" if mode == "keep" else mode)
+        _env.reload()
+        fused = copy.deepcopy(model).set_fused_training(True, backend="triton", save_memory=mode != "keep")
+        deferred, saved = [], {}
+
+        def spy(*a, **kw):
+            out = call(*a, **kw)
+            if isinstance(out, Deferred):
+                deferred.append(out.z.numel() * out.z.element_size())
+            return out
+
+        def pack(tensor):
+            if tensor.dim() == 4:  # activations and conv weights (the same weights in every run)
+                saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        monkeypatch.setattr(fused_model, "conv_bn_act", spy)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            y, g = _step(fused, x, t)
+        runs[mode] = (sum(deferred), sum(saved.values()), y, g, _buffers(fused))
+    keep = runs["keep"]
+    assert keep[0] == 0 and any(type(m).__name__ == "DlaBottleneck" for m in model.modules())
+    for mode in ("prologue", "recompute"):
+        on = runs[mode]
+        assert on[0] > 0
+        assert keep[1] - on[1] == on[0], f"{mode}: kept {keep[1]} bytes by default, {on[1]}; deferred {on[0]}"
+        torch.testing.assert_close(on[2], keep[2], rtol=1e-5, atol=1e-6)
+        for a, b in zip(on[3] + on[4], keep[3] + keep[4]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("DLA_FAST_TRAIN_SAVE_MEMORY", "later")
+    _env.reload()
+    try:
+        with pytest.raises(ValueError, match="DLA_FAST_TRAIN_SAVE_MEMORY='later' is not a mode"):
+            _step(copy.deepcopy(model).set_fused_training(True, backend="triton", save_memory=True), x, t)
+    finally:
+        monkeypatch.delenv("DLA_FAST_TRAIN_SAVE_MEMORY")
+        _env.reload()  # the next test reads the switch afresh
+
+
+@needs_interp
 def test_fused_training_with_checkpointing():
     """Checkpointed fused training recomputes the same kernels: the same gradients, statistics updated once."""
     model = _model("dla46_c", seed=1)
@@ -167,12 +223,15 @@ def test_fused_training_with_checkpointing():
 @needs_cuda
 @pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", dla_fast.list_models())
-def test_fused_training_all_variants_cuda(name, amp):
-    """Every variant, one step under autocast on the kernels (backend="triton": nothing falls back silently):
-    output, gradients and running statistics within 2x eager autocast's error against float64."""
+@pytest.mark.parametrize("save_memory", [False, True], ids=["keep", "save_memory"])
+def test_fused_training_all_variants_cuda(name, amp, save_memory):
+    """Every variant, one step under autocast on the kernels (backend="triton": nothing falls back silently), with
+    the blocks' inner activations kept and not kept (``save_memory``): output, gradients and running statistics
+    within 2x eager autocast's error against float64."""
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     model = _model(name).cuda().to(memory_format=torch.channels_last)
     fused, eager, truth = _three(model, "triton")
+    fused.set_fused_training(True, backend="triton", save_memory=save_memory)
     x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 1000, (8,), device="cuda")
     yf, gf = _step(fused, x, t, amp)

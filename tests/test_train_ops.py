@@ -391,6 +391,50 @@ def test_prologue_chain_normconv():
 
 @pytest.mark.interpreter
 @needs_kernels
+@pytest.mark.parametrize("mode", [True, "recompute"], ids=["prologue", "recompute"])
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
+def test_deferred_activation_chain(dtype, mode):
+    """``defer=True``: the first layer hands the next conv a :class:`Deferred` (its activation never formed), which
+    that conv normalises as it loads it (or, ``"recompute"``, forms in a pass of its own and drops after the
+    conv); output, every gradient and both layers' running statistics within 2x
+    eager's error against float64, as with the activation formed. A Deferred given to a call that runs eagerly is
+    formed first; on the eager backend ``defer`` returns the activation itself."""
+    from dla_fast.train.ops import Deferred
+    gen = torch.Generator().manual_seed(16)
+    x0 = torch.randn(2, 8, 9, 7, generator=gen)
+    w1, w2 = torch.randn(16, 8, 1, 1, generator=gen) * 0.3, torch.randn(12, 4, 3, 3, generator=gen) * 0.2
+    p = [torch.rand(16, generator=gen) + 0.5, torch.randn(16, generator=gen), torch.rand(12, generator=gen) + 0.5,
+         torch.randn(12, generator=gen)]
+    gy = torch.randn(2, 12, 5, 4, generator=gen)
+
+    def run(first, second, dt, defer=mode):
+        pd = torch.float64 if dt == torch.float64 else torch.float32
+        x = _leaf(x0.to(DEV, dt))
+        ws = [_leaf(w.to(DEV, dt)) for w in (w1, w2)]
+        g1, b1, g2, b2 = [_leaf(t.to(DEV, pd)) for t in p]
+        stats = [(torch.zeros(c, device=DEV, dtype=pd), torch.ones(c, device=DEV, dtype=pd),
+                  torch.tensor(0, device=DEV)) for c in (16, 12)]
+        a = conv_bn_relu_train(x, ws[0], g1, b1, *stats[0], backend=first, defer=defer)
+        assert isinstance(a, Deferred) == bool(defer and first == "triton")
+        y = conv_bn_relu_train(a, ws[1], g2, b2, *stats[1], stride=2, padding=1, groups=4, backend=second)
+        y.backward(gy.to(DEV, y.dtype))
+        return [y.detach(), x.grad, ws[0].grad, ws[1].grad, g1.grad, b1.grad, g2.grad, b2.grad,
+                *[t for st in stats for t in st[:2]]]
+
+    names = ["y", "dx", "dw1", "dw2", "dgamma1", "dbeta1", "dgamma2", "dbeta2", "rm1", "rv1", "rm2", "rv2"]
+    ref = run("eager", "eager", torch.float64)
+    eager = run("eager", "eager", dt=dtype)
+    chained = run("triton", "triton", dtype)
+    formed = run("triton", "triton", dtype, defer=False)
+    for n, a, f, e, r in zip(names, chained, formed, eager, ref):
+        _judge(f"deferred {n}", a, e, r, dtype)
+        _judge(f"formed {n}", f, e, r, dtype)
+    for n, a, e, r in zip(names, run("triton", "eager", dtype), eager, ref):  # formed first, then the eager conv
+        _judge(f"deferred into eager {n}", a, e, r, dtype)
+
+
+@pytest.mark.interpreter
+@needs_kernels
 def test_backward_kernels_match_torch_pieces():
     """The Triton BN+ReLU backward (two passes) and BN apply against their torch formulas, on a channels_last
     slice input and a strided gradient, with and without ReLU mask and residual gradient."""
@@ -836,6 +880,9 @@ def _args(**over):
     (dict(momentum=1.5), ValueError, "momentum must be a number in"),
     (dict(eps=0.0), ValueError, "eps must be a positive number"),
     (dict(relu=1), TypeError, "relu must be a bool"),
+    (dict(defer=1), TypeError, "defer must be a bool"),
+    (dict(defer="later"), ValueError, "defer must be False, True"),
+    (dict(defer=True, residual=torch.randn(2, 12, 5, 5)), ValueError, "cannot add a residual"),
     (dict(x=torch.randn(1, 8, 1, 1), weight=torch.randn(12, 8, 1, 1), padding=0), ValueError,
      "more than 1 value per channel"),
     (dict(x=torch.randn(2, 8, 2, 2), padding=0), ValueError, "too small"),
@@ -937,6 +984,37 @@ def test_torch_compile_module():
         (y * y).sum().backward()
         return [y.detach(), conv.weight.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var,
                 bn.num_batches_tracked]
+
+    expect = run(None)
+    for backend in ("eager", "aot_eager"):
+        torch._dynamo.reset()
+        for a, b in zip(run(backend), expect):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"backend={backend}")
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("mode", [True, "recompute"], ids=["prologue", "recompute"])
+def test_torch_compile_deferred_chain(mode):
+    """torch.compile around a deferred chain (two layers, the activation between them never formed): the kernels
+    traced through the registered ops with the prologue; the output, gradients and both layers' running statistics
+    of the uncompiled chain."""
+    from dla_fast.train.modules import conv_bn_act
+
+    def run(compiled):
+        (c1, b1), (c2, b2) = _pair(seed=4), _pair(cin=12, cout=10, seed=5)
+        for m in (c1, b1, c2, b2):
+            m.to(DEV)
+
+        def chain(x):
+            a = conv_bn_act(c1, b1, x, None, True, "triton", mode)
+            return conv_bn_act(c2, b2, a, None, True, "triton")
+        f = torch.compile(chain, backend=compiled) if compiled else chain
+        x = torch.randn(2, 8, 7, 7, generator=torch.Generator().manual_seed(26)).to(DEV)
+        y = f(x)
+        (y * y).sum().backward()
+        return [y.detach(), c1.weight.grad, b1.weight.grad, b1.bias.grad, c2.weight.grad, b2.weight.grad,
+                b2.bias.grad, b1.running_mean, b1.running_var, b2.running_mean, b2.running_var]
 
     expect = run(None)
     for backend in ("eager", "aot_eager"):

@@ -387,7 +387,7 @@ FUSED_TRAINING_BACKENDS = ("auto", "triton")
 
 def _fused_training(module: nn.Module) -> Optional[str]:
     """The backend of the fused training path when ``module`` runs it now (training mode, fused training on, not
-    being traced: a trace records the plain graph); else None."""
+    being traced: a trace records the plain graph); else None. (``fused_training_save_memory``: its option.)"""
     backend = getattr(module, "fused_training", None)
     if backend is None or not module.training or torch.jit.is_tracing() or is_fx_symbolic_tracing():
         return None
@@ -402,13 +402,14 @@ def _run_stage(owner: nn.Module, m: nn.Module, x: torch.Tensor, ckpt: bool) -> t
     from ..train import model as fused
 
     def run(t: torch.Tensor) -> torch.Tensor:
-        return fused.stage(m, t, backend)
+        return fused.stage(m, t, backend, getattr(owner, "fused_training_save_memory", False))
     return _run_checkpointed(m, x, run) if ckpt else run(x)
 
 
-def _set_fused_training(model: nn.Module, enable: bool, backend: str) -> nn.Module:
-    if not isinstance(enable, bool):
-        raise TypeError(f"enable must be a bool, got {type(enable).__name__}")
+def _set_fused_training(model: nn.Module, enable: bool, backend: str, save_memory: bool) -> nn.Module:
+    for name, v in (("enable", enable), ("save_memory", save_memory)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
     if backend not in FUSED_TRAINING_BACKENDS:
         raise ValueError(f"backend must be one of {FUSED_TRAINING_BACKENDS}, got {backend!r}")
     if enable:
@@ -418,6 +419,7 @@ def _set_fused_training(model: nn.Module, enable: bool, backend: str) -> nn.Modu
                             f"SyncBatchNorm ({len(sync)} of them, e.g. {sync[0]!r}): keep nn.BatchNorm2d (timm's "
                             "default: per-process statistics) or leave fused training off")
     model.fused_training = backend if enable else None
+    model.fused_training_save_memory = save_memory and enable
     return model
 
 
@@ -442,6 +444,7 @@ class DLA(nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.fused_training = None  # the backend of set_fused_training, None: off
+        self.fused_training_save_memory = False
         self.base_layer = nn.Sequential(
             nn.Conv2d(in_chans, channels[0], kernel_size=7, stride=1, padding=3, bias=False),
             _bn(channels[0]), nn.ReLU(inplace=True))
@@ -503,7 +506,7 @@ class DLA(nn.Module):
         self.grad_checkpointing = bool(enable)
 
     @torch.jit.ignore
-    def set_fused_training(self, enable: bool = True, backend: str = "auto") -> "DLA":
+    def set_fused_training(self, enable: bool = True, backend: str = "auto", save_memory: bool = False) -> "DLA":
         """Train on the fused kernels: conv + BatchNorm (batch statistics) + ReLU and the concat-free aggregation
         node, forward and backward (see ``docs/training.md``). Returns the model.
 
@@ -512,9 +515,10 @@ class DLA(nn.Module):
         updates them. ``backend="auto"`` runs the kernels on CUDA for float16/bfloat16 convolutions (autocast or
         a half model) and the modules everywhere else (CPU, float32, a BN in eval mode); ``"triton"`` raises
         where the kernels cannot run. Works with ``set_grad_checkpointing`` and ``torch.compile``; SyncBatchNorm
-        is refused.
+        is refused. ``save_memory=True``: the activations inside each block (the inputs of its second and third
+        convs) are not kept for the backward, which recomputes them; less peak memory for a slower step.
         """
-        return _set_fused_training(self, enable, backend)
+        return _set_fused_training(self, enable, backend, save_memory)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -708,6 +712,7 @@ class DlaFeatures(nn.Module):
         self.channels = tuple(model.channels)  # all six levels, for the fusion pass
         self.grad_checkpointing = False
         self.fused_training = None  # the backend of set_fused_training, None: off
+        self.fused_training_save_memory = False
         self.base_layer = model.base_layer
         for i in range(NUM_LEVELS):
             setattr(self, f"level{i}", getattr(model, f"level{i}") if i <= last else nn.Identity())
@@ -723,9 +728,10 @@ class DlaFeatures(nn.Module):
         self.grad_checkpointing = bool(enable)
 
     @torch.jit.ignore
-    def set_fused_training(self, enable: bool = True, backend: str = "auto") -> "DlaFeatures":
+    def set_fused_training(self, enable: bool = True, backend: str = "auto",
+                           save_memory: bool = False) -> "DlaFeatures":
         """See :meth:`DLA.set_fused_training`."""
-        return _set_fused_training(self, enable, backend)
+        return _set_fused_training(self, enable, backend, save_memory)
 
     @torch.jit.ignore
     def _forward_stages(self, x: torch.Tensor) -> List[torch.Tensor]:

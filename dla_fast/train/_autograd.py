@@ -205,21 +205,32 @@ class ConvStats(torch.autograd.Function):
     """(z, mean, var) = conv2d(x', weight) and its batch statistics; see the module docstring.
 
     forward(x, weight, stride, padding, groups, impl, norm_mean, norm_var, norm_gamma, norm_beta, norm_eps,
-    norm_relu, fold=None): without a prologue the ``norm_*`` tensors are None. Autocast must be off inside (the
-    caller casts x and weight to the compute dtype). ``fold``: this layer's own BN
+    norm_relu, fold=None, norm_coef=None): without a prologue the ``norm_*`` tensors are None. Autocast must be
+    off inside (the caller casts x and weight to the compute dtype). ``fold``: this layer's own BN
     (:class:`dla_fast.backends.triton._train.BnFold`), whose coefficients come back as two more outputs, (z,
     mean, var, rstd, scale), and whose running statistics are updated, in the statistics' final launch.
+    ``norm_coef``: the prologue BN's (rstd, scale) where its own layer's final launch computed them;
+    ``norm_prologue=False`` forms the normalised input in a separate pass instead (still not kept).
     """
 
     @staticmethod
     def forward(ctx, x, weight, stride, padding, groups, impl, norm_mean, norm_var, norm_gamma, norm_beta,
-                norm_eps, norm_relu, fold=None):
+                norm_eps, norm_relu, fold=None, norm_coef=None, norm_prologue=True):
         norm = None
         rstd = scale = bias = None
         if norm_mean is not None:
-            rstd, scale, bias = _scale_bias(norm_gamma, norm_beta, norm_var, norm_eps)
+            if norm_coef is None:
+                rstd, scale, bias = _scale_bias(norm_gamma, norm_beta, norm_var, norm_eps)
+            else:
+                (rstd, scale), bias = norm_coef, _bias(norm_beta, norm_var)
             norm = (norm_mean, scale, bias)
-        out = conv_stats(impl, x, weight, stride, padding, groups, norm, norm_relu, fold)
+        if norm is not None and not norm_prologue:
+            # The activation formed for the conv and dropped after it: kept as x only, as with the prologue.
+            a = bn_act(impl, x, norm_mean, scale, bias, None, norm_relu, x.dtype)
+            out = conv_stats(impl, a, weight, stride, padding, groups, None, False, fold)
+            del a
+        else:
+            out = conv_stats(impl, x, weight, stride, padding, groups, norm, norm_relu, fold)
         ctx.mark_non_differentiable(*out[1:])
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
         ctx.conf = (tuple(stride), tuple(padding), groups, impl, norm is not None, bool(norm_relu))
@@ -235,7 +246,7 @@ class ConvStats(torch.autograd.Function):
         need_g, need_b = ctx.needs_input_grad[8], ctx.needs_input_grad[9]
         dx = dw = dgamma = dbeta = None
         if dz is None:
-            return (None,) * 13
+            return (None,) * 15
         a = x
         if has_norm:
             # The normalised input was never stored: recompute it (the memory the prologue saves).
@@ -251,7 +262,7 @@ class ConvStats(torch.autograd.Function):
             dx = da
         return (dx if need_x else None, dw, None, None, None, None, None, None,
                 _grad_as(dgamma, gamma) if need_g else None, _grad_as(dbeta, beta) if need_b else None, None, None,
-                None)
+                None, None, None)
 
 
 class BnAct(torch.autograd.Function):

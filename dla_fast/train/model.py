@@ -30,17 +30,33 @@ def _conv_level(seq: nn.Sequential, x: torch.Tensor, backend: str) -> torch.Tens
     return x
 
 
-def _block(b: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+def defer_mode(save_memory: bool):
+    """What the blocks' first convs hand on (``defer`` of :func:`.modules.conv_bn_act`): False, the activation
+    itself; with ``save_memory``, a :class:`.ops.Deferred` the next conv takes in its prologue, or with
+    DLA_FAST_TRAIN_SAVE_MEMORY=recompute forms in a pass of its own and drops after it."""
+    if not save_memory:
+        return False
+    from .. import _env
+    mode = (_env.get("DLA_FAST_TRAIN_SAVE_MEMORY") or "prologue").lower()
+    if mode not in ("prologue", "recompute"):
+        raise ValueError(f"DLA_FAST_TRAIN_SAVE_MEMORY={mode!r} is not a mode: use prologue or recompute")
+    return True if mode == "prologue" else mode
+
+
+def _block(b: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], backend: str,
+           defer=False) -> torch.Tensor:
     from ..models.dla import DlaBasic, DlaBottle2neck, DlaBottleneck
 
     if shortcut is None:
         shortcut = x
+    # Inside a block each conv's activation feeds the next conv alone: deferred (save_memory), it is not kept
+    # for the backward, which recomputes it.
     if isinstance(b, DlaBasic):
-        y = conv_bn_act(b.conv1, b.bn1, x, None, True, backend)
+        y = conv_bn_act(b.conv1, b.bn1, x, None, True, backend, defer)
         return conv_bn_act(b.conv2, b.bn2, y, shortcut, True, backend)
     if isinstance(b, DlaBottleneck):
-        y = conv_bn_act(b.conv1, b.bn1, x, None, True, backend)
-        y = conv_bn_act(b.conv2, b.bn2, y, None, True, backend)
+        y = conv_bn_act(b.conv1, b.bn1, x, None, True, backend, defer)
+        y = conv_bn_act(b.conv2, b.bn2, y, None, True, backend, defer)
         return conv_bn_act(b.conv3, b.bn3, y, shortcut, True, backend)
     if isinstance(b, DlaBottle2neck):
         y = conv_bn_act(b.conv1, b.bn1, x, None, True, backend)
@@ -58,12 +74,12 @@ def _block(b: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], back
 
 
 def _node(m: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], children: Optional[List[torch.Tensor]],
-          backend: str) -> torch.Tensor:
+          backend: str, defer=False) -> torch.Tensor:
     from ..models.dla import DlaTree
 
     if isinstance(m, DlaTree):
-        return _tree(m, x, shortcut, children, backend)
-    return _block(m, x, shortcut, backend)
+        return _tree(m, x, shortcut, children, backend, defer)
+    return _block(m, x, shortcut, backend, defer)
 
 
 def _pool_size(pool: nn.Module) -> Optional[int]:
@@ -91,7 +107,7 @@ def _downsample(pool: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
 
 
 def _tree(t: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], children: Optional[List[torch.Tensor]],
-          backend: str) -> torch.Tensor:
+          backend: str, defer=False) -> torch.Tensor:
     if children is None:
         children = []
     bottom = _downsample(t.downsample, x, backend)
@@ -101,23 +117,24 @@ def _tree(t: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], child
         shortcut = conv_bn_act(t.project[0], t.project[1], bottom, None, False, backend)
     if t.level_root:
         children.append(bottom)
-    x1 = _node(t.tree1, x, shortcut, None, backend)
+    x1 = _node(t.tree1, x, shortcut, None, backend, defer)
     if t.root is not None:
-        x2 = _node(t.tree2, x1, None, None, backend)
+        x2 = _node(t.tree2, x1, None, None, backend, defer)
         r = t.root
         return aggregate(r.conv, r.bn, [x2, x1] + children, bool(r.shortcut), True, backend)
     children.append(x1)
-    return _node(t.tree2, x1, None, children, backend)
+    return _node(t.tree2, x1, None, children, backend, defer)
 
 
-def stage(m: nn.Module, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """``m(x)`` for a stage of a DLA (``base_layer``, ``level0`` .. ``level5``) on the fused training path."""
+def stage(m: nn.Module, x: torch.Tensor, backend: str = "auto", save_memory: bool = False) -> torch.Tensor:
+    """``m(x)`` for a stage of a DLA (``base_layer``, ``level0`` .. ``level5``) on the fused training path;
+    ``save_memory``: the blocks' inner activations are not kept for the backward (see :func:`defer_mode`)."""
     from ..models.dla import DlaTree
 
     if isinstance(m, nn.Identity):
         return x
     if isinstance(m, DlaTree):
-        return _tree(m, x, None, None, backend)
+        return _tree(m, x, None, None, backend, defer_mode(save_memory))
     if isinstance(m, nn.Sequential):
         return _conv_level(m, x, backend)
     raise TypeError(f"fused training does not know the stage {type(m).__name__}")

@@ -1,7 +1,7 @@
 """Training modules over the fused training ops, sharing the user's parameters and buffers."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -90,15 +90,19 @@ def _refuse_sync(bn: nn.Module) -> None:
                         "SyncBatchNorm: keep nn.BatchNorm2d (timm's default) or turn fused training off")
 
 
-def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
-                relu: bool = True, backend: str = "auto") -> torch.Tensor:
+def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Union[torch.Tensor, ops.Deferred],
+                residual: Optional[torch.Tensor] = None, relu: bool = True, backend: str = "auto",
+                defer: Union[bool, str] = False) -> Union[torch.Tensor, ops.Deferred]:
     """``act(bn(conv(x)) + residual)`` with the modules' own parameters and buffers: the fused training op where
-    it runs (the BN in training mode), else the eager modules (``backend="triton"``: else a RuntimeError)."""
-    if _eager_instead(conv_fallback_reason(conv, bn, x, backend), bn, backend):
-        return _conv_eager(conv, bn, x, residual, relu)
+    it runs (the BN in training mode), else the eager modules (``backend="triton"``: else a RuntimeError).
+    ``defer`` and an ``x`` that is an :class:`ops.Deferred` as in :func:`ops.conv_bn_relu_train` (the eager
+    modules take the activation formed)."""
+    probe = x.z if isinstance(x, ops.Deferred) else x
+    if _eager_instead(conv_fallback_reason(conv, bn, probe, backend), bn, backend):
+        return _conv_eager(conv, bn, x.materialize() if isinstance(x, ops.Deferred) else x, residual, relu)
     return ops.conv_bn_relu_train(
         x, conv.weight, *_bn_state(bn), stride=tuple(conv.stride), padding=tuple(conv.padding), groups=conv.groups,
-        momentum=bn.momentum, eps=bn.eps, residual=residual, relu=relu, backend="triton")
+        momentum=bn.momentum, eps=bn.eps, residual=residual, relu=relu, backend="triton", defer=defer)
 
 
 def _agg_eager(conv: nn.Conv2d, bn: nn.BatchNorm2d, children: Sequence[torch.Tensor], shortcut: bool,

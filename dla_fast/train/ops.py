@@ -20,7 +20,7 @@ asked for by name (tests): under ``TRITON_INTERPRET=1`` ``auto`` still means eag
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from . import _autograd as ag
 
 __all__ = ["conv_bn_relu_train", "conv_bn_relu_train_ref", "fused_unavailable_reason", "compute_dtype",
            "update_running_stats", "aggregate_bn_relu_train", "aggregate_bn_relu_train_ref",
-           "aggregate_unavailable_reason", "BACKENDS", "AGG_MAX_CHILDREN"]
+           "aggregate_unavailable_reason", "Deferred", "BACKENDS", "AGG_MAX_CHILDREN"]
 
 BACKENDS = ("auto", "triton", "eager")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -193,6 +193,30 @@ def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batc
     return stride, padding, count
 
 
+class Deferred(NamedTuple):
+    """``act(bn(z))`` of a layer whose normalised output is not formed (``conv_bn_relu_train(..., defer=True)``).
+
+    The next :func:`conv_bn_relu_train` applies this BN (the batch statistics ``mean``/``var``, the affine
+    parameters, the ReLU) to z as it loads it, so the activation is neither written nor kept for the backward,
+    which recomputes it for the next conv's weight gradient and runs this BN's backward there: one saved tensor a
+    layer fewer. :meth:`materialize` forms the activation where the next op cannot take it this way."""
+    z: torch.Tensor
+    mean: torch.Tensor
+    var: torch.Tensor
+    coef: Optional[Tuple[torch.Tensor, torch.Tensor]]  # (rstd, scale) from the statistics' final launch, or None
+    gamma: Optional[torch.Tensor]
+    beta: Optional[torch.Tensor]
+    eps: float
+    relu: bool
+    prologue: bool = True  # the next conv normalises as it loads; False: a separate pass forms the input for it
+
+    def materialize(self) -> torch.Tensor:
+        """The activation itself, channels_last in z's dtype (what ``defer=False`` returns)."""
+        with torch.autocast(self.z.device.type, enabled=False):
+            return ag.BnAct.apply(self.z, self.mean, self.var, self.gamma, self.beta, None, float(self.eps),
+                                  self.relu, self.z.dtype, "triton", self.coef)
+
+
 def conv_bn_relu_train_ref(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
                            bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                            running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
@@ -232,13 +256,30 @@ def conv_bn_relu_train(
     residual: Optional[torch.Tensor] = None,
     relu: bool = True,
     backend: str = "auto",
-) -> torch.Tensor:
+    defer: Union[bool, str] = False,
+) -> Union[torch.Tensor, Deferred]:
     """``relu(batch_norm_train(conv2d(x, weight)) + residual)`` with the running statistics updated in place (see
     the module docstring). Differentiable in x, weight, bn_weight, bn_bias and residual.
 
     The output is channels_last on the kernel path, in the conv's compute dtype (promoted with the residual's
     dtype, as ``bn(z) + residual`` is eagerly).
+
+    ``defer=True`` (no residual): where the kernels run, a :class:`Deferred` instead of the activation, for the
+    next call to take as its ``x`` (a chain conv -> bn -> relu -> conv inside a block); where they do not, the
+    activation as usual. An ``x`` that is a :class:`Deferred` is normalised as the conv loads it where the
+    kernels run this call (``defer="recompute"``: formed by a pass of its own and dropped after the conv; kept
+    for the backward as z either way), else formed first.
     """
+    if isinstance(defer, torch.Tensor) or not isinstance(defer, (bool, str)):
+        raise TypeError(f"defer must be a bool or 'prologue' / 'recompute', got {type(defer).__name__}")
+    if isinstance(defer, str) and defer not in ("prologue", "recompute"):
+        raise ValueError(f"defer must be False, True ('prologue') or 'recompute', got {defer!r}")
+    if defer and residual is not None:
+        raise ValueError("defer=True leaves the activation to the next conv, which cannot add a residual to it; "
+                         "pass residual=None or defer=False")
+    prev = x if isinstance(x, Deferred) else None
+    if prev is not None:
+        x = prev.z
     stride, padding, count = _validate(x, weight, bn_weight, bn_bias, running_mean, running_var,
                                        num_batches_tracked, stride, padding, groups, momentum, eps, residual, relu,
                                        backend)
@@ -246,10 +287,14 @@ def conv_bn_relu_train(
     why = None if backend == "eager" else fused_unavailable_reason(x, weight, groups, backend, cdt)
     if why is not None and backend == "triton":
         raise RuntimeError(f"conv_bn_relu_train: backend='triton' cannot run here: {why}")
+    if prev is not None and (backend == "eager" or why is not None or x.dtype != cdt):
+        x, prev = prev.materialize(), None
     if backend == "eager" or why is not None:
         return conv_bn_relu_train_ref(x, weight, bn_weight, bn_bias, running_mean, running_var,
                                       num_batches_tracked, stride, padding, groups, momentum, eps, residual, relu)
     out_dtype = cdt if residual is None else torch.promote_types(cdt, residual.dtype)
+    norm = ((None, None, None, None, 0.0, False) if prev is None
+            else (prev.mean, prev.var, prev.gamma, prev.beta, float(prev.eps), prev.relu))
     with torch.autocast(x.device.type, enabled=False):
         # The casts are autograd ops: gradients reach fp32 master weights in fp32, as under eager autocast. A
         # cast copies anyway, so it also lays x out as the kernel reads it (channels_last); an x already in the
@@ -257,13 +302,16 @@ def conv_bn_relu_train(
         xc = x if x.dtype == cdt else x.to(dtype=cdt, memory_format=torch.channels_last)
         wc = weight.to(cdt)
         fold = _fold(xc, bn_weight, eps, running_mean, running_var, num_batches_tracked, momentum, count)
-        z, mean, var, *coef = ag.ConvStats.apply(xc, wc, stride, padding, groups, "triton", None, None, None, None,
-                                                 0.0, False, fold)
-        y = ag.BnAct.apply(z, mean, var, bn_weight, bn_bias, residual, float(eps), relu, out_dtype, "triton",
-                           coef or None)
-    if fold is None:
-        update_running_stats(mean, var, count, running_mean, running_var, num_batches_tracked, momentum)
-    return y
+        z, mean, var, *coef = ag.ConvStats.apply(xc, wc, stride, padding, groups, "triton", *norm, fold,
+                                                 None if prev is None else prev.coef,
+                                                 True if prev is None else prev.prologue)
+        if fold is None:
+            update_running_stats(mean, var, count, running_mean, running_var, num_batches_tracked, momentum)
+        if defer:
+            return Deferred(z, mean, var, tuple(coef) or None, bn_weight, bn_bias, float(eps), relu,
+                            defer != "recompute")
+        return ag.BnAct.apply(z, mean, var, bn_weight, bn_bias, residual, float(eps), relu, out_dtype, "triton",
+                              coef or None)
 
 
 # ------------------------------------------------------------------------------------------ aggregation node
