@@ -437,7 +437,8 @@ def test_deferred_activation_chain(dtype, mode):
 @needs_kernels
 def test_backward_kernels_match_torch_pieces():
     """The Triton BN+ReLU backward (two passes) and BN apply against their torch formulas, on a channels_last
-    slice input and a strided gradient, with and without ReLU mask and residual gradient."""
+    slice input and a strided gradient, with and without ReLU mask and residual gradient; without a residual,
+    the mask recomputed from z (``relu_coef``) gives what the mask read from y gives."""
     from dla_fast.backends.triton import _train as kt
     gen = torch.Generator().manual_seed(16)
     z = _layout((torch.randn(2, 20, 7, 9, generator=gen) * 3 + 1).to(DEV), "slice")
@@ -460,6 +461,15 @@ def test_backward_kernels_match_torch_pieces():
                     assert a is None
                 else:
                     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            if relu and r is None:
+                coef = (gamma * rstd, beta)
+                from_z = kt.bn_backward_launch(grad, None, z, mean, rstd, gamma, None, relu_coef=coef)
+                from_z_t = ag.bn_backward_torch(grad, None, z, mean, rstd, gamma, None, coef)
+                for a, b, c in zip(from_z[:3], got[:3], from_z_t[:3]):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+                    torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-5)
+                with pytest.raises(ValueError, match="as y or as relu_coef, not both"):
+                    kt.bn_backward_launch(grad, y, z, mean, rstd, gamma, None, relu_coef=coef)
 
 
 @pytest.mark.interpreter

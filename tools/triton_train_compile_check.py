@@ -6,7 +6,8 @@ The training counterpart of ``tools/triton_compile_check.py`` (whose recorder an
 training launchers (:mod:`dla_fast.backends.triton._train`) on ``meta`` tensors of every distinct layer shape
 of the chosen variants (:func:`record_training`: the statistics conv with and without the BN+ReLU prologue and
 the statistics pass over a conv output, the aggregation node over its children in place, BN apply / backward
-on the outputs, and the trees' max-pool backward); records each launch and
+on the outputs, BN backward with the ReLU's mask read or recomputed, and the trees' max-pool backward); records
+each launch and
 compiles each specialisation once for the target (default sm_90), reporting compile errors, shared memory and,
 with ``--sass``, instruction counts (HGMMA, LDGSTS, spills).
 """
@@ -62,6 +63,8 @@ def record_training(s, n: int, dtype: torch.dtype, tf32: bool = True) -> bool:
         _train.bn_backward_launch(y, y if s.relu else None, z, cvec[0], cvec[1], cvec[2],
                                   None if r is None else dtype)
     _train.bn_backward_launch(y, None, z, cvec[0], cvec[1], None, None)  # no ReLU, affine=False
+    if s.relu:  # the ReLU's mask recomputed from z (no residual)
+        _train.bn_backward_launch(y, None, z, cvec[0], cvec[1], cvec[2], None, relu_coef=(cvec[1], cvec[2]))
     return True
 
 

@@ -73,14 +73,17 @@ def agg_stats_torch(children: Sequence[torch.Tensor], weight: torch.Tensor
 
 
 def bn_backward_torch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor,
-                      rstd: torch.Tensor, gamma: Optional[torch.Tensor], res_dtype: Optional[torch.dtype]):
+                      rstd: torch.Tensor, gamma: Optional[torch.Tensor], res_dtype: Optional[torch.dtype],
+                      relu_coef=None):
     """The formulas of ``_bn_bwd_reduce_kernel`` / ``_bn_bwd_apply_kernel`` in ATen ops (same contract as
     :func:`dla_fast.backends.triton._train.bn_backward_launch`)."""
     sd = mean.dtype
     g = grad.to(sd)
+    d = z.to(sd) - _c(mean)
+    if relu_coef is not None:
+        y = d * _c(relu_coef[0].to(sd)) + _c(relu_coef[1].to(sd))
     if y is not None:
         g = torch.where(y > 0, g, torch.zeros((), dtype=sd, device=g.device))
-    d = z.to(sd) - _c(mean)
     m = z.shape[0] * z.shape[2] * z.shape[3]
     dbeta = g.sum((0, 2, 3))
     s_gx = (g * d).sum((0, 2, 3))
@@ -172,12 +175,16 @@ def bn_act(impl: str, z, mean, scale, bias, residual, relu, out_dtype):
     return torch.ops.dla_fast_train.bn_act(z, mean, scale, bias, residual, relu, out_dtype)
 
 
-def bn_backward(impl: str, grad, y, z, mean, rstd, gamma, res_dtype):
+def bn_backward(impl: str, grad, y, z, mean, rstd, gamma, res_dtype, relu_coef=None):
+    """BN (+ ReLU) backward; the ReLU's mask from its output ``y``, or from ``z`` and ``relu_coef`` = (scale,
+    bias) of a BN with no residual after it (the kernels then read one tensor fewer)."""
     if impl == "torch":
-        return bn_backward_torch(grad, y, z, mean, rstd, gamma, res_dtype)
+        return bn_backward_torch(grad, y, z, mean, rstd, gamma, res_dtype, relu_coef)
     from ..backends.triton import _train as kt
     if _direct(z):
-        return kt.bn_backward_launch(grad, y, z, mean, rstd, gamma, res_dtype, raw=True)
+        return kt.bn_backward_launch(grad, y, z, mean, rstd, gamma, res_dtype, raw=True, relu_coef=relu_coef)
+    if relu_coef is not None:  # the registered op takes the mask as a tensor: the pre-activation, traced
+        y = (z.to(mean.dtype) - _c(mean)) * _c(relu_coef[0].to(mean.dtype)) + _c(relu_coef[1].to(mean.dtype))
     dz, dgamma, dbeta, dres = torch.ops.dla_fast_train.bn_backward(grad, y, z, mean, rstd, gamma, res_dtype)
     return dz, dgamma, dbeta, (dres if res_dtype is not None else None)
 
@@ -255,9 +262,11 @@ class ConvStats(torch.autograd.Function):
         da, dw, _ = torch.ops.aten.convolution_backward(
             dz.to(a.dtype), a, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], groups,
             [need_a, need_w, False])
+        del a  # the ReLU's mask below comes from x (no residual in a prologue)
         if has_norm and need_a:
             g32 = None if gamma is None else gamma.to(rstd.dtype)
-            dx, dgamma, dbeta, _ = bn_backward(impl, da, a if norm_relu else None, x, mean, rstd, g32, None)
+            dx, dgamma, dbeta, _ = bn_backward(impl, da, None, x, mean, rstd, g32, None,
+                                               (scale, bias) if norm_relu else None)
         elif need_x:
             dx = da
         return (dx if need_x else None, dw, None, None, None, None, None, None,
@@ -268,7 +277,8 @@ class ConvStats(torch.autograd.Function):
 class BnAct(torch.autograd.Function):
     """y = act(BatchNorm(z; mean, var, gamma, beta, eps) + residual), mean/var the batch statistics of z from
     :class:`ConvStats`. forward(z, mean, var, gamma, beta, residual, eps, relu, out_dtype, impl, coef=None);
-    ``coef``: (rstd, scale) already computed (by the statistics' final launch), else computed here."""
+    ``coef``: (rstd, scale) already computed (by the statistics' final launch), else computed here. The backward
+    takes the ReLU's mask from ``y``, or where no residual is added from ``z`` (one read fewer)."""
 
     @staticmethod
     def forward(ctx, z, mean, var, gamma, beta, residual, eps, relu, out_dtype, impl, coef=None):
@@ -278,20 +288,23 @@ class BnAct(torch.autograd.Function):
             (rstd, scale), bias = coef, _bias(beta, var)
         y = bn_act(impl, z, mean, scale, bias, residual, relu, out_dtype)
         ctx.conf = (bool(relu), impl, None if residual is None else residual.dtype)
-        ctx.save_for_backward(z, y if relu else None, mean, rstd, gamma, beta)
+        mask_z = relu and residual is None
+        ctx.save_for_backward(z, y if relu and not mask_z else None, mean, rstd, gamma, beta,
+                              scale if mask_z else None, bias if mask_z else None)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         relu, impl, res_dtype = ctx.conf
-        z, y, mean, rstd, gamma, beta = ctx.saved_tensors
+        z, y, mean, rstd, gamma, beta, scale, bias = ctx.saved_tensors
         need_z, need_g, need_b, need_r = (ctx.needs_input_grad[0], ctx.needs_input_grad[3],
                                           ctx.needs_input_grad[4], ctx.needs_input_grad[5])
         if dy is None:
             return (None,) * 11
         g32 = None if gamma is None else gamma.to(rstd.dtype)
-        dz, dgamma, dbeta, dres = bn_backward(impl, dy, y, z, mean, rstd, g32, res_dtype if need_r else None)
+        dz, dgamma, dbeta, dres = bn_backward(impl, dy, y, z, mean, rstd, g32, res_dtype if need_r else None,
+                                              None if scale is None else (scale, bias))
         return (dz if need_z else None, None, None, _grad_as(dgamma, gamma) if need_g else None,
                 _grad_as(dbeta, beta) if need_b else None, dres, None, None, None, None, None)
 

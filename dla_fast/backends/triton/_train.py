@@ -385,24 +385,31 @@ def _bn_act_kernel(
 
 
 @triton.jit
-def _masked_grad(g_ptr, y_ptr, rows, cols, mask, HW, W, sgn, sgc, sgh, sgw, sym, RELU: tl.constexpr):
-    """The output gradient read through its four strides, zeroed where the ReLU's output ``y`` is not > 0
-    (torch's threshold_backward: the gradient passes where the result is positive)."""
+def _masked_grad(g_ptr, y_ptr, rows, cols, mask, HW, W, sgn, sgc, sgh, sgw, sym, d, sc_ptr, bi_ptr, col_ok,
+                 RELU: tl.constexpr):
+    """The output gradient read through its four strides, zeroed where the ReLU's output is not > 0 (torch's
+    threshold_backward: the gradient passes where the result is positive). RELU 1: the output ``y`` read back;
+    2: the BN output recomputed from ``d`` = z - mean, ``d * scale + bias`` in fp32 (no residual: one read
+    fewer)."""
     img = rows // HW
     pix = rows % HW
     oh = pix // W
     ow = pix % W
     g_off = (img * sgn + oh * sgh + ow * sgw)[:, None] + (cols * sgc)[None, :]
     g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
-    if RELU:
+    if RELU == 1:
         y = tl.load(y_ptr + rows[:, None] * sym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g = tl.where(y > 0.0, g, 0.0)
+    elif RELU == 2:
+        sc = tl.load(sc_ptr + cols, mask=col_ok, other=0.0)
+        bi = tl.load(bi_ptr + cols, mask=col_ok, other=0.0)
+        g = tl.where(d * sc[None, :] + bi[None, :] > 0.0, g, 0.0)
     return g
 
 
 @triton.jit
 def _bn_bwd_reduce_kernel(
-    g_ptr, y_ptr, z_ptr, mu_ptr, ps_ptr, psx_ptr,
+    g_ptr, y_ptr, z_ptr, mu_ptr, sc_ptr, bi_ptr, ps_ptr, psx_ptr,
     M, HW, W, C,
     sgn, sgc, sgh, sgw, sym, szm,
     n_tiles_c,
@@ -410,7 +417,8 @@ def _bn_bwd_reduce_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Pass 1 of BN(+ReLU) backward: per tile and channel, sum(g) and sum(g * (z - mean)) (centred, so no
-    cancellation against a large mean), with g the masked output gradient. Row ``pid_m`` of the workspaces."""
+    cancellation against a large mean), with g the masked output gradient (see ``_masked_grad``). Row ``pid_m``
+    of the workspaces."""
     pid = tl.program_id(0)
     pid_m = pid // n_tiles_c
     pid_c = pid % n_tiles_c
@@ -421,10 +429,11 @@ def _bn_bwd_reduce_kernel(
     row_ok = rows < M
     col_ok = cols < C
     mask = row_ok[:, None] & col_ok[None, :]
-    g = _masked_grad(g_ptr, y_ptr, rows, cols, mask, HW, W, sgn, sgc, sgh, sgw, sym, RELU)
     mu = tl.load(mu_ptr + cols, mask=col_ok, other=0.0)
     z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     d = tl.where(mask, z - mu[None, :], 0.0)
+    g = _masked_grad(g_ptr, y_ptr, rows, cols, mask, HW, W, sgn, sgc, sgh, sgw, sym, d, sc_ptr, bi_ptr, col_ok,
+                     RELU)
     t_row = pid_m
     if IDX64:
         t_row = t_row.to(tl.int64)
@@ -434,7 +443,7 @@ def _bn_bwd_reduce_kernel(
 
 @triton.jit
 def _bn_bwd_apply_kernel(
-    g_ptr, y_ptr, z_ptr, mu_ptr, k1_ptr, k2_ptr, k3_ptr, dz_ptr, dr_ptr,
+    g_ptr, y_ptr, z_ptr, mu_ptr, sc_ptr, bi_ptr, k1_ptr, k2_ptr, k3_ptr, dz_ptr, dr_ptr,
     M, HW, W, C,
     sgn, sgc, sgh, sgw, sym, szm,
     n_tiles_c,
@@ -453,13 +462,15 @@ def _bn_bwd_apply_kernel(
     row_ok = rows < M
     col_ok = cols < C
     mask = row_ok[:, None] & col_ok[None, :]
-    g = _masked_grad(g_ptr, y_ptr, rows, cols, mask, HW, W, sgn, sgc, sgh, sgw, sym, RELU)
     mu = tl.load(mu_ptr + cols, mask=col_ok, other=0.0)
     k1 = tl.load(k1_ptr + cols, mask=col_ok, other=0.0)
     k2 = tl.load(k2_ptr + cols, mask=col_ok, other=0.0)
     k3 = tl.load(k3_ptr + cols, mask=col_ok, other=0.0)
     z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    dz = k1[None, :] * g - k2[None, :] - k3[None, :] * (z - mu[None, :])
+    d = z - mu[None, :]
+    g = _masked_grad(g_ptr, y_ptr, rows, cols, mask, HW, W, sgn, sgc, sgh, sgw, sym, d, sc_ptr, bi_ptr, col_ok,
+                     RELU)
+    dz = k1[None, :] * g - k2[None, :] - k3[None, :] * d
     off = rows[:, None] * C + cols[None, :]
     tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=mask)
     if HAS_DRES:
@@ -809,14 +820,19 @@ def bn_act_launch(z: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, bias
 
 def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor,
                        rstd: torch.Tensor, gamma: Optional[torch.Tensor], res_dtype: Optional[torch.dtype],
-                       raw: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                       raw: bool = False, relu_coef: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """BatchNorm(train) + optional ReLU backward, from the batch statistics BN normalised with.
 
     ``grad``: dL/dy in any layout; ``y``: the ReLU's output (only its mask is used), None without a ReLU;
     ``z``: BN's input; ``mean``/``rstd``: fp32 batch mean and 1/sqrt(var + eps); ``gamma``: BN's weight as
-    fp32, or None (affine=False). Returns (dz in z's dtype, dgamma = sum(g * xhat), dbeta = sum(g), and the
-    residual's gradient g in ``res_dtype``, or None when ``res_dtype`` is None), the sums fp32.
+    fp32, or None (affine=False). ``relu_coef``: (scale, bias), fp32, of a ReLU with no residual before it,
+    whose mask is then recomputed from ``z`` (``y`` must be None). Returns (dz in z's dtype, dgamma = sum(g *
+    xhat), dbeta = sum(g), and the residual's gradient g in ``res_dtype``, or None when ``res_dtype`` is None),
+    the sums fp32.
     """
+    if relu_coef is not None and y is not None:
+        raise ValueError("bn backward: give the ReLU's mask as y or as relu_coef, not both")
     z, szm = _rows(z)
     N, C, H, W = z.shape
     M = N * H * W
@@ -832,15 +848,16 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
         return dz, ps.sum(0), ps.sum(0), dres
     if M >= _I32_LIMIT:
         raise RuntimeError(f"bn backward (triton): {M} pixels exceed the kernel's 32-bit row index")
-    relu = y is not None
-    y, sym = _rows(y) if relu else (z, szm)
+    relu = 1 if y is not None else (2 if relu_coef is not None else 0)
+    y, sym = _rows(y) if relu == 1 else (z, szm)
+    sc, bi = (t.to(torch.float32).contiguous() for t in relu_coef) if relu == 2 else (mean, mean)
     n_tiles_c = _cdiv(C, bc)
     sgn, sgc, sgh, sgw = grad.stride()
     idx64 = _idx64(_max_offset(grad), _max_offset(z), _max_offset(y), dz.numel())
     mean = mean.contiguous()
     grid = T * n_tiles_c
     _kernel(_bn_bwd_reduce_kernel, raw)[lambda meta: (grid,)](
-        grad, y, z, mean, ps, psx, M, H * W, W, C, sgn, sgc, sgh, sgw, sym, szm, n_tiles_c,
+        grad, y, z, mean, sc, bi, ps, psx, M, H * W, W, C, sgn, sgc, sgh, sgw, sym, szm, n_tiles_c,
         RELU=relu, IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc, num_warps=WARPS_ELTWISE, num_stages=1)
     dbeta, dgamma, k1, k2, k3 = (torch.empty(C, device=z.device, dtype=torch.float32) for _ in range(5))
     fc, fgrid = _finalize_tiles(C)
@@ -857,7 +874,7 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
         ps, psx, rstd, gamma.contiguous() if gamma is not None else rstd, dbeta, dgamma, k1, k2, k3, T, C, M,
         HAS_GAMMA=gamma is not None, BLOCK_T=FINAL_BLOCK_T, BLOCK_C=fc, num_warps=WARPS_ELTWISE, num_stages=1)
     _kernel(_bn_bwd_apply_kernel, raw)[lambda meta: (grid,)](
-        grad, y, z, mean, k1, k2, k3, dz, dres if dres is not None else dz,
+        grad, y, z, mean, sc, bi, k1, k2, k3, dz, dres if dres is not None else dz,
         M, H * W, W, C, sgn, sgc, sgh, sgw, sym, szm, n_tiles_c,
         RELU=relu, HAS_DRES=dres is not None, IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc, num_warps=WARPS_ELTWISE,
         num_stages=1)
