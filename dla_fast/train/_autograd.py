@@ -72,6 +72,13 @@ def agg_stats_torch(children: Sequence[torch.Tensor], weight: torch.Tensor
     return conv_stats_torch(torch.cat(list(children), 1), weight, (1, 1), (0, 0), 1, None, False)
 
 
+def _pre_relu(z: torch.Tensor, mean: torch.Tensor, coef) -> torch.Tensor:
+    """A BN's output before its ReLU, ``(z - mean) * scale + bias`` with ``coef`` = (scale, bias), in the
+    statistics' dtype: where it is > 0 the ReLU passes the gradient."""
+    sd = mean.dtype
+    return (z.to(sd) - _c(mean)) * _c(coef[0].to(sd)) + _c(coef[1].to(sd))
+
+
 def bn_backward_torch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor,
                       rstd: torch.Tensor, gamma: Optional[torch.Tensor], res_dtype: Optional[torch.dtype],
                       relu_coef=None):
@@ -81,7 +88,7 @@ def bn_backward_torch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.Te
     g = grad.to(sd)
     d = z.to(sd) - _c(mean)
     if relu_coef is not None:
-        y = d * _c(relu_coef[0].to(sd)) + _c(relu_coef[1].to(sd))
+        y = _pre_relu(z, mean, relu_coef)
     if y is not None:
         g = torch.where(y > 0, g, torch.zeros((), dtype=sd, device=g.device))
     m = z.shape[0] * z.shape[2] * z.shape[3]
@@ -184,7 +191,7 @@ def bn_backward(impl: str, grad, y, z, mean, rstd, gamma, res_dtype, relu_coef=N
     if _direct(z):
         return kt.bn_backward_launch(grad, y, z, mean, rstd, gamma, res_dtype, raw=True, relu_coef=relu_coef)
     if relu_coef is not None:  # the registered op takes the mask as a tensor: the pre-activation, traced
-        y = (z.to(mean.dtype) - _c(mean)) * _c(relu_coef[0].to(mean.dtype)) + _c(relu_coef[1].to(mean.dtype))
+        y = _pre_relu(z, mean, relu_coef)
     dz, dgamma, dbeta, dres = torch.ops.dla_fast_train.bn_backward(grad, y, z, mean, rstd, gamma, res_dtype)
     return dz, dgamma, dbeta, (dres if res_dtype is not None else None)
 
@@ -212,8 +219,8 @@ class ConvStats(torch.autograd.Function):
     """(z, mean, var) = conv2d(x', weight) and its batch statistics; see the module docstring.
 
     forward(x, weight, stride, padding, groups, impl, norm_mean, norm_var, norm_gamma, norm_beta, norm_eps,
-    norm_relu, fold=None, norm_coef=None): without a prologue the ``norm_*`` tensors are None. Autocast must be
-    off inside (the caller casts x and weight to the compute dtype). ``fold``: this layer's own BN
+    norm_relu, fold=None, norm_coef=None, norm_prologue=True): without a prologue the ``norm_*`` tensors are None.
+    Autocast must be off inside (the caller casts x and weight to the compute dtype). ``fold``: this layer's own BN
     (:class:`dla_fast.backends.triton._train.BnFold`), whose coefficients come back as two more outputs, (z,
     mean, var, rstd, scale), and whose running statistics are updated, in the statistics' final launch.
     ``norm_coef``: the prologue BN's (rstd, scale) where its own layer's final launch computed them;
