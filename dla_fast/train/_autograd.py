@@ -72,11 +72,10 @@ def agg_stats_torch(children: Sequence[torch.Tensor], weight: torch.Tensor
     return conv_stats_torch(torch.cat(list(children), 1), weight, (1, 1), (0, 0), 1, None, False)
 
 
-def _pre_relu(z: torch.Tensor, mean: torch.Tensor, coef) -> torch.Tensor:
-    """A BN's output before its ReLU, ``(z - mean) * scale + bias`` with ``coef`` = (scale, bias), in the
-    statistics' dtype: where it is > 0 the ReLU passes the gradient."""
-    sd = mean.dtype
-    return (z.to(sd) - _c(mean)) * _c(coef[0].to(sd)) + _c(coef[1].to(sd))
+def _pre_relu(d: torch.Tensor, coef) -> torch.Tensor:
+    """A BN's output before its ReLU, ``d * scale + bias`` from ``d`` = z - mean (in the statistics' dtype) and
+    ``coef`` = (scale, bias): where it is > 0 the ReLU passes the gradient."""
+    return d * _c(coef[0].to(d.dtype)) + _c(coef[1].to(d.dtype))
 
 
 def bn_backward_torch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor,
@@ -88,7 +87,7 @@ def bn_backward_torch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.Te
     g = grad.to(sd)
     d = z.to(sd) - _c(mean)
     if relu_coef is not None:
-        y = _pre_relu(z, mean, relu_coef)
+        y = _pre_relu(d, relu_coef)
     if y is not None:
         g = torch.where(y > 0, g, torch.zeros((), dtype=sd, device=g.device))
     m = z.shape[0] * z.shape[2] * z.shape[3]
@@ -191,20 +190,21 @@ def bn_backward(impl: str, grad, y, z, mean, rstd, gamma, res_dtype, relu_coef=N
     if _direct(z):
         return kt.bn_backward_launch(grad, y, z, mean, rstd, gamma, res_dtype, raw=True, relu_coef=relu_coef)
     if relu_coef is not None:  # the registered op takes the mask as a tensor: the pre-activation, traced
-        y = _pre_relu(z, mean, relu_coef)
+        y = _pre_relu(z.to(mean.dtype) - _c(mean), relu_coef)
     dz, dgamma, dbeta, dres = torch.ops.dla_fast_train.bn_backward(grad, y, z, mean, rstd, gamma, res_dtype)
     return dz, dgamma, dbeta, (dres if res_dtype is not None else None)
 
 
-def _bias(beta: Optional[torch.Tensor], var: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(var) if beta is None else beta.to(var.dtype)
-
-
-def _scale_bias(gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], var: torch.Tensor, eps: float):
-    """(rstd, scale, bias) of a BatchNorm in the statistics' dtype: scale = gamma / sqrt(var + eps)."""
-    rstd = torch.rsqrt(var + eps)
-    scale = rstd if gamma is None else gamma.to(var.dtype) * rstd
-    return rstd, scale, _bias(beta, var)
+def _scale_bias(gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], var: torch.Tensor, eps: float,
+                coef=None):
+    """(rstd, scale, bias) of a BatchNorm in the statistics' dtype: scale = gamma / sqrt(var + eps); ``coef``:
+    (rstd, scale) already computed (by the statistics' final launch)."""
+    if coef is None:
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd if gamma is None else gamma.to(var.dtype) * rstd
+    else:
+        rstd, scale = coef
+    return rstd, scale, torch.zeros_like(var) if beta is None else beta.to(var.dtype)
 
 
 def _grad_as(g: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -233,10 +233,7 @@ class ConvStats(torch.autograd.Function):
         norm = None
         rstd = scale = bias = None
         if norm_mean is not None:
-            if norm_coef is None:
-                rstd, scale, bias = _scale_bias(norm_gamma, norm_beta, norm_var, norm_eps)
-            else:
-                (rstd, scale), bias = norm_coef, _bias(norm_beta, norm_var)
+            rstd, scale, bias = _scale_bias(norm_gamma, norm_beta, norm_var, norm_eps, norm_coef)
             norm = (norm_mean, scale, bias)
         if norm is not None and not norm_prologue:
             # The activation formed for the conv and dropped after it: kept as x only, as with the prologue.
@@ -289,10 +286,7 @@ class BnAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, mean, var, gamma, beta, residual, eps, relu, out_dtype, impl, coef=None):
-        if coef is None:
-            rstd, scale, bias = _scale_bias(gamma, beta, var, eps)
-        else:
-            (rstd, scale), bias = coef, _bias(beta, var)
+        rstd, scale, bias = _scale_bias(gamma, beta, var, eps, coef)
         y = bn_act(impl, z, mean, scale, bias, residual, relu, out_dtype)
         ctx.conf = (bool(relu), impl, None if residual is None else residual.dtype)
         mask_z = relu and residual is None
