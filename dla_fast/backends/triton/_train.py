@@ -47,6 +47,10 @@ WARPS_NORM = 8
 # elements on 4 warps spilled in the backward kernels on sm_90.
 ELTWISE_TILE = 2048
 WARPS_ELTWISE = 4
+# BN backward's reduce pass: each program sums up to REDUCE_MAX_ROW_TILES row tiles, as many as leave at least
+# REDUCE_PROGRAMS programs (enough to fill any current GPU).
+REDUCE_PROGRAMS = 1024
+REDUCE_MAX_ROW_TILES = 32
 
 
 # ------------------------------------------------------------------------------------------------- kernels
@@ -414,31 +418,36 @@ def _bn_bwd_reduce_kernel(
     sgn, sgc, sgh, sgw, sym, szm,
     n_tiles_c,
     RELU: tl.constexpr, IDX64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ROW_TILES: tl.constexpr,
 ):
-    """Pass 1 of BN(+ReLU) backward: per tile and channel, sum(g) and sum(g * (z - mean)) (centred, so no
-    cancellation against a large mean), with g the masked output gradient (see ``_masked_grad``). Row ``pid_m``
-    of the workspaces."""
+    """Pass 1 of BN(+ReLU) backward: per block of ROW_TILES * BLOCK_M rows and channel, sum(g) and
+    sum(g * (z - mean)) (centred, so no cancellation against a large mean), with g the masked output gradient
+    (see ``_masked_grad``). Row ``pid_m`` of the workspaces. The program adds its tiles elementwise and reduces
+    across threads once: a cross-warp reduction per 2048 elements held the pass to half the memory bandwidth."""
     pid = tl.program_id(0)
     pid_m = pid // n_tiles_c
     pid_c = pid % n_tiles_c
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if IDX64:
-        rows = rows.to(tl.int64)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < M
     col_ok = cols < C
-    mask = row_ok[:, None] & col_ok[None, :]
     mu = tl.load(mu_ptr + cols, mask=col_ok, other=0.0)
-    z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    d = tl.where(mask, z - mu[None, :], 0.0)
-    g = _masked_grad(g_ptr, y_ptr, rows, cols, mask, HW, W, sgn, sgc, sgh, sgw, sym, d, sc_ptr, bi_ptr, col_ok,
-                     RELU)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    acc_gd = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for i in range(ROW_TILES):
+        rows = (pid_m * ROW_TILES + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        if IDX64:
+            rows = rows.to(tl.int64)
+        mask = (rows < M)[:, None] & col_ok[None, :]
+        z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, z - mu[None, :], 0.0)
+        g = _masked_grad(g_ptr, y_ptr, rows, cols, mask, HW, W, sgn, sgc, sgh, sgw, sym, d, sc_ptr, bi_ptr,
+                         col_ok, RELU)
+        acc_g += g
+        acc_gd += g * d
     t_row = pid_m
     if IDX64:
         t_row = t_row.to(tl.int64)
-    tl.store(ps_ptr + t_row * C + cols, tl.sum(g, axis=0), mask=col_ok)
-    tl.store(psx_ptr + t_row * C + cols, tl.sum(g * d, axis=0), mask=col_ok)
+    tl.store(ps_ptr + t_row * C + cols, tl.sum(acc_g, axis=0), mask=col_ok)
+    tl.store(psx_ptr + t_row * C + cols, tl.sum(acc_gd, axis=0), mask=col_ok)
 
 
 @triton.jit
@@ -541,7 +550,7 @@ def train_conv_plan(M: int, cin_g: int, cout_g: int, groups: int, kh: int, kw: i
 
 
 FINAL_BLOCK_T = 64  # workspace rows a finalize program reads per step
-FINAL_CHUNK_ROWS = 256  # workspace rows a first-stage program combines (fewer rows: one stage)
+FINAL_CHUNK_ROWS = 64  # workspace rows a first-stage program combines (fewer rows: one stage)
 FINAL_MAX_PROGRAMS = 1024  # first-stage programs at most (chunks x channel blocks)
 
 
@@ -818,18 +827,29 @@ def bn_act_launch(z: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, bias
     return y
 
 
+def _reduce_row_tiles(n_row_tiles: int, n_tiles_c: int) -> int:
+    """Row tiles a program of BN backward's reduce pass sums: a power of two. The shape alone decides it (not
+    the GPU), so the sums come out the same on every card."""
+    r = 1
+    while r < REDUCE_MAX_ROW_TILES and _cdiv(n_row_tiles, 2 * r) * n_tiles_c >= REDUCE_PROGRAMS:
+        r *= 2
+    return r
+
+
 def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor,
                        rstd: torch.Tensor, gamma: Optional[torch.Tensor], res_dtype: Optional[torch.dtype],
                        raw: bool = False, relu_coef: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                       row_tiles: Optional[int] = None,
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """BatchNorm(train) + optional ReLU backward, from the batch statistics BN normalised with.
 
     ``grad``: dL/dy in any layout; ``y``: the ReLU's output (only its mask is used), None without a ReLU;
     ``z``: BN's input; ``mean``/``rstd``: fp32 batch mean and 1/sqrt(var + eps); ``gamma``: BN's weight as
     fp32, or None (affine=False). ``relu_coef``: (scale, bias), fp32, of a ReLU with no residual before it,
-    whose mask is then recomputed from ``z`` (``y`` must be None). Returns (dz in z's dtype, dgamma = sum(g *
-    xhat), dbeta = sum(g), and the residual's gradient g in ``res_dtype``, or None when ``res_dtype`` is None),
-    the sums fp32.
+    whose mask is then recomputed from ``z`` (``y`` must be None). ``row_tiles``: row tiles a reduce program
+    sums (default: from the shape, _reduce_row_tiles; tests force it). Returns (dz in z's dtype, dgamma =
+    sum(g * xhat), dbeta = sum(g), and the residual's gradient g in ``res_dtype``, or None when ``res_dtype`` is
+    None), the sums fp32.
     """
     if relu_coef is not None and y is not None:
         raise ValueError("bn backward: give the ReLU's mask as y or as relu_coef, not both")
@@ -839,7 +859,11 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
     dz = _new_output(N, C, H, W, z.device, z.dtype)
     dres = None if res_dtype is None else _new_output(N, C, H, W, z.device, res_dtype)
     bm, bc = _eltwise_tiles(C)
-    T = _cdiv(M, bm)
+    n_tiles_c = _cdiv(C, bc)
+    rt = _reduce_row_tiles(_cdiv(M, bm), n_tiles_c) if row_tiles is None else int(row_tiles)
+    if rt < 1:
+        raise ValueError(f"bn backward: row_tiles must be >= 1, got {row_tiles}")
+    T = _cdiv(M, bm * rt)
     ps = torch.empty((T, C), device=z.device, dtype=torch.float32)
     psx = torch.empty((T, C), device=z.device, dtype=torch.float32)
     if M == 0 or C == 0:
@@ -851,14 +875,12 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
     relu = 1 if y is not None else (2 if relu_coef is not None else 0)
     y, sym = _rows(y) if relu == 1 else (z, szm)
     sc, bi = (t.to(torch.float32).contiguous() for t in relu_coef) if relu == 2 else (mean, mean)
-    n_tiles_c = _cdiv(C, bc)
     sgn, sgc, sgh, sgw = grad.stride()
     idx64 = _idx64(_max_offset(grad), _max_offset(z), _max_offset(y), dz.numel())
     mean = mean.contiguous()
-    grid = T * n_tiles_c
-    _kernel(_bn_bwd_reduce_kernel, raw)[lambda meta: (grid,)](
+    _kernel(_bn_bwd_reduce_kernel, raw)[lambda meta: (T * n_tiles_c,)](
         grad, y, z, mean, sc, bi, ps, psx, M, H * W, W, C, sgn, sgc, sgh, sgw, sym, szm, n_tiles_c,
-        RELU=relu, IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc, num_warps=WARPS_ELTWISE, num_stages=1)
+        RELU=relu, IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc, ROW_TILES=rt, num_warps=WARPS_ELTWISE, num_stages=1)
     dbeta, dgamma, k1, k2, k3 = (torch.empty(C, device=z.device, dtype=torch.float32) for _ in range(5))
     fc, fgrid = _finalize_tiles(C)
     tc, n_chunks = _chunks(T, fgrid)
@@ -873,7 +895,7 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
     _kernel(_bn_bwd_finalize_kernel, raw)[lambda meta: (fgrid,)](
         ps, psx, rstd, gamma.contiguous() if gamma is not None else rstd, dbeta, dgamma, k1, k2, k3, T, C, M,
         HAS_GAMMA=gamma is not None, BLOCK_T=FINAL_BLOCK_T, BLOCK_C=fc, num_warps=WARPS_ELTWISE, num_stages=1)
-    _kernel(_bn_bwd_apply_kernel, raw)[lambda meta: (grid,)](
+    _kernel(_bn_bwd_apply_kernel, raw)[lambda meta: (_cdiv(M, bm) * n_tiles_c,)](
         grad, y, z, mean, sc, bi, k1, k2, k3, dz, dres if dres is not None else dz,
         M, H * W, W, C, sgn, sgc, sgh, sgw, sym, szm, n_tiles_c,
         RELU=relu, HAS_DRES=dres is not None, IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc, num_warps=WARPS_ELTWISE,
