@@ -1185,6 +1185,123 @@ def front_run(dtypes: Sequence[torch.dtype], batch: int, hw, device, warmup: flo
     return result
 
 
+TRAIN_IMPLS = ("stats", "conv", "cudnn", "bn_act", "bn_bwd")
+
+
+def _train_calls(case: Case) -> Dict[str, Callable[[], object]]:
+    """The training kernels of one layer, each as the fused training step launches it, and the two conv
+    baselines: ``stats`` the conv with batch statistics (conv_stats / agg_stats, its combining launches
+    included); ``conv`` the inference Triton conv on the statistics conv's tiles without statistics, so that
+    ``stats - conv`` is what the statistics cost; ``cudnn`` torch's conv alone; ``bn_act`` BN + residual + ReLU
+    on the conv's output; ``bn_bwd`` BN(+ReLU) backward's passes (with the ReLU's mask from z where no residual
+    precedes it, the residual's gradient where one does)."""
+    from dla_fast.backends.triton import _launch as tl_launch
+    from dla_fast.backends.triton import _train as kt
+
+    s, dt = case.shape, case.dtype
+    w = case.raw_weight
+    res = case.residual
+    if s.op == "conv_bn_act":
+        x = case.x
+        kh, kw = s.kernel
+        m = case.batch * s.out_hw[0] * s.out_hw[1]
+        plan = kt.train_conv_plan(m, s.cin_total // s.groups, s.cout // s.groups, s.groups, kh, kw, dt, False)
+
+        def stats():
+            return kt.conv_stats_launch(x, w, s.stride, s.padding, s.groups, raw=True)
+
+        def conv():
+            return tl_launch.conv_launch(x, w, None, s.stride, s.padding, s.groups, None, False, False,
+                                         config=plan, raw=True)
+
+        def cudnn():
+            return F.conv2d(x, w, None, s.stride, s.padding, 1, s.groups)
+    else:
+        kids, w2 = case.inputs, w.reshape(s.cout, s.cin_total)
+
+        def stats():
+            return kt.agg_stats_launch(kids, w2, raw=True)
+
+        def conv():
+            return tl_launch.aggregate_launch(kids, w2, None, None, False, False, raw=True)
+
+        def cudnn():
+            return F.conv2d(case.cat, w)
+    z, mean, var = stats()
+    gamma = case.bn[2].float()
+    beta = case.bn[3].float()
+    rstd = torch.rsqrt(var + case.eps)
+    scale = gamma * rstd
+    y = kt.bn_act_launch(z, mean, scale, beta, res, s.relu, dt, raw=True)
+    grad = torch.randn_like(y)
+    coef = (scale, beta) if s.relu and res is None else None
+    y_mask = y if s.relu and res is not None else None
+    res_dtype = None if res is None else dt
+    return {"stats": stats, "conv": conv, "cudnn": cudnn,
+            "bn_act": lambda: kt.bn_act_launch(z, mean, scale, beta, res, s.relu, dt, raw=True),
+            "bn_bwd": lambda: kt.bn_backward_launch(grad, y_mask, z, mean, rstd, gamma, res_dtype, raw=True,
+                                                    relu_coef=coef)}
+
+
+def _train_bytes(case: Case) -> Dict[str, int]:
+    """Bytes each training kernel must move at least (activations only): the conv reads its input(s) and writes
+    z; bn_act reads z (and the residual) and writes y; bn_bwd reads g and z in each of its two passes (and y
+    after a residual, for the mask), and writes dz (and the residual's gradient)."""
+    s = case.shape
+    e = torch.empty(0, dtype=case.dtype).element_size()
+    out = case.batch * s.cout * s.out_hw[0] * s.out_hw[1] * e
+    inp = sum(t.numel() for t in case.inputs) * e
+    res = case.residual is not None
+    return {"stats": inp + out, "conv": inp + out, "cudnn": inp + out,
+            "bn_act": out * (3 if res else 2), "bn_bwd": out * (8 if res else 5)}
+
+
+def train_run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch: int, hw, device, warmup: float = 25,
+              rep: float = 100, timer: str = "auto", match: Optional[str] = None, limit: Optional[int] = None,
+              log=print) -> Dict:
+    """The training kernels (:mod:`dla_fast.backends.triton._train`) on the distinct layer shapes of ``models``:
+    per shape and dtype, the rows of :func:`_train_calls` timed (on a GPU from CUDA-graph replays unless
+    ``timer`` says otherwise: one launcher call costs the host more than most of these kernels take), with the
+    bytes each moves at least and the bandwidth that gives. The statistics conv's output is checked against
+    cuDNN's conv and its mean against the mean of that output."""
+    device = torch.device(device)
+    timer = timer_name(device, timer if timer != "auto" else "cudagraph", batch)
+    entries = select_entries(models, batch, hw, None, match, limit)
+    result = {"env": environment(device), "batch": int(batch), "hw": list(_shapes.parse_hw(hw)), "timer": timer,
+              "models": list(models), "rows": []}
+    log(f"# training kernels, batch {batch} at {result['hw'][0]}x{result['hw'][1]} on {result['env']['device']} | "
+        f"torch {result['env']['torch']} | triton {result['env']['triton']} | timer {timer}")
+    log(f"{'shape':<44} {'dtype':<8} " + " ".join(f"{k + ' us':>10}" for k in TRAIN_IMPLS) +
+        f" {'stats-conv':>10} {'bn_act TB/s':>11} {'bn_bwd TB/s':>11}")
+    for i, entry in enumerate(entries):
+        for dt in dtypes:
+            case = build_case(entry.shape, batch, dt, device)
+            nbytes = _train_bytes(case)
+            with torch.no_grad():
+                calls = _train_calls(case)
+                z, mean = calls["stats"]()[:2]
+                err = rel_err(z, calls["cudnn"]())
+                mean_err = float((mean - z.float().mean((0, 2, 3))).abs().max() / z.float().std().clamp_min(1e-30))
+                times = {}
+                for name, fn in calls.items():
+                    ms = None if timer == "none" else time_ms(fn, device, warmup, rep, timer)
+                    times[name] = ms
+                    result["rows"].append({"shape_id": entry.shape.ident(), "label": entry.shape.label(),
+                                           "layers": entry.model_counts(), "dtype": dtype_name(dt), "impl": name,
+                                           "ms": ms, "min_bytes": nbytes[name],
+                                           "tbps": None if not ms else nbytes[name] / (ms * 1e-3) / 1e12,
+                                           "rel_err": err if name == "stats" else None,
+                                           "mean_err": mean_err if name == "stats" else None})
+            us = {k: (None if v is None else v * 1e3) for k, v in times.items()}
+            epi = None if us["stats"] is None or us["conv"] is None else us["stats"] - us["conv"]
+            tb = {k: (None if not times[k] else nbytes[k] / (times[k] * 1e-3) / 1e12) for k in ("bn_act", "bn_bwd")}
+            flag = "  MISMATCH" if err > REL_ERR_FLAG or mean_err > REL_ERR_FLAG else ""
+            log(f"{entry.shape.label()[:44]:<44} {dtype_name(dt):<8} " +
+                " ".join(f"{_fmt(us[k], '.1f'):>10}" for k in TRAIN_IMPLS) +
+                f" {_fmt(epi, '.1f'):>10} {_fmt(tb['bn_act'], '.2f'):>11} {_fmt(tb['bn_bwd'], '.2f'):>11}{flag}")
+    return result
+
+
 def select_entries(models: Sequence[str], batch: int, hw, ops: Optional[Sequence[str]] = None,
                    match: Optional[str] = None, limit: Optional[int] = None,
                    entries: Optional[List[ShapeEntry]] = None) -> List[ShapeEntry]:
@@ -1300,6 +1417,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="time the fused front (stem + level 0 + level 1 in one Triton kernel, every tiling worth "
                         "timing) against the three layers on each backend and the eager sequence, at --batch / "
                         "--hw / --dtypes; --json writes the rows")
+    g.add_argument("--train", action="store_true",
+                   help="time the training kernels (the conv with batch statistics, the same conv without them, "
+                        "cuDNN's conv, BN + ReLU, BN backward) on the distinct layer shapes of --models at "
+                        "--batch / --hw / --dtypes, from CUDA-graph replays; --match / --limit select shapes, "
+                        "--json writes the rows")
     g.add_argument("--sanitize", action="store_true",
                    help="every op once per backend and kernel configuration on a few small real shapes, each "
                         "output checked against float64; exit code 1 on a mismatch (run under compute-sanitizer)")
@@ -1357,7 +1479,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.sanitize:
         return _main_sanitize(p, a, models, dtypes, hw, device, timing_outputs)
     if a.front:
+        if a.train:
+            p.error("--front and --train are separate modes: give one")
         return _main_front(p, a, dtypes, hw, device)
+    if a.train:
+        return _main_train(p, a, models, dtypes, hw, device)
     for i in a.impls or ():
         if i not in BACKEND_IMPLS + BASELINES:
             p.error(f"unknown implementation {i!r}; choose from {BACKEND_IMPLS + BASELINES}")
@@ -1417,6 +1543,30 @@ def _main_front(p, a, dtypes, hw, device) -> int:
     if a.json:
         _write_json(a.json, res)
     return 1 if any(r["rel_err"] > REL_ERR_FLAG for r in res["rows"]) else 0
+
+
+def _main_train(p, a, models, dtypes, hw, device) -> int:
+    drop = [f"--{k}" for k in ("md", "csv", "ref", "ops", "impls") if getattr(a, k)]
+    if drop:
+        p.error(f"--train times its own fixed set of kernels: drop {', '.join(drop)}")
+    why = _backends.reason_unavailable("triton", torch.empty(0, device=device))
+    if why is not None:
+        p.error(f"--train times the Triton training kernels, which cannot run here: {why}")
+    cpu = device.type != "cuda"
+    batch, hw = a.batch or (2 if cpu else 256), hw or ((32, 32) if cpu else (224, 224))
+    try:
+        for m in models:
+            _shapes.layer_records(m, hw)
+        select_entries(models, batch, hw, None, a.match, a.limit)
+    except (ValueError, re.error) as e:
+        p.error(str(e))
+    res = train_run(models, [DTYPES[d] for d in dtypes], batch, hw, device, a.warmup, a.rep, a.timer, a.match,
+                    a.limit, log=lambda s: print(s, flush=True))
+    if a.json:
+        _write_json(a.json, res)
+    bad = [r for r in res["rows"] if r["impl"] == "stats" and (r["rel_err"] > REL_ERR_FLAG or
+                                                              r["mean_err"] > REL_ERR_FLAG)]
+    return 1 if bad else 0
 
 
 def _main_run(a, models, dtypes, batch, hw, device, command) -> int:

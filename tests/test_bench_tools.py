@@ -662,3 +662,38 @@ def test_triton_compile_check_records_every_front_config(monkeypatch):
     assert [g[0] for g in got] == [f"{_front.describe(t)} float16 tf32=True" for t in want]
     assert all(getattr(k, "__name__", str(k)).endswith("_front_kernel") or "front" in str(k) for _, k, _ in got)
     assert [(kw["TH"], kw["TW"], kw["num_warps"]) for _, _, kw in got] == [(t[0], t[1], t[4]) for t in want]
+
+
+@pytest.mark.interpreter
+def test_opbench_train_cpu(tmp_path, capsys):
+    """--train under the CPU interpreter (nothing timed): a residual conv and an aggregation root of dla34, each
+    training kernel called, the statistics conv's output and mean checked, the minimum bytes of each kernel."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("the Triton kernels run on the CPU only under TRITON_INTERPRET=1")
+    js = tmp_path / "t.json"
+    argv = ["--train", "--device", "cpu", "--models", "dla34", "--hw", "32", "--dtypes", "float32", "--timer",
+            "none", "--match", r"^(conv 64->64 k3x3 @8x8 \+res|agg 64\+64->64 @8x8)$", "--json", str(js)]
+    assert opbench.main(argv) == 0
+    data = json.loads(js.read_text())
+    assert data["timer"] == "none" and data["batch"] == 2 and data["hw"] == [32, 32]
+    rows = data["rows"]
+    assert sorted({r["label"] for r in rows}) == ["agg 64+64->64 @8x8", "conv 64->64 k3x3 @8x8 +res"]
+    assert [r["impl"] for r in rows] == list(opbench.TRAIN_IMPLS) * 2
+    for r in rows:
+        assert r["ms"] is None and r["tbps"] is None
+        if r["impl"] == "stats":
+            assert r["rel_err"] < 1e-5 and r["mean_err"] < 1e-5
+    out = 2 * 64 * 8 * 8 * 4  # bytes of one 64-channel 8x8 fp32 activation at batch 2
+    by = {(r["label"], r["impl"]): r["min_bytes"] for r in rows}
+    assert by[("conv 64->64 k3x3 @8x8 +res", "bn_act")] == 3 * out  # z, the residual, y
+    assert by[("conv 64->64 k3x3 @8x8 +res", "bn_bwd")] == 8 * out
+    assert by[("agg 64+64->64 @8x8", "stats")] == 3 * out  # two children in, z out
+    assert "stats-conv" in capsys.readouterr().out
+
+
+def test_opbench_train_cli_errors(capsys):
+    for argv, msg in [(["--train", "--front"], "separate modes"),
+                      (["--train", "--impls", "cuda"], "fixed set of kernels: drop --impls")]:
+        with pytest.raises(SystemExit):
+            opbench.main(["--device", "cpu"] + argv)
+        assert msg in capsys.readouterr().err, argv
