@@ -5,6 +5,10 @@ replay time of the same forward (what ``cuda_graph=True`` costs end to end).
 
 The kernel table comes from torch.profiler over a few eager (non-graph) forwards, so its sum is pure kernel
 time; replay minus that sum is what launch gaps and dependencies cost inside the graph.
+
+With ``--train IMPLS`` (``bench --train``'s implementations, e.g. ``dla_fast_fused,torch_compile``): one SGD
+training step of each instead (autocast to ``--dtype``, batch ``--batch``), its kernels grouped by what they do,
+side by side, then each implementation's top kernels; also the host's time to issue the step and its wall time.
 """
 from __future__ import annotations
 
@@ -40,6 +44,105 @@ def _graph_ms(fast, x, iters: int = 200) -> float:
     return sorted(times)[len(times) // 2]
 
 
+# Kernel classes of a training step, first match wins: (class, substrings of the kernel's name).
+TRAIN_CLASSES = (
+    ("inductor fused (triton)", ("triton_",)),  # Inductor's kernels; ours do not start with "triton_"
+    ("statistics conv (triton)", ("_conv_stats_kernel", "_agg_stats_kernel", "_tensor_stats_kernel")),
+    ("BN apply (triton)", ("_bn_act_kernel",)),
+    ("BN backward reduce (triton)", ("_bn_bwd_reduce",)),
+    ("BN backward apply (triton)", ("_bn_bwd_apply",)),
+    ("statistics finalize (triton)", ("_stats_combine", "_sum_chunks", "_bn_bwd_finalize")),
+    ("max pool (triton)", ("_max_pool",)),
+    ("stem (cuda)", ("stem_conv_kernel",)),
+    ("conv dgrad", ("dgrad", "Dgrad")),
+    ("conv wgrad", ("wgrad", "Wgrad")),
+    ("conv forward", ("fprop", "Fprop", "implicit_gemm", "conv2d")),
+    ("gemm (1x1 convs, fc)", ("gemm", "Gemm", "nvjet", "cutlass", "splitKreduce")),
+    ("batch norm (aten)", ("batch_norm", "batchnorm", "bn_fw", "bn_bw")),
+    ("optimizer", ("multi_tensor", "foreach")),
+    ("adds (aten)", ("CUDAFunctor_add", "AddFunctor")),
+    ("other elementwise (aten)", ("elementwise", "vectorized", "unrolled")),
+    ("reductions (aten)", ("reduce",)),
+    ("copies", ("copy", "Memcpy", "Memset", "cat")),
+)
+
+
+def kernel_class(name: str) -> str:
+    """The training-step class of a kernel name (TRAIN_CLASSES), or "other"."""
+    for cls, subs in TRAIN_CLASSES:
+        if any(sub in name for sub in subs):
+            return cls
+    return "other"
+
+
+def _profile_train(a, impls) -> int:
+    import time
+
+    from dla_fast.distributed import make_train_step, sgd, train_model
+    from torch.profiler import ProfilerActivity, profile
+
+    dtype = getattr(torch, a.dtype)
+    rows = {}
+    for impl in impls:
+        torch.manual_seed(0)
+        model = train_model(impl, a.model).cuda().to(memory_format=torch.channels_last).train()
+        x = torch.randn(a.batch, 3, a.hw, a.hw, device="cuda").contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (a.batch,), device="cuda")
+        run = torch.compile(model) if impl == "torch_compile" else model
+        step = make_train_step(run, sgd(model), x, y, None if dtype == torch.float32 else dtype)
+        print(f"{impl}: warming up (torch.compile compiles here)", flush=True)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        issue, wall = [], []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            step()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            issue.append(t1 - t0)
+            wall.append(time.perf_counter() - t0)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(a.iters):
+                step()
+            torch.cuda.synchronize()
+        per = collections.defaultdict(lambda: [0.0, 0.0])
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                per[ev.name][0] += ev.device_time_total / 1000.0 / a.iters
+                per[ev.name][1] += 1 / a.iters
+        classes = collections.defaultdict(lambda: [0.0, 0.0])
+        for n, (ms, calls) in per.items():
+            classes[kernel_class(n)][0] += ms
+            classes[kernel_class(n)][1] += calls
+        rows[impl] = {"issue_ms": 1e3 * sorted(issue)[2], "wall_ms": 1e3 * sorted(wall)[2],
+                      "kernel_ms": sum(v[0] for v in per.values()),
+                      "classes": {c: {"ms": v[0], "calls": v[1]} for c, v in classes.items()},
+                      "kernels": [{"name": n, "ms": v[0], "calls": v[1]}
+                                  for n, v in sorted(per.items(), key=lambda kv: -kv[1][0])]}
+        del model, run, step
+        torch.cuda.empty_cache()
+    print(f"{a.model} training step, batch {a.batch}, {a.dtype} autocast, {a.hw}x{a.hw}, on "
+          f"{torch.cuda.get_device_name()}; ms per step")
+    print(f"{'':32}" + "".join(f"{i[:22]:>24}" for i in impls))
+    for k in ("kernel_ms", "issue_ms", "wall_ms"):
+        print(f"{k:32}" + "".join(f"{rows[i][k]:24.2f}" for i in impls))
+    for c in [c for c, _ in TRAIN_CLASSES] + ["other"]:
+        if any(c in rows[i]["classes"] for i in impls):
+            cells = [rows[i]["classes"].get(c, {"ms": 0.0, "calls": 0}) for i in impls]
+            print(f"{c:32}" + "".join(f"{v['ms']:13.2f} ms x{v['calls']:6.0f}" for v in cells))
+    for i in impls:
+        print(f"top kernels, {i}:")
+        for k in rows[i]["kernels"][:a.top]:
+            print(f"  {k['ms']:8.3f} ms x{k['calls']:5.0f}  {k['name'][:100]}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "dtype": a.dtype, "batch": a.batch, "hw": a.hw, "mode": "train",
+                       "device": torch.cuda.get_device_name(), "torch": torch.__version__, "impls": rows}, f,
+                      indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="dla34")
@@ -50,9 +153,22 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20, help="profiled forwards")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--train", default=None, metavar="IMPLS",
+                    help="profile one training step of each of these comma-separated implementations instead "
+                         "(bench --train's: timm_eager, torch_compile, dla_fast_fused, ...)")
     a = ap.parse_args(argv)
+    impls = None
+    if a.train is not None:
+        from dla_fast.distributed import TRAIN_BUILDERS
+        impls = [i for i in a.train.split(",") if i]
+        bad = [i for i in impls if i not in TRAIN_BUILDERS or i.endswith("_graph")]
+        if not impls or bad:
+            ap.error(f"--train: unknown or captured implementation(s) {bad or a.train!r}; profile one of "
+                     f"{', '.join(i for i in TRAIN_BUILDERS if not i.endswith('_graph'))}")
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
+    if impls is not None:
+        return _profile_train(a, impls)
     dtype = getattr(torch, a.dtype)
     torch.backends.cudnn.benchmark = True
     fast = dla_fast.optimize(dla_fast.create_model(a.model), dtype=dtype, backend=a.backend, device="cuda")

@@ -697,3 +697,25 @@ def test_opbench_train_cli_errors(capsys):
         with pytest.raises(SystemExit):
             opbench.main(["--device", "cpu"] + argv)
         assert msg in capsys.readouterr().err, argv
+
+
+def test_profile_model_train_classes_and_errors(capsys):
+    """profile_model.py --train: kernel names of a training step (ours, Inductor's, cuDNN's, cuBLAS's, ATen's)
+    land in their classes, and an implementation it cannot profile is refused before anything runs."""
+    import profile_model
+    kc = profile_model.kernel_class
+    assert kc("_conv_stats_kernel") == "statistics conv (triton)"
+    assert kc("_bn_bwd_reduce_kernel") == "BN backward reduce (triton)"
+    assert kc("_max_pool_bwd_kernel") == "max pool (triton)"
+    assert kc("triton_poi_fused_max_pool2d_with_indices_3") == "inductor fused (triton)"
+    assert kc("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "conv dgrad"
+    assert kc("sm80_xmma_wgrad_implicit_gemm_indexed_bf16bf16_bf16f32_f32") == "conv wgrad"
+    assert kc("void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16>") == "conv forward"
+    assert kc("nvjet_sm90_tst_128x64_64x8_1x2_h_bz_splitK_NTT") == "gemm (1x1 convs, fc)"
+    assert kc("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>") == (
+        "adds (aten)")
+    assert kc("something else") == "other"
+    for impl in ("nope", "dla_fast_fused_graph", ""):
+        with pytest.raises(SystemExit):
+            profile_model.main(["--train", impl])
+        assert "unknown or captured" in capsys.readouterr().err, impl
