@@ -719,3 +719,34 @@ def test_profile_model_train_classes_and_errors(capsys):
         with pytest.raises(SystemExit):
             profile_model.main(["--train", impl])
         assert "unknown or captured" in capsys.readouterr().err, impl
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                    reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+def test_opbench_train_cuda(tmp_path):
+    """--train on a GPU: two dla34 shapes at batch 8, bf16, timed from graph replays; every kernel a positive
+    time, the statistics conv checked against cuDNN's conv."""
+    js = tmp_path / "t.json"
+    argv = ["--train", "--models", "dla34", "--batch", "8", "--dtypes", "bfloat16", "--warmup", "5", "--rep", "10",
+            "--match", r"^(conv 64->64 k3x3 @56x56 \+res|agg 64\+64->64 @56x56)$", "--json", str(js)]
+    assert opbench.main(argv) == 0
+    data = json.loads(js.read_text())
+    assert data["timer"] == "cudagraph" and len(data["rows"]) == 2 * len(opbench.TRAIN_IMPLS)
+    assert all(r["ms"] > 0 and r["tbps"] > 0 for r in data["rows"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                    reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+def test_profile_model_train_cuda(tmp_path, capsys):
+    """profile_model.py --train on a GPU: one fused dla34 step at batch 8, 64x64; its kernels include the
+    statistics convs and BN backward, and the classes add up to the step's kernel time."""
+    import profile_model
+    js = tmp_path / "p.json"
+    assert profile_model.main(["--model", "dla34", "--dtype", "bfloat16", "--batch", "8", "--hw", "64", "--iters",
+                               "2", "--train", "dla_fast_fused", "--json", str(js)]) == 0
+    run = json.loads(js.read_text())["impls"]["dla_fast_fused"]
+    assert run["classes"]["statistics conv (triton)"]["ms"] > 0 and run["classes"]["BN backward reduce (triton)"]
+    assert sum(c["ms"] for c in run["classes"].values()) == pytest.approx(run["kernel_ms"], rel=1e-6)
+    assert "top kernels, dla_fast_fused:" in capsys.readouterr().out
