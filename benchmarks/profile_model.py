@@ -122,7 +122,8 @@ def _profile_train(a, impls) -> int:
                                   for n, v in sorted(per.items(), key=lambda kv: -kv[1][0])]}
         del model, run, step
         torch.cuda.empty_cache()
-    print(f"{a.model} training step, batch {a.batch}, {a.dtype} autocast, {a.hw}x{a.hw}, on "
+    amp = "float32" if dtype == torch.float32 else f"{a.dtype} autocast"
+    print(f"{a.model} training step, batch {a.batch}, {amp}, {a.hw}x{a.hw}, on "
           f"{torch.cuda.get_device_name()}; ms per step")
     print(f"{'':32}" + "".join(f"{i[:22]:>24}" for i in impls))
     for k in ("kernel_ms", "issue_ms", "wall_ms"):
