@@ -433,9 +433,10 @@ def _bn_bwd_reduce_kernel(
     acc_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     acc_gd = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for i in range(ROW_TILES):
-        rows = (pid_m * ROW_TILES + i) * BLOCK_M + tl.arange(0, BLOCK_M)
-        if IDX64:
-            rows = rows.to(tl.int64)
+        tile = pid_m * ROW_TILES + i
+        if IDX64:  # before the multiply: the last program's tiles may start past 2**31 rows
+            tile = tile.to(tl.int64)
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = (rows < M)[:, None] & col_ok[None, :]
         z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, z - mu[None, :], 0.0)
@@ -876,7 +877,8 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
     y, sym = _rows(y) if relu == 1 else (z, szm)
     sc, bi = (t.to(torch.float32).contiguous() for t in relu_coef) if relu == 2 else (mean, mean)
     sgn, sgc, sgh, sgw = grad.stride()
-    idx64 = _idx64(_max_offset(grad), _max_offset(z), _max_offset(y), dz.numel())
+    # The reduce pass's last program runs past M by up to rt tiles: its row numbers must fit too.
+    idx64 = _idx64(_max_offset(grad), _max_offset(z), _max_offset(y), dz.numel(), T * rt * bm)
     mean = mean.contiguous()
     _kernel(_bn_bwd_reduce_kernel, raw)[lambda meta: (T * n_tiles_c,)](
         grad, y, z, mean, sc, bi, ps, psx, M, H * W, W, C, sgn, sgc, sgh, sgw, sym, szm, n_tiles_c,
