@@ -1258,17 +1258,19 @@ def _train_bytes(case: Case) -> Dict[str, int]:
 
 def train_run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch: int, hw, device, warmup: float = 25,
               rep: float = 100, timer: str = "auto", match: Optional[str] = None, limit: Optional[int] = None,
-              log=print) -> Dict:
+              log=print, into: Optional[Dict] = None) -> Dict:
     """The training kernels (:mod:`dla_fast.backends.triton._train`) on the distinct layer shapes of ``models``:
     per shape and dtype, the rows of :func:`_train_calls` timed (on a GPU from CUDA-graph replays unless
     ``timer`` says otherwise: one launcher call costs the host more than most of these kernels take), with the
     bytes each moves at least and the bandwidth that gives. The statistics conv's output is checked against
-    cuDNN's conv and its mean against the mean of that output."""
+    cuDNN's conv and its mean against the mean of that output. ``into``: a dict filled as rows are measured (what
+    an interrupted run still has)."""
     device = torch.device(device)
     timer = timer_name(device, timer if timer != "auto" else "cudagraph", batch)
     entries = select_entries(models, batch, hw, None, match, limit)
-    result = {"env": environment(device), "batch": int(batch), "hw": list(_shapes.parse_hw(hw)), "timer": timer,
-              "models": list(models), "rows": []}
+    result = into if into is not None else {}
+    result.update({"env": environment(device), "batch": int(batch), "hw": list(_shapes.parse_hw(hw)),
+                   "timer": timer, "models": list(models), "rows": []})
     log(f"# training kernels, batch {batch} at {result['hw'][0]}x{result['hw'][1]} on {result['env']['device']} | "
         f"torch {result['env']['torch']} | triton {result['env']['triton']} | timer {timer}")
     log(f"{'shape':<44} {'dtype':<8} " + " ".join(f"{k + ' us':>10}" for k in TRAIN_IMPLS) +
@@ -1560,10 +1562,20 @@ def _main_train(p, a, models, dtypes, hw, device) -> int:
         select_entries(models, batch, hw, None, a.match, a.limit)
     except (ValueError, re.error) as e:
         p.error(str(e))
-    res = train_run(models, [DTYPES[d] for d in dtypes], batch, hw, device, a.warmup, a.rep, a.timer, a.match,
-                    a.limit, log=lambda s: print(s, flush=True))
-    if a.json:
+    res: Dict = {}
+    old_handler = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        train_run(models, [DTYPES[d] for d in dtypes], batch, hw, device, a.warmup, a.rep, a.timer, a.match,
+                  a.limit, log=lambda s: print(s, flush=True), into=res)
+    except KeyboardInterrupt:
+        print("interrupted: writing what was measured so far", file=sys.stderr, flush=True)
+        res["interrupted"] = True
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+    if a.json and res.get("rows") is not None:
         _write_json(a.json, res)
+    if res.get("interrupted"):
+        return 130
     bad = [r for r in res["rows"] if r["impl"] == "stats" and (r["rel_err"] > REL_ERR_FLAG or
                                                               r["mean_err"] > REL_ERR_FLAG)]
     return 1 if bad else 0

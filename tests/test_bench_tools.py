@@ -750,3 +750,18 @@ def test_profile_model_train_cuda(tmp_path, capsys):
     assert run["classes"]["statistics conv (triton)"]["ms"] > 0 and run["classes"]["BN backward reduce (triton)"]
     assert sum(c["ms"] for c in run["classes"].values()) == pytest.approx(run["kernel_ms"], rel=1e-6)
     assert "top kernels, dla_fast_fused:" in capsys.readouterr().out
+
+
+def test_opbench_train_interrupted_keeps_rows(tmp_path, monkeypatch):
+    """--train stopped part-way (SIGTERM at a device call's deadline arrives as KeyboardInterrupt): the rows
+    measured so far are written, marked interrupted, and the exit status is 130."""
+    js = tmp_path / "t.json"
+
+    def fake_run(*args, into=None, **kw):
+        into.update({"batch": 2, "rows": [{"impl": "stats", "ms": 1.0}]})
+        raise KeyboardInterrupt
+    monkeypatch.setattr(opbench, "train_run", fake_run)
+    monkeypatch.setattr(opbench._backends, "reason_unavailable", lambda name, t: None)
+    assert opbench.main(["--train", "--device", "cpu", "--models", "dla34", "--json", str(js)]) == 130
+    data = json.loads(js.read_text())
+    assert data["interrupted"] is True and data["rows"] == [{"impl": "stats", "ms": 1.0}]
