@@ -1491,12 +1491,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             p.error(f"unknown implementation {i!r}; choose from {BACKEND_IMPLS + BASELINES}")
     batch = a.batch or (2 if cpu else 256)
     hw = hw or ((64, 64) if cpu else (224, 224))
-    try:
-        for m in models:  # fail here, with a usage error, on an input size the model rejects
-            _shapes.layer_records(m, hw)
-        select_entries(models, batch, hw, a.ops, a.match, a.limit)
-    except (ValueError, re.error) as e:
-        p.error(str(e))
+    _check_selection(p, models, batch, hw, a.ops, a.match, a.limit)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not a.no_cudnn_benchmark
     for path in (a.json, a.md, a.csv):
@@ -1508,6 +1503,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _main_run(a, models, dtypes, batch, hw, device, command)
     finally:
         signal.signal(signal.SIGTERM, old_handler)  # main() may be called in-process (the tests do)
+
+
+def _check_selection(p, models, batch, hw, ops, match, limit) -> None:
+    """A usage error, before anything runs, for an input size a model rejects or a selection of no shapes."""
+    try:
+        for m in models:
+            _shapes.layer_records(m, hw)
+        select_entries(models, batch, hw, ops, match, limit)
+    except (ValueError, re.error) as e:
+        p.error(str(e))
 
 
 def _main_sanitize(p, a, models, dtypes, hw, device, timing_outputs) -> int:
@@ -1556,12 +1561,7 @@ def _main_train(p, a, models, dtypes, hw, device) -> int:
         p.error(f"--train times the Triton training kernels, which cannot run here: {why}")
     cpu = device.type != "cuda"
     batch, hw = a.batch or (2 if cpu else 256), hw or ((32, 32) if cpu else (224, 224))
-    try:
-        for m in models:
-            _shapes.layer_records(m, hw)
-        select_entries(models, batch, hw, None, a.match, a.limit)
-    except (ValueError, re.error) as e:
-        p.error(str(e))
+    _check_selection(p, models, batch, hw, None, a.match, a.limit)
     res: Dict = {}
     old_handler = signal.signal(signal.SIGTERM, _terminate)
     try:

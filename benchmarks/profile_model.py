@@ -17,6 +17,7 @@ import collections
 import json
 import os
 import sys
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -42,6 +43,16 @@ def _graph_ms(fast, x, iters: int = 200) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / iters)
     return sorted(times)[len(times) // 2]
+
+
+def _kernel_times(prof, iters: int) -> Dict[str, Tuple[float, float]]:
+    """{kernel name: (ms, launches)} per profiled iteration, from a torch.profiler run over ``iters``."""
+    per: Dict[str, List[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name][0] += ev.device_time_total / 1000.0 / iters
+            per[ev.name][1] += 1 / iters
+    return {n: (ms, calls) for n, (ms, calls) in per.items()}
 
 
 # Kernel classes of a training step, first match wins: (class, substrings of the kernel's name).
@@ -106,11 +117,7 @@ def _profile_train(a, impls) -> int:
             for _ in range(a.iters):
                 step()
             torch.cuda.synchronize()
-        per = collections.defaultdict(lambda: [0.0, 0.0])
-        for ev in prof.events():
-            if ev.device_type == torch.autograd.DeviceType.CUDA:
-                per[ev.name][0] += ev.device_time_total / 1000.0 / a.iters
-                per[ev.name][1] += 1 / a.iters
+        per = _kernel_times(prof, a.iters)
         classes = collections.defaultdict(lambda: [0.0, 0.0])
         for n, (ms, calls) in per.items():
             classes[kernel_class(n)][0] += ms
@@ -151,7 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--hw", type=int, default=224)
     ap.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda", "eager"))
-    ap.add_argument("--iters", type=int, default=20, help="profiled forwards")
+    ap.add_argument("--iters", type=int, default=20, help="profiled forwards (training steps with --train)")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--json", default=None)
     ap.add_argument("--train", default=None, metavar="IMPLS",
@@ -187,13 +194,9 @@ def main(argv=None) -> int:
                 fast(x)
             torch.cuda.synchronize()
         used = collections.Counter(fast.backends(a.batch).values())
-    per = collections.defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.name][0] += ev.device_time_total / 1000.0 / a.iters
-            per[ev.name][1] += 1
+    per = _kernel_times(prof, a.iters)
     total = sum(v[0] for v in per.values())
-    rows = sorted(((n, ms, cnt / a.iters) for n, (ms, cnt) in per.items()), key=lambda r: -r[1])
+    rows = sorted(((n, ms, calls) for n, (ms, calls) in per.items()), key=lambda r: -r[1])
     print(f"{a.model} {a.dtype} batch {a.batch} backend={a.backend} ({dict(used)}) on {torch.cuda.get_device_name()}")
     print(f"kernel time per forward {total:.4f} ms over {sum(r[2] for r in rows):.0f} kernels; "
           f"CUDA-graph replay {graph_ms:.4f} ms")
