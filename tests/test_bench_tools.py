@@ -691,12 +691,16 @@ def test_opbench_train_cpu(tmp_path, capsys):
     assert "stats-conv" in capsys.readouterr().out
 
 
-def test_opbench_train_cli_errors(capsys):
+def test_opbench_train_cli_errors(capsys, monkeypatch):
     for argv, msg in [(["--train", "--front"], "separate modes"),
                       (["--train", "--impls", "cuda"], "fixed set of kernels: drop --impls")]:
         with pytest.raises(SystemExit):
             opbench.main(["--device", "cpu"] + argv)
         assert msg in capsys.readouterr().err, argv
+    monkeypatch.setattr(opbench._backends, "reason_unavailable", lambda name, t: "no Triton here")
+    with pytest.raises(SystemExit):
+        opbench.main(["--device", "cpu", "--train"])
+    assert "Triton training kernels, which cannot run here: no Triton here" in capsys.readouterr().err
 
 
 def test_profile_model_train_classes_and_errors(capsys):
