@@ -17,8 +17,8 @@ import torch.nn as nn
 from dla_fast.train import TrainAggregate, aggregate_bn_relu_train, aggregate_bn_relu_train_ref
 from dla_fast.train import _autograd as ag
 from dla_fast.train import ops as train_ops
-from test_train_ops import (DEV, DT_ID, HAS_CUDA, SMALL_DTYPES, _judge, _judge2, _layout, _leaf,  # noqa: F401
-                            _poison_and_ieee, _rel, _run_py, needs_cuda, needs_kernels, needs_triton)
+from test_train_ops import (DEV, DT_ID, HAS_CUDA, SMALL_DTYPES, AddCounter, _judge, _judge2, _layout,  # noqa: F401
+                            _leaf, _poison_and_ieee, _rel, _run_py, needs_cuda, needs_kernels, needs_triton)
 
 
 class AggCase:
@@ -134,10 +134,10 @@ def test_weight_gradient_keeps_the_weight_layout(cl):
     w = torch.randn(8, 1, 1, 24, device=DEV).permute(0, 3, 1, 2) if cl else torch.randn(8, 24, 1, 1, device=DEV)
     w = (w * 0.2).requires_grad_()
     assert w.stride() == ((24, 1, 24, 24) if cl else (24, 1, 1, 1))
-    z, _, _ = ag.AggStats.apply("triton", None, w, *kids)
+    z, _, _ = ag.AggStats.apply("triton", None, False, w, *kids)
     gz = torch.randn_like(z)
     (dw,) = torch.autograd.grad(z, (w,), gz)
-    zr, _, _ = ag.AggStats.apply("torch", None, w, *kids)
+    zr, _, _ = ag.AggStats.apply("torch", None, False, w, *kids)
     (dw_r,) = torch.autograd.grad(zr, (w,), gz)
     assert dw.stride() == w.stride() and _rel(dw, dw_r) < 1e-5
 
@@ -150,11 +150,11 @@ def test_children_read_in_place():
     big = torch.randn(2, 24, 5, 5, device=DEV).contiguous(memory_format=torch.channels_last).requires_grad_()
     kids = [big[:, :8], big[:, 8:24]]
     w = (torch.randn(8, 24, 1, 1, device=DEV) * 0.2).requires_grad_()
-    z, mean, var = ag.AggStats.apply("triton", None, w, *kids)
+    z, mean, var = ag.AggStats.apply("triton", None, False, w, *kids)
     assert z.grad_fn is not None
     saved = z.grad_fn.saved_tensors
     assert saved[1].data_ptr() == big.data_ptr() and saved[2].data_ptr() == kids[1].data_ptr()
-    zr, mr, vr = ag.AggStats.apply("torch", None, w, *kids)
+    zr, mr, vr = ag.AggStats.apply("torch", None, False, w, *kids)
     assert _rel(z, zr) < 1e-5 and _rel(mean, mr) < 1e-5 and _rel(var, vr) < 1e-5
     gz = torch.randn_like(z)
     dbig, dw = torch.autograd.grad(z, (big, w), gz)
@@ -232,6 +232,25 @@ def test_autocast_fp16():
 
 @pytest.mark.interpreter
 @needs_kernels
+def test_shortcut_gradient_joins_in_the_childs_kernel():
+    """With the shortcut, the first child's gradient (through the conv and through the shortcut) comes out of
+    one kernel, the shortcut's part added in its epilogue: no add of child-sized tensors in the backward."""
+    case = AggCase(2, (8, 8, 16), 8, 5, 6, shortcut=True, seed=73)
+    kids = [_leaf(k) for k in case.kids]
+    y = aggregate_bn_relu_train(kids, _leaf(case.w), _leaf(case.gamma), _leaf(case.beta), shortcut=True,
+                                backend="triton")
+    with AddCounter(kids[0].shape) as adds:
+        y.backward(case.gy)
+    assert adds.n == 0
+    kids_r = [_leaf(k) for k in case.kids]
+    y_r = aggregate_bn_relu_train_ref(kids_r, _leaf(case.w), _leaf(case.gamma), _leaf(case.beta), None, None, None,
+                                      0.1, 1e-5, True, True)
+    y_r.backward(case.gy)
+    assert _rel(kids[0].grad, kids_r[0].grad) < 1e-4
+
+
+@pytest.mark.interpreter
+@needs_kernels
 def test_only_some_gradients():
     """Children that need no gradient get none, and the others' are unchanged."""
     case = AggCase(2, (8, 8, 16), 8, 5, 5, shortcut=True, seed=71)
@@ -257,10 +276,16 @@ def test_gradcheck_float64():
     beta = torch.randn(4, generator=gen, dtype=torch.float64).requires_grad_()
 
     def f(k0, k1, k2, w, gamma, beta):
-        z, mean, var = ag.AggStats.apply("torch", None, w, k0, k1, k2)
+        z, mean, var = ag.AggStats.apply("torch", None, False, w, k0, k1, k2)
         return ag.BnAct.apply(z, mean, var, gamma, beta, k0, 1e-5, False, torch.float64, "torch")
 
     assert torch.autograd.gradcheck(f, (*kids, w, gamma, beta))
+
+    def shared(k0, k1, k2, w, gamma, beta):  # the shortcut reads the first child through the node's own output
+        z, mean, var, k0s = ag.AggStats.apply("torch", None, True, w, k0, k1, k2)
+        return ag.BnAct.apply(z, mean, var, gamma, beta, k0s, 1e-5, False, torch.float64, "torch")
+
+    assert torch.autograd.gradcheck(shared, (*kids, w, gamma, beta))
 
 
 # ------------------------------------------------------------------------------------------------ modules
@@ -556,7 +581,7 @@ def test_double_backward_is_refused():
     """AggStats' backward is not differentiable itself: a double backward raises instead of being wrong."""
     kids = [torch.randn(2, c, 3, 3, dtype=torch.float64, requires_grad=True) for c in (4, 4)]
     w = torch.randn(4, 8, 1, 1, dtype=torch.float64, requires_grad=True)
-    z, _, _ = ag.AggStats.apply("torch", None, w, *kids)
+    z, _, _ = ag.AggStats.apply("torch", None, False, w, *kids)
     (gk,) = torch.autograd.grad((z * z).sum(), (kids[1],), create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gk.sum().backward()

@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dla_fast.train import TrainConvBnAct, conv_bn_relu_train, conv_bn_relu_train_ref, fused_unavailable_reason
 from dla_fast.train import _autograd as ag
@@ -433,6 +434,86 @@ def test_deferred_activation_chain(dtype, mode):
         _judge(f"deferred into eager {n}", a, e, r, dtype)
 
 
+class AddCounter(TorchDispatchMode):
+    """Counts the adds (out of place or in place) of tensors of ``shape`` that run while it is active: the sums
+    autograd forms for a tensor with several readers."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.n = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if (func in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+                and all(isinstance(a, torch.Tensor) and tuple(a.shape) == self.shape for a in args[:2])):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("layout", ["cl", "nchw"])
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
+def test_shared_input_gradient_joins_in_the_dgrad(dtype, layout):
+    """``share_input=True`` on a 1x1 conv (a bottleneck's first): the second output, x for x's other readers (here
+    the next layer's residual), is a view of x; x's gradient, the sum of both paths, comes out of the conv's
+    data-gradient kernel with the other path's gradient added in its epilogue (no add of x-sized tensors in the
+    backward, where without sharing autograd forms one); every quantity within 2x eager's error against
+    float64."""
+    gen = torch.Generator().manual_seed(23)
+    x0 = torch.randn(2, 8, 7, 5, generator=gen)
+    w1, w2 = torch.randn(12, 8, 1, 1, generator=gen) * 0.3, torch.randn(8, 12, 3, 3, generator=gen) * 0.1
+    p = [torch.rand(12, generator=gen) + 0.5, torch.randn(12, generator=gen), torch.rand(8, generator=gen) + 0.5,
+         torch.randn(8, generator=gen)]
+    gy = torch.randn(2, 8, 7, 5, generator=gen)
+
+    def run(backend, dt, share=True):
+        pd = torch.float64 if dt == torch.float64 else torch.float32
+        x = _leaf(_layout(x0.to(DEV, dt), layout))
+        ws = [_leaf(w.to(DEV, dt)) for w in (w1, w2)]
+        g1, b1, g2, b2 = [_leaf(t.to(DEV, pd)) for t in p]
+        stats = [(torch.zeros(c, device=DEV, dtype=pd), torch.ones(c, device=DEV, dtype=pd),
+                  torch.tensor(0, device=DEV)) for c in (12, 8)]
+        out = conv_bn_relu_train(x, ws[0], g1, b1, *stats[0], backend=backend, share_input=share)
+        y1, x2 = out if share else (out, x)
+        if backend == "eager":
+            assert x2 is x
+        elif share:
+            assert x2 is not x and x2._base is x and x2.data_ptr() == x.data_ptr()
+        y = conv_bn_relu_train(y1, ws[1], g2, b2, *stats[1], padding=1, residual=x2, backend=backend)
+        with AddCounter(x.shape) as adds:
+            y.backward(gy.to(DEV, y.dtype))
+        return [y.detach(), x.grad, ws[0].grad, ws[1].grad, g1.grad, b1.grad, g2.grad, b2.grad,
+                *[t for st in stats for t in st[:2]]], adds.n
+
+    names = ["y", "dx", "dw1", "dw2", "dgamma1", "dbeta1", "dgamma2", "dbeta2", "rm1", "rv1", "rm2", "rv2"]
+    ref, _ = run("eager", torch.float64)
+    eager, _ = run("eager", dtype)
+    shared, n_shared = run("triton", dtype)
+    plain, n_plain = run("triton", dtype, share=False)
+    assert n_plain >= 1, "autograd's sum of x's two gradients was not seen"
+    assert n_shared == 0, f"{n_shared} adds of x-sized tensors with the gradient shared"
+    for n, a, b, e, r in zip(names, shared, plain, eager, ref):
+        _judge(f"shared {n}", a, e, r, dtype)
+        _judge(f"not shared {n}", b, e, r, dtype)
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_shared_input_only_where_the_dgrad_can_take_it():
+    """Convs whose data gradient is not one GEMM (3x3, stride 2, grouped) hand back x itself; a Deferred x is
+    refused with a message saying what to do."""
+    gen = torch.Generator().manual_seed(24)
+    x = torch.randn(2, 8, 6, 6, generator=gen, device=DEV).requires_grad_()
+    g, b = torch.ones(8, device=DEV), torch.zeros(8, device=DEV)
+    for w, kw in ((torch.randn(8, 8, 3, 3, device=DEV), dict(padding=1)), (torch.randn(8, 8, 1, 1, device=DEV),
+                  dict(stride=2)), (torch.randn(8, 4, 1, 1, device=DEV), dict(groups=2))):
+        y, x2 = conv_bn_relu_train(x, w, g, b, backend="triton", share_input=True, **kw)
+        assert x2 is x, kw
+    d = conv_bn_relu_train(x, torch.randn(8, 8, 1, 1, device=DEV), g, b, backend="triton", defer=True)
+    with pytest.raises(ValueError, match="materialize"):
+        conv_bn_relu_train(d, torch.randn(8, 8, 1, 1, device=DEV), g, b, backend="triton", share_input=True)
+
+
 @pytest.mark.interpreter
 @needs_kernels
 def test_backward_kernels_match_torch_pieces():
@@ -697,6 +778,14 @@ def test_gradcheck_torch_pieces_float64():
         return ag.BnAct.apply(z, m, v, None, None, None, 1e-5, False, torch.float64, "torch")
 
     assert torch.autograd.gradcheck(no_relu_no_affine, (x, w1), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+    def shared(x, w, g, b):  # a 1x1 conv sharing x with the residual of the BN after it
+        z, m, v, xs = ag.ConvStats.apply(x, w, (1, 1), (0, 0), 1, "torch", None, None, None, None, 0.0, False, None,
+                                         None, True, True)
+        return ag.BnAct.apply(z, m, v, g, b, xs, 1e-5, True, torch.float64, "torch")
+
+    w3 = (torch.randn(4, 4, 1, 1, generator=gen, **d) * 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(shared, (x, w3, g1[:4], b1[:4]), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 def test_double_backward_is_refused():

@@ -166,6 +166,36 @@ def agg_stats(impl: str, children, weight, fold=None):
     return _folded(torch.ops.dla_fast_train.agg_stats(list(children), weight, _tf32()), fold)
 
 
+def shares_dgrad(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups: int) -> bool:
+    """Whether the backward of a conv of x can add another gradient of x inside its own data-gradient kernel
+    (``share`` of :class:`ConvStats`): a dense unpadded stride-1 1x1 conv, whose data gradient is the GEMM
+    dz @ W, with the other gradient as its epilogue's residual; launched from Python (traced code keeps
+    autograd's sum, which Inductor fuses itself)."""
+    return (x.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1)
+            and tuple(padding) == (0, 0) and groups == 1 and _direct(x))
+
+
+def dgrad_onto(impl: str, dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, extra: torch.Tensor,
+               need_w: bool):
+    """(extra + the data gradient, the weight gradient or None) of a dense unpadded stride-1 1x1 conv of x.
+
+    The data gradient runs as the 1x1 conv of dz with the transposed weight on the Triton GEMM kernel, ``extra``
+    added in its epilogue: one read of ``extra`` in place of writing the data gradient and summing the two in a
+    pass of their own (3 tensor passes fewer). impl "torch": ATen's gradients and an add."""
+    dz = dz.to(x.dtype)
+    if impl == "torch":
+        da, dw, _ = torch.ops.aten.convolution_backward(dz, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
+                                                        1, [True, need_w, False])
+        return da.add_(extra), dw
+    from ..backends.triton import _launch
+    dw = None
+    if need_w:
+        _, dw, _ = torch.ops.aten.convolution_backward(dz, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
+                                                       1, [False, True, False])
+    dx = _launch.conv_launch(dz, weight.transpose(0, 1), None, (1, 1), (0, 0), 1, extra, False, _tf32(), raw=True)
+    return dx, dw
+
+
 def _pixels(t: torch.Tensor) -> torch.Tensor:
     """[N, C, H, W] as its [N*H*W, C] matrix of pixels: a view for channels_last tensors and channel slices of
     them, a copy otherwise."""
@@ -225,13 +255,17 @@ class ConvStats(torch.autograd.Function):
     mean, var, rstd, scale), and whose running statistics are updated, in the statistics' final launch.
     ``norm_coef``: the prologue BN's (rstd, scale) where its own layer's final launch computed them;
     ``norm_prologue=False`` forms the normalised input in a separate pass instead (still not kept).
+    ``share``: x itself comes back as one more output, last (see :func:`shares_dgrad`); the gradient that reaches
+    it is added to x's by this conv's data-gradient kernel, where autograd would sum the two in a pass of its own.
     """
 
     @staticmethod
     def forward(ctx, x, weight, stride, padding, groups, impl, norm_mean, norm_var, norm_gamma, norm_beta,
-                norm_eps, norm_relu, fold=None, norm_coef=None, norm_prologue=True):
+                norm_eps, norm_relu, fold=None, norm_coef=None, norm_prologue=True, share=False):
         norm = None
         rstd = scale = bias = None
+        if share and norm_mean is not None:
+            raise ValueError("ConvStats: share takes a conv of a formed input (no normalising prologue)")
         if norm_mean is not None:
             rstd, scale, bias = _scale_bias(norm_gamma, norm_beta, norm_var, norm_eps, norm_coef)
             norm = (norm_mean, scale, bias)
@@ -244,20 +278,25 @@ class ConvStats(torch.autograd.Function):
             out = conv_stats(impl, x, weight, stride, padding, groups, norm, norm_relu, fold)
         ctx.mark_non_differentiable(*out[1:])
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
-        ctx.conf = (tuple(stride), tuple(padding), groups, impl, norm is not None, bool(norm_relu))
+        ctx.conf = (tuple(stride), tuple(padding), groups, impl, norm is not None, bool(norm_relu), bool(share))
         ctx.save_for_backward(x, weight, norm_mean, rstd, scale, bias, norm_gamma, norm_beta)
-        return out
+        # x returned as it is: autograd makes the output a view of x whose gradient comes to this backward.
+        return (*out, x) if share else out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dz, *_stats):
-        stride, padding, groups, impl, has_norm, norm_relu = ctx.conf
+    def backward(ctx, dz, *rest):
+        stride, padding, groups, impl, has_norm, norm_relu, share = ctx.conf
         x, weight, mean, rstd, scale, bias, gamma, beta = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_g, need_b = ctx.needs_input_grad[8], ctx.needs_input_grad[9]
+        dshare = rest[-1] if share else None
         dx = dw = dgamma = dbeta = None
         if dz is None:
-            return (None,) * 15
+            return (dshare if need_x else None,) + (None,) * 15
+        if dshare is not None and need_x:
+            dx, dw = dgrad_onto(impl, dz, x, weight, dshare, need_w)
+            return (dx, dw) + (None,) * 14
         a = x
         if has_norm:
             # The normalised input was never stored: recompute it (the memory the prologue saves).
@@ -275,7 +314,7 @@ class ConvStats(torch.autograd.Function):
             dx = da
         return (dx if need_x else None, dw, None, None, None, None, None, None,
                 _grad_as(dgamma, gamma) if need_g else None, _grad_as(dbeta, beta) if need_b else None, None, None,
-                None, None, None)
+                None, None, None, None)
 
 
 class BnAct(torch.autograd.Function):
@@ -313,43 +352,49 @@ class BnAct(torch.autograd.Function):
 class AggStats(torch.autograd.Function):
     """(z, mean, var) = conv1x1(cat(children, 1), weight) and z's batch statistics, the concat never formed.
 
-    forward(impl, fold, weight, *children), weight [Cout, sum C_i, 1, 1]; autocast off inside (the caller casts
-    to the compute dtype); ``fold`` as in :class:`ConvStats` (None, or the node's BN: five outputs). The backward
+    forward(impl, fold, share, weight, *children), weight [Cout, sum C_i, 1, 1]; autocast off inside (the caller
+    casts to the compute dtype); ``fold`` as in :class:`ConvStats` (None, or the node's BN: five outputs);
+    ``share``: children[0] comes back as one more output, last, whose gradient the backward adds to that child's
+    in the kernel that computes it (the node's shortcut takes it: as :class:`ConvStats`' ``share``). The backward
     writes each child's gradient ``dz @ W_i`` on its own and the weight's as the column blocks ``dz^T @ child_i``:
     one matrix product per child on the NHWC pixel matrices (no concat of inputs or gradients). The children are
     saved as they are read (a channels_last copy only for a child whose pixels do not collapse to one row stride:
     the forward makes that copy anyway)."""
 
     @staticmethod
-    def forward(ctx, impl, fold, weight, *children):
+    def forward(ctx, impl, fold, share, weight, *children):
         kids = [c if _pixels_ok(c) else c.contiguous(memory_format=torch.channels_last) for c in children]
         out = agg_stats(impl, kids, weight, fold)
         ctx.mark_non_differentiable(*out[1:])
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
         ctx.save_for_backward(weight, *kids)
-        return out
+        ctx.conf = (impl, bool(share))
+        return (*out, children[0]) if share else out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dz, *_stats):
+    def backward(ctx, dz, *rest):
         weight, *kids = ctx.saved_tensors
-        n_in = 3 + len(kids)
+        impl, share = ctx.conf
+        dshare = rest[-1] if share else None
         if dz is None:
-            return (None,) * n_in
+            return (None,) * 4 + (dshare if ctx.needs_input_grad[4] else None,) + (None,) * (len(kids) - 1)
         N, _, H, W = dz.shape
         cout = weight.shape[0]
         w2 = weight.reshape(cout, -1)
         g = _pixels(dz.to(weight.dtype))  # [M, Cout]
-        need_w = ctx.needs_input_grad[2]
+        need_w = ctx.needs_input_grad[3]
         dkids, dw_blocks = [], []
         k0 = 0
         for i, c in enumerate(kids):
             ci = c.shape[1]
             wi = w2[:, k0:k0 + ci]
-            if ctx.needs_input_grad[3 + i]:
-                dkids.append((g @ wi).view(N, H, W, ci).permute(0, 3, 1, 2))
-            else:
+            if not ctx.needs_input_grad[4 + i]:
                 dkids.append(None)
+            elif i == 0 and dshare is not None:
+                dkids.append(dgrad_onto(impl, dz, c, wi.view(cout, ci, 1, 1), dshare, False)[0])
+            else:
+                dkids.append((g @ wi).view(N, H, W, ci).permute(0, 3, 1, 2))
             if need_w:
                 dw_blocks.append(g.t() @ _pixels(c).to(g.dtype))
             k0 += ci
@@ -360,7 +405,7 @@ class AggStats(torch.autograd.Function):
             # the gradient keeps the parameter's layout and DDP's buckets take it without a copy.
             dw = dw.as_strided(weight.shape, weight.stride()) if weight.stride()[:2] == dw.stride() \
                 else dw.view_as(weight)
-        return (None, None, dw, *dkids)
+        return (None, None, None, dw, *dkids)
 
 
 class MaxPool(torch.autograd.Function):

@@ -8,7 +8,7 @@ so a structure it does not know is an error, never a silent difference.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -44,22 +44,23 @@ def defer_mode(save_memory: bool):
 
 
 def _block(b: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], backend: str,
-           defer=False) -> torch.Tensor:
+           defer=False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(the block's output, x2): x2 is x as x's later readers take it, the block's 1x1 first conv sharing it
+    (``share`` of :func:`.modules.conv_bn_act`: their gradients join x's in that conv's data-gradient kernel)."""
     from ..models.dla import DlaBasic, DlaBottle2neck, DlaBottleneck
 
-    if shortcut is None:
-        shortcut = x
+    own = shortcut is None or shortcut is x
     # Inside a block each conv's activation feeds the next conv alone: deferred (save_memory), it is not kept
     # for the backward, which recomputes it.
     if isinstance(b, DlaBasic):
         y = conv_bn_act(b.conv1, b.bn1, x, None, True, backend, defer)
-        return conv_bn_act(b.conv2, b.bn2, y, shortcut, True, backend)
+        return conv_bn_act(b.conv2, b.bn2, y, x if own else shortcut, True, backend), x
     if isinstance(b, DlaBottleneck):
-        y = conv_bn_act(b.conv1, b.bn1, x, None, True, backend, defer)
+        y, x2 = conv_bn_act(b.conv1, b.bn1, x, None, True, backend, defer, share=True)
         y = conv_bn_act(b.conv2, b.bn2, y, None, True, backend, defer)
-        return conv_bn_act(b.conv3, b.bn3, y, shortcut, True, backend)
+        return conv_bn_act(b.conv3, b.bn3, y, x2 if own else shortcut, True, backend), x2
     if isinstance(b, DlaBottle2neck):
-        y = conv_bn_act(b.conv1, b.bn1, x, None, True, backend)
+        y, x2 = conv_bn_act(b.conv1, b.bn1, x, None, True, backend, share=True)
         pieces = torch.split(y, b.width, 1)
         outs: List[torch.Tensor] = []
         sp = pieces[0]
@@ -69,12 +70,13 @@ def _block(b: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], back
             outs.append(sp)
         if b.scale > 1:
             outs.append(b.pool(pieces[-1]) if b.pool is not None else pieces[-1])
-        return conv_bn_act(b.conv3, b.bn3, torch.cat(outs, 1), shortcut, True, backend)
+        return conv_bn_act(b.conv3, b.bn3, torch.cat(outs, 1), x2 if own else shortcut, True, backend), x2
     raise TypeError(f"fused training does not know the block {type(b).__name__}")
 
 
 def _node(m: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], children: Optional[List[torch.Tensor]],
-          backend: str, defer=False) -> torch.Tensor:
+          backend: str, defer=False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(the node's output, x as its later readers take it): see :func:`_block`."""
     from ..models.dla import DlaTree
 
     if isinstance(m, DlaTree):
@@ -107,7 +109,9 @@ def _downsample(pool: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
 
 
 def _tree(t: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], children: Optional[List[torch.Tensor]],
-          backend: str, defer=False) -> torch.Tensor:
+          backend: str, defer=False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(the tree's output, x as its later readers take it): see :func:`_block`. ``children`` (the aggregation
+    node's extra inputs handed down) is updated in place where one of them is x."""
     if children is None:
         children = []
     bottom = _downsample(t.downsample, x, backend)
@@ -117,13 +121,15 @@ def _tree(t: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], child
         shortcut = conv_bn_act(t.project[0], t.project[1], bottom, None, False, backend)
     if t.level_root:
         children.append(bottom)
-    x1 = _node(t.tree1, x, shortcut, None, backend, defer)
+    x1, x_in = _node(t.tree1, x, shortcut, None, backend, defer)
+    # The readers of x after tree1's first conv (the aggregation node, where x is a child) read what it shares.
+    children[:] = [x_in if c is x else c for c in children]
     if t.root is not None:
-        x2 = _node(t.tree2, x1, None, None, backend, defer)
+        x2, x1 = _node(t.tree2, x1, None, None, backend, defer)
         r = t.root
-        return aggregate(r.conv, r.bn, [x2, x1] + children, bool(r.shortcut), True, backend)
+        return aggregate(r.conv, r.bn, [x2, x1] + children, bool(r.shortcut), True, backend), x_in
     children.append(x1)
-    return _node(t.tree2, x1, None, children, backend, defer)
+    return _node(t.tree2, x1, None, children, backend, defer)[0], x_in
 
 
 def stage(m: nn.Module, x: torch.Tensor, backend: str = "auto", save_memory: bool = False) -> torch.Tensor:
@@ -134,7 +140,7 @@ def stage(m: nn.Module, x: torch.Tensor, backend: str = "auto", save_memory: boo
     if isinstance(m, nn.Identity):
         return x
     if isinstance(m, DlaTree):
-        return _tree(m, x, None, None, backend, defer_mode(save_memory))
+        return _tree(m, x, None, None, backend, defer_mode(save_memory))[0]
     if isinstance(m, nn.Sequential):
         return _conv_level(m, x, backend)
     raise TypeError(f"fused training does not know the stage {type(m).__name__}")

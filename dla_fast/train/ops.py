@@ -257,7 +257,8 @@ def conv_bn_relu_train(
     relu: bool = True,
     backend: str = "auto",
     defer: Union[bool, str] = False,
-) -> Union[torch.Tensor, Deferred]:
+    share_input: bool = False,
+) -> Union[torch.Tensor, Deferred, Tuple[Union[torch.Tensor, Deferred], torch.Tensor]]:
     """``relu(batch_norm_train(conv2d(x, weight)) + residual)`` with the running statistics updated in place (see
     the module docstring). Differentiable in x, weight, bn_weight, bn_bias and residual.
 
@@ -269,6 +270,11 @@ def conv_bn_relu_train(
     activation as usual. An ``x`` that is a :class:`Deferred` is normalised as the conv loads it where the
     kernels run this call (``defer="recompute"``: formed by a pass of its own and dropped after the conv; kept
     for the backward as z either way), else formed first.
+
+    ``share_input=True``: ``(output, x2)``, x2 being x for x's other consumers (a residual, another branch): the
+    gradient that reaches x2 joins x's inside this conv's backward, in the epilogue of its data-gradient kernel,
+    instead of in a separate sum (where the kernels run a dense unpadded stride-1 1x1 conv of an x already in the
+    compute dtype, outside tracing: a view of x; elsewhere x itself, and autograd sums as usual).
     """
     if isinstance(defer, torch.Tensor) or not isinstance(defer, (bool, str)):
         raise TypeError(f"defer must be a bool or 'prologue' / 'recompute', got {type(defer).__name__}")
@@ -278,6 +284,9 @@ def conv_bn_relu_train(
         raise ValueError("defer=True leaves the activation to the next conv, which cannot add a residual to it; "
                          "pass residual=None or defer=False")
     prev = x if isinstance(x, Deferred) else None
+    if share_input and prev is not None:
+        raise ValueError("share_input=True takes x as a tensor: a Deferred x has no other consumers to share with "
+                         "(materialize() it first if it has)")
     if prev is not None:
         x = prev.z
     stride, padding, count = _validate(x, weight, bn_weight, bn_bias, running_mean, running_var,
@@ -290,8 +299,11 @@ def conv_bn_relu_train(
     if prev is not None and (backend == "eager" or why is not None or x.dtype != cdt):
         x, prev = prev.materialize(), None
     if backend == "eager" or why is not None:
-        return conv_bn_relu_train_ref(x, weight, bn_weight, bn_bias, running_mean, running_var,
-                                      num_batches_tracked, stride, padding, groups, momentum, eps, residual, relu)
+        y = conv_bn_relu_train_ref(x, weight, bn_weight, bn_bias, running_mean, running_var,
+                                   num_batches_tracked, stride, padding, groups, momentum, eps, residual, relu)
+        return (y, x) if share_input else y
+    share = bool(share_input) and x.dtype == cdt and ag.shares_dgrad(x, weight, stride, padding,
+                                                                                      groups)
     out_dtype = cdt if residual is None else torch.promote_types(cdt, residual.dtype)
     norm = ((None, None, None, None, 0.0, False) if prev is None
             else (prev.mean, prev.var, prev.gamma, prev.beta, float(prev.eps), prev.relu))
@@ -304,14 +316,17 @@ def conv_bn_relu_train(
         fold = _fold(xc, bn_weight, eps, running_mean, running_var, num_batches_tracked, momentum, count)
         z, mean, var, *coef = ag.ConvStats.apply(xc, wc, stride, padding, groups, "triton", *norm, fold,
                                                  None if prev is None else prev.coef,
-                                                 True if prev is None else prev.prologue)
+                                                 True if prev is None else prev.prologue, share)
+        x2 = coef.pop() if share else x
         if fold is None:
             update_running_stats(mean, var, count, running_mean, running_var, num_batches_tracked, momentum)
         if defer:
-            return Deferred(z, mean, var, tuple(coef) or None, bn_weight, bn_bias, float(eps), relu,
-                            defer != "recompute")
-        return ag.BnAct.apply(z, mean, var, bn_weight, bn_bias, residual, float(eps), relu, out_dtype, "triton",
-                              coef or None)
+            y = Deferred(z, mean, var, tuple(coef) or None, bn_weight, bn_bias, float(eps), relu,
+                         defer != "recompute")
+        else:
+            y = ag.BnAct.apply(z, mean, var, bn_weight, bn_bias, residual, float(eps), relu, out_dtype, "triton",
+                               coef or None)
+    return (y, x2) if share_input else y
 
 
 # ------------------------------------------------------------------------------------------ aggregation node
@@ -434,7 +449,12 @@ def aggregate_bn_relu_train(
         # As in conv_bn_relu_train: the casts are autograd ops and lay a cast child out channels_last.
         kids = [c if c.dtype == cdt else c.to(dtype=cdt, memory_format=torch.channels_last) for c in children]
         fold = _fold(kids[0], bn_weight, eps, running_mean, running_var, num_batches_tracked, momentum, count)
-        z, mean, var, *coef = ag.AggStats.apply("triton", fold, weight.to(cdt), *kids)
+        # The shortcut reads children[0] through AggStats' own output: its gradient then joins the child's in the
+        # kernel that computes that (a residual in the epilogue), not in a sum of its own.
+        share = shortcut and kids[0] is ref and ag._direct(ref)
+        z, mean, var, *coef = ag.AggStats.apply("triton", fold, share, weight.to(cdt), *kids)
+        if share:
+            residual = coef.pop()
         y = ag.BnAct.apply(z, mean, var, bn_weight, bn_bias, residual, float(eps), relu, out_dtype, "triton",
                            coef or None)
     if fold is None:
