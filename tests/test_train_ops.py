@@ -694,6 +694,16 @@ def test_max_pool_forward_backward(k, hw, layout, dtype):
     dx = kt.max_pool_backward_launch(x, g, k)
     assert dx.is_contiguous(memory_format=torch.channels_last) and dx.dtype == dtype
     torch.testing.assert_close(dx, xr.grad, rtol=0, atol=0)
+    # Shared: x's other readers' gradient (a non-contiguous one) added as the pass writes, the floor mode's
+    # leftover rows and columns included; no separate add of x-sized tensors.
+    e = torch.randn(3, 20, hw[1], hw[0], generator=gen).to(DEV, dtype).transpose(2, 3)
+    xs = x.detach().clone().requires_grad_(True)
+    ys, x2 = ag.MaxPool.apply(xs, k, True)
+    assert x2._base is xs
+    with AddCounter(xs.shape) as adds:
+        torch.autograd.backward([ys, x2], [g, e])
+    assert adds.n == 0
+    torch.testing.assert_close(xs.grad, (xr.grad.float() + e.float()).to(dtype), rtol=0, atol=0)
 
 
 @pytest.mark.cuda

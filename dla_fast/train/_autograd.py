@@ -412,23 +412,28 @@ class MaxPool(torch.autograd.Function):
     """y = max_pool2d(x, k, stride=k) (no padding, floor mode: the trees' downsampling) on the Triton kernels.
     The forward stores no indices (the inference kernel); the backward finds each window's winner again from x,
     which the model keeps anyway (the previous layer's output), and writes every input's gradient in one pass
-    where ATen zero-fills the input gradient and then scatters into it. forward(x, k)."""
+    where ATen zero-fills the input gradient and then scatters into it. forward(x, k, share=False); ``share``:
+    x comes back as a second output, whose gradient (x's other readers') that pass adds as it writes (as
+    :class:`ConvStats`' ``share``)."""
 
     @staticmethod
-    def forward(ctx, x, k):
+    def forward(ctx, x, k, share=False):
         from ..backends.triton import _launch
-        ctx.k = int(k)
+        ctx.k, ctx.share = int(k), bool(share)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x)
-        return _launch.max_pool_launch(x, int(k), raw=True)
+        y = _launch.max_pool_launch(x, int(k), raw=True)
+        return (y, x) if share else y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy):
+    def backward(ctx, dy, *rest):
         from ..backends.triton import _train as kt
         (x,) = ctx.saved_tensors
+        dshare = rest[0] if ctx.share else None
         if dy is None:
-            return None, None
-        return kt.max_pool_backward_launch(x, dy, ctx.k, raw=True), None
+            return dshare, None, None
+        return kt.max_pool_backward_launch(x, dy, ctx.k, raw=True, extra=dshare), None, None
 
 
 def _pixels_ok(t: torch.Tensor) -> bool:

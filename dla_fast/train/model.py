@@ -94,18 +94,20 @@ def _pool_size(pool: nn.Module) -> Optional[int]:
     return int(k[0])
 
 
-def _downsample(pool: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
-    """A tree's downsampling: the Triton max-pool (forward and backward, no indices) where the kernels run
-    under ``backend`` (as for the convs: CUDA fp16/bf16 under auto; the interpreter only when asked for by
-    name), else the module. Traced code (torch.compile) keeps the module, which Inductor fuses itself."""
+def _downsample(pool: nn.Module, x: torch.Tensor, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(a tree's downsampling of x, x as its later readers take it). The Triton max-pool (forward and backward,
+    no indices) where the kernels run under ``backend`` (as for the convs: CUDA fp16/bf16 under auto; the
+    interpreter only when asked for by name), which shares x (its backward adds the later readers' gradient as
+    it writes x's); else the module, and x itself. Traced code (torch.compile) keeps the module, which Inductor
+    fuses itself."""
     from . import _autograd as ag
     from .ops import kernels_unavailable_reason
 
     k = _pool_size(pool)
     if (k is None or backend == "eager" or not ag._direct(x) or x.dim() != 4
             or kernels_unavailable_reason(x, backend, x.dtype) is not None):
-        return pool(x)
-    return ag.MaxPool.apply(x, k)
+        return pool(x), x
+    return ag.MaxPool.apply(x, k, True)
 
 
 def _tree(t: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], children: Optional[List[torch.Tensor]],
@@ -114,22 +116,33 @@ def _tree(t: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], child
     node's extra inputs handed down) is updated in place where one of them is x."""
     if children is None:
         children = []
-    bottom = _downsample(t.downsample, x, backend)
+    # Each reader of a tensor with several hands the later ones what it shares (the pool, the projection,
+    # tree1's first conv): their gradients join in its backward's kernel. The aggregation node, last, reads
+    # whatever stands in `children` by then.
+    bottom, x_in = _downsample(t.downsample, x, backend)
+    _swap(children, x, x_in)
     if isinstance(t.project, nn.Identity):
         shortcut = bottom
     else:
-        shortcut = conv_bn_act(t.project[0], t.project[1], bottom, None, False, backend)
+        shortcut, bottom2 = conv_bn_act(t.project[0], t.project[1], bottom, None, False, backend, share=True)
+        _swap(children, bottom, bottom2)
+        bottom = bottom2
     if t.level_root:
         children.append(bottom)
-    x1, x_in = _node(t.tree1, x, shortcut, None, backend, defer)
-    # The readers of x after tree1's first conv (the aggregation node, where x is a child) read what it shares.
-    children[:] = [x_in if c is x else c for c in children]
+    x1, x_last = _node(t.tree1, x_in, shortcut, None, backend, defer)
+    _swap(children, x_in, x_last)
     if t.root is not None:
         x2, x1 = _node(t.tree2, x1, None, None, backend, defer)
         r = t.root
-        return aggregate(r.conv, r.bn, [x2, x1] + children, bool(r.shortcut), True, backend), x_in
+        return aggregate(r.conv, r.bn, [x2, x1] + children, bool(r.shortcut), True, backend), x_last
     children.append(x1)
-    return _node(t.tree2, x1, None, children, backend, defer)[0], x_in
+    return _node(t.tree2, x1, None, children, backend, defer)[0], x_last
+
+
+def _swap(children: List[torch.Tensor], old: torch.Tensor, new: torch.Tensor) -> None:
+    """``children`` reads ``new`` where it read ``old`` (the same tensor, shared by a later reader)."""
+    if new is not old:
+        children[:] = [new if c is old else c for c in children]
 
 
 def stage(m: nn.Module, x: torch.Tensor, backend: str = "auto", save_memory: bool = False) -> torch.Tensor:

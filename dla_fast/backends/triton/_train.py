@@ -491,16 +491,17 @@ def _bn_bwd_apply_kernel(
 
 @triton.jit
 def _max_pool_bwd_kernel(
-    x_ptr, g_ptr, dx_ptr,
+    x_ptr, g_ptr, dx_ptr, e_ptr,
     P, Ho, Wo, C,
-    sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdh, sdw,
+    sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdh, sdw, sen, sec, seh, sew,
     n_tiles_c,
-    K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, HAS_EXTRA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The gradient of K x K max pooling with stride K, no padding (the DLA trees' downsampling): each window's
     output gradient goes to the input that won it, zeros to the others, every covered input written once (the
     windows do not overlap). The winner is found again from x, as torch's max_pool2d picks it: the first
-    maximum in scan order, the last NaN. No indices are stored by the forward."""
+    maximum in scan order, the last NaN. No indices are stored by the forward. HAS_EXTRA: another gradient of
+    x (its other readers') is added to every element as it is written."""
     _, c, mask, img, oh, ow = _pool_tile(n_tiles_c, P, Ho, Wo, C, BLOCK_P, BLOCK_C)
     xbase = img * sxn + (oh * K) * sxh + (ow * K) * sxw
     best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float32)
@@ -514,9 +515,15 @@ def _max_pool_bwd_kernel(
     g = tl.load(g_ptr + (img * sgn + oh * sgh + ow * sgw)[:, None] + (c * sgc)[None, :], mask=mask, other=0.0)
     zero = tl.zeros((BLOCK_P, BLOCK_C), g.dtype)
     dbase = img * sdn + (oh * K) * sdh + (ow * K) * sdw
+    ebase = img * sen + (oh * K) * seh + (ow * K) * sew
     for t in range(K * K):
+        d = tl.where(arg == t, g, zero)
+        if HAS_EXTRA:
+            e = tl.load(e_ptr + (ebase + (t // K) * seh + (t % K) * sew)[:, None] + (c * sec)[None, :], mask=mask,
+                        other=0.0)
+            d = d.to(tl.float32) + e.to(tl.float32)
         tl.store(dx_ptr + (dbase + (t // K) * sdh + (t % K) * sdw)[:, None] + c[None, :],
-                 tl.where(arg == t, g, zero).to(dx_ptr.dtype.element_ty), mask=mask)
+                 d.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _idx64(*extents: int) -> bool:
@@ -708,31 +715,40 @@ def tensor_stats_launch(z: torch.Tensor, raw: bool = False,
     return _stats_from_partials(psum, pm2, M, bm, raw, fold)
 
 
-def max_pool_backward_launch(x: torch.Tensor, grad: torch.Tensor, k: int, raw: bool = False) -> torch.Tensor:
+def max_pool_backward_launch(x: torch.Tensor, grad: torch.Tensor, k: int, raw: bool = False,
+                             extra: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The input gradient of ``F.max_pool2d(x, k, stride=k)`` (no padding, floor mode) given the output's
     gradient ``grad``, channels_last, in ``grad``'s dtype. Inputs beyond the last whole window (floor mode) get
-    zeros."""
+    zeros. ``extra``: another gradient of x (x's shape, any strides), added as the kernel writes (in fp32)."""
     N, C, H, W = x.shape
     Ho, Wo = H // k, W // k
     if tuple(grad.shape) != (N, C, Ho, Wo):
         raise ValueError(f"max_pool backward: grad {tuple(grad.shape)} is not the pooled shape {(N, C, Ho, Wo)}")
+    if extra is not None and tuple(extra.shape) != (N, C, H, W):
+        raise ValueError(f"max_pool backward: extra {tuple(extra.shape)} is not the input's shape {(N, C, H, W)}")
     dx = _new_output(N, C, H, W, x.device, grad.dtype)
-    if H != Ho * k or W != Wo * k:  # the rows / columns floor mode leaves out get no gradient
-        dx[:, :, Ho * k:].zero_()
-        dx[:, :, :, Wo * k:].zero_()
+    if H != Ho * k or W != Wo * k:  # the rows / columns floor mode leaves out get no pooled gradient
+        for part in ((slice(None), slice(None), slice(Ho * k, None)), (slice(None), slice(None), slice(None),
+                                                                        slice(Wo * k, None))):
+            if extra is None:
+                dx[part].zero_()
+            else:
+                dx[part].copy_(extra[part])
     P = N * Ho * Wo
     if P == 0 or C == 0 or _skip_launch(dx):
         return dx
-    if max(_max_offset(x), _max_offset(grad), dx.numel()) >= _I32_LIMIT:
+    if max(_max_offset(x), _max_offset(grad), dx.numel(), 0 if extra is None else _max_offset(extra)) >= _I32_LIMIT:
         raise RuntimeError(f"max_pool backward (triton): a {tuple(x.shape)} input exceeds the kernel's 32-bit "
                            "offsets")
     bc = min(64, max(16, _pow2(C)))
     bp = 16 if interpreted() else max(16, ELTWISE_TILE // bc)
     n_tiles_c = _cdiv(C, bc)
     sdn, _, sdh, sdw = dx.stride()
+    e_strides = (0, 0, 0, 0) if extra is None else extra.stride()
     _kernel(_max_pool_bwd_kernel, raw)[lambda meta: (_cdiv(P, bp) * n_tiles_c,)](
-        x, grad, dx, P, Ho, Wo, C, *x.stride(), *grad.stride(), sdn, sdh, sdw, n_tiles_c,
-        K=int(k), BLOCK_P=bp, BLOCK_C=bc, num_warps=WARPS_ELTWISE, num_stages=1)
+        x, grad, dx, grad if extra is None else extra, P, Ho, Wo, C, *x.stride(), *grad.stride(), sdn, sdh, sdw,
+        *e_strides, n_tiles_c, K=int(k), HAS_EXTRA=extra is not None, BLOCK_P=bp, BLOCK_C=bc,
+        num_warps=WARPS_ELTWISE, num_stages=1)
     return dx
 
 
