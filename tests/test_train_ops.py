@@ -499,6 +499,48 @@ def test_shared_input_gradient_joins_in_the_dgrad(dtype, layout):
 
 @pytest.mark.interpreter
 @needs_kernels
+@pytest.mark.parametrize("res_layout", ["cl", "strided"])
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
+def test_shared_residual_gradient_joins_in_the_bn_backward(dtype, res_layout):
+    """``share_residual=True``: the second output, the residual for its later readers (a tree's aggregation
+    node), is a view of it; the residual's gradient, the sum of both paths, is written by the BN backward's last
+    pass with the later readers' gradient added (no add of residual-sized tensors); every quantity within 2x
+    eager's error against float64."""
+    gen = torch.Generator().manual_seed(25)
+    x0, r0 = torch.randn(2, 8, 7, 5, generator=gen), torch.randn(2, 12, 7, 5, generator=gen)
+    w0 = torch.randn(12, 8, 3, 3, generator=gen) * 0.1
+    p = [torch.rand(12, generator=gen) + 0.5, torch.randn(12, generator=gen)]
+    gy, gr = torch.randn(2, 12, 7, 5, generator=gen), torch.randn(2, 12, 7, 5, generator=gen)
+
+    def run(backend, dt, share=True):
+        pd = torch.float64 if dt == torch.float64 else torch.float32
+        x, r, w = _leaf(x0.to(DEV, dt)), _leaf(_layout(r0.to(DEV, dt), res_layout)), _leaf(w0.to(DEV, dt))
+        g, b = [_leaf(t.to(DEV, pd)) for t in p]
+        stats = (torch.zeros(12, device=DEV, dtype=pd), torch.ones(12, device=DEV, dtype=pd),
+                 torch.tensor(0, device=DEV))
+        out = conv_bn_relu_train(x, w, g, b, *stats, padding=1, residual=r, backend=backend, share_residual=share)
+        y, r2 = out if share else (out, r)
+        if backend == "triton" and share:
+            assert r2 is not r and r2._base is r
+        with AddCounter(r.shape) as adds:
+            torch.autograd.backward([y, r2 * 0.5], [gy.to(DEV, y.dtype), gr.to(DEV, r2.dtype)])
+        return [y.detach(), x.grad, r.grad, w.grad, g.grad, b.grad, *stats[:2]], adds.n
+
+    names = ["y", "dx", "dres", "dw", "dgamma", "dbeta", "rm", "rv"]
+    ref, _ = run("eager", torch.float64)
+    eager, _ = run("eager", dtype)
+    shared, n_shared = run("triton", dtype)
+    plain, n_plain = run("triton", dtype, share=False)
+    assert n_plain >= 1 and n_shared == 0, (n_plain, n_shared)
+    for n, a, b, e, r in zip(names, shared, plain, eager, ref):
+        _judge(f"shared {n}", a, e, r, dtype)
+        _judge(f"not shared {n}", b, e, r, dtype)
+    with pytest.raises(ValueError, match="needs a residual"):
+        conv_bn_relu_train(x0.to(DEV), w0.to(DEV), None, None, padding=1, backend="triton", share_residual=True)
+
+
+@pytest.mark.interpreter
+@needs_kernels
 def test_shared_input_only_where_the_dgrad_can_take_it():
     """Convs whose data gradient is not one GEMM (3x3, stride 2, grouped) hand back x itself; a Deferred x is
     refused with a message saying what to do."""

@@ -211,18 +211,23 @@ def bn_act(impl: str, z, mean, scale, bias, residual, relu, out_dtype):
     return torch.ops.dla_fast_train.bn_act(z, mean, scale, bias, residual, relu, out_dtype)
 
 
-def bn_backward(impl: str, grad, y, z, mean, rstd, gamma, res_dtype, relu_coef=None):
+def bn_backward(impl: str, grad, y, z, mean, rstd, gamma, res_dtype, relu_coef=None, res_extra=None):
     """BN (+ ReLU) backward; the ReLU's mask from its output ``y``, or from ``z`` and ``relu_coef`` = (scale,
-    bias) of a BN with no residual after it (the kernels then read one tensor fewer)."""
+    bias) of a BN with no residual after it (the kernels then read one tensor fewer). ``res_extra``: another
+    gradient of the residual, added to the one returned (by the kernels as they write it)."""
     if impl == "torch":
-        return bn_backward_torch(grad, y, z, mean, rstd, gamma, res_dtype, relu_coef)
+        dz, dgamma, dbeta, dres = bn_backward_torch(grad, y, z, mean, rstd, gamma, res_dtype, relu_coef)
+        return dz, dgamma, dbeta, (dres if res_extra is None else dres + res_extra)
     from ..backends.triton import _train as kt
     if _direct(z):
-        return kt.bn_backward_launch(grad, y, z, mean, rstd, gamma, res_dtype, raw=True, relu_coef=relu_coef)
+        return kt.bn_backward_launch(grad, y, z, mean, rstd, gamma, res_dtype, raw=True, relu_coef=relu_coef,
+                                     res_extra=res_extra)
     if relu_coef is not None:  # the registered op takes the mask as a tensor: the pre-activation, traced
         y = _pre_relu(z.to(mean.dtype) - _c(mean), relu_coef)
     dz, dgamma, dbeta, dres = torch.ops.dla_fast_train.bn_backward(grad, y, z, mean, rstd, gamma, res_dtype)
-    return dz, dgamma, dbeta, (dres if res_dtype is not None else None)
+    if res_dtype is None:
+        return dz, dgamma, dbeta, None
+    return dz, dgamma, dbeta, (dres if res_extra is None else dres + res_extra)
 
 
 def _scale_bias(gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], var: torch.Tensor, eps: float,
@@ -321,32 +326,39 @@ class BnAct(torch.autograd.Function):
     """y = act(BatchNorm(z; mean, var, gamma, beta, eps) + residual), mean/var the batch statistics of z from
     :class:`ConvStats`. forward(z, mean, var, gamma, beta, residual, eps, relu, out_dtype, impl, coef=None);
     ``coef``: (rstd, scale) already computed (by the statistics' final launch), else computed here. The backward
-    takes the ReLU's mask from ``y``, or where no residual is added from ``z`` (one read fewer)."""
+    takes the ReLU's mask from ``y``, or where no residual is added from ``z`` (one read fewer). ``share`` (last
+    argument): the residual comes back as a second output, whose gradient (its later readers') the backward's
+    last pass adds to the residual's as it writes it (as :class:`ConvStats`' ``share``)."""
 
     @staticmethod
-    def forward(ctx, z, mean, var, gamma, beta, residual, eps, relu, out_dtype, impl, coef=None):
+    def forward(ctx, z, mean, var, gamma, beta, residual, eps, relu, out_dtype, impl, coef=None, share=False):
+        if share and residual is None:
+            raise ValueError("BnAct: share needs a residual")
         rstd, scale, bias = _scale_bias(gamma, beta, var, eps, coef)
         y = bn_act(impl, z, mean, scale, bias, residual, relu, out_dtype)
-        ctx.conf = (bool(relu), impl, None if residual is None else residual.dtype)
+        ctx.conf = (bool(relu), impl, None if residual is None else residual.dtype, bool(share))
+        ctx.set_materialize_grads(False)
         mask_z = relu and residual is None
         ctx.save_for_backward(z, y if relu and not mask_z else None, mean, rstd, gamma, beta,
                               scale if mask_z else None, bias if mask_z else None)
-        return y
+        return (y, residual) if share else y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy):
-        relu, impl, res_dtype = ctx.conf
+    def backward(ctx, dy, *rest):
+        relu, impl, res_dtype, share = ctx.conf
         z, y, mean, rstd, gamma, beta, scale, bias = ctx.saved_tensors
         need_z, need_g, need_b, need_r = (ctx.needs_input_grad[0], ctx.needs_input_grad[3],
                                           ctx.needs_input_grad[4], ctx.needs_input_grad[5])
+        dshare = rest[0] if share else None
         if dy is None:
-            return (None,) * 11
+            return (None,) * 5 + (dshare if need_r else None,) + (None,) * 6
         g32 = None if gamma is None else gamma.to(rstd.dtype)
         dz, dgamma, dbeta, dres = bn_backward(impl, dy, y, z, mean, rstd, g32, res_dtype if need_r else None,
-                                              None if scale is None else (scale, bias))
+                                              None if scale is None else (scale, bias),
+                                              dshare if need_r else None)
         return (dz if need_z else None, None, None, _grad_as(dgamma, gamma) if need_g else None,
-                _grad_as(dbeta, beta) if need_b else None, dres, None, None, None, None, None)
+                _grad_as(dbeta, beta) if need_b else None, dres, None, None, None, None, None, None)
 
 
 class AggStats(torch.autograd.Function):

@@ -45,20 +45,27 @@ def defer_mode(save_memory: bool):
 
 def _block(b: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], backend: str,
            defer=False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(the block's output, x2): x2 is x as x's later readers take it, the block's 1x1 first conv sharing it
-    (``share`` of :func:`.modules.conv_bn_act`: their gradients join x's in that conv's data-gradient kernel)."""
+    """(the block's output, x2): x2 is x as x's later readers take it, shared by the block's 1x1 first conv and
+    by its last BN where x is the residual (``share`` / ``share_residual`` of :func:`.modules.conv_bn_act`:
+    their gradients join x's in the kernels of those backwards)."""
     from ..models.dla import DlaBasic, DlaBottle2neck, DlaBottleneck
 
     own = shortcut is None or shortcut is x
+
+    def last(conv, bn, y, x2):
+        if own:
+            return conv_bn_act(conv, bn, y, x2, True, backend, share_residual=True)
+        return conv_bn_act(conv, bn, y, shortcut, True, backend), x2
+
     # Inside a block each conv's activation feeds the next conv alone: deferred (save_memory), it is not kept
     # for the backward, which recomputes it.
     if isinstance(b, DlaBasic):
         y = conv_bn_act(b.conv1, b.bn1, x, None, True, backend, defer)
-        return conv_bn_act(b.conv2, b.bn2, y, x if own else shortcut, True, backend), x
+        return last(b.conv2, b.bn2, y, x)
     if isinstance(b, DlaBottleneck):
         y, x2 = conv_bn_act(b.conv1, b.bn1, x, None, True, backend, defer, share=True)
         y = conv_bn_act(b.conv2, b.bn2, y, None, True, backend, defer)
-        return conv_bn_act(b.conv3, b.bn3, y, x2 if own else shortcut, True, backend), x2
+        return last(b.conv3, b.bn3, y, x2)
     if isinstance(b, DlaBottle2neck):
         y, x2 = conv_bn_act(b.conv1, b.bn1, x, None, True, backend, share=True)
         pieces = torch.split(y, b.width, 1)
@@ -70,7 +77,7 @@ def _block(b: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], back
             outs.append(sp)
         if b.scale > 1:
             outs.append(b.pool(pieces[-1]) if b.pool is not None else pieces[-1])
-        return conv_bn_act(b.conv3, b.bn3, torch.cat(outs, 1), x2 if own else shortcut, True, backend), x2
+        return last(b.conv3, b.bn3, torch.cat(outs, 1), x2)
     raise TypeError(f"fused training does not know the block {type(b).__name__}")
 
 

@@ -92,20 +92,20 @@ def _refuse_sync(bn: nn.Module) -> None:
 
 def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Union[torch.Tensor, ops.Deferred],
                 residual: Optional[torch.Tensor] = None, relu: bool = True, backend: str = "auto",
-                defer: Union[bool, str] = False, share: bool = False):
+                defer: Union[bool, str] = False, share: bool = False, share_residual: bool = False):
     """``act(bn(conv(x)) + residual)`` with the modules' own parameters and buffers: the fused training op where
     it runs (the BN in training mode), else the eager modules (``backend="triton"``: else a RuntimeError).
     ``defer`` and an ``x`` that is an :class:`ops.Deferred` as in :func:`ops.conv_bn_relu_train` (the eager
-    modules take the activation formed); ``share``: ``(output, x2)`` as ``share_input`` there (x2 is x where the
-    eager modules run)."""
+    modules take the activation formed); ``share`` / ``share_residual``: ``(output, x2)`` / ``(output, r2)`` as
+    ``share_input`` / ``share_residual`` there (x itself, the residual itself where the eager modules run)."""
     probe = x.z if isinstance(x, ops.Deferred) else x
     if _eager_instead(conv_fallback_reason(conv, bn, probe, backend), bn, backend):
         y = _conv_eager(conv, bn, x.materialize() if isinstance(x, ops.Deferred) else x, residual, relu)
-        return (y, x) if share else y
+        return (y, x) if share else ((y, residual) if share_residual else y)
     return ops.conv_bn_relu_train(
         x, conv.weight, *_bn_state(bn), stride=tuple(conv.stride), padding=tuple(conv.padding), groups=conv.groups,
         momentum=bn.momentum, eps=bn.eps, residual=residual, relu=relu, backend="triton", defer=defer,
-        share_input=share)
+        share_input=share, share_residual=share_residual)
 
 
 def _agg_eager(conv: nn.Conv2d, bn: nn.BatchNorm2d, children: Sequence[torch.Tensor], shortcut: bool,

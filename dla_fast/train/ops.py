@@ -258,6 +258,7 @@ def conv_bn_relu_train(
     backend: str = "auto",
     defer: Union[bool, str] = False,
     share_input: bool = False,
+    share_residual: bool = False,
 ) -> Union[torch.Tensor, Deferred, Tuple[Union[torch.Tensor, Deferred], torch.Tensor]]:
     """``relu(batch_norm_train(conv2d(x, weight)) + residual)`` with the running statistics updated in place (see
     the module docstring). Differentiable in x, weight, bn_weight, bn_bias and residual.
@@ -275,6 +276,8 @@ def conv_bn_relu_train(
     gradient that reaches x2 joins x's inside this conv's backward, in the epilogue of its data-gradient kernel,
     instead of in a separate sum (where the kernels run a dense unpadded stride-1 1x1 conv of an x already in the
     compute dtype, outside tracing: a view of x; elsewhere x itself, and autograd sums as usual).
+    ``share_residual=True``: ``(output, r2)``, the same for the residual, whose later readers' gradient the BN
+    backward's last pass adds to the residual's as it writes it (where the kernels run, outside tracing).
     """
     if isinstance(defer, torch.Tensor) or not isinstance(defer, (bool, str)):
         raise TypeError(f"defer must be a bool or 'prologue' / 'recompute', got {type(defer).__name__}")
@@ -284,6 +287,10 @@ def conv_bn_relu_train(
         raise ValueError("defer=True leaves the activation to the next conv, which cannot add a residual to it; "
                          "pass residual=None or defer=False")
     prev = x if isinstance(x, Deferred) else None
+    if share_input and share_residual:
+        raise ValueError("share_input and share_residual: share one of them per call")
+    if share_residual and residual is None:
+        raise ValueError("share_residual=True needs a residual")
     if share_input and prev is not None:
         raise ValueError("share_input=True takes x as a tensor: a Deferred x has no other consumers to share with "
                          "(materialize() it first if it has)")
@@ -301,7 +308,7 @@ def conv_bn_relu_train(
     if backend == "eager" or why is not None:
         y = conv_bn_relu_train_ref(x, weight, bn_weight, bn_bias, running_mean, running_var,
                                    num_batches_tracked, stride, padding, groups, momentum, eps, residual, relu)
-        return (y, x) if share_input else y
+        return (y, x) if share_input else ((y, residual) if share_residual else y)
     share = bool(share_input) and x.dtype == cdt and ag.shares_dgrad(x, weight, stride, padding,
                                                                                       groups)
     out_dtype = cdt if residual is None else torch.promote_types(cdt, residual.dtype)
@@ -323,10 +330,13 @@ def conv_bn_relu_train(
         if defer:
             y = Deferred(z, mean, var, tuple(coef) or None, bn_weight, bn_bias, float(eps), relu,
                          defer != "recompute")
+        elif share_residual and ag._direct(residual):
+            return ag.BnAct.apply(z, mean, var, bn_weight, bn_bias, residual, float(eps), relu, out_dtype,
+                                  "triton", coef or None, True)
         else:
             y = ag.BnAct.apply(z, mean, var, bn_weight, bn_bias, residual, float(eps), relu, out_dtype, "triton",
                                coef or None)
-    return (y, x2) if share_input else y
+    return (y, x2) if share_input else ((y, residual) if share_residual else y)
 
 
 # ------------------------------------------------------------------------------------------ aggregation node

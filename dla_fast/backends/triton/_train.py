@@ -453,15 +453,16 @@ def _bn_bwd_reduce_kernel(
 
 @triton.jit
 def _bn_bwd_apply_kernel(
-    g_ptr, y_ptr, z_ptr, mu_ptr, sc_ptr, bi_ptr, k1_ptr, k2_ptr, k3_ptr, dz_ptr, dr_ptr,
+    g_ptr, y_ptr, z_ptr, mu_ptr, sc_ptr, bi_ptr, k1_ptr, k2_ptr, k3_ptr, dz_ptr, dr_ptr, e_ptr,
     M, HW, W, C,
-    sgn, sgc, sgh, sgw, sym, szm,
+    sgn, sgc, sgh, sgw, sym, szm, sen, sec, seh, sew,
     n_tiles_c,
-    RELU: tl.constexpr, HAS_DRES: tl.constexpr, IDX64: tl.constexpr,
+    RELU: tl.constexpr, HAS_DRES: tl.constexpr, HAS_EXTRA: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Pass 2 of BN(+ReLU) backward: dz = k1 * g - k2 - k3 * (z - mean) per channel (k1 = gamma * rstd,
-    k2 = k1 * mean(g), k3 = k1 * rstd^2 * mean(g * (z - mean))), computed in fp32 and rounded once; dres = g."""
+    k2 = k1 * mean(g), k3 = k1 * rstd^2 * mean(g * (z - mean))), computed in fp32 and rounded once; dres = g,
+    plus (HAS_EXTRA) the gradient of the residual's other readers, read through its four strides."""
     pid = tl.program_id(0)
     pid_m = pid // n_tiles_c
     pid_c = pid % n_tiles_c
@@ -484,7 +485,13 @@ def _bn_bwd_apply_kernel(
     off = rows[:, None] * C + cols[None, :]
     tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=mask)
     if HAS_DRES:
-        tl.store(dr_ptr + off, g.to(dr_ptr.dtype.element_ty), mask=mask)
+        r = g
+        if HAS_EXTRA:
+            img = rows // HW
+            pix = rows % HW
+            e_off = (img * sen + (pix // W) * seh + (pix % W) * sew)[:, None] + (cols * sec)[None, :]
+            r = r + tl.load(e_ptr + e_off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dr_ptr + off, r.to(dr_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -856,7 +863,7 @@ def _reduce_row_tiles(n_row_tiles: int, n_tiles_c: int) -> int:
 def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor,
                        rstd: torch.Tensor, gamma: Optional[torch.Tensor], res_dtype: Optional[torch.dtype],
                        raw: bool = False, relu_coef: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                       row_tiles: Optional[int] = None,
+                       row_tiles: Optional[int] = None, res_extra: Optional[torch.Tensor] = None,
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """BatchNorm(train) + optional ReLU backward, from the batch statistics BN normalised with.
 
@@ -866,10 +873,14 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
     whose mask is then recomputed from ``z`` (``y`` must be None). ``row_tiles``: row tiles a reduce program
     sums (default: from the shape, _reduce_row_tiles; tests force it). Returns (dz in z's dtype, dgamma =
     sum(g * xhat), dbeta = sum(g), and the residual's gradient g in ``res_dtype``, or None when ``res_dtype`` is
-    None), the sums fp32.
+    None), the sums fp32. ``res_extra``: another gradient of the residual (its other readers'; z's shape, any
+    strides), added to the residual's as the last pass writes it (in fp32).
     """
     if relu_coef is not None and y is not None:
         raise ValueError("bn backward: give the ReLU's mask as y or as relu_coef, not both")
+    if res_extra is not None and (res_dtype is None or tuple(res_extra.shape) != tuple(z.shape)):
+        raise ValueError(f"bn backward: res_extra {tuple(res_extra.shape)} needs res_dtype and z's shape "
+                         f"{tuple(z.shape)}")
     z, szm = _rows(z)
     N, C, H, W = z.shape
     M = N * H * W
@@ -887,6 +898,7 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
         raise ValueError(f"bn backward: empty input {tuple(z.shape)}")
     if _skip_launch(dz):
         return dz, ps.sum(0), ps.sum(0), dres
+    e_strides = (0, 0, 0, 0) if res_extra is None else res_extra.stride()
     if M >= _I32_LIMIT:
         raise RuntimeError(f"bn backward (triton): {M} pixels exceed the kernel's 32-bit row index")
     relu = 1 if y is not None else (2 if relu_coef is not None else 0)
@@ -894,7 +906,8 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
     sc, bi = (t.to(torch.float32).contiguous() for t in relu_coef) if relu == 2 else (mean, mean)
     sgn, sgc, sgh, sgw = grad.stride()
     # The reduce pass's last program runs past M by up to rt tiles: its row numbers must fit too.
-    idx64 = _idx64(_max_offset(grad), _max_offset(z), _max_offset(y), dz.numel(), T * rt * bm)
+    idx64 = _idx64(_max_offset(grad), _max_offset(z), _max_offset(y), dz.numel(), T * rt * bm,
+                   0 if res_extra is None else _max_offset(res_extra))
     mean = mean.contiguous()
     _kernel(_bn_bwd_reduce_kernel, raw)[lambda meta: (T * n_tiles_c,)](
         grad, y, z, mean, sc, bi, ps, psx, M, H * W, W, C, sgn, sgc, sgh, sgw, sym, szm, n_tiles_c,
@@ -915,9 +928,10 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
         HAS_GAMMA=gamma is not None, BLOCK_T=FINAL_BLOCK_T, BLOCK_C=fc, num_warps=WARPS_ELTWISE, num_stages=1)
     _kernel(_bn_bwd_apply_kernel, raw)[lambda meta: (_cdiv(M, bm) * n_tiles_c,)](
         grad, y, z, mean, sc, bi, k1, k2, k3, dz, dres if dres is not None else dz,
-        M, H * W, W, C, sgn, sgc, sgh, sgw, sym, szm, n_tiles_c,
-        RELU=relu, HAS_DRES=dres is not None, IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc, num_warps=WARPS_ELTWISE,
-        num_stages=1)
+        res_extra if res_extra is not None else dz,
+        M, H * W, W, C, sgn, sgc, sgh, sgw, sym, szm, *e_strides, n_tiles_c,
+        RELU=relu, HAS_DRES=dres is not None, HAS_EXTRA=res_extra is not None, IDX64=idx64, BLOCK_M=bm,
+        BLOCK_C=bc, num_warps=WARPS_ELTWISE, num_stages=1)
     return dz, dgamma, dbeta, dres
 
 
