@@ -6,7 +6,8 @@ The training counterpart of ``tools/triton_compile_check.py`` (whose recorder an
 training launchers (:mod:`dla_fast.backends.triton._train`) on ``meta`` tensors of every distinct layer shape
 of the chosen variants (:func:`record_training`: the statistics conv with and without the BN+ReLU prologue and
 the statistics pass over a conv output, the aggregation node over its children in place, BN apply / backward
-on the outputs, BN backward with the ReLU's mask read or recomputed, and the trees' max-pool backward); records
+on the outputs, BN backward with the ReLU's mask read or recomputed and with a shared residual, the shared
+input's 1x1 data gradient, and the trees' max-pool backward, with and without a shared input); records
 each launch and
 compiles each specialisation once for the target (default sm_90), reporting compile errors, shared memory and,
 with ``--sass``, instruction counts (HGMMA, LDGSTS, spills).
@@ -34,7 +35,7 @@ def record_training(s, n: int, dtype: torch.dtype, tf32: bool = True) -> bool:
     conv with and without the BN+ReLU prologue (and the statistics pass over a conv output, which follows the
     CUDA stem), or the aggregation node over its children read in place; then BN + ReLU apply and its backward,
     with and without a residual. False when the shape has no training kernel (the training path runs eager)."""
-    from dla_fast.backends.triton import _train
+    from dla_fast.backends.triton import _launch, _train
 
     if s.op == "aggregate":
         xs = [_meta_input(n, c, p, o, s.hw, dtype) for c, p, o in zip(s.cin, s.pitches, s.offsets)]
@@ -56,12 +57,17 @@ def record_training(s, n: int, dtype: torch.dtype, tf32: bool = True) -> bool:
         c = [torch.empty(s.cout, device="meta") for _ in range(3)]
         fold = _train.BnFold(c[0], 1e-5, c[1], c[2], torch.empty((), device="meta", dtype=torch.int64), 0.1, 2)
         _train.conv_stats_launch(x, w, s.stride, s.padding, groups, None, False, tf32, fold=fold)
+        if tuple(w.shape[2:]) == (1, 1) and tuple(s.stride) == (1, 1) and tuple(s.padding) == (0, 0) \
+                and groups == 1:  # the shared input's data gradient: dz @ W with x's other gradient added
+            _launch.conv_launch(z, w.transpose(0, 1), None, (1, 1), (0, 0), 1, x, False, tf32)
     cvec = [torch.empty(s.cout, device="meta") for _ in range(3)]
     res = torch.empty(n, *z.shape[2:], s.cout, device="meta", dtype=dtype).permute(0, 3, 1, 2)
     for r in (None, res):
         y = _train.bn_act_launch(z, cvec[0], cvec[1], cvec[2], r, s.relu, dtype)
         _train.bn_backward_launch(y, y if s.relu else None, z, cvec[0], cvec[1], cvec[2],
                                   None if r is None else dtype)
+    # the residual shared with a later reader: its gradient added as the apply pass writes the residual's
+    _train.bn_backward_launch(y, y if s.relu else None, z, cvec[0], cvec[1], cvec[2], dtype, res_extra=res)
     _train.bn_backward_launch(y, None, z, cvec[0], cvec[1], None, None)  # no ReLU, affine=False
     if s.relu:  # the ReLU's mask recomputed from z (no residual)
         _train.bn_backward_launch(y, None, z, cvec[0], cvec[1], cvec[2], None, relu_coef=(cvec[1], cvec[2]))
@@ -82,6 +88,7 @@ def record_pools(n: int, dtype: torch.dtype, hw: int = 224) -> None:
         x = torch.empty(n, size, size, c, device="meta", dtype=dtype).permute(0, 3, 1, 2)
         g = torch.empty(n, size // 2, size // 2, c, device="meta", dtype=dtype).permute(0, 3, 1, 2)
         _train.max_pool_backward_launch(x, g, 2)
+        _train.max_pool_backward_launch(x, g, 2, extra=x)  # the pooled input shared with the tree's first block
 
 
 def main(argv=None) -> int:
