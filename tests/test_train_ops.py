@@ -451,17 +451,19 @@ class AddCounter(TorchDispatchMode):
 
 @pytest.mark.interpreter
 @needs_kernels
-@pytest.mark.parametrize("layout", ["cl", "nchw"])
+@pytest.mark.parametrize("k,layout", [(1, "cl"), (1, "nchw"), (3, "cl")])
 @pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
-def test_shared_input_gradient_joins_in_the_dgrad(dtype, layout):
-    """``share_input=True`` on a 1x1 conv (a bottleneck's first): the second output, x for x's other readers (here
+def test_shared_input_gradient_joins_in_the_dgrad(dtype, k, layout):
+    """``share_input=True`` on a 1x1 conv (a bottleneck's first) or a 3x3 one padded by 1 (a basic block's first,
+    whose data gradient is the 3x3 conv of dz with the flipped, transposed weight): the second output, x for x's
+    other readers (here
     the next layer's residual), is a view of x; x's gradient, the sum of both paths, comes out of the conv's
     data-gradient kernel with the other path's gradient added in its epilogue (no add of x-sized tensors in the
     backward, where without sharing autograd forms one); every quantity within 2x eager's error against
     float64."""
     gen = torch.Generator().manual_seed(23)
     x0 = torch.randn(2, 8, 7, 5, generator=gen)
-    w1, w2 = torch.randn(12, 8, 1, 1, generator=gen) * 0.3, torch.randn(8, 12, 3, 3, generator=gen) * 0.1
+    w1, w2 = torch.randn(12, 8, k, k, generator=gen) * 0.3 / k, torch.randn(8, 12, 3, 3, generator=gen) * 0.1
     p = [torch.rand(12, generator=gen) + 0.5, torch.randn(12, generator=gen), torch.rand(8, generator=gen) + 0.5,
          torch.randn(8, generator=gen)]
     gy = torch.randn(2, 8, 7, 5, generator=gen)
@@ -473,7 +475,7 @@ def test_shared_input_gradient_joins_in_the_dgrad(dtype, layout):
         g1, b1, g2, b2 = [_leaf(t.to(DEV, pd)) for t in p]
         stats = [(torch.zeros(c, device=DEV, dtype=pd), torch.ones(c, device=DEV, dtype=pd),
                   torch.tensor(0, device=DEV)) for c in (12, 8)]
-        out = conv_bn_relu_train(x, ws[0], g1, b1, *stats[0], backend=backend, share_input=share)
+        out = conv_bn_relu_train(x, ws[0], g1, b1, *stats[0], padding=k // 2, backend=backend, share_input=share)
         y1, x2 = out if share else (out, x)
         if backend == "eager":
             assert x2 is x
@@ -542,12 +544,12 @@ def test_shared_residual_gradient_joins_in_the_bn_backward(dtype, res_layout):
 @pytest.mark.interpreter
 @needs_kernels
 def test_shared_input_only_where_the_dgrad_can_take_it():
-    """Convs whose data gradient is not one GEMM (3x3, stride 2, grouped) hand back x itself; a Deferred x is
-    refused with a message saying what to do."""
+    """Convs whose data gradient is not a conv of the same size (3x3 unpadded, stride 2, grouped) hand back x
+    itself; a Deferred x is refused with a message saying what to do."""
     gen = torch.Generator().manual_seed(24)
     x = torch.randn(2, 8, 6, 6, generator=gen, device=DEV).requires_grad_()
     g, b = torch.ones(8, device=DEV), torch.zeros(8, device=DEV)
-    for w, kw in ((torch.randn(8, 8, 3, 3, device=DEV), dict(padding=1)), (torch.randn(8, 8, 1, 1, device=DEV),
+    for w, kw in ((torch.randn(8, 8, 3, 3, device=DEV), dict(padding=0)), (torch.randn(8, 8, 1, 1, device=DEV),
                   dict(stride=2)), (torch.randn(8, 4, 1, 1, device=DEV), dict(groups=2))):
         y, x2 = conv_bn_relu_train(x, w, g, b, backend="triton", share_input=True, **kw)
         assert x2 is x, kw
@@ -831,13 +833,16 @@ def test_gradcheck_torch_pieces_float64():
 
     assert torch.autograd.gradcheck(no_relu_no_affine, (x, w1), eps=1e-6, atol=1e-6, rtol=1e-4)
 
-    def shared(x, w, g, b):  # a 1x1 conv sharing x with the residual of the BN after it
-        z, m, v, xs = ag.ConvStats.apply(x, w, (1, 1), (0, 0), 1, "torch", None, None, None, None, 0.0, False, None,
+    def shared(x, w, g, b):  # a conv sharing x with the residual of the BN after it, which shares it on
+        p = w.shape[-1] // 2
+        z, m, v, xs = ag.ConvStats.apply(x, w, (1, 1), (p, p), 1, "torch", None, None, None, None, 0.0, False, None,
                                          None, True, True)
-        return ag.BnAct.apply(z, m, v, g, b, xs, 1e-5, True, torch.float64, "torch")
+        y, xs2 = ag.BnAct.apply(z, m, v, g, b, xs, 1e-5, True, torch.float64, "torch", None, True)
+        return y, xs2 * xs2
 
-    w3 = (torch.randn(4, 4, 1, 1, generator=gen, **d) * 0.5).requires_grad_()
-    assert torch.autograd.gradcheck(shared, (x, w3, g1[:4], b1[:4]), eps=1e-6, atol=1e-6, rtol=1e-4)
+    for k in (1, 3):
+        w3 = (torch.randn(4, 4, k, k, generator=gen, **d) * 0.5 / k).requires_grad_()
+        assert torch.autograd.gradcheck(shared, (x, w3, g1[:4], b1[:4]), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 def test_double_backward_is_refused():

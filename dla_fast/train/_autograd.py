@@ -168,31 +168,36 @@ def agg_stats(impl: str, children, weight, fold=None):
 
 def shares_dgrad(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups: int) -> bool:
     """Whether the backward of a conv of x can add another gradient of x inside its own data-gradient kernel
-    (``share`` of :class:`ConvStats`): a dense unpadded stride-1 1x1 conv, whose data gradient is the GEMM
-    dz @ W, with the other gradient as its epilogue's residual; launched from Python (traced code keeps
-    autograd's sum, which Inductor fuses itself)."""
-    return (x.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1)
-            and tuple(padding) == (0, 0) and groups == 1 and _direct(x))
+    (``share`` of :class:`ConvStats`): a dense stride-1 conv of an odd square kernel padded to keep the size
+    (1x1 unpadded, 3x3 padded by 1), whose data gradient is the same conv of dz with the weight flipped and
+    transposed, run on the Triton conv kernel with the other gradient as its epilogue's residual; launched from
+    Python (traced code keeps autograd's sum, which Inductor fuses itself)."""
+    kh, kw = weight.shape[2:]
+    return (x.dim() == 4 and kh == kw and kh % 2 == 1 and tuple(stride) == (1, 1)
+            and tuple(padding) == (kh // 2, kw // 2) and groups == 1 and _direct(x))
 
 
 def dgrad_onto(impl: str, dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, extra: torch.Tensor,
                need_w: bool):
-    """(extra + the data gradient, the weight gradient or None) of a dense unpadded stride-1 1x1 conv of x.
+    """(extra + the data gradient, the weight gradient or None) of a conv that :func:`shares_dgrad`.
 
-    The data gradient runs as the 1x1 conv of dz with the transposed weight on the Triton GEMM kernel, ``extra``
-    added in its epilogue: one read of ``extra`` in place of writing the data gradient and summing the two in a
-    pass of their own (3 tensor passes fewer). impl "torch": ATen's gradients and an add."""
+    The data gradient runs as the conv of dz with the flipped, transposed weight on the Triton conv kernel,
+    ``extra`` added in its epilogue: one read of ``extra`` in place of writing the data gradient and summing the
+    two in a pass of their own (3 tensor passes fewer). impl "torch": ATen's gradients and an add."""
     dz = dz.to(x.dtype)
+    kh, kw = weight.shape[2:]
+    pad = [kh // 2, kw // 2]
     if impl == "torch":
-        da, dw, _ = torch.ops.aten.convolution_backward(dz, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
-                                                        1, [True, need_w, False])
+        da, dw, _ = torch.ops.aten.convolution_backward(dz, x, weight, None, [1, 1], pad, [1, 1], False, [0, 0], 1,
+                                                        [True, need_w, False])
         return da.add_(extra), dw
     from ..backends.triton import _launch
     dw = None
     if need_w:
-        _, dw, _ = torch.ops.aten.convolution_backward(dz, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
-                                                       1, [False, True, False])
-    dx = _launch.conv_launch(dz, weight.transpose(0, 1), None, (1, 1), (0, 0), 1, extra, False, _tf32(), raw=True)
+        _, dw, _ = torch.ops.aten.convolution_backward(dz, x, weight, None, [1, 1], pad, [1, 1], False, [0, 0], 1,
+                                                       [False, True, False])
+    wt = weight.transpose(0, 1) if kh == 1 else weight.flip(2, 3).transpose(0, 1)
+    dx = _launch.conv_launch(dz, wt, None, (1, 1), pad, 1, extra, False, _tf32(), raw=True)
     return dx, dw
 
 

@@ -45,7 +45,7 @@ def defer_mode(save_memory: bool):
 
 def _block(b: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], backend: str,
            defer=False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(the block's output, x2): x2 is x as x's later readers take it, shared by the block's 1x1 first conv and
+    """(the block's output, x2): x2 is x as x's later readers take it, shared by the block's first conv and
     by its last BN where x is the residual (``share`` / ``share_residual`` of :func:`.modules.conv_bn_act`:
     their gradients join x's in the kernels of those backwards)."""
     from ..models.dla import DlaBasic, DlaBottle2neck, DlaBottleneck
@@ -60,8 +60,8 @@ def _block(b: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], back
     # Inside a block each conv's activation feeds the next conv alone: deferred (save_memory), it is not kept
     # for the backward, which recomputes it.
     if isinstance(b, DlaBasic):
-        y = conv_bn_act(b.conv1, b.bn1, x, None, True, backend, defer)
-        return last(b.conv2, b.bn2, y, x)
+        y, x2 = conv_bn_act(b.conv1, b.bn1, x, None, True, backend, defer, share=True)
+        return last(b.conv2, b.bn2, y, x2)
     if isinstance(b, DlaBottleneck):
         y, x2 = conv_bn_act(b.conv1, b.bn1, x, None, True, backend, defer, share=True)
         y = conv_bn_act(b.conv2, b.bn2, y, None, True, backend, defer)

@@ -274,8 +274,9 @@ def conv_bn_relu_train(
 
     ``share_input=True``: ``(output, x2)``, x2 being x for x's other consumers (a residual, another branch): the
     gradient that reaches x2 joins x's inside this conv's backward, in the epilogue of its data-gradient kernel,
-    instead of in a separate sum (where the kernels run a dense unpadded stride-1 1x1 conv of an x already in the
-    compute dtype, outside tracing: a view of x; elsewhere x itself, and autograd sums as usual).
+    instead of in a separate sum (where the kernels run a dense stride-1 conv that keeps the size, 1x1 or 3x3
+    padded by 1, of an x already in the compute dtype, outside tracing: a view of x; elsewhere x itself, and
+    autograd sums as usual).
     ``share_residual=True``: ``(output, r2)``, the same for the residual, whose later readers' gradient the BN
     backward's last pass adds to the residual's as it writes it (where the kernels run, outside tracing).
     """
