@@ -36,6 +36,7 @@ def record_training(s, n: int, dtype: torch.dtype, tf32: bool = True) -> bool:
     CUDA stem), or the aggregation node over its children read in place; then BN + ReLU apply and its backward,
     with and without a residual. False when the shape has no training kernel (the training path runs eager)."""
     from dla_fast.backends.triton import _launch, _train
+    from dla_fast.train import _autograd as _ag
 
     if s.op == "aggregate":
         xs = [_meta_input(n, c, p, o, s.hw, dtype) for c, p, o in zip(s.cin, s.pitches, s.offsets)]
@@ -57,9 +58,10 @@ def record_training(s, n: int, dtype: torch.dtype, tf32: bool = True) -> bool:
         c = [torch.empty(s.cout, device="meta") for _ in range(3)]
         fold = _train.BnFold(c[0], 1e-5, c[1], c[2], torch.empty((), device="meta", dtype=torch.int64), 0.1, 2)
         _train.conv_stats_launch(x, w, s.stride, s.padding, groups, None, False, tf32, fold=fold)
-        if tuple(w.shape[2:]) == (1, 1) and tuple(s.stride) == (1, 1) and tuple(s.padding) == (0, 0) \
-                and groups == 1:  # the shared input's data gradient: dz @ W with x's other gradient added
-            _launch.conv_launch(z, w.transpose(0, 1), None, (1, 1), (0, 0), 1, x, False, tf32)
+        if _ag.shares_dgrad(x, w, s.stride, s.padding, groups):
+            # the shared input's data gradient: the conv of dz with the flipped, transposed weight, x's other
+            # gradient added in its epilogue
+            _launch.conv_launch(z, w.flip(2, 3).transpose(0, 1), None, (1, 1), s.padding, 1, x, False, tf32)
     cvec = [torch.empty(s.cout, device="meta") for _ in range(3)]
     res = torch.empty(n, *z.shape[2:], s.cout, device="meta", dtype=dtype).permute(0, 3, 1, 2)
     for r in (None, res):
