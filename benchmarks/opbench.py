@@ -1185,7 +1185,7 @@ def front_run(dtypes: Sequence[torch.dtype], batch: int, hw, device, warmup: flo
     return result
 
 
-TRAIN_IMPLS = ("stats", "conv", "cudnn", "bn_act", "bn_bwd")
+TRAIN_IMPLS = ("stats", "conv", "cudnn", "bn_act", "bn_bwd", "dgrad", "dgrad_ref")
 
 
 def _train_calls(case: Case) -> Dict[str, Callable[[], object]]:
@@ -1194,9 +1194,13 @@ def _train_calls(case: Case) -> Dict[str, Callable[[], object]]:
     included); ``conv`` the inference Triton conv on the statistics conv's tiles without statistics, so that
     ``stats - conv`` is what the statistics cost; ``cudnn`` torch's conv alone; ``bn_act`` BN + residual + ReLU
     on the conv's output; ``bn_bwd`` BN(+ReLU) backward's passes (with the ReLU's mask from z where no residual
-    precedes it, the residual's gradient where one does)."""
+    precedes it, the residual's gradient where one does); on convs of the kind whose input the training step
+    shares with other readers (:func:`dla_fast.train._autograd.shares_dgrad`), ``dgrad`` the input's gradient
+    with the other readers' gradient added in the Triton conv's epilogue, and ``dgrad_ref`` what that replaces,
+    cuDNN's data gradient then an add."""
     from dla_fast.backends.triton import _launch as tl_launch
     from dla_fast.backends.triton import _train as kt
+    from dla_fast.train import _autograd as ag
 
     s, dt = case.shape, case.dtype
     w = case.raw_weight
@@ -1237,23 +1241,31 @@ def _train_calls(case: Case) -> Dict[str, Callable[[], object]]:
     coef = (scale, beta) if s.relu and res is None else None
     y_mask = y if s.relu and res is not None else None
     res_dtype = None if res is None else dt
-    return {"stats": stats, "conv": conv, "cudnn": cudnn,
-            "bn_act": lambda: kt.bn_act_launch(z, mean, scale, beta, res, s.relu, dt, raw=True),
-            "bn_bwd": lambda: kt.bn_backward_launch(grad, y_mask, z, mean, rstd, gamma, res_dtype, raw=True,
-                                                    relu_coef=coef)}
+    calls = {"stats": stats, "conv": conv, "cudnn": cudnn,
+             "bn_act": lambda: kt.bn_act_launch(z, mean, scale, beta, res, s.relu, dt, raw=True),
+             "bn_bwd": lambda: kt.bn_backward_launch(grad, y_mask, z, mean, rstd, gamma, res_dtype, raw=True,
+                                                     relu_coef=coef)}
+    if s.op == "conv_bn_act" and ag.shares_dgrad(x, w, s.stride, s.padding, s.groups):
+        dz, extra = torch.randn_like(z), torch.randn_like(x)
+        calls["dgrad"] = lambda: ag.dgrad_onto("triton", dz, x, w, extra, False)[0]
+        calls["dgrad_ref"] = lambda: torch.ops.aten.convolution_backward(
+            dz, x, w, None, list(s.stride), list(s.padding), [1, 1], False, [0, 0], 1, [True, False, False])[0] + extra
+    return calls
 
 
 def _train_bytes(case: Case) -> Dict[str, int]:
     """Bytes each training kernel must move at least (activations only): the conv reads its input(s) and writes
     z; bn_act reads z (and the residual) and writes y; bn_bwd reads g and z in each of its two passes (and y
-    after a residual, for the mask), and writes dz (and the residual's gradient)."""
+    after a residual, for the mask), and writes dz (and the residual's gradient); the shared input's gradient
+    (either way) reads dz and the other gradient and writes the input's."""
     s = case.shape
     e = torch.empty(0, dtype=case.dtype).element_size()
     out = case.batch * s.cout * s.out_hw[0] * s.out_hw[1] * e
     inp = sum(t.numel() for t in case.inputs) * e
     res = case.residual is not None
     return {"stats": inp + out, "conv": inp + out, "cudnn": inp + out,
-            "bn_act": out * (3 if res else 2), "bn_bwd": out * (8 if res else 5)}
+            "bn_act": out * (3 if res else 2), "bn_bwd": out * (8 if res else 5),
+            "dgrad": out + 2 * inp, "dgrad_ref": out + 2 * inp}
 
 
 def train_run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch: int, hw, device, warmup: float = 25,
@@ -1284,6 +1296,7 @@ def train_run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch: int, 
                 z, mean = calls["stats"]()[:2]
                 err = rel_err(z, calls["cudnn"]())
                 mean_err = float((mean - z.float().mean((0, 2, 3))).abs().max() / z.float().std().clamp_min(1e-30))
+                dgrad_err = rel_err(calls["dgrad"](), calls["dgrad_ref"]()) if "dgrad" in calls else None
                 times = {}
                 for name, fn in calls.items():
                     ms = None if timer == "none" else time_ms(fn, device, warmup, rep, timer)
@@ -1292,12 +1305,13 @@ def train_run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch: int, 
                                            "layers": entry.model_counts(), "dtype": dtype_name(dt), "impl": name,
                                            "ms": ms, "min_bytes": nbytes[name],
                                            "tbps": None if not ms else nbytes[name] / (ms * 1e-3) / 1e12,
-                                           "rel_err": err if name == "stats" else None,
+                                           "rel_err": {"stats": err, "dgrad": dgrad_err}.get(name),
                                            "mean_err": mean_err if name == "stats" else None})
-            us = {k: (None if v is None else v * 1e3) for k, v in times.items()}
+            us = {k: (None if times.get(k) is None else times[k] * 1e3) for k in TRAIN_IMPLS}
             epi = None if us["stats"] is None or us["conv"] is None else us["stats"] - us["conv"]
             tb = {k: (None if not times[k] else nbytes[k] / (times[k] * 1e-3) / 1e12) for k in ("bn_act", "bn_bwd")}
-            flag = "  MISMATCH" if err > REL_ERR_FLAG or mean_err > REL_ERR_FLAG else ""
+            bad = err > REL_ERR_FLAG or mean_err > REL_ERR_FLAG or (dgrad_err or 0.0) > REL_ERR_FLAG
+            flag = "  MISMATCH" if bad else ""
             log(f"{entry.shape.label()[:44]:<44} {dtype_name(dt):<8} " +
                 " ".join(f"{_fmt(us[k], '.1f'):>10}" for k in TRAIN_IMPLS) +
                 f" {_fmt(epi, '.1f'):>10} {_fmt(tb['bn_act'], '.2f'):>11} {_fmt(tb['bn_bwd'], '.2f'):>11}{flag}")
@@ -1576,8 +1590,9 @@ def _main_train(p, a, models, dtypes, hw, device) -> int:
         _write_json(a.json, res)
     if res.get("interrupted"):
         return 130
-    bad = [r for r in res["rows"] if r["impl"] == "stats" and (r["rel_err"] > REL_ERR_FLAG or
-                                                              r["mean_err"] > REL_ERR_FLAG)]
+    bad = [r for r in res["rows"] if (r["impl"] == "stats" and (r["rel_err"] > REL_ERR_FLAG or
+                                                               r["mean_err"] > REL_ERR_FLAG))
+           or (r["impl"] == "dgrad" and r["rel_err"] > REL_ERR_FLAG)]
     return 1 if bad else 0
 
 
