@@ -389,17 +389,21 @@ def _bn_act_kernel(
 
 
 @triton.jit
+def _strided_offsets(rows, cols, HW, W, sn, sc, sh, sw):
+    """Offsets of the (pixel row, channel) tile in a tensor read through its four strides (any layout)."""
+    img = rows // HW
+    pix = rows % HW
+    return (img * sn + (pix // W) * sh + (pix % W) * sw)[:, None] + (cols * sc)[None, :]
+
+
+@triton.jit
 def _masked_grad(g_ptr, y_ptr, rows, cols, mask, HW, W, sgn, sgc, sgh, sgw, sym, d, sc_ptr, bi_ptr, col_ok,
                  RELU: tl.constexpr):
     """The output gradient read through its four strides, zeroed where the ReLU's output is not > 0 (torch's
     threshold_backward: the gradient passes where the result is positive). RELU 1: the output ``y`` read back;
     2: the BN output recomputed from ``d`` = z - mean, ``d * scale + bias`` in fp32 (no residual: one read
     fewer)."""
-    img = rows // HW
-    pix = rows % HW
-    oh = pix // W
-    ow = pix % W
-    g_off = (img * sgn + oh * sgh + ow * sgw)[:, None] + (cols * sgc)[None, :]
+    g_off = _strided_offsets(rows, cols, HW, W, sgn, sgc, sgh, sgw)
     g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
     if RELU == 1:
         y = tl.load(y_ptr + rows[:, None] * sym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -487,9 +491,7 @@ def _bn_bwd_apply_kernel(
     if HAS_DRES:
         r = g
         if HAS_EXTRA:
-            img = rows // HW
-            pix = rows % HW
-            e_off = (img * sen + (pix // W) * seh + (pix % W) * sew)[:, None] + (cols * sec)[None, :]
+            e_off = _strided_offsets(rows, cols, HW, W, sen, sec, seh, sew)
             r = r + tl.load(e_ptr + e_off, mask=mask, other=0.0).to(tl.float32)
         tl.store(dr_ptr + off, r.to(dr_ptr.dtype.element_ty), mask=mask)
 
@@ -735,12 +737,12 @@ def max_pool_backward_launch(x: torch.Tensor, grad: torch.Tensor, k: int, raw: b
         raise ValueError(f"max_pool backward: extra {tuple(extra.shape)} is not the input's shape {(N, C, H, W)}")
     dx = _new_output(N, C, H, W, x.device, grad.dtype)
     if H != Ho * k or W != Wo * k:  # the rows / columns floor mode leaves out get no pooled gradient
-        for part in ((slice(None), slice(None), slice(Ho * k, None)), (slice(None), slice(None), slice(None),
-                                                                        slice(Wo * k, None))):
-            if extra is None:
-                dx[part].zero_()
-            else:
-                dx[part].copy_(extra[part])
+        if extra is None:
+            dx[:, :, Ho * k:].zero_()
+            dx[:, :, :, Wo * k:].zero_()
+        else:
+            dx[:, :, Ho * k:].copy_(extra[:, :, Ho * k:])
+            dx[:, :, :, Wo * k:].copy_(extra[:, :, :, Wo * k:])
     P = N * Ho * Wo
     if P == 0 or C == 0 or _skip_launch(dx):
         return dx
