@@ -14,11 +14,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-
 import dla_fast
 from dla_fast.train import model as fused_model
 from dla_fast.verify import FLOOR, RATIO, calibrated_random_weights, rel_err
+from test_train_ops import AddCounter
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 HAS_CUDA = torch.cuda.is_available()
@@ -129,20 +128,6 @@ def test_triton_backend_refuses_what_it_cannot_run():
 
 # ------------------------------------------------------------------------------------------ the kernels (CPU)
 
-class _Adds4d(TorchDispatchMode):
-    """Counts the adds of two 4-D tensors (activations and their gradients) run while it is active."""
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor) and all(
-                isinstance(a, torch.Tensor) and a.dim() == 4 for a in args[:2]):
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
 @needs_interp
 def test_fused_training_step_against_float64(monkeypatch):
     """One training step of a whole model on the kernels (float32, interpreter): output, every gradient and every
@@ -157,10 +142,10 @@ def test_fused_training_step_against_float64(monkeypatch):
     pools = []
     apply = ag.MaxPool.apply
     monkeypatch.setattr(ag.MaxPool, "apply", lambda *a: pools.append(a[1]) or apply(*a))
-    with _Adds4d() as fused_adds:
+    with AddCounter() as fused_adds:
         yf, gf = _step(fused, x, t)
     assert pools == [2] * sum(isinstance(m, nn.MaxPool2d) for m in fused.modules())  # every tree's downsampling
-    with _Adds4d() as eager_adds:
+    with AddCounter() as eager_adds:
         ye, ge = _step(eager, x, t)
     assert fused_adds.n == 0 and eager_adds.n > 0, (fused_adds.n, eager_adds.n)
     yt, gt = _step(truth, x.double(), t)

@@ -187,15 +187,12 @@ def dgrad_onto(impl: str, dz: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     dz = dz.to(x.dtype)
     kh, kw = weight.shape[2:]
     pad = [kh // 2, kw // 2]
+    aten_args = (dz, x, weight, None, [1, 1], pad, [1, 1], False, [0, 0], 1)
     if impl == "torch":
-        da, dw, _ = torch.ops.aten.convolution_backward(dz, x, weight, None, [1, 1], pad, [1, 1], False, [0, 0], 1,
-                                                        [True, need_w, False])
+        da, dw, _ = torch.ops.aten.convolution_backward(*aten_args, [True, need_w, False])
         return da.add_(extra), dw
     from ..backends.triton import _launch
-    dw = None
-    if need_w:
-        _, dw, _ = torch.ops.aten.convolution_backward(dz, x, weight, None, [1, 1], pad, [1, 1], False, [0, 0], 1,
-                                                       [False, True, False])
+    dw = torch.ops.aten.convolution_backward(*aten_args, [False, True, False])[1] if need_w else None
     wt = weight.transpose(0, 1) if kh == 1 else weight.flip(2, 3).transpose(0, 1)
     dx = _launch.conv_launch(dz, wt, None, (1, 1), pad, 1, extra, False, _tf32(), raw=True)
     return dx, dw
@@ -222,16 +219,16 @@ def bn_backward(impl: str, grad, y, z, mean, rstd, gamma, res_dtype, relu_coef=N
     gradient of the residual, added to the one returned (by the kernels as they write it)."""
     if impl == "torch":
         dz, dgamma, dbeta, dres = bn_backward_torch(grad, y, z, mean, rstd, gamma, res_dtype, relu_coef)
-        return dz, dgamma, dbeta, (dres if res_extra is None else dres + res_extra)
-    from ..backends.triton import _train as kt
-    if _direct(z):
+    elif _direct(z):
+        from ..backends.triton import _train as kt
         return kt.bn_backward_launch(grad, y, z, mean, rstd, gamma, res_dtype, raw=True, relu_coef=relu_coef,
                                      res_extra=res_extra)
-    if relu_coef is not None:  # the registered op takes the mask as a tensor: the pre-activation, traced
-        y = _pre_relu(z.to(mean.dtype) - _c(mean), relu_coef)
-    dz, dgamma, dbeta, dres = torch.ops.dla_fast_train.bn_backward(grad, y, z, mean, rstd, gamma, res_dtype)
-    if res_dtype is None:
-        return dz, dgamma, dbeta, None
+    else:
+        if relu_coef is not None:  # the registered op takes the mask as a tensor: the pre-activation, traced
+            y = _pre_relu(z.to(mean.dtype) - _c(mean), relu_coef)
+        dz, dgamma, dbeta, dres = torch.ops.dla_fast_train.bn_backward(grad, y, z, mean, rstd, gamma, res_dtype)
+        if res_dtype is None:
+            dres = None
     return dz, dgamma, dbeta, (dres if res_extra is None else dres + res_extra)
 
 

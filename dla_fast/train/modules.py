@@ -101,7 +101,7 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Union[torch.Tensor, ops.
     probe = x.z if isinstance(x, ops.Deferred) else x
     if _eager_instead(conv_fallback_reason(conv, bn, probe, backend), bn, backend):
         y = _conv_eager(conv, bn, x.materialize() if isinstance(x, ops.Deferred) else x, residual, relu)
-        return (y, x) if share else ((y, residual) if share_residual else y)
+        return ops.with_shared(y, x, residual, share, share_residual)
     return ops.conv_bn_relu_train(
         x, conv.weight, *_bn_state(bn), stride=tuple(conv.stride), padding=tuple(conv.padding), groups=conv.groups,
         momentum=bn.momentum, eps=bn.eps, residual=residual, relu=relu, backend="triton", defer=defer,

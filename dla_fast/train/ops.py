@@ -309,9 +309,8 @@ def conv_bn_relu_train(
     if backend == "eager" or why is not None:
         y = conv_bn_relu_train_ref(x, weight, bn_weight, bn_bias, running_mean, running_var,
                                    num_batches_tracked, stride, padding, groups, momentum, eps, residual, relu)
-        return (y, x) if share_input else ((y, residual) if share_residual else y)
-    share = bool(share_input) and x.dtype == cdt and ag.shares_dgrad(x, weight, stride, padding,
-                                                                                      groups)
+        return with_shared(y, x, residual, share_input, share_residual)
+    share = bool(share_input) and x.dtype == cdt and ag.shares_dgrad(x, weight, stride, padding, groups)
     out_dtype = cdt if residual is None else torch.promote_types(cdt, residual.dtype)
     norm = ((None, None, None, None, 0.0, False) if prev is None
             else (prev.mean, prev.var, prev.gamma, prev.beta, float(prev.eps), prev.relu))
@@ -325,19 +324,28 @@ def conv_bn_relu_train(
         z, mean, var, *coef = ag.ConvStats.apply(xc, wc, stride, padding, groups, "triton", *norm, fold,
                                                  None if prev is None else prev.coef,
                                                  True if prev is None else prev.prologue, share)
-        x2 = coef.pop() if share else x
+        if share:
+            x = coef.pop()
         if fold is None:
             update_running_stats(mean, var, count, running_mean, running_var, num_batches_tracked, momentum)
         if defer:
             y = Deferred(z, mean, var, tuple(coef) or None, bn_weight, bn_bias, float(eps), relu,
                          defer != "recompute")
-        elif share_residual and ag._direct(residual):
-            return ag.BnAct.apply(z, mean, var, bn_weight, bn_bias, residual, float(eps), relu, out_dtype,
-                                  "triton", coef or None, True)
         else:
+            share_r = bool(share_residual) and ag._direct(residual)
             y = ag.BnAct.apply(z, mean, var, bn_weight, bn_bias, residual, float(eps), relu, out_dtype, "triton",
-                               coef or None)
-    return (y, x2) if share_input else ((y, residual) if share_residual else y)
+                               coef or None, share_r)
+            if share_r:
+                y, residual = y
+    return with_shared(y, x, residual, share_input, share_residual)
+
+
+def with_shared(y, x, residual, share_input: bool, share_residual: bool):
+    """What :func:`conv_bn_relu_train` returns: ``y``, or ``(y, x)`` / ``(y, residual)`` with the tensor as its
+    other readers take it (a view shared by this op's backward, or the tensor itself)."""
+    if share_input:
+        return y, x
+    return (y, residual) if share_residual else y
 
 
 # ------------------------------------------------------------------------------------------ aggregation node
