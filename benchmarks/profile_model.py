@@ -65,6 +65,8 @@ TRAIN_CLASSES = (
     ("statistics finalize (triton)", ("_stats_combine", "_sum_chunks", "_bn_bwd_finalize")),
     ("max pool (triton)", ("_max_pool",)),
     ("stem (cuda)", ("stem_conv_kernel",)),
+    # the inference conv kernels run in a training step only as the shared inputs' data gradients
+    ("shared dgrad (triton)", ("_conv_gemm_kernel", "_conv_direct_kernel")),
     ("conv dgrad", ("dgrad", "Dgrad")),
     ("conv wgrad", ("wgrad", "Wgrad")),
     ("conv forward", ("fprop", "Fprop", "implicit_gemm", "conv2d")),

@@ -717,6 +717,7 @@ def test_profile_model_train_classes_and_errors(capsys):
     assert kc("_conv_stats_kernel") == "statistics conv (triton)"
     assert kc("_bn_bwd_reduce_kernel") == "BN backward reduce (triton)"
     assert kc("_max_pool_bwd_kernel") == "max pool (triton)"
+    assert kc("_conv_gemm_kernel") == "shared dgrad (triton)"  # not a cuBLAS gemm
     assert kc("triton_poi_fused_max_pool2d_with_indices_3") == "inductor fused (triton)"
     assert kc("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "conv dgrad"
     assert kc("sm80_xmma_wgrad_implicit_gemm_indexed_bf16bf16_bf16f32_f32") == "conv wgrad"
