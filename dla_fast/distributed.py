@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import gc
 import os
 import socket
 import statistics
@@ -171,9 +172,16 @@ class Context:
             raise
 
     def close(self) -> None:
+        """Tear the group down in the same state on every rank. DDP's reducer holds the group and often sits in a
+        reference cycle, so without the collection it outlives ``destroy_process_group`` and is destroyed at
+        interpreter exit, where gloo's worker threads can abort the process ("terminate called without an active
+        exception") after the benchmark has finished; the barrier keeps a rank from destroying its side while
+        another still has a send of the final gather in flight."""
         import torch.distributed as dist
 
         if self._own_group and dist.is_initialized():
+            self.barrier()
+            gc.collect()
             dist.destroy_process_group()
 
 
@@ -663,6 +671,9 @@ def run(ctx: Context, models: Sequence[str], dtypes: Sequence[torch.dtype], batc
             result["rows"] += aggregate(gathered)
             if on_partial is not None:
                 on_partial(result)
+        # the models of this group (DDP's in reference cycles) go now, before the next group builds its own
+        del cases, recs
+        gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return result

@@ -7,6 +7,7 @@ Run as a script under torchrun, this file is also the worker of those launches (
 ... tests/test_distributed.py MODE OUT``).
 """
 import copy
+import gc
 import json
 import os
 import subprocess
@@ -326,6 +327,17 @@ def test_a_failing_rank(tmp_path):
     assert "failed: RuntimeError: rank 1's step broke (injected)" in p.stderr
 
 
+def test_no_ddp_model_outlives_its_group(tmp_path):
+    """After run() returns no DDP module is left for a later collection: one that outlived destroy_process_group
+    was destroyed at interpreter exit, where gloo's threads sometimes aborted the process after a finished run."""
+    out = tmp_path / "teardown.json"
+    _ok(_torchrun([__file__, "teardown", str(out)]))
+    r = json.loads(out.read_text())
+    assert [x["rows"] for x in r] == [2, None]  # rank 0 returns the result
+    assert [x["ddp_built"] for x in r] == [2, 2]  # both training workloads wrapped their model in DDP
+    assert [x["ddp_alive"] for x in r] == [0, 0]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
 def test_bench_on_gpus(tmp_path, train):
@@ -435,9 +447,33 @@ def _worker_fail(ctx: D.Context, out: str) -> None:
     D.measure(ctx, [D.Case("boom", "infer", lambda: D.Workload(step=step))], rounds=3, iters=1, warmup=0)
 
 
+def _worker_teardown(ctx: D.Context, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    built = [0]
+    init = DistributedDataParallel.__init__
+
+    def counting_init(self, *a, **kw):
+        built[0] += 1
+        init(self, *a, **kw)
+    DistributedDataParallel.__init__ = counting_init
+    try:
+        res = D.run(ctx, ["dla46_c"], [torch.float32], [2], list(D.TRAIN_DEFAULT_IMPLS["cpu"]), (32, 32), rounds=1,
+                    iters=1, warmup=0, train=True)
+    finally:
+        DistributedDataParallel.__init__ = init
+    # no gc.collect() here: what is alive now would otherwise outlive close()'s destroy_process_group
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    got = ctx.gather({"rows": len(res["rows"]) if res is not None else None, "ddp_built": built[0], "ddp_alive": alive})
+    if ctx.is_main:
+        with open(out, "w") as f:
+            json.dump(got, f)
+
+
 if __name__ == "__main__":
     mode, out_path = sys.argv[1], sys.argv[2]
     context = D.Context(D.world_from_env(), torch.device("cpu"))
     with context.failing_loudly():
-        {"grads": _worker_grads, "tune": _worker_tune, "fail": _worker_fail}[mode](context, out_path)
+        workers = {"grads": _worker_grads, "tune": _worker_tune, "fail": _worker_fail, "teardown": _worker_teardown}
+        workers[mode](context, out_path)
     context.close()
