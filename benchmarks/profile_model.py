@@ -148,7 +148,8 @@ def _profile_train(a, impls) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "dtype": a.dtype, "batch": a.batch, "hw": a.hw, "mode": "train",
-                       "device": torch.cuda.get_device_name(), "torch": torch.__version__, "impls": rows}, f,
+                       "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "impls": rows}, f,
                       indent=1)
     return 0
 
@@ -163,6 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20, help="profiled forwards (training steps with --train)")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-cudnn-benchmark", action="store_true",
+                    help="leave torch.backends.cudnn.benchmark off (default: on, as in `python -m dla_fast bench`)")
     ap.add_argument("--train", default=None, metavar="IMPLS",
                     help="profile one training step of each of these comma-separated implementations instead "
                          "(bench --train's: timm_eager, torch_compile, dla_fast_fused, ...)")
@@ -177,10 +180,10 @@ def main(argv=None) -> int:
                      f"{', '.join(i for i in TRAIN_BUILDERS if not i.endswith('_graph'))}")
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
+    torch.backends.cudnn.benchmark = not a.no_cudnn_benchmark  # as `python -m dla_fast bench` runs
     if impls is not None:
         return _profile_train(a, impls)
     dtype = getattr(torch, a.dtype)
-    torch.backends.cudnn.benchmark = True
     fast = dla_fast.optimize(dla_fast.create_model(a.model), dtype=dtype, backend=a.backend, device="cuda")
     x = torch.randn(a.batch, 3, a.hw, a.hw, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
     # graph_mode: the profiled eager forwards run the kernels the graph replays (without it, auto at small
@@ -209,7 +212,8 @@ def main(argv=None) -> int:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "dtype": a.dtype, "batch": a.batch, "backend": a.backend,
                        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "kernel_ms": total, "graph_ms": graph_ms, "backends": dict(used),
+                       "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "kernel_ms": total,
+                       "graph_ms": graph_ms, "backends": dict(used),
                        "kernels": [{"name": n, "ms": ms, "calls": c} for n, ms, c in rows]}, f, indent=1)
     return 0
 

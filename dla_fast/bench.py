@@ -62,6 +62,7 @@ def environment(device: str) -> dict:
         name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {"device": name, "torch": torch.__version__, "triton": tv, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
             "dla_fast": __version__, "python": platform.python_version(),
             "date": datetime.date.today().isoformat()}
 
@@ -252,13 +253,20 @@ def each_case(models: Sequence[str], dtypes: Sequence[torch.dtype], batch_sizes:
                 yield name, dt, bs
 
 
+def cudnn_mode(result: dict) -> str:
+    """How cuDNN chose its algorithms in a result, for a table's header (absent from results written before the
+    benchmark recorded it, which ran with cudnn.benchmark off)."""
+    on = result.get("cudnn_benchmark")
+    return "" if on is None else " (benchmark on)" if on else " (benchmark off)"
+
+
 def format_table(result: dict) -> str:
     rows = result["rows"]
     hw = result.get("hw", [224, 224])
     hw = (hw, hw) if isinstance(hw, int) else hw
     feats = result.get("features")
     out = [f"device: {result['device']} | torch {result['torch']} | triton {result['triton']} | "
-           f"cuDNN {result['cudnn']} | {result['date']} | input {hw[0]}x{hw[1]}"
+           f"cuDNN {result['cudnn']}{cudnn_mode(result)} | {result['date']} | input {hw[0]}x{hw[1]}"
            + (f" | features_only levels {feats}" if feats else ""),
            "",
            "| model | dtype | batch | impl | img/s | ms | vs timm_eager | vs torch_compile | first result s | "

@@ -108,6 +108,18 @@ def _write_json(path: str, obj: dict, quiet: bool = False) -> None:
 
 
 def cmd_bench(a) -> int:
+    # Every process of a run sets it (a torchrun relaunch passes the flag on): the baselines get the cuDNN
+    # algorithms timm's own scripts give them, and so do the convolutions dla_fast leaves to cuDNN. The caller's
+    # setting comes back afterwards (cli.main may run inside a user's process).
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = not a.no_cudnn_benchmark
+    try:
+        return _bench(a)
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def _bench(a) -> int:
     from . import bench, distributed
 
     try:
@@ -318,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iters", type=int, default=None, help="calls per timing sample")
     b.add_argument("--warmup", type=int, default=None, help="warm-up calls per implementation")
     b.add_argument("--json", default=None, help="write the full results here")
+    b.add_argument("--no-cudnn-benchmark", action="store_true",
+                   help="leave torch.backends.cudnn.benchmark off (default: on, as timm's train.py and benchmark.py "
+                   "set it, so every cuDNN convolution, the baselines' included, runs the algorithm cuDNN times best)")
     b.add_argument("--distributed", type=int, default=None, metavar="N",
                    help="run data-parallel on N processes of this node, one per GPU, by starting this command under "
                    "torchrun (torch.distributed.run --standalone --nproc_per_node N); see docs/distributed.md")

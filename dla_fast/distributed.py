@@ -427,6 +427,8 @@ def _max_of(values) -> Optional[float]:
 
 def format_table(result: dict) -> str:
     """The markdown table of a distributed run (rank 0's result)."""
+    from .bench import cudnn_mode
+
     hw = result.get("hw") or [224, 224]
     ranks = result.get("ranks") or []
     devices = sorted({r["device"] for r in ranks}) or [result.get("device")]
@@ -435,7 +437,8 @@ def format_table(result: dict) -> str:
     what = ("training steps (DDP, SGD momentum 0.9, weight decay 1e-4, per-process BN statistics)"
             if mode == "train" else "inference")
     out = [f"{result['world_size']} ranks ({result.get('backend')}) on {len(hosts) or 1} node(s): "
-           f"{', '.join(devices)} | torch {result['torch']} | triton {result['triton']} | {result['date']} | "
+           f"{', '.join(devices)} | torch {result['torch']} | triton {result['triton']} | "
+           f"cuDNN {result.get('cudnn')}{cudnn_mode(result)} | {result['date']} | "
            f"input {hw[0]}x{hw[1]}{' features_only' if result.get('features') else ''} | {what}",
            "batch is per rank; efficiency = aggregate / (ranks x rank 0 alone); paced = all ranks' images per step "
            "/ the slowest rank's time",

@@ -52,6 +52,35 @@ def test_bench_runs_on_the_cpu(tmp_path):
     (row,) = r["rows"]
     assert row["impl"] == "dla_fast_eager" and row["img_per_s"] > 0 and row["first_s"] >= 0 and row["rel_err"] < 1e-4
     assert "| dla46_c | float32 | 1 | dla_fast_eager |" in p.stdout
+    # cuDNN picks its algorithms by timing them, as timm's train.py and benchmark.py have it, and the result says so
+    assert r["cudnn_benchmark"] is True and " (benchmark on) |" in p.stdout
+
+
+def test_bench_leaves_the_callers_cudnn_setting(tmp_path, monkeypatch, capsys):
+    """cli.main inside a user's process: the run sets cudnn.benchmark as asked and puts the caller's value back."""
+    import torch
+
+    from dla_fast import cli
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    out = tmp_path / "b.json"
+    seen = []
+    real_run = cli._bench
+
+    def spy(a):
+        seen.append(torch.backends.cudnn.benchmark)
+        return real_run(a)
+    monkeypatch.setattr(cli, "_bench", spy)
+    args = ["bench", "--device", "cpu", "--model", "dla46_c", "--hw", "32", "--batch-size", "1", "--rounds", "1",
+            "--iters", "1", "--warmup", "0", "--impl", "dla_fast_eager", "--json", str(out)]
+    assert cli.main(args) == 0
+    assert torch.backends.cudnn.benchmark is False and json.loads(out.read_text())["cudnn_benchmark"] is True
+    torch.backends.cudnn.benchmark = True
+    assert cli.main(args + ["--no-cudnn-benchmark"]) == 0
+    assert torch.backends.cudnn.benchmark is True and json.loads(out.read_text())["cudnn_benchmark"] is False
+    assert seen == [True, False]
+    assert " (benchmark off) |" in capsys.readouterr().out
 
 
 def test_bench_features_mode_on_the_cpu(tmp_path):

@@ -276,6 +276,7 @@ def test_train_bench_through_distributed_flag(tmp_path):
         assert row["error"] is None and row["mode"] == "train" and len(row["per_rank_img_per_s"]) == 2
         assert row["efficiency"] > 0 and row["rel_err"] is None
     assert "timm_eager (train)" in p.stdout
+    assert r["cudnn_benchmark"] is True and " (benchmark on) |" in p.stdout  # set on every rank, as timm's scripts do
 
 
 def test_ddp_gradients_equal_one_process_on_the_concatenated_batch(tmp_path):
