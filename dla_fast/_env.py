@@ -35,6 +35,9 @@ SWITCHES: Tuple[Switch, ...] = (
            "how set_fused_training(save_memory=True) avoids keeping a block's inner activations: prologue (the next "
            "conv normalises its input as it loads it) or recompute (a pass of its own forms it, dropped after the "
            "conv)"),
+    Switch("DLA_FAST_TRAIN_WGRAD", "aten, triton", "aten",
+           "the weight gradient of the front's thin convs in fused training (at most 16 input channels: the stem and "
+           "levels 0-1): aten (cuDNN) or triton (a split-pixel reduction kernel of dla_fast's)"),
     Switch("DLA_FAST_TRITON_CONV", "dense, flat, blockdiag, direct", "unset",
            "debugging: force the Triton conv kernel family wherever the plan leaves the tiles to the heuristic"),
     Switch("DLA_FAST_TRITON_POISON", "0, 1", "0",

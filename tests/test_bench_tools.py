@@ -666,34 +666,40 @@ def test_triton_compile_check_records_every_front_config(monkeypatch):
 
 @pytest.mark.interpreter
 def test_opbench_train_cpu(tmp_path, capsys):
-    """--train under the CPU interpreter (nothing timed): a residual conv and an aggregation root of dla34, each
-    training kernel called (the shared input's data gradient on the conv, whose input a basic block shares), the
-    statistics conv's output and mean and that data gradient checked, the minimum bytes of each kernel."""
+    """--train under the CPU interpreter (nothing timed): a residual conv, level 1's thin stride-2 conv and an
+    aggregation root of dla34, each training kernel called (the shared input's data gradient on the conv, whose
+    input a basic block shares; the thin conv's weight gradient), the statistics conv's output and mean and those
+    gradients checked, the minimum bytes of each kernel."""
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("the Triton kernels run on the CPU only under TRITON_INTERPRET=1")
     js = tmp_path / "t.json"
     argv = ["--train", "--device", "cpu", "--models", "dla34", "--hw", "32", "--dtypes", "float32", "--timer",
-            "none", "--match", r"^(conv 64->64 k3x3 @8x8 \+res|agg 64\+64->64 @8x8)$", "--json", str(js)]
+            "none", "--match", r"^(conv 64->64 k3x3 @8x8 \+res|agg 64\+64->64 @8x8|conv 16->32 k3x3 s2 @32x32)$",
+            "--json", str(js)]
     assert opbench.main(argv) == 0
     data = json.loads(js.read_text())
     assert data["timer"] == "none" and data["batch"] == 2 and data["hw"] == [32, 32]
     rows = data["rows"]
-    assert sorted({r["label"] for r in rows}) == ["agg 64+64->64 @8x8", "conv 64->64 k3x3 @8x8 +res"]
+    assert sorted({r["label"] for r in rows}) == ["agg 64+64->64 @8x8", "conv 16->32 k3x3 s2 @32x32",
+                                                  "conv 64->64 k3x3 @8x8 +res"]
     impls = {label: [r["impl"] for r in rows if r["label"] == label] for label in {r["label"] for r in rows}}
-    assert impls["conv 64->64 k3x3 @8x8 +res"] == list(opbench.TRAIN_IMPLS)
-    assert impls["agg 64+64->64 @8x8"] == [i for i in opbench.TRAIN_IMPLS if not i.startswith("dgrad")]
+    assert impls["conv 64->64 k3x3 @8x8 +res"] == [i for i in opbench.TRAIN_IMPLS if not i.startswith("wgrad")]
+    assert impls["conv 16->32 k3x3 s2 @32x32"] == [i for i in opbench.TRAIN_IMPLS if not i.startswith("dgrad")]
+    assert impls["agg 64+64->64 @8x8"] == [i for i in opbench.TRAIN_IMPLS if not i.startswith(("dgrad", "wgrad"))]
     for r in rows:
         assert r["ms"] is None and r["tbps"] is None
         if r["impl"] == "stats":
             assert r["rel_err"] < 1e-5 and r["mean_err"] < 1e-5
-        if r["impl"] == "dgrad":
-            assert r["rel_err"] < 1e-5
+        if r["impl"] in ("dgrad", "wgrad"):
+            assert r["rel_err"] < 1e-5, r
     out = 2 * 64 * 8 * 8 * 4  # bytes of one 64-channel 8x8 fp32 activation at batch 2
     by = {(r["label"], r["impl"]): r["min_bytes"] for r in rows}
     assert by[("conv 64->64 k3x3 @8x8 +res", "bn_act")] == 3 * out  # z, the residual, y
     assert by[("conv 64->64 k3x3 @8x8 +res", "bn_bwd")] == 8 * out
     assert by[("agg 64+64->64 @8x8", "stats")] == 3 * out  # two children in, z out
     assert by[("conv 64->64 k3x3 @8x8 +res", "dgrad")] == 3 * out  # dz and the other gradient in, dx out
+    # level 1: its 16-channel 32x32 input and its 32-channel 16x16 dz read
+    assert by[("conv 16->32 k3x3 s2 @32x32", "wgrad")] == 2 * 4 * (16 * 32 * 32 + 32 * 16 * 16)
     assert "stats-conv" in capsys.readouterr().out
 
 
@@ -743,7 +749,8 @@ def test_opbench_train_cuda(tmp_path):
             "--match", r"^(conv 64->64 k3x3 @56x56 \+res|agg 64\+64->64 @56x56)$", "--json", str(js)]
     assert opbench.main(argv) == 0
     data = json.loads(js.read_text())
-    assert data["timer"] == "cudagraph" and len(data["rows"]) == 2 * len(opbench.TRAIN_IMPLS) - 2  # no agg dgrad
+    # neither shape is thin (no wgrad), the root has no shared input (no dgrad)
+    assert data["timer"] == "cudagraph" and len(data["rows"]) == 2 * len(opbench.TRAIN_IMPLS) - 6
     assert all(r["ms"] > 0 and r["tbps"] > 0 for r in data["rows"])
 
 

@@ -249,6 +249,44 @@ def test_fused_training_all_variants_cuda(name, amp, save_memory):
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["dla34", "dla60x_c"])
+def test_thin_wgrad_whole_step_cuda(name, amp, monkeypatch):
+    """DLA_FAST_TRAIN_WGRAD=triton: the front's weight gradients on the thin-conv kernel (its three convs seen
+    launched), the step still within 2x eager autocast's error against float64 everywhere."""
+    from dla_fast import _env
+    from dla_fast.backends.triton import _train as kt
+
+    monkeypatch.setenv("DLA_FAST_TRAIN_WGRAD", "triton")
+    _env.reload()
+    launched = []
+    real = kt.wgrad_thin_launch
+
+    def counted(dz, x, w, *a, **kw):
+        launched.append(tuple(w.shape))
+        return real(dz, x, w, *a, **kw)
+    monkeypatch.setattr(kt, "wgrad_thin_launch", counted)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        model = _model(name).cuda().to(memory_format=torch.channels_last)
+        fused, eager, truth = _three(model, "triton")
+        fused.set_fused_training(True, backend="triton")
+        x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+        t = torch.randint(0, 1000, (8,), device="cuda")
+        yf, gf = _step(fused, x, t, amp)
+        ye, ge = _step(eager, x, t, amp)
+        yt, gt = _step(truth, x.double(), t)
+    finally:
+        monkeypatch.undo()
+        _env.reload()
+    assert launched == [(32, 16, 3, 3), (16, 16, 3, 3), (16, 3, 7, 7)], launched  # backward order: level 1 first
+    _compare("output", [yf], [ye], [yt], FLOOR[amp])
+    _compare("gradients", gf, ge, gt, FLOOR[amp])
+    _compare("buffers", _buffers(fused), _buffers(eager), _buffers(truth), FLOOR[amp])
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_fused_training_under_compile_and_checkpointing_cuda():
     """torch.compile around a fused model: within the float64 criterion, as the fused model is (the compiled graph
     rounds the bf16 glue between the kernels differently, so neither is the other's reference); checkpointing

@@ -573,6 +573,107 @@ def test_shared_input_only_where_the_dgrad_can_take_it():
         conv_bn_relu_train(d, torch.randn(8, 8, 1, 1, device=DEV), g, b, backend="triton", share_input=True)
 
 
+def _wgrad_eager(dz, x, w, stride, padding):
+    return torch.ops.aten.convolution_backward(dz, x, w, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
+                                               [False, True, False])[1]
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("n,cin,cout,k,stride,hw,dz_layout", [
+    (2, 3, 16, 7, 1, (17, 19), "cl"),  # the RGB stem: 7x7, padded by 3
+    (1, 16, 16, 3, 1, (20, 21), "nchw"),  # level 0, batch 1, dz not channels_last
+    (2, 16, 32, 3, 2, (15, 16), "slice"),  # level 1: stride 2 on an odd side, dz a channel slice
+    (3, 5, 24, 3, 2, (9, 7), "cl"),  # output channels not a multiple of 16, odd input channels
+    (2, 16, 40, 1, 1, (6, 5), "cl"),  # a 1x1 conv, two output-channel blocks
+], ids=["stem", "level0", "level1", "odd", "1x1"])
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
+def test_thin_conv_weight_gradient(dtype, n, cin, cout, k, stride, hw, dz_layout):
+    """The thin convs' weight gradient (split-pixel partials summed in a fixed order) against float64, within
+    2x the error of ATen's in the same dtype; returned in the weight's dtype and memory format, and the same
+    bits on a second call."""
+    from dla_fast.backends.triton import _train as kt
+
+    gen = torch.Generator().manual_seed(31 + cin + k)
+    pad = k // 2
+    ho, wo = (hw[0] + 2 * pad - k) // stride + 1, (hw[1] + 2 * pad - k) // stride + 1
+    x = torch.randn(n, cin, *hw, generator=gen).to(DEV, dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(cout, cin, k, k, generator=gen) * 0.2).to(DEV, dtype).contiguous(
+        memory_format=torch.channels_last)
+    dz = _layout(torch.randn(n, cout, ho, wo, generator=gen).to(DEV, dtype), dz_layout)
+    assert kt.wgrad_thin_ok(w.shape, 1)
+    got = kt.wgrad_thin_launch(dz, x, w, (stride, stride), (pad, pad))
+    assert got.dtype == dtype and got.shape == w.shape and got.stride() == w.stride()
+    ref = _wgrad_eager(dz.double(), x.double(), w.double(), (stride, stride), (pad, pad))
+    _judge("dw", got, _wgrad_eager(dz, x, w, (stride, stride), (pad, pad)), ref, dtype)
+    assert torch.equal(got, kt.wgrad_thin_launch(dz, x, w, (stride, stride), (pad, pad)))
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_thin_conv_weight_gradient_refuses_what_it_does_not_take():
+    """The gate keeps to the front's thin convs; the launcher names what is wrong with a conv it does not take."""
+    from dla_fast.backends.triton import _train as kt
+
+    assert kt.wgrad_thin_ok((16, 3, 7, 7), 1) and kt.wgrad_thin_ok((32, 16, 3, 3), 1)
+    assert not kt.wgrad_thin_ok((64, 32, 3, 3), 1)  # wider input: the implicit GEMMs do well there
+    assert not kt.wgrad_thin_ok((128, 16, 3, 3), 1)  # more than one 64-wide tile of outputs
+    assert not kt.wgrad_thin_ok((16, 8, 3, 3), 2)  # grouped
+    x = torch.randn(1, 32, 8, 8, device=DEV)
+    with pytest.raises(ValueError, match="not a conv it takes"):
+        kt.wgrad_thin_launch(torch.randn(1, 64, 8, 8, device=DEV), x, torch.randn(64, 32, 3, 3, device=DEV),
+                             (1, 1), (1, 1))
+    x = torch.randn(1, 16, 8, 8, device=DEV)
+    with pytest.raises(ValueError, match="not the conv's output shape"):
+        kt.wgrad_thin_launch(torch.randn(1, 16, 8, 8, device=DEV), x, torch.randn(16, 16, 3, 3, device=DEV),
+                             (2, 2), (1, 1))
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
+def test_thin_wgrad_in_the_training_layer(dtype, monkeypatch):
+    """DLA_FAST_TRAIN_WGRAD=triton: a stem-like layer's weight gradient comes from the thin-conv kernel (seen
+    called) and every quantity stays within 2x eager's error against float64; aten (the default) keeps ATen's;
+    another value is refused, saying which are valid."""
+    from dla_fast import _env
+    from dla_fast.backends.triton import _train as kt
+
+    gen = torch.Generator().manual_seed(37)
+    x0, w0 = torch.randn(2, 3, 13, 11, generator=gen), torch.randn(16, 3, 7, 7, generator=gen) * 0.1
+    gy = torch.randn(2, 16, 13, 11, generator=gen)
+    calls = []
+    real = kt.wgrad_thin_launch
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+    monkeypatch.setattr(kt, "wgrad_thin_launch", counted)
+
+    def run(backend, dt):
+        pd = torch.float64 if dt == torch.float64 else torch.float32
+        x = x0.to(DEV, dt).contiguous(memory_format=torch.channels_last)
+        w = _leaf(w0.to(DEV, dt).contiguous(memory_format=torch.channels_last))
+        g, b = _leaf(torch.ones(16, device=DEV, dtype=pd)), _leaf(torch.zeros(16, device=DEV, dtype=pd))
+        y = conv_bn_relu_train(x, w, g, b, padding=3, backend=backend)
+        y.backward(gy.to(DEV, y.dtype))
+        return [y.detach(), w.grad, g.grad, b.grad]
+
+    ref, eager = run("eager", torch.float64), run("eager", dtype)
+    for mode, expect in (("aten", 0), ("triton", 1)):
+        monkeypatch.setenv("DLA_FAST_TRAIN_WGRAD", mode)
+        _env.reload()
+        calls.clear()
+        got = run("triton", dtype)
+        assert len(calls) == expect, (mode, calls)
+        for name, a, e, r in zip(["y", "dw", "dgamma", "dbeta"], got, eager, ref):
+            _judge(f"{mode} {name}", a, e, r, dtype)
+    monkeypatch.setenv("DLA_FAST_TRAIN_WGRAD", "cudnn")
+    _env.reload()
+    with pytest.raises(ValueError, match="use aten or triton"):
+        run("triton", dtype)
+
+
 @pytest.mark.interpreter
 @needs_kernels
 def test_backward_kernels_match_torch_pieces():

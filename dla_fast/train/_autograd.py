@@ -177,6 +177,27 @@ def shares_dgrad(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups:
             and tuple(padding) == (kh // 2, kw // 2) and groups == 1 and _direct(x))
 
 
+def thin_wgrad(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+    """Whether the weight gradient of a conv of x runs on the Triton thin-conv kernel
+    (:func:`dla_fast.backends.triton._train.wgrad_thin_launch`) instead of ATen's: asked for
+    (DLA_FAST_TRAIN_WGRAD=triton), launched from Python, and a conv the kernel takes (the DLA front: few input
+    channels over many pixels, where cuDNN's heuristic picks a weight-gradient kernel far from the memory
+    bound)."""
+    from .. import _env
+    mode = (_env.get("DLA_FAST_TRAIN_WGRAD") or "aten").lower()
+    if mode not in ("aten", "triton"):
+        raise ValueError(f"DLA_FAST_TRAIN_WGRAD={mode!r} is not a mode: use aten or triton")
+    if mode != "triton" or x.dim() != 4 or not _direct(x):
+        return False
+    from ..backends.triton import _train as kt
+    return kt.wgrad_thin_ok(weight.shape, groups) and x.shape[1] == weight.shape[1]
+
+
+def _wgrad(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
+    from ..backends.triton import _train as kt
+    return kt.wgrad_thin_launch(dz, x, weight, stride, padding, _tf32(), raw=True)
+
+
 def dgrad_onto(impl: str, dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, extra: torch.Tensor,
                need_w: bool):
     """(extra + the data gradient, the weight gradient or None) of a conv that :func:`shares_dgrad`.
@@ -192,7 +213,10 @@ def dgrad_onto(impl: str, dz: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
         da, dw, _ = torch.ops.aten.convolution_backward(*aten_args, [True, need_w, False])
         return da.add_(extra), dw
     from ..backends.triton import _launch
-    dw = torch.ops.aten.convolution_backward(*aten_args, [False, True, False])[1] if need_w else None
+    dw = None
+    if need_w:
+        dw = (_wgrad(dz, x, weight, (1, 1), pad) if thin_wgrad(x, weight, 1)
+              else torch.ops.aten.convolution_backward(*aten_args, [False, True, False])[1])
     wt = weight.transpose(0, 1) if kh == 1 else weight.flip(2, 3).transpose(0, 1)
     dx = _launch.conv_launch(dz, wt, None, (1, 1), pad, 1, extra, False, _tf32(), raw=True)
     return dx, dw
@@ -309,9 +333,14 @@ class ConvStats(torch.autograd.Function):
             # The normalised input was never stored: recompute it (the memory the prologue saves).
             a = bn_act(impl, x, mean, scale, bias, None, norm_relu, x.dtype)
         need_a = need_x or (has_norm and (need_g or need_b))
-        da, dw, _ = torch.ops.aten.convolution_backward(
-            dz.to(a.dtype), a, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], groups,
-            [need_a, need_w, False])
+        da = dw = None
+        own_w = need_w and impl == "triton" and thin_wgrad(a, weight, groups)
+        if need_a or (need_w and not own_w):
+            da, dw, _ = torch.ops.aten.convolution_backward(
+                dz.to(a.dtype), a, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], groups,
+                [need_a, need_w and not own_w, False])
+        if own_w:
+            dw = _wgrad(dz, a, weight, stride, padding)
         del a  # the ReLU's mask below comes from x (no residual in a prologue)
         if has_norm and need_a:
             g32 = None if gamma is None else gamma.to(rstd.dtype)

@@ -51,6 +51,13 @@ WARPS_ELTWISE = 4
 # REDUCE_PROGRAMS programs (enough to fill any current GPU).
 REDUCE_PROGRAMS = 1024
 REDUCE_MAX_ROW_TILES = 32
+# The thin convs' weight gradient (wgrad_thin_launch): pixels an MMA step reduces, programs it aims at (splits of
+# the pixels x kernel rows x output-channel blocks; a constant, so the summation order is the same on every card),
+# and the widest input it takes.
+WGRAD_BLOCK_P = 128
+WGRAD_PROGRAMS = 1024
+WGRAD_PROGRAMS_INTERPRETED = 8
+WGRAD_MAX_CIN = 16
 
 
 # ------------------------------------------------------------------------------------------------- kernels
@@ -535,6 +542,53 @@ def _max_pool_bwd_kernel(
                  d.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _wgrad_thin_kernel(
+    x_ptr, dz_ptr, part_ptr,
+    P, H, W, HWo, Wo, Cin, Cout, KH, sh, sw, ph, pw, sxn, sxh, sxw, sdz,
+    n_cob, n_chunks, chunks_per_prog,
+    KWC: tl.constexpr, IDX64: tl.constexpr, PREC: tl.constexpr, RND: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """One partial of the weight gradient of a thin conv (few input channels, many pixels): program (split s,
+    output-channel block, kernel row kh) sums dz[p, co] * x[p shifted by (kh, kw), ci] over its share of the
+    output pixels p, for every (kw, ci) of that kernel row at once. A kernel row's KW x Cin inputs of one pixel
+    are one contiguous run of x (NHWC), so the B tile is a plain strided load; the reduction over pixels is the
+    MMA's K. Each program writes its [BLOCK_CO, KW * Cin] partial to its own slot of ``part`` [splits, KH,
+    Cout, KW * Cin]; the launcher sums the splits (a fixed order: deterministic)."""
+    pid = tl.program_id(0)
+    kh = pid % KH
+    rest = pid // KH
+    cob = rest % n_cob
+    split = rest // n_cob
+    co = cob * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = co < Cout
+    j = tl.arange(0, BLOCK_J)
+    j_ok = j < KWC
+    kw = j // Cin
+    ci = j - kw * Cin
+    acc = tl.zeros((BLOCK_CO, BLOCK_J), dtype=tl.float32)
+    c0 = split * chunks_per_prog
+    c1 = tl.minimum(c0 + chunks_per_prog, n_chunks)
+    for c in range(c0, c1):
+        p = c * BLOCK_P + tl.arange(0, BLOCK_P)
+        if IDX64:
+            p = p.to(tl.int64)
+        p_ok = p < P
+        img = p // HWo
+        r = p - img * HWo
+        oh = r // Wo
+        ow = r - oh * Wo
+        ih = oh * sh - ph + kh
+        iw = (ow * sw - pw)[:, None] + kw[None, :]
+        g = tl.load(dz_ptr + p[:, None] * sdz + co[None, :], mask=p_ok[:, None] & co_ok[None, :], other=0.0)
+        ok = (p_ok & (ih >= 0) & (ih < H))[:, None] & j_ok[None, :] & (iw >= 0) & (iw < W)
+        a = tl.load(x_ptr + (img * sxn + ih * sxh)[:, None] + iw * sxw + ci[None, :], mask=ok, other=0.0)
+        acc = _mma(tl.trans(g), a, acc, PREC, RND)
+    slot = (split * KH + kh) * Cout + co
+    tl.store(part_ptr + slot[:, None] * KWC + j[None, :], acc, mask=co_ok[:, None] & j_ok[None, :])
+
+
 def _idx64(*extents: int) -> bool:
     return max(extents) >= _IDX64_THRESHOLD
 
@@ -759,6 +813,55 @@ def max_pool_backward_launch(x: torch.Tensor, grad: torch.Tensor, k: int, raw: b
         *e_strides, n_tiles_c, K=int(k), HAS_EXTRA=extra is not None, BLOCK_P=bp, BLOCK_C=bc,
         num_warps=WARPS_ELTWISE, num_stages=1)
     return dx
+
+
+def wgrad_thin_ok(weight_shape: Sequence[int], groups: int) -> bool:
+    """Whether :func:`wgrad_thin_launch` takes a conv of this weight: dense, at most WGRAD_MAX_CIN input
+    channels, a kernel row's inputs (KW x Cin) and the output channels each within one 64-wide tile. In a DLA
+    that is the front: the 7x7 stem on RGB and the two 3x3 convs on its 16 channels, where the pixels are many
+    and the channels few."""
+    cout, cin, _, kw = weight_shape
+    return groups == 1 and cin <= WGRAD_MAX_CIN and kw * cin <= 64 and cout <= 64
+
+
+def wgrad_thin_launch(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                      padding: Sequence[int], tf32: bool = False, raw: bool = False) -> torch.Tensor:
+    """The weight gradient of ``conv2d(x, weight, stride=stride, padding=padding)`` given the output's gradient
+    ``dz``, for the convs :func:`wgrad_thin_ok` takes: fp32 accumulation over splits of the output pixels, the
+    splits summed in a fixed order; returned like ``weight`` (its dtype and memory format), as ATen's
+    convolution_backward returns it. ``dz`` is cast to x's dtype (the MMA's operands share one)."""
+    N, Cin, H, W = x.shape
+    Cout, cin_w, KH, KW = weight.shape
+    if not wgrad_thin_ok(weight.shape, 1) or cin_w != Cin:
+        raise ValueError(f"wgrad_thin: weight {tuple(weight.shape)} on a {Cin}-channel input is not a conv it "
+                         "takes (see wgrad_thin_ok)")
+    (sh, sw), (ph, pw) = stride, padding
+    Ho, Wo = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
+    if tuple(dz.shape) != (N, Cout, Ho, Wo):
+        raise ValueError(f"wgrad_thin: dz {tuple(dz.shape)} is not the conv's output shape {(N, Cout, Ho, Wo)}")
+    x = _nhwc(x)
+    dz, sdz = _rows(dz.to(x.dtype))
+    kwc = KW * Cin
+    bj, bco = max(16, _pow2(kwc)), max(16, _pow2(Cout))
+    n_cob = _cdiv(Cout, bco)
+    P = N * Ho * Wo
+    bp = 16 if interpreted() else WGRAD_BLOCK_P
+    n_chunks = max(1, _cdiv(P, bp))
+    per_split = KH * n_cob
+    target = WGRAD_PROGRAMS_INTERPRETED if interpreted() else WGRAD_PROGRAMS
+    chunks = _cdiv(n_chunks, max(1, min(n_chunks, _cdiv(target, per_split))))
+    splits = _cdiv(n_chunks, chunks)
+    part = torch.zeros((splits, KH, Cout, kwc), device=x.device, dtype=torch.float32)
+    if P > 0 and not _skip_launch(x):
+        sxn, _, sxh, sxw = x.stride()
+        interp = interpreted()
+        _kernel(_wgrad_thin_kernel, raw)[lambda meta: (splits * per_split,)](
+            x, dz, part, P, H, W, Ho * Wo, Wo, Cin, Cout, KH, sh, sw, ph, pw, sxn, sxh, sxw, sdz, n_cob, n_chunks,
+            chunks, KWC=kwc, IDX64=_idx64(_max_offset(x), _max_offset(dz), P * sdz), PREC=_prec(x.dtype, tf32),
+            RND=_round_tf32(x.dtype, tf32, interp), BLOCK_P=bp, BLOCK_CO=bco, BLOCK_J=bj,
+            num_warps=4, num_stages=2)
+    g = part.sum(0).view(KH, Cout, KW, Cin).permute(1, 3, 0, 2)
+    return torch.empty_like(weight).copy_(g)
 
 
 def _rows(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
