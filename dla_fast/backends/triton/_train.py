@@ -219,13 +219,9 @@ def _agg_stats_kernel(
 
 
 @triton.jit
-def _tensor_stats_kernel(
-    z_ptr, psum_ptr, pm2_ptr, M, C, szm, n_tiles_c,
-    IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """The (sum, M2) partials of an existing [M, C] pixel matrix (row stride ``szm``), one [BLOCK_M, BLOCK_C]
-    tile a program, into row ``pid_m`` of the workspaces: the statistics of a conv whose output another kernel
-    wrote (the CUDA stem)."""
+def _row_tile(n_tiles_c, M, C, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_C] tile of an [M, C] pixel matrix (row tiles major): ``(pid_m, rows, cols,
+    col_ok, mask)``, the rows 64-bit with IDX64 (the elementwise BN kernels and the statistics pass)."""
     pid = tl.program_id(0)
     pid_m = pid // n_tiles_c
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -233,7 +229,18 @@ def _tensor_stats_kernel(
         rows = rows.to(tl.int64)
     cols = (pid % n_tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    mask = (rows < M)[:, None] & col_ok[None, :]
+    return pid_m, rows, cols, col_ok, (rows < M)[:, None] & col_ok[None, :]
+
+
+@triton.jit
+def _tensor_stats_kernel(
+    z_ptr, psum_ptr, pm2_ptr, M, C, szm, n_tiles_c,
+    IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The (sum, M2) partials of an existing [M, C] pixel matrix (row stride ``szm``), one [BLOCK_M, BLOCK_C]
+    tile a program, into row ``pid_m`` of the workspaces: the statistics of a conv whose output another kernel
+    wrote (the CUDA stem)."""
+    pid_m, rows, cols, col_ok, mask = _row_tile(n_tiles_c, M, C, IDX64, BLOCK_M, BLOCK_C)
     zs = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     _tile_stats(zs, mask, cols, col_ok, M, C, pid_m, psum_ptr, pm2_ptr, IDX64, BLOCK_M)
 
@@ -368,16 +375,7 @@ def _bn_act_kernel(
 ):
     """y = act((z - mean) * scale + bias + residual) over NHWC rows; z at ``m * szm + c`` (a channels_last
     tensor or a channel slice of one), the residual through its four strides, y channels_last-contiguous."""
-    pid = tl.program_id(0)
-    pid_m = pid // n_tiles_c
-    pid_c = pid % n_tiles_c
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if IDX64:
-        rows = rows.to(tl.int64)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < M
-    col_ok = cols < C
-    mask = row_ok[:, None] & col_ok[None, :]
+    _, rows, cols, col_ok, mask = _row_tile(n_tiles_c, M, C, IDX64, BLOCK_M, BLOCK_C)
     mu = tl.load(mu_ptr + cols, mask=col_ok, other=0.0)
     sc = tl.load(sc_ptr + cols, mask=col_ok, other=0.0)
     bi = tl.load(bi_ptr + cols, mask=col_ok, other=0.0)
@@ -474,16 +472,7 @@ def _bn_bwd_apply_kernel(
     """Pass 2 of BN(+ReLU) backward: dz = k1 * g - k2 - k3 * (z - mean) per channel (k1 = gamma * rstd,
     k2 = k1 * mean(g), k3 = k1 * rstd^2 * mean(g * (z - mean))), computed in fp32 and rounded once; dres = g,
     plus (HAS_EXTRA) the gradient of the residual's other readers, read through its four strides."""
-    pid = tl.program_id(0)
-    pid_m = pid // n_tiles_c
-    pid_c = pid % n_tiles_c
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if IDX64:
-        rows = rows.to(tl.int64)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < M
-    col_ok = cols < C
-    mask = row_ok[:, None] & col_ok[None, :]
+    _, rows, cols, col_ok, mask = _row_tile(n_tiles_c, M, C, IDX64, BLOCK_M, BLOCK_C)
     mu = tl.load(mu_ptr + cols, mask=col_ok, other=0.0)
     k1 = tl.load(k1_ptr + cols, mask=col_ok, other=0.0)
     k2 = tl.load(k2_ptr + cols, mask=col_ok, other=0.0)
