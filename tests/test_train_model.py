@@ -156,6 +156,43 @@ def test_fused_training_step_against_float64(monkeypatch):
     _compare("buffers", _buffers(fused), _buffers(eager), _buffers(truth), FLOOR[torch.float32])
 
 
+def _features_step(model, x):
+    """A detector's backward through a features_only backbone: fixed random gradients on every returned level
+    (the same for every run), each parameter's gradient and the levels back."""
+    model.zero_grad(set_to_none=True)
+    feats = model(x)
+    grads = [torch.randn(f.shape, generator=torch.Generator().manual_seed(i)).to(f.device, f.dtype)
+             for i, f in enumerate(feats)]
+    torch.autograd.backward(feats, grads)
+    return [f.detach() for f in feats], [p.grad.detach().clone() for p in model.parameters()]
+
+
+def _features_three(name, hw, device, amp=None):
+    """(levels, gradients, buffers) of the fused, eager and float64 runs of a features_only model (levels 2-5,
+    as CenterNet / FairMOT take them) at a non-square input."""
+    model = _model(name, features_only=True, out_indices=(2, 3, 4, 5)).to(device, memory_format=torch.channels_last)
+    fused, eager, truth = _three(model, "triton")
+    x = torch.randn(2, 3, *hw, device=device).contiguous(memory_format=torch.channels_last)
+    out = []
+    for m, xin, a in ((fused, x, amp), (eager, x, amp), (truth, x.double(), None)):
+        with torch.autocast(device.type, dtype=a, enabled=a is not None):
+            feats, grads = _features_step(m, xin)
+        out.append((feats, grads, _buffers(m)))
+    return out
+
+
+@needs_interp
+def test_fused_training_of_a_detection_backbone():
+    """features_only (levels 2-5) at a non-square input: every level a detector reads, every gradient (each
+    level is read by the next stage and by the detector, two gradients summed) and every running statistic within
+    2x the modules' error against float64."""
+    (ff, gf, bf), (fe, ge, be), (ft, gt, bt) = _features_three("dla46_c", (64, 96), torch.device("cpu"))
+    assert [tuple(f.shape[2:]) for f in ff] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    _compare("levels", ff, fe, ft, FLOOR[torch.float32])
+    _compare("gradients", gf, ge, gt, FLOOR[torch.float32])
+    _compare("buffers", bf, be, bt, FLOOR[torch.float32])
+
+
 @needs_interp
 def test_save_memory_keeps_one_tensor_a_layer_fewer(monkeypatch):
     """``set_fused_training(save_memory=True)``: inside the bottleneck blocks each inner activation is deferred to
@@ -245,6 +282,20 @@ def test_fused_training_all_variants_cuda(name, amp, save_memory):
     _compare("output", [yf], [ye], [yt], FLOOR[amp])
     _compare("gradients", gf, ge, gt, FLOOR[amp])
     _compare("buffers", _buffers(fused), _buffers(eager), _buffers(truth), FLOOR[amp])
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_training_of_a_detection_backbone_cuda(amp):
+    """DLA-34 as CenterNet trains it, features_only (levels 2-5), at 384x640 under autocast on the kernels:
+    levels, gradients and running statistics within 2x eager autocast's error against float64."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    (ff, gf, bf), (fe, ge, be), (ft, gt, bt) = _features_three("dla34", (384, 640), torch.device("cuda"), amp)
+    assert [tuple(f.shape[2:]) for f in ff] == [(96, 160), (48, 80), (24, 40), (12, 20)]
+    _compare("levels", ff, fe, ft, FLOOR[amp])
+    _compare("gradients", gf, ge, gt, FLOOR[amp])
+    _compare("buffers", bf, be, bt, FLOOR[amp])
 
 
 @pytest.mark.cuda
