@@ -19,6 +19,7 @@ _BENCH = os.path.join(ROOT, "benchmarks")
 if _BENCH not in sys.path:
     sys.path.insert(0, _BENCH)
 
+import ab  # noqa: E402
 import opbench  # noqa: E402
 import report  # noqa: E402
 
@@ -783,3 +784,55 @@ def test_opbench_train_interrupted_keeps_rows(tmp_path, monkeypatch):
     assert opbench.main(["--train", "--device", "cpu", "--models", "dla34", "--json", str(js)]) == 130
     data = json.loads(js.read_text())
     assert data["interrupted"] is True and data["rows"] == [{"impl": "stats", "ms": 1.0}]
+
+
+# ------------------------------------------------------------------------------------------ ab.py
+
+
+def test_ab_summary():
+    """Per (model, dtype, batch, impl): the arms' figures in run order, medians, B / A; distributed rows give rank
+    0 alone; an arm's error row is kept as an error, not a figure."""
+    def row(impl, v, **kw):
+        return {"model": "dla34", "dtype": "bfloat16", "batch_size": 256, "impl": impl, **kw,
+                **({"img_per_s": v} if v is not None else {})}
+    arms = [{"arm": "A", "rows": [row("x", 100.0, peak_mem_mb=10), row("g", None, single_img_per_s=50.0)]},
+            {"arm": "B", "rows": [row("x", 110.0, peak_mem_mb=9), row("g", None, single_img_per_s=60.0)]},
+            {"arm": "A", "rows": [row("x", 102.0, peak_mem_mb=10), row("g", None, error="out of memory")]},
+            {"arm": "B", "rows": [row("x", 112.0, peak_mem_mb=9), row("g", None, single_img_per_s=62.0)]}]
+    by = {s["impl"]: s for s in ab.summarize(arms)}
+    assert by["x"]["A"] == [100.0, 102.0] and by["x"]["B"] == [110.0, 112.0]
+    assert by["x"]["median_A"] == 101.0 and by["x"]["b_over_a"] == round(111.0 / 101.0, 4)
+    assert (by["x"]["peak_mb_A"], by["x"]["peak_mb_B"]) == (10, 9)
+    assert by["g"]["A"] == [50.0] and by["g"]["B"] == [60.0, 62.0] and by["g"]["errors"] == ["A: out of memory"]
+    table = ab.format_table(ab.summarize(arms))
+    assert "| dla34 | bfloat16 | 256 | x | 100.0 102.0 | 110.0 112.0 | 101.0 | 111.0 | 1.099 | 10 / 9 |" in table
+
+
+def test_ab_runs_two_settings_alternately(tmp_path):
+    """Two environment settings, each arm its own process, A B A B; the arms' rows and the summary in --json."""
+    out = tmp_path / "ab.json"
+    p = subprocess.run([sys.executable, os.path.join(_BENCH, "ab.py"), "--a", "DLA_FAST_FRONT=0", "--b",
+                        "DLA_FAST_FRONT=1", "--json", str(out), "--", "--device", "cpu", "--model", "dla46_c", "--hw",
+                        "32", "--batch-size", "1", "--rounds", "1", "--iters", "1", "--warmup", "0", "--impl",
+                        "dla_fast_eager"], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    assert [(x["arm"], x["round"], x["rc"]) for x in r["arms"]] == [("A", 1, 0), ("B", 1, 0), ("A", 2, 0), ("B", 2, 0)]
+    assert [x["env"] for x in r["arms"][:2]] == [{"DLA_FAST_FRONT": "0"}, {"DLA_FAST_FRONT": "1"}]
+    (s,) = r["summary"]
+    assert s["impl"] == "dla_fast_eager" and len(s["A"]) == len(s["B"]) == 2 and s["b_over_a"] > 0
+    assert p.stdout.startswith("| model | dtype | batch | impl | A img/s")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--a", "X=1", "--b", "X=2"], "give the bench arguments after '--'"),
+    (["--a", "X=1", "--b", "X=1", "--", "--model", "dla34"], "the two arms are the same"),
+    (["--a", "X", "--b", "X=2", "--", "--model", "dla34"], "--a takes VAR=value settings"),
+    (["--a", "X=1", "--b", "X=2", "--", "--json", "o.json"], "--json after '--' is ab.py's to set"),
+    (["--a-dir", "/nonexistent", "--", "--model", "dla34"], "holds no dla_fast package"),
+])
+def test_ab_argument_errors(args, message, capsys):
+    with pytest.raises(SystemExit):
+        ab.main(args)
+    assert message in capsys.readouterr().err
