@@ -615,7 +615,8 @@ def test_thin_conv_weight_gradient(dtype, idx64, n, cin, cout, k, stride, hw, dz
 @pytest.mark.interpreter
 @needs_kernels
 def test_thin_conv_weight_gradient_refuses_what_it_does_not_take():
-    """The gate keeps to the front's thin convs; the launcher names what is wrong with a conv it does not take."""
+    """The gate keeps to the front's thin convs; the launcher names what is wrong with a conv it does not take,
+    and gives an empty batch a zero gradient."""
     from dla_fast.backends.triton import _train as kt
 
     assert kt.wgrad_thin_ok((16, 3, 7, 7), 1) and kt.wgrad_thin_ok((32, 16, 3, 3), 1)
@@ -626,6 +627,10 @@ def test_thin_conv_weight_gradient_refuses_what_it_does_not_take():
     with pytest.raises(ValueError, match="not a conv it takes"):
         kt.wgrad_thin_launch(torch.randn(1, 64, 8, 8, device=DEV), x, torch.randn(64, 32, 3, 3, device=DEV),
                              (1, 1), (1, 1))
+    w = torch.randn(16, 3, 7, 7, device=DEV)
+    empty = kt.wgrad_thin_launch(torch.randn(0, 16, 8, 8, device=DEV), torch.randn(0, 3, 8, 8, device=DEV), w,
+                                 (1, 1), (3, 3))
+    assert torch.equal(empty, torch.zeros_like(w))  # an empty batch: a zero gradient, no launch
     x = torch.randn(1, 16, 8, 8, device=DEV)
     with pytest.raises(ValueError, match="not the conv's output shape"):
         kt.wgrad_thin_launch(torch.randn(1, 16, 8, 8, device=DEV), x, torch.randn(16, 16, 3, 3, device=DEV),

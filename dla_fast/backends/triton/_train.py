@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import _env
 from ._kernels import _child_select, _conv_tile, _mma, _pool_tile, _tile_coords
 from ._launch import (_I32_LIMIT, MAX_CHILDREN, _cdiv, _kernel, _max_offset, _n_tiling, _new_output, _nhwc, _pow2,
                       _prec, _round_tf32, _row_stride, _skip_launch, aggregate_plan, conv_plan, interpreted,
@@ -840,8 +841,13 @@ def wgrad_thin_launch(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
     target = WGRAD_PROGRAMS_INTERPRETED if interpreted() else WGRAD_PROGRAMS
     chunks = _cdiv(n_chunks, max(1, min(n_chunks, _cdiv(target, per_split))))
     splits = _cdiv(n_chunks, chunks)
-    part = torch.zeros((splits, KH, Cout, kwc), device=x.device, dtype=torch.float32)
-    if P > 0 and not _skip_launch(x):
+    if P == 0:  # no pixels: a zero gradient
+        return torch.zeros_like(weight)
+    # Every slot is written by exactly one program (splits x kernel rows x channel blocks cover it): no memset.
+    part = torch.empty((splits, KH, Cout, kwc), device=x.device, dtype=torch.float32)
+    if _env.flag("DLA_FAST_TRITON_POISON"):
+        part.fill_(float("nan"))
+    if not _skip_launch(x):
         sxn, _, sxh, sxw = x.stride()
         interp = interpreted()
         _kernel(_wgrad_thin_kernel, raw)[lambda meta: (splits * per_split,)](
