@@ -829,27 +829,27 @@ def wgrad_thin_launch(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
     Ho, Wo = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
     if tuple(dz.shape) != (N, Cout, Ho, Wo):
         raise ValueError(f"wgrad_thin: dz {tuple(dz.shape)} is not the conv's output shape {(N, Cout, Ho, Wo)}")
+    P = N * Ho * Wo
+    if P == 0:  # no pixels: a zero gradient
+        return torch.zeros_like(weight)
     x = _nhwc(x)
     dz, sdz = _rows(dz.to(x.dtype))
+    interp = interpreted()
     kwc = KW * Cin
     bj, bco = max(16, _pow2(kwc)), max(16, _pow2(Cout))
     n_cob = _cdiv(Cout, bco)
-    P = N * Ho * Wo
-    bp = 16 if interpreted() else WGRAD_BLOCK_P
-    n_chunks = max(1, _cdiv(P, bp))
+    bp = 16 if interp else WGRAD_BLOCK_P
+    n_chunks = _cdiv(P, bp)
     per_split = KH * n_cob
-    target = WGRAD_PROGRAMS_INTERPRETED if interpreted() else WGRAD_PROGRAMS
-    chunks = _cdiv(n_chunks, max(1, min(n_chunks, _cdiv(target, per_split))))
+    target = WGRAD_PROGRAMS_INTERPRETED if interp else WGRAD_PROGRAMS
+    chunks = _cdiv(n_chunks, min(n_chunks, _cdiv(target, per_split)))
     splits = _cdiv(n_chunks, chunks)
-    if P == 0:  # no pixels: a zero gradient
-        return torch.zeros_like(weight)
     # Every slot is written by exactly one program (splits x kernel rows x channel blocks cover it): no memset.
     part = torch.empty((splits, KH, Cout, kwc), device=x.device, dtype=torch.float32)
     if _env.flag("DLA_FAST_TRITON_POISON"):
         part.fill_(float("nan"))
     if not _skip_launch(x):
         sxn, _, sxh, sxw = x.stride()
-        interp = interpreted()
         _kernel(_wgrad_thin_kernel, raw)[lambda meta: (splits * per_split,)](
             x, dz, part, P, H, W, Ho * Wo, Wo, Cin, Cout, KH, sh, sw, ph, pw, sxn, sxh, sxw, sdz, n_cob, n_chunks,
             chunks, KWC=kwc, IDX64=_idx64(_max_offset(x), _max_offset(dz), P * sdz), PREC=_prec(x.dtype, tf32),
