@@ -270,6 +270,12 @@ def test_fused_training_all_variants_cuda(name, amp, save_memory):
     """Every variant, one step under autocast on the kernels (backend="triton": nothing falls back silently), with
     the blocks' inner activations kept and not kept (``save_memory``): output, gradients and running statistics
     within 2x eager autocast's error against float64."""
+    _check_step_cuda(name, amp, save_memory)
+
+
+def _check_step_cuda(name, amp, save_memory=False):
+    """One step of ``name`` at batch 8, 64x64, on the kernels under autocast to ``amp``: output, gradients and
+    running statistics within 2x eager autocast's error against float64."""
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     model = _model(name).cuda().to(memory_format=torch.channels_last)
     fused, eager, truth = _three(model, "triton")
@@ -317,23 +323,12 @@ def test_thin_wgrad_whole_step_cuda(name, amp, monkeypatch):
         launched.append(tuple(w.shape))
         return real(dz, x, w, *a, **kw)
     monkeypatch.setattr(kt, "wgrad_thin_launch", counted)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        model = _model(name).cuda().to(memory_format=torch.channels_last)
-        fused, eager, truth = _three(model, "triton")
-        fused.set_fused_training(True, backend="triton")
-        x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
-        t = torch.randint(0, 1000, (8,), device="cuda")
-        yf, gf = _step(fused, x, t, amp)
-        ye, ge = _step(eager, x, t, amp)
-        yt, gt = _step(truth, x.double(), t)
+        _check_step_cuda(name, amp)
     finally:
         monkeypatch.undo()
         _env.reload()
     assert launched == [(32, 16, 3, 3), (16, 16, 3, 3), (16, 3, 7, 7)], launched  # backward order: level 1 first
-    _compare("output", [yf], [ye], [yt], FLOOR[amp])
-    _compare("gradients", gf, ge, gt, FLOOR[amp])
-    _compare("buffers", _buffers(fused), _buffers(eager), _buffers(truth), FLOOR[amp])
 
 
 @pytest.mark.cuda
