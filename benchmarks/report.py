@@ -1,6 +1,7 @@
 """Markdown table and plot from an end-to-end benchmark JSON (``python -m dla_fast bench --json``).
 
     python benchmarks/report.py results/X.json --md results/X.md --png results/X.png
+    python benchmarks/report.py dla34.json dla102.json --merge X.json   # one file from runs of one model each
 
 The JSON is ``{"device", "torch", "triton", "cudnn", "date", "rows": [{"model", "dtype", "batch_size", "impl",
 "img_per_s", "ms", "peak_mem_mb", "rel_err", ["first_s"], ["error"]}]}`` (older runs: ``compile_s``). Speedups
@@ -36,6 +37,41 @@ def load(path: str) -> Dict:
         if missing:
             raise ValueError(f"{path}: row {i} lacks {', '.join(missing)}: {r}")
     return data
+
+
+# Header fields that runs merged into one file must share: rows measured under different software, cards or
+# settings are not one result.
+SAME_FIELDS = ("device", "torch", "triton", "cuda", "cudnn", "cudnn_benchmark", "dla_fast", "python", "mode",
+               "world_size", "hw", "features")
+ROW_KEY = ("model", "dtype", "batch_size", "impl", "mode", "hw", "features")
+
+
+def merge(datas: Sequence[Dict], names: Sequence[str]) -> Dict:
+    """One result from several ``bench --json`` results of the same setting (e.g. one process per model): the
+    first one's header, the rows of all, ``sources`` naming the inputs and ``date`` spanning their dates. Raises
+    ValueError when a header field of SAME_FIELDS differs or a row (model, dtype, batch, impl, ...) repeats."""
+    if not datas:
+        raise ValueError("nothing to merge")
+    out = {k: v for k, v in datas[0].items() if k != "rows"}
+    for name, d in zip(names[1:], datas[1:]):
+        for k in SAME_FIELDS:
+            if d.get(k) != out.get(k):
+                raise ValueError(f"{name}: {k} is {d.get(k)!r}, {names[0]} has {out.get(k)!r}; runs that differ "
+                                 f"there are not one result")
+    rows, seen = [], {}
+    for name, d in zip(names, datas):
+        for r in d["rows"]:
+            key = tuple(r.get(k) for k in ROW_KEY)
+            if key in seen:
+                raise ValueError(f"{name}: row {dict(zip(ROW_KEY, key))} is also in {seen[key]}")
+            seen[key] = name
+            rows.append(r)
+    dates = sorted({str(d["date"]) for d in datas if d.get("date")})
+    if dates:
+        out["date"] = dates[0] if len(dates) == 1 else f"{dates[0]}..{dates[-1]}"
+    out["sources"] = [os.path.basename(n) for n in names]
+    out["rows"] = rows
+    return out
 
 
 def _ok(r: Optional[Dict]) -> bool:
@@ -207,16 +243,27 @@ def plot(data: Dict, path: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("json", help="result JSON of `python -m dla_fast bench --json`")
+    p.add_argument("json", nargs="+", help="result JSON of `python -m dla_fast bench --json` (several: merged)")
+    p.add_argument("--merge", default=None, metavar="OUT.json", help="write the merged JSON of the inputs here")
     p.add_argument("--md", default=None, help="write the markdown here (default: print it)")
     p.add_argument("--png", default=None, help="write the plot here (needs matplotlib)")
     a = p.parse_args(argv)
     if a.png:
         _pyplot()  # fail before writing anything when matplotlib is missing
     try:
-        data = load(a.json)
+        datas = [load(j) for j in a.json]
+        data = datas[0] if len(datas) == 1 else merge(datas, a.json)
     except (OSError, ValueError) as e:
         p.error(str(e))
+    if a.merge:
+        d = os.path.dirname(a.merge)
+        if d:
+            os.makedirs(d, exist_ok=True)
+        with open(a.merge, "w") as f:
+            json.dump(data, f, indent=1)
+        print(f"wrote {a.merge} ({len(data['rows'])} rows from {len(a.json)} file(s))")
+        if not a.md and not a.png:
+            return 0
     md = to_markdown(data)
     if a.md:
         d = os.path.dirname(a.md)

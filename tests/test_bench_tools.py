@@ -581,6 +581,33 @@ def test_report_png(tmp_path):
     assert md.read_text().startswith("## End-to-end inference")
 
 
+def test_report_merges_runs_of_one_setting(tmp_path):
+    head = {"device": "NVIDIA H100", "torch": "2.11", "triton": "3.6", "cudnn": 91000, "cudnn_benchmark": True,
+            "mode": "train"}
+    row = {"dtype": "bfloat16", "batch_size": 256, "mode": "train", "img_per_s": 10.0}
+    a = _write(tmp_path / "a.json", {**head, "date": "2026-01-01", "rows": [
+        {**row, "model": "dla34", "impl": "timm_eager"}, {**row, "model": "dla34", "impl": "torch_compile"}]})
+    b = _write(tmp_path / "b.json", {**head, "date": "2026-01-02", "rows": [{**row, "model": "dla102",
+                                                                            "impl": "timm_eager"}]})
+    out = tmp_path / "m" / "merged.json"
+    assert report.main([str(a), str(b), "--merge", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert [(r["model"], r["impl"]) for r in m["rows"]] == [("dla34", "timm_eager"), ("dla34", "torch_compile"),
+                                                           ("dla102", "timm_eager")]
+    assert m["sources"] == ["a.json", "b.json"] and m["date"] == "2026-01-01..2026-01-02"
+    assert m["cudnn_benchmark"] is True and m["device"] == "NVIDIA H100"
+    # Rows measured another way are not one result; a row twice is an error, not a silent pick.
+    c = _write(tmp_path / "c.json", {**head, "cudnn_benchmark": False, "date": "2026-01-02", "rows": [
+        {**row, "model": "dla60", "impl": "timm_eager"}]})
+    with pytest.raises(ValueError, match="cudnn_benchmark is False"):
+        report.merge([report.load(str(a)), report.load(str(c))], [str(a), str(c)])
+    with pytest.raises(ValueError, match="also in"):
+        report.merge([report.load(str(a)), report.load(str(a))], ["a.json", "a2.json"])
+    with pytest.raises(SystemExit):
+        report.main([str(a), str(c), "--merge", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+
+
 # ------------------------------------------------------------------------------------------ developer tools
 
 def test_triton_compile_check_help():
