@@ -46,6 +46,10 @@ SAME_FIELDS = ("device", "torch", "triton", "cuda", "cudnn", "cudnn_benchmark", 
 ROW_KEY = ("model", "dtype", "batch_size", "impl", "mode", "hw", "features")
 
 
+def _hashable(v):
+    return tuple(_hashable(x) for x in v) if isinstance(v, list) else v
+
+
 def merge(datas: Sequence[Dict], names: Sequence[str]) -> Dict:
     """One result from several ``bench --json`` results of the same setting (e.g. one process per model): the
     first one's header, the rows of all, ``sources`` naming the inputs and ``date`` spanning their dates. Raises
@@ -61,7 +65,7 @@ def merge(datas: Sequence[Dict], names: Sequence[str]) -> Dict:
     rows, seen = [], {}
     for name, d in zip(names, datas):
         for r in d["rows"]:
-            key = tuple(r.get(k) for k in ROW_KEY)
+            key = tuple(_hashable(r.get(k)) for k in ROW_KEY)
             if key in seen:
                 raise ValueError(f"{name}: row {dict(zip(ROW_KEY, key))} is also in {seen[key]}")
             seen[key] = name

@@ -584,7 +584,7 @@ def test_report_png(tmp_path):
 def test_report_merges_runs_of_one_setting(tmp_path):
     head = {"device": "NVIDIA H100", "torch": "2.11", "triton": "3.6", "cudnn": 91000, "cudnn_benchmark": True,
             "mode": "train"}
-    row = {"dtype": "bfloat16", "batch_size": 256, "mode": "train", "img_per_s": 10.0}
+    row = {"dtype": "bfloat16", "batch_size": 256, "mode": "train", "hw": [224, 224], "img_per_s": 10.0}
     a = _write(tmp_path / "a.json", {**head, "date": "2026-01-01", "rows": [
         {**row, "model": "dla34", "impl": "timm_eager"}, {**row, "model": "dla34", "impl": "torch_compile"}]})
     b = _write(tmp_path / "b.json", {**head, "date": "2026-01-02", "rows": [{**row, "model": "dla102",
