@@ -571,10 +571,13 @@ def test_torch_compile_module():
                 root.bn.bias.grad, root.bn.running_mean, root.bn.running_var, root.bn.num_batches_tracked]
 
     expect = run(None)
+    names = ("y", "kids[0].grad", "kids[1].grad", "kids[2].grad", "conv.weight.grad", "bn.weight.grad",
+             "bn.bias.grad", "running_mean", "running_var", "num_batches_tracked")
     for backend in ("eager", "aot_eager"):
         torch._dynamo.reset()
-        for a, b in zip(run(backend), expect):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"backend={backend}")
+        for name, a, b in zip(names, run(backend), expect):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, name=name, backend=backend: f"{name}, backend={backend}: {m}")
 
 
 def test_double_backward_is_refused():

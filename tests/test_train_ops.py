@@ -1285,10 +1285,13 @@ def test_torch_compile_module():
                 bn.num_batches_tracked]
 
     expect = run(None)
+    names = ("y", "conv.weight.grad", "bn.weight.grad", "bn.bias.grad", "running_mean", "running_var",
+             "num_batches_tracked")
     for backend in ("eager", "aot_eager"):
         torch._dynamo.reset()
-        for a, b in zip(run(backend), expect):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"backend={backend}")
+        for name, a, b in zip(names, run(backend), expect):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, name=name, backend=backend: f"{name}, backend={backend}: {m}")
 
 
 @pytest.mark.interpreter
