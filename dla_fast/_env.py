@@ -35,9 +35,10 @@ SWITCHES: Tuple[Switch, ...] = (
            "how set_fused_training(save_memory=True) avoids keeping a block's inner activations: prologue (the next "
            "conv normalises its input as it loads it) or recompute (a pass of its own forms it, dropped after the "
            "conv)"),
-    Switch("DLA_FAST_TRAIN_WGRAD", "aten, triton", "aten",
+    Switch("DLA_FAST_TRAIN_WGRAD", "aten, triton", "triton on a GPU",
            "the weight gradient of the front's thin convs in fused training (at most 16 input channels: the stem and "
-           "levels 0-1): aten (cuDNN) or triton (a split-pixel reduction kernel of dla_fast's)"),
+           "levels 0-1): triton (a split-pixel reduction kernel of dla_fast's; set, also under the CPU interpreter) "
+           "or aten (cuDNN)"),
     Switch("DLA_FAST_TRITON_CONV", "dense, flat, blockdiag, direct", "unset",
            "debugging: force the Triton conv kernel family wherever the plan leaves the tiles to the heuristic"),
     Switch("DLA_FAST_TRITON_POISON", "0, 1", "0",

@@ -641,9 +641,9 @@ def test_thin_conv_weight_gradient_refuses_what_it_does_not_take():
 @needs_kernels
 @pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
 def test_thin_wgrad_in_the_training_layer(dtype, monkeypatch):
-    """DLA_FAST_TRAIN_WGRAD=triton: a stem-like layer's weight gradient comes from the thin-conv kernel (seen
-    called) and every quantity stays within 2x eager's error against float64; aten (the default) keeps ATen's;
-    another value is refused, saying which are valid."""
+    """DLA_FAST_TRAIN_WGRAD: a stem-like layer's weight gradient comes from the thin-conv kernel (seen called)
+    with triton, and unset on a GPU (the default; unset under the interpreter keeps ATen's), every quantity within
+    2x eager's error against float64; aten keeps ATen's; another value is refused, saying which are valid."""
     from dla_fast import _env
     from dla_fast.backends.triton import _train as kt
 
@@ -668,8 +668,11 @@ def test_thin_wgrad_in_the_training_layer(dtype, monkeypatch):
         return [y.detach(), w.grad, g.grad, b.grad]
 
     ref, eager = run("eager", torch.float64), run("eager", dtype)
-    for mode, expect in (("aten", 0), ("triton", 1)):
-        monkeypatch.setenv("DLA_FAST_TRAIN_WGRAD", mode)
+    for mode, expect in ((None, int(DEV == "cuda")), ("aten", 0), ("triton", 1)):
+        if mode is None:
+            monkeypatch.delenv("DLA_FAST_TRAIN_WGRAD", raising=False)
+        else:
+            monkeypatch.setenv("DLA_FAST_TRAIN_WGRAD", mode)
         _env.reload()
         calls.clear()
         got = run("triton", dtype)

@@ -179,15 +179,16 @@ def shares_dgrad(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups:
 
 def thin_wgrad(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
     """Whether the weight gradient of a conv of x runs on the Triton thin-conv kernel
-    (:func:`dla_fast.backends.triton._train.wgrad_thin_launch`) instead of ATen's: asked for
-    (DLA_FAST_TRAIN_WGRAD=triton), launched from Python, and a conv the kernel takes (the DLA front: few input
-    channels over many pixels, where cuDNN's heuristic picks a weight-gradient kernel far from the memory
-    bound)."""
+    (:func:`dla_fast.backends.triton._train.wgrad_thin_launch`) instead of ATen's: on a GPU unless turned off
+    (DLA_FAST_TRAIN_WGRAD=aten), anywhere Triton runs when asked for (=triton: the CPU interpreter too), launched
+    from Python, and a conv the kernel takes (the DLA front: few input channels over many pixels, where cuDNN's
+    kernels, in benchmark mode too, run far from the memory bound)."""
     from .. import _env
-    mode = (_env.get("DLA_FAST_TRAIN_WGRAD") or "aten").lower()
-    if mode not in ("aten", "triton"):
+    mode = _env.get("DLA_FAST_TRAIN_WGRAD")
+    mode = mode.lower() if mode else None
+    if mode not in (None, "aten", "triton"):
         raise ValueError(f"DLA_FAST_TRAIN_WGRAD={mode!r} is not a mode: use aten or triton")
-    if mode != "triton" or x.dim() != 4 or not _direct(x):
+    if mode == "aten" or (mode is None and x.device.type != "cuda") or x.dim() != 4 or not _direct(x):
         return False
     from ..backends.triton import _train as kt
     return kt.wgrad_thin_ok(weight.shape, groups) and x.shape[1] == weight.shape[1]
