@@ -166,17 +166,21 @@ def test_children_read_in_place():
 @needs_kernels
 def test_agg_stats_kernel_many_children():
     """The kernel alone, every child count it takes (1 to 8), unequal channel counts across K-chunk edges,
-    against the concat conv in float64."""
+    against the concat conv in float64, with the pixel-major tile and its transpose."""
     from dla_fast.backends.triton import _train as kt
+    from dla_fast.backends.triton._launch import aggregate_plan, interpreted
     gen = torch.Generator().manual_seed(5)
     for nc in range(1, kt.MAX_CHILDREN + 1):
         chans = [3 + 5 * i for i in range(nc)]
         kids = [torch.randn(2, c, 4, 5, generator=gen).to(DEV) for c in chans]
         w = torch.randn(10, sum(chans), 1, 1, generator=gen).to(DEV)
-        z, mean, var = kt.agg_stats_launch(kids, w)
         z64 = torch.nn.functional.conv2d(torch.cat(kids, 1).double(), w.double())
-        assert _rel(z, z64) < 1e-5, nc
-        assert _rel(mean, z64.mean((0, 2, 3))) < 1e-5 and _rel(var, z64.var((0, 2, 3), unbiased=False)) < 1e-5, nc
+        cfg = aggregate_plan(2 * 4 * 5, chans, 10, torch.float32, interpreted(), False, 0)
+        for swap in (False, True):  # the pixel-major tile and its transpose (channels as the MMA's rows)
+            z, mean, var = kt.agg_stats_launch(kids, w, config=dict(cfg, SWAP=swap))
+            assert _rel(z, z64) < 1e-5, (nc, swap)
+            assert _rel(mean, z64.mean((0, 2, 3))) < 1e-5, (nc, swap)
+            assert _rel(var, z64.var((0, 2, 3), unbiased=False)) < 1e-5, (nc, swap)
     assert kt.MAX_CHILDREN == train_ops.AGG_MAX_CHILDREN
     with pytest.raises(ValueError, match="1 to 8 children"):
         kt.agg_stats_launch([kids[0]] * 9, torch.randn(10, 9 * 3, 1, 1))

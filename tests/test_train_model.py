@@ -304,30 +304,51 @@ def test_fused_training_of_a_detection_backbone_cuda(amp):
     _compare("buffers", bf, be, bt, FLOOR[amp])
 
 
-@pytest.mark.cuda
-@needs_cuda
-@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("name", ["dla34", "dla60x_c"])
-def test_thin_wgrad_whole_step_cuda(name, amp, monkeypatch):
-    """DLA_FAST_TRAIN_WGRAD=triton: the front's weight gradients on the thin-conv kernel (its three convs seen
-    launched), the step still within 2x eager autocast's error against float64 everywhere."""
+def _step_cuda_with(name, amp, monkeypatch, var: str, value: str, attr: str):
+    """:func:`_check_step_cuda` with the switch ``var`` set to ``value``; returns (args, result) of every call of
+    ``dla_fast.backends.triton._train.<attr>`` in the step."""
     from dla_fast import _env
     from dla_fast.backends.triton import _train as kt
 
-    monkeypatch.setenv("DLA_FAST_TRAIN_WGRAD", "triton")
+    monkeypatch.setenv(var, value)
     _env.reload()
-    launched = []
-    real = kt.wgrad_thin_launch
+    calls = []
+    real = getattr(kt, attr)
 
-    def counted(dz, x, w, *a, **kw):
-        launched.append(tuple(w.shape))
-        return real(dz, x, w, *a, **kw)
-    monkeypatch.setattr(kt, "wgrad_thin_launch", counted)
+    def counted(*a, **kw):
+        r = real(*a, **kw)
+        calls.append((a, r))
+        return r
+    monkeypatch.setattr(kt, attr, counted)
     try:
         _check_step_cuda(name, amp)
     finally:
         monkeypatch.undo()
         _env.reload()
+    return calls
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["dla34", "dla102"])
+def test_transposed_statistics_whole_step_cuda(name, amp, monkeypatch):
+    """DLA_FAST_TRAIN_STATS_TILE=channels: the statistics convs and aggregation nodes with wide tiles run
+    transposed (seen chosen), the step still within 2x eager autocast's error against float64 everywhere."""
+    calls = _step_cuda_with(name, amp, monkeypatch, "DLA_FAST_TRAIN_STATS_TILE", "channels", "stats_swap")
+    assert any(r for _, r in calls), "no statistics conv took the transposed tile"
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["dla34", "dla60x_c"])
+def test_thin_wgrad_whole_step_cuda(name, amp, monkeypatch):
+    """DLA_FAST_TRAIN_WGRAD=triton (the GPU's default, set here): the front's weight gradients on the thin-conv
+    kernel (its three convs seen launched), the step still within 2x eager autocast's error against float64
+    everywhere."""
+    calls = _step_cuda_with(name, amp, monkeypatch, "DLA_FAST_TRAIN_WGRAD", "triton", "wgrad_thin_launch")
+    launched = [tuple(a[2].shape) for a, _ in calls]
     assert launched == [(32, 16, 3, 3), (16, 16, 3, 3), (16, 3, 7, 7)], launched  # backward order: level 1 first
 
 

@@ -330,6 +330,61 @@ def test_conv_stats_kernel(kind, shape, dtype):
         _judge(f"{what} z", z, ze, z64, dtype)
         _judge(f"{what} mean", mean, me, m64, dtype)
         _judge(f"{what} var", var, ve, v64, dtype)
+        if kind == "dense" and nrm is None:
+            # The transposed tile (channels as the MMA's rows): the same quantities, the same bound.
+            zt, mt, vt = kt.conv_stats_launch(x, w, (s, s), (p, p), g, None, False, config=dict(cfg, SWAP=True))
+            assert zt.is_contiguous(memory_format=torch.channels_last)
+            _judge(f"{what} swap z", zt, ze, z64, dtype)
+            _judge(f"{what} swap mean", mt, me, m64, dtype)
+            _judge(f"{what} swap var", vt, ve, v64, dtype)
+        elif nrm is None:
+            with pytest.raises(ValueError, match="dense K walk without the BN prologue"):
+                kt.conv_stats_launch(x, w, (s, s), (p, p), g, None, False, config=dict(cfg, SWAP=True))
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_transposed_statistics_tile_gate(monkeypatch):
+    """DLA_FAST_TRAIN_STATS_TILE: pixels (the default) keeps the pixel-major tile; channels transposes dense convs
+    and aggregation nodes without the prologue whose tiles hold at least 64 channels; another value is refused;
+    the transposed tile with the prologue is refused by the launcher. Under it, a large-mean channel's statistics
+    stay exact to fp32 rounding (the per-tile deviations are taken within the transposed tile)."""
+    from dla_fast import _env
+    from dla_fast.backends.triton import _train as kt
+
+    def gate(value):
+        if value is None:
+            monkeypatch.delenv("DLA_FAST_TRAIN_STATS_TILE", raising=False)
+        else:
+            monkeypatch.setenv("DLA_FAST_TRAIN_STATS_TILE", value)
+        _env.reload()
+        return [kt.stats_swap(k, bn, nrm) for k, bn, nrm in
+                (("dense", 128, False), ("dense", 64, False), ("dense", 32, False), ("dense", 128, True),
+                 ("flat", 128, False), ("blockdiag", 128, False))]
+    try:
+        assert gate(None) == gate("pixels") == [False] * 6
+        assert gate("channels") == [True, True, False, False, False, False]
+        with pytest.raises(ValueError, match="use pixels or channels"):
+            gate("rows")
+    finally:
+        monkeypatch.delenv("DLA_FAST_TRAIN_STATS_TILE", raising=False)
+        _env.reload()
+    x = torch.randn(2, 8, 6, 5, device=DEV)
+    w = torch.randn(16, 8, 3, 3, device=DEV)
+    cfg = dict(kt.train_conv_plan(60, 8, 16, 1, 3, 3, torch.float32, False, force="dense", norm=True), SWAP=True)
+    vec = [torch.ones(8, device=DEV)] * 3
+    with pytest.raises(ValueError, match="without the BN prologue"):
+        kt.conv_stats_launch(x, w, (1, 1), (1, 1), 1, vec, True, config=cfg)
+    gen = torch.Generator().manual_seed(26)
+    x = (300 + torch.randn(2, 16, 9, 9, generator=gen)).to(DEV)
+    w = (torch.rand(24, 16, 1, 1, generator=gen) / 8).to(DEV)
+    cfg = dict(kt.train_conv_plan(162, 16, 24, 1, 1, 1, torch.float32, False, force="dense"), SWAP=True)
+    _, mean, var = kt.conv_stats_launch(x, w, (1, 1), (0, 0), 1, config=cfg)
+    _, m64, v64 = ag.conv_stats_torch(x.double(), w.double(), (1, 1), (0, 0), 1, None, False)
+    _, me, ve = ag.conv_stats_torch(x, w, (1, 1), (0, 0), 1, None, False)
+    assert (m64 / v64.sqrt()).min() > 200
+    _judge("large-mean swap mean", mean, me, m64, torch.float32)
+    _judge("large-mean swap var", var, ve, v64, torch.float32)
 
 
 @pytest.mark.interpreter

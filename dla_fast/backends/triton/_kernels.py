@@ -31,6 +31,16 @@ def _mma(a, b, acc, PREC: tl.constexpr, RND: tl.constexpr):
 
 
 @triton.jit
+def _mma_into(a, b, acc, PREC: tl.constexpr, RND: tl.constexpr, SWAP: tl.constexpr):
+    """acc += a @ b, or with SWAP the transposed product acc += b^T @ a^T (acc is then [BLOCK_N, BLOCK_M])."""
+    if SWAP:
+        out = _mma(tl.trans(b), tl.trans(a), acc, PREC, RND)
+    else:  # (one return after the branches: Triton type-checks a return that follows a constexpr if's return)
+        out = _mma(a, b, acc, PREC, RND)
+    return out
+
+
+@triton.jit
 def _epilogue(acc, rows, cols, row_ok, col_ok, img, oh, ow,
               b_ptr, r_ptr, y_ptr, Cout, srn, src, srh, srw,
               HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr):
@@ -113,11 +123,13 @@ def _conv_tile(
     NORM: tl.constexpr, NORM_RELU: tl.constexpr,
     PREC: tl.constexpr, RND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    SWAP: tl.constexpr,
 ):
     """The implicit-GEMM body of a convolution tile, shared by the inference ``_conv_gemm_kernel`` and the
     training ``_conv_stats_kernel``: the fp32 accumulator of the output tile whose pixels (``row_ok``, ``img``,
     ``oh``, ``ow``) and channels (``cols``, ``col_ok``) the kernel took from ``_tile_coords`` for column tile
-    ``pid_n``.
+    ``pid_n``: [BLOCK_M pixels, BLOCK_N channels], or with SWAP its transpose, the channels as the MMA's rows
+    (a reduction over the pixels then stays inside each warp: the statistics conv's epilogue).
 
     The K walks (MODE 0, 1, 2) and split-K (SPLIT) are described at ``_conv_gemm_kernel``. NORM applies
     ``_norm_in`` (BN with the statistics at mu/sc/bi_ptr, ReLU with NORM_RELU) to each A tile as it is loaded;
@@ -132,7 +144,10 @@ def _conv_tile(
     kk = tl.arange(0, BLOCK_K)
     KTOT = KH * KW * Cin_g  # one weight row: [kh, kw, Cin_g] contiguous
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if MODE == 2:
         gi = kk // Cin_g
         ci = kk % Cin_g
@@ -166,7 +181,7 @@ def _conv_tile(
             if NORM:
                 a = _norm_in(a, cin0 + kk, k_ok, ok, mu_ptr, sc_ptr, bi_ptr, NORM_RELU)
             b = tl.load(w_ptr + b_off + tap * Cin_g, mask=b_mask, other=0.0)
-            acc = _mma(a, b, acc, PREC, RND)
+            acc = _mma_into(a, b, acc, PREC, RND, SWAP)
     else:
         cin0 = (pid_n // tiles_per_group) * Cin_g
         w_row = cols * KTOT
@@ -190,7 +205,7 @@ def _conv_tile(
                     a = _norm_in(a, cin0 + c, k_ok, a_ok, mu_ptr, sc_ptr, bi_ptr, NORM_RELU)
                 b = tl.load(w_ptr + w_row[None, :] + k[:, None],
                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = _mma(a, b, acc, PREC, RND)
+                acc = _mma_into(a, b, acc, PREC, RND, SWAP)
         else:
             # One flat loop over (tap, chunk) rather than nested loops so the software pipeliner
             # overlaps loads across taps too (with Cin_g <= BLOCK_K a tap is a single iteration).
@@ -220,7 +235,7 @@ def _conv_tile(
                     a = _norm_in(a, cin0 + c, c_ok, ok, mu_ptr, sc_ptr, bi_ptr, NORM_RELU)
                 b = tl.load(w_ptr + w_row[None, :] + (tap * Cin_g + c)[:, None],
                             mask=c_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = _mma(a, b, acc, PREC, RND)
+                acc = _mma_into(a, b, acc, PREC, RND, SWAP)
     return acc
 
 
@@ -267,7 +282,7 @@ def _conv_gemm_kernel(
         x_ptr, w_ptr, x_ptr, x_ptr, x_ptr, pid_n, row_ok, img, oh, ow, cols, col_ok,
         H, W, Cin, Cin_g, Cout_g, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w,
         tiles_per_group, KH, KW, MODE, GB, FULL, PAD, False, False, PREC, RND,
-        BLOCK_M, BLOCK_N, BLOCK_K, SPLIT)
+        BLOCK_M, BLOCK_N, BLOCK_K, SPLIT, False)
     _finish(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, ws_ptr, M, Cout,
             srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU, SPLIT)
 

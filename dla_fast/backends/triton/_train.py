@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ... import _env
-from ._kernels import _child_select, _conv_tile, _mma, _pool_tile, _tile_coords
+from ._kernels import _child_select, _conv_tile, _mma, _mma_into, _pool_tile, _tile_coords
 from ._launch import (_I32_LIMIT, MAX_CHILDREN, _cdiv, _kernel, _max_offset, _n_tiling, _new_output, _nhwc, _pow2,
                       _prec, _round_tf32, _row_stride, _skip_launch, aggregate_plan, conv_plan, interpreted,
                       register_ops)
@@ -64,33 +64,49 @@ WGRAD_MAX_CIN = 16
 # ------------------------------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _tile_stats(zs, mask, cols, col_ok, M, C, pid_m, psum_ptr, pm2_ptr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Row ``pid_m`` of the (sum, M2) workspaces from a [BLOCK_M, C] fp32 tile: its per-channel sums and squared
-    deviations from the tile's own mean, the partials that Chan's formula combines across tiles
-    (_stats_combine_kernel)."""
+def _tile_stats(zs, mask, cols, col_ok, M, C, pid_m, psum_ptr, pm2_ptr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr,
+                SWAP: tl.constexpr):
+    """Row ``pid_m`` of the (sum, M2) workspaces from a [BLOCK_M, C] fp32 tile (with SWAP its [C, BLOCK_M]
+    transpose): its per-channel sums and squared deviations from the tile's own mean, the partials that Chan's
+    formula combines across tiles (_stats_combine_kernel)."""
     n_rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-    s1 = tl.sum(tl.where(mask, zs, 0.0), axis=0)
-    dev = tl.where(mask, zs - (s1 / n_rows)[None, :], 0.0)
+    if SWAP:
+        s1 = tl.sum(tl.where(mask, zs, 0.0), axis=1)
+        dev = tl.where(mask, zs - (s1 / n_rows)[:, None], 0.0)
+        m2 = tl.sum(dev * dev, axis=1)
+    else:
+        s1 = tl.sum(tl.where(mask, zs, 0.0), axis=0)
+        dev = tl.where(mask, zs - (s1 / n_rows)[None, :], 0.0)
+        m2 = tl.sum(dev * dev, axis=0)
     t_row = pid_m
     if IDX64:
         t_row = t_row.to(tl.int64)
     tl.store(psum_ptr + t_row * C + cols, s1, mask=col_ok)
-    tl.store(pm2_ptr + t_row * C + cols, tl.sum(dev * dev, axis=0), mask=col_ok)
+    tl.store(pm2_ptr + t_row * C + cols, m2, mask=col_ok)
 
 
 @triton.jit
 def _stats_epilogue(acc, rows, row_ok, cols, col_ok, pid_m, z_ptr, psum_ptr, pm2_ptr, M, Cout,
-                    IDX64: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The statistics convs' epilogue: z = acc in z's dtype, then row ``pid_m`` of the (sum, M2) workspaces."""
-    mask = row_ok[:, None] & col_ok[None, :]
-    zr = acc.to(z_ptr.dtype.element_ty)
-    tl.store(z_ptr + rows[:, None] * Cout + cols[None, :], zr, mask=mask)
+                    IDX64: tl.constexpr, BLOCK_M: tl.constexpr, SWAP: tl.constexpr):
+    """The statistics convs' epilogue: z = acc in z's dtype, then row ``pid_m`` of the (sum, M2) workspaces.
+    ``acc``: [pixels, channels], or with SWAP [channels, pixels]: then each channel's pixels lie in one warp's
+    registers and lanes, and the reductions need no shared-memory rounds across warps (in the pixel-major tile
+    Triton reduces across the 8 warps in 16 rounds of shared memory and barriers a tile, which cost the 1x1
+    convs about as much as the conv itself)."""
+    if SWAP:
+        mask = col_ok[:, None] & row_ok[None, :]
+        zr = acc.to(z_ptr.dtype.element_ty)
+        tl.store(z_ptr + rows[None, :] * Cout + cols[:, None], zr, mask=mask)
+    else:
+        mask = row_ok[:, None] & col_ok[None, :]
+        zr = acc.to(z_ptr.dtype.element_ty)
+        tl.store(z_ptr + rows[:, None] * Cout + cols[None, :], zr, mask=mask)
     # The tile's statistics: its channel sums, and squared deviations from the tile's own mean (combined
     # across tiles by Chan's formula in _stats_combine_kernel, which keeps the variance exact to fp32 rounding).
     # They are the statistics of z as stored, rounded: BN's backward differentiates through the mean and
     # variance *of the z it saved*, and statistics of the unrounded accumulator would not sum to zero over the
     # stored z's deviations (at fp16, with few values per channel, that doubled the input gradient's error).
-    _tile_stats(zr.to(tl.float32), mask, cols, col_ok, M, Cout, pid_m, psum_ptr, pm2_ptr, IDX64, BLOCK_M)
+    _tile_stats(zr.to(tl.float32), mask, cols, col_ok, M, Cout, pid_m, psum_ptr, pm2_ptr, IDX64, BLOCK_M, SWAP)
 
 
 @triton.jit
@@ -104,9 +120,10 @@ def _conv_stats_kernel(
     MODE: tl.constexpr, GB: tl.constexpr, FULL: tl.constexpr, PAD: tl.constexpr,
     NORM: tl.constexpr, NORM_RELU: tl.constexpr,
     PREC: tl.constexpr, RND: tl.constexpr, IDX64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
 ):
-    """z = conv(x) (or conv(act(bn(x))) with NORM) plus per-tile channel statistics of z.
+    """z = conv(x) (or conv(act(bn(x))) with NORM) plus per-tile channel statistics of z; SWAP: the tile
+    computed transposed, channels as the MMA's rows (see ``_stats_epilogue``).
 
     The tile's GEMM is ``_conv_tile``, the K walks of ``_conv_gemm_kernel`` (MODE 0 tap-major, 1 flat K,
     2 block-diagonal; see there), with NORM applying the BN prologue to each loaded input tile.
@@ -123,9 +140,10 @@ def _conv_stats_kernel(
         x_ptr, w_ptr, mu_ptr, sc_ptr, bi_ptr, pid_n, row_ok, img, oh, ow, cols, col_ok,
         H, W, Cin, Cin_g, Cout_g, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w,
         tiles_per_group, KH, KW, MODE, GB, FULL, PAD, NORM, NORM_RELU, PREC, RND,
-        BLOCK_M, BLOCK_N, BLOCK_K, 1)
+        BLOCK_M, BLOCK_N, BLOCK_K, 1, SWAP)
 
-    _stats_epilogue(acc, rows, row_ok, cols, col_ok, pid_m, z_ptr, psum_ptr, pm2_ptr, M, Cout, IDX64, BLOCK_M)
+    _stats_epilogue(acc, rows, row_ok, cols, col_ok, pid_m, z_ptr, psum_ptr, pm2_ptr, M, Cout, IDX64, BLOCK_M,
+                    SWAP)
 
 
 @triton.jit
@@ -138,12 +156,12 @@ def _agg_stats_kernel(
     n_tiles_n,
     NUM_CHILDREN: tl.constexpr,
     PREC: tl.constexpr, RND: tl.constexpr, IDX64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
 ):
     """z = cat(children) @ W^T (the aggregation node's 1x1 conv) plus per-tile channel statistics of z,
     without the concat: the flat K loop of the inference ``_aggregate_kernel`` (child i read in place at
     ``p_i + m * S_i + c``, its pointer picked per iteration by scalar selects) and the epilogue of
-    ``_conv_stats_kernel`` (z, then row ``pid_m`` of the (sum, M2) workspaces)."""
+    ``_conv_stats_kernel`` (z, then row ``pid_m`` of the (sum, M2) workspaces; SWAP: the tile transposed)."""
     pid = tl.program_id(0)
     pid_m = pid // n_tiles_n
     pid_n = pid % n_tiles_n
@@ -189,7 +207,10 @@ def _agg_stats_kernel(
     else:
         total = T8
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(0, total):
         base = p0
         C = C0
@@ -214,9 +235,10 @@ def _agg_stats_kernel(
         c_ok = c < C
         a = tl.load(base + (rows * S)[:, None] + c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         b = tl.load(w_ptr + w_row[None, :] + (kb + c)[:, None], mask=c_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _mma(a, b, acc, PREC, RND)
+        acc = _mma_into(a, b, acc, PREC, RND, SWAP)
 
-    _stats_epilogue(acc, rows, row_ok, cols, col_ok, pid_m, z_ptr, psum_ptr, pm2_ptr, M, Cout, IDX64, BLOCK_M)
+    _stats_epilogue(acc, rows, row_ok, cols, col_ok, pid_m, z_ptr, psum_ptr, pm2_ptr, M, Cout, IDX64, BLOCK_M,
+                    SWAP)
 
 
 @triton.jit
@@ -243,7 +265,7 @@ def _tensor_stats_kernel(
     wrote (the CUDA stem)."""
     pid_m, rows, cols, col_ok, mask = _row_tile(n_tiles_c, M, C, IDX64, BLOCK_M, BLOCK_C)
     zs = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    _tile_stats(zs, mask, cols, col_ok, M, C, pid_m, psum_ptr, pm2_ptr, IDX64, BLOCK_M)
+    _tile_stats(zs, mask, cols, col_ok, M, C, pid_m, psum_ptr, pm2_ptr, IDX64, BLOCK_M, False)
 
 
 @triton.jit
@@ -603,11 +625,22 @@ def train_conv_plan(M: int, cin_g: int, cout_g: int, groups: int, kh: int, kw: i
                          f"group (kind {kind!r}); the training path falls back to eager for it")
     cfg = conv_plan(M, cin_g, cout_g, groups, kh, kw, dtype, tf32, interpreted(), kind, 0)
     cfg["SPLIT"] = 1
+    cfg["SWAP"] = stats_swap(kind, cfg["BLOCK_N"], norm)
     if norm:
         cfg["num_stages"] = min(cfg["num_stages"], STAGES_NORM)
         if cfg.get("BLOCK_M", 0) * cfg.get("BLOCK_N", 0) >= 128 * 64:
             cfg["num_warps"] = max(cfg["num_warps"], WARPS_NORM)
     return cfg
+
+
+def stats_swap(kind: str, block_n: int, norm: bool) -> bool:
+    """Whether a statistics conv computes its tile transposed (channels as the MMA's rows, so the statistics
+    are reduced inside each warp; ``_stats_epilogue``): DLA_FAST_TRAIN_STATS_TILE=channels, on the dense and
+    aggregation K walks without the BN prologue, with tiles of at least 64 channels (the MMA's row count)."""
+    mode = (_env.get("DLA_FAST_TRAIN_STATS_TILE") or "pixels").lower()
+    if mode not in ("pixels", "channels"):
+        raise ValueError(f"DLA_FAST_TRAIN_STATS_TILE={mode!r} is not a tile orientation: use pixels or channels")
+    return mode == "channels" and kind == "dense" and not norm and block_n >= 64
 
 
 FINAL_BLOCK_T = 64  # workspace rows a finalize program reads per step
@@ -710,6 +743,10 @@ def conv_stats_launch(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[in
     cfg = dict(config) if config is not None else train_conv_plan(M, Cin_g, Cout_g, groups, kh, kw, x.dtype,
                                                                     tf32, norm=norm is not None)
     bm, bn, bk, mode, gb = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["MODE"], cfg["GB"]
+    swap = bool(cfg.get("SWAP", False))
+    if swap and (norm is not None or mode != 0):
+        raise ValueError("conv_stats: the transposed tile (SWAP) runs the dense K walk without the BN prologue; "
+                         f"this call has MODE {mode} and {'a' if norm is not None else 'no'} prologue")
     T = _cdiv(M, bm)
     psum = torch.empty((T, Cout), device=x.device, dtype=torch.float32)
     pm2 = torch.empty((T, Cout), device=x.device, dtype=torch.float32)
@@ -739,7 +776,7 @@ def conv_stats_launch(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[in
         NORM=norm is not None, NORM_RELU=bool(norm_relu),
         PREC=_prec(x.dtype, tf32), RND=_round_tf32(x.dtype, tf32, interp),
         IDX64=_idx64(_max_offset(x), z.numel()),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SWAP=swap, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return (z, *_stats_from_partials(psum, pm2, M, bm, raw, fold))
 
 
@@ -904,7 +941,11 @@ def agg_stats_launch(children: Sequence[torch.Tensor], weight: torch.Tensor, tf3
     dtype = ref.dtype
     z = _new_output(N, Cout, H, W, ref.device, dtype)
     interp = interpreted()
-    cfg = dict(config) if config is not None else aggregate_plan(M, chans, Cout, dtype, interp, tf32, 0)
+    if config is not None:
+        cfg = dict(config)
+    else:
+        cfg = aggregate_plan(M, chans, Cout, dtype, interp, tf32, 0)
+        cfg["SWAP"] = stats_swap("dense", cfg["BLOCK_N"], False)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     T = _cdiv(M, bm)
     psum = torch.empty((T, Cout), device=ref.device, dtype=torch.float32)
@@ -922,7 +963,8 @@ def agg_stats_launch(children: Sequence[torch.Tensor], weight: torch.Tensor, tf3
         *ptrs, *cs, *ss, w, z, psum, pm2, M, Cout, Ctot, n_tiles,
         NUM_CHILDREN=nc, PREC=_prec(dtype, tf32), RND=_round_tf32(dtype, tf32, interp),
         IDX64=_idx64(*[_max_offset(c) for c in kids], z.numel()),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SWAP=bool(cfg.get("SWAP", False)), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return (z, *_stats_from_partials(psum, pm2, M, bm, raw, fold))
 
 
