@@ -76,6 +76,18 @@ def get(name: str) -> Optional[str]:
     return _cache[name]
 
 
+def choice(name: str) -> Optional[str]:
+    """A switch that takes one of the words its table entry lists (``values``): the word, lowercased, or None
+    when unset. Any other value raises, naming the valid ones."""
+    v = get(name)
+    if v is None:
+        return None
+    words = [w.strip() for w in _BY_NAME[name].values.split(",")]
+    if v.lower() not in words:
+        raise ValueError(f"{name}={v.lower()!r} is not a mode: use {' or '.join(words)}")
+    return v.lower()
+
+
 def flag(name: str) -> bool:
     """A 0/1 switch as a bool."""
     return (get(name) or "0").lower() not in ("0", "false", "no", "off")

@@ -69,6 +69,21 @@ def test_switches_are_read_once(monkeypatch):
     assert not _env.flag("DLA_FAST_TRITON_POISON")
 
 
+def test_a_word_switch_takes_the_words_its_table_lists(monkeypatch):
+    monkeypatch.delenv("DLA_FAST_TRAIN_WGRAD", raising=False)
+    _env.reload()
+    assert _env.choice("DLA_FAST_TRAIN_WGRAD") is None
+    monkeypatch.setenv("DLA_FAST_TRAIN_WGRAD", " ATen ")
+    _env.reload()
+    assert _env.choice("DLA_FAST_TRAIN_WGRAD") == "aten"
+    monkeypatch.setenv("DLA_FAST_TRAIN_WGRAD", "cudnn")
+    _env.reload()
+    with pytest.raises(ValueError, match="DLA_FAST_TRAIN_WGRAD='cudnn' is not a mode: use aten or triton"):
+        _env.choice("DLA_FAST_TRAIN_WGRAD")
+    monkeypatch.delenv("DLA_FAST_TRAIN_WGRAD")
+    _env.reload()
+
+
 def test_results_directory_is_curated():
     d = os.path.join(ROOT, "benchmarks", "results")
     files = [f for f in os.listdir(d) if os.path.isfile(os.path.join(d, f))]

@@ -184,10 +184,7 @@ def thin_wgrad(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
     from Python, and a conv the kernel takes (the DLA front: few input channels over many pixels, where cuDNN's
     kernels, in benchmark mode too, run far from the memory bound)."""
     from .. import _env
-    mode = _env.get("DLA_FAST_TRAIN_WGRAD")
-    mode = mode.lower() if mode else None
-    if mode not in (None, "aten", "triton"):
-        raise ValueError(f"DLA_FAST_TRAIN_WGRAD={mode!r} is not a mode: use aten or triton")
+    mode = _env.choice("DLA_FAST_TRAIN_WGRAD")
     if mode == "aten" or (mode is None and x.device.type != "cuda") or x.dim() != 4 or not _direct(x):
         return False
     from ..backends.triton import _train as kt

@@ -37,9 +37,7 @@ def defer_mode(save_memory: bool):
     if not save_memory:
         return False
     from .. import _env
-    mode = (_env.get("DLA_FAST_TRAIN_SAVE_MEMORY") or "prologue").lower()
-    if mode not in ("prologue", "recompute"):
-        raise ValueError(f"DLA_FAST_TRAIN_SAVE_MEMORY={mode!r} is not a mode: use prologue or recompute")
+    mode = _env.choice("DLA_FAST_TRAIN_SAVE_MEMORY") or "prologue"
     return True if mode == "prologue" else mode
 
 

@@ -93,13 +93,12 @@ def _stats_epilogue(acc, rows, row_ok, cols, col_ok, pid_m, z_ptr, psum_ptr, pm2
     registers and lanes, and the reductions need no shared-memory rounds across warps (in the pixel-major tile
     Triton reduces across the 8 warps in 16 rounds of shared memory and barriers a tile, which cost the 1x1
     convs about as much as the conv itself)."""
+    zr = acc.to(z_ptr.dtype.element_ty)
     if SWAP:
         mask = col_ok[:, None] & row_ok[None, :]
-        zr = acc.to(z_ptr.dtype.element_ty)
         tl.store(z_ptr + rows[None, :] * Cout + cols[:, None], zr, mask=mask)
     else:
         mask = row_ok[:, None] & col_ok[None, :]
-        zr = acc.to(z_ptr.dtype.element_ty)
         tl.store(z_ptr + rows[:, None] * Cout + cols[None, :], zr, mask=mask)
     # The tile's statistics: its channel sums, and squared deviations from the tile's own mean (combined
     # across tiles by Chan's formula in _stats_combine_kernel, which keeps the variance exact to fp32 rounding).
@@ -637,10 +636,8 @@ def stats_swap(kind: str, block_n: int, norm: bool) -> bool:
     """Whether a statistics conv computes its tile transposed (channels as the MMA's rows, so the statistics
     are reduced inside each warp; ``_stats_epilogue``): DLA_FAST_TRAIN_STATS_TILE=channels, on the dense and
     aggregation K walks without the BN prologue, with tiles of at least 64 channels (the MMA's row count)."""
-    mode = (_env.get("DLA_FAST_TRAIN_STATS_TILE") or "pixels").lower()
-    if mode not in ("pixels", "channels"):
-        raise ValueError(f"DLA_FAST_TRAIN_STATS_TILE={mode!r} is not a tile orientation: use pixels or channels")
-    return mode == "channels" and kind == "dense" and not norm and block_n >= 64
+    return (_env.choice("DLA_FAST_TRAIN_STATS_TILE") == "channels" and kind == "dense" and not norm
+            and block_n >= 64)
 
 
 FINAL_BLOCK_T = 64  # workspace rows a finalize program reads per step
