@@ -35,10 +35,11 @@ SWITCHES: Tuple[Switch, ...] = (
            "how set_fused_training(save_memory=True) avoids keeping a block's inner activations: prologue (the next "
            "conv normalises its input as it loads it) or recompute (a pass of its own forms it, dropped after the "
            "conv)"),
-    Switch("DLA_FAST_TRAIN_STATS_TILE", "pixels, channels", "pixels",
-           "the statistics convs' tile in fused training: pixels (pixels as the MMA's rows; the epilogue reduces the "
-           "statistics across warps) or channels (the tile transposed, reduced within each warp; dense convs and "
-           "the aggregation node without the BN prologue, tiles of at least 64 channels)"),
+    Switch("DLA_FAST_TRAIN_STATS_TILE", "pixels, channels", "channels",
+           "the statistics convs' tile in fused training: channels (the tile transposed, channels as the MMA's rows, "
+           "so each channel's statistics are reduced within one warp; dense convs and the aggregation node without "
+           "the BN prologue, tiles of at least 64 channels) or pixels (pixels as the MMA's rows everywhere; the "
+           "epilogue reduces the statistics across warps)"),
     Switch("DLA_FAST_TRAIN_WGRAD", "aten, triton", "triton on a GPU",
            "the weight gradient of the front's thin convs in fused training (at most 16 input channels: the stem and "
            "levels 0-1): triton (a split-pixel reduction kernel of dla_fast's; set, also under the CPU interpreter) "

@@ -333,8 +333,8 @@ def _step_cuda_with(name, amp, monkeypatch, var: str, value: str, attr: str):
 @pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", ["dla34", "dla102"])
 def test_transposed_statistics_whole_step_cuda(name, amp, monkeypatch):
-    """DLA_FAST_TRAIN_STATS_TILE=channels: the statistics convs and aggregation nodes with wide tiles run
-    transposed (seen chosen), the step still within 2x eager autocast's error against float64 everywhere."""
+    """DLA_FAST_TRAIN_STATS_TILE=channels (the default): the statistics convs and aggregation nodes with wide tiles
+    run transposed (seen chosen), the step still within 2x eager autocast's error against float64 everywhere."""
     calls = _step_cuda_with(name, amp, monkeypatch, "DLA_FAST_TRAIN_STATS_TILE", "channels", "stats_swap")
     assert any(r for _, r in calls), "no statistics conv took the transposed tile"
 

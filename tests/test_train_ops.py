@@ -345,8 +345,8 @@ def test_conv_stats_kernel(kind, shape, dtype):
 @pytest.mark.interpreter
 @needs_kernels
 def test_transposed_statistics_tile_gate(monkeypatch):
-    """DLA_FAST_TRAIN_STATS_TILE: pixels (the default) keeps the pixel-major tile; channels transposes dense convs
-    and aggregation nodes without the prologue whose tiles hold at least 64 channels; another value is refused;
+    """DLA_FAST_TRAIN_STATS_TILE: channels (the default) transposes dense convs and aggregation nodes without the
+    prologue whose tiles hold at least 64 channels; pixels keeps the pixel-major tile; another value is refused;
     the transposed tile with the prologue is refused by the launcher. Under it, a large-mean channel's statistics
     stay exact to fp32 rounding (the per-tile deviations are taken within the transposed tile)."""
     from dla_fast import _env
@@ -362,8 +362,8 @@ def test_transposed_statistics_tile_gate(monkeypatch):
                 (("dense", 128, False), ("dense", 64, False), ("dense", 32, False), ("dense", 128, True),
                  ("flat", 128, False), ("blockdiag", 128, False))]
     try:
-        assert gate(None) == gate("pixels") == [False] * 6
-        assert gate("channels") == [True, True, False, False, False, False]
+        assert gate(None) == gate("channels") == [True, True, False, False, False, False]
+        assert gate("pixels") == [False] * 6
         with pytest.raises(ValueError, match="use pixels or channels"):
             gate("rows")
     finally:

@@ -634,9 +634,11 @@ def train_conv_plan(M: int, cin_g: int, cout_g: int, groups: int, kh: int, kw: i
 
 def stats_swap(kind: str, block_n: int, norm: bool) -> bool:
     """Whether a statistics conv computes its tile transposed (channels as the MMA's rows, so the statistics
-    are reduced inside each warp; ``_stats_epilogue``): DLA_FAST_TRAIN_STATS_TILE=channels, on the dense and
-    aggregation K walks without the BN prologue, with tiles of at least 64 channels (the MMA's row count)."""
-    return (_env.choice("DLA_FAST_TRAIN_STATS_TILE") == "channels" and kind == "dense" and not norm
+    are reduced inside each warp; ``_stats_epilogue``): on the dense and aggregation K walks without the BN
+    prologue, with tiles of at least 64 channels (the MMA's row count), unless DLA_FAST_TRAIN_STATS_TILE=pixels.
+    The pixel-major tile reduces each channel across the warps that hold its pixels, in shared-memory rounds
+    that cost the wide 1x1 convs nearly as much as their GEMM."""
+    return (_env.choice("DLA_FAST_TRAIN_STATS_TILE") != "pixels" and kind == "dense" and not norm
             and block_n >= 64)
 
 
