@@ -1323,15 +1323,37 @@ def test_opcheck():
     torch.library.opcheck(ops.bn_act.default, (x, v[0], v[1], v[2], x, True, torch.float32))
     torch.library.opcheck(ops.bn_backward.default, (x, x.relu(), x, v[0], v[1], v[2], torch.float32))
     torch.library.opcheck(ops.bn_backward.default, (x, None, x, v[0], v[1], None, None))
+    dz = torch.randn(2, 8, 3, 3, generator=gen).to(DEV)
+    torch.library.opcheck(ops.wgrad_thin.default, (dz, x, w, [2, 2], [1, 1], False))
 
 
 @pytest.mark.interpreter
 @needs_kernels
-def test_torch_compile_module():
+@pytest.mark.parametrize("wgrad", ["aten", "triton"])
+def test_torch_compile_module(wgrad, monkeypatch):
     """torch.compile around the module (graph capture through the autograd functions and the registered ops;
     on the CPU with the eager/aot_eager backends, Inductor in the cuda test): the same output, gradients and
-    running statistics as without."""
+    running statistics as without. The conv is thin (8 input channels), so with DLA_FAST_TRAIN_WGRAD=triton its
+    weight gradient comes from the thin-conv kernel compiled and uncompiled alike (a registered op in the
+    graph), and from ATen's in neither with aten."""
+    from dla_fast import _env
+    from dla_fast.backends.triton import _train as kt
+
+    monkeypatch.setenv("DLA_FAST_TRAIN_WGRAD", wgrad)
+    _env.reload()
+    launches = []
+    launch = kt.wgrad_thin_launch
+
+    def counted(dz, x, *args, **kwargs):  # counts the launches on real tensors (not a compile's fake ones)
+        from torch._subclasses.fake_tensor import is_fake
+        if not is_fake(x) and x.device.type != "meta":
+            launches.append(1)
+        return launch(dz, x, *args, **kwargs)
+
+    monkeypatch.setattr(kt, "wgrad_thin_launch", counted)
+
     def run(compiled):
+        del launches[:]
         conv, bn = _pair(seed=3)
         m = TrainConvBnAct(conv.to(DEV), bn.to(DEV), backend="triton")
         f = torch.compile(m, backend=compiled, fullgraph=False) if compiled else m
@@ -1339,6 +1361,7 @@ def test_torch_compile_module():
         r = torch.randn(2, 12, 7, 7, generator=torch.Generator().manual_seed(25)).to(DEV)
         y = f(x, r)
         (y * y).sum().backward()
+        assert len(launches) == (wgrad == "triton"), f"compiled={compiled}: {len(launches)} thin-conv launches"
         return [y.detach(), conv.weight.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var,
                 bn.num_batches_tracked]
 

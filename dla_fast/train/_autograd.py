@@ -180,12 +180,13 @@ def shares_dgrad(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups:
 def thin_wgrad(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
     """Whether the weight gradient of a conv of x runs on the Triton thin-conv kernel
     (:func:`dla_fast.backends.triton._train.wgrad_thin_launch`) instead of ATen's: on a GPU unless turned off
-    (DLA_FAST_TRAIN_WGRAD=aten), anywhere Triton runs when asked for (=triton: the CPU interpreter too), launched
-    from Python, and a conv the kernel takes (the DLA front: few input channels over many pixels, where cuDNN's
-    kernels, in benchmark mode too, run far from the memory bound)."""
+    (DLA_FAST_TRAIN_WGRAD=aten), anywhere Triton runs when asked for (=triton: the CPU interpreter too), and a
+    conv the kernel takes (the DLA front: few input channels over many pixels, where cuDNN's kernels, in benchmark
+    mode too, run far from the memory bound). Under torch.compile it enters the graph as a registered op, so a
+    compiled step computes the same weight gradient as an uncompiled one."""
     from .. import _env
     mode = _env.choice("DLA_FAST_TRAIN_WGRAD")
-    if mode == "aten" or (mode is None and x.device.type != "cuda") or x.dim() != 4 or not _direct(x):
+    if mode == "aten" or (mode is None and x.device.type != "cuda") or x.dim() != 4:
         return False
     from ..backends.triton import _train as kt
     return kt.wgrad_thin_ok(weight.shape, groups) and x.shape[1] == weight.shape[1]
@@ -193,7 +194,9 @@ def thin_wgrad(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
 
 def _wgrad(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
     from ..backends.triton import _train as kt
-    return kt.wgrad_thin_launch(dz, x, weight, stride, padding, _tf32(), raw=True)
+    if _direct(x):
+        return kt.wgrad_thin_launch(dz, x, weight, stride, padding, _tf32(), raw=True)
+    return torch.ops.dla_fast_train.wgrad_thin(dz, x, weight, list(stride), list(padding), _tf32())
 
 
 def dgrad_onto(impl: str, dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, extra: torch.Tensor,

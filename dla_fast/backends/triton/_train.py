@@ -52,10 +52,12 @@ WARPS_ELTWISE = 4
 # REDUCE_PROGRAMS programs (enough to fill any current GPU).
 REDUCE_PROGRAMS = 1024
 REDUCE_MAX_ROW_TILES = 32
-# The thin convs' weight gradient (wgrad_thin_launch): pixels an MMA step reduces, programs it aims at (splits of
-# the pixels x kernel rows x output-channel blocks; a constant, so the summation order is the same on every card),
-# and the widest input it takes.
+# The thin convs' weight gradient (wgrad_thin_launch): pixels an MMA step reduces, its warps and pipeline stages,
+# programs it aims at (splits of the pixels x kernel rows x output-channel blocks; a constant, so the summation
+# order is the same on every card), and the widest input it takes.
 WGRAD_BLOCK_P = 128
+WGRAD_WARPS = 4
+WGRAD_STAGES = 2
 WGRAD_PROGRAMS = 1024
 WGRAD_PROGRAMS_INTERPRETED = 8
 WGRAD_MAX_CIN = 16
@@ -890,7 +892,7 @@ def wgrad_thin_launch(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
             x, dz, part, P, H, W, Ho * Wo, Wo, Cin, Cout, KH, sh, sw, ph, pw, sxn, sxh, sxw, sdz, n_cob, n_chunks,
             chunks, KWC=kwc, IDX64=_idx64(_max_offset(x), _max_offset(dz), P * sdz), PREC=_prec(x.dtype, tf32),
             RND=_round_tf32(x.dtype, tf32, interp), BLOCK_P=bp, BLOCK_CO=bco, BLOCK_J=bj,
-            num_warps=4, num_stages=2)
+            num_warps=WGRAD_WARPS, num_stages=WGRAD_STAGES)
     g = part.sum(0).view(KH, Cout, KW, Cin).permute(1, 3, 0, 2)
     return torch.empty_like(weight).copy_(g)
 
@@ -1090,6 +1092,7 @@ _SCHEMAS = {
     # The residual's gradient comes back as an empty tensor when res_dtype is None.
     "bn_backward": ("(Tensor grad, Tensor? y, Tensor z, Tensor mean, Tensor rstd, Tensor? gamma, "
                     "ScalarType? res_dtype) -> (Tensor, Tensor, Tensor, Tensor)"),
+    "wgrad_thin": "(Tensor dz, Tensor x, Tensor weight, SymInt[] stride, SymInt[] padding, bool tf32) -> Tensor",
 }
 
 
@@ -1120,8 +1123,13 @@ def _bn_backward_op(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.Tens
     return dz, dgamma, dbeta, dres if dres is not None else z.new_empty(0)
 
 
+def _wgrad_thin_op(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: List[int], padding: List[int],
+                   tf32: bool) -> torch.Tensor:
+    return wgrad_thin_launch(dz, x, weight, stride, padding, tf32)
+
+
 _IMPLS = {"conv_stats": _conv_stats_op, "agg_stats": _agg_stats_op, "bn_act": _bn_act_op,
-          "bn_backward": _bn_backward_op}
+          "bn_backward": _bn_backward_op, "wgrad_thin": _wgrad_thin_op}
 
 
 def _register() -> None:
