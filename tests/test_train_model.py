@@ -304,22 +304,23 @@ def test_fused_training_of_a_detection_backbone_cuda(amp):
     _compare("buffers", bf, be, bt, FLOOR[amp])
 
 
-def _step_cuda_with(name, amp, monkeypatch, var: str, value: str, attr: str):
+def _step_cuda_with(name, amp, monkeypatch, var: str, value: str, attr: str, module=None):
     """:func:`_check_step_cuda` with the switch ``var`` set to ``value``; returns (args, result) of every call of
-    ``dla_fast.backends.triton._train.<attr>`` in the step."""
+    ``<module>.<attr>`` in the step (module: ``dla_fast.backends.triton._train`` unless given)."""
     from dla_fast import _env
     from dla_fast.backends.triton import _train as kt
 
+    module = kt if module is None else module
     monkeypatch.setenv(var, value)
     _env.reload()
     calls = []
-    real = getattr(kt, attr)
+    real = getattr(module, attr)
 
     def counted(*a, **kw):
         r = real(*a, **kw)
         calls.append((a, r))
         return r
-    monkeypatch.setattr(kt, attr, counted)
+    monkeypatch.setattr(module, attr, counted)
     try:
         _check_step_cuda(name, amp)
     finally:
@@ -350,6 +351,21 @@ def test_thin_wgrad_whole_step_cuda(name, amp, monkeypatch):
     calls = _step_cuda_with(name, amp, monkeypatch, "DLA_FAST_TRAIN_WGRAD", "triton", "wgrad_thin_launch")
     launched = [tuple(a[2].shape) for a, _ in calls]
     assert launched == [(32, 16, 3, 3), (16, 16, 3, 3), (16, 3, 7, 7)], launched  # backward order: level 1 first
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["dla34", "dla60x_c"])
+def test_thin_dgrad_whole_step_cuda(name, amp, monkeypatch):
+    """DLA_FAST_TRAIN_DGRAD=triton: level 0's data gradient on the Triton conv kernel (the gate seen taking the
+    16-channel stride-1 3x3 and nothing else), the step still within 2x eager autocast's error against float64
+    everywhere."""
+    from dla_fast.train import _autograd as ag
+
+    calls = _step_cuda_with(name, amp, monkeypatch, "DLA_FAST_TRAIN_DGRAD", "triton", "thin_dgrad", ag)
+    taken = [tuple(a[1].shape) for a, r in calls if r]
+    assert taken == [(16, 16, 3, 3)], taken
 
 
 @pytest.mark.cuda

@@ -742,6 +742,59 @@ def test_thin_wgrad_in_the_training_layer(dtype, monkeypatch):
 
 @pytest.mark.interpreter
 @needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
+def test_thin_dgrad_in_the_training_layer(dtype, monkeypatch):
+    """DLA_FAST_TRAIN_DGRAD=triton: a level-0-like layer's data gradient (3x3, 16 channels, stride 1) comes from
+    the Triton conv kernel on the flipped weight (seen launched), every quantity within 2x eager's error against
+    float64; unset or aten keeps ATen's; the gate leaves strided, wider and grouped convs to ATen."""
+    from dla_fast import _env
+    from dla_fast.backends.triton import _launch
+    from dla_fast.train import _autograd as ag
+
+    gen = torch.Generator().manual_seed(41)
+    x0, w0 = torch.randn(2, 16, 13, 11, generator=gen), torch.randn(16, 16, 3, 3, generator=gen) * 0.1
+    gy = torch.randn(2, 16, 13, 11, generator=gen)
+    calls = []
+    real = _launch.conv_launch
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+    monkeypatch.setattr(_launch, "conv_launch", counted)
+
+    def run(backend, dt):
+        pd = torch.float64 if dt == torch.float64 else torch.float32
+        x = _leaf(x0.to(DEV, dt).contiguous(memory_format=torch.channels_last))
+        w = _leaf(w0.to(DEV, dt).contiguous(memory_format=torch.channels_last))
+        g, b = _leaf(torch.ones(16, device=DEV, dtype=pd)), _leaf(torch.zeros(16, device=DEV, dtype=pd))
+        y = conv_bn_relu_train(x, w, g, b, padding=1, backend=backend)
+        y.backward(gy.to(DEV, y.dtype))
+        return [y.detach(), x.grad, w.grad, g.grad, b.grad]
+
+    ref, eager = run("eager", torch.float64), run("eager", dtype)
+    for mode, expect in ((None, 0), ("aten", 0), ("triton", 1)):
+        if mode is None:
+            monkeypatch.delenv("DLA_FAST_TRAIN_DGRAD", raising=False)
+        else:
+            monkeypatch.setenv("DLA_FAST_TRAIN_DGRAD", mode)
+        _env.reload()
+        calls.clear()
+        got = run("triton", dtype)
+        assert len(calls) == expect, (mode, calls)
+        for name, a, e, r in zip(["y", "dx", "dw", "dgamma", "dbeta"], got, eager, ref):
+            _judge(f"{mode} {name}", a, e, r, dtype)
+    x16, x32 = torch.empty(2, 16, 8, 8, device=DEV), torch.empty(2, 32, 8, 8, device=DEV)
+    assert ag.thin_dgrad(x16, torch.empty(16, 16, 3, 3, device=DEV), (1, 1), (1, 1), 1)
+    assert not ag.thin_dgrad(x16, torch.empty(32, 16, 3, 3, device=DEV), (2, 2), (1, 1), 1)  # strided (level 1)
+    assert not ag.thin_dgrad(x32, torch.empty(32, 32, 3, 3, device=DEV), (1, 1), (1, 1), 1)  # wider input
+    assert not ag.thin_dgrad(x16, torch.empty(16, 8, 3, 3, device=DEV), (1, 1), (1, 1), 2)  # grouped
+    monkeypatch.delenv("DLA_FAST_TRAIN_DGRAD")
+    _env.reload()
+    assert not ag.thin_dgrad(x16, torch.empty(16, 16, 3, 3, device=DEV), (1, 1), (1, 1), 1)  # off unless set
+
+
+@pytest.mark.interpreter
+@needs_kernels
 def test_backward_kernels_match_torch_pieces():
     """The Triton BN+ReLU backward (two passes) and BN apply against their torch formulas, on a channels_last
     slice input and a strided gradient, with and without ReLU mask and residual gradient; without a residual,

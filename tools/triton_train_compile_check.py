@@ -7,7 +7,7 @@ training launchers (:mod:`dla_fast.backends.triton._train`) on ``meta`` tensors 
 of the chosen variants (:func:`record_training`: the statistics conv with and without the BN+ReLU prologue and
 the statistics pass over a conv output, the aggregation node over its children in place, BN apply / backward
 on the outputs, BN backward with the ReLU's mask read or recomputed and with a shared residual, the shared
-input's 1x1 data gradient, the thin front convs' weight gradient, and the trees' max-pool backward, with and
+input's 1x1 data gradient, the thin front convs' data and weight gradients, and the trees' max-pool backward, with and
 without a shared input); records each launch and compiles each specialisation once for the target (default
 sm_90), reporting compile errors, shared memory and, with ``--sass``, instruction counts (HGMMA, LDGSTS, spills).
 """
@@ -61,6 +61,8 @@ def record_training(s, n: int, dtype: torch.dtype, tf32: bool = True) -> bool:
             # the shared input's data gradient: the conv of dz with the flipped, transposed weight, x's other
             # gradient added in its epilogue
             _launch.conv_launch(z, w.flip(2, 3).transpose(0, 1), None, (1, 1), s.padding, 1, x, False, tf32)
+            if x.shape[1] <= _train.WGRAD_MAX_CIN:  # a thin conv's data gradient alone (DLA_FAST_TRAIN_DGRAD=triton)
+                _launch.conv_launch(z, w.flip(2, 3).transpose(0, 1), None, (1, 1), s.padding, 1, None, False, tf32)
         if _train.wgrad_thin_ok(w.shape, groups):  # the front's weight gradient (DLA_FAST_TRAIN_WGRAD=triton)
             _train.wgrad_thin_launch(z, x, w, s.stride, s.padding, tf32)
     cvec = [torch.empty(s.cout, device="meta") for _ in range(3)]

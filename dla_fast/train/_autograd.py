@@ -177,6 +177,18 @@ def shares_dgrad(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups:
             and tuple(padding) == (kh // 2, kw // 2) and groups == 1 and _direct(x))
 
 
+def thin_dgrad(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups: int) -> bool:
+    """Whether the data gradient of a conv of x runs on the Triton conv kernel (the conv of dz with the weight
+    flipped and transposed, as :func:`dgrad_onto` runs it) instead of ATen's: DLA_FAST_TRAIN_DGRAD=triton, a conv
+    :func:`shares_dgrad` takes, on at most WGRAD_MAX_CIN input channels. In a DLA that is level 0, a 3x3 on 16
+    channels at full resolution, where cuDNN's data gradient runs at about 5x its bytes."""
+    from .. import _env
+    if _env.choice("DLA_FAST_TRAIN_DGRAD") != "triton" or not shares_dgrad(x, weight, stride, padding, groups):
+        return False
+    from ..backends.triton import _train as kt
+    return x.shape[1] <= kt.WGRAD_MAX_CIN
+
+
 def thin_wgrad(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
     """Whether the weight gradient of a conv of x runs on the Triton thin-conv kernel
     (:func:`dla_fast.backends.triton._train.wgrad_thin_launch`) instead of ATen's: on a GPU unless turned off
@@ -205,14 +217,15 @@ def dgrad_onto(impl: str, dz: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 
     The data gradient runs as the conv of dz with the flipped, transposed weight on the Triton conv kernel,
     ``extra`` added in its epilogue: one read of ``extra`` in place of writing the data gradient and summing the
-    two in a pass of their own (3 tensor passes fewer). impl "torch": ATen's gradients and an add."""
+    two in a pass of their own (3 tensor passes fewer). ``extra`` None: the data gradient alone
+    (:func:`thin_dgrad`). impl "torch": ATen's gradients and an add."""
     dz = dz.to(x.dtype)
     kh, kw = weight.shape[2:]
     pad = [kh // 2, kw // 2]
     aten_args = (dz, x, weight, None, [1, 1], pad, [1, 1], False, [0, 0], 1)
     if impl == "torch":
         da, dw, _ = torch.ops.aten.convolution_backward(*aten_args, [True, need_w, False])
-        return da.add_(extra), dw
+        return (da if extra is None else da.add_(extra)), dw
     from ..backends.triton import _launch
     dw = None
     if need_w:
@@ -336,12 +349,15 @@ class ConvStats(torch.autograd.Function):
         need_a = need_x or (has_norm and (need_g or need_b))
         da = dw = None
         own_w = need_w and impl == "triton" and thin_wgrad(a, weight, groups)
-        if need_a or (need_w and not own_w):
-            da, dw, _ = torch.ops.aten.convolution_backward(
-                dz.to(a.dtype), a, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], groups,
-                [need_a, need_w and not own_w, False])
-        if own_w:
-            dw = _wgrad(dz, a, weight, stride, padding)
+        if need_a and impl == "triton" and thin_dgrad(a, weight, stride, padding, groups):
+            da, dw = dgrad_onto(impl, dz, a, weight, None, need_w)
+        else:
+            if need_a or (need_w and not own_w):
+                da, dw, _ = torch.ops.aten.convolution_backward(
+                    dz.to(a.dtype), a, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], groups,
+                    [need_a, need_w and not own_w, False])
+            if own_w:
+                dw = _wgrad(dz, a, weight, stride, padding)
         del a  # the ReLU's mask below comes from x (no residual in a prologue)
         if has_norm and need_a:
             g32 = None if gamma is None else gamma.to(rstd.dtype)
