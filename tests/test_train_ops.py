@@ -692,6 +692,50 @@ def test_thin_conv_weight_gradient_refuses_what_it_does_not_take():
                              (2, 2), (1, 1))
 
 
+def _layer_under_switch(monkeypatch, dtype, var: str, module, attr: str, cin: int, k: int, seed: int, x_grad: bool):
+    """A conv(cin -> 16, k x k) + BN + ReLU layer on a 13x11 input, its backward run on the Triton path with the
+    switch ``var`` unset, aten and triton; every quantity (x's gradient too with ``x_grad``) within 2x eager's
+    error against float64. Returns ({setting: calls of module.attr in that run}, the run function)."""
+    from dla_fast import _env
+
+    gen = torch.Generator().manual_seed(seed)
+    x0, w0 = torch.randn(2, cin, 13, 11, generator=gen), torch.randn(16, cin, k, k, generator=gen) * 0.1
+    gy = torch.randn(2, 16, 13, 11, generator=gen)
+    calls = []
+    real = getattr(module, attr)
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+    monkeypatch.setattr(module, attr, counted)
+
+    def run(backend, dt):
+        pd = torch.float64 if dt == torch.float64 else torch.float32
+        x = x0.to(DEV, dt).contiguous(memory_format=torch.channels_last)
+        x = _leaf(x) if x_grad else x
+        w = _leaf(w0.to(DEV, dt).contiguous(memory_format=torch.channels_last))
+        g, b = _leaf(torch.ones(16, device=DEV, dtype=pd)), _leaf(torch.zeros(16, device=DEV, dtype=pd))
+        y = conv_bn_relu_train(x, w, g, b, padding=k // 2, backend=backend)
+        y.backward(gy.to(DEV, y.dtype))
+        return [y.detach(), w.grad, g.grad, b.grad] + ([x.grad] if x_grad else [])
+
+    names = ["y", "dw", "dgamma", "dbeta"] + (["dx"] if x_grad else [])
+    ref, eager = run("eager", torch.float64), run("eager", dtype)
+    launches = {}
+    for mode in (None, "aten", "triton"):
+        if mode is None:
+            monkeypatch.delenv(var, raising=False)
+        else:
+            monkeypatch.setenv(var, mode)
+        _env.reload()
+        calls.clear()
+        got = run("triton", dtype)
+        launches[mode] = len(calls)
+        for name, a, e, r in zip(names, got, eager, ref):
+            _judge(f"{var}={mode} {name}", a, e, r, dtype)
+    return launches, run
+
+
 @pytest.mark.interpreter
 @needs_kernels
 @pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
@@ -702,38 +746,9 @@ def test_thin_wgrad_in_the_training_layer(dtype, monkeypatch):
     from dla_fast import _env
     from dla_fast.backends.triton import _train as kt
 
-    gen = torch.Generator().manual_seed(37)
-    x0, w0 = torch.randn(2, 3, 13, 11, generator=gen), torch.randn(16, 3, 7, 7, generator=gen) * 0.1
-    gy = torch.randn(2, 16, 13, 11, generator=gen)
-    calls = []
-    real = kt.wgrad_thin_launch
-
-    def counted(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-    monkeypatch.setattr(kt, "wgrad_thin_launch", counted)
-
-    def run(backend, dt):
-        pd = torch.float64 if dt == torch.float64 else torch.float32
-        x = x0.to(DEV, dt).contiguous(memory_format=torch.channels_last)
-        w = _leaf(w0.to(DEV, dt).contiguous(memory_format=torch.channels_last))
-        g, b = _leaf(torch.ones(16, device=DEV, dtype=pd)), _leaf(torch.zeros(16, device=DEV, dtype=pd))
-        y = conv_bn_relu_train(x, w, g, b, padding=3, backend=backend)
-        y.backward(gy.to(DEV, y.dtype))
-        return [y.detach(), w.grad, g.grad, b.grad]
-
-    ref, eager = run("eager", torch.float64), run("eager", dtype)
-    for mode, expect in ((None, int(DEV == "cuda")), ("aten", 0), ("triton", 1)):
-        if mode is None:
-            monkeypatch.delenv("DLA_FAST_TRAIN_WGRAD", raising=False)
-        else:
-            monkeypatch.setenv("DLA_FAST_TRAIN_WGRAD", mode)
-        _env.reload()
-        calls.clear()
-        got = run("triton", dtype)
-        assert len(calls) == expect, (mode, calls)
-        for name, a, e, r in zip(["y", "dw", "dgamma", "dbeta"], got, eager, ref):
-            _judge(f"{mode} {name}", a, e, r, dtype)
+    launches, run = _layer_under_switch(monkeypatch, dtype, "DLA_FAST_TRAIN_WGRAD", kt, "wgrad_thin_launch", 3, 7,
+                                        37, x_grad=False)
+    assert launches == {None: int(DEV == "cuda"), "aten": 0, "triton": 1}, launches
     monkeypatch.setenv("DLA_FAST_TRAIN_WGRAD", "cudnn")
     _env.reload()
     with pytest.raises(ValueError, match="use aten or triton"):
@@ -751,38 +766,11 @@ def test_thin_dgrad_in_the_training_layer(dtype, monkeypatch):
     from dla_fast.backends.triton import _launch
     from dla_fast.train import _autograd as ag
 
-    gen = torch.Generator().manual_seed(41)
-    x0, w0 = torch.randn(2, 16, 13, 11, generator=gen), torch.randn(16, 16, 3, 3, generator=gen) * 0.1
-    gy = torch.randn(2, 16, 13, 11, generator=gen)
-    calls = []
-    real = _launch.conv_launch
-
-    def counted(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-    monkeypatch.setattr(_launch, "conv_launch", counted)
-
-    def run(backend, dt):
-        pd = torch.float64 if dt == torch.float64 else torch.float32
-        x = _leaf(x0.to(DEV, dt).contiguous(memory_format=torch.channels_last))
-        w = _leaf(w0.to(DEV, dt).contiguous(memory_format=torch.channels_last))
-        g, b = _leaf(torch.ones(16, device=DEV, dtype=pd)), _leaf(torch.zeros(16, device=DEV, dtype=pd))
-        y = conv_bn_relu_train(x, w, g, b, padding=1, backend=backend)
-        y.backward(gy.to(DEV, y.dtype))
-        return [y.detach(), x.grad, w.grad, g.grad, b.grad]
-
-    ref, eager = run("eager", torch.float64), run("eager", dtype)
-    for mode, expect in ((None, 0), ("aten", 0), ("triton", 1)):
-        if mode is None:
-            monkeypatch.delenv("DLA_FAST_TRAIN_DGRAD", raising=False)
-        else:
-            monkeypatch.setenv("DLA_FAST_TRAIN_DGRAD", mode)
-        _env.reload()
-        calls.clear()
-        got = run("triton", dtype)
-        assert len(calls) == expect, (mode, calls)
-        for name, a, e, r in zip(["y", "dx", "dw", "dgamma", "dbeta"], got, eager, ref):
-            _judge(f"{mode} {name}", a, e, r, dtype)
+    launches, _ = _layer_under_switch(monkeypatch, dtype, "DLA_FAST_TRAIN_DGRAD", _launch, "conv_launch", 16, 3, 41,
+                                      x_grad=True)
+    assert launches == {None: 0, "aten": 0, "triton": 1}, launches
+    monkeypatch.setenv("DLA_FAST_TRAIN_DGRAD", "triton")
+    _env.reload()
     x16, x32 = torch.empty(2, 16, 8, 8, device=DEV), torch.empty(2, 32, 8, 8, device=DEV)
     assert ag.thin_dgrad(x16, torch.empty(16, 16, 3, 3, device=DEV), (1, 1), (1, 1), 1)
     assert not ag.thin_dgrad(x16, torch.empty(32, 16, 3, 3, device=DEV), (2, 2), (1, 1), 1)  # strided (level 1)
