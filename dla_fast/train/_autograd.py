@@ -348,10 +348,10 @@ class ConvStats(torch.autograd.Function):
             a = bn_act(impl, x, mean, scale, bias, None, norm_relu, x.dtype)
         need_a = need_x or (has_norm and (need_g or need_b))
         da = dw = None
-        own_w = need_w and impl == "triton" and thin_wgrad(a, weight, groups)
         if need_a and impl == "triton" and thin_dgrad(a, weight, stride, padding, groups):
-            da, dw = dgrad_onto(impl, dz, a, weight, None, need_w)
+            da, dw = dgrad_onto(impl, dz, a, weight, None, need_w)  # its weight gradient picks the kernel itself
         else:
+            own_w = need_w and impl == "triton" and thin_wgrad(a, weight, groups)
             if need_a or (need_w and not own_w):
                 da, dw, _ = torch.ops.aten.convolution_backward(
                     dz.to(a.dtype), a, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], groups,
