@@ -31,6 +31,17 @@ def _mma(a, b, acc, PREC: tl.constexpr, RND: tl.constexpr):
 
 
 @triton.jit
+def _acc_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+    """The fp32 accumulator of a [BLOCK_M pixels, BLOCK_N channels] tile, [BLOCK_N, BLOCK_M] with SWAP
+    (:func:`_mma_into`)."""
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
 def _mma_into(a, b, acc, PREC: tl.constexpr, RND: tl.constexpr, SWAP: tl.constexpr):
     """acc += a @ b, or with SWAP the transposed product acc += b^T @ a^T (acc is then [BLOCK_N, BLOCK_M])."""
     if SWAP:
@@ -144,10 +155,7 @@ def _conv_tile(
     kk = tl.arange(0, BLOCK_K)
     KTOT = KH * KW * Cin_g  # one weight row: [kh, kw, Cin_g] contiguous
 
-    if SWAP:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
     if MODE == 2:
         gi = kk // Cin_g
         ci = kk % Cin_g

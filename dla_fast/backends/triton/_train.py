@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ... import _env
-from ._kernels import _child_select, _conv_tile, _mma, _mma_into, _pool_tile, _tile_coords
+from ._kernels import _acc_zeros, _child_select, _conv_tile, _mma, _mma_into, _pool_tile, _tile_coords
 from ._launch import (_I32_LIMIT, MAX_CHILDREN, _cdiv, _kernel, _max_offset, _n_tiling, _new_output, _nhwc, _pow2,
                       _prec, _round_tf32, _row_stride, _skip_launch, aggregate_plan, conv_plan, interpreted,
                       register_ops)
@@ -208,10 +208,7 @@ def _agg_stats_kernel(
     else:
         total = T8
 
-    if SWAP:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
     for t in range(0, total):
         base = p0
         C = C0
