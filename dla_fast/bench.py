@@ -61,7 +61,9 @@ def environment(device: str) -> dict:
     else:
         name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {"device": name, "torch": torch.__version__, "triton": tv, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            # cuDNN only where it runs: asking for its version with CUDA built in but no device visible raises
+            "cudnn": torch.backends.cudnn.version() if device == "cuda" and torch.backends.cudnn.is_available()
+            else None,
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
             "dla_fast": __version__, "python": platform.python_version(),
             "date": datetime.date.today().isoformat()}
