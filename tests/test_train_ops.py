@@ -1373,10 +1373,13 @@ def test_opcheck():
 @pytest.mark.parametrize("wgrad", ["aten", "triton"])
 def test_torch_compile_module(wgrad, monkeypatch):
     """torch.compile around the module (graph capture through the autograd functions and the registered ops;
-    on the CPU with the eager/aot_eager backends, Inductor in the cuda test): the same output, gradients and
-    running statistics as without. The conv is thin (8 input channels), so with DLA_FAST_TRAIN_WGRAD=triton its
-    weight gradient comes from the thin-conv kernel compiled and uncompiled alike (a registered op in the
-    graph), and from ATen's in neither with aten."""
+    on the CPU with the eager/aot_eager backends, Inductor in the cuda test): the same output and running
+    statistics as without (to fp32 rounding), gradients within 2x the uncompiled run's error against float64.
+    (Outside a compile the kernels' final statistics launch folds the BN coefficients; traced code computes
+    them with torch ops. The two differ in the last bits, and a weight gradient sums those differences over
+    every pixel.) The conv is thin (8 input channels), so with DLA_FAST_TRAIN_WGRAD=triton its weight gradient
+    comes from the thin-conv kernel compiled and uncompiled alike (a registered op in the graph), and from
+    ATen's in neither with aten."""
     from dla_fast import _env
     from dla_fast.backends.triton import _train as kt
 
@@ -1393,27 +1396,31 @@ def test_torch_compile_module(wgrad, monkeypatch):
 
     monkeypatch.setattr(kt, "wgrad_thin_launch", counted)
 
-    def run(compiled):
+    def run(compiled, dtype=torch.float32, impl="triton"):
         del launches[:]
         conv, bn = _pair(seed=3)
-        m = TrainConvBnAct(conv.to(DEV), bn.to(DEV), backend="triton")
+        m = TrainConvBnAct(conv.to(DEV, dtype), bn.to(DEV, dtype), backend=impl)
         f = torch.compile(m, backend=compiled, fullgraph=False) if compiled else m
-        x = torch.randn(2, 8, 7, 7, generator=torch.Generator().manual_seed(24)).to(DEV)
-        r = torch.randn(2, 12, 7, 7, generator=torch.Generator().manual_seed(25)).to(DEV)
+        x = torch.randn(2, 8, 7, 7, generator=torch.Generator().manual_seed(24)).to(DEV, dtype)
+        r = torch.randn(2, 12, 7, 7, generator=torch.Generator().manual_seed(25)).to(DEV, dtype)
         y = f(x, r)
         (y * y).sum().backward()
-        assert len(launches) == (wgrad == "triton"), f"compiled={compiled}: {len(launches)} thin-conv launches"
-        return [y.detach(), conv.weight.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var,
-                bn.num_batches_tracked]
+        if impl == "triton":
+            assert len(launches) == (wgrad == "triton"), f"compiled={compiled}: {len(launches)} thin-conv launches"
+        return [y.detach(), bn.running_mean, bn.running_var, bn.num_batches_tracked, conv.weight.grad,
+                bn.weight.grad, bn.bias.grad]
 
-    expect = run(None)
-    names = ("y", "conv.weight.grad", "bn.weight.grad", "bn.bias.grad", "running_mean", "running_var",
-             "num_batches_tracked")
+    expect, ref = run(None), run(None, torch.float64, "eager")
+    names = ("y", "running_mean", "running_var", "num_batches_tracked", "conv.weight.grad", "bn.weight.grad",
+             "bn.bias.grad")
     for backend in ("eager", "aot_eager"):
         torch._dynamo.reset()
-        for name, a, b in zip(names, run(backend), expect):
+        got = run(backend)
+        for name, a, b in zip(names[:4], got, expect):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5,
                                        msg=lambda m, name=name, backend=backend: f"{name}, backend={backend}: {m}")
+        for name, a, b, r in zip(names[4:], got[4:], expect[4:], ref[4:]):
+            _judge(f"{name}, backend={backend}", a, b, r, torch.float32)
 
 
 @pytest.mark.interpreter
