@@ -54,13 +54,15 @@ REDUCE_PROGRAMS = 1024
 REDUCE_MAX_ROW_TILES = 32
 # The thin convs' weight gradient (wgrad_thin_launch): pixels an MMA step reduces, its warps and pipeline stages,
 # programs it aims at (splits of the pixels x kernel rows x output-channel blocks; a constant, so the summation
-# order is the same on every card), and the widest input it takes.
-WGRAD_BLOCK_P = 128
+# order is the same on every card), the widest input it takes, and whether a few-channel input (RGB) is padded
+# to a power of two so that its kernel rows load as vectors. Swept on an H100 at DLA's front shapes (NOTES v22).
+WGRAD_BLOCK_P = 256
 WGRAD_WARPS = 4
 WGRAD_STAGES = 2
-WGRAD_PROGRAMS = 1024
+WGRAD_PROGRAMS = 4096
 WGRAD_PROGRAMS_INTERPRETED = 8
 WGRAD_MAX_CIN = 16
+WGRAD_PAD_CIN = True
 
 
 # ------------------------------------------------------------------------------------------------- kernels
@@ -555,17 +557,21 @@ def _max_pool_bwd_kernel(
 @triton.jit
 def _wgrad_thin_kernel(
     x_ptr, dz_ptr, part_ptr,
-    P, H, W, HWo, Wo, Cin, Cout, KH, sh, sw, ph, pw, sxn, sxh, sxw, sdz,
-    n_cob, n_chunks, chunks_per_prog,
-    KWC: tl.constexpr, IDX64: tl.constexpr, PREC: tl.constexpr, RND: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_J: tl.constexpr,
+    H, W, Ho, Wo, Cout, KH, sh, sw, ph, pw, sxn, sxh, sxw, sdz,
+    n_rb, n_cb, n_cob, n_chunks, chunks_per_prog,
+    CIN: tl.constexpr, KWC: tl.constexpr, CONTIG: tl.constexpr, IDX64: tl.constexpr, PREC: tl.constexpr,
+    RND: tl.constexpr, TILE_R: tl.constexpr, TILE_W: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """One partial of the weight gradient of a thin conv (few input channels, many pixels): program (split s,
     output-channel block, kernel row kh) sums dz[p, co] * x[p shifted by (kh, kw), ci] over its share of the
-    output pixels p, for every (kw, ci) of that kernel row at once. A kernel row's KW x Cin inputs of one pixel
-    are one contiguous run of x (NHWC), so the B tile is a plain strided load; the reduction over pixels is the
-    MMA's K. Each program writes its [BLOCK_CO, KW * Cin] partial to its own slot of ``part`` [splits, KH,
-    Cout, KW * Cin]; the launcher sums the splits (a fixed order: deterministic)."""
+    output pixels p, for every (kw, ci) of that kernel row at once; the reduction over pixels is the MMA's K.
+    The pixels come in chunks of TILE_R output rows x TILE_W columns of one image, so a pixel's place in its
+    chunk is fixed (no per-pixel division) and the chunk's origin is a few scalar operations. With CONTIG (x's
+    pixels CIN elements apart) a kernel row's KW x CIN inputs of one pixel are one run of x: entry j of the run
+    is x's element at the run's start + j; its tap kw = j // CIN is the same over CIN entries, and so is the
+    mask, so the loads vectorise when CIN spans a vector.
+    Each program writes its [BLOCK_CO, KW * CIN] partial to its own slot of ``part`` [splits, KH, Cout,
+    KW * CIN]; the launcher sums the splits (a fixed order: deterministic)."""
     pid = tl.program_id(0)
     kh = pid % KH
     rest = pid // KH
@@ -574,29 +580,45 @@ def _wgrad_thin_kernel(
     co = cob * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_ok = co < Cout
     j = tl.arange(0, BLOCK_J)
+    i = tl.arange(0, TILE_R * TILE_W)
+    r = i // TILE_W
+    w = i % TILE_W
+    kw = j // CIN
     j_ok = j < KWC
-    kw = j // Cin
-    ci = j - kw * Cin
+    if CONTIG:
+        xoff = (r * (sh * sxh) + w * (sw * CIN))[:, None] + j[None, :]
+    else:
+        xoff = (r * (sh * sxh) + w * (sw * sxw))[:, None] + (kw * sxw + (j - kw * CIN))[None, :]
+    doff = ((r * Wo + w) * sdz)[:, None] + co[None, :]
     acc = tl.zeros((BLOCK_CO, BLOCK_J), dtype=tl.float32)
     c0 = split * chunks_per_prog
     c1 = tl.minimum(c0 + chunks_per_prog, n_chunks)
     for c in range(c0, c1):
-        p = c * BLOCK_P + tl.arange(0, BLOCK_P)
+        cb = c % n_cb
+        t = c // n_cb
+        rb = t % n_rb
+        img = t // n_rb
         if IDX64:
-            p = p.to(tl.int64)
-        p_ok = p < P
-        img = p // HWo
-        r = p - img * HWo
-        oh = r // Wo
-        ow = r - oh * Wo
-        ih = oh * sh - ph + kh
-        iw = (ow * sw - pw)[:, None] + kw[None, :]
-        g = tl.load(dz_ptr + p[:, None] * sdz + co[None, :], mask=p_ok[:, None] & co_ok[None, :], other=0.0)
-        ok = (p_ok & (ih >= 0) & (ih < H))[:, None] & j_ok[None, :] & (iw >= 0) & (iw < W)
-        a = tl.load(x_ptr + (img * sxn + ih * sxh)[:, None] + iw * sxw + ci[None, :], mask=ok, other=0.0)
+            img = img.to(tl.int64)
+        oh0 = rb * TILE_R
+        ow0 = cb * TILE_W
+        pok = (r < Ho - oh0) & (w < Wo - ow0)
+        g = tl.load(dz_ptr + ((img * Ho + oh0) * Wo + ow0) * sdz + doff, mask=pok[:, None] & co_ok[None, :],
+                    other=0.0)
+        ih0 = oh0 * sh - ph + kh
+        iw0 = ow0 * sw - pw
+        ih = ih0 + r * sh
+        # input column of entry j: constant over each tap's CIN entries, so the mask is too (vector loads)
+        col = (iw0 + w * sw)[:, None] + kw[None, :]
+        ok = (pok & (ih >= 0) & (ih < H))[:, None] & j_ok[None, :] & (col >= 0) & (col < W)
+        if CONTIG:
+            xb = img * sxn + ih0 * sxh + iw0 * CIN
+        else:
+            xb = img * sxn + ih0 * sxh + iw0 * sxw
+        a = tl.load(x_ptr + xb + xoff, mask=ok, other=0.0)
         acc = _mma(tl.trans(g), a, acc, PREC, RND)
     slot = (split * KH + kh) * Cout + co
-    tl.store(part_ptr + slot[:, None] * KWC + j[None, :], acc, mask=co_ok[:, None] & j_ok[None, :])
+    tl.store(part_ptr + slot[:, None] * KWC + j[None, :], acc, mask=co_ok[:, None] & (j < KWC)[None, :])
 
 
 def _idx64(*extents: int) -> bool:
@@ -864,17 +886,21 @@ def wgrad_thin_launch(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
     Ho, Wo = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
     if tuple(dz.shape) != (N, Cout, Ho, Wo):
         raise ValueError(f"wgrad_thin: dz {tuple(dz.shape)} is not the conv's output shape {(N, Cout, Ho, Wo)}")
-    P = N * Ho * Wo
-    if P == 0:  # no pixels: a zero gradient
+    if N * Ho * Wo == 0:  # no pixels: a zero gradient
         return torch.zeros_like(weight)
-    x = _nhwc(x)
+    cinp = _wgrad_cin(Cin, KW)
+    if cinp != Cin:  # zero channels appended so that a pixel's inputs start on a vector boundary
+        x = torch.nn.functional.pad(x.permute(0, 2, 3, 1), (0, cinp - Cin)).permute(0, 3, 1, 2)
+    else:
+        x = _nhwc(x)
     dz, sdz = _rows(dz.to(x.dtype))
     interp = interpreted()
-    kwc = KW * Cin
+    kwc = KW * cinp
     bj, bco = max(16, _pow2(kwc)), max(16, _pow2(Cout))
     n_cob = _cdiv(Cout, bco)
-    bp = 16 if interp else WGRAD_BLOCK_P
-    n_chunks = _cdiv(P, bp)
+    tr, tw = _wgrad_tile(Ho, Wo, 16 if interp else WGRAD_BLOCK_P)
+    n_rb, n_cb = _cdiv(Ho, tr), _cdiv(Wo, tw)
+    n_chunks = N * n_rb * n_cb
     per_split = KH * n_cob
     target = WGRAD_PROGRAMS_INTERPRETED if interp else WGRAD_PROGRAMS
     chunks = _cdiv(n_chunks, min(n_chunks, _cdiv(target, per_split)))
@@ -886,12 +912,34 @@ def wgrad_thin_launch(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
     if not _skip_launch(x):
         sxn, _, sxh, sxw = x.stride()
         _kernel(_wgrad_thin_kernel, raw)[lambda meta: (splits * per_split,)](
-            x, dz, part, P, H, W, Ho * Wo, Wo, Cin, Cout, KH, sh, sw, ph, pw, sxn, sxh, sxw, sdz, n_cob, n_chunks,
-            chunks, KWC=kwc, IDX64=_idx64(_max_offset(x), _max_offset(dz), P * sdz), PREC=_prec(x.dtype, tf32),
-            RND=_round_tf32(x.dtype, tf32, interp), BLOCK_P=bp, BLOCK_CO=bco, BLOCK_J=bj,
-            num_warps=WGRAD_WARPS, num_stages=WGRAD_STAGES)
-    g = part.sum(0).view(KH, Cout, KW, Cin).permute(1, 3, 0, 2)
+            x, dz, part, H, W, Ho, Wo, Cout, KH, sh, sw, ph, pw, sxn, sxh, sxw, sdz, n_rb, n_cb, n_cob, n_chunks,
+            chunks, CIN=cinp, KWC=kwc, CONTIG=sxw == cinp, IDX64=_idx64(_max_offset(x), _max_offset(dz)),
+            PREC=_prec(x.dtype, tf32), RND=_round_tf32(x.dtype, tf32, interp), TILE_R=tr, TILE_W=tw, BLOCK_CO=bco,
+            BLOCK_J=bj, num_warps=WGRAD_WARPS, num_stages=WGRAD_STAGES)
+    g = part.sum(0).view(KH, Cout, KW, cinp)[..., :Cin].permute(1, 3, 0, 2)
     return torch.empty_like(weight).copy_(g)
+
+
+def _wgrad_cin(cin: int, kw: int) -> int:
+    """The channels a pixel's inputs take in the thin weight gradient's runs: a few-channel input (RGB) padded to
+    the next power of two when WGRAD_PAD_CIN, so that its runs load as vectors, if the padded kernel row still
+    fits the 64-wide tile."""
+    p = _pow2(cin)
+    return p if WGRAD_PAD_CIN and p != cin and kw * p <= 64 else cin
+
+
+def _wgrad_tile(ho: int, wo: int, block_p: int) -> Tuple[int, int]:
+    """(rows, columns) of the thin weight gradient's pixel chunks, ``block_p`` pixels in all: the column count (a
+    power of two from 8 up) that pads the output's rows and columns least, the wider on a tie."""
+    best = None
+    tw = 8
+    while tw <= block_p:
+        tr = block_p // tw
+        waste = _cdiv(ho, tr) * tr * _cdiv(wo, tw) * tw
+        if best is None or waste <= best[0]:
+            best = (waste, tr, tw)
+        tw *= 2
+    return best[1], best[2]
 
 
 def _rows(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
