@@ -31,10 +31,10 @@ SWITCHES: Tuple[Switch, ...] = (
            "the fused front (stem + level 0 + level 1 as one Triton kernel): auto runs it under backend='triton' on a "
            "GPU, and under backend='auto' for fp16 calls not paced by launches; 1 wherever the Triton kernels run (the "
            "CPU interpreter too; under backend='auto' for fp16/bf16 calls not paced by launches); 0 never"),
-    Switch("DLA_FAST_TRAIN_DGRAD", "aten, triton", "aten",
+    Switch("DLA_FAST_TRAIN_DGRAD", "aten, triton", "triton on a GPU",
            "the data gradient of the front's thin stride-1 convs in fused training (at most 16 input channels: level "
            "0's 3x3): triton (the Triton conv kernel run on dz with the weight flipped and transposed, as the shared "
-           "data gradients run) or aten (cuDNN)"),
+           "data gradients run; set, also under the CPU interpreter) or aten (cuDNN)"),
     Switch("DLA_FAST_TRAIN_SAVE_MEMORY", "prologue, recompute", "prologue",
            "how set_fused_training(save_memory=True) avoids keeping a block's inner activations: prologue (the next "
            "conv normalises its input as it loads it) or recompute (a pass of its own forms it, dropped after the "

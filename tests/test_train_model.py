@@ -358,9 +358,9 @@ def test_thin_wgrad_whole_step_cuda(name, amp, monkeypatch):
 @pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", ["dla34", "dla60x_c"])
 def test_thin_dgrad_whole_step_cuda(name, amp, monkeypatch):
-    """DLA_FAST_TRAIN_DGRAD=triton: level 0's data gradient on the Triton conv kernel (the gate seen taking the
-    16-channel stride-1 3x3 and nothing else), the step still within 2x eager autocast's error against float64
-    everywhere."""
+    """DLA_FAST_TRAIN_DGRAD=triton (the GPU's default, set here): level 0's data gradient on the Triton conv
+    kernel (the gate seen taking the 16-channel stride-1 3x3 and nothing else), the step still within 2x eager
+    autocast's error against float64 everywhere."""
     from dla_fast.train import _autograd as ag
 
     calls = _step_cuda_with(name, amp, monkeypatch, "DLA_FAST_TRAIN_DGRAD", "triton", "thin_dgrad", ag)

@@ -179,11 +179,15 @@ def shares_dgrad(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups:
 
 def thin_dgrad(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups: int) -> bool:
     """Whether the data gradient of a conv of x runs on the Triton conv kernel (the conv of dz with the weight
-    flipped and transposed, as :func:`dgrad_onto` runs it) instead of ATen's: DLA_FAST_TRAIN_DGRAD=triton, a conv
-    :func:`shares_dgrad` takes, on at most WGRAD_MAX_CIN input channels. In a DLA that is level 0, a 3x3 on 16
-    channels at full resolution, where cuDNN's data gradient runs at about 5x its bytes."""
+    flipped and transposed, as :func:`dgrad_onto` runs it) instead of ATen's: on a GPU unless turned off
+    (DLA_FAST_TRAIN_DGRAD=aten), anywhere Triton runs when asked for (=triton: the CPU interpreter too), and a
+    conv :func:`shares_dgrad` takes, on at most WGRAD_MAX_CIN input channels. In a DLA that is level 0, a 3x3 on
+    16 channels at full resolution, where cuDNN's data gradient runs at about 5x its bytes."""
     from .. import _env
-    if _env.choice("DLA_FAST_TRAIN_DGRAD") != "triton" or not shares_dgrad(x, weight, stride, padding, groups):
+    mode = _env.choice("DLA_FAST_TRAIN_DGRAD")
+    if mode == "aten" or (mode is None and x.device.type != "cuda"):
+        return False
+    if not shares_dgrad(x, weight, stride, padding, groups):
         return False
     from ..backends.triton import _train as kt
     return x.shape[1] <= kt.WGRAD_MAX_CIN
