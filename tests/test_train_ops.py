@@ -669,27 +669,35 @@ def test_thin_conv_weight_gradient(dtype, idx64, n, cin, cout, k, stride, hw, dz
 
 @pytest.mark.interpreter
 @needs_kernels
-@pytest.mark.parametrize("case", ["slice", "rgb_unpadded", "rgb_slice"])
+@pytest.mark.parametrize("case", ["slice", "rgb_unpadded", "rgb_slice", "odd_slice", "per_row_stem", "per_row_s2",
+                                  "per_row_slice"])
 @pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=DT_ID)
 def test_thin_conv_weight_gradient_input_layouts(dtype, case, monkeypatch):
     """x's other layouts: a channel slice of a wider NHWC tensor (a pixel's kernel row is then not one run of
-    x), the RGB stem without its channels padded to four, and an RGB slice (padded into a copy); within 2x
-    ATen's error against float64. The pixel chunks tile DLA's sides without padding."""
+    x; also with a channel count that does not divide the tile's width), the RGB stem without its channels padded
+    to four, and an RGB slice (padded into a copy); and each kernel row a program of its own (WGRAD_ROW_PROGRAMS:
+    the stem, a stride-2 conv, a channel slice of x). Within 2x ATen's error against float64. The pixel chunks
+    tile DLA's sides without padding."""
     from dla_fast.backends.triton import _train as kt
 
     assert kt._wgrad_tile(224, 224, 128) == (4, 32) and kt._wgrad_tile(112, 112, 128) == (8, 16)
     if case == "rgb_unpadded":
         monkeypatch.setattr(kt, "WGRAD_PAD_CIN", False)
-    cin, k, pitch, lo = {"slice": (16, 3, 24, 4), "rgb_unpadded": (3, 7, 3, 0), "rgb_slice": (3, 7, 5, 1)}[case]
+    monkeypatch.setattr(kt, "WGRAD_ROW_PROGRAMS", case.startswith("per_row"))
+    cin, k, stride, pitch, lo = {"slice": (16, 3, 1, 24, 4), "rgb_unpadded": (3, 7, 1, 3, 0),
+                                 "rgb_slice": (3, 7, 1, 5, 1), "odd_slice": (12, 5, 1, 20, 3),
+                                 "per_row_stem": (3, 7, 1, 3, 0), "per_row_s2": (16, 3, 2, 16, 0),
+                                 "per_row_slice": (12, 5, 1, 20, 3)}[case]
     gen = torch.Generator().manual_seed(47 + pitch)
     wide = torch.randn(2, pitch, 12, 11, generator=gen).to(DEV, dtype).contiguous(memory_format=torch.channels_last)
     x = wide[:, lo:lo + cin]
     w = (torch.randn(16, cin, k, k, generator=gen) * 0.2).to(DEV, dtype).contiguous(memory_format=torch.channels_last)
-    dz = torch.randn(2, 16, 12, 11, generator=gen).to(DEV, dtype).contiguous(memory_format=torch.channels_last)
     p = (k // 2, k // 2)
-    got = kt.wgrad_thin_launch(dz, x, w, (1, 1), p)
-    ref = _wgrad_eager(dz.double(), x.double(), w.double(), (1, 1), p)
-    _judge("dw", got, _wgrad_eager(dz, x, w, (1, 1), p), ref, dtype)
+    ho, wo = (12 + 2 * p[0] - k) // stride + 1, (11 + 2 * p[1] - k) // stride + 1
+    dz = torch.randn(2, 16, ho, wo, generator=gen).to(DEV, dtype).contiguous(memory_format=torch.channels_last)
+    got = kt.wgrad_thin_launch(dz, x, w, (stride, stride), p)
+    ref = _wgrad_eager(dz.double(), x.double(), w.double(), (stride, stride), p)
+    _judge("dw", got, _wgrad_eager(dz, x, w, (stride, stride), p), ref, dtype)
 
 
 @pytest.mark.interpreter

@@ -58,11 +58,14 @@ REDUCE_MAX_ROW_TILES = 32
 # to a power of two so that its kernel rows load as vectors. Swept on an H100 at DLA's front shapes (NOTES v22).
 WGRAD_BLOCK_P = 256
 WGRAD_WARPS = 4
-WGRAD_STAGES = 2
-WGRAD_PROGRAMS = 4096
+WGRAD_STAGES = 3
+WGRAD_PROGRAMS = 1024
 WGRAD_PROGRAMS_INTERPRETED = 8
 WGRAD_MAX_CIN = 16
 WGRAD_PAD_CIN = True
+# Whether each kernel row of the thin weight gradient is a program of its own (dz read once a row) rather than one
+# program taking all rows of a pixel chunk (dz read once, a chunk of WGRAD_BLOCK_P / rows pixels).
+WGRAD_ROW_PROGRAMS = False
 
 
 # ------------------------------------------------------------------------------------------------- kernels
@@ -558,39 +561,48 @@ def _max_pool_bwd_kernel(
 def _wgrad_thin_kernel(
     x_ptr, dz_ptr, part_ptr,
     H, W, Ho, Wo, Cout, KH, sh, sw, ph, pw, sxn, sxh, sxw, sdz,
-    n_rb, n_cb, n_cob, n_chunks, chunks_per_prog,
+    n_rb, n_cb, n_cob, n_khb, n_chunks, chunks_per_prog,
     CIN: tl.constexpr, KWC: tl.constexpr, CONTIG: tl.constexpr, IDX64: tl.constexpr, PREC: tl.constexpr,
     RND: tl.constexpr, TILE_R: tl.constexpr, TILE_W: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_J: tl.constexpr,
+    KHB: tl.constexpr,
 ):
     """One partial of the weight gradient of a thin conv (few input channels, many pixels): program (split s,
-    output-channel block, kernel row kh) sums dz[p, co] * x[p shifted by (kh, kw), ci] over its share of the
-    output pixels p, for every (kw, ci) of that kernel row at once; the reduction over pixels is the MMA's K.
+    output-channel block, block of KHB kernel rows) sums dz[p, co] * x[p shifted by (kh, kw), ci] over its share
+    of the output pixels p, for every (kh, kw, ci) of its kernel rows at once; the reduction over pixels is the
+    MMA's K, the rows' taps its N (entry n = row * BLOCK_J + j). With KHB = 1 each kernel row is a program of its
+    own (dz read once a row); with all rows in one program dz is read once.
     The pixels come in chunks of TILE_R output rows x TILE_W columns of one image, so a pixel's place in its
-    chunk is fixed (no per-pixel division) and the chunk's origin is a few scalar operations. With CONTIG (x's
+    chunk is fixed (no per-pixel division) and the chunk's origin a few scalar operations. With CONTIG (x's
     pixels CIN elements apart) a kernel row's KW x CIN inputs of one pixel are one run of x: entry j of the run
     is x's element at the run's start + j; its tap kw = j // CIN is the same over CIN entries, and so is the
     mask, so the loads vectorise when CIN spans a vector.
-    Each program writes its [BLOCK_CO, KW * CIN] partial to its own slot of ``part`` [splits, KH, Cout,
-    KW * CIN]; the launcher sums the splits (a fixed order: deterministic)."""
+    Each program writes its partial to its own slots of ``part`` [splits, KH, Cout, KW * CIN]; the launcher sums
+    the splits (a fixed order: deterministic)."""
     pid = tl.program_id(0)
-    kh = pid % KH
-    rest = pid // KH
+    khb = pid % n_khb
+    rest = pid // n_khb
     cob = rest % n_cob
     split = rest // n_cob
+    kh0 = khb * KHB
     co = cob * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_ok = co < Cout
-    j = tl.arange(0, BLOCK_J)
+    n = tl.arange(0, KHB * BLOCK_J)
+    dkh = n // BLOCK_J
+    j = n - dkh * BLOCK_J
+    if BLOCK_J % CIN == 0:  # written so that Triton sees kw constant over CIN entries (a remainder hides it)
+        kw = n // CIN - dkh * (BLOCK_J // CIN)
+    else:
+        kw = j // CIN
+    n_ok = (j < KWC) & (kh0 + dkh < KH)
     i = tl.arange(0, TILE_R * TILE_W)
     r = i // TILE_W
     w = i % TILE_W
-    kw = j // CIN
-    j_ok = j < KWC
     if CONTIG:
-        xoff = (r * (sh * sxh) + w * (sw * CIN))[:, None] + j[None, :]
+        xoff = (r * (sh * sxh) + w * (sw * CIN))[:, None] + (dkh * sxh + j)[None, :]
     else:
-        xoff = (r * (sh * sxh) + w * (sw * sxw))[:, None] + (kw * sxw + (j - kw * CIN))[None, :]
+        xoff = (r * (sh * sxh) + w * (sw * sxw))[:, None] + (dkh * sxh + kw * sxw + (j - kw * CIN))[None, :]
     doff = ((r * Wo + w) * sdz)[:, None] + co[None, :]
-    acc = tl.zeros((BLOCK_CO, BLOCK_J), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_CO, KHB * BLOCK_J), dtype=tl.float32)
     c0 = split * chunks_per_prog
     c1 = tl.minimum(c0 + chunks_per_prog, n_chunks)
     for c in range(c0, c1):
@@ -605,20 +617,20 @@ def _wgrad_thin_kernel(
         pok = (r < Ho - oh0) & (w < Wo - ow0)
         g = tl.load(dz_ptr + ((img * Ho + oh0) * Wo + ow0) * sdz + doff, mask=pok[:, None] & co_ok[None, :],
                     other=0.0)
-        ih0 = oh0 * sh - ph + kh
+        ih0 = oh0 * sh - ph + kh0
         iw0 = ow0 * sw - pw
-        ih = ih0 + r * sh
-        # input column of entry j: constant over each tap's CIN entries, so the mask is too (vector loads)
+        # input row and column of entry n: constant over each tap's CIN entries, so the mask is too (vector loads)
+        row = (ih0 + r * sh)[:, None] + dkh[None, :]
         col = (iw0 + w * sw)[:, None] + kw[None, :]
-        ok = (pok & (ih >= 0) & (ih < H))[:, None] & j_ok[None, :] & (col >= 0) & (col < W)
+        ok = pok[:, None] & n_ok[None, :] & (row >= 0) & (row < H) & (col >= 0) & (col < W)
         if CONTIG:
             xb = img * sxn + ih0 * sxh + iw0 * CIN
         else:
             xb = img * sxn + ih0 * sxh + iw0 * sxw
         a = tl.load(x_ptr + xb + xoff, mask=ok, other=0.0)
         acc = _mma(tl.trans(g), a, acc, PREC, RND)
-    slot = (split * KH + kh) * Cout + co
-    tl.store(part_ptr + slot[:, None] * KWC + j[None, :], acc, mask=co_ok[:, None] & (j < KWC)[None, :])
+    slot = (split * KH + kh0 + dkh)[None, :] * Cout + co[:, None]
+    tl.store(part_ptr + slot * KWC + j[None, :], acc, mask=co_ok[:, None] & n_ok[None, :])
 
 
 def _idx64(*extents: int) -> bool:
@@ -898,10 +910,13 @@ def wgrad_thin_launch(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
     kwc = KW * cinp
     bj, bco = max(16, _pow2(kwc)), max(16, _pow2(Cout))
     n_cob = _cdiv(Cout, bco)
-    tr, tw = _wgrad_tile(Ho, Wo, 16 if interp else WGRAD_BLOCK_P)
+    khb = 1 if WGRAD_ROW_PROGRAMS else _pow2(KH)
+    n_khb = _cdiv(KH, khb)
+    # the x tile is [pixels, khb kernel rows x bj taps]: its pixels shrink as its rows grow (same tile bytes)
+    tr, tw = _wgrad_tile(Ho, Wo, 16 if interp else max(16, WGRAD_BLOCK_P // khb))
     n_rb, n_cb = _cdiv(Ho, tr), _cdiv(Wo, tw)
     n_chunks = N * n_rb * n_cb
-    per_split = KH * n_cob
+    per_split = n_khb * n_cob
     target = WGRAD_PROGRAMS_INTERPRETED if interp else WGRAD_PROGRAMS
     chunks = _cdiv(n_chunks, min(n_chunks, _cdiv(target, per_split)))
     splits = _cdiv(n_chunks, chunks)
@@ -912,10 +927,10 @@ def wgrad_thin_launch(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
     if not _skip_launch(x):
         sxn, _, sxh, sxw = x.stride()
         _kernel(_wgrad_thin_kernel, raw)[lambda meta: (splits * per_split,)](
-            x, dz, part, H, W, Ho, Wo, Cout, KH, sh, sw, ph, pw, sxn, sxh, sxw, sdz, n_rb, n_cb, n_cob, n_chunks,
-            chunks, CIN=cinp, KWC=kwc, CONTIG=sxw == cinp, IDX64=_idx64(_max_offset(x), _max_offset(dz)),
+            x, dz, part, H, W, Ho, Wo, Cout, KH, sh, sw, ph, pw, sxn, sxh, sxw, sdz, n_rb, n_cb, n_cob, n_khb,
+            n_chunks, chunks, CIN=cinp, KWC=kwc, CONTIG=sxw == cinp, IDX64=_idx64(_max_offset(x), _max_offset(dz)),
             PREC=_prec(x.dtype, tf32), RND=_round_tf32(x.dtype, tf32, interp), TILE_R=tr, TILE_W=tw, BLOCK_CO=bco,
-            BLOCK_J=bj, num_warps=WGRAD_WARPS, num_stages=WGRAD_STAGES)
+            BLOCK_J=bj, KHB=khb, num_warps=WGRAD_WARPS, num_stages=WGRAD_STAGES)
     g = part.sum(0).view(KH, Cout, KW, cinp)[..., :Cin].permute(1, 3, 0, 2)
     return torch.empty_like(weight).copy_(g)
 
