@@ -52,7 +52,7 @@ WARPS_ELTWISE = 4
 # REDUCE_PROGRAMS programs (enough to fill any current GPU).
 REDUCE_PROGRAMS = 1024
 REDUCE_MAX_ROW_TILES = 32
-# The thin convs' weight gradient (wgrad_thin_launch): pixels an MMA step reduces, its warps and pipeline stages,
+# The thin convs' weight gradient (wgrad_thin_launch): pixels x kernel rows an MMA step reduces, its warps and stages,
 # programs it aims at (splits of the pixels x kernel rows x output-channel blocks; a constant, so the summation
 # order is the same on every card), the widest input it takes, and whether a few-channel input (RGB) is padded
 # to a power of two so that its kernel rows load as vectors. Swept on an H100 at DLA's front shapes (NOTES v22).
