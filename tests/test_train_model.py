@@ -344,6 +344,21 @@ def test_transposed_statistics_whole_step_cuda(name, amp, monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", ["dla34", "dla60x_c"])
+def test_statistics_pass_whole_step_cuda(name, amp, monkeypatch):
+    """DLA_FAST_TRAIN_STATS_PASS=all: every conv of the step on the CUDA extension's conv with a statistics pass
+    (the gate seen taking more than the stem), the step still within 2x eager autocast's error against float64
+    everywhere."""
+    from dla_fast.train import _autograd as ag
+
+    calls = _step_cuda_with(name, amp, monkeypatch, "DLA_FAST_TRAIN_STATS_PASS", "all", "conv_on_cuda", ag)
+    taken = [tuple(a[1].shape) for a, r in calls if r]
+    assert len(taken) > 1 and any(s[1] > 3 for s in taken), taken
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["dla34", "dla60x_c"])
 def test_thin_wgrad_whole_step_cuda(name, amp, monkeypatch):
     """DLA_FAST_TRAIN_WGRAD=triton (the GPU's default, set here): the front's weight gradients on the thin-conv
     kernel (its three convs seen launched), the step still within 2x eager autocast's error against float64

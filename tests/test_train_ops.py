@@ -1009,22 +1009,38 @@ def test_max_pool_forward_backward(k, hw, layout, dtype):
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("case", ["stem", "1x1", "3x3", "grouped_s2"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DT_ID)
-def test_stem_statistics_on_the_cuda_conv_cuda(dtype):
-    """The stem (3 -> 16 channels, 7x7) runs as the CUDA extension's conv plus the statistics pass where the
-    extension is built: z, mean and variance judged against float64 like the Triton kernel's."""
+def test_statistics_pass_on_the_cuda_conv_cuda(dtype, case, monkeypatch):
+    """The CUDA extension's conv plus the statistics pass: the stem (3 -> 16 channels, 7x7) always where the
+    extension is built, other convs only with DLA_FAST_TRAIN_STATS_PASS=all; z, mean and variance judged against
+    float64 like the Triton kernel's; never with a BN prologue or in fp32."""
+    from dla_fast import _env
     from dla_fast.backends import cuda
+    cin, cout, k, stride, groups = {"stem": (3, 16, 7, 1, 1), "1x1": (128, 128, 1, 1, 1), "3x3": (32, 64, 3, 1, 1),
+                                    "grouped_s2": (64, 64, 3, 2, 8)}[case]
     gen = torch.Generator().manual_seed(29)
-    x = torch.randn(4, 3, 61, 67, generator=gen).cuda().to(dtype).contiguous(memory_format=torch.channels_last)
-    w = (torch.randn(16, 3, 7, 7, generator=gen) * 0.1).cuda().to(dtype)
-    assert ag.stem_on_cuda(x, w, 1, None) == (cuda.unavailable_reason(x) is None)
-    assert not ag.stem_on_cuda(x, w, 1, (w, w, w)) and not ag.stem_on_cuda(x.float(), w.float(), 1, None)
-    z, mean, var = ag.conv_stats("triton", x, w, (1, 1), (3, 3), 1, None, False)
-    z64, m64, v64 = ag.conv_stats_torch(x.double(), w.double(), (1, 1), (3, 3), 1, None, False)
-    ze, me, ve = ag.conv_stats_torch(x, w, (1, 1), (3, 3), 1, None, False)
+    x = torch.randn(4, cin, 31, 29, generator=gen).cuda().to(dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(cout, cin // groups, k, k, generator=gen) * 0.1).cuda().to(dtype)
+    built = cuda.unavailable_reason(x) is None
+    monkeypatch.delenv("DLA_FAST_TRAIN_STATS_PASS", raising=False)
+    _env.reload()
+    assert ag.conv_on_cuda(x, w, groups, None) == (built and case == "stem")
+    monkeypatch.setenv("DLA_FAST_TRAIN_STATS_PASS", "all")
+    _env.reload()
+    try:
+        assert ag.conv_on_cuda(x, w, groups, None) == built
+        assert not ag.conv_on_cuda(x, w, groups, (w, w, w)) and not ag.conv_on_cuda(x.float(), w.float(), groups, None)
+        args = ((stride, stride), (k // 2, k // 2), groups, None, False)
+        z, mean, var = ag.conv_stats("triton", x, w, *args)
+        z64, m64, v64 = ag.conv_stats_torch(x.double(), w.double(), *args)
+        ze, me, ve = ag.conv_stats_torch(x, w, *args)
+    finally:
+        monkeypatch.delenv("DLA_FAST_TRAIN_STATS_PASS")
+        _env.reload()
     assert z.dtype == dtype and z.is_contiguous(memory_format=torch.channels_last)
     for n, a, e, r in (("z", z, ze, z64), ("mean", mean, me, m64), ("var", var, ve, v64)):
-        _judge(f"stem {n}", a, e, r, dtype)
+        _judge(f"{case} {n}", a, e, r, dtype)
 
 
 @pytest.mark.interpreter

@@ -111,15 +111,19 @@ def _tf32() -> bool:
     return bool(torch.backends.cudnn.allow_tf32)
 
 
-def stem_on_cuda(x: torch.Tensor, weight: torch.Tensor, groups: int, norm) -> bool:
+def conv_on_cuda(x: torch.Tensor, weight: torch.Tensor, groups: int, norm) -> bool:
     """Whether the statistics conv runs as the CUDA extension's conv followed by a statistics pass over its
-    output: a conv of few input channels (the stem's 3) in fp16/bf16, without a prologue. There the Triton
-    kernel's flat K walk gathers 3-channel pixels (the 224x224 stem took several times the CUDA kernel's time),
-    while a second read of the output costs a fraction of either."""
+    output (fp16/bf16, no BN prologue, the extension built and running on x): for a conv of few input channels
+    (the stem's 3) always, since there the Triton kernel's flat K walk gathers 3-channel pixels (the 224x224 stem
+    took several times the CUDA kernel's time) while a second read of the output costs a fraction of either; for
+    every other conv with DLA_FAST_TRAIN_STATS_PASS=all, which trades the Triton epilogue's statistics for one
+    more read of z."""
+    from .. import _env
     from ..backends.triton import _train as kt
     if norm is not None or x.dtype not in (torch.float16, torch.bfloat16) or x.device.type != "cuda":
         return False
-    if kt.train_conv_kind(weight.shape[1], weight.shape[0] // groups, groups) != "flat":
+    if (kt.train_conv_kind(weight.shape[1], weight.shape[0] // groups, groups) != "flat"
+            and _env.choice("DLA_FAST_TRAIN_STATS_PASS") != "all"):
         return False
     from ..backends import cuda
     return cuda.unavailable_reason(x) is None
@@ -146,7 +150,7 @@ def conv_stats(impl: str, x, weight, stride, padding, groups, norm, norm_relu, f
     from ..backends.triton import _train as kt
     if _direct(x):
         # (Traced code keeps the one registered Triton op: the choice below is an eager-launch one.)
-        if stem_on_cuda(x, weight, groups, norm):
+        if conv_on_cuda(x, weight, groups, norm):
             from ..backends import cuda
             z = cuda.conv_bn_act(x, weight, None, tuple(stride), tuple(padding), groups, None, False)
             return (z, *kt.tensor_stats_launch(z, raw=True, fold=fold))
