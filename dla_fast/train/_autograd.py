@@ -181,17 +181,21 @@ def shares_dgrad(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups:
             and tuple(padding) == (kh // 2, kw // 2) and groups == 1 and _direct(x))
 
 
+def _front_switch(var: str, x: torch.Tensor) -> bool:
+    """Whether a front-gradient switch (DLA_FAST_TRAIN_DGRAD, DLA_FAST_TRAIN_WGRAD) puts x's conv on the Triton
+    kernel: set to triton, or unset with x on a GPU."""
+    from .. import _env
+    mode = _env.choice(var)
+    return mode == "triton" or (mode is None and x.device.type == "cuda")
+
+
 def thin_dgrad(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups: int) -> bool:
     """Whether the data gradient of a conv of x runs on the Triton conv kernel (the conv of dz with the weight
     flipped and transposed, as :func:`dgrad_onto` runs it) instead of ATen's: on a GPU unless turned off
     (DLA_FAST_TRAIN_DGRAD=aten), anywhere Triton runs when asked for (=triton: the CPU interpreter too), and a
     conv :func:`shares_dgrad` takes, on at most WGRAD_MAX_CIN input channels. In a DLA that is level 0, a 3x3 on
     16 channels at full resolution, where cuDNN's data gradient runs at about 5x its bytes."""
-    from .. import _env
-    mode = _env.choice("DLA_FAST_TRAIN_DGRAD")
-    if mode == "aten" or (mode is None and x.device.type != "cuda"):
-        return False
-    if not shares_dgrad(x, weight, stride, padding, groups):
+    if not _front_switch("DLA_FAST_TRAIN_DGRAD", x) or not shares_dgrad(x, weight, stride, padding, groups):
         return False
     from ..backends.triton import _train as kt
     return x.shape[1] <= kt.WGRAD_MAX_CIN
@@ -204,9 +208,7 @@ def thin_wgrad(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
     conv the kernel takes (the DLA front: few input channels over many pixels, where cuDNN's kernels, in benchmark
     mode too, run far from the memory bound). Under torch.compile it enters the graph as a registered op, so a
     compiled step computes the same weight gradient as an uncompiled one."""
-    from .. import _env
-    mode = _env.choice("DLA_FAST_TRAIN_WGRAD")
-    if mode == "aten" or (mode is None and x.device.type != "cuda") or x.dim() != 4:
+    if not _front_switch("DLA_FAST_TRAIN_WGRAD", x) or x.dim() != 4:
         return False
     from ..backends.triton import _train as kt
     return kt.wgrad_thin_ok(weight.shape, groups) and x.shape[1] == weight.shape[1]
