@@ -55,7 +55,8 @@ REDUCE_MAX_ROW_TILES = 32
 # The thin convs' weight gradient (wgrad_thin_launch): pixels x kernel rows an MMA step reduces, its warps and stages,
 # programs it aims at (splits of the pixels x kernel rows x output-channel blocks; a constant, so the summation
 # order is the same on every card), the widest input it takes, and whether a few-channel input (RGB) is padded
-# to a power of two so that its kernel rows load as vectors. Swept on an H100 at DLA's front shapes (NOTES v22).
+# to a power of two so that its kernel rows load as vectors. Swept on an H100 at DLA's front shapes
+# (benchmarks/results/h100-train-ab-bf16.json, wgrad_thin_sweep*).
 WGRAD_BLOCK_P = 256
 WGRAD_WARPS = 4
 WGRAD_STAGES = 3
