@@ -43,7 +43,7 @@ SWITCHES: Tuple[Switch, ...] = (
            "which fused-training convs form z on the CUDA extension's conv and their BN statistics in a pass over z "
            "afterwards: stem (the few-input-channel convs, where the Triton kernel's gather is slow) or all (every "
            "conv without a BN prologue that the extension runs; the others keep the Triton conv, whose epilogue "
-           "reduces the statistics as it writes z)"),
+           "reduces the statistics as it writes z; slower on the H100's captured step, kept for comparisons)"),
     Switch("DLA_FAST_TRAIN_STATS_TILE", "pixels, channels", "channels",
            "the statistics convs' tile in fused training: channels (the tile transposed, channels as the MMA's rows, "
            "so each channel's statistics are reduced within one warp; dense convs and the aggregation node without "
