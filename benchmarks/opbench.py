@@ -23,6 +23,7 @@ Python launch longer, so per-call events would time the launch, which a graph (c
     python benchmarks/opbench.py --from-json old.json --csv old.csv   # an earlier JSON run as op-run CSV
     python benchmarks/opbench.py --sanitize                        # correctness driver for compute-sanitizer
     python benchmarks/opbench.py --front --batch 256 --json f.json # the fused front vs its three layers
+    python benchmarks/opbench.py --train --tiles --models dla102 --dtypes bfloat16 --json t.json   # training tiles
     python benchmarks/opbench.py --device cpu --batch 2 --hw 64 --dtypes float32    # smoke test
 
 ``--csv`` writes the compact op-run format (comment lines with card, versions, date, commit, timer and
@@ -1327,6 +1328,200 @@ def train_run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch: int, 
     return result
 
 
+# The statistics convs' tile candidates (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) that --train --tiles times beside
+# each shape's default plan: the training plan is the inference heuristic's, never swept with the statistics
+# epilogue, whose transposed-tile staging and reductions change what a tile costs.
+TRAIN_TILES = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 3), (128, 128, 32, 8, 4),
+               (128, 128, 32, 4, 5), (64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3),
+               (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+               (64, 256, 64, 8, 3), (256, 64, 64, 8, 3), (128, 128, 128, 8, 2))
+
+
+def _tile_key(cfg: Dict) -> Tuple[int, int, int, int, int]:
+    return (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["num_stages"])
+
+
+def train_tile_configs(shape: OpShape, batch: int, dtype: torch.dtype,
+                       tiles: Optional[Sequence[Tuple[int, ...]]] = None) -> Tuple[Optional[Dict], List[Dict]]:
+    """(the default config, the candidates) of the statistics conv of one layer shape: the training step's own
+    plan first, then each of ``tiles`` (default TRAIN_TILES) that fits the layer (no N tile wider than its output
+    channels' power of two, no K tile deeper than its input's), with the transposed tile where the step would use it
+    (:func:`dla_fast.backends.triton._train.stats_swap`). (None, []) for a conv kind other than dense (the
+    thin front convs run on the CUDA stem or the flat walk, grouped ones on the block-diagonal walk)."""
+    from dla_fast.backends.triton import _launch as tl_launch
+    from dla_fast.backends.triton import _train as kt
+    s = shape
+    m = batch * s.out_hw[0] * s.out_hw[1]
+    if s.op == "conv_bn_act":
+        cin_g, cout_g = s.cin_total // s.groups, s.cout // s.groups
+        if kt.train_conv_kind(cin_g, cout_g, s.groups) != "dense":
+            return None, []
+        kh, kw = s.kernel
+        base = kt.train_conv_plan(m, cin_g, cout_g, s.groups, kh, kw, dtype, False)
+        cin_min = cin_g
+    else:
+        chans = list(s.cin)
+        base = tl_launch.aggregate_plan(m, chans, s.cout, dtype, tl_launch.interpreted(), False, 0)
+        base["SWAP"] = kt.stats_swap("dense", base["BLOCK_N"], False)
+        cout_g, cin_min = s.cout, min(chans)
+    seen, out = {_tile_key(base)}, []
+    for bm, bn, bk, warps, stages in (TRAIN_TILES if tiles is None else tiles):
+        if bn > max(16, tl_launch._pow2(cout_g)) or bk > max(16, tl_launch._pow2(cin_min)):
+            continue
+        cfg = dict(base, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        cfg["SWAP"] = kt.stats_swap("dense", bn, False)
+        if _tile_key(cfg) not in seen:
+            seen.add(_tile_key(cfg))
+            out.append(cfg)
+    return base, out
+
+
+def _stats_call(case: Case, cfg: Dict) -> Callable[[], Tuple[torch.Tensor, ...]]:
+    from dla_fast.backends.triton import _train as kt
+    s = case.shape
+    if s.op == "conv_bn_act":
+        return lambda: kt.conv_stats_launch(case.x, case.raw_weight, s.stride, s.padding, s.groups, config=cfg,
+                                            raw=True)
+    w2 = case.raw_weight.reshape(s.cout, s.cin_total)
+    return lambda: kt.agg_stats_launch(case.inputs, w2, config=cfg, raw=True)
+
+
+def _train_tiles_worker(items: List[Tuple[Dict, int, str]]) -> int:
+    """Launch every candidate of each shape once (no timing), so that the compiled kernels are in Triton's
+    on-disk cache before the timing process asks for them."""
+    done = 0
+    dev = torch.device("cuda")
+    for shape_d, batch, dt in items:
+        shape = OpShape.from_dict(shape_d)
+        base, cands = train_tile_configs(shape, batch, DTYPES[dt])
+        if base is None:
+            continue
+        case = build_case(shape, batch, DTYPES[dt], dev)
+        for cfg in [base] + cands:
+            try:
+                with torch.no_grad():
+                    _stats_call(case, cfg)()
+                torch.cuda.synchronize()
+                done += 1
+            except Exception:
+                _recover(dev)  # out of shared memory or registers: the timing run records it
+        del case
+    return done
+
+
+def train_tiles_run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch: int, hw, device,
+                    warmup: float = 25, rep: float = 100, match: Optional[str] = None, limit: Optional[int] = None,
+                    workers: int = 0, log=print, into: Optional[Dict] = None) -> Dict:
+    """The statistics conv of every dense conv and aggregation-node shape of ``models`` at its default tiles and
+    at each candidate of :func:`train_tile_configs`, from CUDA-graph replays, each candidate's z checked against
+    the default's. Rows per (shape, dtype, config); ``summary`` per model and dtype: the statistics convs' time a
+    step (each shape times its layer count) at the defaults, with each shape at its fastest candidate, and with
+    one config per class (1x1, kxk, aggregation node) chosen for the whole model."""
+    device = torch.device(device)
+    timer = timer_name(device, "cudagraph", batch)
+    entries = [e for e in select_entries(models, batch, hw, None, match, limit)
+               if train_tile_configs(e.shape, batch, torch.float16)[0] is not None]
+    result = into if into is not None else {}
+    result.update({"env": environment(device), "batch": int(batch), "hw": list(_shapes.parse_hw(hw)),
+                   "timer": timer, "models": list(models), "rows": []})
+    if workers > 0 and device.type == "cuda":
+        import concurrent.futures
+        import multiprocessing
+        items = [(e.shape.to_dict(), e.batch, dtype_name(dt)) for dt in dtypes for e in entries]
+        t0 = time.perf_counter()
+        try:
+            with concurrent.futures.ProcessPoolExecutor(
+                    min(workers, len(items)), mp_context=multiprocessing.get_context("spawn")) as ex:
+                n = sum(ex.map(_train_tiles_worker, [items[i::workers] for i in range(workers)]))
+            log(f"# precompiled {n} (shape, config) launches in {time.perf_counter() - t0:.1f} s ({workers} processes)")
+        except Exception as e:  # only a speed-up
+            log(f"# precompile skipped ({_short(e)})")
+    log(f"# statistics-conv tiles, batch {batch} at {result['hw'][0]}x{result['hw'][1]} on "
+        f"{result['env']['device']} | torch {result['env']['torch']} | triton {result['env']['triton']} | {timer}")
+    n_all = len(entries) * len(dtypes)
+    for i, entry in enumerate(entries):
+        for dt in dtypes:
+            base, cands = train_tile_configs(entry.shape, batch, dt)
+            case = build_case(entry.shape, batch, dt, device)
+            with torch.no_grad():
+                z_ref = _stats_call(case, base)()[0]
+                times = []
+                for j, cfg in enumerate([base] + cands):
+                    row = {"shape_id": entry.shape.ident(), "label": entry.shape.label(),
+                           "class": _tile_class(entry.shape), "layers": entry.model_counts(),
+                           "dtype": dtype_name(dt), "default": j == 0,
+                           "config": {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages",
+                                                          "SWAP") if k in cfg}, "ms": None, "rel_err": None,
+                           "error": None}
+                    try:
+                        fn = _stats_call(case, cfg)
+                        row["rel_err"] = rel_err(fn()[0], z_ref)
+                        row["ms"] = time_ms(fn, device, warmup, rep, timer)
+                    except Exception as e:  # a config the GPU cannot hold (shared memory, registers)
+                        row["error"] = _short(e)
+                        _recover(device)
+                    result["rows"].append(row)
+                    if row["ms"] is not None and row["rel_err"] <= REL_ERR_FLAG:
+                        times.append((row["ms"], _tile_key(cfg), bool(cfg.get("SWAP"))))
+            del case
+            best = min(times) if times else None
+            d_ms = times[0][0] if times and times[0][1] == _tile_key(base) else None
+            k = i * len(dtypes) + dtypes.index(dt) + 1
+            log(f"[{k}/{n_all}] {entry.shape.label()[:44]:<44} {dtype_name(dt):<8} "
+                f"default {_fmt(None if d_ms is None else d_ms * 1e3, '.1f'):>7} us {_tile_key(base)}  best "
+                f"{_fmt(None if best is None else best[0] * 1e3, '.1f'):>7} us {best[1] if best else '-'}"
+                f"{'  ' + format(d_ms / best[0], '.2f') + 'x' if best and d_ms else ''}")
+    result["summary"] = train_tiles_summary(result["rows"], models)
+    for r in result["summary"]:
+        log(f"{r['model']:<16} {r['dtype']:<8} statistics convs a step: default {r['default_ms']:.2f} ms, "
+            f"best per shape {r['best_ms']:.2f} ({r['default_ms'] / r['best_ms']:.3f}x), one config per class "
+            f"{r['per_class_ms']:.2f} ({r['default_ms'] / r['per_class_ms']:.3f}x): "
+            + "; ".join(f"{k} {tuple(v)}" for k, v in r["per_class"].items()))
+    return result
+
+
+def _tile_class(shape: OpShape) -> str:
+    """The class a tile rule would cover: the aggregation node, 1x1 convs, larger kernels."""
+    return "aggregate" if shape.op == "aggregate" else ("1x1" if shape.kernel == (1, 1) else "kxk")
+
+
+def train_tiles_summary(rows: List[Dict], models: Sequence[str]) -> List[Dict]:
+    """Per model and dtype, from train_tiles_run's rows: the statistics convs' time a step at the default tiles,
+    at each shape's fastest candidate, and with the one config per class that minimises the class's sum (over
+    the shapes where that config ran; shapes where it did not keep their default)."""
+    out = []
+    for m in models:
+        for dt in sorted({r["dtype"] for r in rows}):
+            shapes: Dict[str, Dict] = {}
+            for r in rows:
+                n = r["layers"].get(m, 0)
+                if r["dtype"] != dt or not n:
+                    continue
+                sh = shapes.setdefault(r["shape_id"], {"n": n, "cls": r["class"], "default": None, "by": {}})
+                ok = r["ms"] is not None and r["error"] is None and r["rel_err"] <= REL_ERR_FLAG
+                key = tuple(r["config"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
+                if r["default"]:
+                    sh["default"] = r["ms"] if ok else None
+                if ok:
+                    sh["by"][key] = min(r["ms"], sh["by"].get(key, math.inf))
+            shapes = {k: v for k, v in shapes.items() if v["default"] is not None}
+            if not shapes:
+                continue
+            default = sum(v["n"] * v["default"] for v in shapes.values())
+            best = sum(v["n"] * min(v["by"].values()) for v in shapes.values())
+            per_class, chosen = 0.0, {}
+            for cls in sorted({v["cls"] for v in shapes.values()}):
+                mine = [v for v in shapes.values() if v["cls"] == cls]
+                keys = {k for v in mine for k in v["by"]}
+                cost = {k: sum(v["n"] * v["by"].get(k, v["default"]) for v in mine) for k in keys}
+                k_best = min(cost, key=cost.get)
+                chosen[cls] = list(k_best)
+                per_class += cost[k_best]
+            out.append({"model": m, "dtype": dt, "default_ms": default, "best_ms": best, "per_class_ms": per_class,
+                        "per_class": chosen, "shapes": len(shapes)})
+    return out
+
+
 def select_entries(models: Sequence[str], batch: int, hw, ops: Optional[Sequence[str]] = None,
                    match: Optional[str] = None, limit: Optional[int] = None,
                    entries: Optional[List[ShapeEntry]] = None) -> List[ShapeEntry]:
@@ -1447,6 +1642,10 @@ def _parser() -> argparse.ArgumentParser:
                         "cuDNN's conv, BN + ReLU, BN backward) on the distinct layer shapes of --models at "
                         "--batch / --hw / --dtypes, from CUDA-graph replays; --match / --limit select shapes, "
                         "--json writes the rows")
+    g.add_argument("--tiles", action="store_true",
+                   help="with --train: the statistics conv of each dense conv and aggregation-node shape at its "
+                        "default tiles and at the TRAIN_TILES candidates, and per model the step's statistics-conv "
+                        "time at the defaults, at each shape's best and with one config per class")
     g.add_argument("--sanitize", action="store_true",
                    help="every op once per backend and kernel configuration on a few small real shapes, each "
                         "output checked against float64; exit code 1 on a mismatch (run under compute-sanitizer)")
@@ -1507,6 +1706,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if a.train:
             p.error("--front and --train are separate modes: give one")
         return _main_front(p, a, dtypes, hw, device)
+    if a.tiles and not a.train:
+        p.error("--tiles sweeps the training statistics conv: give it with --train")
     if a.train:
         return _main_train(p, a, models, dtypes, hw, device)
     for i in a.impls or ():
@@ -1588,8 +1789,13 @@ def _main_train(p, a, models, dtypes, hw, device) -> int:
     res: Dict = {}
     old_handler = signal.signal(signal.SIGTERM, _terminate)
     try:
-        train_run(models, [DTYPES[d] for d in dtypes], batch, hw, device, a.warmup, a.rep, a.timer, a.match,
-                  a.limit, log=lambda s: print(s, flush=True), into=res)
+        if a.tiles:
+            workers = a.precompile_workers if a.precompile_workers is not None else min(8, (os.cpu_count() or 2) // 2)
+            train_tiles_run(models, [DTYPES[d] for d in dtypes], batch, hw, device, a.warmup, a.rep, a.match,
+                            a.limit, workers, log=lambda s: print(s, flush=True), into=res)
+        else:
+            train_run(models, [DTYPES[d] for d in dtypes], batch, hw, device, a.warmup, a.rep, a.timer, a.match,
+                      a.limit, log=lambda s: print(s, flush=True), into=res)
     except KeyboardInterrupt:
         print("interrupted: writing what was measured so far", file=sys.stderr, flush=True)
         res["interrupted"] = True
@@ -1599,6 +1805,8 @@ def _main_train(p, a, models, dtypes, hw, device) -> int:
         _write_json(a.json, res)
     if res.get("interrupted"):
         return 130
+    if a.tiles:
+        return 1 if any(r["rel_err"] is not None and r["rel_err"] > REL_ERR_FLAG for r in res["rows"]) else 0
     bad = [r for r in res["rows"] if (r["impl"] == "stats" and (r["rel_err"] > REL_ERR_FLAG or
                                                                r["mean_err"] > REL_ERR_FLAG))
            or (r["impl"] in ("dgrad", "wgrad") and r["rel_err"] > REL_ERR_FLAG)]

@@ -743,6 +743,86 @@ def test_opbench_train_cli_errors(capsys, monkeypatch):
     assert "Triton training kernels, which cannot run here: no Triton here" in capsys.readouterr().err
 
 
+def test_train_tile_candidates_fit_the_layer():
+    """--train --tiles: each dense conv and aggregation-node shape starts from the training step's own plan, then
+    only candidates that fit it (no N tile past the output channels' power of two, no K tile past the input's),
+    each once, transposed exactly where the step would transpose it; the thin and grouped convs have none."""
+    from dla_fast.backends.triton import _launch, _train
+    bf16 = torch.bfloat16
+    one = OpShape("conv_bn_act", (128,), (56, 56), 64)
+    base, cands = opbench.train_tile_configs(one, 256, bf16)
+    assert base == _train.train_conv_plan(256 * 56 * 56, 128, 64, 1, 1, 1, bf16, False)
+    keys = [opbench._tile_key(c) for c in cands]
+    assert opbench._tile_key(base) not in keys and len(set(keys)) == len(keys) and keys
+    assert all(c["BLOCK_N"] <= 64 and c["BLOCK_K"] <= 128 for c in cands)
+    assert all(c["SWAP"] == _train.stats_swap("dense", c["BLOCK_N"], False) for c in cands)
+    assert {k[:3] for k in keys} <= {t[:3] for t in opbench.TRAIN_TILES}
+    agg = OpShape("aggregate", (256, 256), (14, 14), 256, residual="child0")
+    base, cands = opbench.train_tile_configs(agg, 256, bf16)
+    want = _launch.aggregate_plan(256 * 14 * 14, [256, 256], 256, bf16, _launch.interpreted(), False, 0)
+    assert {k: base[k] for k in want} == want and cands
+    assert opbench.train_tile_configs(OpShape("conv_bn_act", (3,), (224, 224), 16, (7, 7), padding=(3, 3)),
+                                      256, bf16) == (None, [])
+    assert opbench.train_tile_configs(OpShape("conv_bn_act", (128,), (56, 56), 128, (3, 3), padding=(1, 1),
+                                              groups=32), 256, bf16) == (None, [])
+    narrow = opbench.train_tile_configs(one, 256, bf16, tiles=[(64, 256, 64, 8, 3), (64, 64, 256, 4, 3)])[1]
+    assert narrow == []  # 256 output channels for a 64-channel layer, a K tile deeper than 128 inputs
+
+
+def test_train_tiles_summary_sums_layers_per_model():
+    """The per-model summary: each shape's time times its layer count, at the defaults, at each shape's fastest
+    config, and with one config per class chosen by the class's sum (a shape where that config did not run keeps
+    its default); configs that failed or disagreed with the default's z count nowhere."""
+    def row(shape, cls, layers, cfg, ms, default=False, err=0.0, error=None):
+        return {"shape_id": shape, "label": shape, "class": cls, "layers": layers, "dtype": "bfloat16",
+                "default": default, "ms": ms, "rel_err": err, "error": error,
+                "config": dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), cfg))}
+    a, b, c = (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3)
+    rows = [row("s1", "1x1", {"m": 2}, a, 1.0, default=True), row("s1", "1x1", {"m": 2}, b, 0.5),
+            row("s1", "1x1", {"m": 2}, c, 0.1, err=0.5),  # wrong: never chosen
+            row("s2", "1x1", {"m": 1, "n": 1}, a, 2.0, default=True), row("s2", "1x1", {"m": 1, "n": 1}, c, 1.0),
+            row("s3", "kxk", {"m": 3}, c, 4.0, default=True), row("s3", "kxk", {"m": 3}, a, None, error="oom")]
+    (m,) = opbench.train_tiles_summary(rows, ["m"])
+    assert m["default_ms"] == 2 * 1.0 + 2.0 + 3 * 4.0
+    assert m["best_ms"] == 2 * 0.5 + 1.0 + 3 * 4.0
+    # 1x1: config b costs 2*0.5 + 2.0 (s2 keeps its default) = 3.0, c costs 2*1.0 + 1.0 = 3.0 (s1's c was wrong),
+    # a costs 4.0; the first minimum wins the tie
+    assert m["per_class_ms"] == 3.0 + 3 * 4.0 and m["per_class"]["kxk"] == list(c)
+    assert m["per_class"]["1x1"] in (list(b), list(c)) and m["shapes"] == 3
+    (n,) = opbench.train_tiles_summary(rows, ["n"])
+    assert n["default_ms"] == 2.0 and n["best_ms"] == 1.0
+
+
+@pytest.mark.interpreter
+def test_opbench_train_tiles_cpu(tmp_path, capsys, monkeypatch):
+    """--train --tiles under the CPU interpreter with a fake timer: each selected shape's statistics conv at its
+    default and at every fitting candidate, z checked against the default's, the per-model summary printed and
+    written; the thin front conv is not swept."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("the Triton kernels run on the CPU only under TRITON_INTERPRET=1")
+    monkeypatch.setattr(opbench, "TRAIN_TILES", ((16, 32, 16, 4, 1), (32, 16, 16, 4, 1), (16, 64, 32, 4, 1)))
+    monkeypatch.setattr(opbench, "time_ms", lambda fn, *a, **k: 1.0 / (1 + len(str(fn()[0].shape))))
+    js = tmp_path / "t.json"
+    argv = ["--train", "--tiles", "--device", "cpu", "--models", "dla34", "--hw", "32", "--dtypes", "float32",
+            "--match", r"^(conv 64->64 k3x3 @8x8 \+res|agg 64\+64->64 @8x8|conv 3->16 k7x7 @32x32)$",
+            "--json", str(js)]
+    assert opbench.main(argv) == 0
+    data = json.loads(js.read_text())
+    labels = {r["label"] for r in data["rows"]}
+    assert labels == {"conv 64->64 k3x3 @8x8 +res", "agg 64+64->64 @8x8"}
+    for label in labels:
+        mine = [r for r in data["rows"] if r["label"] == label]
+        assert [r["default"] for r in mine] == [True] + [False] * (len(mine) - 1) and len(mine) == 4
+        assert all(r["error"] is None and r["rel_err"] < 1e-5 and r["ms"] is not None for r in mine), mine
+        assert {(r["config"]["BLOCK_M"], r["config"]["BLOCK_N"]) for r in mine[1:]} == {(16, 32), (32, 16), (16, 64)}
+    (summ,) = data["summary"]
+    assert summ["model"] == "dla34" and summ["shapes"] == 2 and summ["best_ms"] <= summ["default_ms"]
+    assert "statistics convs a step" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        opbench.main(["--device", "cpu", "--tiles"])
+    assert "give it with --train" in capsys.readouterr().err
+
+
 def test_profile_model_train_classes_and_errors(capsys):
     """profile_model.py --train: kernel names of a training step (ours, Inductor's, cuDNN's, cuBLAS's, ATen's)
     land in their classes, and an implementation it cannot profile is refused before anything runs."""
