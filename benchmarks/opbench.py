@@ -23,7 +23,7 @@ Python launch longer, so per-call events would time the launch, which a graph (c
     python benchmarks/opbench.py --from-json old.json --csv old.csv   # an earlier JSON run as op-run CSV
     python benchmarks/opbench.py --sanitize                        # correctness driver for compute-sanitizer
     python benchmarks/opbench.py --front --batch 256 --json f.json # the fused front vs its three layers
-    python benchmarks/opbench.py --train --tiles --models dla102 --dtypes bfloat16 --json t.json   # training tiles
+    python benchmarks/opbench.py --train --tiles --models dla102 --dtypes bfloat16 --json t.json # training tiles
     python benchmarks/opbench.py --device cpu --batch 2 --hw 64 --dtypes float32    # smoke test
 
 ``--csv`` writes the compact op-run format (comment lines with card, versions, date, commit, timer and
@@ -1335,26 +1335,36 @@ TRAIN_TILES = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 3),
                (128, 128, 32, 4, 5), (64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3),
                (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3),
                (64, 256, 64, 8, 3), (256, 64, 64, 8, 3), (128, 128, 128, 8, 2))
+# The elementwise BN kernels' candidates (elements a program, warps, channels a tile at most; the default is
+# _train.eltwise_config()): the kernels run at 2-2.5 TB/s on the H100 with 2048-element programs.
+TRAIN_ELTWISE = ((2048, 4, 64), (2048, 8, 64), (4096, 8, 64), (4096, 8, 128), (2048, 4, 128), (8192, 16, 128),
+                 (1024, 4, 64), (8192, 8, 128))
+_TILE_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
 
-def _tile_key(cfg: Dict) -> Tuple[int, int, int, int, int]:
-    return (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["num_stages"])
+def _tile_key(cfg: Dict) -> Tuple[int, ...]:
+    return tuple(cfg[k] for k in _TILE_FIELDS)
+
+
+def _tile_class(shape: OpShape) -> str:
+    """The class of DLA_FAST_TRAIN_TILES a shape falls in: the aggregation node, 1x1 convs, larger kernels."""
+    return "agg" if shape.op == "aggregate" else ("1x1" if shape.kernel == (1, 1) else "kxk")
 
 
 def train_tile_configs(shape: OpShape, batch: int, dtype: torch.dtype,
                        tiles: Optional[Sequence[Tuple[int, ...]]] = None) -> Tuple[Optional[Dict], List[Dict]]:
     """(the default config, the candidates) of the statistics conv of one layer shape: the training step's own
-    plan first, then each of ``tiles`` (default TRAIN_TILES) that fits the layer (no N tile wider than its output
-    channels' power of two, no K tile deeper than its input's), with the transposed tile where the step would use it
-    (:func:`dla_fast.backends.triton._train.stats_swap`). (None, []) for a conv kind other than dense (the
-    thin front convs run on the CUDA stem or the flat walk, grouped ones on the block-diagonal walk)."""
+    plan first, then each of ``tiles`` (default TRAIN_TILES) that suits the layer
+    (:func:`dla_fast.backends.triton._train.tile_fits`), with the transposed tile where the step would use it
+    (:func:`dla_fast.backends.triton._train.stats_swap`). (None, []) for a conv other than a dense ungrouped one
+    (the thin front convs run on the CUDA stem or the flat walk, grouped ones on the block-diagonal walk)."""
     from dla_fast.backends.triton import _launch as tl_launch
     from dla_fast.backends.triton import _train as kt
     s = shape
     m = batch * s.out_hw[0] * s.out_hw[1]
     if s.op == "conv_bn_act":
         cin_g, cout_g = s.cin_total // s.groups, s.cout // s.groups
-        if kt.train_conv_kind(cin_g, cout_g, s.groups) != "dense":
+        if s.groups != 1 or kt.train_conv_kind(cin_g, cout_g, s.groups) != "dense":
             return None, []
         kh, kw = s.kernel
         base = kt.train_conv_plan(m, cin_g, cout_g, s.groups, kh, kw, dtype, False)
@@ -1362,11 +1372,12 @@ def train_tile_configs(shape: OpShape, batch: int, dtype: torch.dtype,
     else:
         chans = list(s.cin)
         base = tl_launch.aggregate_plan(m, chans, s.cout, dtype, tl_launch.interpreted(), False, 0)
+        kt._override_tiles(base, "agg", min(chans), s.cout)
         base["SWAP"] = kt.stats_swap("dense", base["BLOCK_N"], False)
         cout_g, cin_min = s.cout, min(chans)
     seen, out = {_tile_key(base)}, []
     for bm, bn, bk, warps, stages in (TRAIN_TILES if tiles is None else tiles):
-        if bn > max(16, tl_launch._pow2(cout_g)) or bk > max(16, tl_launch._pow2(cin_min)):
+        if not kt.tile_fits(bn, bk, cin_min, cout_g):
             continue
         cfg = dict(base, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
         cfg["SWAP"] = kt.stats_swap("dense", bn, False)
@@ -1386,6 +1397,26 @@ def _stats_call(case: Case, cfg: Dict) -> Callable[[], Tuple[torch.Tensor, ...]]
     return lambda: kt.agg_stats_launch(case.inputs, w2, config=cfg, raw=True)
 
 
+def _with_eltwise(cfg: Tuple[int, int, int], fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with the elementwise BN kernels at ``cfg`` (what DLA_FAST_TRAIN_ELTWISE sets)."""
+    from dla_fast.backends.triton import _train as kt
+
+    def run():
+        old = kt.eltwise_config
+        kt.eltwise_config = lambda: tuple(cfg)
+        try:
+            return fn()
+        finally:
+            kt.eltwise_config = old
+    return run
+
+
+def _eltwise_candidates(tiles: Optional[Sequence[Tuple[int, int, int]]] = None) -> List[Tuple[int, int, int]]:
+    from dla_fast.backends.triton import _train as kt
+    base = tuple(kt.eltwise_config())
+    return [base] + [tuple(t) for t in (TRAIN_ELTWISE if tiles is None else tiles) if tuple(t) != base]
+
+
 def _train_tiles_worker(items: List[Tuple[Dict, int, str]]) -> int:
     """Launch every candidate of each shape once (no timing), so that the compiled kernels are in Triton's
     on-disk cache before the timing process asks for them."""
@@ -1394,131 +1425,171 @@ def _train_tiles_worker(items: List[Tuple[Dict, int, str]]) -> int:
     for shape_d, batch, dt in items:
         shape = OpShape.from_dict(shape_d)
         base, cands = train_tile_configs(shape, batch, DTYPES[dt])
-        if base is None:
-            continue
         case = build_case(shape, batch, DTYPES[dt], dev)
-        for cfg in [base] + cands:
-            try:
-                with torch.no_grad():
-                    _stats_call(case, cfg)()
-                torch.cuda.synchronize()
-                done += 1
-            except Exception:
-                _recover(dev)  # out of shared memory or registers: the timing run records it
+        with torch.no_grad():
+            calls = [_stats_call(case, cfg) for cfg in ([base] + cands if base is not None else [])]
+            bn = _train_calls(case)
+            calls += [_with_eltwise(e, bn[k]) for e in _eltwise_candidates() for k in ("bn_act", "bn_bwd")]
+            for fn in calls:
+                try:
+                    fn()
+                    torch.cuda.synchronize()
+                    done += 1
+                except Exception:
+                    _recover(dev)  # out of shared memory or registers: the timing run records it
         del case
     return done
+
+
+def _precompile_tiles(entries, dtypes, workers: int, log) -> None:
+    import concurrent.futures
+    import multiprocessing
+    items = [(e.shape.to_dict(), e.batch, dtype_name(dt)) for dt in dtypes for e in entries]
+    t0 = time.perf_counter()
+    try:
+        with concurrent.futures.ProcessPoolExecutor(
+                min(workers, len(items)), mp_context=multiprocessing.get_context("spawn")) as ex:
+            n = sum(ex.map(_train_tiles_worker, [items[i::workers] for i in range(workers)]))
+        log(f"# precompiled {n} (shape, config) launches in {time.perf_counter() - t0:.1f} s ({workers} processes)")
+    except Exception as e:  # only a speed-up
+        log(f"# precompile skipped ({_short(e)})")
+
+
+def _tile_rows(entry, case, dt, base, cands, device, warmup, rep, timer) -> List[Dict]:
+    """The statistics conv at each config, z checked against the default's."""
+    rows = []
+    z_ref = _stats_call(case, base)()[0]
+    for j, cfg in enumerate([base] + cands):
+        row = {"kernel": "stats", "class": _tile_class(entry.shape), "default": j == 0,
+               "config": list(_tile_key(cfg)), "swap": bool(cfg.get("SWAP", False)), "ms": None, "rel_err": None,
+               "error": None}
+        try:
+            fn = _stats_call(case, cfg)
+            row["rel_err"] = rel_err(fn()[0], z_ref)
+            row["ms"] = time_ms(fn, device, warmup, rep, timer)
+        except Exception as e:  # a config the GPU cannot hold (shared memory, registers)
+            row["error"] = _short(e)
+            _recover(device)
+        rows.append(row)
+    return rows
+
+
+def _eltwise_rows(case, device, warmup, rep, timer) -> List[Dict]:
+    """BN apply + BN backward at each elementwise config, y and dz checked against the default's; ``ms`` is the
+    two together."""
+    rows = []
+    calls = _train_calls(case)
+    ref = None
+    for j, cfg in enumerate(_eltwise_candidates()):
+        row = {"kernel": "bn", "class": "all", "default": j == 0, "config": list(cfg), "ms": None, "ms_bn_act": None,
+               "ms_bn_bwd": None, "rel_err": None, "error": None}
+        try:
+            act, bwd = (_with_eltwise(cfg, calls[k]) for k in ("bn_act", "bn_bwd"))
+            out = (act(), bwd()[0])
+            ref = ref or out
+            row["rel_err"] = max(rel_err(out[0], ref[0]), rel_err(out[1], ref[1]))
+            row["ms_bn_act"] = time_ms(act, device, warmup, rep, timer)
+            row["ms_bn_bwd"] = time_ms(bwd, device, warmup, rep, timer)
+            if row["ms_bn_act"] is not None and row["ms_bn_bwd"] is not None:
+                row["ms"] = row["ms_bn_act"] + row["ms_bn_bwd"]
+        except Exception as e:
+            row["error"] = _short(e)
+            _recover(device)
+        rows.append(row)
+    return rows
 
 
 def train_tiles_run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch: int, hw, device,
                     warmup: float = 25, rep: float = 100, match: Optional[str] = None, limit: Optional[int] = None,
                     workers: int = 0, log=print, into: Optional[Dict] = None) -> Dict:
-    """The statistics conv of every dense conv and aggregation-node shape of ``models`` at its default tiles and
-    at each candidate of :func:`train_tile_configs`, from CUDA-graph replays, each candidate's z checked against
-    the default's. Rows per (shape, dtype, config); ``summary`` per model and dtype: the statistics convs' time a
-    step (each shape times its layer count) at the defaults, with each shape at its fastest candidate, and with
-    one config per class (1x1, kxk, aggregation node) chosen for the whole model."""
+    """Per layer shape of ``models``, from CUDA-graph replays: the statistics conv of every dense ungrouped conv
+    and aggregation node at its default tiles and at each candidate of :func:`train_tile_configs`, and the
+    elementwise BN kernels (BN apply + BN backward) of every layer at each of TRAIN_ELTWISE, each checked against
+    the default's output. ``summary`` per model and dtype: each kernel family's time a step (each shape times its
+    layer count) at the defaults, with each shape at its fastest config, and with one config per class, plus the
+    DLA_FAST_TRAIN_TILES / DLA_FAST_TRAIN_ELTWISE values that set those classes' choice for an A/B."""
     device = torch.device(device)
     timer = timer_name(device, "cudagraph", batch)
-    entries = [e for e in select_entries(models, batch, hw, None, match, limit)
-               if train_tile_configs(e.shape, batch, torch.float16)[0] is not None]
+    entries = select_entries(models, batch, hw, None, match, limit)
     result = into if into is not None else {}
     result.update({"env": environment(device), "batch": int(batch), "hw": list(_shapes.parse_hw(hw)),
                    "timer": timer, "models": list(models), "rows": []})
     if workers > 0 and device.type == "cuda":
-        import concurrent.futures
-        import multiprocessing
-        items = [(e.shape.to_dict(), e.batch, dtype_name(dt)) for dt in dtypes for e in entries]
-        t0 = time.perf_counter()
-        try:
-            with concurrent.futures.ProcessPoolExecutor(
-                    min(workers, len(items)), mp_context=multiprocessing.get_context("spawn")) as ex:
-                n = sum(ex.map(_train_tiles_worker, [items[i::workers] for i in range(workers)]))
-            log(f"# precompiled {n} (shape, config) launches in {time.perf_counter() - t0:.1f} s ({workers} processes)")
-        except Exception as e:  # only a speed-up
-            log(f"# precompile skipped ({_short(e)})")
-    log(f"# statistics-conv tiles, batch {batch} at {result['hw'][0]}x{result['hw'][1]} on "
-        f"{result['env']['device']} | torch {result['env']['torch']} | triton {result['env']['triton']} | {timer}")
+        _precompile_tiles(entries, dtypes, workers, log)
+    log(f"# training tiles, batch {batch} at {result['hw'][0]}x{result['hw'][1]} on {result['env']['device']} | "
+        f"torch {result['env']['torch']} | triton {result['env']['triton']} | {timer}")
     n_all = len(entries) * len(dtypes)
     for i, entry in enumerate(entries):
         for dt in dtypes:
             base, cands = train_tile_configs(entry.shape, batch, dt)
             case = build_case(entry.shape, batch, dt, device)
             with torch.no_grad():
-                z_ref = _stats_call(case, base)()[0]
-                times = []
-                for j, cfg in enumerate([base] + cands):
-                    row = {"shape_id": entry.shape.ident(), "label": entry.shape.label(),
-                           "class": _tile_class(entry.shape), "layers": entry.model_counts(),
-                           "dtype": dtype_name(dt), "default": j == 0,
-                           "config": {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages",
-                                                          "SWAP") if k in cfg}, "ms": None, "rel_err": None,
-                           "error": None}
-                    try:
-                        fn = _stats_call(case, cfg)
-                        row["rel_err"] = rel_err(fn()[0], z_ref)
-                        row["ms"] = time_ms(fn, device, warmup, rep, timer)
-                    except Exception as e:  # a config the GPU cannot hold (shared memory, registers)
-                        row["error"] = _short(e)
-                        _recover(device)
-                    result["rows"].append(row)
-                    if row["ms"] is not None and row["rel_err"] <= REL_ERR_FLAG:
-                        times.append((row["ms"], _tile_key(cfg), bool(cfg.get("SWAP"))))
+                rows = _tile_rows(entry, case, dt, base, cands, device, warmup, rep, timer) if base else []
+                rows += _eltwise_rows(case, device, warmup, rep, timer)
             del case
-            best = min(times) if times else None
-            d_ms = times[0][0] if times and times[0][1] == _tile_key(base) else None
-            k = i * len(dtypes) + dtypes.index(dt) + 1
-            log(f"[{k}/{n_all}] {entry.shape.label()[:44]:<44} {dtype_name(dt):<8} "
-                f"default {_fmt(None if d_ms is None else d_ms * 1e3, '.1f'):>7} us {_tile_key(base)}  best "
-                f"{_fmt(None if best is None else best[0] * 1e3, '.1f'):>7} us {best[1] if best else '-'}"
-                f"{'  ' + format(d_ms / best[0], '.2f') + 'x' if best and d_ms else ''}")
+            head = {"shape_id": entry.shape.ident(), "label": entry.shape.label(), "layers": entry.model_counts(),
+                    "dtype": dtype_name(dt)}
+            result["rows"] += [dict(head, **r) for r in rows]
+            parts = []
+            for kernel in ("stats", "bn"):
+                mine = [r for r in rows if r["kernel"] == kernel]
+                ok = [r for r in mine if r["ms"] is not None and r["rel_err"] <= REL_ERR_FLAG]
+                if mine and ok and mine[0]["ms"] is not None:
+                    best = min(ok, key=lambda r: r["ms"])
+                    parts.append(f"{kernel} {mine[0]['ms'] * 1e3:.1f} -> {best['ms'] * 1e3:.1f} us "
+                                 f"{tuple(best['config'])}")
+            log(f"[{i * len(dtypes) + dtypes.index(dt) + 1}/{n_all}] {entry.shape.label()[:44]:<44} "
+                f"{dtype_name(dt):<8} " + "; ".join(parts))
     result["summary"] = train_tiles_summary(result["rows"], models)
     for r in result["summary"]:
-        log(f"{r['model']:<16} {r['dtype']:<8} statistics convs a step: default {r['default_ms']:.2f} ms, "
-            f"best per shape {r['best_ms']:.2f} ({r['default_ms'] / r['best_ms']:.3f}x), one config per class "
-            f"{r['per_class_ms']:.2f} ({r['default_ms'] / r['per_class_ms']:.3f}x): "
-            + "; ".join(f"{k} {tuple(v)}" for k, v in r["per_class"].items()))
+        log(f"{r['model']:<16} {r['dtype']:<8} {r['kernel']:<5} a step: default {r['default_ms']:.2f} ms, best per "
+            f"shape {r['best_ms']:.2f} ({r['default_ms'] / r['best_ms']:.3f}x), one config per class "
+            f"{r['per_class_ms']:.2f} ({r['default_ms'] / r['per_class_ms']:.3f}x): {r['env']}")
     return result
 
 
-def _tile_class(shape: OpShape) -> str:
-    """The class a tile rule would cover: the aggregation node, 1x1 convs, larger kernels."""
-    return "aggregate" if shape.op == "aggregate" else ("1x1" if shape.kernel == (1, 1) else "kxk")
-
-
 def train_tiles_summary(rows: List[Dict], models: Sequence[str]) -> List[Dict]:
-    """Per model and dtype, from train_tiles_run's rows: the statistics convs' time a step at the default tiles,
+    """Per model, dtype and kernel family, from train_tiles_run's rows: the time a step at the default configs,
     at each shape's fastest candidate, and with the one config per class that minimises the class's sum (over
-    the shapes where that config ran; shapes where it did not keep their default)."""
+    the shapes where that config ran; shapes where it did not keep their default), with the environment setting
+    that selects those per-class configs. Configs that failed or disagreed with the default's output count
+    nowhere."""
     out = []
     for m in models:
         for dt in sorted({r["dtype"] for r in rows}):
-            shapes: Dict[str, Dict] = {}
-            for r in rows:
-                n = r["layers"].get(m, 0)
-                if r["dtype"] != dt or not n:
+            for kernel in ("stats", "bn"):
+                shapes: Dict[str, Dict] = {}
+                for r in rows:
+                    n = r["layers"].get(m, 0)
+                    if r["dtype"] != dt or r["kernel"] != kernel or not n:
+                        continue
+                    sh = shapes.setdefault(r["shape_id"], {"n": n, "cls": r["class"], "default": None, "by": {}})
+                    ok = r["ms"] is not None and r["error"] is None and r["rel_err"] <= REL_ERR_FLAG
+                    key = tuple(r["config"])
+                    if r["default"]:
+                        sh["default"] = r["ms"] if ok else None
+                    if ok:
+                        sh["by"][key] = min(r["ms"], sh["by"].get(key, math.inf))
+                shapes = {k: v for k, v in shapes.items() if v["default"] is not None}
+                if not shapes:
                     continue
-                sh = shapes.setdefault(r["shape_id"], {"n": n, "cls": r["class"], "default": None, "by": {}})
-                ok = r["ms"] is not None and r["error"] is None and r["rel_err"] <= REL_ERR_FLAG
-                key = tuple(r["config"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
-                if r["default"]:
-                    sh["default"] = r["ms"] if ok else None
-                if ok:
-                    sh["by"][key] = min(r["ms"], sh["by"].get(key, math.inf))
-            shapes = {k: v for k, v in shapes.items() if v["default"] is not None}
-            if not shapes:
-                continue
-            default = sum(v["n"] * v["default"] for v in shapes.values())
-            best = sum(v["n"] * min(v["by"].values()) for v in shapes.values())
-            per_class, chosen = 0.0, {}
-            for cls in sorted({v["cls"] for v in shapes.values()}):
-                mine = [v for v in shapes.values() if v["cls"] == cls]
-                keys = {k for v in mine for k in v["by"]}
-                cost = {k: sum(v["n"] * v["by"].get(k, v["default"]) for v in mine) for k in keys}
-                k_best = min(cost, key=cost.get)
-                chosen[cls] = list(k_best)
-                per_class += cost[k_best]
-            out.append({"model": m, "dtype": dt, "default_ms": default, "best_ms": best, "per_class_ms": per_class,
-                        "per_class": chosen, "shapes": len(shapes)})
+                default = sum(v["n"] * v["default"] for v in shapes.values())
+                best = sum(v["n"] * min(v["by"].values()) for v in shapes.values())
+                per_class, chosen = 0.0, {}
+                for cls in sorted({v["cls"] for v in shapes.values()}):
+                    mine = [v for v in shapes.values() if v["cls"] == cls]
+                    keys = sorted({k for v in mine for k in v["by"]})
+                    cost = {k: sum(v["n"] * v["by"].get(k, v["default"]) for v in mine) for k in keys}
+                    k_best = min(keys, key=lambda k: cost[k])
+                    chosen[cls] = list(k_best)
+                    per_class += cost[k_best]
+                if kernel == "stats":
+                    env = "DLA_FAST_TRAIN_TILES='" + ";".join(
+                        f"{c}={','.join(map(str, v))}" for c, v in chosen.items()) + "'"
+                else:
+                    env = "DLA_FAST_TRAIN_ELTWISE=" + ",".join(map(str, chosen["all"]))
+                out.append({"model": m, "dtype": dt, "kernel": kernel, "default_ms": default, "best_ms": best,
+                            "per_class_ms": per_class, "per_class": chosen, "env": env, "shapes": len(shapes)})
     return out
 
 
@@ -1644,8 +1715,10 @@ def _parser() -> argparse.ArgumentParser:
                         "--json writes the rows")
     g.add_argument("--tiles", action="store_true",
                    help="with --train: the statistics conv of each dense conv and aggregation-node shape at its "
-                        "default tiles and at the TRAIN_TILES candidates, and per model the step's statistics-conv "
-                        "time at the defaults, at each shape's best and with one config per class")
+                        "default tiles and at the TRAIN_TILES candidates, the elementwise BN kernels of every shape "
+                        "at the TRAIN_ELTWISE ones, and per model each family's time a step at the defaults, at each "
+                        "shape's best and with one config per class (with the DLA_FAST_TRAIN_TILES / "
+                        "DLA_FAST_TRAIN_ELTWISE value that selects it)")
     g.add_argument("--sanitize", action="store_true",
                    help="every op once per backend and kernel configuration on a few small real shapes, each "
                         "output checked against float64; exit code 1 on a mismatch (run under compute-sanitizer)")
@@ -1799,6 +1872,11 @@ def _main_train(p, a, models, dtypes, hw, device) -> int:
     except KeyboardInterrupt:
         print("interrupted: writing what was measured so far", file=sys.stderr, flush=True)
         res["interrupted"] = True
+        if a.tiles and res.get("rows"):
+            res["summary"] = train_tiles_summary(res["rows"], models)
+            for r in res["summary"]:
+                print(f"{r['model']} {r['dtype']} {r['kernel']} (partial, {r['shapes']} shapes): default "
+                      f"{r['default_ms']:.2f} ms, one config per class {r['per_class_ms']:.2f}: {r['env']}", flush=True)
     finally:
         signal.signal(signal.SIGTERM, old_handler)
     if a.json and res.get("rows") is not None:

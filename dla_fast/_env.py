@@ -44,6 +44,13 @@ SWITCHES: Tuple[Switch, ...] = (
            "afterwards: stem (the few-input-channel convs, where the Triton kernel's gather is slow) or all (every "
            "conv without a BN prologue that the extension runs; the others keep the Triton conv, whose epilogue "
            "reduces the statistics as it writes z; slower on the H100's captured step, kept for comparisons)"),
+    Switch("DLA_FAST_TRAIN_TILES", "1x1=BM,BN,BK,WARPS,STAGES;kxk=...;agg=...", "unset (the plan's tiles)",
+           "a tuning override of the fused-training statistics convs' tiles per class of dense ungrouped conv without "
+           "the BN prologue (1x1, larger kernels, the aggregation node), for A/Bs of `opbench.py --train --tiles`; "
+           "a layer the tile does not suit keeps its plan"),
+    Switch("DLA_FAST_TRAIN_ELTWISE", "ELEMENTS,WARPS,CHANNELS", "2048,4,64",
+           "a tuning override of the fused-training elementwise BN kernels (BN apply, BN backward's two passes, the "
+           "statistics pass): elements a program covers, its warps, channels a tile at most"),
     Switch("DLA_FAST_TRAIN_STATS_TILE", "pixels, channels", "channels",
            "the statistics convs' tile in fused training: channels (the tile transposed, channels as the MMA's rows, "
            "so each channel's statistics are reduced within one warp; dense convs and the aggregation node without "

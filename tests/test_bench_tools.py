@@ -744,9 +744,9 @@ def test_opbench_train_cli_errors(capsys, monkeypatch):
 
 
 def test_train_tile_candidates_fit_the_layer():
-    """--train --tiles: each dense conv and aggregation-node shape starts from the training step's own plan, then
-    only candidates that fit it (no N tile past the output channels' power of two, no K tile past the input's),
-    each once, transposed exactly where the step would transpose it; the thin and grouped convs have none."""
+    """--train --tiles: each dense ungrouped conv and aggregation-node shape starts from the training step's own
+    plan, then only candidates that suit it (_train.tile_fits), each once, transposed exactly where the step would
+    transpose it; the thin and grouped convs have none."""
     from dla_fast.backends.triton import _launch, _train
     bf16 = torch.bfloat16
     one = OpShape("conv_bn_act", (128,), (56, 56), 64)
@@ -756,7 +756,7 @@ def test_train_tile_candidates_fit_the_layer():
     assert opbench._tile_key(base) not in keys and len(set(keys)) == len(keys) and keys
     assert all(c["BLOCK_N"] <= 64 and c["BLOCK_K"] <= 128 for c in cands)
     assert all(c["SWAP"] == _train.stats_swap("dense", c["BLOCK_N"], False) for c in cands)
-    assert {k[:3] for k in keys} <= {t[:3] for t in opbench.TRAIN_TILES}
+    assert set(keys) <= set(opbench.TRAIN_TILES)
     agg = OpShape("aggregate", (256, 256), (14, 14), 256, residual="child0")
     base, cands = opbench.train_tile_configs(agg, 256, bf16)
     want = _launch.aggregate_plan(256 * 14 * 14, [256, 256], 256, bf16, _launch.interpreted(), False, 0)
@@ -765,62 +765,140 @@ def test_train_tile_candidates_fit_the_layer():
                                       256, bf16) == (None, [])
     assert opbench.train_tile_configs(OpShape("conv_bn_act", (128,), (56, 56), 128, (3, 3), padding=(1, 1),
                                               groups=32), 256, bf16) == (None, [])
-    narrow = opbench.train_tile_configs(one, 256, bf16, tiles=[(64, 256, 64, 8, 3), (64, 64, 256, 4, 3)])[1]
-    assert narrow == []  # 256 output channels for a 64-channel layer, a K tile deeper than 128 inputs
+    narrow = opbench.train_tile_configs(OpShape("conv_bn_act", (48,), (56, 56), 64), 256, bf16,
+                                        tiles=[(64, 128, 32, 8, 3), (64, 64, 64, 4, 3), (64, 64, 32, 4, 3)])[1]
+    # 128 output channels for a 64-channel layer; a 64-deep K tile on 48 input channels
+    assert [opbench._tile_key(c) for c in narrow] in ([(64, 64, 32, 4, 3)], [])
+    assert _train.tile_fits(64, 32, 48, 64) and not _train.tile_fits(64, 64, 48, 64)
+    assert not _train.tile_fits(128, 32, 48, 64) and _train.tile_fits(16, 16, 3, 3)
 
 
 def test_train_tiles_summary_sums_layers_per_model():
     """The per-model summary: each shape's time times its layer count, at the defaults, at each shape's fastest
     config, and with one config per class chosen by the class's sum (a shape where that config did not run keeps
-    its default); configs that failed or disagreed with the default's z count nowhere."""
-    def row(shape, cls, layers, cfg, ms, default=False, err=0.0, error=None):
-        return {"shape_id": shape, "label": shape, "class": cls, "layers": layers, "dtype": "bfloat16",
-                "default": default, "ms": ms, "rel_err": err, "error": error,
-                "config": dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), cfg))}
+    its default); configs that failed or disagreed with the default's output count nowhere; the environment
+    setting that selects the per-class choice, per kernel family."""
+    def row(shape, cls, layers, cfg, ms, default=False, err=0.0, error=None, kernel="stats"):
+        return {"shape_id": shape, "label": shape, "kernel": kernel, "class": cls, "layers": layers,
+                "dtype": "bfloat16", "default": default, "ms": ms, "rel_err": err, "error": error,
+                "config": list(cfg)}
     a, b, c = (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3)
     rows = [row("s1", "1x1", {"m": 2}, a, 1.0, default=True), row("s1", "1x1", {"m": 2}, b, 0.5),
             row("s1", "1x1", {"m": 2}, c, 0.1, err=0.5),  # wrong: never chosen
             row("s2", "1x1", {"m": 1, "n": 1}, a, 2.0, default=True), row("s2", "1x1", {"m": 1, "n": 1}, c, 1.0),
-            row("s3", "kxk", {"m": 3}, c, 4.0, default=True), row("s3", "kxk", {"m": 3}, a, None, error="oom")]
-    (m,) = opbench.train_tiles_summary(rows, ["m"])
-    assert m["default_ms"] == 2 * 1.0 + 2.0 + 3 * 4.0
-    assert m["best_ms"] == 2 * 0.5 + 1.0 + 3 * 4.0
-    # 1x1: config b costs 2*0.5 + 2.0 (s2 keeps its default) = 3.0, c costs 2*1.0 + 1.0 = 3.0 (s1's c was wrong),
-    # a costs 4.0; the first minimum wins the tie
-    assert m["per_class_ms"] == 3.0 + 3 * 4.0 and m["per_class"]["kxk"] == list(c)
-    assert m["per_class"]["1x1"] in (list(b), list(c)) and m["shapes"] == 3
+            row("s3", "kxk", {"m": 3}, c, 4.0, default=True), row("s3", "kxk", {"m": 3}, a, None, error="oom"),
+            row("s1", "all", {"m": 2}, (2048, 4, 64), 3.0, default=True, kernel="bn"),
+            row("s1", "all", {"m": 2}, (4096, 8, 64), 2.0, kernel="bn"),
+            row("s3", "all", {"m": 3}, (2048, 4, 64), 1.0, default=True, kernel="bn"),
+            row("s3", "all", {"m": 3}, (4096, 8, 64), 1.5, kernel="bn")]
+    stats, bn = opbench.train_tiles_summary(rows, ["m"])
+    assert stats["kernel"] == "stats" and stats["default_ms"] == 2 * 1.0 + 2.0 + 3 * 4.0
+    assert stats["best_ms"] == 2 * 0.5 + 1.0 + 3 * 4.0
+    # 1x1: b costs 2*0.5 + 2.0 (s2 keeps its default) = 3.0, c costs 2*1.0 + 1.0 = 3.0 (s1's c was wrong: s1 keeps
+    # its default), a 4.0; a tie goes to the first config in sorted order (b)
+    assert stats["per_class_ms"] == 3.0 + 3 * 4.0 and stats["per_class"] == {"1x1": list(b), "kxk": list(c)}
+    assert stats["env"] == "DLA_FAST_TRAIN_TILES='1x1=64,128,64,4,4;kxk=128,64,64,4,3'" and stats["shapes"] == 3
+    assert bn["kernel"] == "bn" and bn["default_ms"] == 2 * 3.0 + 3 * 1.0 and bn["best_ms"] == 2 * 2.0 + 3 * 1.0
+    # one config for all: the default 9.0 against 4096's 2*2.0 + 3*1.5 = 8.5
+    assert bn["per_class_ms"] == 8.5 and bn["env"] == "DLA_FAST_TRAIN_ELTWISE=4096,8,64"
     (n,) = opbench.train_tiles_summary(rows, ["n"])
     assert n["default_ms"] == 2.0 and n["best_ms"] == 1.0
 
 
 @pytest.mark.interpreter
 def test_opbench_train_tiles_cpu(tmp_path, capsys, monkeypatch):
-    """--train --tiles under the CPU interpreter with a fake timer: each selected shape's statistics conv at its
-    default and at every fitting candidate, z checked against the default's, the per-model summary printed and
-    written; the thin front conv is not swept."""
+    """--train --tiles under the CPU interpreter with a fake timer: each selected dense conv and aggregation node's
+    statistics conv at its default and every suitable candidate, each shape's BN kernels at each elementwise
+    candidate, every output checked against the default's, the per-model summary printed and written."""
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("the Triton kernels run on the CPU only under TRITON_INTERPRET=1")
+    from dla_fast.backends.triton import _train
     monkeypatch.setattr(opbench, "TRAIN_TILES", ((16, 32, 16, 4, 1), (32, 16, 16, 4, 1), (16, 64, 32, 4, 1)))
-    monkeypatch.setattr(opbench, "time_ms", lambda fn, *a, **k: 1.0 / (1 + len(str(fn()[0].shape))))
+    monkeypatch.setattr(opbench, "TRAIN_ELTWISE", ((2048, 4, 64), (1024, 2, 16)))
+    seen, calls = [], []
+    tiles = _train._eltwise_tiles
+
+    def spy(C):  # the config the launchers see
+        seen.append(_train.eltwise_config())
+        return tiles(C)
+    monkeypatch.setattr(_train, "_eltwise_tiles", spy)
+
+    def fake_time(fn, *a, **k):
+        fn()
+        calls.append(fn)
+        return 1e-3 * len(calls)
+    monkeypatch.setattr(opbench, "time_ms", fake_time)
     js = tmp_path / "t.json"
     argv = ["--train", "--tiles", "--device", "cpu", "--models", "dla34", "--hw", "32", "--dtypes", "float32",
-            "--match", r"^(conv 64->64 k3x3 @8x8 \+res|agg 64\+64->64 @8x8|conv 3->16 k7x7 @32x32)$",
+            "--match", r"^(conv 64->64 k3x3 @8x8 \+res|agg 64\+64->64 @8x8|conv 16->32 k3x3 s2 @32x32)$",
             "--json", str(js)]
     assert opbench.main(argv) == 0
     data = json.loads(js.read_text())
-    labels = {r["label"] for r in data["rows"]}
-    assert labels == {"conv 64->64 k3x3 @8x8 +res", "agg 64+64->64 @8x8"}
-    for label in labels:
-        mine = [r for r in data["rows"] if r["label"] == label]
-        assert [r["default"] for r in mine] == [True] + [False] * (len(mine) - 1) and len(mine) == 4
-        assert all(r["error"] is None and r["rel_err"] < 1e-5 and r["ms"] is not None for r in mine), mine
-        assert {(r["config"]["BLOCK_M"], r["config"]["BLOCK_N"]) for r in mine[1:]} == {(16, 32), (32, 16), (16, 64)}
-    (summ,) = data["summary"]
-    assert summ["model"] == "dla34" and summ["shapes"] == 2 and summ["best_ms"] <= summ["default_ms"]
-    assert "statistics convs a step" in capsys.readouterr().out
+    rows = data["rows"]
+    assert all(r["error"] is None and r["rel_err"] < 1e-5 and r["ms"] is not None for r in rows), rows
+    stats = {r["label"] for r in rows if r["kernel"] == "stats"}
+    assert stats == {"conv 64->64 k3x3 @8x8 +res", "agg 64+64->64 @8x8", "conv 16->32 k3x3 s2 @32x32"}
+    for label in stats - {"conv 16->32 k3x3 s2 @32x32"}:
+        mine = [r for r in rows if r["label"] == label and r["kernel"] == "stats"]
+        assert [r["default"] for r in mine] == [True, False, False, False]
+        assert {tuple(r["config"][:2]) for r in mine[1:]} == {(16, 32), (32, 16), (16, 64)}
+    bn = [r for r in rows if r["kernel"] == "bn"]
+    assert len(bn) == 6 and {r["label"] for r in bn} == stats
+    # level 1 (16 -> 32): not the candidate with a 32-deep K tile and 64-wide N tile
+    assert [tuple(r["config"][:3]) for r in rows if r["kernel"] == "stats" and r["label"].startswith("conv 16")][1:] \
+        == [(16, 32, 16), (32, 16, 16)]
+    assert [tuple(r["config"]) for r in bn[:2]] == [(2048, 4, 64), (1024, 2, 16)]
+    assert (1024, 2, 16) in seen and _train.eltwise_config() == (2048, 4, 64)  # restored after each call
+    assert {(s["kernel"], s["shapes"]) for s in data["summary"]} == {("stats", 3), ("bn", 3)}
+    assert "DLA_FAST_TRAIN_ELTWISE=" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         opbench.main(["--device", "cpu", "--tiles"])
     assert "give it with --train" in capsys.readouterr().err
+
+
+def test_training_tile_overrides(monkeypatch):
+    """DLA_FAST_TRAIN_TILES and DLA_FAST_TRAIN_ELTWISE: parsed once with errors that name the value and the
+    format; a class's tile replaces the plan on the dense ungrouped convs without the BN prologue that it suits,
+    the others keep their plan; the elementwise setting reaches the kernels' tiles."""
+    from dla_fast import _env
+    from dla_fast.backends.triton import _train
+    bf16 = torch.bfloat16
+
+    def plan(cin, cout, k, norm=False, groups=1):
+        return _train.train_conv_plan(256 * 56 * 56, cin // groups, cout // groups, groups, k, k, bf16, False,
+                                      norm=norm)
+    before = {k: plan(*k) for k in [(128, 64, 1), (64, 64, 3), (16, 64, 1)]}
+    monkeypatch.setenv("DLA_FAST_TRAIN_TILES", "1x1=64,64,32,4,5; kxk=256,64,64,8,3")
+    monkeypatch.setenv("DLA_FAST_TRAIN_ELTWISE", "4096,8,128")
+    _env.reload()
+    try:
+        assert _train.train_tile_overrides() == {"1x1": (64, 64, 32, 4, 5), "kxk": (256, 64, 64, 8, 3)}
+        p = plan(128, 64, 1)
+        assert opbench._tile_key(p) == (64, 64, 32, 4, 5) and p["SWAP"] == _train.stats_swap("dense", 64, False)
+        assert opbench._tile_key(plan(64, 64, 3)) == (256, 64, 64, 8, 3)
+        assert plan(16, 64, 1) == before[(16, 64, 1)]  # a 32-deep K tile does not suit 16 input channels
+        assert plan(64, 64, 3, norm=True) == _train.train_conv_plan(256 * 56 * 56, 64, 64, 1, 3, 3, bf16, False,
+                                                                    norm=True)  # the prologue conv keeps its plan
+        assert _train.eltwise_config() == (4096, 8, 128)
+        bm, bc, warps = _train._eltwise_tiles(256)
+        assert (bc, warps) == (128, 8) and bm == (32 if _train.interpreted() else 4096 // 128)
+        assert _train._eltwise_tiles(32)[1:] == (32, 8)
+        for name, bad, msg in [("DLA_FAST_TRAIN_TILES", "3x3=64,64,32,4,3", "class '3x3'"),
+                               ("DLA_FAST_TRAIN_TILES", "1x1=64,64,32,4,3;1x1=64,64,32,4,3", "again"),
+                               ("DLA_FAST_TRAIN_TILES", "1x1=64,64,24,4,3", "powers of two"),
+                               ("DLA_FAST_TRAIN_TILES", "agg=64,64,32,4", "1 to 8 stages"),
+                               ("DLA_FAST_TRAIN_ELTWISE", "4096,8", "ELEMENTS,WARPS,CHANNELS"),
+                               ("DLA_FAST_TRAIN_ELTWISE", "4096,32,64", "at most 16 warps")]:
+            monkeypatch.setenv(name, bad)
+            _env.reload()
+            with pytest.raises(ValueError, match=msg):
+                _train.train_tile_overrides() if name.endswith("TILES") else _train.eltwise_config()
+            monkeypatch.delenv(name)
+    finally:
+        monkeypatch.delenv("DLA_FAST_TRAIN_TILES", raising=False)
+        monkeypatch.delenv("DLA_FAST_TRAIN_ELTWISE", raising=False)
+        _env.reload()
+    assert {k: plan(*k) for k in before} == before
 
 
 def test_profile_model_train_classes_and_errors(capsys):
@@ -891,6 +969,17 @@ def test_opbench_train_interrupted_keeps_rows(tmp_path, monkeypatch):
     assert opbench.main(["--train", "--device", "cpu", "--models", "dla34", "--json", str(js)]) == 130
     data = json.loads(js.read_text())
     assert data["interrupted"] is True and data["rows"] == [{"impl": "stats", "ms": 1.0}]
+    # --tiles: the summary of the shapes measured so far is written and printed too
+    row = {"shape_id": "s", "label": "s", "kernel": "bn", "class": "all", "layers": {"dla34": 2},
+           "dtype": "bfloat16", "default": True, "ms": 1.5, "rel_err": 0.0, "error": None, "config": [2048, 4, 64]}
+
+    def fake_tiles(*args, into=None, **kw):
+        into.update({"batch": 2, "rows": [row]})
+        raise KeyboardInterrupt
+    monkeypatch.setattr(opbench, "train_tiles_run", fake_tiles)
+    assert opbench.main(["--train", "--tiles", "--device", "cpu", "--models", "dla34", "--json", str(js)]) == 130
+    (summ,) = json.loads(js.read_text())["summary"]
+    assert summ["default_ms"] == 3.0 and summ["env"] == "DLA_FAST_TRAIN_ELTWISE=2048,4,64"
 
 
 # ------------------------------------------------------------------------------------------ ab.py

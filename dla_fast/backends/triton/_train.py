@@ -44,10 +44,12 @@ TRAIN_CONV_KINDS = ("dense", "flat", "blockdiag")
 # Pipeline depth and warps of the statistics conv with the BN prologue (see train_conv_plan).
 STAGES_NORM = 2
 WARPS_NORM = 8
-# Elements a program of the elementwise BN kernels covers (rows x up to 64 channels), and its warps: 4096
-# elements on 4 warps spilled in the backward kernels on sm_90.
+# Elements a program of the elementwise BN kernels covers (rows x up to ELTWISE_MAX_C channels), and its warps:
+# 4096 elements on 4 warps spilled in the backward kernels on sm_90. DLA_FAST_TRAIN_ELTWISE overrides the three
+# (eltwise_config) for the BN apply, BN backward's two passes and the statistics pass.
 ELTWISE_TILE = 2048
 WARPS_ELTWISE = 4
+ELTWISE_MAX_C = 64
 # BN backward's reduce pass: each program sums up to REDUCE_MAX_ROW_TILES row tiles, as many as leave at least
 # REDUCE_PROGRAMS programs (enough to fill any current GPU).
 REDUCE_PROGRAMS = 1024
@@ -658,12 +660,55 @@ def train_conv_plan(M: int, cin_g: int, cout_g: int, groups: int, kh: int, kw: i
                          f"group (kind {kind!r}); the training path falls back to eager for it")
     cfg = conv_plan(M, cin_g, cout_g, groups, kh, kw, dtype, tf32, interpreted(), kind, 0)
     cfg["SPLIT"] = 1
+    if kind == "dense" and groups == 1 and not norm:
+        _override_tiles(cfg, "1x1" if (kh, kw) == (1, 1) else "kxk", cin_g, cout_g)
     cfg["SWAP"] = stats_swap(kind, cfg["BLOCK_N"], norm)
     if norm:
         cfg["num_stages"] = min(cfg["num_stages"], STAGES_NORM)
         if cfg.get("BLOCK_M", 0) * cfg.get("BLOCK_N", 0) >= 128 * 64:
             cfg["num_warps"] = max(cfg["num_warps"], WARPS_NORM)
     return cfg
+
+
+TILE_CLASSES = ("1x1", "kxk", "agg")
+
+
+def tile_fits(block_n: int, block_k: int, cin: int, cout: int) -> bool:
+    """Whether a statistics-conv tile suits a layer: no N tile wider than the output channels' power of two, no K
+    tile deeper than the largest power of two within the (narrowest) input's channels."""
+    return block_n <= max(16, _pow2(cout)) and block_k <= max(16, 1 << (max(1, cin).bit_length() - 1))
+
+
+def train_tile_overrides() -> Dict[str, Tuple[int, int, int, int, int]]:
+    """DLA_FAST_TRAIN_TILES="1x1=BM,BN,BK,WARPS,STAGES;kxk=...;agg=..." (a tuning override, for A/Bs of a tile
+    sweep; a class left out keeps the plan): the statistics convs' tiles per class of dense ungrouped conv without
+    the BN prologue (1x1, larger kernels, the aggregation node)."""
+    v = _env.get("DLA_FAST_TRAIN_TILES")
+    out: Dict[str, Tuple[int, int, int, int, int]] = {}
+    for part in (v or "").split(";"):
+        if not part.strip():
+            continue
+        cls, _, vals = part.partition("=")
+        cls = cls.strip().lower()
+        if cls not in TILE_CLASSES or cls in out:
+            raise ValueError(f"DLA_FAST_TRAIN_TILES: {part.strip()!r} names {'again ' if cls in out else ''}class "
+                             f"{cls!r}; use each of {', '.join(TILE_CLASSES)} at most once, as CLASS=BM,BN,BK,WARPS,"
+                             f"STAGES")
+        bm, bn, bk, warps = _positive_ints("DLA_FAST_TRAIN_TILES", ",".join(vals.split(",")[:4]), 4,
+                                           f"{cls}'s BM,BN,BK,WARPS")
+        stages = vals.split(",")[4:]
+        if len(stages) != 1 or not stages[0].strip().isdigit() or not 1 <= int(stages[0]) <= 8 or min(bm, bn) < 16:
+            raise ValueError(f"DLA_FAST_TRAIN_TILES: {part.strip()!r} needs BM,BN,BK,WARPS,STAGES with tiles of at "
+                             f"least 16 and 1 to 8 stages")
+        out[cls] = (bm, bn, bk, warps, int(stages[0]))
+    return out
+
+
+def _override_tiles(cfg: Dict, cls: str, cin: int, cout: int) -> None:
+    """The class's DLA_FAST_TRAIN_TILES entry into ``cfg`` where it suits the layer (:func:`tile_fits`)."""
+    o = train_tile_overrides().get(cls)
+    if o is not None and tile_fits(o[1], o[2], cin, cout):
+        cfg.update(BLOCK_M=o[0], BLOCK_N=o[1], BLOCK_K=o[2], num_warps=o[3], num_stages=o[4])
 
 
 def stats_swap(kind: str, block_n: int, norm: bool) -> bool:
@@ -825,7 +870,7 @@ def tensor_stats_launch(z: torch.Tensor, raw: bool = False,
     M = N * H * W
     if M == 0 or C == 0:
         raise ValueError(f"tensor_stats: empty input {tuple(z.shape)} has no statistics")
-    bm, bc = _eltwise_tiles(C)
+    bm, bc, warps = _eltwise_tiles(C)
     T = _cdiv(M, bm)
     n_tiles_c = _cdiv(C, bc)
     psum = torch.empty((T, C), device=z.device, dtype=torch.float32)
@@ -834,7 +879,7 @@ def tensor_stats_launch(z: torch.Tensor, raw: bool = False,
         return tuple(psum.sum(0) for _ in range(2 if fold is None else 4))
     _kernel(_tensor_stats_kernel, raw)[lambda meta: (T * n_tiles_c,)](
         z, psum, pm2, M, C, int(s), n_tiles_c, IDX64=_idx64(_max_offset(z)), BLOCK_M=bm, BLOCK_C=bc,
-        num_warps=WARPS_ELTWISE, num_stages=1)
+        num_warps=warps, num_stages=1)
     return _stats_from_partials(psum, pm2, M, bm, raw, fold)
 
 
@@ -968,10 +1013,36 @@ def _rows(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
     return t, int(s)
 
 
-def _eltwise_tiles(C: int) -> Tuple[int, int]:
-    bc = min(64, max(16, _pow2(C)))
-    bm = 32 if interpreted() else max(16, ELTWISE_TILE // bc)
-    return bm, bc
+def _positive_ints(name: str, text: str, n: int, what: str) -> Tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        vals = tuple(int(p) for p in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != n or any(v < 1 or v & (v - 1) for v in vals):
+        raise ValueError(f"{name}: {text!r} is not {what} ({n} comma-separated powers of two)")
+    return vals
+
+
+def eltwise_config() -> Tuple[int, int, int]:
+    """(elements a program, warps, channels a tile at most) of the elementwise BN kernels: ELTWISE_TILE,
+    WARPS_ELTWISE and ELTWISE_MAX_C, or DLA_FAST_TRAIN_ELTWISE="ELEMENTS,WARPS,CHANNELS" (a tuning override)."""
+    v = _env.get("DLA_FAST_TRAIN_ELTWISE")
+    if v is None:
+        return ELTWISE_TILE, WARPS_ELTWISE, ELTWISE_MAX_C
+    tile, warps, maxc = _positive_ints("DLA_FAST_TRAIN_ELTWISE", v, 3, "ELEMENTS,WARPS,CHANNELS")
+    if warps > 16 or maxc < 16 or tile < maxc:
+        raise ValueError(f"DLA_FAST_TRAIN_ELTWISE: {v!r} needs at most 16 warps, at least 16 channels and at least "
+                         f"as many elements as channels")
+    return tile, warps, maxc
+
+
+def _eltwise_tiles(C: int) -> Tuple[int, int, int]:
+    """(rows, channels, warps) of an elementwise BN kernel's program on a C-channel tensor."""
+    tile, warps, maxc = eltwise_config()
+    bc = min(maxc, max(16, _pow2(C)))
+    bm = 32 if interpreted() else max(16, tile // bc)
+    return bm, bc, warps
 
 
 def agg_stats_launch(children: Sequence[torch.Tensor], weight: torch.Tensor, tf32: bool = False,
@@ -1007,6 +1078,7 @@ def agg_stats_launch(children: Sequence[torch.Tensor], weight: torch.Tensor, tf3
         cfg = dict(config)
     else:
         cfg = aggregate_plan(M, chans, Cout, dtype, interp, tf32, 0)
+        _override_tiles(cfg, "agg", min(chans), Cout)
         cfg["SWAP"] = stats_swap("dense", cfg["BLOCK_N"], False)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     T = _cdiv(M, bm)
@@ -1043,7 +1115,7 @@ def bn_act_launch(z: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, bias
         return y
     if M >= _I32_LIMIT:
         raise RuntimeError(f"bn_act (triton): {M} pixels exceed the kernel's 32-bit row index")
-    bm, bc = _eltwise_tiles(C)
+    bm, bc, warps = _eltwise_tiles(C)
     n_tiles_c = _cdiv(C, bc)
     srn, src, srh, srw = residual.stride() if residual is not None else (0, 0, 0, 0)
     _kernel(_bn_act_kernel, raw)[lambda meta: (_cdiv(M, bm) * n_tiles_c,)](
@@ -1051,7 +1123,7 @@ def bn_act_launch(z: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, bias
         M, H * W, W, C, szm, srn, src, srh, srw, n_tiles_c,
         HAS_RES=residual is not None, RELU=bool(relu),
         IDX64=_idx64(_max_offset(z), y.numel(), 0 if residual is None else _max_offset(residual)),
-        BLOCK_M=bm, BLOCK_C=bc, num_warps=WARPS_ELTWISE, num_stages=1)
+        BLOCK_M=bm, BLOCK_C=bc, num_warps=warps, num_stages=1)
     return y
 
 
@@ -1090,7 +1162,7 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
     M = N * H * W
     dz = _new_output(N, C, H, W, z.device, z.dtype)
     dres = None if res_dtype is None else _new_output(N, C, H, W, z.device, res_dtype)
-    bm, bc = _eltwise_tiles(C)
+    bm, bc, warps = _eltwise_tiles(C)
     n_tiles_c = _cdiv(C, bc)
     rt = _reduce_row_tiles(_cdiv(M, bm), n_tiles_c) if row_tiles is None else int(row_tiles)
     if rt < 1:
@@ -1115,7 +1187,7 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
     mean = mean.contiguous()
     _kernel(_bn_bwd_reduce_kernel, raw)[lambda meta: (T * n_tiles_c,)](
         grad, y, z, mean, sc, bi, ps, psx, M, H * W, W, C, sgn, sgc, sgh, sgw, sym, szm, n_tiles_c,
-        RELU=relu, IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc, ROW_TILES=rt, num_warps=WARPS_ELTWISE, num_stages=1)
+        RELU=relu, IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc, ROW_TILES=rt, num_warps=warps, num_stages=1)
     dbeta, dgamma, k1, k2, k3 = (torch.empty(C, device=z.device, dtype=torch.float32) for _ in range(5))
     fc, fgrid = _finalize_tiles(C)
     tc, n_chunks = _chunks(T, fgrid)
@@ -1135,7 +1207,7 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
         res_extra if res_extra is not None else dz,
         M, H * W, W, C, sgn, sgc, sgh, sgw, sym, szm, *e_strides, n_tiles_c,
         RELU=relu, HAS_DRES=dres is not None, HAS_EXTRA=res_extra is not None, IDX64=idx64, BLOCK_M=bm,
-        BLOCK_C=bc, num_warps=WARPS_ELTWISE, num_stages=1)
+        BLOCK_C=bc, num_warps=warps, num_stages=1)
     return dz, dgamma, dbeta, dres
 
 
