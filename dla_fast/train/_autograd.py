@@ -380,41 +380,61 @@ class ConvStats(torch.autograd.Function):
                 None, None, None, None)
 
 
+def mask_bits(impl: str, z: torch.Tensor) -> bool:
+    """Whether a BN + residual + ReLU keeps its ReLU's mask packed 8 channels a byte for the backward instead of
+    reading its output back (DLA_FAST_TRAIN_RELU_MASK=bits): on the Triton kernels launched directly (not under
+    torch.compile, whose registered ops take the output)."""
+    from .. import _env
+    return impl != "torch" and _direct(z) and _env.choice("DLA_FAST_TRAIN_RELU_MASK") == "bits"
+
+
 class BnAct(torch.autograd.Function):
     """y = act(BatchNorm(z; mean, var, gamma, beta, eps) + residual), mean/var the batch statistics of z from
     :class:`ConvStats`. forward(z, mean, var, gamma, beta, residual, eps, relu, out_dtype, impl, coef=None);
     ``coef``: (rstd, scale) already computed (by the statistics' final launch), else computed here. The backward
     takes the ReLU's mask from ``y``, or where no residual is added from ``z`` (one read fewer). ``share`` (last
     argument): the residual comes back as a second output, whose gradient (its later readers') the backward's
-    last pass adds to the residual's as it writes it (as :class:`ConvStats`' ``share``)."""
+    last pass adds to the residual's as it writes it (as :class:`ConvStats`' ``share``). With a residual and
+    :func:`mask_bits`, the backward reads the ReLU's mask packed 8 channels a byte instead of ``y``."""
 
     @staticmethod
     def forward(ctx, z, mean, var, gamma, beta, residual, eps, relu, out_dtype, impl, coef=None, share=False):
         if share and residual is None:
             raise ValueError("BnAct: share needs a residual")
         rstd, scale, bias = _scale_bias(gamma, beta, var, eps, coef)
-        y = bn_act(impl, z, mean, scale, bias, residual, relu, out_dtype)
+        mask_z = relu and residual is None
+        bits = None
+        if relu and not mask_z and mask_bits(impl, z):
+            from ..backends.triton import _train as kt
+            y, bits = kt.bn_act_launch(z, mean, scale, bias, residual, relu, out_dtype, raw=True, bits=True)
+        else:
+            y = bn_act(impl, z, mean, scale, bias, residual, relu, out_dtype)
         ctx.conf = (bool(relu), impl, None if residual is None else residual.dtype, bool(share))
         ctx.set_materialize_grads(False)
-        mask_z = relu and residual is None
-        ctx.save_for_backward(z, y if relu and not mask_z else None, mean, rstd, gamma, beta,
-                              scale if mask_z else None, bias if mask_z else None)
+        ctx.save_for_backward(z, y if relu and not mask_z and bits is None else None, mean, rstd, gamma, beta,
+                              scale if mask_z else None, bias if mask_z else None, bits)
         return (y, residual) if share else y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, *rest):
         relu, impl, res_dtype, share = ctx.conf
-        z, y, mean, rstd, gamma, beta, scale, bias = ctx.saved_tensors
+        z, y, mean, rstd, gamma, beta, scale, bias, bits = ctx.saved_tensors
         need_z, need_g, need_b, need_r = (ctx.needs_input_grad[0], ctx.needs_input_grad[3],
                                           ctx.needs_input_grad[4], ctx.needs_input_grad[5])
         dshare = rest[0] if share else None
         if dy is None:
             return (None,) * 5 + (dshare if need_r else None,) + (None,) * 6
         g32 = None if gamma is None else gamma.to(rstd.dtype)
-        dz, dgamma, dbeta, dres = bn_backward(impl, dy, y, z, mean, rstd, g32, res_dtype if need_r else None,
-                                              None if scale is None else (scale, bias),
-                                              dshare if need_r else None)
+        if bits is not None:
+            from ..backends.triton import _train as kt
+            dz, dgamma, dbeta, dres = kt.bn_backward_launch(dy, None, z, mean, rstd, g32,
+                                                            res_dtype if need_r else None, raw=True,
+                                                            res_extra=dshare if need_r else None, relu_bits=bits)
+        else:
+            dz, dgamma, dbeta, dres = bn_backward(impl, dy, y, z, mean, rstd, g32, res_dtype if need_r else None,
+                                                  None if scale is None else (scale, bias),
+                                                  dshare if need_r else None)
         return (dz if need_z else None, None, None, _grad_as(dgamma, gamma) if need_g else None,
                 _grad_as(dbeta, beta) if need_b else None, dres, None, None, None, None, None, None)
 

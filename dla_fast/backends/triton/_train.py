@@ -25,6 +25,7 @@ of the variance once a channel's mean is large against its spread.
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -395,15 +396,17 @@ def _bn_bwd_finalize_kernel(
 
 @triton.jit
 def _bn_act_kernel(
-    z_ptr, mu_ptr, sc_ptr, bi_ptr, r_ptr, y_ptr,
-    M, HW, W, C,
+    z_ptr, mu_ptr, sc_ptr, bi_ptr, r_ptr, y_ptr, b_ptr,
+    M, HW, W, C, CB,
     szm, srn, src, srh, srw,
     n_tiles_c,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr, IDX64: tl.constexpr,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, BITS: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """y = act((z - mean) * scale + bias + residual) over NHWC rows; z at ``m * szm + c`` (a channels_last
-    tensor or a channel slice of one), the residual through its four strides, y channels_last-contiguous."""
+    tensor or a channel slice of one), the residual through its four strides, y channels_last-contiguous.
+    BITS: also the ReLU's mask, y > 0 as stored, packed 8 channels a byte into the [M, CB] uint8 ``b_ptr``
+    (channel c: bit c % 8 of byte c // 8), which BN backward reads instead of y."""
     _, rows, cols, col_ok, mask = _row_tile(n_tiles_c, M, C, IDX64, BLOCK_M, BLOCK_C)
     mu = tl.load(mu_ptr + cols, mask=col_ok, other=0.0)
     sc = tl.load(sc_ptr + cols, mask=col_ok, other=0.0)
@@ -419,7 +422,14 @@ def _bn_act_kernel(
         v = v + tl.load(r_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         v = tl.where(v < 0.0, 0.0, v)
-    tl.store(y_ptr + rows[:, None] * C + cols[None, :], v.to(y_ptr.dtype.element_ty), mask=mask)
+    yv = v.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rows[:, None] * C + cols[None, :], yv, mask=mask)
+    if BITS:
+        pos = tl.reshape(((yv > 0) & mask).to(tl.int32), [BLOCK_M, BLOCK_C // 8, 8])
+        byte = tl.sum(pos << tl.arange(0, 8)[None, None, :], axis=2)
+        bcols = (tl.program_id(0) % n_tiles_c) * (BLOCK_C // 8) + tl.arange(0, BLOCK_C // 8)
+        tl.store(b_ptr + rows[:, None] * CB + bcols[None, :], byte.to(tl.uint8),
+                 mask=(rows < M)[:, None] & (bcols < CB)[None, :])
 
 
 @triton.jit
@@ -436,12 +446,15 @@ def _masked_grad(g_ptr, y_ptr, rows, cols, mask, HW, W, sgn, sgc, sgh, sgw, sym,
     """The output gradient read through its four strides, zeroed where the ReLU's output is not > 0 (torch's
     threshold_backward: the gradient passes where the result is positive). RELU 1: the output ``y`` read back;
     2: the BN output recomputed from ``d`` = z - mean, ``d * scale + bias`` in fp32 (no residual: one read
-    fewer)."""
+    fewer); 3: ``y_ptr`` is the forward's packed mask (_bn_act_kernel's BITS), ``sym`` its bytes a row."""
     g_off = _strided_offsets(rows, cols, HW, W, sgn, sgc, sgh, sgw)
     g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
     if RELU == 1:
         y = tl.load(y_ptr + rows[:, None] * sym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g = tl.where(y > 0.0, g, 0.0)
+    elif RELU == 3:
+        byte = tl.load(y_ptr + rows[:, None] * sym + (cols // 8)[None, :], mask=mask, other=0).to(tl.int32)
+        g = tl.where(((byte >> (cols % 8)[None, :]) & 1) != 0, g, 0.0)
     elif RELU == 2:
         sc = tl.load(sc_ptr + cols, mask=col_ok, other=0.0)
         bi = tl.load(bi_ptr + cols, mask=col_ok, other=0.0)
@@ -683,7 +696,11 @@ def train_tile_overrides() -> Dict[str, Tuple[int, int, int, int, int]]:
     """DLA_FAST_TRAIN_TILES="1x1=BM,BN,BK,WARPS,STAGES;kxk=...;agg=..." (a tuning override, for A/Bs of a tile
     sweep; a class left out keeps the plan): the statistics convs' tiles per class of dense ungrouped conv without
     the BN prologue (1x1, larger kernels, the aggregation node)."""
-    v = _env.get("DLA_FAST_TRAIN_TILES")
+    return dict(_parse_tiles(_env.get("DLA_FAST_TRAIN_TILES")))
+
+
+@functools.lru_cache(maxsize=8)  # every launch asks; the value changes only with _env.reload()
+def _parse_tiles(v: Optional[str]) -> Tuple[Tuple[str, Tuple[int, int, int, int, int]], ...]:
     out: Dict[str, Tuple[int, int, int, int, int]] = {}
     for part in (v or "").split(";"):
         if not part.strip():
@@ -701,7 +718,7 @@ def train_tile_overrides() -> Dict[str, Tuple[int, int, int, int, int]]:
             raise ValueError(f"DLA_FAST_TRAIN_TILES: {part.strip()!r} needs BM,BN,BK,WARPS,STAGES with tiles of at "
                              f"least 16 and 1 to 8 stages")
         out[cls] = (bm, bn, bk, warps, int(stages[0]))
-    return out
+    return tuple(out.items())
 
 
 def _override_tiles(cfg: Dict, cls: str, cin: int, cout: int) -> None:
@@ -1030,6 +1047,11 @@ def eltwise_config() -> Tuple[int, int, int]:
     v = _env.get("DLA_FAST_TRAIN_ELTWISE")
     if v is None:
         return ELTWISE_TILE, WARPS_ELTWISE, ELTWISE_MAX_C
+    return _parse_eltwise(v)
+
+
+@functools.lru_cache(maxsize=8)  # every launch asks; the value changes only with _env.reload()
+def _parse_eltwise(v: str) -> Tuple[int, int, int]:
     tile, warps, maxc = _positive_ints("DLA_FAST_TRAIN_ELTWISE", v, 3, "ELEMENTS,WARPS,CHANNELS")
     if warps > 16 or maxc < 16 or tile < maxc:
         raise ValueError(f"DLA_FAST_TRAIN_ELTWISE: {v!r} needs at most 16 warps, at least 16 channels and at least "
@@ -1104,27 +1126,34 @@ def agg_stats_launch(children: Sequence[torch.Tensor], weight: torch.Tensor, tf3
 
 def bn_act_launch(z: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                   residual: Optional[torch.Tensor], relu: bool, out_dtype: torch.dtype,
-                  raw: bool = False) -> torch.Tensor:
+                  raw: bool = False, bits: bool = False):
     """``act((z - mean) * scale + bias + residual)`` (per-channel fp32 mean/scale/bias) into a channels_last
-    tensor of ``out_dtype``."""
+    tensor of ``out_dtype``. ``bits`` (with ``relu``): (y, mask), the ReLU's mask packed 8 channels a byte into
+    an [N*H*W, ceil(C/8)] uint8 tensor (channel c: bit c % 8 of byte c // 8), for :func:`bn_backward_launch`'s
+    ``relu_bits``."""
+    if bits and not relu:
+        raise ValueError("bn_act: the packed mask (bits=True) is the ReLU's; this call has no ReLU")
     z, szm = _rows(z)
     N, C, H, W = z.shape
     y = _new_output(N, C, H, W, z.device, out_dtype)
     M = N * H * W
+    cb = _cdiv(C, 8)
+    b = torch.empty((M, cb), device=z.device, dtype=torch.uint8) if bits else y
+    out = (y, b) if bits else y
     if M == 0 or C == 0 or _skip_launch(y):
-        return y
+        return out
     if M >= _I32_LIMIT:
         raise RuntimeError(f"bn_act (triton): {M} pixels exceed the kernel's 32-bit row index")
     bm, bc, warps = _eltwise_tiles(C)
     n_tiles_c = _cdiv(C, bc)
     srn, src, srh, srw = residual.stride() if residual is not None else (0, 0, 0, 0)
     _kernel(_bn_act_kernel, raw)[lambda meta: (_cdiv(M, bm) * n_tiles_c,)](
-        z, mean.contiguous(), scale.contiguous(), bias.contiguous(), residual if residual is not None else z, y,
-        M, H * W, W, C, szm, srn, src, srh, srw, n_tiles_c,
-        HAS_RES=residual is not None, RELU=bool(relu),
+        z, mean.contiguous(), scale.contiguous(), bias.contiguous(), residual if residual is not None else z, y, b,
+        M, H * W, W, C, cb, szm, srn, src, srh, srw, n_tiles_c,
+        HAS_RES=residual is not None, RELU=bool(relu), BITS=bool(bits),
         IDX64=_idx64(_max_offset(z), y.numel(), 0 if residual is None else _max_offset(residual)),
         BLOCK_M=bm, BLOCK_C=bc, num_warps=warps, num_stages=1)
-    return y
+    return out
 
 
 def _reduce_row_tiles(n_row_tiles: int, n_tiles_c: int) -> int:
@@ -1140,6 +1169,7 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
                        rstd: torch.Tensor, gamma: Optional[torch.Tensor], res_dtype: Optional[torch.dtype],
                        raw: bool = False, relu_coef: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                        row_tiles: Optional[int] = None, res_extra: Optional[torch.Tensor] = None,
+                       relu_bits: Optional[torch.Tensor] = None,
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """BatchNorm(train) + optional ReLU backward, from the batch statistics BN normalised with.
 
@@ -1150,10 +1180,11 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
     sums (default: from the shape, _reduce_row_tiles; tests force it). Returns (dz in z's dtype, dgamma =
     sum(g * xhat), dbeta = sum(g), and the residual's gradient g in ``res_dtype``, or None when ``res_dtype`` is
     None), the sums fp32. ``res_extra``: another gradient of the residual (its other readers'; z's shape, any
-    strides), added to the residual's as the last pass writes it (in fp32).
+    strides), added to the residual's as the last pass writes it (in fp32). ``relu_bits``: the ReLU's mask as
+    :func:`bn_act_launch` packs it (``bits=True``), read in place of ``y`` (1/16 of its bytes in bf16).
     """
-    if relu_coef is not None and y is not None:
-        raise ValueError("bn backward: give the ReLU's mask as y or as relu_coef, not both")
+    if sum(t is not None for t in (y, relu_coef, relu_bits)) > 1:
+        raise ValueError("bn backward: give the ReLU's mask as one of y, relu_coef and relu_bits")
     if res_extra is not None and (res_dtype is None or tuple(res_extra.shape) != tuple(z.shape)):
         raise ValueError(f"bn backward: res_extra {tuple(res_extra.shape)} needs res_dtype and z's shape "
                          f"{tuple(z.shape)}")
@@ -1177,8 +1208,15 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
     e_strides = (0, 0, 0, 0) if res_extra is None else res_extra.stride()
     if M >= _I32_LIMIT:
         raise RuntimeError(f"bn backward (triton): {M} pixels exceed the kernel's 32-bit row index")
-    relu = 1 if y is not None else (2 if relu_coef is not None else 0)
-    y, sym = _rows(y) if relu == 1 else (z, szm)
+    relu = 1 if y is not None else (2 if relu_coef is not None else (3 if relu_bits is not None else 0))
+    if relu == 3:
+        cb = _cdiv(C, 8)
+        if relu_bits.dtype != torch.uint8 or tuple(relu_bits.shape) != (M, cb) or not relu_bits.is_contiguous():
+            raise ValueError(f"bn backward: relu_bits must be bn_act_launch's contiguous uint8 mask of shape "
+                             f"{(M, cb)}, got {relu_bits.dtype} {tuple(relu_bits.shape)}")
+        y, sym = relu_bits, cb
+    else:
+        y, sym = _rows(y) if relu == 1 else (z, szm)
     sc, bi = (t.to(torch.float32).contiguous() for t in relu_coef) if relu == 2 else (mean, mean)
     sgn, sgc, sgh, sgw = grad.stride()
     # The reduce pass's last program runs past M by up to rt tiles: its row numbers must fit too.
