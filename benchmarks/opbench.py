@@ -1335,8 +1335,9 @@ TRAIN_TILES = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 3),
                (128, 128, 32, 4, 5), (64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3),
                (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3),
                (64, 256, 64, 8, 3), (256, 64, 64, 8, 3), (128, 128, 128, 8, 2))
-# The elementwise BN kernels' candidates (elements a program, warps, channels a tile at most; the default is
-# _train.eltwise_config()): the kernels run at 2-2.5 TB/s on the H100 with 2048-element programs.
+# The elementwise BN kernels' candidates (elements a program, warps, channels a tile at most; the default,
+# _train.eltwise_config(), is timed first): programs larger and smaller than the default's, at 8 to 32 elements a
+# thread, since these memory-bound kernels' bandwidth depends on the bytes each SM keeps in flight.
 TRAIN_ELTWISE = ((2048, 4, 64), (2048, 8, 64), (4096, 8, 64), (4096, 8, 128), (2048, 4, 128), (8192, 16, 128),
                  (1024, 4, 64), (8192, 8, 128))
 _TILE_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
