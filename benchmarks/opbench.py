@@ -1359,7 +1359,6 @@ def train_tile_configs(shape: OpShape, batch: int, dtype: torch.dtype,
     (:func:`dla_fast.backends.triton._train.tile_fits`), with the transposed tile where the step would use it
     (:func:`dla_fast.backends.triton._train.stats_swap`). (None, []) for a conv other than a dense ungrouped one
     (the thin front convs run on the CUDA stem or the flat walk, grouped ones on the block-diagonal walk)."""
-    from dla_fast.backends.triton import _launch as tl_launch
     from dla_fast.backends.triton import _train as kt
     s = shape
     m = batch * s.out_hw[0] * s.out_hw[1]
@@ -1371,11 +1370,8 @@ def train_tile_configs(shape: OpShape, batch: int, dtype: torch.dtype,
         base = kt.train_conv_plan(m, cin_g, cout_g, s.groups, kh, kw, dtype, False)
         cin_min = cin_g
     else:
-        chans = list(s.cin)
-        base = tl_launch.aggregate_plan(m, chans, s.cout, dtype, tl_launch.interpreted(), False, 0)
-        kt._override_tiles(base, "agg", min(chans), s.cout)
-        base["SWAP"] = kt.stats_swap("dense", base["BLOCK_N"], False)
-        cout_g, cin_min = s.cout, min(chans)
+        base = kt.train_agg_plan(m, list(s.cin), s.cout, dtype, False)
+        cout_g, cin_min = s.cout, min(s.cin)
     seen, out = {_tile_key(base)}, []
     for bm, bn, bk, warps, stages in (TRAIN_TILES if tiles is None else tiles):
         if not kt.tile_fits(bn, bk, cin_min, cout_g):
@@ -1487,7 +1483,8 @@ def _eltwise_rows(case, device, warmup, rep, timer) -> List[Dict]:
         try:
             act, bwd = (_with_eltwise(cfg, calls[k]) for k in ("bn_act", "bn_bwd"))
             out = (act(), bwd()[0])
-            ref = ref or out
+            if ref is None:
+                ref = out
             row["rel_err"] = max(rel_err(out[0], ref[0]), rel_err(out[1], ref[1]))
             row["ms_bn_act"] = time_ms(act, device, warmup, rep, timer)
             row["ms_bn_bwd"] = time_ms(bwd, device, warmup, rep, timer)

@@ -252,25 +252,28 @@ def _pixels(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
-def bn_act(impl: str, z, mean, scale, bias, residual, relu, out_dtype):
+def bn_act(impl: str, z, mean, scale, bias, residual, relu, out_dtype, bits: bool = False):
+    """BN (+ residual) (+ ReLU) apply; ``bits`` (where :func:`mask_bits` allows it): (y, the ReLU's packed mask)."""
     if impl == "torch":
         return bn_act_torch(z, mean, scale, bias, residual, relu, out_dtype)
     from ..backends.triton import _train as kt
     if _direct(z):
-        return kt.bn_act_launch(z, mean, scale, bias, residual, relu, out_dtype, raw=True)
+        return kt.bn_act_launch(z, mean, scale, bias, residual, relu, out_dtype, raw=True, bits=bits)
     return torch.ops.dla_fast_train.bn_act(z, mean, scale, bias, residual, relu, out_dtype)
 
 
-def bn_backward(impl: str, grad, y, z, mean, rstd, gamma, res_dtype, relu_coef=None, res_extra=None):
-    """BN (+ ReLU) backward; the ReLU's mask from its output ``y``, or from ``z`` and ``relu_coef`` = (scale,
-    bias) of a BN with no residual after it (the kernels then read one tensor fewer). ``res_extra``: another
-    gradient of the residual, added to the one returned (by the kernels as they write it)."""
+def bn_backward(impl: str, grad, y, z, mean, rstd, gamma, res_dtype, relu_coef=None, res_extra=None,
+                relu_bits=None):
+    """BN (+ ReLU) backward; the ReLU's mask from its output ``y``, from ``z`` and ``relu_coef`` = (scale,
+    bias) of a BN with no residual after it (the kernels then read one tensor fewer), or from ``relu_bits``, the
+    mask :func:`bn_act` packed (the kernels launched directly only). ``res_extra``: another gradient of the
+    residual, added to the one returned (by the kernels as they write it)."""
     if impl == "torch":
         dz, dgamma, dbeta, dres = bn_backward_torch(grad, y, z, mean, rstd, gamma, res_dtype, relu_coef)
     elif _direct(z):
         from ..backends.triton import _train as kt
         return kt.bn_backward_launch(grad, y, z, mean, rstd, gamma, res_dtype, raw=True, relu_coef=relu_coef,
-                                     res_extra=res_extra)
+                                     res_extra=res_extra, relu_bits=relu_bits)
     else:
         if relu_coef is not None:  # the registered op takes the mask as a tensor: the pre-activation, traced
             y = _pre_relu(z.to(mean.dtype) - _c(mean), relu_coef)
@@ -405,8 +408,7 @@ class BnAct(torch.autograd.Function):
         mask_z = relu and residual is None
         bits = None
         if relu and not mask_z and mask_bits(impl, z):
-            from ..backends.triton import _train as kt
-            y, bits = kt.bn_act_launch(z, mean, scale, bias, residual, relu, out_dtype, raw=True, bits=True)
+            y, bits = bn_act(impl, z, mean, scale, bias, residual, relu, out_dtype, bits=True)
         else:
             y = bn_act(impl, z, mean, scale, bias, residual, relu, out_dtype)
         ctx.conf = (bool(relu), impl, None if residual is None else residual.dtype, bool(share))
@@ -426,15 +428,9 @@ class BnAct(torch.autograd.Function):
         if dy is None:
             return (None,) * 5 + (dshare if need_r else None,) + (None,) * 6
         g32 = None if gamma is None else gamma.to(rstd.dtype)
-        if bits is not None:
-            from ..backends.triton import _train as kt
-            dz, dgamma, dbeta, dres = kt.bn_backward_launch(dy, None, z, mean, rstd, g32,
-                                                            res_dtype if need_r else None, raw=True,
-                                                            res_extra=dshare if need_r else None, relu_bits=bits)
-        else:
-            dz, dgamma, dbeta, dres = bn_backward(impl, dy, y, z, mean, rstd, g32, res_dtype if need_r else None,
-                                                  None if scale is None else (scale, bias),
-                                                  dshare if need_r else None)
+        dz, dgamma, dbeta, dres = bn_backward(impl, dy, y, z, mean, rstd, g32, res_dtype if need_r else None,
+                                              None if scale is None else (scale, bias),
+                                              dshare if need_r else None, bits)
         return (dz if need_z else None, None, None, _grad_as(dgamma, gamma) if need_g else None,
                 _grad_as(dbeta, beta) if need_b else None, dres, None, None, None, None, None, None)
 

@@ -721,6 +721,15 @@ def _parse_tiles(v: Optional[str]) -> Tuple[Tuple[str, Tuple[int, int, int, int,
     return tuple(out.items())
 
 
+def train_agg_plan(M: int, chans: Sequence[int], Cout: int, dtype: torch.dtype, tf32: bool) -> Dict:
+    """Tiles of the aggregation node's statistics conv: the inference ``aggregate_plan`` without split-K, with
+    the DLA_FAST_TRAIN_TILES "agg" override where it suits, transposed as :func:`stats_swap` says."""
+    cfg = aggregate_plan(M, chans, Cout, dtype, interpreted(), tf32, 0)
+    _override_tiles(cfg, "agg", min(chans), Cout)
+    cfg["SWAP"] = stats_swap("dense", cfg["BLOCK_N"], False)
+    return cfg
+
+
 def _override_tiles(cfg: Dict, cls: str, cin: int, cout: int) -> None:
     """The class's DLA_FAST_TRAIN_TILES entry into ``cfg`` where it suits the layer (:func:`tile_fits`)."""
     o = train_tile_overrides().get(cls)
@@ -1096,12 +1105,7 @@ def agg_stats_launch(children: Sequence[torch.Tensor], weight: torch.Tensor, tf3
     dtype = ref.dtype
     z = _new_output(N, Cout, H, W, ref.device, dtype)
     interp = interpreted()
-    if config is not None:
-        cfg = dict(config)
-    else:
-        cfg = aggregate_plan(M, chans, Cout, dtype, interp, tf32, 0)
-        _override_tiles(cfg, "agg", min(chans), Cout)
-        cfg["SWAP"] = stats_swap("dense", cfg["BLOCK_N"], False)
+    cfg = dict(config) if config is not None else train_agg_plan(M, chans, Cout, dtype, tf32)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     T = _cdiv(M, bm)
     psum = torch.empty((T, Cout), device=ref.device, dtype=torch.float32)
@@ -1185,6 +1189,11 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
     """
     if sum(t is not None for t in (y, relu_coef, relu_bits)) > 1:
         raise ValueError("bn backward: give the ReLU's mask as one of y, relu_coef and relu_bits")
+    if relu_bits is not None:
+        M, cb = z.shape[0] * z.shape[2] * z.shape[3], _cdiv(z.shape[1], 8)
+        if relu_bits.dtype != torch.uint8 or tuple(relu_bits.shape) != (M, cb) or not relu_bits.is_contiguous():
+            raise ValueError(f"bn backward: relu_bits must be bn_act_launch's contiguous uint8 mask of shape "
+                             f"{(M, cb)}, got {relu_bits.dtype} {tuple(relu_bits.shape)}")
     if res_extra is not None and (res_dtype is None or tuple(res_extra.shape) != tuple(z.shape)):
         raise ValueError(f"bn backward: res_extra {tuple(res_extra.shape)} needs res_dtype and z's shape "
                          f"{tuple(z.shape)}")
@@ -1210,11 +1219,7 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
         raise RuntimeError(f"bn backward (triton): {M} pixels exceed the kernel's 32-bit row index")
     relu = 1 if y is not None else (2 if relu_coef is not None else (3 if relu_bits is not None else 0))
     if relu == 3:
-        cb = _cdiv(C, 8)
-        if relu_bits.dtype != torch.uint8 or tuple(relu_bits.shape) != (M, cb) or not relu_bits.is_contiguous():
-            raise ValueError(f"bn backward: relu_bits must be bn_act_launch's contiguous uint8 mask of shape "
-                             f"{(M, cb)}, got {relu_bits.dtype} {tuple(relu_bits.shape)}")
-        y, sym = relu_bits, cb
+        y, sym = relu_bits, _cdiv(C, 8)
     else:
         y, sym = _rows(y) if relu == 1 else (z, szm)
     sc, bi = (t.to(torch.float32).contiguous() for t in relu_coef) if relu == 2 else (mean, mean)
