@@ -44,15 +44,11 @@ SWITCHES: Tuple[Switch, ...] = (
            "afterwards: stem (the few-input-channel convs, where the Triton kernel's gather is slow) or all (every "
            "conv without a BN prologue that the extension runs; the others keep the Triton conv, whose epilogue "
            "reduces the statistics as it writes z; slower on the H100's captured step, kept for comparisons)"),
-    Switch("DLA_FAST_TRAIN_RELU_MASK", "y, bits", "y",
-           "what fused training's BN backward reads for the mask of a ReLU after a residual: y (the output, read back "
-           "in both passes) or bits (a mask the forward packs 8 channels a byte, 1/16 of y's bytes in bf16; the "
-           "Triton kernels launched directly, not under torch.compile)"),
-    Switch("DLA_FAST_TRAIN_TILES", "1x1=BM,BN,BK,WARPS,STAGES;kxk=...;agg=...", "unset (the plan's tiles)",
+    Switch("DLA_FAST_TRAIN_TILES", "1x1=BM,BN,BK,WARPS,STAGES;kxk=...;agg=...", "unset (the class rule's tiles)",
            "a tuning override of the fused-training statistics convs' tiles per class of dense ungrouped conv without "
            "the BN prologue (1x1, larger kernels, the aggregation node), for A/Bs of `opbench.py --train --tiles`; "
            "a layer the tile does not suit keeps its plan"),
-    Switch("DLA_FAST_TRAIN_ELTWISE", "ELEMENTS,WARPS,CHANNELS", "2048,4,64",
+    Switch("DLA_FAST_TRAIN_ELTWISE", "ELEMENTS,WARPS,CHANNELS", "1024,4,64",
            "a tuning override of the fused-training elementwise BN kernels (BN apply, BN backward's two passes, the "
            "statistics pass): elements a program covers, its warps, channels a tile at most"),
     Switch("DLA_FAST_TRAIN_STATS_TILE", "pixels, channels", "channels",

@@ -814,7 +814,7 @@ def test_opbench_train_tiles_cpu(tmp_path, capsys, monkeypatch):
         pytest.skip("the Triton kernels run on the CPU only under TRITON_INTERPRET=1")
     from dla_fast.backends.triton import _train
     monkeypatch.setattr(opbench, "TRAIN_TILES", ((16, 32, 16, 4, 1), (32, 16, 16, 4, 1), (16, 64, 32, 4, 1)))
-    monkeypatch.setattr(opbench, "TRAIN_ELTWISE", ((2048, 4, 64), (1024, 2, 16)))
+    monkeypatch.setattr(opbench, "TRAIN_ELTWISE", ((1024, 4, 64), (512, 2, 16)))
     seen, calls = [], []
     tiles = _train._eltwise_tiles
 
@@ -847,13 +847,46 @@ def test_opbench_train_tiles_cpu(tmp_path, capsys, monkeypatch):
     # level 1 (16 -> 32): not the candidate with a 32-deep K tile and 64-wide N tile
     assert [tuple(r["config"][:3]) for r in rows if r["kernel"] == "stats" and r["label"].startswith("conv 16")][1:] \
         == [(16, 32, 16), (32, 16, 16)]
-    assert [tuple(r["config"]) for r in bn[:2]] == [(2048, 4, 64), (1024, 2, 16)]
-    assert (1024, 2, 16) in seen and _train.eltwise_config() == (2048, 4, 64)  # restored after each call
+    assert [tuple(r["config"]) for r in bn[:2]] == [(1024, 4, 64), (512, 2, 16)]
+    assert (512, 2, 16) in seen and _train.eltwise_config() == (1024, 4, 64)  # restored after each call
     assert {(s["kernel"], s["shapes"]) for s in data["summary"]} == {("stats", 3), ("bn", 3)}
     assert "DLA_FAST_TRAIN_ELTWISE=" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         opbench.main(["--device", "cpu", "--tiles"])
     assert "give it with --train" in capsys.readouterr().err
+
+
+def test_training_tile_class_rule(monkeypatch):
+    """Without DLA_FAST_TRAIN_TILES the statistics conv's tile follows its class where the inference plan is
+    128x128x64 on 8 warps: 1x1 convs on 4 warps; k x k convs and aggregation nodes over >= WIDE_AGG_MIN_K input
+    channels on 256-row tiles while those make WIDE_MIN_PROGRAMS programs; any other plan is kept; the
+    override, where it suits the layer, wins over the rule."""
+    from dla_fast import _env
+    from dla_fast.backends.triton import _train
+    plan = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, SPLIT=1)
+
+    def tiles(cls, M, cin, cout, k_total=0, cfg=plan):
+        c = dict(cfg)
+        _train.train_class_tiles(c, cls, M, cin, cout, k_total)
+        return opbench._tile_key(c)
+    base = opbench._tile_key(plan)
+    assert tiles("1x1", 256 * 56 * 56, 128, 128) == _train.TILE_1X1
+    assert tiles("kxk", 256 * 28 * 28, 128, 128) == _train.TILE_WIDE  # 784 programs
+    assert tiles("kxk", 256 * 7 * 7, 512, 512) == base  # 49 x 4 = 196 programs: a half-empty last wave
+    assert tiles("kxk", 256 * 14 * 14, 256, 512) == _train.TILE_WIDE  # 196 x 4 = 784 programs
+    assert tiles("agg", 256 * 28 * 28, 256, 256, k_total=512) == base  # a short K walk keeps 128 rows
+    assert tiles("agg", 256 * 28 * 28, 128, 256, k_total=896) == _train.TILE_WIDE
+    narrow = dict(plan, BLOCK_N=64, num_warps=4)
+    assert tiles("1x1", 256 * 56 * 56, 128, 64, cfg=narrow) == opbench._tile_key(narrow)
+    assert all(_train.tile_fits(t[1], t[2], 128, 128) for t in (_train.TILE_1X1, _train.TILE_WIDE))
+    monkeypatch.setenv("DLA_FAST_TRAIN_TILES", "kxk=64,64,32,4,5")
+    _env.reload()
+    try:
+        assert tiles("kxk", 256 * 7 * 7, 512, 512) == (64, 64, 32, 4, 5)
+        assert tiles("1x1", 256 * 56 * 56, 128, 128) == _train.TILE_1X1  # a class left out keeps the rule
+    finally:
+        monkeypatch.delenv("DLA_FAST_TRAIN_TILES")
+        _env.reload()
 
 
 def test_training_tile_overrides(monkeypatch):

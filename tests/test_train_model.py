@@ -194,52 +194,6 @@ def test_fused_training_of_a_detection_backbone():
 
 
 @needs_interp
-def test_relu_mask_bits_give_the_same_step(monkeypatch):
-    """DLA_FAST_TRAIN_RELU_MASK=bits: every BN + residual + ReLU keeps its mask packed 8 channels a byte (seen
-    saved as uint8, 1/8 byte an element) and BN backward reads it in place of the output; the step's output,
-    gradients and running statistics are identical to the default's, which reads the output back."""
-    from dla_fast import _env
-    from dla_fast.backends.triton import _train as kt
-    model = _model("dla46_c", seed=3)
-    x, t = torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,))
-    runs = {}
-    for mode in ("y", "bits"):
-        monkeypatch.setenv("DLA_FAST_TRAIN_RELU_MASK", mode)
-        _env.reload()
-        fused = copy.deepcopy(model).set_fused_training(True, backend="triton")
-        masks, reads = [], []
-        real = kt.bn_backward_launch
-
-        def spy(*a, **kw):
-            reads.append(kw.get("relu_bits") is not None)
-            return real(*a, **kw)
-
-        def pack(tensor):
-            if tensor.dtype == torch.uint8:
-                masks.append(tensor.numel())
-            return tensor
-        monkeypatch.setattr(kt, "bn_backward_launch", spy)
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                y, g = _step(fused, x, t)
-        finally:
-            monkeypatch.setattr(kt, "bn_backward_launch", real)
-        runs[mode] = (y, g, _buffers(fused), masks, sum(reads))
-    assert runs["y"][3] == [] and runs["y"][4] == 0
-    assert len(runs["bits"][3]) == runs["bits"][4] > 0  # each mask saved is read once
-    flat = {k: [r[0]] + r[1] + r[2] for k, r in runs.items()}
-    assert all(torch.equal(a, b) for a, b in zip(flat["bits"], flat["y"]))
-    monkeypatch.setenv("DLA_FAST_TRAIN_RELU_MASK", "bytes")
-    _env.reload()
-    try:
-        with pytest.raises(ValueError, match="DLA_FAST_TRAIN_RELU_MASK='bytes' is not a mode"):
-            _step(copy.deepcopy(model).set_fused_training(True, backend="triton"), x, t)
-    finally:
-        monkeypatch.delenv("DLA_FAST_TRAIN_RELU_MASK")
-        _env.reload()
-
-
-@needs_interp
 def test_save_memory_keeps_one_tensor_a_layer_fewer(monkeypatch):
     """``set_fused_training(save_memory=True)``: inside the bottleneck blocks each inner activation is deferred to
     the next conv (its prologue, or with DLA_FAST_TRAIN_SAVE_MEMORY=recompute a pass of its own dropped after the
@@ -427,32 +381,6 @@ def test_thin_dgrad_whole_step_cuda(name, amp, monkeypatch):
     calls = _step_cuda_with(name, amp, monkeypatch, "DLA_FAST_TRAIN_DGRAD", "triton", "thin_dgrad", ag)
     taken = [tuple(a[1].shape) for a, r in calls if r]
     assert taken == [(16, 16, 3, 3)], taken
-
-
-@pytest.mark.cuda
-@needs_cuda
-@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("name", ["dla34", "dla102"])
-def test_relu_mask_bits_whole_step_cuda(name, amp, monkeypatch):
-    """DLA_FAST_TRAIN_RELU_MASK=bits: BN backward after each residual reads the packed mask (seen), the step still
-    within 2x eager autocast's error against float64 everywhere."""
-    from dla_fast import _env
-    from dla_fast.backends.triton import _train as kt
-
-    monkeypatch.setenv("DLA_FAST_TRAIN_RELU_MASK", "bits")
-    _env.reload()
-    real, bits = kt.bn_backward_launch, []
-
-    def spy(*a, **kw):
-        bits.append(kw.get("relu_bits") is not None)
-        return real(*a, **kw)
-    monkeypatch.setattr(kt, "bn_backward_launch", spy)
-    try:
-        _check_step_cuda(name, amp)
-    finally:
-        monkeypatch.undo()
-        _env.reload()
-    assert any(bits) and not all(bits), bits  # after residuals only
 
 
 @pytest.mark.cuda

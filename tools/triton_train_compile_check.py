@@ -76,11 +76,6 @@ def record_training(s, n: int, dtype: torch.dtype, tf32: bool = True) -> bool:
     _train.bn_backward_launch(y, None, z, cvec[0], cvec[1], None, None)  # no ReLU, affine=False
     if s.relu:  # the ReLU's mask recomputed from z (no residual)
         _train.bn_backward_launch(y, None, z, cvec[0], cvec[1], cvec[2], None, relu_coef=(cvec[1], cvec[2]))
-        # the mask packed 8 channels a byte after a residual (DLA_FAST_TRAIN_RELU_MASK=bits), with and without the
-        # residual's other gradient
-        y, bits = _train.bn_act_launch(z, cvec[0], cvec[1], cvec[2], res, True, dtype, bits=True)
-        for extra in (None, res):
-            _train.bn_backward_launch(y, None, z, cvec[0], cvec[1], cvec[2], dtype, res_extra=extra, relu_bits=bits)
     return True
 
 

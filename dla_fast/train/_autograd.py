@@ -252,28 +252,26 @@ def _pixels(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
-def bn_act(impl: str, z, mean, scale, bias, residual, relu, out_dtype, bits: bool = False):
-    """BN (+ residual) (+ ReLU) apply; ``bits`` (where :func:`mask_bits` allows it): (y, the ReLU's packed mask)."""
+def bn_act(impl: str, z, mean, scale, bias, residual, relu, out_dtype):
+    """BN (+ residual) (+ ReLU) apply."""
     if impl == "torch":
         return bn_act_torch(z, mean, scale, bias, residual, relu, out_dtype)
     from ..backends.triton import _train as kt
     if _direct(z):
-        return kt.bn_act_launch(z, mean, scale, bias, residual, relu, out_dtype, raw=True, bits=bits)
+        return kt.bn_act_launch(z, mean, scale, bias, residual, relu, out_dtype, raw=True)
     return torch.ops.dla_fast_train.bn_act(z, mean, scale, bias, residual, relu, out_dtype)
 
 
-def bn_backward(impl: str, grad, y, z, mean, rstd, gamma, res_dtype, relu_coef=None, res_extra=None,
-                relu_bits=None):
-    """BN (+ ReLU) backward; the ReLU's mask from its output ``y``, from ``z`` and ``relu_coef`` = (scale,
-    bias) of a BN with no residual after it (the kernels then read one tensor fewer), or from ``relu_bits``, the
-    mask :func:`bn_act` packed (the kernels launched directly only). ``res_extra``: another gradient of the
-    residual, added to the one returned (by the kernels as they write it)."""
+def bn_backward(impl: str, grad, y, z, mean, rstd, gamma, res_dtype, relu_coef=None, res_extra=None):
+    """BN (+ ReLU) backward; the ReLU's mask from its output ``y``, or from ``z`` and ``relu_coef`` = (scale,
+    bias) of a BN with no residual after it (the kernels then read one tensor fewer). ``res_extra``: another
+    gradient of the residual, added to the one returned (by the kernels as they write it)."""
     if impl == "torch":
         dz, dgamma, dbeta, dres = bn_backward_torch(grad, y, z, mean, rstd, gamma, res_dtype, relu_coef)
     elif _direct(z):
         from ..backends.triton import _train as kt
         return kt.bn_backward_launch(grad, y, z, mean, rstd, gamma, res_dtype, raw=True, relu_coef=relu_coef,
-                                     res_extra=res_extra, relu_bits=relu_bits)
+                                     res_extra=res_extra)
     else:
         if relu_coef is not None:  # the registered op takes the mask as a tensor: the pre-activation, traced
             y = _pre_relu(z.to(mean.dtype) - _c(mean), relu_coef)
@@ -383,45 +381,32 @@ class ConvStats(torch.autograd.Function):
                 None, None, None, None)
 
 
-def mask_bits(impl: str, z: torch.Tensor) -> bool:
-    """Whether a BN + residual + ReLU keeps its ReLU's mask packed 8 channels a byte for the backward instead of
-    reading its output back (DLA_FAST_TRAIN_RELU_MASK=bits): on the Triton kernels launched directly (not under
-    torch.compile, whose registered ops take the output)."""
-    from .. import _env
-    return impl != "torch" and _direct(z) and _env.choice("DLA_FAST_TRAIN_RELU_MASK") == "bits"
-
-
 class BnAct(torch.autograd.Function):
     """y = act(BatchNorm(z; mean, var, gamma, beta, eps) + residual), mean/var the batch statistics of z from
     :class:`ConvStats`. forward(z, mean, var, gamma, beta, residual, eps, relu, out_dtype, impl, coef=None);
     ``coef``: (rstd, scale) already computed (by the statistics' final launch), else computed here. The backward
     takes the ReLU's mask from ``y``, or where no residual is added from ``z`` (one read fewer). ``share`` (last
     argument): the residual comes back as a second output, whose gradient (its later readers') the backward's
-    last pass adds to the residual's as it writes it (as :class:`ConvStats`' ``share``). With a residual and
-    :func:`mask_bits`, the backward reads the ReLU's mask packed 8 channels a byte instead of ``y``."""
+    last pass adds to the residual's as it writes it (as :class:`ConvStats`' ``share``)."""
 
     @staticmethod
     def forward(ctx, z, mean, var, gamma, beta, residual, eps, relu, out_dtype, impl, coef=None, share=False):
         if share and residual is None:
             raise ValueError("BnAct: share needs a residual")
         rstd, scale, bias = _scale_bias(gamma, beta, var, eps, coef)
-        mask_z = relu and residual is None
-        bits = None
-        if relu and not mask_z and mask_bits(impl, z):
-            y, bits = bn_act(impl, z, mean, scale, bias, residual, relu, out_dtype, bits=True)
-        else:
-            y = bn_act(impl, z, mean, scale, bias, residual, relu, out_dtype)
+        y = bn_act(impl, z, mean, scale, bias, residual, relu, out_dtype)
         ctx.conf = (bool(relu), impl, None if residual is None else residual.dtype, bool(share))
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(z, y if relu and not mask_z and bits is None else None, mean, rstd, gamma, beta,
-                              scale if mask_z else None, bias if mask_z else None, bits)
+        mask_z = relu and residual is None
+        ctx.save_for_backward(z, y if relu and not mask_z else None, mean, rstd, gamma, beta,
+                              scale if mask_z else None, bias if mask_z else None)
         return (y, residual) if share else y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, *rest):
         relu, impl, res_dtype, share = ctx.conf
-        z, y, mean, rstd, gamma, beta, scale, bias, bits = ctx.saved_tensors
+        z, y, mean, rstd, gamma, beta, scale, bias = ctx.saved_tensors
         need_z, need_g, need_b, need_r = (ctx.needs_input_grad[0], ctx.needs_input_grad[3],
                                           ctx.needs_input_grad[4], ctx.needs_input_grad[5])
         dshare = rest[0] if share else None
@@ -430,7 +415,7 @@ class BnAct(torch.autograd.Function):
         g32 = None if gamma is None else gamma.to(rstd.dtype)
         dz, dgamma, dbeta, dres = bn_backward(impl, dy, y, z, mean, rstd, g32, res_dtype if need_r else None,
                                               None if scale is None else (scale, bias),
-                                              dshare if need_r else None, bits)
+                                              dshare if need_r else None)
         return (dz if need_z else None, None, None, _grad_as(dgamma, gamma) if need_g else None,
                 _grad_as(dbeta, beta) if need_b else None, dres, None, None, None, None, None, None)
 

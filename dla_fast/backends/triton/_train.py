@@ -45,12 +45,21 @@ TRAIN_CONV_KINDS = ("dense", "flat", "blockdiag")
 # Pipeline depth and warps of the statistics conv with the BN prologue (see train_conv_plan).
 STAGES_NORM = 2
 WARPS_NORM = 8
+# Statistics-conv tiles that replace the inference plan's 128x128x64 on 8 warps (train_class_tiles): 1x1 convs
+# run it on 4 warps; k x k convs, and aggregation nodes over at least WIDE_AGG_MIN_K input channels, take 256-row
+# tiles where those still make WIDE_MIN_PROGRAMS programs (fewer leave a GPU of 100+ SMs a half-empty last wave).
+TILE_1X1 = (128, 128, 64, 4, 3)
+TILE_WIDE = (256, 128, 64, 8, 3)
+WIDE_MIN_PROGRAMS = 512
+WIDE_AGG_MIN_K = 768
 # Elements a program of the elementwise BN kernels covers (rows x up to ELTWISE_MAX_C channels), and its warps:
 # 4096 elements on 4 warps spilled in the backward kernels on sm_90. DLA_FAST_TRAIN_ELTWISE overrides the three
 # (eltwise_config) for the BN apply, BN backward's two passes and the statistics pass.
-ELTWISE_TILE = 2048
+ELTWISE_TILE = 1024
 WARPS_ELTWISE = 4
 ELTWISE_MAX_C = 64
+# Elements a program of the max-pool backward covers (its own setting: it reads each window's inputs twice).
+POOL_BWD_TILE = 2048
 # BN backward's reduce pass: each program sums up to REDUCE_MAX_ROW_TILES row tiles, as many as leave at least
 # REDUCE_PROGRAMS programs (enough to fill any current GPU).
 REDUCE_PROGRAMS = 1024
@@ -396,17 +405,15 @@ def _bn_bwd_finalize_kernel(
 
 @triton.jit
 def _bn_act_kernel(
-    z_ptr, mu_ptr, sc_ptr, bi_ptr, r_ptr, y_ptr, b_ptr,
-    M, HW, W, C, CB,
+    z_ptr, mu_ptr, sc_ptr, bi_ptr, r_ptr, y_ptr,
+    M, HW, W, C,
     szm, srn, src, srh, srw,
     n_tiles_c,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr, BITS: tl.constexpr, IDX64: tl.constexpr,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """y = act((z - mean) * scale + bias + residual) over NHWC rows; z at ``m * szm + c`` (a channels_last
-    tensor or a channel slice of one), the residual through its four strides, y channels_last-contiguous.
-    BITS: also the ReLU's mask, y > 0 as stored, packed 8 channels a byte into the [M, CB] uint8 ``b_ptr``
-    (channel c: bit c % 8 of byte c // 8), which BN backward reads instead of y."""
+    tensor or a channel slice of one), the residual through its four strides, y channels_last-contiguous."""
     _, rows, cols, col_ok, mask = _row_tile(n_tiles_c, M, C, IDX64, BLOCK_M, BLOCK_C)
     mu = tl.load(mu_ptr + cols, mask=col_ok, other=0.0)
     sc = tl.load(sc_ptr + cols, mask=col_ok, other=0.0)
@@ -422,14 +429,7 @@ def _bn_act_kernel(
         v = v + tl.load(r_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         v = tl.where(v < 0.0, 0.0, v)
-    yv = v.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + rows[:, None] * C + cols[None, :], yv, mask=mask)
-    if BITS:
-        pos = tl.reshape(((yv > 0) & mask).to(tl.int32), [BLOCK_M, BLOCK_C // 8, 8])
-        byte = tl.sum(pos << tl.arange(0, 8)[None, None, :], axis=2)
-        bcols = (tl.program_id(0) % n_tiles_c) * (BLOCK_C // 8) + tl.arange(0, BLOCK_C // 8)
-        tl.store(b_ptr + rows[:, None] * CB + bcols[None, :], byte.to(tl.uint8),
-                 mask=(rows < M)[:, None] & (bcols < CB)[None, :])
+    tl.store(y_ptr + rows[:, None] * C + cols[None, :], v.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -446,15 +446,12 @@ def _masked_grad(g_ptr, y_ptr, rows, cols, mask, HW, W, sgn, sgc, sgh, sgw, sym,
     """The output gradient read through its four strides, zeroed where the ReLU's output is not > 0 (torch's
     threshold_backward: the gradient passes where the result is positive). RELU 1: the output ``y`` read back;
     2: the BN output recomputed from ``d`` = z - mean, ``d * scale + bias`` in fp32 (no residual: one read
-    fewer); 3: ``y_ptr`` is the forward's packed mask (_bn_act_kernel's BITS), ``sym`` its bytes a row."""
+    fewer)."""
     g_off = _strided_offsets(rows, cols, HW, W, sgn, sgc, sgh, sgw)
     g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
     if RELU == 1:
         y = tl.load(y_ptr + rows[:, None] * sym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g = tl.where(y > 0.0, g, 0.0)
-    elif RELU == 3:
-        byte = tl.load(y_ptr + rows[:, None] * sym + (cols // 8)[None, :], mask=mask, other=0).to(tl.int32)
-        g = tl.where(((byte >> (cols % 8)[None, :]) & 1) != 0, g, 0.0)
     elif RELU == 2:
         sc = tl.load(sc_ptr + cols, mask=col_ok, other=0.0)
         bi = tl.load(bi_ptr + cols, mask=col_ok, other=0.0)
@@ -674,7 +671,7 @@ def train_conv_plan(M: int, cin_g: int, cout_g: int, groups: int, kh: int, kw: i
     cfg = conv_plan(M, cin_g, cout_g, groups, kh, kw, dtype, tf32, interpreted(), kind, 0)
     cfg["SPLIT"] = 1
     if kind == "dense" and groups == 1 and not norm:
-        _override_tiles(cfg, "1x1" if (kh, kw) == (1, 1) else "kxk", cin_g, cout_g)
+        train_class_tiles(cfg, "1x1" if (kh, kw) == (1, 1) else "kxk", M, cin_g, cout_g)
     cfg["SWAP"] = stats_swap(kind, cfg["BLOCK_N"], norm)
     if norm:
         cfg["num_stages"] = min(cfg["num_stages"], STAGES_NORM)
@@ -725,15 +722,29 @@ def train_agg_plan(M: int, chans: Sequence[int], Cout: int, dtype: torch.dtype, 
     """Tiles of the aggregation node's statistics conv: the inference ``aggregate_plan`` without split-K, with
     the DLA_FAST_TRAIN_TILES "agg" override where it suits, transposed as :func:`stats_swap` says."""
     cfg = aggregate_plan(M, chans, Cout, dtype, interpreted(), tf32, 0)
-    _override_tiles(cfg, "agg", min(chans), Cout)
+    train_class_tiles(cfg, "agg", M, min(chans), Cout, sum(chans))
     cfg["SWAP"] = stats_swap("dense", cfg["BLOCK_N"], False)
     return cfg
 
 
-def _override_tiles(cfg: Dict, cls: str, cin: int, cout: int) -> None:
-    """The class's DLA_FAST_TRAIN_TILES entry into ``cfg`` where it suits the layer (:func:`tile_fits`)."""
+def train_class_tiles(cfg: Dict, cls: str, M: int, cin: int, cout: int, k_total: int = 0) -> None:
+    """The statistics conv's tile by class of layer, into ``cfg``: the class's DLA_FAST_TRAIN_TILES entry where
+    it suits the layer (:func:`tile_fits`), else, over the inference plan's 128x128x64 tile on 8 warps, TILE_1X1
+    for 1x1 convs and TILE_WIDE for k x k convs and aggregation nodes of ``k_total`` >= WIDE_AGG_MIN_K input
+    channels where it makes WIDE_MIN_PROGRAMS programs. The plan of a layer depends on its shape only, not on
+    the GPU."""
     o = train_tile_overrides().get(cls)
-    if o is not None and tile_fits(o[1], o[2], cin, cout):
+    if o is None:
+        if (cfg.get("BLOCK_M"), cfg.get("BLOCK_N"), cfg.get("BLOCK_K"), cfg.get("num_warps")) != (128, 128, 64, 8):
+            return
+        if cls == "1x1":
+            o = TILE_1X1
+        elif (_cdiv(M, TILE_WIDE[0]) * _cdiv(cout, TILE_WIDE[1]) >= WIDE_MIN_PROGRAMS
+              and (cls == "kxk" or k_total >= WIDE_AGG_MIN_K)):
+            o = TILE_WIDE
+        else:
+            return
+    if tile_fits(o[1], o[2], cin, cout):
         cfg.update(BLOCK_M=o[0], BLOCK_N=o[1], BLOCK_K=o[2], num_warps=o[3], num_stages=o[4])
 
 
@@ -935,7 +946,7 @@ def max_pool_backward_launch(x: torch.Tensor, grad: torch.Tensor, k: int, raw: b
         raise RuntimeError(f"max_pool backward (triton): a {tuple(x.shape)} input exceeds the kernel's 32-bit "
                            "offsets")
     bc = min(64, max(16, _pow2(C)))
-    bp = 16 if interpreted() else max(16, ELTWISE_TILE // bc)
+    bp = 16 if interpreted() else max(16, POOL_BWD_TILE // bc)
     n_tiles_c = _cdiv(C, bc)
     sdn, _, sdh, sdw = dx.stride()
     e_strides = (0, 0, 0, 0) if extra is None else extra.stride()
@@ -1130,34 +1141,27 @@ def agg_stats_launch(children: Sequence[torch.Tensor], weight: torch.Tensor, tf3
 
 def bn_act_launch(z: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                   residual: Optional[torch.Tensor], relu: bool, out_dtype: torch.dtype,
-                  raw: bool = False, bits: bool = False):
+                  raw: bool = False) -> torch.Tensor:
     """``act((z - mean) * scale + bias + residual)`` (per-channel fp32 mean/scale/bias) into a channels_last
-    tensor of ``out_dtype``. ``bits`` (with ``relu``): (y, mask), the ReLU's mask packed 8 channels a byte into
-    an [N*H*W, ceil(C/8)] uint8 tensor (channel c: bit c % 8 of byte c // 8), for :func:`bn_backward_launch`'s
-    ``relu_bits``."""
-    if bits and not relu:
-        raise ValueError("bn_act: the packed mask (bits=True) is the ReLU's; this call has no ReLU")
+    tensor of ``out_dtype``."""
     z, szm = _rows(z)
     N, C, H, W = z.shape
     y = _new_output(N, C, H, W, z.device, out_dtype)
     M = N * H * W
-    cb = _cdiv(C, 8)
-    b = torch.empty((M, cb), device=z.device, dtype=torch.uint8) if bits else y
-    out = (y, b) if bits else y
     if M == 0 or C == 0 or _skip_launch(y):
-        return out
+        return y
     if M >= _I32_LIMIT:
         raise RuntimeError(f"bn_act (triton): {M} pixels exceed the kernel's 32-bit row index")
     bm, bc, warps = _eltwise_tiles(C)
     n_tiles_c = _cdiv(C, bc)
     srn, src, srh, srw = residual.stride() if residual is not None else (0, 0, 0, 0)
     _kernel(_bn_act_kernel, raw)[lambda meta: (_cdiv(M, bm) * n_tiles_c,)](
-        z, mean.contiguous(), scale.contiguous(), bias.contiguous(), residual if residual is not None else z, y, b,
-        M, H * W, W, C, cb, szm, srn, src, srh, srw, n_tiles_c,
-        HAS_RES=residual is not None, RELU=bool(relu), BITS=bool(bits),
+        z, mean.contiguous(), scale.contiguous(), bias.contiguous(), residual if residual is not None else z, y,
+        M, H * W, W, C, szm, srn, src, srh, srw, n_tiles_c,
+        HAS_RES=residual is not None, RELU=bool(relu),
         IDX64=_idx64(_max_offset(z), y.numel(), 0 if residual is None else _max_offset(residual)),
         BLOCK_M=bm, BLOCK_C=bc, num_warps=warps, num_stages=1)
-    return out
+    return y
 
 
 def _reduce_row_tiles(n_row_tiles: int, n_tiles_c: int) -> int:
@@ -1173,7 +1177,6 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
                        rstd: torch.Tensor, gamma: Optional[torch.Tensor], res_dtype: Optional[torch.dtype],
                        raw: bool = False, relu_coef: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                        row_tiles: Optional[int] = None, res_extra: Optional[torch.Tensor] = None,
-                       relu_bits: Optional[torch.Tensor] = None,
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """BatchNorm(train) + optional ReLU backward, from the batch statistics BN normalised with.
 
@@ -1184,16 +1187,10 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
     sums (default: from the shape, _reduce_row_tiles; tests force it). Returns (dz in z's dtype, dgamma =
     sum(g * xhat), dbeta = sum(g), and the residual's gradient g in ``res_dtype``, or None when ``res_dtype`` is
     None), the sums fp32. ``res_extra``: another gradient of the residual (its other readers'; z's shape, any
-    strides), added to the residual's as the last pass writes it (in fp32). ``relu_bits``: the ReLU's mask as
-    :func:`bn_act_launch` packs it (``bits=True``), read in place of ``y`` (1/16 of its bytes in bf16).
+    strides), added to the residual's as the last pass writes it (in fp32).
     """
-    if sum(t is not None for t in (y, relu_coef, relu_bits)) > 1:
-        raise ValueError("bn backward: give the ReLU's mask as one of y, relu_coef and relu_bits")
-    if relu_bits is not None:
-        M, cb = z.shape[0] * z.shape[2] * z.shape[3], _cdiv(z.shape[1], 8)
-        if relu_bits.dtype != torch.uint8 or tuple(relu_bits.shape) != (M, cb) or not relu_bits.is_contiguous():
-            raise ValueError(f"bn backward: relu_bits must be bn_act_launch's contiguous uint8 mask of shape "
-                             f"{(M, cb)}, got {relu_bits.dtype} {tuple(relu_bits.shape)}")
+    if relu_coef is not None and y is not None:
+        raise ValueError("bn backward: give the ReLU's mask as y or as relu_coef, not both")
     if res_extra is not None and (res_dtype is None or tuple(res_extra.shape) != tuple(z.shape)):
         raise ValueError(f"bn backward: res_extra {tuple(res_extra.shape)} needs res_dtype and z's shape "
                          f"{tuple(z.shape)}")
@@ -1217,11 +1214,8 @@ def bn_backward_launch(grad: torch.Tensor, y: Optional[torch.Tensor], z: torch.T
     e_strides = (0, 0, 0, 0) if res_extra is None else res_extra.stride()
     if M >= _I32_LIMIT:
         raise RuntimeError(f"bn backward (triton): {M} pixels exceed the kernel's 32-bit row index")
-    relu = 1 if y is not None else (2 if relu_coef is not None else (3 if relu_bits is not None else 0))
-    if relu == 3:
-        y, sym = relu_bits, _cdiv(C, 8)
-    else:
-        y, sym = _rows(y) if relu == 1 else (z, szm)
+    relu = 1 if y is not None else (2 if relu_coef is not None else 0)
+    y, sym = _rows(y) if relu == 1 else (z, szm)
     sc, bi = (t.to(torch.float32).contiguous() for t in relu_coef) if relu == 2 else (mean, mean)
     sgn, sgc, sgh, sgw = grad.stride()
     # The reduce pass's last program runs past M by up to rt tiles: its row numbers must fit too.
