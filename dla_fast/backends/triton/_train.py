@@ -52,8 +52,9 @@ TILE_1X1 = (128, 128, 64, 4, 3)
 TILE_WIDE = (256, 128, 64, 8, 3)
 WIDE_MIN_PROGRAMS = 512
 WIDE_AGG_MIN_K = 768
-# Elements a program of the elementwise BN kernels covers (rows x up to ELTWISE_MAX_C channels), and its warps:
-# 4096 elements on 4 warps spilled in the backward kernels on sm_90. DLA_FAST_TRAIN_ELTWISE overrides the three
+# Elements a program of the elementwise BN kernels covers (rows x up to ELTWISE_MAX_C channels), and its warps
+# (the choice of `opbench.py --train --tiles` over 2048 and wider settings; 4096 elements on 4 warps spilled in the
+# backward kernels on sm_90). DLA_FAST_TRAIN_ELTWISE overrides the three
 # (eltwise_config) for the BN apply, BN backward's two passes and the statistics pass.
 ELTWISE_TILE = 1024
 WARPS_ELTWISE = 4
@@ -719,8 +720,8 @@ def _parse_tiles(v: Optional[str]) -> Tuple[Tuple[str, Tuple[int, int, int, int,
 
 
 def train_agg_plan(M: int, chans: Sequence[int], Cout: int, dtype: torch.dtype, tf32: bool) -> Dict:
-    """Tiles of the aggregation node's statistics conv: the inference ``aggregate_plan`` without split-K, with
-    the DLA_FAST_TRAIN_TILES "agg" override where it suits, transposed as :func:`stats_swap` says."""
+    """Tiles of the aggregation node's statistics conv: the inference ``aggregate_plan`` without split-K, then
+    :func:`train_class_tiles` (class "agg"), transposed as :func:`stats_swap` says."""
     cfg = aggregate_plan(M, chans, Cout, dtype, interpreted(), tf32, 0)
     train_class_tiles(cfg, "agg", M, min(chans), Cout, sum(chans))
     cfg["SWAP"] = stats_swap("dense", cfg["BLOCK_N"], False)
