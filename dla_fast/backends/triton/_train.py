@@ -59,7 +59,7 @@ WIDE_AGG_MIN_K = 768
 ELTWISE_TILE = 1024
 WARPS_ELTWISE = 4
 ELTWISE_MAX_C = 64
-# Elements a program of the max-pool backward covers (its own setting: it reads each window's inputs twice).
+# Elements a program of the max-pool backward covers (its own setting, not one the elementwise sweep varies).
 POOL_BWD_TILE = 2048
 # BN backward's reduce pass: each program sums up to REDUCE_MAX_ROW_TILES row tiles, as many as leave at least
 # REDUCE_PROGRAMS programs (enough to fill any current GPU).
