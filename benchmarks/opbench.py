@@ -1347,11 +1347,6 @@ def _tile_key(cfg: Dict) -> Tuple[int, ...]:
     return tuple(cfg[k] for k in _TILE_FIELDS)
 
 
-def _tile_class(shape: OpShape) -> str:
-    """The class of DLA_FAST_TRAIN_TILES a shape falls in: the aggregation node, 1x1 convs, larger kernels."""
-    return "agg" if shape.op == "aggregate" else ("1x1" if shape.kernel == (1, 1) else "kxk")
-
-
 def train_tile_configs(shape: OpShape, batch: int, dtype: torch.dtype,
                        tiles: Optional[Sequence[Tuple[int, ...]]] = None) -> Tuple[Optional[Dict], List[Dict]]:
     """(the default config, the candidates) of the statistics conv of one layer shape: the training step's own
@@ -1452,12 +1447,14 @@ def _precompile_tiles(entries, dtypes, workers: int, log) -> None:
         log(f"# precompile skipped ({_short(e)})")
 
 
-def _tile_rows(entry, case, dt, base, cands, device, warmup, rep, timer) -> List[Dict]:
+def _tile_rows(entry, case, base, cands, device, warmup, rep, timer) -> List[Dict]:
     """The statistics conv at each config, z checked against the default's."""
+    from dla_fast.backends.triton import _train as kt
+    cls = kt.tile_class(None if entry.shape.op == "aggregate" else entry.shape.kernel)
     rows = []
     z_ref = _stats_call(case, base)()[0]
     for j, cfg in enumerate([base] + cands):
-        row = {"kernel": "stats", "class": _tile_class(entry.shape), "default": j == 0,
+        row = {"kernel": "stats", "class": cls, "default": j == 0,
                "config": list(_tile_key(cfg)), "swap": bool(cfg.get("SWAP", False)), "ms": None, "rel_err": None,
                "error": None}
         try:
@@ -1522,7 +1519,7 @@ def train_tiles_run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch:
             base, cands = train_tile_configs(entry.shape, batch, dt)
             case = build_case(entry.shape, batch, dt, device)
             with torch.no_grad():
-                rows = _tile_rows(entry, case, dt, base, cands, device, warmup, rep, timer) if base else []
+                rows = _tile_rows(entry, case, base, cands, device, warmup, rep, timer) if base else []
                 rows += _eltwise_rows(case, device, warmup, rep, timer)
             del case
             head = {"shape_id": entry.shape.ident(), "label": entry.shape.label(), "layers": entry.model_counts(),
@@ -1539,11 +1536,18 @@ def train_tiles_run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch:
             log(f"[{i * len(dtypes) + dtypes.index(dt) + 1}/{n_all}] {entry.shape.label()[:44]:<44} "
                 f"{dtype_name(dt):<8} " + "; ".join(parts))
     result["summary"] = train_tiles_summary(result["rows"], models)
-    for r in result["summary"]:
-        log(f"{r['model']:<16} {r['dtype']:<8} {r['kernel']:<5} a step: default {r['default_ms']:.2f} ms, best per "
+    log_tiles_summary(result["summary"], log)
+    return result
+
+
+def log_tiles_summary(summary: List[Dict], log, partial: bool = False) -> None:
+    """One line per model, dtype and kernel family of :func:`train_tiles_summary`; ``partial``: from an interrupted
+    run (the shapes measured so far)."""
+    for r in summary:
+        what = f"a step (partial, {r['shapes']} shapes)" if partial else "a step"
+        log(f"{r['model']:<16} {r['dtype']:<8} {r['kernel']:<5} {what}: default {r['default_ms']:.2f} ms, best per "
             f"shape {r['best_ms']:.2f} ({r['default_ms'] / r['best_ms']:.3f}x), one config per class "
             f"{r['per_class_ms']:.2f} ({r['default_ms'] / r['per_class_ms']:.3f}x): {r['env']}")
-    return result
 
 
 def train_tiles_summary(rows: List[Dict], models: Sequence[str]) -> List[Dict]:
@@ -1872,9 +1876,7 @@ def _main_train(p, a, models, dtypes, hw, device) -> int:
         res["interrupted"] = True
         if a.tiles and res.get("rows"):
             res["summary"] = train_tiles_summary(res["rows"], models)
-            for r in res["summary"]:
-                print(f"{r['model']} {r['dtype']} {r['kernel']} (partial, {r['shapes']} shapes): default "
-                      f"{r['default_ms']:.2f} ms, one config per class {r['per_class_ms']:.2f}: {r['env']}", flush=True)
+            log_tiles_summary(res["summary"], lambda s: print(s, flush=True), partial=True)
     finally:
         signal.signal(signal.SIGTERM, old_handler)
     if a.json and res.get("rows") is not None:

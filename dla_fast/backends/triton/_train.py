@@ -672,7 +672,7 @@ def train_conv_plan(M: int, cin_g: int, cout_g: int, groups: int, kh: int, kw: i
     cfg = conv_plan(M, cin_g, cout_g, groups, kh, kw, dtype, tf32, interpreted(), kind, 0)
     cfg["SPLIT"] = 1
     if kind == "dense" and groups == 1 and not norm:
-        train_class_tiles(cfg, "1x1" if (kh, kw) == (1, 1) else "kxk", M, cin_g, cout_g)
+        train_class_tiles(cfg, tile_class((kh, kw)), M, cin_g, cout_g)
     cfg["SWAP"] = stats_swap(kind, cfg["BLOCK_N"], norm)
     if norm:
         cfg["num_stages"] = min(cfg["num_stages"], STAGES_NORM)
@@ -682,6 +682,12 @@ def train_conv_plan(M: int, cin_g: int, cout_g: int, groups: int, kh: int, kw: i
 
 
 TILE_CLASSES = ("1x1", "kxk", "agg")
+
+
+def tile_class(kernel: Optional[Tuple[int, int]]) -> str:
+    """The class of a dense ungrouped statistics conv (DLA_FAST_TRAIN_TILES, :func:`train_class_tiles`) by its
+    kernel size; None: the aggregation node."""
+    return "agg" if kernel is None else ("1x1" if tuple(kernel) == (1, 1) else "kxk")
 
 
 def tile_fits(block_n: int, block_k: int, cin: int, cout: int) -> bool:
@@ -709,9 +715,9 @@ def _parse_tiles(v: Optional[str]) -> Tuple[Tuple[str, Tuple[int, int, int, int,
             raise ValueError(f"DLA_FAST_TRAIN_TILES: {part.strip()!r} names {'again ' if cls in out else ''}class "
                              f"{cls!r}; use each of {', '.join(TILE_CLASSES)} at most once, as CLASS=BM,BN,BK,WARPS,"
                              f"STAGES")
-        bm, bn, bk, warps = _positive_ints("DLA_FAST_TRAIN_TILES", ",".join(vals.split(",")[:4]), 4,
-                                           f"{cls}'s BM,BN,BK,WARPS")
-        stages = vals.split(",")[4:]
+        fields = vals.split(",")
+        bm, bn, bk, warps = _positive_ints("DLA_FAST_TRAIN_TILES", ",".join(fields[:4]), 4, f"{cls}'s BM,BN,BK,WARPS")
+        stages = fields[4:]
         if len(stages) != 1 or not stages[0].strip().isdigit() or not 1 <= int(stages[0]) <= 8 or min(bm, bn) < 16:
             raise ValueError(f"DLA_FAST_TRAIN_TILES: {part.strip()!r} needs BM,BN,BK,WARPS,STAGES with tiles of at "
                              f"least 16 and 1 to 8 stages")
@@ -723,7 +729,7 @@ def train_agg_plan(M: int, chans: Sequence[int], Cout: int, dtype: torch.dtype, 
     """Tiles of the aggregation node's statistics conv: the inference ``aggregate_plan`` without split-K, then
     :func:`train_class_tiles` (class "agg"), transposed as :func:`stats_swap` says."""
     cfg = aggregate_plan(M, chans, Cout, dtype, interpreted(), tf32, 0)
-    train_class_tiles(cfg, "agg", M, min(chans), Cout, sum(chans))
+    train_class_tiles(cfg, tile_class(None), M, min(chans), Cout, sum(chans))
     cfg["SWAP"] = stats_swap("dense", cfg["BLOCK_N"], False)
     return cfg
 
