@@ -48,7 +48,7 @@ SWITCHES: Tuple[Switch, ...] = (
            "a tuning override of the fused-training statistics convs' tiles per class of dense ungrouped conv without "
            "the BN prologue (1x1, larger kernels, the aggregation node), for A/Bs of `opbench.py --train --tiles`; "
            "a layer the tile does not suit keeps its plan"),
-    Switch("DLA_FAST_TRAIN_ELTWISE", "ELEMENTS,WARPS,CHANNELS", "1024,4,64",
+    Switch("DLA_FAST_TRAIN_ELTWISE", "ELEMENTS,WARPS,CHANNELS", "2048,4,64",
            "a tuning override of the fused-training elementwise BN kernels (BN apply, BN backward's two passes, the "
            "statistics pass): elements a program covers, its warps, channels a tile at most"),
     Switch("DLA_FAST_TRAIN_STATS_TILE", "pixels, channels", "channels",

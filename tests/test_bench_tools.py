@@ -814,7 +814,8 @@ def test_opbench_train_tiles_cpu(tmp_path, capsys, monkeypatch):
         pytest.skip("the Triton kernels run on the CPU only under TRITON_INTERPRET=1")
     from dla_fast.backends.triton import _train
     monkeypatch.setattr(opbench, "TRAIN_TILES", ((16, 32, 16, 4, 1), (32, 16, 16, 4, 1), (16, 64, 32, 4, 1)))
-    monkeypatch.setattr(opbench, "TRAIN_ELTWISE", ((1024, 4, 64), (512, 2, 16)))
+    base = _train.eltwise_config()  # the default config, the first candidate
+    monkeypatch.setattr(opbench, "TRAIN_ELTWISE", (base, (512, 2, 16)))
     seen, calls = [], []
     tiles = _train._eltwise_tiles
 
@@ -847,8 +848,8 @@ def test_opbench_train_tiles_cpu(tmp_path, capsys, monkeypatch):
     # level 1 (16 -> 32): not the candidate with a 32-deep K tile and 64-wide N tile
     assert [tuple(r["config"][:3]) for r in rows if r["kernel"] == "stats" and r["label"].startswith("conv 16")][1:] \
         == [(16, 32, 16), (32, 16, 16)]
-    assert [tuple(r["config"]) for r in bn[:2]] == [(1024, 4, 64), (512, 2, 16)]
-    assert (512, 2, 16) in seen and _train.eltwise_config() == (1024, 4, 64)  # restored after each call
+    assert [tuple(r["config"]) for r in bn[:2]] == [base, (512, 2, 16)]
+    assert (512, 2, 16) in seen and _train.eltwise_config() == base  # restored after each call
     assert {(s["kernel"], s["shapes"]) for s in data["summary"]} == {("stats", 3), ("bn", 3)}
     assert "DLA_FAST_TRAIN_ELTWISE=" in capsys.readouterr().out
     with pytest.raises(SystemExit):

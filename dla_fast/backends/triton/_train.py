@@ -52,11 +52,12 @@ TILE_1X1 = (128, 128, 64, 4, 3)
 TILE_WIDE = (256, 128, 64, 8, 3)
 WIDE_MIN_PROGRAMS = 512
 WIDE_AGG_MIN_K = 768
-# Elements a program of the elementwise BN kernels covers (rows x up to ELTWISE_MAX_C channels), and its warps
-# (the choice of `opbench.py --train --tiles` over 2048 and wider settings; 4096 elements on 4 warps spilled in the
-# backward kernels on sm_90). DLA_FAST_TRAIN_ELTWISE overrides the three
+# Elements a program of the elementwise BN kernels covers (rows x up to ELTWISE_MAX_C channels), and its warps.
+# Timed alone (`opbench.py --train --tiles`), 1024 elements beat 2048 by ~1 % of those kernels' time; on the
+# captured step 2048 is level on the wide variants and 1-2 % faster on the `_c` ones, so the step decides. 4096
+# elements on 4 warps spill in the backward kernels on sm_90. DLA_FAST_TRAIN_ELTWISE overrides the three
 # (eltwise_config) for the BN apply, BN backward's two passes and the statistics pass.
-ELTWISE_TILE = 1024
+ELTWISE_TILE = 2048
 WARPS_ELTWISE = 4
 ELTWISE_MAX_C = 64
 # Elements a program of the max-pool backward covers (its own setting, not one the elementwise sweep varies).
