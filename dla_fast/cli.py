@@ -270,7 +270,8 @@ def cmd_tune(a) -> int:
             rep = dla_fast.tune(fast, hw, batch_sizes, budget_s=a.budget, force=a.force, progress=not a.quiet)
             out["plans"].update(rep.plans)
             out["runs"].append({"model": name, "dtype": rep.dtype, "summary": rep.summary(), "seconds": rep.seconds,
-                                "measured": rep.measured, "reused": rep.reused, "changed": rep.changed})
+                                "measured": rep.measured, "reused": rep.reused, "changed": rep.changed,
+                                "compiled": rep.compiled, "compile_s": round(rep.compile_s, 3)})
             print(f"{name} {rep.dtype}: {rep.summary()}")
     if a.json:
         from .bench import environment

@@ -319,3 +319,115 @@ def test_summary_prints_sources(monkeypatch):
     rows = fast.plans(1, (64, 64))
     front = {"front"} if fast.front is not None and fast.front.when == "always" else set()  # on a GPU
     assert {p.source for _, _, p in rows} == {"requested"} | front and len(rows) == len(fast.fused_layers())
+
+
+# -------------------------------------------------------------------------------------------- compile ahead
+
+class _NeverLaunched:
+    """A stand-in kernel that fails the test if anything tries to launch it."""
+
+    params = ()
+
+    def __getitem__(self, grid):
+        raise AssertionError("a launch ran while launches were being recorded")
+
+
+@pytest.mark.skipif(not INTERP, reason="needs the Triton backend importable (TRITON_INTERPRET=1 on the CPU)")
+def test_compile_ahead_records_launches_and_compiles_each_kernel_once(monkeypatch):
+    """The tuner's compile-ahead: the candidates' launches are recorded, none run; each distinct kernel (kernel,
+    constexprs, argument specialisation) is compiled once, in threads; a kernel that fails to compile is left to
+    its real launch; on the CPU nothing is compiled."""
+    import threading
+    from dla_fast.backends import triton as tb
+    from dla_fast.backends.triton import _launch
+    fake = _NeverLaunched()
+    kernels = pytest.MonkeyPatch()  # undone before the tuner runs below (the cache directory's patch stays)
+    for name in ("_conv_gemm_kernel", "_conv_direct_kernel", "_aggregate_kernel", "_splitk_epilogue_kernel"):
+        kernels.setattr(_launch, name, fake)
+    try:
+        fast = dla_fast.optimize(dla_fast.create_model("dla34"), dtype=torch.float32, backend="auto")
+        dev = torch.device("cpu")
+
+        def triton_runs(calls):
+            runs = []
+            for call in calls:
+                args = tuner._args(call, dev, torch.float32, None)
+                runs += [tuner._runner(call, b, c, args) for b, c in tuner._candidates(call, args, {"triton": True})
+                         if b == "triton"]
+            return runs
+        calls = [c for c in tuner.collect_calls(fast, 2, (32, 32)) if c.key.op != "max_pool"][:6]
+        runs = triton_runs(calls)
+        launches = _launch.record_launches(runs)
+        assert len(launches) >= len(runs) > len(calls) and all(k is fake for k, _, _ in launches)
+        distinct = _launch.distinct_launches(launches)
+        assert len(distinct) > 1 and _launch.distinct_launches(launches + launches) == distinct
+        # the same layers at batch 4 compile to the same kernels (M differs, a multiple of 16 either way)
+        at4 = _launch.record_launches(triton_runs([c for c in tuner.collect_calls(fast, 4, (32, 32))
+                                                   if c.key.op != "max_pool"][:6]))
+        assert len(at4) == len(launches) and len(_launch.distinct_launches(launches + at4)) == len(distinct)
+        with pytest.raises(AssertionError, match="launch ran"):
+            runs[0]()  # outside the recording the launch is real
+        # the specialisation: ints by == 1 / multiple of 16, tensors by dtype and 16-byte alignment, constexprs exactly
+        x = torch.zeros(64)
+        same = [(fake, (x, 32), {"B": 4}), (fake, (torch.zeros(64), 48), {"B": 4})]
+        other = [(fake, (x, 33), {"B": 4}), (fake, (x[1:], 32), {"B": 4}), (fake, (x, 32), {"B": 8}),
+                 (fake, (x.half(), 32), {"B": 4}), (fake, (x, 1), {"B": 4})]
+        assert len(_launch.distinct_launches(same)) == 1 and len(_launch.distinct_launches(same + other)) == 6
+        # compile: each distinct kernel once, on worker threads; one that fails is not counted and stops nothing
+        seen, threads = [], set()
+
+        def warm(k, a, kw):
+            threads.add(threading.current_thread().name)
+            seen.append((a, kw))
+            if len(seen) == 1:
+                raise RuntimeError("out of shared memory")
+        assert tb.compile_ahead(runs, dev, threads=3, warm=warm) == len(distinct) - 1
+        assert len(seen) == len(distinct) and all(t.startswith("dla_fast_compile") for t in threads)
+        assert tb.compile_ahead(runs, dev) == 0  # the CPU: the kernels do not run compiled here
+    finally:
+        kernels.undo()
+    # the tuner compiles every COMPILE_AHEAD_CALLS calls' Triton candidates before timing them
+    asked = []
+    monkeypatch.setattr(tb, "compiled", lambda device: True)
+    monkeypatch.setattr(tb, "compile_ahead", lambda runs, device: asked.append(runs) or 5)
+    monkeypatch.setattr(tuner, "COMPILE_AHEAD_CALLS", 2)
+    rep = tuner.TuneReport("cpu", "float32", [(2, 32, 32)])
+    tuner.tune_calls(calls[:3], dev, torch.float32, budget_s=None, progress=False, report=rep, rounds=1,
+                     timer=_costs({}))
+    assert len(asked) == 2 and all(fn.backend == "triton" for runs in asked for fn in runs)
+    assert rep.compiled == 10 and "10 Triton kernels compiled" in rep.summary()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERP or not torch.cuda.is_available(), reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+def test_compile_ahead_on_the_gpu_leaves_nothing_to_compile():
+    """On a GPU the tuner's compile-ahead leaves every Triton candidate of its calls compiled: their real launches
+    afterwards add nothing to Triton's in-memory kernel caches."""
+    from dla_fast.backends import triton as tb
+    from dla_fast.backends.triton import _kernels
+    dev = torch.device("cuda", torch.cuda.current_device())
+    fast = dla_fast.optimize(dla_fast.create_model("dla34"), dtype=torch.float16, device=dev)
+    calls = [c for c in tuner.collect_calls(fast, 3, (40, 72)) if c.key.op != "max_pool"]
+    gen = torch.Generator().manual_seed(0)
+    runs = []
+    for call in calls:
+        args = tuner._args(call, dev, torch.float16, gen)
+        runs += [tuner._runner(call, b, c, args) for b, c in tuner._candidates(call, args, {"triton": True})
+                 if b == "triton"]
+    kernels = [_kernels._conv_gemm_kernel, _kernels._conv_direct_kernel, _kernels._aggregate_kernel,
+               _kernels._splitk_epilogue_kernel]
+
+    def cached():
+        return sum(len(k.device_caches[dev.index][0]) for k in kernels)
+    before = cached()
+    assert tb.compile_ahead(runs, dev) > 0
+    ahead = cached()
+    ran = 0
+    for fn in runs:
+        try:
+            fn()
+            ran += 1
+        except Exception:  # a config this call cannot take (the tuner's check skips it the same way)
+            pass
+    torch.cuda.synchronize()
+    assert ahead >= before and ran > len(calls) and cached() == ahead

@@ -4,9 +4,10 @@ For each batch size the fused model is traced once on the meta device to find it
 strides and storage layout of every input, so channel-slice views are reproduced exactly); each call not yet
 measured on this GPU gets real random inputs and the candidates of every backend that can run it (the rule's
 choice first), which are checked against the rule's output (a fast wrong result never wins) and timed
-interleaved; the winner replaces the rule only when it is faster by more than ``margin``. Results go to the
-on-disk cache under its inter-process lock: of N processes tuning at once, one measures and the others find the
-entries when they get the lock.
+interleaved; the winner replaces the rule only when it is faster by more than ``margin``. The Triton candidates of
+the next few calls are compiled ahead, in threads, so the timing does not wait for each compile in turn. Results
+go to the on-disk cache under its inter-process lock: of N processes tuning at once, one measures and the others
+find the entries when they get the lock.
 """
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ from .planner import PLANNER, LayerKey, Plan, describe_config, rule
 from .timing import Progress, cuda_event_timer, pick, time_candidates
 
 MARGIN = 0.03          # a candidate replaces the rule's choice only when this much faster
+# Layer calls whose Triton candidates are compiled together before they are timed: enough kernels to keep the
+# compile threads busy, few enough that a time budget is not overrun by much (0: each compiles at its first
+# timed launch).
+COMPILE_AHEAD_CALLS = 8
 # A candidate's output must match cuDNN's on the same inputs this closely (relative L2) to be timed at all: a
 # check against wrong results, far above the rounding differences of correct kernels (which the test suite
 # bounds much more tightly against float64).
@@ -50,11 +55,16 @@ class TuneReport:
     changed: int = 0                  # measured ones whose winner is not the rule's choice
     skipped: int = 0                  # left to the rule by the time budget
     seconds: float = 0.0
+    compiled: int = 0                 # distinct Triton kernels compiled ahead of timing, in threads
+    compile_s: float = 0.0            # the time that took (part of ``seconds``)
     plans: Dict[str, dict] = field(default_factory=dict)
 
     def summary(self) -> str:
         sizes = ", ".join(f"{n}x{h}x{w}" for n, h, w in self.input_sizes)
         extra = f", {self.skipped} left to the rule (time budget)" if self.skipped else ""
+        if self.compiled:
+            extra += f"; {self.compiled} Triton kernels compiled (or loaded from Triton's cache) ahead of the timing " \
+                     f"in {self.compile_s:.1f} s"
         return (f"tuned {self.layers} distinct layer calls at {sizes} ({self.dtype}, {self.device}) in "
                 f"{self.seconds:.1f} s: {self.measured} measured ({self.changed} differ from the rule), "
                 f"{self.reused} reused from the cache{extra}")
@@ -65,9 +75,13 @@ def _spec(t: torch.Tensor):
                                                                             // t.element_size()))
 
 
-def _materialise(spec, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+def _materialise(spec, dtype: torch.dtype, device: torch.device, gen: Optional[torch.Generator]) -> torch.Tensor:
+    """A tensor of ``spec``'s layout, random from ``gen``; without one, uninitialised (for recording launches)."""
     shape, stride, offset, numel = spec
-    base = torch.randn(max(numel, 1), generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    if gen is None:
+        base = torch.empty(max(numel, 1), dtype=dtype, device=device)
+    else:
+        base = torch.randn(max(numel, 1), generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
     return base.as_strided(shape, stride, offset)
 
 
@@ -148,7 +162,7 @@ def _runner(call: LayerCall, backend: str, config: Tuple[int, ...], args) -> Cal
     return fn
 
 
-def _args(call: LayerCall, device: torch.device, dtype: torch.dtype, gen: torch.Generator):
+def _args(call: LayerCall, device: torch.device, dtype: torch.dtype, gen: Optional[torch.Generator]):
     inputs = [_materialise(s, dtype, device, gen) for s in call.inputs]
     res = None if call.residual is None else _materialise(call.residual, dtype, device, gen)
     layer = call.layer
@@ -192,6 +206,8 @@ def tune_calls(calls: Sequence[LayerCall], device: torch.device, dtype: torch.dt
                 if report is not None:
                     report.skipped += len(todo) - i
                 break
+            if COMPILE_AHEAD_CALLS and i % COMPILE_AHEAD_CALLS == 0:
+                _compile_ahead(todo[i:i + COMPILE_AHEAD_CALLS], device, dtype, available, report)
             bar.step(call.key.label())
             args = _args(call, device, dtype, gen)
             cands = _candidates(call, args, available)
@@ -223,6 +239,26 @@ def tune_calls(calls: Sequence[LayerCall], device: torch.device, dtype: torch.dt
             cache.update({k.text(): p.to_json() for k, p in new.items()})
     PLANNER.record(device, dtype, new)
     return new
+
+
+def _compile_ahead(calls: Sequence[LayerCall], device: torch.device, dtype: torch.dtype,
+                   available: Dict[str, bool], report: Optional[TuneReport]) -> None:
+    """Compile the Triton candidates' kernels of ``calls`` at once (:func:`dla_fast.backends.triton.compile_ahead`),
+    on uninitialised inputs of the calls' layouts, so that timing them does not wait for each compile in turn."""
+    if not available.get("triton"):
+        return
+    mod = _backends.get("triton")
+    if not mod.compiled(device):
+        return
+    t0 = time.perf_counter()
+    runs = []
+    for call in calls:
+        args = _args(call, device, dtype, None)
+        runs += [_runner(call, b, c, args) for b, c in _candidates(call, args, available) if b == "triton"]
+    n = mod.compile_ahead(runs, device)
+    if report is not None:
+        report.compiled += n
+        report.compile_s += time.perf_counter() - t0
 
 
 def _failing(fn):

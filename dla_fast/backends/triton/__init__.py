@@ -12,7 +12,7 @@ before this module is first imported (the interpreter is picked when the kernels
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -80,6 +80,54 @@ def unavailable_reason(x: torch.Tensor) -> Optional[str]:
 def compiled(device: torch.device) -> bool:
     """Whether the kernels run compiled on ``device`` (a CUDA device, no interpreter): where speed can be had."""
     return _launch is not None and device.type == "cuda" and not _launch.interpreted()
+
+
+def compile_threads() -> int:
+    """Threads :func:`compile_ahead` compiles in: the CPUs this process may use, at most 16."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(16, n))
+
+
+def compile_ahead(runs: Sequence[Callable[[], object]], device: torch.device, threads: Optional[int] = None,
+                  warm: Optional[Callable[[object, tuple, dict], None]] = None) -> int:
+    """Compile the kernels that ``runs`` (calls of this backend's ops on ``device``) would launch, in ``threads``
+    threads at once, before any of them runs. Triton's compiler spends most of its time outside the GIL (MLIR
+    passes, ptxas), so a tuner that times several tile configs of every layer waits for a fraction of the serial
+    compile time. The launches are recorded, not run; each distinct kernel is compiled by Triton's ``warmup``
+    into Triton's caches, where the real launches find it. A kernel that fails to compile is left to its real
+    launch, which reports the error. Returns how many distinct kernels compiled; 0 where the kernels do not run
+    compiled (CPU, the interpreter). ``warm(kernel, args, kwargs)`` replaces the compile (tests)."""
+    if _launch is None or (warm is None and not compiled(device)):
+        return 0
+    todo = _launch.distinct_launches(_launch.record_launches(runs))
+    if not todo:
+        return 0
+
+    def one(item) -> int:
+        k, args, kwargs = item
+        try:
+            if warm is not None:
+                warm(k, args, kwargs)
+            else:
+                torch.cuda.set_device(device)  # Triton compiles for the calling thread's current device
+                k.warmup(*args, grid=(1,), **kwargs)
+            return 1
+        except Exception:
+            return 0
+    if warm is None:
+        # Each kernel's per-device caches are made here, once, rather than by two threads at once (the loser's
+        # compiled kernel would land in a cache that is then dropped).
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        for k in {id(k): k for k, _, _ in todo}.values():
+            caches = getattr(k, "device_caches", None)
+            if caches is not None:
+                caches[index]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max(1, threads or compile_threads()), thread_name_prefix="dla_fast_compile") as ex:
+        return sum(ex.map(one, todo))
 
 
 def _tf32() -> bool:
@@ -164,4 +212,4 @@ def describe(config: Tuple[int, ...], op: str = "conv_bn_act") -> str:
 
 
 __all__ = ["NAME", "unavailable_reason", "conv_bn_act", "aggregate", "max_pool", "conv_candidates",
-           "aggregate_candidates", "describe", "front", "front_shape_reason", "compiled"]
+           "aggregate_candidates", "describe", "front", "front_shape_reason", "compiled", "compile_ahead"]

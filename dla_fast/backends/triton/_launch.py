@@ -9,7 +9,8 @@ tiles without touching the heuristic.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from contextvars import ContextVar
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.library import triton_op, wrap_triton
@@ -32,10 +33,76 @@ def interpreted() -> bool:
     return type(_conv_gemm_kernel).__name__ == "InterpretedFunction"
 
 
+# While this holds a list (in this thread or task only), launches append (kernel, args, kwargs) to it instead of
+# running: record_launches, which lets the tuner compile every candidate's kernels at once before timing them.
+_RECORDING: ContextVar[Optional[list]] = ContextVar("dla_fast_triton_recording", default=None)
+
+
+class _Recorder:
+    __slots__ = ("k", "into")
+
+    def __init__(self, k, into: list):
+        self.k, self.into = k, into
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.into.append((self.k, args, kwargs))
+        return launch
+
+
 def _kernel(k, raw: bool = False):
     # wrap_triton makes a launch traceable by torch.compile; interpreted kernels, and eager calls that skip
     # the registered op (raw), are launched as they are.
+    into = _RECORDING.get()
+    if into is not None:
+        return _Recorder(k, into)
     return k if (raw or interpreted()) else wrap_triton(k)
+
+
+def record_launches(runs: Sequence[Callable[[], object]]) -> List[Tuple[object, tuple, dict]]:
+    """The (kernel, args, kwargs) of every Triton launch that ``runs`` (calls of the eager launchers) make, none
+    of them run: the outputs they allocate stay unwritten. A run that raises (a config that does not fit its
+    call) adds what it launched before; its real launch reports the error."""
+    into: list = []
+    token = _RECORDING.set(into)
+    try:
+        for run in runs:
+            try:
+                run()
+            except Exception:
+                pass
+    finally:
+        _RECORDING.reset(token)
+    return into
+
+
+def _arg_spec(v, exact: bool):
+    """What Triton specialises a kernel argument on: a tensor's dtype and 16-byte alignment, an integer's being
+    1 or a multiple of 16 and its width; a constexpr (``exact``) by its value."""
+    if isinstance(v, torch.Tensor):
+        return ("tensor", v.dtype, v.data_ptr() % 16 == 0)
+    if exact:
+        return v if isinstance(v, (int, float, bool, str, type(None), torch.dtype)) else repr(v)
+    if isinstance(v, bool):
+        return ("bool", v)
+    if isinstance(v, int):
+        return ("int", v == 1, v % 16 == 0, -2**31 <= v < 2**31)
+    return (type(v).__name__,)
+
+
+def distinct_launches(launches: Sequence[Tuple[object, tuple, dict]]) -> List[Tuple[object, tuple, dict]]:
+    """``launches`` less those that compile to a kernel already in the list (same kernel, constexprs, options
+    and argument specialisation), in order."""
+    seen, out = set(), []
+    for k, args, kwargs in launches:
+        params = getattr(k, "params", None) or ()
+        spec = tuple(_arg_spec(v, i < len(params) and bool(getattr(params[i], "is_constexpr", False)))
+                     for i, v in enumerate(args))
+        key = (id(k), spec, tuple(sorted((n, _arg_spec(v, True)) for n, v in kwargs.items())))
+        if key not in seen:
+            seen.add(key)
+            out.append((k, args, kwargs))
+    return out
 
 
 def _skip_launch(t: torch.Tensor) -> bool:
