@@ -76,12 +76,14 @@ def _spec(t: torch.Tensor):
 
 
 def _materialise(spec, dtype: torch.dtype, device: torch.device, gen: Optional[torch.Generator]) -> torch.Tensor:
-    """A tensor of ``spec``'s layout, random from ``gen``; without one, uninitialised (for recording launches)."""
+    """A tensor of ``spec``'s layout, random from ``gen`` (drawn on the generator's device, then moved); without
+    one, uninitialised (for recording launches)."""
     shape, stride, offset, numel = spec
     if gen is None:
         base = torch.empty(max(numel, 1), dtype=dtype, device=device)
     else:
-        base = torch.randn(max(numel, 1), generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        base = torch.randn(max(numel, 1), generator=gen, dtype=torch.float32, device=gen.device).to(
+            device=device, dtype=dtype)
     return base.as_strided(shape, stride, offset)
 
 
@@ -200,7 +202,9 @@ def tune_calls(calls: Sequence[LayerCall], device: torch.device, dtype: torch.dt
         if report is not None:
             report.reused += len(calls) - len(todo)
         bar = Progress(len(todo), enabled=progress, prefix="tuning ")
-        gen = torch.Generator().manual_seed(0)
+        # Inputs drawn on the GPU: a detection shape's layer inputs hold hundreds of millions of values, seconds of
+        # CPU sampling a tuning run.
+        gen = torch.Generator(device=device).manual_seed(0)
         for i, call in enumerate(todo):
             if budget_s is not None and clock() - t0 > budget_s:
                 if report is not None:
