@@ -4,7 +4,8 @@ For each (model, dtype, batch size) every implementation is built from the same 
 the same input, interleaved (round-robin over the implementations, several rounds, median), after warm-up.
 GPU times come from CUDA events; CPU times from ``time.perf_counter``. ``first_s`` is the time from building an
 implementation to its first result at this input size (torch.compile's compilation, dla_fast's planning and,
-with ``tune``, its tuning); ``peak_mem_mb`` the GPU memory the implementation's weights and activations took.
+with ``tune``, its tuning, also given alone as ``tune_s`` with the layers it measured and found in the cache);
+``peak_mem_mb`` the GPU memory the implementation's weights and activations took.
 With ``features`` every implementation is the ``features_only`` backbone (levels 2-5, the way detectors use DLA).
 """
 from __future__ import annotations
@@ -43,6 +44,9 @@ class Row:
     peak_mem_mb: Optional[float] = None
     rel_err: Optional[float] = None
     first_s: Optional[float] = None
+    tune_s: Optional[float] = None          # of first_s, the tuning (``tune``): measuring and cache lookups
+    tune_measured: Optional[int] = None     # layer calls it measured
+    tune_reused: Optional[int] = None       # layer calls it found in the plan cache
     error: Optional[str] = None
     hw: Tuple[int, int] = (224, 224)
     features: bool = False
@@ -125,8 +129,9 @@ def _aoti(fast, x: torch.Tensor):
 
 def build_impl(impl: str, name: str, ours_fp32: torch.nn.Module, dtype: torch.dtype, device: str,
                batch: int, hw: Tuple[int, int], features: bool = False, x: Optional[torch.Tensor] = None,
-               tune: bool = False):
-    """(callable, backends string or None) for one implementation; the backends are those used at ``batch``."""
+               tune: bool = False, tuned: Optional[dict] = None):
+    """(callable, backends string or None) for one implementation; the backends are those used at ``batch``.
+    ``tuned``: a dict that receives the tuning's seconds and layer counts, where it tunes."""
     import dla_fast
 
     if impl in ("timm_eager", "torch_compile", "torch_compile_reduce_overhead"):
@@ -146,7 +151,9 @@ def build_impl(impl: str, name: str, ours_fp32: torch.nn.Module, dtype: torch.dt
         fast = dla_fast.optimize(model, dtype=dtype, backend=backend, device=torch.device(device),
                                  cuda_graph=(kind == "cudagraph"))
         if tune and backend == "auto" and device == "cuda":
-            dla_fast.tune(fast, hw, [batch], progress=False)
+            rep = dla_fast.tune(fast, hw, [batch], progress=False)
+            if tuned is not None:
+                tuned.update(seconds=rep.seconds, measured=rep.measured, reused=rep.reused)
         used = "+".join(sorted(set(fast.backends(batch, hw).values())))
         if kind == "aoti":
             return _aoti(fast, x), used
@@ -177,8 +184,12 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
                 torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated() if device == "cuda" else 0
             t = time.perf_counter()
-            fn, used = build_impl(impl, name, ours, dtype, device, batch, hw, features, x, tune)
+            tuned: dict = {}
+            fn, used = build_impl(impl, name, ours, dtype, device, batch, hw, features, x, tune, tuned)
             row.backends_used = used
+            if tuned:
+                row.tune_s = round(tuned["seconds"], 3)
+                row.tune_measured, row.tune_reused = tuned["measured"], tuned["reused"]
             with torch.inference_mode() if not impl.startswith(("torch_compile", "dla_fast_aoti")) \
                     else torch.no_grad():
                 # copied out at once: CUDA-graph runners (reduce-overhead) overwrite their output on the next call
@@ -194,7 +205,9 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
                 row.peak_mem_mb = round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 1)
             fns[impl] = fn
             log(f"  built {impl:<30} first result {row.first_s:7.2f}s  rel_err {row.rel_err:.2e}"
-                + (f"  [{used}]" if used else ""))
+                + (f"  [{used}]" if used else "")
+                + (f"  tuning {row.tune_s:.1f}s: {row.tune_measured} layer calls measured, {row.tune_reused} from "
+                   "the cache" if tuned else ""))
         except Exception as e:  # one broken implementation must not sink the whole run
             row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             log(f"  FAILED {impl}: {row.error}")
@@ -290,8 +303,10 @@ def format_table(result: dict) -> str:
                 out.append(f"| {m} | {d} | {b} | {r['impl']} | - | - | - | - | - | - | {r['error'][:60]} |")
                 continue
             first = r.get("first_s", r.get("compile_s"))
+            first = "-" if first is None else str(first)
+            if r.get("tune_s") is not None:
+                first += f" (tuning {r['tune_s']}: {r.get('tune_measured')} measured, {r.get('tune_reused')} cached)"
             out.append(f"| {m} | {d} | {b} | {r['impl']} | {r['img_per_s']:.1f} | {r['ms']:.3f} | "
-                       f"{ratio(r, 'timm_eager')} | {ratio(r, 'torch_compile')} | "
-                       f"{first if first is not None else '-'} | "
+                       f"{ratio(r, 'timm_eager')} | {ratio(r, 'torch_compile')} | {first} | "
                        f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else '-'} | {r['rel_err']:.1e} |")
     return "\n".join(out)

@@ -89,3 +89,27 @@ def test_bench_features_mode_on_the_cpu(tmp_path):
     assert p.returncode == 0, p.stderr
     r = json.loads((tmp_path / "f.json").read_text())
     assert r["features"] == [2, 3, 4, 5] and r["rows"][0]["rel_err"] < 1e-4 and r["rows"][0]["features"]
+
+
+def test_bench_reports_the_tuning_time_apart(monkeypatch):
+    """bench --tune: a tuned implementation's row keeps the tuning's seconds and its measured / cached layer calls,
+    and the table prints them inside the first result's time (a GPU path: optimize and tune faked here)."""
+    import torch
+
+    import dla_fast
+    from dla_fast import bench
+    from dla_fast.plan import TuneReport
+    real = dla_fast.optimize
+    monkeypatch.setattr(dla_fast, "optimize", lambda m, dtype, **kw: real(m, dtype=dtype, backend="eager"))
+    rep = TuneReport("H100", "float32", [(1, 64, 64)], layers=29, measured=20, reused=9, seconds=12.5)
+    asked = []
+    monkeypatch.setattr(dla_fast, "tune", lambda fast, hw, sizes, **kw: asked.append((tuple(hw), list(sizes))) or rep)
+    got: dict = {}
+    fn, used = bench.build_impl("dla_fast_auto", "dla34", dla_fast.create_model("dla34"), torch.float32, "cuda", 1,
+                                (64, 64), tune=True, tuned=got)
+    assert asked == [((64, 64), [1])] and got == {"seconds": 12.5, "measured": 20, "reused": 9} and used == "eager"
+    row = dict(bench.Row("dla34", "float32", 1, "dla_fast_auto", img_per_s=100.0, ms=10.0, rel_err=1e-6,
+                         first_s=14.2, tune_s=12.5, tune_measured=20, tune_reused=9).__dict__)
+    table = bench.format_table({"device": "H100", "torch": "2", "triton": "3", "cudnn": 9, "date": "today",
+                                "rows": [row]})
+    assert "| 14.2 (tuning 12.5: 20 measured, 9 cached) |" in table
