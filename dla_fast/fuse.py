@@ -13,6 +13,7 @@ import collections
 import contextlib
 import threading
 import weakref
+from contextvars import ContextVar
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -24,7 +25,8 @@ from .models import DLA, DlaFeatures, from_timm
 from .models.dla import DlaBasic, DlaBottle2neck, DlaBottleneck, DlaRoot, DlaTree, GlobalPool, check_input
 from .ops import front_policy
 from .ops.reference import aggregate_ref, conv_bn_act_ref
-from .plan.planner import LAUNCH_BOUND_BATCH, PLANNER, Plan, aggregate_key, conv_key, max_pool_key
+from .plan.planner import (LAUNCH_BOUND_BATCH, PLANNER, Plan, aggregate_key, conv_key, max_pool_key,
+                           small_call)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto",) + _backends.NAMES
@@ -89,11 +91,18 @@ def _launch_cost_hidden() -> bool:
     return torch.compiler.is_compiling() or _in_graph_mode()
 
 
-def _launch_bound(batch: int, replayed: Optional[bool] = None) -> bool:
-    """Whether a call at ``batch`` is paced by its launches: a small batch whose launch cost is not hidden
-    (``replayed``: by a CUDA graph or torch.compile; None: as the current call)."""
-    if batch > LAUNCH_BOUND_BATCH:  # first: the common large-batch call asks nothing else
-        return False
+# The regime of the FusedDLA forward running on this thread, (launch-bound, small) for all of its layers from the
+# model's input size (:func:`dla_fast.plan.planner.small_call`); None outside one, where a layer judges by its own
+# batch. Detection inputs at small batches (8 x 512x512) are not small: their kernels outlast their launches.
+_REGIME: ContextVar[Optional[Tuple[bool, bool]]] = ContextVar("dla_fast_regime", default=None)
+
+
+def _launch_bound(batch: int, hw: Optional[Sequence[int]] = None, replayed: Optional[bool] = None) -> bool:
+    """Whether a call at ``batch`` is paced by its launches: a small call whose launch cost is not hidden
+    (``replayed``: by a CUDA graph or torch.compile; None: as the current call). ``hw``: the model's input size
+    (:func:`dla_fast.plan.planner.small_call`); None: the batch alone (:data:`LAUNCH_BOUND_BATCH`)."""
+    if batch > LAUNCH_BOUND_BATCH or (hw is not None and not small_call(batch, hw)):
+        return False  # first: the common large-batch call asks nothing else
     return not (_launch_cost_hidden() if replayed is None else replayed)
 
 
@@ -147,7 +156,7 @@ class _Planned(_NoCast, nn.Module):
         super().__init__()
         self.backend = backend          # the requested backend: "auto" or a backend name
         self._dtype = dtype
-        # (batch, H, W, has residual, launch-bound) -> (backend name, config, Plan, backend module)
+        # (batch, H, W, has residual, launch-bound, small call) -> (backend name, config, Plan, backend module)
         self._memo: Dict[tuple, tuple] = {}
         _LAYERS[id(self)] = self
 
@@ -169,21 +178,24 @@ class _Planned(_NoCast, nn.Module):
     def device(self) -> torch.device:
         raise NotImplementedError
 
-    def _plan_entry(self, n: int, h: int, w: int, res: bool, lb: bool) -> Tuple[str, Tuple[int, ...], Plan]:
-        mk = (n, h, w, res, lb)
+    def _plan_entry(self, n: int, h: int, w: int, res: bool, lb: bool,
+                    small: Optional[bool] = None) -> Tuple[str, Tuple[int, ...], Plan]:
+        mk = (n, h, w, res, lb, small)
         hit = self._memo.get(mk)
         if hit is None:
-            plan = self.plan_for(n, (h, w), res, lb)
+            plan = self.plan_for(n, (h, w), res, lb, small)
             hit = self._memo[mk] = (plan.backend, plan.config, plan, _backends.get(plan.backend))
         return hit
 
-    def plan_for(self, n: int, hw: Sequence[int], residual: bool, launch_bound: bool = False) -> Plan:
-        """The plan of a call at batch ``n`` and input size ``hw``, for the backend this layer was built with."""
+    def plan_for(self, n: int, hw: Sequence[int], residual: bool, launch_bound: bool = False,
+                 small: Optional[bool] = None) -> Plan:
+        """The plan of a call at batch ``n`` and input size ``hw``, for the backend this layer was built with
+        (``launch_bound``, ``small``: the model call's regime, see :meth:`Planner.plan`)."""
         dev = self.device()
         if self.backend == "auto":
             if dev.type != "cuda":
                 return Plan("eager", (), "rule", f"no kernels off the GPU ({dev.type})")
-            return PLANNER.plan(self.key(n, hw, residual), dev, launch_bound)
+            return PLANNER.plan(self.key(n, hw, residual), dev, launch_bound, small)
         if self.backend == "eager":
             return Plan("eager", (), "requested")
         # A forced backend keeps a tuned config of its own, else its own rule.
@@ -203,14 +215,18 @@ class _Planned(_NoCast, nn.Module):
             n, h, w = (v if isinstance(v, int) else d for v, d in ((n, 256), (h, 224), (w, 224)))
             name, cfg = _constant_plan(id(self), n, h, w, res, False)
             return _backends.get(name), cfg
-        mk = (n, h, w, res, n <= LAUNCH_BOUND_BATCH and not _in_graph_mode())
+        regime = _REGIME.get()
+        if regime is None:
+            mk = (n, h, w, res, n <= LAUNCH_BOUND_BATCH and not _in_graph_mode(), None)
+        else:
+            mk = (n, h, w, res) + regime
         hit = self._memo.get(mk)
         if hit is None:
             hit = self._plan_entry(*mk)
         return hit[3], hit[1]
 
     def plans(self) -> Dict[tuple, Plan]:
-        """The plans resolved so far: (batch, H, W, has residual, launch-bound) -> Plan."""
+        """The plans resolved so far: (batch, H, W, has residual, launch-bound, small call) -> Plan."""
         return {k: v[2] for k, v in self._memo.items()}
 
 
@@ -593,10 +609,10 @@ class FusedFront(nn.Module):
             return False
         if self.when == "always" or torch.compiler.is_compiling():
             return True
-        return not _launch_bound(x.shape[0])
+        return not _launch_bound(x.shape[0], x.shape[2:])
 
-    def runs_at(self, batch: int, replayed: bool) -> bool:
-        return self.when == "always" or (self.when == "unpaced" and not _launch_bound(batch, replayed))
+    def runs_at(self, batch: int, hw: Sequence[int], replayed: bool) -> bool:
+        return self.when == "always" or (self.when == "unpaced" and not _launch_bound(batch, hw, replayed))
 
     def forward(self, x: torch.Tensor, stem: FusedConvBnAct, level0: FusedConvBnAct,
                 level1: FusedConvBnAct) -> torch.Tensor:
@@ -703,7 +719,19 @@ class FusedDLA(_NoCast, nn.Module):
 
     def _levels(self, x: torch.Tensor, take: Optional[Sequence[int]] = None, stop: Optional[int] = None):
         """(last level's output, the outputs of the levels in ``take``); ``stop``: the last level to run. ``x``: the
-        input, or ``[x]`` handed over, freed once the stem has read it."""
+        input, or ``[x]`` handed over, freed once the stem has read it. Outside tracing, every layer takes the
+        launch regime of this call's input size (``_REGIME``)."""
+        if torch.compiler.is_compiling():
+            return self._run_levels(x, take, stop)
+        n, _, h, w = (x[0] if isinstance(x, list) else x).shape
+        hw = (int(h), int(w))
+        token = _REGIME.set((_launch_bound(int(n), hw), small_call(int(n), hw)))
+        try:
+            return self._run_levels(x, take, stop)
+        finally:
+            _REGIME.reset(token)
+
+    def _run_levels(self, x, take: Optional[Sequence[int]], stop: Optional[int]):
         take = self.out_indices if take is None else take
         last = self.last_level if stop is None else stop
         feats = []
@@ -801,12 +829,12 @@ class FusedDLA(_NoCast, nn.Module):
         hw = tuple(hw) if hw is not None else self._default_hw()
         front = None
         if (self.front is not None and self.last_level >= 1 and 0 not in self.out_indices
-                and self.front.runs_at(int(batch), replayed)):
+                and self.front.runs_at(int(batch), hw, replayed)):
             front = Plan("triton", (), "front", self.front.why)
+        paced, small = _launch_bound(int(batch), hw, replayed), small_call(int(batch), hw)
         out = []
         for call in collect_calls(self, int(batch), hw):
-            plan = call.layer.plan_for(call.key.n, call.key.hw, bool(call.residual is not None),
-                                       _launch_bound(call.key.n, replayed))
+            plan = call.layer.plan_for(call.key.n, call.key.hw, bool(call.residual is not None), paced, small)
             for name in call.names:
                 out.append((name, call.key.label(), front if front and name in FusedFront.LAYERS else plan))
         order = {n: i for i, (n, _) in enumerate(self.named_modules())}
@@ -839,9 +867,9 @@ class FusedDLA(_NoCast, nn.Module):
             lines.append(f"  batch {b}, {size[0]}x{size[1]}: {tally}")
             for name, label, plan in rows:
                 lines.append(f"    {name:<40} {label:<44} {plan.describe(_op_of(label))}")
-            if b <= LAUNCH_BOUND_BATCH and dev.type == "cuda":
-                lines.append(f"    (without a CUDA graph, batches <= {LAUNCH_BOUND_BATCH} take the launch-bound rule: "
-                             "CUDA extension, then cuDNN)")
+            if dev.type == "cuda" and _launch_bound(b, size, replayed=False):
+                lines.append(f"    (without a CUDA graph, calls of at most {LAUNCH_BOUND_BATCH} x 224x224 input pixels "
+                             "take the launch-bound rule: CUDA extension, then cuDNN)")
         return "\n".join(lines)
 
 

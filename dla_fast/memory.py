@@ -341,18 +341,21 @@ def _prior_store(capability: Tuple[int, int]):
     return _Store(raw.get("entries", {}), "prior") if raw is not None else None
 
 
-def planned_backend(layer: nn.Module, args: tuple, capability: Tuple[int, int] = (9, 0)) -> str:
+def planned_backend(layer: nn.Module, args: tuple, capability: Tuple[int, int] = (9, 0),
+                    regime: Optional[Tuple[bool, bool]] = None) -> str:
     """The backend ``backend="auto"`` gives a fused layer's call on a GPU of ``capability`` with every backend
     available and nothing tuned there: the shipped prior's nearest measurement, else the rule (as
-    :class:`dla_fast.plan.planner.Planner` resolves it; a user's tuned or cached plans can differ)."""
+    :class:`dla_fast.plan.planner.Planner` resolves it; a user's tuned or cached plans can differ). ``regime``:
+    the model call's (paced by its launches, small); None: judged by the layer's batch, as a plain eager call."""
     from .plan.planner import LAUNCH_BOUND_BATCH, rule
     key = layer.layer_key(*args)
     available = {"eager": True, "triton": True, "cuda": True}
-    if key.n <= LAUNCH_BOUND_BATCH:  # a plain eager call, no CUDA graph
+    paced, small = (key.n <= LAUNCH_BOUND_BATCH, None) if regime is None else regime
+    if paced:
         return rule(key, available, True).backend
     store = _prior_store(tuple(capability))
     hit = store.nearest(key) if store is not None else None
-    return hit[2].backend if hit is not None else rule(key, available).backend
+    return hit[2].backend if hit is not None else rule(key, available, small=small).backend
 
 
 def _eager_forward(layer: nn.Module, *args, **kwargs):
@@ -372,7 +375,7 @@ def _eager_forward(layer: nn.Module, *args, **kwargs):
     return eager.max_pool(call["x"], layer.k)
 
 
-def _fused_opaque(model: nn.Module, capability: Tuple[int, int]):
+def _fused_opaque(model: nn.Module, capability: Tuple[int, int], regime: Optional[Tuple[bool, bool]] = None):
     """The tracer's ``opaque`` for an optimized model: a fused layer is one kernel unless it runs on the eager
     backend. The layers that may (``backend`` "eager" or "auto") get a forward of the eager path on this (meta)
     copy, used when they do."""
@@ -387,7 +390,7 @@ def _fused_opaque(model: nn.Module, capability: Tuple[int, int]):
             return False
         backend = m.backend
         if backend == "auto":
-            backend = planned_backend(m, tuple(args) + tuple(kwargs.values()), capability)
+            backend = planned_backend(m, tuple(args) + tuple(kwargs.values()), capability, regime)
         return backend != "eager"
     return opaque
 
@@ -425,7 +428,12 @@ def trace(model: nn.Module, x_shape: Sequence[int] = (256, 3, 224, 224), dtype: 
     m.eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
-    tracer = ActivationTracer(m, _fused_opaque(m, tuple(capability)) if fused else None)
+    # the call traced is a plain one (no CUDA graph): paced by its launches where the model's input is small
+    from .fuse import _launch_bound
+    from .plan.planner import small_call
+    n, hw = int(x_shape[0]), tuple(int(v) for v in x_shape[2:])
+    regime = (_launch_bound(n, hw, replayed=False), small_call(n, hw))
+    tracer = ActivationTracer(m, _fused_opaque(m, tuple(capability), regime) if fused else None)
     with torch.inference_mode(), tracer:
         out = m(x)
     # reported while the output is still referenced: it shows as alive at the end, as a returned result is

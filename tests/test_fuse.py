@@ -172,6 +172,9 @@ def test_launch_bound_rule():
     assert _launch_bound(1) and _launch_bound(LAUNCH_BOUND_BATCH) and not _launch_bound(LAUNCH_BOUND_BATCH + 1)
     with graph_mode():
         assert not _launch_bound(1)
+    # with the model's input size: by its pixels, so a detection input at a small batch is not paced by launches
+    assert _launch_bound(16, (224, 224)) and _launch_bound(1, (512, 512)) and _launch_bound(1, (608, 1088))
+    assert not _launch_bound(8, (512, 512)) and not _launch_bound(4, (608, 1088)) and not _launch_bound(17, (32, 32))
     every = {"eager": True, "triton": True, "cuda": True}
     pool = max_pool_key(64, 2, torch.float16, 1, (56, 56))
     assert rule(pool, every, launch_bound=True).backend == "eager"
@@ -179,6 +182,24 @@ def test_launch_bound_rule():
     conv = conv_key((64, 64, 3, 3), (1, 1), (1, 1), 1, False, torch.float16, 1, (56, 56))
     assert rule(conv, every, launch_bound=True).backend == "cuda"
     assert rule(conv, dict(every, cuda=False), launch_bound=True).backend == "eager"
+
+
+def test_the_model_call_sets_every_layers_regime():
+    """A FusedDLA call judges its launch regime once, from its input's batch and size, for all of its layers: at
+    8 x 256x512 (more pixels than 16 x 224x224) no layer is launch-bound or small, though each has batch 8; a layer
+    called alone still judges by its batch."""
+    fast = dla_fast.optimize(randomize_bn(dla_fast.create_model("dla46_c")).eval(), dtype=torch.float32)
+    with torch.no_grad():
+        fast(torch.randn(8, 3, 256, 512))
+        fast(torch.randn(2, 3, 64, 64))
+    keys = [k for _, m in fast.fused_layers() for k in m.plans()]
+    assert {k[4:] for k in keys if k[0] == 8} == {(False, False)}
+    assert {k[4:] for k in keys if k[0] == 2} == {(True, True)}
+    conv = fast.level2.tree1.conv1  # a Fused layer called directly: no model regime
+    conv._forget()
+    with torch.no_grad():
+        conv(torch.randn(8, conv.weight.shape[1], 16, 16))
+    assert [k[4:] for k in conv.plans()] == [(True, None)]
 
 
 def test_summary_names_plans():

@@ -153,6 +153,13 @@ def test_planner_sources_in_order():
     # nothing measured: the rule
     p = _planner_with(None, {})
     assert p.plan(k, dev) == rule(k, EVERY)
+    # a small batch of a large input (8 x 512x512) is not a small call: the rule's large-call choice, and what was
+    # measured at that shape applies (it is not launch-bound)
+    k8 = conv_key((256, 256, 3, 3), (1, 1), (1, 1), 1, False, torch.float16, 8, (32, 32))
+    assert p.plan(k8, dev).backend == "triton" and "small batch" in p.plan(k8, dev).why
+    assert p.plan(k8, dev, small=False).backend == "cuda" and p.plan(k8, dev, small=True).backend == "triton"
+    p = _planner_with(None, {k8.text(): {"backend": "triton", "config": [1, 64, 2]}})
+    assert (p.plan(k8, dev, small=False).source, p.plan(k8, dev, small=False).config) == ("cached", (1, 64, 2))
 
 
 # ------------------------------------------------------------------------------------------------ tuner

@@ -398,7 +398,7 @@ def front(
         when = "never" if needs_grad else front_policy("auto", x.device, x.dtype, cin, c0, c1)[0]
         if when == "unpaced":
             from ..fuse import _launch_bound
-            when = "never" if _launch_bound(x.shape[0]) else "always"
+            when = "never" if _launch_bound(x.shape[0], x.shape[2:]) else "always"
         if when == "never":
             return separate("auto")
         tb = _backends.get("triton")

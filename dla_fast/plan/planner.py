@@ -14,9 +14,10 @@ device, from the first of these that has an answer:
 For (2) and (1) a key measured at another batch size of the same layer and input size stands in, the nearest on
 a log scale (a 7x7 layer at batch 256 fills the GPU, at batch 1 it is a handful of tiles: the winners differ).
 
-Small batches run without a CUDA graph are paced by the host's launch cost, not by the kernels (a Triton launch
+Small calls run without a CUDA graph are paced by the host's launch cost, not by the kernels (a Triton launch
 costs ~100 us of Python, the CUDA extension's ~20 us, the kernels 3-30 us): there the plan is the launch-bound
-rule whatever was measured, since the measurements time kernels.
+rule whatever was measured, since the measurements time kernels. A call is small by the model's input pixels
+(:func:`small_call`), so a detection input at a small batch (8 x 512x512) takes its measured plans.
 """
 from __future__ import annotations
 
@@ -35,6 +36,15 @@ OPS = ("conv_bn_act", "aggregate", "max_pool")
 SOURCES = ("tuned", "cached", "prior", "rule")
 # Batches up to this size run without a CUDA graph (or torch.compile) are paced by their launches.
 LAUNCH_BOUND_BATCH = 16
+# A model call is small (the small-batch rule; paced by its launches without a CUDA graph) up to this many input
+# pixels: the LAUNCH_BOUND_BATCH images of 224x224 the threshold was measured at. Detection inputs (8 x 512x512,
+# 4 x 608x1088) are several times that: their kernels outlast their launches and fill the GPU.
+LAUNCH_BOUND_PIXELS = LAUNCH_BOUND_BATCH * 224 * 224
+
+
+def small_call(batch: int, hw: Sequence[int]) -> bool:
+    """Whether a model call at ``batch`` x ``hw`` (the model's input size) is small (:data:`LAUNCH_BOUND_PIXELS`)."""
+    return batch <= LAUNCH_BOUND_BATCH and batch * int(hw[0]) * int(hw[1]) <= LAUNCH_BOUND_PIXELS
 PRIOR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prior")
 
 
@@ -159,10 +169,12 @@ def _is_rgb_stem(key: LayerKey) -> bool:
     return key.op == "conv_bn_act" and s[:4] == (16, 3, 7, 7) and s[4:9] == (1, 1, 3, 3, 1) and not s[9]
 
 
-def rule(key: LayerKey, available: Dict[str, bool], launch_bound: bool = False) -> Plan:
+def rule(key: LayerKey, available: Dict[str, bool], launch_bound: bool = False,
+         small: Optional[bool] = None) -> Plan:
     """The plan when nothing was measured: the choices that hold on every GPU measured so far.
 
-    ``available``: backend name -> whether it can run here. Eager is always available.
+    ``available``: backend name -> whether it can run here. Eager is always available. ``small``: whether the
+    model's call is small (:func:`small_call`); None: judged by the layer's batch alone.
     """
     def first(order: Iterable[str], why: str) -> Plan:
         for name in order:
@@ -182,7 +194,7 @@ def rule(key: LayerKey, available: Dict[str, bool], launch_bound: bool = False) 
             return first(("cuda", "eager"), "RGB stem: the CUDA backend's direct 7x7 kernel, else cuDNN")
         return Plan("eager", (), "rule", "fewer than 8 input channels: cuDNN (the implicit GEMMs gather them "
                                          "element by element)")
-    if key.n <= LAUNCH_BOUND_BATCH:
+    if (key.n <= LAUNCH_BOUND_BATCH) if small is None else small:
         return first(("triton", "cuda"), "small batch: Triton splits K over the idle SMs")
     return first(("cuda", "triton"), "large batch: the CUDA tensor-core kernels")
 
@@ -292,19 +304,21 @@ class Planner:
         """The on-disk plan cache of ``device``'s model and this software's versions."""
         return self._state(device, dtype).cache
 
-    def plan(self, key: LayerKey, device: torch.device, launch_bound: bool = False) -> Plan:
-        """The plan of ``key`` on ``device``; ``launch_bound``: a small batch run without a CUDA graph."""
+    def plan(self, key: LayerKey, device: torch.device, launch_bound: bool = False,
+             small: Optional[bool] = None) -> Plan:
+        """The plan of ``key`` on ``device``; ``launch_bound``: a small call run without a CUDA graph; ``small``:
+        whether the model's call is small (:func:`small_call`; None: judged by the layer's batch), for the rule."""
         st = self._state(device, getattr(torch, key.dtype))
-        mk = (key.text(), bool(launch_bound))
+        mk = (key.text(), bool(launch_bound), small)
         plan = st.memo.get(mk)
         if plan is None:
-            plan = self._resolve(key, st, launch_bound)
+            plan = self._resolve(key, st, launch_bound, small)
             st.memo[mk] = plan
         return plan
 
-    def _resolve(self, key: LayerKey, st: _DeviceState, launch_bound: bool) -> Plan:
+    def _resolve(self, key: LayerKey, st: _DeviceState, launch_bound: bool, small: Optional[bool] = None) -> Plan:
         if launch_bound or not any(st.available[n] for n in ("triton", "cuda")):
-            return rule(key, st.available, launch_bound)
+            return rule(key, st.available, launch_bound, small)
         best = None
         for rank, store in enumerate((st.tuned, st.cached, st.prior)):
             if store is None:
@@ -321,7 +335,7 @@ class Planner:
                 plan = Plan(plan.backend, plan.config, plan.source,
                             f"measured at batch {n}" + (f"; {plan.why}" if plan.why else ""), plan.ms)
             return plan
-        return rule(key, st.available)
+        return rule(key, st.available, small=small)
 
     def record(self, device: torch.device, dtype: torch.dtype, plans: Dict[LayerKey, Plan]) -> None:
         """Take freshly tuned plans (the tuner has written them to the cache as well)."""
