@@ -106,6 +106,12 @@ def _launch_bound(batch: int, hw: Optional[Sequence[int]] = None, replayed: Opti
     return not (_launch_cost_hidden() if replayed is None else replayed)
 
 
+def _regime(batch: int, hw: Sequence[int], replayed: Optional[bool] = None) -> Tuple[bool, bool]:
+    """(launch-bound, small) of a model call at ``batch`` x ``hw``: what :data:`_REGIME` holds during it."""
+    hw = (int(hw[0]), int(hw[1]))
+    return _launch_bound(int(batch), hw, replayed), small_call(int(batch), hw)
+
+
 class _NoCast:
     """Refuses dtype casts (``.half()``, ``.float()``, ``.to(dtype)``) of an optimized module before anything is
     changed: the layers were built for one dtype (weights in it, biases in fp32). Device moves are fine."""
@@ -724,8 +730,7 @@ class FusedDLA(_NoCast, nn.Module):
         if torch.compiler.is_compiling():
             return self._run_levels(x, take, stop)
         n, _, h, w = (x[0] if isinstance(x, list) else x).shape
-        hw = (int(h), int(w))
-        token = _REGIME.set((_launch_bound(int(n), hw), small_call(int(n), hw)))
+        token = _REGIME.set(_regime(n, (h, w)))
         try:
             return self._run_levels(x, take, stop)
         finally:
@@ -831,7 +836,7 @@ class FusedDLA(_NoCast, nn.Module):
         if (self.front is not None and self.last_level >= 1 and 0 not in self.out_indices
                 and self.front.runs_at(int(batch), hw, replayed)):
             front = Plan("triton", (), "front", self.front.why)
-        paced, small = _launch_bound(int(batch), hw, replayed), small_call(int(batch), hw)
+        paced, small = _regime(batch, hw, replayed)
         out = []
         for call in collect_calls(self, int(batch), hw):
             plan = call.layer.plan_for(call.key.n, call.key.hw, bool(call.residual is not None), paced, small)

@@ -429,10 +429,8 @@ def trace(model: nn.Module, x_shape: Sequence[int] = (256, 3, 224, 224), dtype: 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
     # the call traced is a plain one (no CUDA graph): paced by its launches where the model's input is small
-    from .fuse import _launch_bound
-    from .plan.planner import small_call
-    n, hw = int(x_shape[0]), tuple(int(v) for v in x_shape[2:])
-    regime = (_launch_bound(n, hw, replayed=False), small_call(n, hw))
+    from .fuse import _regime
+    regime = _regime(x_shape[0], x_shape[2:], replayed=False)
     tracer = ActivationTracer(m, _fused_opaque(m, tuple(capability), regime) if fused else None)
     with torch.inference_mode(), tracer:
         out = m(x)
