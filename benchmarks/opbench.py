@@ -1186,7 +1186,8 @@ def front_run(dtypes: Sequence[torch.dtype], batch: int, hw, device, warmup: flo
     return result
 
 
-TRAIN_IMPLS = ("stats", "conv", "cudnn", "bn_act", "bn_bwd", "dgrad", "dgrad_ref", "wgrad", "wgrad_ref")
+TRAIN_IMPLS = ("stats", "conv", "cudnn", "bn_act", "bn_bwd", "dgrad", "dgrad_ref", "dgrad_bare", "dgrad_bare_ref",
+               "wgrad", "wgrad_ref")
 
 
 def _train_calls(case: Case) -> Dict[str, Callable[[], object]]:
@@ -1198,7 +1199,8 @@ def _train_calls(case: Case) -> Dict[str, Callable[[], object]]:
     precedes it, the residual's gradient where one does); on convs of the kind whose input the training step
     shares with other readers (:func:`dla_fast.train._autograd.shares_dgrad`), ``dgrad`` the input's gradient
     with the other readers' gradient added in the Triton conv's epilogue, and ``dgrad_ref`` what that replaces,
-    cuDNN's data gradient then an add; on the thin convs of the front
+    cuDNN's data gradient then an add, and ``dgrad_bare`` / ``dgrad_bare_ref`` the same two without the other
+    gradient (a conv whose input has no other reader); on the thin convs of the front
     (:func:`dla_fast.backends.triton._train.wgrad_thin_ok`), ``wgrad`` the weight gradient on the Triton
     split-pixel kernel (DLA_FAST_TRAIN_WGRAD=triton) and ``wgrad_ref`` cuDNN's."""
     from dla_fast.backends.triton import _launch as tl_launch
@@ -1253,6 +1255,9 @@ def _train_calls(case: Case) -> Dict[str, Callable[[], object]]:
         calls["dgrad"] = lambda: ag.dgrad_onto("triton", dz, x, w, extra, False)[0]
         calls["dgrad_ref"] = lambda: torch.ops.aten.convolution_backward(
             dz, x, w, None, list(s.stride), list(s.padding), [1, 1], False, [0, 0], 1, [True, False, False])[0] + extra
+        calls["dgrad_bare"] = lambda: ag.dgrad_onto("triton", dz, x, w, None, False)[0]
+        calls["dgrad_bare_ref"] = lambda: torch.ops.aten.convolution_backward(
+            dz, x, w, None, list(s.stride), list(s.padding), [1, 1], False, [0, 0], 1, [True, False, False])[0]
     if s.op == "conv_bn_act" and kt.wgrad_thin_ok(w.shape, s.groups):
         gz = torch.randn_like(z)
         calls["wgrad"] = lambda: kt.wgrad_thin_launch(gz, x, w, s.stride, s.padding, raw=True)
@@ -1274,7 +1279,8 @@ def _train_bytes(case: Case) -> Dict[str, int]:
     res = case.residual is not None
     return {"stats": inp + out, "conv": inp + out, "cudnn": inp + out,
             "bn_act": out * (3 if res else 2), "bn_bwd": out * (8 if res else 5),
-            "dgrad": out + 2 * inp, "dgrad_ref": out + 2 * inp, "wgrad": out + inp, "wgrad_ref": out + inp}
+            "dgrad": out + 2 * inp, "dgrad_ref": out + 2 * inp, "dgrad_bare": out + inp, "dgrad_bare_ref": out + inp,
+            "wgrad": out + inp, "wgrad_ref": out + inp}
 
 
 def train_run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch: int, hw, device, warmup: float = 25,
@@ -1306,6 +1312,7 @@ def train_run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch: int, 
                 err = rel_err(z, calls["cudnn"]())
                 mean_err = float((mean - z.float().mean((0, 2, 3))).abs().max() / z.float().std().clamp_min(1e-30))
                 dgrad_err = rel_err(calls["dgrad"](), calls["dgrad_ref"]()) if "dgrad" in calls else None
+                bare_err = rel_err(calls["dgrad_bare"](), calls["dgrad_bare_ref"]()) if "dgrad_bare" in calls else None
                 wgrad_err = rel_err(calls["wgrad"](), calls["wgrad_ref"]()) if "wgrad" in calls else None
                 times = {}
                 for name, fn in calls.items():
@@ -1315,12 +1322,13 @@ def train_run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch: int, 
                                            "layers": entry.model_counts(), "dtype": dtype_name(dt), "impl": name,
                                            "ms": ms, "min_bytes": nbytes[name],
                                            "tbps": None if not ms else nbytes[name] / (ms * 1e-3) / 1e12,
-                                           "rel_err": {"stats": err, "dgrad": dgrad_err, "wgrad": wgrad_err}.get(name),
+                                           "rel_err": {"stats": err, "dgrad": dgrad_err, "dgrad_bare": bare_err,
+                                                       "wgrad": wgrad_err}.get(name),
                                            "mean_err": mean_err if name == "stats" else None})
             us = {k: (None if times.get(k) is None else times[k] * 1e3) for k in TRAIN_IMPLS}
             epi = None if us["stats"] is None or us["conv"] is None else us["stats"] - us["conv"]
             tb = {k: (None if not times[k] else nbytes[k] / (times[k] * 1e-3) / 1e12) for k in ("bn_act", "bn_bwd")}
-            bad = max(err, mean_err, dgrad_err or 0.0, wgrad_err or 0.0) > REL_ERR_FLAG
+            bad = max(err, mean_err, dgrad_err or 0.0, bare_err or 0.0, wgrad_err or 0.0) > REL_ERR_FLAG
             flag = "  MISMATCH" if bad else ""
             log(f"{entry.shape.label()[:44]:<44} {dtype_name(dt):<8} " +
                 " ".join(f"{_fmt(us[k], '.1f'):>10}" for k in TRAIN_IMPLS) +
