@@ -178,6 +178,15 @@ def test_collect_calls_dedupes_and_keeps_layouts():
     assert (tuple(x.shape), tuple(x.stride()), x.storage_offset()) == sliced[0].inputs[0][:3]
 
 
+def test_collect_calls_refuses_a_size_the_network_cannot_take():
+    """A side that is neither 32k nor 32k-1 stops with the forward's own message, not a shape error deep inside
+    a level."""
+    fast = dla_fast.optimize(dla_fast.create_model("dla34"), dtype=torch.float32)
+    with pytest.raises(ValueError, match="32k-1 or 32k"):
+        tuner.collect_calls(fast, 3, (40, 72))
+    assert tuner.collect_calls(fast, 3, (63, 96))
+
+
 def _costs(table):
     """A FakeTimer charging each candidate by its backend (and config) instead of running it."""
     return FakeTimer(lambda fn: table.get((fn.backend, tuple(fn.config)), table.get(fn.backend, 1.0)) * 1e-3)
@@ -414,7 +423,7 @@ def test_compile_ahead_on_the_gpu_leaves_nothing_to_compile():
     from dla_fast.backends.triton import _kernels
     dev = torch.device("cuda", torch.cuda.current_device())
     fast = dla_fast.optimize(dla_fast.create_model("dla34"), dtype=torch.float16, device=dev)
-    calls = [c for c in tuner.collect_calls(fast, 3, (40, 72)) if c.key.op != "max_pool"]
+    calls = [c for c in tuner.collect_calls(fast, 3, (63, 96)) if c.key.op != "max_pool"]
     gen = torch.Generator().manual_seed(0)
     runs = []
     for call in calls:

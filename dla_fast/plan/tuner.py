@@ -89,8 +89,11 @@ def _materialise(spec, dtype: torch.dtype, device: torch.device, gen: Optional[t
 
 def collect_calls(fused, n: int, hw: Tuple[int, int]) -> List[LayerCall]:
     """The distinct fused calls of ``fused`` (a FusedDLA) for an input of batch ``n`` and spatial size ``hw``,
-    found by one forward on the meta device."""
+    found by one forward on the meta device; a size the network cannot take is refused as its forward refuses it."""
     from ..fuse import FusedAggregate, FusedConvBnAct, FusedMaxPool
+    from ..models.dla import check_input
+
+    check_input(torch.empty(n, fused.in_chans, *hw, device="meta"), fused.in_chans)
 
     calls: Dict[str, LayerCall] = {}
     hooks = []
@@ -316,8 +319,6 @@ def tune(model, input_size: Union[int, Sequence[int]] = (224, 224), batch_sizes:
     sizes = [int(b) for b in batch_sizes]
     if not sizes or min(sizes) < 1:
         raise ValueError(f"batch_sizes must be positive integers, got {list(batch_sizes)}")
-    from ..models.dla import check_input
-    check_input(torch.empty(1, model.in_chans, *hw, device="meta"), model.in_chans)
     report = TuneReport(str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
                         _dtype_str(model.dtype), [(n, hw[0], hw[1]) for n in sizes])
     t0 = time.perf_counter()
