@@ -47,6 +47,7 @@ class Row:
     tune_s: Optional[float] = None          # of first_s, the tuning (``tune``): measuring and cache lookups
     tune_measured: Optional[int] = None     # layer calls it measured
     tune_reused: Optional[int] = None       # layer calls it found in the plan cache
+    tune_paced: Optional[bool] = None       # the whole call timed both ways: True if the launch-bound rule won
     error: Optional[str] = None
     hw: Tuple[int, int] = (224, 224)
     features: bool = False
@@ -153,7 +154,12 @@ def build_impl(impl: str, name: str, ours_fp32: torch.nn.Module, dtype: torch.dt
         if tune and backend == "auto" and device == "cuda":
             rep = dla_fast.tune(fast, hw, [batch], progress=False)
             if tuned is not None:
-                tuned.update(seconds=rep.seconds, measured=rep.measured, reused=rep.reused)
+                tuned.update(seconds=rep.seconds, measured=rep.measured, reused=rep.reused,
+                             paced=fast._paced(batch, *hw))
+            if torch.cuda.is_available():
+                # the peak is this model's, not the tuning's (the largest layer's inputs, its candidates' outputs)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
         used = "+".join(sorted(set(fast.backends(batch, hw).values())))
         if kind == "aoti":
             return _aoti(fast, x), used
@@ -190,6 +196,7 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
             if tuned:
                 row.tune_s = round(tuned["seconds"], 3)
                 row.tune_measured, row.tune_reused = tuned["measured"], tuned["reused"]
+                row.tune_paced = tuned["paced"]
             with torch.inference_mode() if not impl.startswith(("torch_compile", "dla_fast_aoti")) \
                     else torch.no_grad():
                 # copied out at once: CUDA-graph runners (reduce-overhead) overwrite their output on the next call
@@ -207,7 +214,9 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
             log(f"  built {impl:<30} first result {row.first_s:7.2f}s  rel_err {row.rel_err:.2e}"
                 + (f"  [{used}]" if used else "")
                 + (f"  tuning {row.tune_s:.1f}s: {row.tune_measured} layer calls measured, {row.tune_reused} from "
-                   "the cache" if tuned else ""))
+                   "the cache" if tuned else "")
+                + ({True: "; the launch-bound rule won the whole call", False: "; the measured plans won the whole "
+                    "call"}.get(row.tune_paced, "")))
         except Exception as e:  # one broken implementation must not sink the whole run
             row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             log(f"  FAILED {impl}: {row.error}")
