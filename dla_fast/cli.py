@@ -271,7 +271,8 @@ def cmd_tune(a) -> int:
             out["plans"].update(rep.plans)
             out["runs"].append({"model": name, "dtype": rep.dtype, "summary": rep.summary(), "seconds": rep.seconds,
                                 "measured": rep.measured, "reused": rep.reused, "changed": rep.changed,
-                                "compiled": rep.compiled, "compile_s": round(rep.compile_s, 3)})
+                                "compiled": rep.compiled, "compile_s": round(rep.compile_s, 3),
+                                "calls": rep.calls})
             print(f"{name} {rep.dtype}: {rep.summary()}")
     if a.json:
         from .bench import environment

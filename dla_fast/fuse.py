@@ -25,7 +25,7 @@ from .models import DLA, DlaFeatures, from_timm
 from .models.dla import DlaBasic, DlaBottle2neck, DlaBottleneck, DlaRoot, DlaTree, GlobalPool, check_input
 from .ops import front_policy
 from .ops.reference import aggregate_ref, conv_bn_act_ref
-from .plan.planner import (LAUNCH_BOUND_BATCH, PLANNER, Plan, aggregate_key, conv_key, max_pool_key,
+from .plan.planner import (LAUNCH_BOUND_BATCH, PLANNER, Plan, aggregate_key, call_key, conv_key, max_pool_key,
                            small_call)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -106,10 +106,16 @@ def _launch_bound(batch: int, hw: Optional[Sequence[int]] = None, replayed: Opti
     return not (_launch_cost_hidden() if replayed is None else replayed)
 
 
-def _regime(batch: int, hw: Sequence[int], replayed: Optional[bool] = None) -> Tuple[bool, bool]:
-    """(launch-bound, small) of a model call at ``batch`` x ``hw``: what :data:`_REGIME` holds during it."""
+def _regime(batch: int, hw: Sequence[int], replayed: Optional[bool] = None,
+            paced: Optional[bool] = None) -> Tuple[bool, bool]:
+    """(launch-bound, small) of a model call at ``batch`` x ``hw``: what :data:`_REGIME` holds during it.
+    ``paced``: the call's regime as the tuner measured it on this GPU and host (None: never measured, the pixel
+    rule decides); either way a call whose launches a CUDA graph or torch.compile hides is not launch-bound."""
     hw = (int(hw[0]), int(hw[1]))
-    return _launch_bound(int(batch), hw, replayed), small_call(int(batch), hw)
+    lb = _launch_bound(int(batch), hw, replayed)
+    if paced is not None and not (_launch_cost_hidden() if replayed is None else replayed):
+        lb = paced
+    return lb, small_call(int(batch), hw)
 
 
 class _NoCast:
@@ -615,10 +621,11 @@ class FusedFront(nn.Module):
             return False
         if self.when == "always" or torch.compiler.is_compiling():
             return True
-        return not _launch_bound(x.shape[0], x.shape[2:])
+        regime = _REGIME.get()
+        return not (regime[0] if regime is not None else _launch_bound(x.shape[0], x.shape[2:]))
 
-    def runs_at(self, batch: int, hw: Sequence[int], replayed: bool) -> bool:
-        return self.when == "always" or (self.when == "unpaced" and not _launch_bound(batch, hw, replayed))
+    def runs_at(self, batch: int, hw: Sequence[int], replayed: bool, paced: Optional[bool] = None) -> bool:
+        return self.when == "always" or (self.when == "unpaced" and not _regime(batch, hw, replayed, paced)[0])
 
     def forward(self, x: torch.Tensor, stem: FusedConvBnAct, level0: FusedConvBnAct,
                 level1: FusedConvBnAct) -> torch.Tensor:
@@ -675,6 +682,7 @@ class FusedDLA(_NoCast, nn.Module):
             self.flatten = nn.Flatten(1) if model.global_pool.pool_type else nn.Identity()
         self.tune = tune
         self._tuned_shapes: set = set()
+        self._paced_memo: Dict[Tuple[int, int, int], Optional[bool]] = {}
         super().train(False)
 
     # ------------------------------------------------------------------------------------------ plumbing
@@ -690,12 +698,35 @@ class FusedDLA(_NoCast, nn.Module):
         if self.front is not None:
             self.front.refresh(dev)
         self._tuned_shapes = set()
+        self._paced_memo = {}
         return out
 
     def forget_plans(self) -> None:
         """Drop every layer's resolved plans (they are resolved again, e.g. after tuning)."""
         for _, m in self.fused_layers():
             m._forget()
+        self._paced_memo = {}
+
+    def call_key(self, n: int, hw: Sequence[int]) -> str:
+        """The plan cache's key of this model's call at ``n`` x ``hw`` (:func:`dla_fast.plan.planner.call_key`):
+        the architecture and, for a ``features_only`` model, the levels it returns."""
+        tag = self.pretrained_cfg.get("architecture") or type(self).__name__
+        if self.features_only:
+            tag += "-f" + "".join(str(i) for i in self.out_indices)
+        return call_key(tag, self.dtype, n, hw)
+
+    def _paced(self, n: int, h: int, w: int) -> Optional[bool]:
+        """The measured launch regime of a call at n x h x w under ``backend="auto"`` (None: not measured). Looked
+        up once per size: every eager call passes here."""
+        memo = self._paced_memo
+        hit = memo.get((n, h, w), 0)
+        if hit == 0:
+            dev = self.weight_device()
+            hit = None
+            if self.backend == "auto" and dev.type != "meta":  # meta: a traced copy (dla_fast.memory)
+                hit = PLANNER.paced(self.call_key(n, (h, w)), dev, self.dtype)
+            memo[(n, h, w)] = hit
+        return hit
 
     def weight_device(self) -> torch.device:
         return self.base_layer[0].weight.device
@@ -720,8 +751,12 @@ class FusedDLA(_NoCast, nn.Module):
     def _tune_shape(self, shape: Tuple[int, int, int]) -> None:
         from .plan.tuner import tune
         budget = None if self.tune is True else float(self.tune)
-        tune(self, shape[1:], [shape[0]], budget_s=budget)
-        self._tuned_shapes.add(shape)
+        self._tuned_shapes.add(shape)  # first: the tuner runs this model at the shape (check_call)
+        try:
+            tune(self, shape[1:], [shape[0]], budget_s=budget)
+        except BaseException:
+            self._tuned_shapes.discard(shape)
+            raise
 
     def _levels(self, x: torch.Tensor, take: Optional[Sequence[int]] = None, stop: Optional[int] = None):
         """(last level's output, the outputs of the levels in ``take``); ``stop``: the last level to run. ``x``: the
@@ -730,7 +765,7 @@ class FusedDLA(_NoCast, nn.Module):
         if torch.compiler.is_compiling():
             return self._run_levels(x, take, stop)
         n, _, h, w = (x[0] if isinstance(x, list) else x).shape
-        token = _REGIME.set(_regime(n, (h, w)))
+        token = _REGIME.set(_regime(n, (h, w), paced=self._paced(n, h, w)))
         try:
             return self._run_levels(x, take, stop)
         finally:
@@ -832,11 +867,12 @@ class FusedDLA(_NoCast, nn.Module):
         from .plan.tuner import collect_calls
 
         hw = tuple(hw) if hw is not None else self._default_hw()
+        measured = None if replayed else self._paced(int(batch), int(hw[0]), int(hw[1]))
         front = None
         if (self.front is not None and self.last_level >= 1 and 0 not in self.out_indices
-                and self.front.runs_at(int(batch), hw, replayed)):
+                and self.front.runs_at(int(batch), hw, replayed, measured)):
             front = Plan("triton", (), "front", self.front.why)
-        paced, small = _regime(batch, hw, replayed)
+        paced, small = _regime(batch, hw, replayed, measured)
         out = []
         for call in collect_calls(self, int(batch), hw):
             plan = call.layer.plan_for(call.key.n, call.key.hw, bool(call.residual is not None), paced, small)
@@ -872,7 +908,11 @@ class FusedDLA(_NoCast, nn.Module):
             lines.append(f"  batch {b}, {size[0]}x{size[1]}: {tally}")
             for name, label, plan in rows:
                 lines.append(f"    {name:<40} {label:<44} {plan.describe(_op_of(label))}")
-            if dev.type == "cuda" and _launch_bound(b, size, replayed=False):
+            measured = self._paced(b, int(size[0]), int(size[1])) if dev.type == "cuda" else None
+            if measured is not None:
+                lines.append(f"    (without a CUDA graph this call {'takes' if measured else 'does not take'} the "
+                             "launch-bound rule: the tuner timed the whole call both ways)")
+            elif dev.type == "cuda" and _launch_bound(b, size, replayed=False):
                 lines.append(f"    (without a CUDA graph, calls of at most {LAUNCH_BOUND_BATCH} x 224x224 input pixels "
                              "take the launch-bound rule: CUDA extension, then cuDNN)")
         return "\n".join(lines)

@@ -280,6 +280,60 @@ def test_tune_end_to_end_with_fake_timer(capsys, monkeypatch):
     assert again.measured == 0 and again.reused == rep.layers
 
 
+def _eager_only(monkeypatch):
+    real = planner_mod._backends.reason_unavailable
+    monkeypatch.setattr(planner_mod._backends, "reason_unavailable",
+                        lambda name, x: "off in this test" if name != "eager" else real(name, x))
+
+
+def test_check_call_keeps_the_faster_regime_and_caches_it(monkeypatch):
+    """The whole call timed on its measured plans and on the launch-bound rule: the rule displaces the plans only
+    when faster by more than the margin; the verdict is cached (in this process and on disk) and decides the
+    regime the forward's layers see; a small call is not checked (the launch-bound rule is its regime already)."""
+    from dla_fast import fuse
+    from dla_fast.plan.cache import PlanCache, environment_fingerprint
+    _eager_only(monkeypatch)
+    fast = dla_fast.optimize(dla_fast.create_model("dla46_c", features_only=True, out_indices=(2, 3, 4, 5)),
+                             dtype=torch.float32)
+    cpu = torch.device("cpu")
+    assert tuner.check_call(fast, 2, (32, 64), timer=_costs({})) is None  # small by its pixels
+    monkeypatch.setattr(planner_mod, "LAUNCH_BOUND_PIXELS", 0)  # every call large: checked
+    text = fast.call_key(2, (32, 64))
+    assert text == "call|dla46_c-f2345|float32|32x64|n2"
+    rep = tuner.TuneReport("cpu", "float32", [(2, 32, 64)])
+    assert tuner.check_call(fast, 2, (32, 64), timer=_costs({"measured plans": 2.0, "launch-bound rule": 1.0}),
+                            report=rep) is True
+    assert PLANNER.paced(text, cpu, torch.float32) is True
+    assert rep.calls[text] == {"paced": True, "measured_ms": 2.0, "paced_ms": 1.0}
+    assert "the whole call at 32x64 batch 2: 2.000 ms on the measured plans, 1.000 ms on the launch-bound rule, " \
+           "launch-bound rule kept" in rep.summary()
+    assert PlanCache(fingerprint=environment_fingerprint(cpu)).get(text)["paced"] is True
+    seen = []
+    hook = fast.level2.register_forward_pre_hook(lambda m, a: seen.append(fuse._REGIME.get()))
+    with torch.no_grad():
+        fast(torch.randn(2, 3, 32, 64))
+        fast(torch.randn(3, 3, 32, 64))  # another size: not measured, the pixel rule (large: not launch-bound)
+    hook.remove()
+    assert seen == [(True, False), (False, False)]
+    # cached: not measured again unless forced; within the margin the measured plans stay
+    assert tuner.check_call(fast, 2, (32, 64), timer=_costs({"measured plans": 9.0})) is None
+    assert tuner.check_call(fast, 2, (32, 64), force=True,
+                            timer=_costs({"measured plans": 1.01, "launch-bound rule": 1.0})) is False
+    PLANNER.reload()  # a new process reads the verdict from disk
+    assert PLANNER.paced(text, cpu, torch.float32) is False
+
+
+def test_tune_checks_the_whole_call_of_a_large_input(monkeypatch):
+    _eager_only(monkeypatch)
+    monkeypatch.setattr(planner_mod, "LAUNCH_BOUND_PIXELS", 0)
+    fast = dla_fast.optimize(dla_fast.create_model("dla46_c"), dtype=torch.float32)
+    rep = dla_fast.tune(fast, (32, 32), [1], timer=_costs({}), budget_s=None, progress=False)
+    assert list(rep.calls) == ["call|dla46_c|float32|32x32|n1"] and rep.calls[fast.call_key(1, (32, 32))]["paced"] \
+        is False  # equal times: the measured plans stay
+    again = dla_fast.tune(fast, (32, 32), [1], timer=_costs({}), progress=False)
+    assert again.measured == 0 and again.calls == {}
+
+
 def _tune_in_process(cache_dir, out, delay):
     os.environ["DLA_FAST_CACHE_DIR"] = cache_dir
     import time
@@ -447,3 +501,28 @@ def test_compile_ahead_on_the_gpu_leaves_nothing_to_compile():
             pass
     torch.cuda.synchronize()
     assert ahead >= before and ran > 0 and cached() == ahead
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERP or not torch.cuda.is_available(), reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+def test_check_call_on_the_gpu_times_both_regimes_and_both_agree():
+    """A detection call large enough for its measured plans (4 x 512x512): the tuner times it both ways and
+    caches a verdict; both regimes give the same feature maps (different kernels, the same numbers)."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    model = dla_fast.create_model("dla34", features_only=True, out_indices=(2, 3, 4, 5))
+    randomize_bn(model)
+    fast = dla_fast.optimize(model, dtype=torch.float16, device=dev)
+    rep = dla_fast.tune(fast, (512, 512), [4], budget_s=None, progress=False)
+    entry = rep.calls[fast.call_key(4, (512, 512))]
+    assert entry["measured_ms"] > 0 and entry["paced_ms"] > 0
+    assert PLANNER.paced(fast.call_key(4, (512, 512)), dev, torch.float16) is entry["paced"]
+    x = torch.randn(4, 3, 512, 512, device=dev)
+    outs = []
+    with torch.no_grad():
+        for paced in (False, True):
+            fast.forget_plans()
+            fast._paced_memo[(4, 512, 512)] = paced
+            outs.append([f.float() for f in fast(x)])
+    fast.forget_plans()
+    for a, b in zip(*outs):
+        assert ((a - b).norm() / b.norm()).item() < 1e-2

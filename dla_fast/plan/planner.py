@@ -17,7 +17,9 @@ a log scale (a 7x7 layer at batch 256 fills the GPU, at batch 1 it is a handful 
 Small calls run without a CUDA graph are paced by the host's launch cost, not by the kernels (a Triton launch
 costs ~100 us of Python, the CUDA extension's ~20 us, the kernels 3-30 us): there the plan is the launch-bound
 rule whatever was measured, since the measurements time kernels. A call is small by the model's input pixels
-(:func:`small_call`), so a detection input at a small batch (8 x 512x512) takes its measured plans.
+(:func:`small_call`), so a detection input at a small batch (8 x 512x512) takes its measured plans. Where the tuner
+has timed a whole model call both ways (its measured plans against the launch-bound rule's light launches,
+:func:`call_key`), that measurement decides the call's regime instead of the pixel count.
 """
 from __future__ import annotations
 
@@ -50,6 +52,21 @@ PRIOR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prior")
 
 def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+CALL_PREFIX = "call|"
+
+
+def call_key(model_tag: str, dtype, n: int, hw: Sequence[int]) -> str:
+    """The cache key of a whole model call (``model_tag`` names the network and the levels it runs): the entry
+    says whether that call, run without a CUDA graph, is paced by its launches on this GPU and host."""
+    return f"{CALL_PREFIX}{model_tag}|{_dtype_name(dtype)}|{int(hw[0])}x{int(hw[1])}|n{int(n)}"
+
+
+def paced_entry(d) -> Optional[bool]:
+    """The ``paced`` flag of a call entry, or None for an entry this version does not read."""
+    v = d.get("paced") if isinstance(d, dict) else None
+    return v if isinstance(v, bool) else None
 
 
 @dataclass(frozen=True)
@@ -264,6 +281,7 @@ class _DeviceState:
     cached: Optional[_Store]
     tuned: _Store = field(default_factory=lambda: _Store({}, "tuned"))
     memo: Dict[Tuple[str, bool], Plan] = field(default_factory=dict)
+    paced: Dict[str, bool] = field(default_factory=dict)   # call_key -> measured launch regime
 
 
 class Planner:
@@ -292,8 +310,12 @@ class Planner:
                 prior = _Store(raw.get("entries", {}), "prior")
         from .cache import PlanCache, environment_fingerprint
         cache = PlanCache(fingerprint=environment_fingerprint(probe.device))
-        cached = _Store(cache.entries(), "cached")
+        entries = cache.entries()
+        cached = _Store(entries, "cached")
         st = _DeviceState(available, reasons, prior, note, cache, cached)
+        for text, d in entries.items():
+            if text.startswith(CALL_PREFIX) and paced_entry(d) is not None:
+                st.paced[text] = paced_entry(d)
         self._states[sk] = st
         return st
 
@@ -343,6 +365,15 @@ class Planner:
         for key, plan in plans.items():
             st.tuned.add(key, Plan(plan.backend, plan.config, "tuned", plan.why, plan.ms))
         st.memo.clear()
+
+    def paced(self, text: str, device: torch.device, dtype: torch.dtype) -> Optional[bool]:
+        """The measured launch regime of the model call ``text`` (:func:`call_key`) on ``device``: True when, run
+        without a CUDA graph, it is faster on the launch-bound rule; None when never measured."""
+        return self._state(device, dtype).paced.get(text)
+
+    def record_paced(self, device: torch.device, dtype: torch.dtype, text: str, paced: bool) -> None:
+        """Take a freshly measured call regime (the tuner has written it to the cache as well)."""
+        self._state(device, dtype).paced[text] = bool(paced)
 
     def known(self, key: LayerKey, device: torch.device) -> bool:
         """Whether ``key`` itself (this batch size) was measured on this GPU (in this process or in the cache)."""

@@ -8,9 +8,16 @@ interleaved; the winner replaces the rule only when it is faster by more than ``
 the next few calls are compiled ahead, in threads, so the timing does not wait for each compile in turn. Results
 go to the on-disk cache under its inter-process lock: of N processes tuning at once, one measures and the others
 find the entries when they get the lock.
+
+The per-layer timings add up only while the GPU is the bottleneck. A call the pixel rule leaves to the measured plans
+(a detection input at a small batch) may still be paced by the host, whose cost per layer the isolated timings
+do not show in full (a Triton launch costs several times the CUDA extension's), so the whole model call is timed
+once more both ways, on its measured plans and on the launch-bound rule (the CUDA extension, torch's max-pool, no
+fused front), and the call keeps the faster regime (:func:`check_call`).
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import backends as _backends
-from .planner import PLANNER, LayerKey, Plan, describe_config, rule
+from .planner import PLANNER, LayerKey, Plan, describe_config, rule, small_call
 from .timing import Progress, cuda_event_timer, pick, time_candidates
 
 MARGIN = 0.03          # a candidate replaces the rule's choice only when this much faster
@@ -27,6 +34,8 @@ MARGIN = 0.03          # a candidate replaces the rule's choice only when this m
 # compile threads busy, few enough that a time budget is not overrun by much (0: each compiles at its first
 # timed launch).
 COMPILE_AHEAD_CALLS = 8
+# The launch-bound rule displaces a call's measured plans only when the whole call is this much faster on it.
+CALL_MARGIN = 0.02
 # A candidate's output must match cuDNN's on the same inputs this closely (relative L2) to be timed at all: a
 # check against wrong results, far above the rounding differences of correct kernels (which the test suite
 # bounds much more tightly against float64).
@@ -58,6 +67,7 @@ class TuneReport:
     compiled: int = 0                 # distinct Triton kernels compiled ahead of timing, in threads
     compile_s: float = 0.0            # the time that took (part of ``seconds``)
     plans: Dict[str, dict] = field(default_factory=dict)
+    calls: Dict[str, dict] = field(default_factory=dict)   # whole-call regime checks (:func:`check_call`)
 
     def summary(self) -> str:
         sizes = ", ".join(f"{n}x{h}x{w}" for n, h, w in self.input_sizes)
@@ -65,6 +75,11 @@ class TuneReport:
         if self.compiled:
             extra += f"; {self.compiled} Triton kernels compiled (or loaded from Triton's cache) ahead of the timing " \
                      f"in {self.compile_s:.1f} s"
+        for text, c in self.calls.items():
+            size = text.split("|", 3)[3].replace("|n", " batch ")
+            ms = ["failed" if v is None else f"{v:.3f} ms" for v in (c["measured_ms"], c["paced_ms"])]
+            extra += (f"; the whole call at {size}: {ms[0]} on the measured plans, {ms[1]} on the launch-bound "
+                      f"rule, {'launch-bound rule' if c['paced'] else 'measured plans'} kept")
         return (f"tuned {self.layers} distinct layer calls at {sizes} ({self.dtype}, {self.device}) in "
                 f"{self.seconds:.1f} s: {self.measured} measured ({self.changed} differ from the rule), "
                 f"{self.reused} reused from the cache{extra}")
@@ -328,11 +343,64 @@ def tune(model, input_size: Union[int, Sequence[int]] = (224, 224), batch_sizes:
         remaining = None if budget_s is None else max(0.0, budget_s - (time.perf_counter() - t0))
         tune_calls(calls, dev, model.dtype, budget_s=remaining, timer=timer, progress=progress, force=force,
                    report=report)
+        check_call(model, n, hw, timer=timer, force=force, report=report)
     report.seconds = time.perf_counter() - t0
     model.forget_plans()
     if progress:
         print(report.summary(), file=sys.stderr, flush=True)
     return report
+
+
+def check_call(model, n: int, hw: Tuple[int, int], *, timer=None, force: bool = False, margin: float = CALL_MARGIN,
+               rounds: int = 7, report: Optional[TuneReport] = None) -> Optional[bool]:
+    """Time the whole call of ``model`` (a FusedDLA under ``backend="auto"``) at ``n`` x ``hw`` without a CUDA
+    graph, on its measured plans and on the launch-bound rule, and cache which regime the call takes (True: the
+    launch-bound rule). Only calls the pixel rule leaves to the measured plans are checked (a small call takes the
+    launch-bound rule already); returns the regime, or None when the call was not checked (another regime rule
+    applies, or it is in the cache and ``force`` is off)."""
+    from ..fuse import _regime
+
+    dev = model.weight_device()
+    if model.backend != "auto" or (timer is None and dev.type != "cuda") or small_call(n, hw):
+        return None
+    if _regime(n, hw, replayed=False)[0]:
+        return None
+    text = model.call_key(n, hw)
+    cache = PLANNER.cache(dev, model.dtype)
+    if not force and PLANNER.paced(text, dev, model.dtype) is not None:
+        return None
+    timer = timer or cuda_event_timer(dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(n, model.in_chans, *hw, generator=gen, device=dev).to(
+        dtype=model.dtype, memory_format=torch.channels_last)
+    model.forget_plans()  # layers resolved before this tuning take its plans now
+    memo = model._paced_memo
+    key = (int(n), int(hw[0]), int(hw[1]))
+
+    def run(paced: bool):
+        def fn():
+            memo[key] = paced
+            return model(x)
+        fn.backend, fn.config = ("launch-bound rule" if paced else "measured plans"), ()
+        return fn
+
+    try:
+        with torch.inference_mode():
+            results = time_candidates([run(False), run(True)], timer=timer, rounds=rounds, min_time_s=0.02)
+    finally:
+        memo.pop(key, None)
+    paced = pick(results, margin=margin) == 1  # raises, with both errors, when neither regime ran
+    entry = {"paced": paced, "measured_ms": _finite_ms(results[0].ms), "paced_ms": _finite_ms(results[1].ms)}
+    PLANNER.record_paced(dev, model.dtype, text, paced)
+    if cache is not None:
+        cache.update({text: entry})
+    if report is not None:
+        report.calls[text] = entry
+    return paced
+
+
+def _finite_ms(ms: float) -> Optional[float]:
+    return round(float(ms), 5) if math.isfinite(ms) else None
 
 
 def _dtype_str(dtype) -> str:
