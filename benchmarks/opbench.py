@@ -1187,7 +1187,7 @@ def front_run(dtypes: Sequence[torch.dtype], batch: int, hw, device, warmup: flo
 
 
 TRAIN_IMPLS = ("stats", "conv", "cudnn", "bn_act", "bn_bwd", "dgrad", "dgrad_ref", "dgrad_bare", "dgrad_bare_ref",
-               "wgrad", "wgrad_ref")
+               "dgrad_cuda", "dgrad_bare_cuda", "wgrad", "wgrad_ref")
 
 
 def _train_calls(case: Case) -> Dict[str, Callable[[], object]]:
@@ -1200,7 +1200,9 @@ def _train_calls(case: Case) -> Dict[str, Callable[[], object]]:
     shares with other readers (:func:`dla_fast.train._autograd.shares_dgrad`), ``dgrad`` the input's gradient
     with the other readers' gradient added in the Triton conv's epilogue, and ``dgrad_ref`` what that replaces,
     cuDNN's data gradient then an add, and ``dgrad_bare`` / ``dgrad_bare_ref`` the same two without the other
-    gradient (a conv whose input has no other reader); on the thin convs of the front
+    gradient (a conv whose input has no other reader), and where the CUDA extension runs ``dgrad_cuda`` /
+    ``dgrad_bare_cuda`` the same data gradients on its conv kernel (the other gradient as its residual); on the
+    thin convs of the front
     (:func:`dla_fast.backends.triton._train.wgrad_thin_ok`), ``wgrad`` the weight gradient on the Triton
     split-pixel kernel (DLA_FAST_TRAIN_WGRAD=triton) and ``wgrad_ref`` cuDNN's."""
     from dla_fast.backends.triton import _launch as tl_launch
@@ -1258,6 +1260,15 @@ def _train_calls(case: Case) -> Dict[str, Callable[[], object]]:
         calls["dgrad_bare"] = lambda: ag.dgrad_onto("triton", dz, x, w, None, False)[0]
         calls["dgrad_bare_ref"] = lambda: torch.ops.aten.convolution_backward(
             dz, x, w, None, list(s.stride), list(s.padding), [1, 1], False, [0, 0], 1, [True, False, False])[0]
+        if _backends.reason_unavailable("cuda", dz) is None:
+            cuda_be = _backends.get("cuda")
+            wt = (w.transpose(0, 1) if kh == 1 else w.flip(2, 3).transpose(0, 1)).contiguous(
+                memory_format=torch.channels_last)
+            dzc = dz.contiguous(memory_format=torch.channels_last)
+            extc = extra.contiguous(memory_format=torch.channels_last)
+            pad = (kh // 2, kw // 2)
+            calls["dgrad_cuda"] = lambda: cuda_be.conv_bn_act(dzc, wt, None, (1, 1), pad, 1, extc, False)
+            calls["dgrad_bare_cuda"] = lambda: cuda_be.conv_bn_act(dzc, wt, None, (1, 1), pad, 1, None, False)
     if s.op == "conv_bn_act" and kt.wgrad_thin_ok(w.shape, s.groups):
         gz = torch.randn_like(z)
         calls["wgrad"] = lambda: kt.wgrad_thin_launch(gz, x, w, s.stride, s.padding, raw=True)
@@ -1280,6 +1291,7 @@ def _train_bytes(case: Case) -> Dict[str, int]:
     return {"stats": inp + out, "conv": inp + out, "cudnn": inp + out,
             "bn_act": out * (3 if res else 2), "bn_bwd": out * (8 if res else 5),
             "dgrad": out + 2 * inp, "dgrad_ref": out + 2 * inp, "dgrad_bare": out + inp, "dgrad_bare_ref": out + inp,
+            "dgrad_cuda": out + 2 * inp, "dgrad_bare_cuda": out + inp,
             "wgrad": out + inp, "wgrad_ref": out + inp}
 
 
@@ -1313,6 +1325,9 @@ def train_run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch: int, 
                 mean_err = float((mean - z.float().mean((0, 2, 3))).abs().max() / z.float().std().clamp_min(1e-30))
                 dgrad_err = rel_err(calls["dgrad"](), calls["dgrad_ref"]()) if "dgrad" in calls else None
                 bare_err = rel_err(calls["dgrad_bare"](), calls["dgrad_bare_ref"]()) if "dgrad_bare" in calls else None
+                cuda_err = rel_err(calls["dgrad_cuda"](), calls["dgrad_ref"]()) if "dgrad_cuda" in calls else None
+                cuda_bare_err = (rel_err(calls["dgrad_bare_cuda"](), calls["dgrad_bare_ref"]())
+                                 if "dgrad_bare_cuda" in calls else None)
                 wgrad_err = rel_err(calls["wgrad"](), calls["wgrad_ref"]()) if "wgrad" in calls else None
                 times = {}
                 for name, fn in calls.items():
@@ -1323,12 +1338,14 @@ def train_run(models: Sequence[str], dtypes: Sequence[torch.dtype], batch: int, 
                                            "ms": ms, "min_bytes": nbytes[name],
                                            "tbps": None if not ms else nbytes[name] / (ms * 1e-3) / 1e12,
                                            "rel_err": {"stats": err, "dgrad": dgrad_err, "dgrad_bare": bare_err,
+                                                       "dgrad_cuda": cuda_err, "dgrad_bare_cuda": cuda_bare_err,
                                                        "wgrad": wgrad_err}.get(name),
                                            "mean_err": mean_err if name == "stats" else None})
             us = {k: (None if times.get(k) is None else times[k] * 1e3) for k in TRAIN_IMPLS}
             epi = None if us["stats"] is None or us["conv"] is None else us["stats"] - us["conv"]
             tb = {k: (None if not times[k] else nbytes[k] / (times[k] * 1e-3) / 1e12) for k in ("bn_act", "bn_bwd")}
-            bad = max(err, mean_err, dgrad_err or 0.0, bare_err or 0.0, wgrad_err or 0.0) > REL_ERR_FLAG
+            bad = max(err, mean_err, dgrad_err or 0.0, bare_err or 0.0, cuda_err or 0.0, cuda_bare_err or 0.0,
+                      wgrad_err or 0.0) > REL_ERR_FLAG
             flag = "  MISMATCH" if bad else ""
             log(f"{entry.shape.label()[:44]:<44} {dtype_name(dt):<8} " +
                 " ".join(f"{_fmt(us[k], '.1f'):>10}" for k in TRAIN_IMPLS) +
