@@ -48,6 +48,7 @@ class Row:
     tune_measured: Optional[int] = None     # layer calls it measured
     tune_reused: Optional[int] = None       # layer calls it found in the plan cache
     tune_paced: Optional[bool] = None       # the whole call timed both ways: True if the launch-bound rule won
+    host_ms: Optional[float] = None         # the host's time to issue one call (GPU only; median of rounds)
     error: Optional[str] = None
     hw: Tuple[int, int] = (224, 224)
     features: bool = False
@@ -93,6 +94,17 @@ def _time_once(fn: Callable, x, iters: int, device: str) -> float:
     for _ in range(iters):
         fn(x)
     return (time.perf_counter() - t) / iters
+
+
+def _host_once(fn: Callable, x) -> float:
+    """Seconds the host spends issuing one call from an idle GPU (no wait for the kernels): a call whose host
+    time is near its GPU time is paced by its launches, and moves with the CPU's speed and load."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn(x)
+    host = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return host
 
 
 def _flat(y) -> torch.Tensor:
@@ -221,14 +233,21 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
             row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             log(f"  FAILED {impl}: {row.error}")
     samples: Dict[str, List[float]] = {k: [] for k in fns}
+    host: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for impl, fn in fns.items():
             with torch.no_grad():
                 samples[impl].append(_time_once(fn, x, iters, device))
+                if device == "cuda":
+                    host[impl].append(_host_once(fn, x))
     for impl, s in samples.items():
         med = statistics.median(s)
         rows[impl].ms = round(med * 1e3, 4)
         rows[impl].img_per_s = round(batch / med, 1)
+        if host[impl]:
+            rows[impl].host_ms = round(statistics.median(host[impl]) * 1e3, 4)
+            log(f"  {impl:<36} {rows[impl].ms:8.3f} ms a call, {rows[impl].host_ms:8.3f} ms of it to issue on the "
+                "host")
     del fns
     gc.collect()
     if device == "cuda":

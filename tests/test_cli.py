@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,3 +115,17 @@ def test_bench_reports_the_tuning_time_apart(monkeypatch):
     table = bench.format_table({"device": "H100", "torch": "2", "triton": "3", "cudnn": 9, "date": "today",
                                 "rows": [row]})
     assert "| 14.2 (tuning 12.5: 20 measured, 9 cached) |" in table
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                    reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+def test_bench_tunes_a_detection_call_and_reports_its_host_time():
+    """bench --features --tune on a GPU at 4 x 512x512: auto's row says which regime won the whole call, and every
+    row has the host's time to issue one call beside the call's time."""
+    from dla_fast import bench
+    rows = bench.bench_one("dla34", torch.float16, 4, ["dla_fast_cuda", "dla_fast_auto"], "cuda", (512, 512),
+                           rounds=3, iters=3, warmup=1, log=lambda s: None, features=True, tune=True)
+    by = {r.impl: r for r in rows}
+    assert all(r.error is None and r.ms > 0 and 0 < r.host_ms for r in rows)
+    assert isinstance(by["dla_fast_auto"].tune_paced, bool) and by["dla_fast_cuda"].tune_paced is None
