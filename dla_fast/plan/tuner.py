@@ -358,12 +358,8 @@ def check_call(model, n: int, hw: Tuple[int, int], *, timer=None, force: bool = 
     launch-bound rule). Only calls the pixel rule leaves to the measured plans are checked (a small call takes the
     launch-bound rule already); returns the regime, or None when the call was not checked (another regime rule
     applies, or it is in the cache and ``force`` is off)."""
-    from ..fuse import _regime
-
     dev = model.weight_device()
     if model.backend != "auto" or (timer is None and dev.type != "cuda") or small_call(n, hw):
-        return None
-    if _regime(n, hw, replayed=False)[0]:
         return None
     text = model.call_key(n, hw)
     cache = PLANNER.cache(dev, model.dtype)
