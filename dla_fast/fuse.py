@@ -719,14 +719,14 @@ class FusedDLA(_NoCast, nn.Module):
         """The measured launch regime of a call at n x h x w under ``backend="auto"`` (None: not measured). Looked
         up once per size: every eager call passes here."""
         memo = self._paced_memo
-        hit = memo.get((n, h, w), 0)
-        if hit == 0:
+        key = (n, h, w)
+        if key not in memo:  # a stored None (not measured) or False (measured) is a hit
             dev = self.weight_device()
             hit = None
             if self.backend == "auto" and dev.type != "meta":  # meta: a traced copy (dla_fast.memory)
                 hit = PLANNER.paced(self.call_key(n, (h, w)), dev, self.dtype)
-            memo[(n, h, w)] = hit
-        return hit
+            memo[key] = hit
+        return memo[key]
 
     def weight_device(self) -> torch.device:
         return self.base_layer[0].weight.device

@@ -315,10 +315,15 @@ def test_check_call_keeps_the_faster_regime_and_caches_it(monkeypatch):
         fast(torch.randn(3, 3, 32, 64))  # another size: not measured, the pixel rule (large: not launch-bound)
     hook.remove()
     assert seen == [(True, False), (False, False)]
-    # cached: not measured again unless forced; within the margin the measured plans stay
+    # cached: not measured again unless forced; within the margin the measured plans stay, and each candidate
+    # runs its own regime even when the cached verdict is the other one
     assert tuner.check_call(fast, 2, (32, 64), timer=_costs({"measured plans": 9.0})) is None
+    seen.clear()
+    hook = fast.level2.register_forward_pre_hook(lambda m, a: seen.append(fuse._REGIME.get()))
     assert tuner.check_call(fast, 2, (32, 64), force=True,
                             timer=_costs({"measured plans": 1.01, "launch-bound rule": 1.0})) is False
+    hook.remove()
+    assert seen == [(False, False), (True, False)]
     PLANNER.reload()  # a new process reads the verdict from disk
     assert PLANNER.paced(text, cpu, torch.float32) is False
 
