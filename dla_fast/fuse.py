@@ -111,11 +111,9 @@ def _regime(batch: int, hw: Sequence[int], replayed: Optional[bool] = None,
     """(launch-bound, small) of a model call at ``batch`` x ``hw``: what :data:`_REGIME` holds during it.
     ``paced``: the call's regime as the tuner measured it on this GPU and host (None: never measured, the pixel
     rule decides); either way a call whose launches a CUDA graph or torch.compile hides is not launch-bound."""
-    hw = (int(hw[0]), int(hw[1]))
-    lb = _launch_bound(int(batch), hw, replayed)
-    if paced is not None and not (_launch_cost_hidden() if replayed is None else replayed):
-        lb = paced
-    return lb, small_call(int(batch), hw)
+    small = small_call(int(batch), (int(hw[0]), int(hw[1])))
+    lb = small if paced is None else paced  # the pixel rule, unless measured
+    return lb and not (_launch_cost_hidden() if replayed is None else replayed), small
 
 
 class _NoCast:
@@ -624,8 +622,9 @@ class FusedFront(nn.Module):
         regime = _REGIME.get()
         return not (regime[0] if regime is not None else _launch_bound(x.shape[0], x.shape[2:]))
 
-    def runs_at(self, batch: int, hw: Sequence[int], replayed: bool, paced: Optional[bool] = None) -> bool:
-        return self.when == "always" or (self.when == "unpaced" and not _regime(batch, hw, replayed, paced)[0])
+    def runs_at(self, launch_bound: bool) -> bool:
+        """Whether a call of this launch regime (:func:`_regime`) takes the front, as :meth:`runs` decides."""
+        return self.when == "always" or (self.when == "unpaced" and not launch_bound)
 
     def forward(self, x: torch.Tensor, stem: FusedConvBnAct, level0: FusedConvBnAct,
                 level1: FusedConvBnAct) -> torch.Tensor:
@@ -868,11 +867,11 @@ class FusedDLA(_NoCast, nn.Module):
 
         hw = tuple(hw) if hw is not None else self._default_hw()
         measured = None if replayed else self._paced(int(batch), int(hw[0]), int(hw[1]))
+        paced, small = _regime(batch, hw, replayed, measured)
         front = None
         if (self.front is not None and self.last_level >= 1 and 0 not in self.out_indices
-                and self.front.runs_at(int(batch), hw, replayed, measured)):
+                and self.front.runs_at(paced)):
             front = Plan("triton", (), "front", self.front.why)
-        paced, small = _regime(batch, hw, replayed, measured)
         out = []
         for call in collect_calls(self, int(batch), hw):
             plan = call.layer.plan_for(call.key.n, call.key.hw, bool(call.residual is not None), paced, small)

@@ -362,7 +362,6 @@ def check_call(model, n: int, hw: Tuple[int, int], *, timer=None, force: bool = 
     if model.backend != "auto" or (timer is None and dev.type != "cuda") or small_call(n, hw):
         return None
     text = model.call_key(n, hw)
-    cache = PLANNER.cache(dev, model.dtype)
     if not force and PLANNER.paced(text, dev, model.dtype) is not None:
         return None
     timer = timer or cuda_event_timer(dev)
@@ -388,6 +387,7 @@ def check_call(model, n: int, hw: Tuple[int, int], *, timer=None, force: bool = 
     paced = pick(results, margin=margin) == 1  # raises, with both errors, when neither regime ran
     entry = {"paced": paced, "measured_ms": _finite_ms(results[0].ms), "paced_ms": _finite_ms(results[1].ms)}
     PLANNER.record_paced(dev, model.dtype, text, paced)
+    cache = PLANNER.cache(dev, model.dtype)
     if cache is not None:
         cache.update({text: entry})
     if report is not None:
