@@ -1254,12 +1254,13 @@ def _train_calls(case: Case) -> Dict[str, Callable[[], object]]:
                                                      relu_coef=coef)}
     if s.op == "conv_bn_act" and ag.shares_dgrad(x, w, s.stride, s.padding, s.groups):
         dz, extra = torch.randn_like(z), torch.randn_like(x)
+        def dgrad_bare_ref():
+            return torch.ops.aten.convolution_backward(
+                dz, x, w, None, list(s.stride), list(s.padding), [1, 1], False, [0, 0], 1, [True, False, False])[0]
         calls["dgrad"] = lambda: ag.dgrad_onto("triton", dz, x, w, extra, False)[0]
-        calls["dgrad_ref"] = lambda: torch.ops.aten.convolution_backward(
-            dz, x, w, None, list(s.stride), list(s.padding), [1, 1], False, [0, 0], 1, [True, False, False])[0] + extra
+        calls["dgrad_ref"] = lambda: dgrad_bare_ref() + extra
         calls["dgrad_bare"] = lambda: ag.dgrad_onto("triton", dz, x, w, None, False)[0]
-        calls["dgrad_bare_ref"] = lambda: torch.ops.aten.convolution_backward(
-            dz, x, w, None, list(s.stride), list(s.padding), [1, 1], False, [0, 0], 1, [True, False, False])[0]
+        calls["dgrad_bare_ref"] = dgrad_bare_ref
         if _backends.reason_unavailable("cuda", dz) is None:
             cuda_be = _backends.get("cuda")
             wt = (w.transpose(0, 1) if kh == 1 else w.flip(2, 3).transpose(0, 1)).contiguous(
