@@ -47,7 +47,7 @@ class Row:
     tune_s: Optional[float] = None          # of first_s, the tuning (``tune``): measuring and cache lookups
     tune_measured: Optional[int] = None     # layer calls it measured
     tune_reused: Optional[int] = None       # layer calls it found in the plan cache
-    tune_paced: Optional[bool] = None       # the whole call timed both ways: True if the launch-bound rule won
+    tune_paced: Optional[bool] = None       # the whole call timed both ways: True if its plans without Triton won
     host_ms: Optional[float] = None         # the host's time to issue one call (GPU only; median of rounds)
     error: Optional[str] = None
     hw: Tuple[int, int] = (224, 224)
@@ -227,8 +227,8 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
                 + (f"  [{used}]" if used else "")
                 + (f"  tuning {row.tune_s:.1f}s: {row.tune_measured} layer calls measured, {row.tune_reused} from "
                    "the cache" if tuned else "")
-                + ({True: "; the launch-bound rule won the whole call", False: "; the measured plans won the whole "
-                    "call"}.get(row.tune_paced, "")))
+                + ({True: "; the plans without Triton launches won the whole call", False: "; the measured plans won "
+                    "the whole call"}.get(row.tune_paced, "")))
         except Exception as e:  # one broken implementation must not sink the whole run
             row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             log(f"  FAILED {impl}: {row.error}")

@@ -208,11 +208,14 @@ class _Planned(_NoCast, nn.Module):
             return PLANNER.plan(self.key(n, hw, residual), dev, launch_bound, small)
         if self.backend == "eager":
             return Plan("eager", (), "requested")
-        # A forced backend keeps a tuned config of its own, else its own rule.
+        # A forced backend keeps a tuned config of its own (the winner's, or the paced candidate's where Triton
+        # won), else its own rule.
         if dev.type == "cuda":
             p = PLANNER.plan(self.key(n, hw, residual), dev, False)
-            if p.backend == self.backend and p.source in ("tuned", "cached"):
-                return Plan(p.backend, p.config, "requested", f"{p.source} config", p.ms)
+            if p.source in ("tuned", "cached"):
+                own = p if p.backend == self.backend else p.paced
+                if own is not None and own.backend == self.backend:
+                    return Plan(own.backend, own.config, "requested", f"{p.source} config", own.ms)
         return Plan(self.backend, (), "requested")
 
     def _impl(self, x: torch.Tensor, res: bool):
@@ -909,8 +912,9 @@ class FusedDLA(_NoCast, nn.Module):
                 lines.append(f"    {name:<40} {label:<44} {plan.describe(_op_of(label))}")
             measured = self._paced(b, int(size[0]), int(size[1])) if dev.type == "cuda" else None
             if measured is not None:
-                lines.append(f"    (without a CUDA graph this call {'takes' if measured else 'does not take'} the "
-                             "launch-bound rule: the tuner timed the whole call both ways)")
+                lines.append(f"    (without a CUDA graph this call {'launches' if measured else 'keeps its'} "
+                             f"{'no Triton kernel' if measured else 'measured plans'}: the tuner timed the whole call "
+                             "both ways)")
             elif dev.type == "cuda" and _launch_bound(b, size, replayed=False):
                 lines.append(f"    (without a CUDA graph, calls of at most {LAUNCH_BOUND_BATCH} x 224x224 input pixels "
                              "take the launch-bound rule: CUDA extension, then cuDNN)")

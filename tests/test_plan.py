@@ -52,8 +52,13 @@ def test_keys_round_trip_and_read_well():
 def test_plan_entries_are_checked():
     p = Plan("cuda", (1, 128, 2), "tuned", "why", 0.5)
     assert Plan.from_json(p.to_json(), "cached") == Plan("cuda", (1, 128, 2), "cached", "why", 0.5)
+    # a Triton winner carries the candidate a call paced by its launches runs instead
+    t = Plan("triton", (1, 64), "tuned", "why", 0.4, Plan("cuda", (1, 128, 2), "tuned", "0.5 ms", 0.5))
+    back = Plan.from_json(json.loads(json.dumps(t.to_json())), "cached")
+    assert back.paced == Plan("cuda", (1, 128, 2), "cached", "0.5 ms", 0.5) and back.config == (1, 64)
     for bad in ({"backend": "tensorrt", "config": []}, {"backend": "cuda", "config": "1,2"},
-                {"backend": "cuda", "config": [1.5]}):
+                {"backend": "cuda", "config": [1.5]}, {"backend": "triton", "config": [], "paced": [1]},
+                {"backend": "triton", "config": [], "paced": {"backend": "triton", "config": []}}):
         with pytest.raises(ValueError, match="not a plan entry"):
             Plan.from_json(bad, "cached")
 
@@ -162,6 +167,36 @@ def test_planner_sources_in_order():
     assert (p.plan(k8, dev, small=False).source, p.plan(k8, dev, small=False).config) == ("cached", (1, 64, 2))
 
 
+def test_a_paced_call_launches_no_triton_kernel():
+    """A large call the tuner found paced by its launches (launch-bound, not small) keeps what was measured, except
+    that a Triton winner gives way to its fastest measured candidate without a Triton launch, and the launch-bound
+    rule serves where nothing was measured; a small call takes the launch-bound rule whatever was measured."""
+    dev = torch.device("cuda", 0)
+    k8 = conv_key((256, 256, 3, 3), (1, 1), (1, 1), 1, False, torch.float16, 8, (64, 64))
+    one = conv_key((256, 256, 1, 1), (1, 1), (0, 0), 1, False, torch.float16, 8, (64, 64))
+    pool = max_pool_key(128, 2, torch.float16, 8, (128, 128))
+    bare = conv_key((128, 128, 3, 3), (1, 1), (1, 1), 1, False, torch.float16, 8, (64, 64))
+    p = _planner_with(None, {
+        k8.text(): {"backend": "triton", "config": [1, 64], "ms": 0.2,
+                    "paced": {"backend": "cuda", "config": [1, 128, 2], "ms": 0.25}},
+        one.text(): {"backend": "eager", "config": [], "ms": 0.1},
+        pool.text(): {"backend": "triton", "config": [], "ms": 0.02},  # an entry written before paced plans
+    })
+    assert p.plan(k8, dev, small=False).backend == "triton"  # not paced: the measured winner
+    paced = p.plan(k8, dev, launch_bound=True, small=False)
+    assert (paced.backend, paced.config, paced.source, paced.ms) == ("cuda", (1, 128, 2), "cached", 0.25)
+    assert "without a Triton launch" in paced.why and "0.2000 ms" in paced.why
+    assert p.plan(one, dev, launch_bound=True, small=False).backend == "eager"
+    assert p.plan(pool, dev, launch_bound=True, small=False) == rule(pool, EVERY, True, False)
+    assert p.plan(bare, dev, launch_bound=True, small=False) == rule(bare, EVERY, True, False)
+    assert p.plan(k8, dev, launch_bound=True, small=True) == rule(k8, EVERY, True, True)
+    # the paced candidate's backend missing on this machine: the launch-bound rule
+    no_cuda = dict(EVERY, cuda=False)
+    p = _planner_with(None, {k8.text(): {"backend": "triton", "config": [],
+                                         "paced": {"backend": "cuda", "config": [1, 128, 2]}}}, no_cuda)
+    assert p.plan(k8, dev, launch_bound=True, small=False) == rule(k8, no_cuda, True, False)
+
+
 # ------------------------------------------------------------------------------------------------ tuner
 
 def test_collect_calls_dedupes_and_keeps_layouts():
@@ -218,7 +253,23 @@ def test_tuner_picks_the_fastest_checked_candidate_and_caches_it():
     wide = [c for c in calls if c.key.sig[1] >= 8][:1]  # not the RGB stem, whose rule is the CUDA kernel/cuDNN
     plans = tuner.tune_calls(wide, dev, torch.float32, budget_s=None, force=True, progress=False,
                              timer=_costs({"eager": 0.99, "triton": 1.0}))
-    assert next(iter(plans.values())).backend == "triton"
+    won = next(iter(plans.values()))
+    # a Triton winner keeps the fastest candidate without a Triton launch for calls paced by their launches, in
+    # this process and in the cache; a winner of another backend needs none
+    assert won.backend == "triton" and (won.paced.backend, won.paced.ms) == ("eager", 0.99)
+    PLANNER.reload()
+    assert PLANNER.plan(wide[0].key, dev).paced.backend == "eager"
+    assert all(p.paced is None for p in tuner.tune_calls(calls, dev, torch.float32, budget_s=None, force=True,
+                                                         progress=False, timer=_costs({"eager": 0.5})).values())
+
+
+def test_the_paced_alternative_is_the_fastest_candidate_without_triton():
+    from dla_fast.plan.timing import CandidateTiming as T
+    cands = [("cuda", (1, 128, 2)), ("triton", (1, 64)), ("cuda", (1, 64, 1)), ("eager", ()), ("cuda", (2,))]
+    results = [T(0.3), T(0.1), T(0.25), T(0.28), T(error="RuntimeError: no")]
+    alt = tuner._paced_alternative(cands, results)
+    assert (alt.backend, alt.config, alt.ms) == ("cuda", (1, 64, 1), 0.25)
+    assert tuner._paced_alternative(cands[1:2], results[1:2]) is None
 
 
 @pytest.mark.skipif(not INTERP, reason="needs the Triton interpreter (TRITON_INTERPRET=1) as a second backend")
@@ -287,9 +338,10 @@ def _eager_only(monkeypatch):
 
 
 def test_check_call_keeps_the_faster_regime_and_caches_it(monkeypatch):
-    """The whole call timed on its measured plans and on the launch-bound rule: the rule displaces the plans only
-    when faster by more than the margin; the verdict is cached (in this process and on disk) and decides the
-    regime the forward's layers see; a small call is not checked (the launch-bound rule is its regime already)."""
+    """The whole call timed on its measured plans and on its plans without Triton launches: those displace the
+    measured plans only when faster by more than the margin; the verdict is cached (in this process and on disk)
+    and decides the regime the forward's layers see; a small call is not checked (the launch-bound rule is its
+    regime already)."""
     from dla_fast import fuse
     from dla_fast.plan.cache import PlanCache, environment_fingerprint
     _eager_only(monkeypatch)
@@ -301,12 +353,12 @@ def test_check_call_keeps_the_faster_regime_and_caches_it(monkeypatch):
     text = fast.call_key(2, (32, 64))
     assert text == "call|dla46_c-f2345|float32|32x64|n2"
     rep = tuner.TuneReport("cpu", "float32", [(2, 32, 64)])
-    assert tuner.check_call(fast, 2, (32, 64), timer=_costs({"measured plans": 2.0, "launch-bound rule": 1.0}),
+    assert tuner.check_call(fast, 2, (32, 64), timer=_costs({"measured plans": 2.0, "no Triton launches": 1.0}),
                             report=rep) is True
     assert PLANNER.paced(text, cpu, torch.float32) is True
     assert rep.calls[text] == {"paced": True, "measured_ms": 2.0, "paced_ms": 1.0}
-    assert "the whole call at 32x64 batch 2: 2.000 ms on the measured plans, 1.000 ms on the launch-bound rule, " \
-           "launch-bound rule kept" in rep.summary()
+    assert "the whole call at 32x64 batch 2: 2.000 ms on the measured plans, 1.000 ms without Triton launches, " \
+           "no Triton launches kept" in rep.summary()
     assert PlanCache(fingerprint=environment_fingerprint(cpu)).get(text)["paced"] is True
     seen = []
     hook = fast.level2.register_forward_pre_hook(lambda m, a: seen.append(fuse._REGIME.get()))
@@ -321,7 +373,7 @@ def test_check_call_keeps_the_faster_regime_and_caches_it(monkeypatch):
     seen.clear()
     hook = fast.level2.register_forward_pre_hook(lambda m, a: seen.append(fuse._REGIME.get()))
     assert tuner.check_call(fast, 2, (32, 64), force=True,
-                            timer=_costs({"measured plans": 1.01, "launch-bound rule": 1.0})) is False
+                            timer=_costs({"measured plans": 1.01, "no Triton launches": 1.0})) is False
     hook.remove()
     assert seen == [(False, False), (True, False)]
     PLANNER.reload()  # a new process reads the verdict from disk
@@ -531,3 +583,23 @@ def test_check_call_on_the_gpu_times_both_regimes_and_both_agree():
     fast.forget_plans()
     for a, b in zip(*outs):
         assert ((a - b).norm() / b.norm()).item() < 1e-2
+
+
+def test_a_forced_backend_keeps_its_own_tuned_config(monkeypatch):
+    """backend="cuda" runs a layer on the CUDA extension whatever won it, with the tuned config the CUDA backend
+    measured there: the winner's, or the paced candidate's where Triton won; else the backend's own rule."""
+    from dla_fast import fuse
+    layer = fuse.FusedConvBnAct(torch.nn.Conv2d(64, 64, 3, padding=1, bias=False), None, True, "cuda",
+                                torch.float16)
+    monkeypatch.setattr(layer, "device", lambda: torch.device("cuda", 0))
+    measured = {}
+    monkeypatch.setattr(fuse.PLANNER, "plan", lambda key, dev, lb=False, small=None: measured["plan"])
+    measured["plan"] = Plan("triton", (1, 64), "cached", "", 0.2, Plan("cuda", (1, 128, 2), "cached", "", 0.25))
+    p = layer.plan_for(8, (64, 64), False)
+    assert (p.backend, p.config, p.source, p.ms) == ("cuda", (1, 128, 2), "requested", 0.25)
+    measured["plan"] = Plan("cuda", (1, 64, 1), "tuned", "", 0.1)
+    assert layer.plan_for(8, (64, 64), False).config == (1, 64, 1)
+    measured["plan"] = Plan("triton", (1, 64), "cached", "", 0.2, Plan("eager", (), "cached", "", 0.25))
+    assert layer.plan_for(8, (64, 64), False) == Plan("cuda", (), "requested")
+    measured["plan"] = Plan("cuda", (1, 64, 1), "prior")  # the prior is not this GPU's measurement
+    assert layer.plan_for(8, (64, 64), False) == Plan("cuda", (), "requested")

@@ -18,8 +18,10 @@ Small calls run without a CUDA graph are paced by the host's launch cost, not by
 costs ~100 us of Python, the CUDA extension's ~20 us, the kernels 3-30 us): there the plan is the launch-bound
 rule whatever was measured, since the measurements time kernels. A call is small by the model's input pixels
 (:func:`small_call`), so a detection input at a small batch (8 x 512x512) takes its measured plans. Where the tuner
-has timed a whole model call both ways (its measured plans against the launch-bound rule's light launches,
-:func:`call_key`), that measurement decides the call's regime instead of the pixel count.
+has timed a whole model call both ways (:func:`call_key`), that measurement decides the call's regime instead of
+the pixel count: a larger call found paced by its launches keeps its measurements but launches no Triton kernel,
+each layer taking its fastest measured candidate on the CUDA extension or torch (:attr:`Plan.paced`), the
+launch-bound rule where none was measured.
 """
 from __future__ import annotations
 
@@ -144,6 +146,9 @@ class Plan:
     source: str = "rule"
     why: str = ""
     ms: Optional[float] = None
+    # For a measured Triton winner: the fastest measured candidate that launches no Triton kernel, which a call
+    # paced by its launches runs instead (a Triton launch costs the host several times the CUDA extension's).
+    paced: Optional["Plan"] = None
 
     def describe(self, op: str = "conv_bn_act") -> str:
         detail = f" {describe_config(self.backend, self.config, op)}" if self.config else ""
@@ -156,17 +161,25 @@ class Plan:
             d["ms"] = round(float(self.ms), 5)
         if self.why:
             d["why"] = self.why
+        if self.paced is not None:
+            d["paced"] = self.paced.to_json()
         return d
 
     @classmethod
     def from_json(cls, d: dict, source: str) -> "Plan":
-        backend = d.get("backend")
-        config = d.get("config", [])
+        backend = d.get("backend") if isinstance(d, dict) else None
+        config = d.get("config", []) if isinstance(d, dict) else None
         if backend not in _backends.NAMES or not isinstance(config, list) or \
                 not all(isinstance(v, int) for v in config):
             raise ValueError(f"not a plan entry: {d!r}")
         ms = d.get("ms")
-        return cls(backend, tuple(config), source, str(d.get("why", "")), float(ms) if ms is not None else None)
+        paced = d.get("paced")
+        if paced is not None:
+            paced = cls.from_json(paced, source)
+            if paced.backend == "triton" or paced.paced is not None:
+                raise ValueError(f"not a plan entry: {d!r} (its paced plan must launch no Triton kernel)")
+        return cls(backend, tuple(config), source, str(d.get("why", "")), float(ms) if ms is not None else None,
+                   paced)
 
 
 def describe_config(backend: str, config: Sequence[int], op: str) -> str:
@@ -339,8 +352,31 @@ class Planner:
         return plan
 
     def _resolve(self, key: LayerKey, st: _DeviceState, launch_bound: bool, small: Optional[bool] = None) -> Plan:
-        if launch_bound or not any(st.available[n] for n in ("triton", "cuda")):
+        if not any(st.available[n] for n in ("triton", "cuda")):
             return rule(key, st.available, launch_bound, small)
+        if launch_bound:
+            if small is False:  # a large call the tuner found paced by its launches (check_call)
+                return self._paced_plan(key, st)
+            return rule(key, st.available, launch_bound, small)
+        plan = self._measured(key, st)
+        return plan if plan is not None else rule(key, st.available, small=small)
+
+    def _paced_plan(self, key: LayerKey, st: _DeviceState) -> Plan:
+        """The plan of a layer in a call paced by its launches: its measurement where that launches no Triton
+        kernel, else the fastest measured candidate that does not, else the launch-bound rule."""
+        plan = self._measured(key, st)
+        if plan is not None:
+            if plan.backend != "triton":
+                return plan
+            alt = plan.paced
+            if alt is not None and st.available.get(alt.backend):
+                triton = f" (Triton's {plan.ms:.4f} ms)" if plan.ms is not None else ""
+                return Plan(alt.backend, alt.config, plan.source, "a call paced by its launches: the fastest "
+                            f"measured candidate without a Triton launch{triton}", alt.ms)
+        return rule(key, st.available, True, False)
+
+    def _measured(self, key: LayerKey, st: _DeviceState) -> Optional[Plan]:
+        """The measured plan of ``key`` (tuned, cached, then the prior; the nearest batch size), or None."""
         best = None
         for rank, store in enumerate((st.tuned, st.cached, st.prior)):
             if store is None:
@@ -355,20 +391,21 @@ class Planner:
             dist, _, (_, n, plan) = best
             if n != key.n:
                 plan = Plan(plan.backend, plan.config, plan.source,
-                            f"measured at batch {n}" + (f"; {plan.why}" if plan.why else ""), plan.ms)
+                            f"measured at batch {n}" + (f"; {plan.why}" if plan.why else ""), plan.ms, plan.paced)
             return plan
-        return rule(key, st.available, small=small)
+        return None
 
     def record(self, device: torch.device, dtype: torch.dtype, plans: Dict[LayerKey, Plan]) -> None:
         """Take freshly tuned plans (the tuner has written them to the cache as well)."""
         st = self._state(device, dtype)
         for key, plan in plans.items():
-            st.tuned.add(key, Plan(plan.backend, plan.config, "tuned", plan.why, plan.ms))
+            st.tuned.add(key, Plan(plan.backend, plan.config, "tuned", plan.why, plan.ms, plan.paced))
         st.memo.clear()
 
     def paced(self, text: str, device: torch.device, dtype: torch.dtype) -> Optional[bool]:
         """The measured launch regime of the model call ``text`` (:func:`call_key`) on ``device``: True when, run
-        without a CUDA graph, it is faster on the launch-bound rule; None when never measured."""
+        without a CUDA graph, it is faster without Triton launches (:meth:`_paced_plan`); None when never
+        measured."""
         return self._state(device, dtype).paced.get(text)
 
     def record_paced(self, device: torch.device, dtype: torch.dtype, text: str, paced: bool) -> None:

@@ -12,8 +12,9 @@ find the entries when they get the lock.
 The per-layer timings add up only while the GPU is the bottleneck. A call the pixel rule leaves to the measured plans
 (a detection input at a small batch) may still be paced by the host, whose cost per layer the isolated timings
 do not show in full (a Triton launch costs several times the CUDA extension's), so the whole model call is timed
-once more both ways, on its measured plans and on the launch-bound rule (the CUDA extension, torch's max-pool, no
-fused front), and the call keeps the faster regime (:func:`check_call`).
+once more both ways, on its measured plans and on its plans without Triton launches (each layer's fastest measured
+candidate on the CUDA extension or torch, no fused front), and the call keeps the faster regime
+(:func:`check_call`).
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ MARGIN = 0.03          # a candidate replaces the rule's choice only when this m
 # compile threads busy, few enough that a time budget is not overrun by much (0: each compiles at its first
 # timed launch).
 COMPILE_AHEAD_CALLS = 8
-# The launch-bound rule displaces a call's measured plans only when the whole call is this much faster on it.
+# The plans without Triton launches displace a call's measured plans only when the whole call is this much faster
+# on them.
 CALL_MARGIN = 0.02
 # A candidate's output must match cuDNN's on the same inputs this closely (relative L2) to be timed at all: a
 # check against wrong results, far above the rounding differences of correct kernels (which the test suite
@@ -78,8 +80,8 @@ class TuneReport:
         for text, c in self.calls.items():
             size = text.split("|", 3)[3].replace("|n", " batch ")
             ms = ["failed" if v is None else f"{v:.3f} ms" for v in (c["measured_ms"], c["paced_ms"])]
-            extra += (f"; the whole call at {size}: {ms[0]} on the measured plans, {ms[1]} on the launch-bound "
-                      f"rule, {'launch-bound rule' if c['paced'] else 'measured plans'} kept")
+            extra += (f"; the whole call at {size}: {ms[0]} on the measured plans, {ms[1]} without Triton "
+                      f"launches, {'no Triton launches' if c['paced'] else 'measured plans'} kept")
         return (f"tuned {self.layers} distinct layer calls at {sizes} ({self.dtype}, {self.device}) in "
                 f"{self.seconds:.1f} s: {self.measured} measured ({self.changed} differ from the rule), "
                 f"{self.reused} reused from the cache{extra}")
@@ -250,7 +252,8 @@ def tune_calls(calls: Sequence[LayerCall], device: torch.device, dtype: torch.dt
             times = {f"{b}{' ' + describe_config(b, c, call.key.op) if c else ''}": round(r.ms, 5)
                      for (b, c), r in zip(cands, results) if r.error is None}
             why = f"{results[win].ms:.4f} ms; rule's choice {results[0].ms:.4f} ms"
-            plan = Plan(backend, tuple(config), "tuned", why, results[win].ms)
+            plan = Plan(backend, tuple(config), "tuned", why, results[win].ms,
+                        _paced_alternative(cands, results) if backend == "triton" else None)
             new[call.key] = plan
             if report is not None:
                 report.measured += 1
@@ -261,6 +264,17 @@ def tune_calls(calls: Sequence[LayerCall], device: torch.device, dtype: torch.dt
             cache.update({k.text(): p.to_json() for k, p in new.items()})
     PLANNER.record(device, dtype, new)
     return new
+
+
+def _paced_alternative(cands: Sequence[Tuple[str, Tuple[int, ...]]], results) -> Optional[Plan]:
+    """The fastest of the candidates that ran and launch no Triton kernel (:attr:`Plan.paced`), or None."""
+    ran = [(r.ms, i) for i, ((b, _), r) in enumerate(zip(cands, results))
+           if b != "triton" and r.error is None and math.isfinite(r.ms)]
+    if not ran:
+        return None
+    ms, i = min(ran)
+    backend, config = cands[i]
+    return Plan(backend, tuple(config), "tuned", f"{ms:.4f} ms", ms)
 
 
 def _compile_ahead(calls: Sequence[LayerCall], device: torch.device, dtype: torch.dtype,
@@ -354,10 +368,11 @@ def tune(model, input_size: Union[int, Sequence[int]] = (224, 224), batch_sizes:
 def check_call(model, n: int, hw: Tuple[int, int], *, timer=None, force: bool = False, margin: float = CALL_MARGIN,
                rounds: int = 7, report: Optional[TuneReport] = None) -> Optional[bool]:
     """Time the whole call of ``model`` (a FusedDLA under ``backend="auto"``) at ``n`` x ``hw`` without a CUDA
-    graph, on its measured plans and on the launch-bound rule, and cache which regime the call takes (True: the
-    launch-bound rule). Only calls the pixel rule leaves to the measured plans are checked (a small call takes the
-    launch-bound rule already); returns the regime, or None when the call was not checked (another regime rule
-    applies, or it is in the cache and ``force`` is off)."""
+    graph, on its measured plans and on its plans without Triton launches (each layer's :attr:`Plan.paced` where
+    Triton won it, no fused front), and cache which regime the call takes (True: no Triton launches). Only calls
+    the pixel rule leaves to the measured plans are checked (a small call takes the launch-bound rule already);
+    returns the regime, or None when the call was not checked (another regime rule applies, or it is in the cache
+    and ``force`` is off)."""
     dev = model.weight_device()
     if model.backend != "auto" or (timer is None and dev.type != "cuda") or small_call(n, hw):
         return None
@@ -376,7 +391,7 @@ def check_call(model, n: int, hw: Tuple[int, int], *, timer=None, force: bool = 
         def fn():
             memo[key] = paced
             return model(x)
-        fn.backend, fn.config = ("launch-bound rule" if paced else "measured plans"), ()
+        fn.backend, fn.config = ("no Triton launches" if paced else "measured plans"), ()
         return fn
 
     try:
