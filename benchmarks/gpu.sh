@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu.sh sanitize [opbench args]  # compute-sanitizer over `opbench.py --sanitize`
 #   bash benchmarks/gpu.sh opbench [opbench args] # per-op times of the layer shapes: .json, .md, .csv
 #   bash benchmarks/gpu.sh e2e [bench args]       # python -m dla_fast bench ... --json, then report.py
+#   bash benchmarks/gpu.sh det HxW BATCH "models" "dtypes"  # #17's detection rows, one process per row and impl
 #   bash benchmarks/gpu.sh ncu [opbench shape args]  # Nsight Compute of the matching layers' kernels
 #   bash benchmarks/gpu.sh profile [args]         # profile_model.py: where a forward's GPU time goes
 # Each subcommand builds first when needed (a device call may start on a fresh machine), writes under $OUT
@@ -151,6 +152,39 @@ PY
     || echo "report.py failed on $name.json"
   sed '/^### Details/q' "$OUT/$name.md" 2>/dev/null | grep -E "^\| dla" | cut -c1-150 | head -40  # the summary table
   echo "== e2e rc=$rc$(why $rc) at +$(el)s: $(grep -c '"img_per_s"' "$OUT/$name.json" 2>/dev/null) rows in $name.json" ;;
+
+det)
+  build
+  # The detection rows (features_only): dla_fast's impls tuned in one process per model and dtype, torch.compile
+  # in a process of its own (its compile workers in the same process slowed dla_fast's host-paced calls ~25 %),
+  # its Inductor cache filled first by parallel warm-up processes. Rows already in $DET_DIR are skipped, so a
+  # follow-up call on a warm machine finishes what the deadline cut; each row merges into $OUT at once.
+  hw=$1; bs=$2; models=$3; dtypes=$4
+  fast=${FAST_IMPLS:-dla_fast_cuda,dla_fast_triton,dla_fast_auto}; comp=${COMPILE_IMPLS:-torch_compile}
+  dir=${DET_DIR:-/tmp/det}; mkdir -p "$dir"; name=det-$hw-b$bs
+  todo=$(for m in $models; do for d in $dtypes; do [ -s "$dir/$m-$d-$hw-b$bs-compile.json" ] || echo "$m $d"; done; done)
+  if [ -n "$todo" ] && [ "${WARM:-8}" -gt 0 ]; then
+    echo "$todo" | OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=2 timeout "${WARM_S:-240}" xargs -P "${WARM:-8}" \
+      -L 1 bash -c 't=$(date +%s); python3 -m dla_fast bench --features --hw '"$hw"' --batch-size '"$bs"' --model $0 \
+        --dtype $1 --impl '"$comp"' --rounds 1 --iters 1 --warmup 1 > /dev/null 2>&1; r=$?; \
+        echo "warm $0 $1: $(( $(date +%s) - t ))s rc=$r"' >> "$OUT/$name.log" 2>&1
+    echo "== warm-up done at +$(el)s"
+  fi
+  for m in $models; do for d in $dtypes; do for kind in fast compile; do
+    f=$dir/$m-$d-$hw-b$bs-$kind.json; [ -s "$f" ] && continue
+    t=$(until_deadline 25); [ "$t" -lt 30 ] && { echo "-- $m $d $kind: no time left"; continue; }
+    if [ $kind = fast ]; then args="--impl $fast --tune"; else args="--impl $comp"; fi
+    timeout -s INT "$t" python3 -m dla_fast bench --features --hw "$hw" --batch-size "$bs" --model "$m" --dtype "$d" \
+      $args --json "$f.part" >> "$OUT/$name.log" 2>&1
+    rc=$?; [ $rc = 0 ] && mv "$f.part" "$f"
+    echo "-- $m $d $kind rc=$rc$(why $rc) at +$(el)s"
+    # the tuned rows first: the merged header is the first file's
+    files=$(ls "$dir"/*-"$hw"-b"$bs"-fast.json "$dir"/*-"$hw"-b"$bs"-compile.json 2>/dev/null)
+    [ -n "$files" ] && python3 benchmarks/report.py $files --merge "$OUT/$name.json" > /dev/null 2>&1
+  done; done; done
+  python3 benchmarks/report.py "$OUT/$name.json" --md "$OUT/$name.md" > /dev/null 2>&1
+  grep -E "^\| dla" "$OUT/$name.md" | cut -c1-150 | head -40
+  echo "== det done at +$(el)s: $(grep -c '"img_per_s"' "$OUT/$name.json" 2>/dev/null) rows in $name.json" ;;
 
 ncu)
   build
