@@ -603,3 +603,38 @@ def test_a_forced_backend_keeps_its_own_tuned_config(monkeypatch):
     assert layer.plan_for(8, (64, 64), False) == Plan("cuda", (), "requested")
     measured["plan"] = Plan("cuda", (1, 64, 1), "prior")  # the prior is not this GPU's measurement
     assert layer.plan_for(8, (64, 64), False) == Plan("cuda", (), "requested")
+
+
+def test_a_call_measured_as_paced_launches_no_triton_kernel(monkeypatch):
+    """Every layer measured fastest on Triton, with a slower candidate on another backend: the call whose whole-call
+    verdict is "paced" runs those candidates and launches no Triton kernel; the same layers keep Triton otherwise.
+    (A pretend GPU: the planner's state says every backend runs, the layers plan as if on cuda:0.)"""
+    from dla_fast import fuse
+    from dla_fast.backends import triton as tb
+    monkeypatch.setattr(planner_mod, "LAUNCH_BOUND_PIXELS", 0)  # every call large: the measured plans apply
+    fast = dla_fast.optimize(dla_fast.create_model("dla46_c", features_only=True, out_indices=(2, 3, 4, 5)),
+                             dtype=torch.float32)
+    gpu = torch.device("cuda", 0)
+    fake = _planner_with(None, {})
+    st = fake._state(gpu, torch.float32)
+    monkeypatch.setattr(fuse.PLANNER, "_state", lambda device, dtype: st)
+    for _, layer in fast.fused_layers():
+        monkeypatch.setattr(layer, "device", lambda: gpu)
+    calls = tuner.collect_calls(fast, 2, (32, 64))
+    fuse.PLANNER.record(gpu, torch.float32, {c.key: Plan("triton", (), "tuned", "", 0.5,
+                                                         Plan("eager", (), "tuned", "", 1.0)) for c in calls})
+    fuse.PLANNER.record_paced(gpu, torch.float32, fast.call_key(2, (32, 64)), True)
+    fast.forget_plans()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched in a call paced by its launches")
+    for op in ("conv_bn_act", "aggregate", "max_pool", "front"):
+        monkeypatch.setattr(tb, op, refuse)
+    x = torch.randn(2, 3, 32, 64)
+    with torch.no_grad():
+        outs = fast(x)
+    assert [tuple(o.shape[2:]) for o in outs] == [(8, 16), (4, 8), (2, 4), (1, 2)]
+    paced = [p for _, _, p in fast.plans(2, (32, 64), replayed=False)]
+    assert len(paced) == len(fast.fused_layers()) and {p.backend for p in paced} == {"eager"}
+    assert all("without a Triton launch" in p.why and p.source == "tuned" for p in paced)
+    assert {p.backend for _, _, p in fast.plans(2, (32, 64), replayed=True)} == {"triton"}  # a graph hides launches
