@@ -45,7 +45,9 @@ try:
 except ImportError:  # POSIX
     msvcrt = None
 
-CACHE_FORMAT = 1
+# 2: a Triton winner carries its fastest candidate without a Triton launch, and a call's "paced" verdict was timed
+# against the plans built from those (format 1's verdicts compared another regime): format-1 files are not read.
+CACHE_FORMAT = 2
 ENV_VAR = "DLA_FAST_CACHE_DIR"
 
 PathLike = Union[str, "os.PathLike[str]"]
