@@ -1263,8 +1263,7 @@ def _train_calls(case: Case) -> Dict[str, Callable[[], object]]:
         calls["dgrad_bare_ref"] = dgrad_bare_ref
         if _backends.reason_unavailable("cuda", dz) is None:
             cuda_be = _backends.get("cuda")
-            wt = (w.transpose(0, 1) if kh == 1 else w.flip(2, 3).transpose(0, 1)).contiguous(
-                memory_format=torch.channels_last)
+            wt = ag.dgrad_weight(w).contiguous(memory_format=torch.channels_last)
             dzc = dz.contiguous(memory_format=torch.channels_last)
             extc = extra.contiguous(memory_format=torch.channels_last)
             pad = (kh // 2, kw // 2)

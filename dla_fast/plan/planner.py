@@ -327,8 +327,9 @@ class Planner:
         cached = _Store(entries, "cached")
         st = _DeviceState(available, reasons, prior, note, cache, cached)
         for text, d in entries.items():
-            if text.startswith(CALL_PREFIX) and paced_entry(d) is not None:
-                st.paced[text] = paced_entry(d)
+            verdict = paced_entry(d) if text.startswith(CALL_PREFIX) else None
+            if verdict is not None:
+                st.paced[text] = verdict
         self._states[sk] = st
         return st
 

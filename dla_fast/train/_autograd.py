@@ -221,6 +221,12 @@ def _wgrad(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padd
     return torch.ops.dla_fast_train.wgrad_thin(dz, x, weight, list(stride), list(padding), _tf32())
 
 
+def dgrad_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight of a stride-1, size-keeping conv's data gradient as a conv of dz: input and output channels
+    swapped, a k x k kernel flipped (a 1x1 needs no flip)."""
+    return weight.transpose(0, 1) if weight.shape[2:] == (1, 1) else weight.flip(2, 3).transpose(0, 1)
+
+
 def dgrad_onto(impl: str, dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, extra: torch.Tensor,
                need_w: bool):
     """(extra + the data gradient, the weight gradient or None) of a conv that :func:`shares_dgrad`.
@@ -241,7 +247,7 @@ def dgrad_onto(impl: str, dz: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     if need_w:
         dw = (_wgrad(dz, x, weight, (1, 1), pad) if thin_wgrad(x, weight, 1)
               else torch.ops.aten.convolution_backward(*aten_args, [False, True, False])[1])
-    wt = weight.transpose(0, 1) if kh == 1 else weight.flip(2, 3).transpose(0, 1)
+    wt = dgrad_weight(weight)
     dx = _launch.conv_launch(dz, wt, None, (1, 1), pad, 1, extra, False, _tf32(), raw=True)
     return dx, dw
 
