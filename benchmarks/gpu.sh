@@ -106,13 +106,21 @@ opbench)
   build
   name=${NAME:-opbench}
   # SIGTERM at the deadline: opbench writes the rows measured so far (the CSV says "partial").
-  timeout "$(until_deadline)" python3 benchmarks/opbench.py "$@" --json "$OUT/$name.json" --md "$OUT/$name.md" \
-    --csv "$OUT/$name.csv" > "/tmp/$name.txt" 2>&1
+  # --train times its own fixed set of kernels: a JSON and the printed table, no .md/.csv
+  tables=(--md "$OUT/$name.md" --csv "$OUT/$name.csv")
+  case " $* " in *" --train "*) tables=() ;; esac
+  timeout "$(until_deadline)" python3 benchmarks/opbench.py "$@" --json "$OUT/$name.json" "${tables[@]}" \
+    > "/tmp/$name.txt" 2>&1
   rc=$?
+  [ ${#tables[@]} = 0 ] && { cp "/tmp/$name.txt" "$OUT/$name.txt"; tail -40 "/tmp/$name.txt"; }
   grep -E "error|Error" "/tmp/$name.txt" | grep -v "rel_err" | head -5
-  grep -A30 "^Sum over each model" "$OUT/$name.md" | grep "^|"
-  grep -E "^([a-z_]+: [0-9]+ of [0-9]+ rows|geomean|LOSE)" "/tmp/$name.txt" | head -20  # the --ref summary
-  echo "== opbench rc=$rc$(why $rc) at +$(el)s: $(( $(grep -vc '^#' "$OUT/$name.csv") - 1 )) rows in $name.csv" ;;
+  if [ ${#tables[@]} = 0 ]; then
+    echo "== opbench --train rc=$rc$(why $rc) at +$(el)s: $name.json, $name.txt"
+  else
+    grep -A30 "^Sum over each model" "$OUT/$name.md" | grep "^|"
+    grep -E "^([a-z_]+: [0-9]+ of [0-9]+ rows|geomean|LOSE)" "/tmp/$name.txt" | head -20  # the --ref summary
+    echo "== opbench rc=$rc$(why $rc) at +$(el)s: $(( $(grep -vc '^#' "$OUT/$name.csv") - 1 )) rows in $name.csv"
+  fi ;;
 
 e2e)
   build
@@ -178,8 +186,8 @@ det)
       $args --json "$f.part" >> "$OUT/$name.log" 2>&1
     rc=$?; [ $rc = 0 ] && mv "$f.part" "$f"
     echo "-- $m $d $kind rc=$rc$(why $rc) at +$(el)s"
-    # the tuned rows first: the merged header is the first file's
-    files=$(ls "$dir"/*-"$hw"-b"$bs"-fast.json "$dir"/*-"$hw"-b"$bs"-compile.json 2>/dev/null)
+    # the tuned rows first: the merged header is the first file's (one ls each: ls sorts its arguments)
+    files="$(ls "$dir"/*-"$hw"-b"$bs"-fast.json 2>/dev/null) $(ls "$dir"/*-"$hw"-b"$bs"-compile.json 2>/dev/null)"
     [ -n "$files" ] && python3 benchmarks/report.py $files --merge "$OUT/$name.json" > /dev/null 2>&1
   done; done; done
   python3 benchmarks/report.py "$OUT/$name.json" --md "$OUT/$name.md" > /dev/null 2>&1
