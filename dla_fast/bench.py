@@ -47,7 +47,7 @@ class Row:
     tune_s: Optional[float] = None          # of first_s, the tuning (``tune``): measuring and cache lookups
     tune_measured: Optional[int] = None     # layer calls it measured
     tune_reused: Optional[int] = None       # layer calls it found in the plan cache
-    tune_paced: Optional[bool] = None       # the whole call timed both ways: True if its plans without Triton won
+    tune_regime: Optional[str] = None       # the regime the whole-call check kept (planner.REGIMES)
     host_ms: Optional[float] = None         # the host's time to issue one call (GPU only; median of rounds)
     error: Optional[str] = None
     hw: Tuple[int, int] = (224, 224)
@@ -167,7 +167,7 @@ def build_impl(impl: str, name: str, ours_fp32: torch.nn.Module, dtype: torch.dt
             rep = dla_fast.tune(fast, hw, [batch], progress=False)
             if tuned is not None:
                 tuned.update(seconds=rep.seconds, measured=rep.measured, reused=rep.reused,
-                             paced=fast._paced(batch, *hw))
+                             regime=fast._call_regime(batch, *hw))
             if torch.cuda.is_available():
                 # the peak is this model's, not the tuning's (the largest layer's inputs, its candidates' outputs)
                 torch.cuda.synchronize()
@@ -177,6 +177,11 @@ def build_impl(impl: str, name: str, ours_fp32: torch.nn.Module, dtype: torch.dt
             return _aoti(fast, x), used
         return fast, used
     raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
+
+
+def _regime_name(regime: str) -> str:
+    from .plan.tuner import REGIME_NAMES
+    return REGIME_NAMES.get(regime, regime)
 
 
 def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], device: str, hw: Tuple[int, int],
@@ -208,7 +213,7 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
             if tuned:
                 row.tune_s = round(tuned["seconds"], 3)
                 row.tune_measured, row.tune_reused = tuned["measured"], tuned["reused"]
-                row.tune_paced = tuned["paced"]
+                row.tune_regime = tuned["regime"]
             with torch.inference_mode() if not impl.startswith(("torch_compile", "dla_fast_aoti")) \
                     else torch.no_grad():
                 # copied out at once: CUDA-graph runners (reduce-overhead) overwrite their output on the next call
@@ -227,8 +232,7 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
                 + (f"  [{used}]" if used else "")
                 + (f"  tuning {row.tune_s:.1f}s: {row.tune_measured} layer calls measured, {row.tune_reused} from "
                    "the cache" if tuned else "")
-                + ({True: "; the plans without Triton launches won the whole call", False: "; the measured plans won "
-                    "the whole call"}.get(row.tune_paced, "")))
+                + (f"; the whole call kept {_regime_name(row.tune_regime)}" if row.tune_regime else ""))
         except Exception as e:  # one broken implementation must not sink the whole run
             row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             log(f"  FAILED {impl}: {row.error}")

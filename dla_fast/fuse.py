@@ -107,13 +107,18 @@ def _launch_bound(batch: int, hw: Optional[Sequence[int]] = None, replayed: Opti
 
 
 def _regime(batch: int, hw: Sequence[int], replayed: Optional[bool] = None,
-            paced: Optional[bool] = None) -> Tuple[bool, bool]:
+            measured: Optional[str] = None) -> Tuple[bool, bool]:
     """(launch-bound, small) of a model call at ``batch`` x ``hw``: what :data:`_REGIME` holds during it.
-    ``paced``: the call's regime as the tuner measured it on this GPU and host (None: never measured, the pixel
-    rule decides); either way a call whose launches a CUDA graph or torch.compile hides is not launch-bound."""
+    ``measured``: the call's regime as the tuner measured it on this GPU and host (one of
+    :data:`dla_fast.plan.planner.REGIMES`; None: never measured, the pixel rule decides). A call whose launches a
+    CUDA graph or torch.compile hides is not launch-bound either way; one measured fastest on the launch-bound rule
+    is planned as a small call."""
     small = small_call(int(batch), (int(hw[0]), int(hw[1])))
-    lb = small if paced is None else paced  # the pixel rule, unless measured
-    return lb and not (_launch_cost_hidden() if replayed is None else replayed), small
+    if _launch_cost_hidden() if replayed is None else replayed:
+        return False, small
+    if measured == "rule":
+        return True, True
+    return (small if measured is None else measured == "paced"), small
 
 
 class _NoCast:
@@ -684,7 +689,7 @@ class FusedDLA(_NoCast, nn.Module):
             self.flatten = nn.Flatten(1) if model.global_pool.pool_type else nn.Identity()
         self.tune = tune
         self._tuned_shapes: set = set()
-        self._paced_memo: Dict[Tuple[int, int, int], Optional[bool]] = {}
+        self._regime_memo: Dict[Tuple[int, int, int], Optional[str]] = {}
         super().train(False)
 
     # ------------------------------------------------------------------------------------------ plumbing
@@ -700,14 +705,14 @@ class FusedDLA(_NoCast, nn.Module):
         if self.front is not None:
             self.front.refresh(dev)
         self._tuned_shapes = set()
-        self._paced_memo = {}
+        self._regime_memo = {}
         return out
 
     def forget_plans(self) -> None:
         """Drop every layer's resolved plans (they are resolved again, e.g. after tuning)."""
         for _, m in self.fused_layers():
             m._forget()
-        self._paced_memo = {}
+        self._regime_memo = {}
 
     def call_key(self, n: int, hw: Sequence[int]) -> str:
         """The plan cache's key of this model's call at ``n`` x ``hw`` (:func:`dla_fast.plan.planner.call_key`):
@@ -717,16 +722,17 @@ class FusedDLA(_NoCast, nn.Module):
             tag += "-f" + "".join(str(i) for i in self.out_indices)
         return call_key(tag, self.dtype, n, hw)
 
-    def _paced(self, n: int, h: int, w: int) -> Optional[bool]:
-        """The measured launch regime of a call at n x h x w under ``backend="auto"`` (None: not measured). Looked
-        up once per size: every eager call passes here."""
-        memo = self._paced_memo
+    def _call_regime(self, n: int, h: int, w: int) -> Optional[str]:
+        """The measured regime of a call at n x h x w under ``backend="auto"`` (one of
+        :data:`dla_fast.plan.planner.REGIMES`; None: not measured). Looked up once per size: every eager call
+        passes here."""
+        memo = self._regime_memo
         key = (n, h, w)
-        if key not in memo:  # a stored None (not measured) or False (measured) is a hit
+        if key not in memo:  # a stored None (not measured) is a hit
             dev = self.weight_device()
             hit = None
             if self.backend == "auto" and dev.type != "meta":  # meta: a traced copy (dla_fast.memory)
-                hit = PLANNER.paced(self.call_key(n, (h, w)), dev, self.dtype)
+                hit = PLANNER.regime(self.call_key(n, (h, w)), dev, self.dtype)
             memo[key] = hit
         return memo[key]
 
@@ -767,7 +773,7 @@ class FusedDLA(_NoCast, nn.Module):
         if torch.compiler.is_compiling():
             return self._run_levels(x, take, stop)
         n, _, h, w = (x[0] if isinstance(x, list) else x).shape
-        token = _REGIME.set(_regime(n, (h, w), paced=self._paced(n, h, w)))
+        token = _REGIME.set(_regime(n, (h, w), measured=self._call_regime(n, h, w)))
         try:
             return self._run_levels(x, take, stop)
         finally:
@@ -869,7 +875,7 @@ class FusedDLA(_NoCast, nn.Module):
         from .plan.tuner import collect_calls
 
         hw = tuple(hw) if hw is not None else self._default_hw()
-        measured = None if replayed else self._paced(int(batch), int(hw[0]), int(hw[1]))
+        measured = None if replayed else self._call_regime(int(batch), int(hw[0]), int(hw[1]))
         paced, small = _regime(batch, hw, replayed, measured)
         front = None
         if (self.front is not None and self.last_level >= 1 and 0 not in self.out_indices
@@ -910,11 +916,13 @@ class FusedDLA(_NoCast, nn.Module):
             lines.append(f"  batch {b}, {size[0]}x{size[1]}: {tally}")
             for name, label, plan in rows:
                 lines.append(f"    {name:<40} {label:<44} {plan.describe(_op_of(label))}")
-            measured = self._paced(b, int(size[0]), int(size[1])) if dev.type == "cuda" else None
+            measured = self._call_regime(b, int(size[0]), int(size[1])) if dev.type == "cuda" else None
             if measured is not None:
-                lines.append(f"    (without a CUDA graph this call {'launches' if measured else 'keeps its'} "
-                             f"{'no Triton kernel' if measured else 'measured plans'}: the tuner timed the whole call "
-                             "both ways)")
+                what = {"measured": "keeps its measured plans", "paced": "launches no Triton kernel (each layer's "
+                        "fastest measured candidate without one)", "rule": "takes the launch-bound rule on every "
+                        "layer"}[measured]
+                lines.append(f"    (without a CUDA graph this call {what}: the tuner timed the whole call in each "
+                             "regime)")
             elif dev.type == "cuda" and _launch_bound(b, size, replayed=False):
                 lines.append(f"    (without a CUDA graph, calls of at most {LAUNCH_BOUND_BATCH} x 224x224 input pixels "
                              "take the launch-bound rule: CUDA extension, then cuDNN)")

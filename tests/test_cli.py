@@ -109,7 +109,7 @@ def test_bench_reports_the_tuning_time_apart(monkeypatch):
     fn, used = bench.build_impl("dla_fast_auto", "dla34", dla_fast.create_model("dla34"), torch.float32, "cuda", 1,
                                 (64, 64), tune=True, tuned=got)
     assert asked == [((64, 64), [1])] and used == "eager"
-    assert got == {"seconds": 12.5, "measured": 20, "reused": 9, "paced": None}
+    assert got == {"seconds": 12.5, "measured": 20, "reused": 9, "regime": None}
     row = dict(bench.Row("dla34", "float32", 1, "dla_fast_auto", img_per_s=100.0, ms=10.0, rel_err=1e-6,
                          first_s=14.2, tune_s=12.5, tune_measured=20, tune_reused=9).__dict__)
     table = bench.format_table({"device": "H100", "torch": "2", "triton": "3", "cudnn": 9, "date": "today",
@@ -128,4 +128,4 @@ def test_bench_tunes_a_detection_call_and_reports_its_host_time():
                            rounds=3, iters=3, warmup=1, log=lambda s: None, features=True, tune=True)
     by = {r.impl: r for r in rows}
     assert all(r.error is None and r.ms > 0 and 0 < r.host_ms for r in rows)
-    assert isinstance(by["dla_fast_auto"].tune_paced, bool) and by["dla_fast_cuda"].tune_paced is None
+    assert by["dla_fast_auto"].tune_regime in ("measured", "paced", "rule") and by["dla_fast_cuda"].tune_regime is None

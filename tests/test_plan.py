@@ -337,11 +337,11 @@ def _eager_only(monkeypatch):
                         lambda name, x: "off in this test" if name != "eager" else real(name, x))
 
 
-def test_check_call_keeps_the_faster_regime_and_caches_it(monkeypatch):
-    """The whole call timed on its measured plans and on its plans without Triton launches: those displace the
-    measured plans only when faster by more than the margin; the verdict is cached (in this process and on disk)
-    and decides the regime the forward's layers see; a small call is not checked (the launch-bound rule is its
-    regime already)."""
+def test_check_call_keeps_the_fastest_regime_and_caches_it(monkeypatch):
+    """The whole call timed on its measured plans, on its plans without Triton launches and on the launch-bound
+    rule: another regime displaces the measured plans only when faster by more than the margin; the verdict is
+    cached (in this process and on disk) and decides the regime the forward's layers see; a small call is not
+    checked (the launch-bound rule is its regime already)."""
     from dla_fast import fuse
     from dla_fast.plan.cache import PlanCache, environment_fingerprint
     _eager_only(monkeypatch)
@@ -353,13 +353,13 @@ def test_check_call_keeps_the_faster_regime_and_caches_it(monkeypatch):
     text = fast.call_key(2, (32, 64))
     assert text == "call|dla46_c-f2345|float32|32x64|n2"
     rep = tuner.TuneReport("cpu", "float32", [(2, 32, 64)])
-    assert tuner.check_call(fast, 2, (32, 64), timer=_costs({"measured plans": 2.0, "no Triton launches": 1.0}),
-                            report=rep) is True
-    assert PLANNER.paced(text, cpu, torch.float32) is True
-    assert rep.calls[text] == {"paced": True, "measured_ms": 2.0, "paced_ms": 1.0}
-    assert "the whole call at 32x64 batch 2: 2.000 ms on the measured plans, 1.000 ms without Triton launches, " \
-           "no Triton launches kept" in rep.summary()
-    assert PlanCache(fingerprint=environment_fingerprint(cpu)).get(text)["paced"] is True
+    assert tuner.check_call(fast, 2, (32, 64), report=rep, timer=_costs(
+        {"measured plans": 2.0, "no Triton launches": 1.0, "the launch-bound rule": 1.5})) == "paced"
+    assert PLANNER.regime(text, cpu, torch.float32) == "paced"
+    assert rep.calls[text] == {"regime": "paced", "measured_ms": 2.0, "paced_ms": 1.0, "rule_ms": 1.5}
+    assert "the whole call at 32x64 batch 2: 2.000 ms measured plans, 1.000 ms no Triton launches, 1.500 ms the " \
+           "launch-bound rule; no Triton launches kept" in rep.summary()
+    assert PlanCache(fingerprint=environment_fingerprint(cpu)).get(text)["regime"] == "paced"
     seen = []
     hook = fast.level2.register_forward_pre_hook(lambda m, a: seen.append(fuse._REGIME.get()))
     with torch.no_grad():
@@ -372,12 +372,24 @@ def test_check_call_keeps_the_faster_regime_and_caches_it(monkeypatch):
     assert tuner.check_call(fast, 2, (32, 64), timer=_costs({"measured plans": 9.0})) is None
     seen.clear()
     hook = fast.level2.register_forward_pre_hook(lambda m, a: seen.append(fuse._REGIME.get()))
-    assert tuner.check_call(fast, 2, (32, 64), force=True,
-                            timer=_costs({"measured plans": 1.01, "no Triton launches": 1.0})) is False
+    assert tuner.check_call(fast, 2, (32, 64), force=True, timer=_costs(
+        {"measured plans": 1.01, "no Triton launches": 1.0, "the launch-bound rule": 1.0})) == "measured"
     hook.remove()
-    assert seen == [(False, False), (True, False)]
+    # each regime's (launch-bound, small): the measured plans, without Triton launches, the rule as a small call
+    assert seen == [(False, False), (True, False), (True, True)]
     PLANNER.reload()  # a new process reads the verdict from disk
-    assert PLANNER.paced(text, cpu, torch.float32) is False
+    assert PLANNER.regime(text, cpu, torch.float32) == "measured"
+    # the launch-bound rule faster than both by more than the margin: kept, and the forward takes it
+    assert tuner.check_call(fast, 2, (32, 64), force=True, timer=_costs(
+        {"measured plans": 2.0, "no Triton launches": 1.9, "the launch-bound rule": 1.0})) == "rule"
+    seen.clear()
+    hook = fast.level2.register_forward_pre_hook(lambda m, a: seen.append(fuse._REGIME.get()))
+    with torch.no_grad():
+        fast(torch.randn(2, 3, 32, 64))
+    hook.remove()
+    assert seen == [(True, True)]
+    with pytest.raises(ValueError, match="not a call regime"):
+        PLANNER.record_regime(cpu, torch.float32, text, "fast")
 
 
 def test_tune_checks_the_whole_call_of_a_large_input(monkeypatch):
@@ -385,8 +397,8 @@ def test_tune_checks_the_whole_call_of_a_large_input(monkeypatch):
     monkeypatch.setattr(planner_mod, "LAUNCH_BOUND_PIXELS", 0)
     fast = dla_fast.optimize(dla_fast.create_model("dla46_c"), dtype=torch.float32)
     rep = dla_fast.tune(fast, (32, 32), [1], timer=_costs({}), budget_s=None, progress=False)
-    assert list(rep.calls) == ["call|dla46_c|float32|32x32|n1"] and rep.calls[fast.call_key(1, (32, 32))]["paced"] \
-        is False  # equal times: the measured plans stay
+    assert list(rep.calls) == ["call|dla46_c|float32|32x32|n1"] and rep.calls[fast.call_key(1, (32, 32))]["regime"] \
+        == "measured"  # equal times: the measured plans stay
     again = dla_fast.tune(fast, (32, 32), [1], timer=_costs({}), progress=False)
     assert again.measured == 0 and again.calls == {}
 
@@ -562,27 +574,28 @@ def test_compile_ahead_on_the_gpu_leaves_nothing_to_compile():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(INTERP or not torch.cuda.is_available(), reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
-def test_check_call_on_the_gpu_times_both_regimes_and_both_agree():
-    """A detection call large enough for its measured plans (4 x 512x512): the tuner times it both ways and
-    caches a verdict; both regimes give the same feature maps (different kernels, the same numbers)."""
+def test_check_call_on_the_gpu_times_every_regime_and_all_agree():
+    """A detection call large enough for its measured plans (4 x 512x512): the tuner times it in each regime and
+    caches a verdict; every regime gives the same feature maps (different kernels, the same numbers)."""
     dev = torch.device("cuda", torch.cuda.current_device())
     model = dla_fast.create_model("dla34", features_only=True, out_indices=(2, 3, 4, 5))
     randomize_bn(model)
     fast = dla_fast.optimize(model, dtype=torch.float16, device=dev)
     rep = dla_fast.tune(fast, (512, 512), [4], budget_s=None, progress=False)
     entry = rep.calls[fast.call_key(4, (512, 512))]
-    assert entry["measured_ms"] > 0 and entry["paced_ms"] > 0
-    assert PLANNER.paced(fast.call_key(4, (512, 512)), dev, torch.float16) is entry["paced"]
+    assert entry["measured_ms"] > 0 and entry["paced_ms"] > 0 and entry["rule_ms"] > 0
+    assert PLANNER.regime(fast.call_key(4, (512, 512)), dev, torch.float16) == entry["regime"]
     x = torch.randn(4, 3, 512, 512, device=dev)
     outs = []
     with torch.no_grad():
-        for paced in (False, True):
+        for regime in ("measured", "paced", "rule"):
             fast.forget_plans()
-            fast._paced_memo[(4, 512, 512)] = paced
+            fast._regime_memo[(4, 512, 512)] = regime
             outs.append([f.float() for f in fast(x)])
     fast.forget_plans()
-    for a, b in zip(*outs):
-        assert ((a - b).norm() / b.norm()).item() < 1e-2
+    for other in outs[1:]:
+        for a, b in zip(other, outs[0]):
+            assert ((a - b).norm() / b.norm()).item() < 1e-2
 
 
 def test_a_forced_backend_keeps_its_own_tuned_config(monkeypatch):
@@ -623,7 +636,7 @@ def test_a_call_measured_as_paced_launches_no_triton_kernel(monkeypatch):
     calls = tuner.collect_calls(fast, 2, (32, 64))
     fuse.PLANNER.record(gpu, torch.float32, {c.key: Plan("triton", (), "tuned", "", 0.5,
                                                          Plan("eager", (), "tuned", "", 1.0)) for c in calls})
-    fuse.PLANNER.record_paced(gpu, torch.float32, fast.call_key(2, (32, 64)), True)
+    fuse.PLANNER.record_regime(gpu, torch.float32, fast.call_key(2, (32, 64)), "paced")
     fast.forget_plans()
 
     def refuse(*args, **kwargs):
@@ -638,3 +651,8 @@ def test_a_call_measured_as_paced_launches_no_triton_kernel(monkeypatch):
     assert len(paced) == len(fast.fused_layers()) and {p.backend for p in paced} == {"eager"}
     assert all("without a Triton launch" in p.why and p.source == "tuned" for p in paced)
     assert {p.backend for _, _, p in fast.plans(2, (32, 64), replayed=True)} == {"triton"}  # a graph hides launches
+    # a call measured fastest on the launch-bound rule: the CUDA extension's defaults, torch's max-pools
+    fuse.PLANNER.record_regime(gpu, torch.float32, fast.call_key(2, (32, 64)), "rule")
+    fast.forget_plans()
+    ruled = {(label.split()[0], p.backend, p.source, p.config) for _, label, p in fast.plans(2, (32, 64), False)}
+    assert ruled == {("conv", "cuda", "rule", ()), ("agg", "cuda", "rule", ()), ("maxpool", "eager", "rule", ())}

@@ -45,9 +45,9 @@ try:
 except ImportError:  # POSIX
     msvcrt = None
 
-# 2: a Triton winner carries its fastest candidate without a Triton launch, and a call's "paced" verdict was timed
-# against the plans built from those (format 1's verdicts compared another regime): format-1 files are not read.
-CACHE_FORMAT = 2
+# 3: a call's entry names the fastest of three regimes (planner.REGIMES); format 2 held a two-way "paced" verdict
+# and format 1 one timed against other plans. Older files are not read (a new file per fingerprint).
+CACHE_FORMAT = 3
 ENV_VAR = "DLA_FAST_CACHE_DIR"
 
 PathLike = Union[str, "os.PathLike[str]"]

@@ -18,10 +18,11 @@ Small calls run without a CUDA graph are paced by the host's launch cost, not by
 costs ~100 us of Python, the CUDA extension's ~20 us, the kernels 3-30 us): there the plan is the launch-bound
 rule whatever was measured, since the measurements time kernels. A call is small by the model's input pixels
 (:func:`small_call`), so a detection input at a small batch (8 x 512x512) takes its measured plans. Where the tuner
-has timed a whole model call both ways (:func:`call_key`), that measurement decides the call's regime instead of
-the pixel count: a larger call found paced by its launches keeps its measurements but launches no Triton kernel,
-each layer taking its fastest measured candidate on the CUDA extension or torch (:attr:`Plan.paced`), the
-launch-bound rule where none was measured.
+has timed a whole model call (:func:`call_key`) in each of :data:`REGIMES`, the fastest decides the call's regime
+instead of the pixel count: ``"measured"``, the measured plans; ``"paced"``, the measurements without a Triton launch
+(each layer's fastest measured candidate on the CUDA extension or torch, :attr:`Plan.paced`; the launch-bound rule
+where none was measured); ``"rule"``, the launch-bound rule on every layer, as a small call (per-layer timings miss
+what a configuration costs the host, so a call paced by its launches can be fastest on the untuned defaults).
 """
 from __future__ import annotations
 
@@ -57,18 +58,20 @@ def _dtype_name(dtype) -> str:
 
 
 CALL_PREFIX = "call|"
+# The regimes a whole model call is timed in (:func:`dla_fast.plan.tuner.check_call`), the default first.
+REGIMES = ("measured", "paced", "rule")
 
 
 def call_key(model_tag: str, dtype, n: int, hw: Sequence[int]) -> str:
     """The cache key of a whole model call (``model_tag`` names the network and the levels it runs): the entry
-    says whether that call, run without a CUDA graph, is paced by its launches on this GPU and host."""
+    says which of :data:`REGIMES` that call, run without a CUDA graph, is fastest in on this GPU and host."""
     return f"{CALL_PREFIX}{model_tag}|{_dtype_name(dtype)}|{int(hw[0])}x{int(hw[1])}|n{int(n)}"
 
 
-def paced_entry(d) -> Optional[bool]:
-    """The ``paced`` flag of a call entry, or None for an entry this version does not read."""
-    v = d.get("paced") if isinstance(d, dict) else None
-    return v if isinstance(v, bool) else None
+def regime_entry(d) -> Optional[str]:
+    """The ``regime`` of a call entry (one of :data:`REGIMES`), or None for an entry this version does not read."""
+    v = d.get("regime") if isinstance(d, dict) else None
+    return v if v in REGIMES else None
 
 
 @dataclass(frozen=True)
@@ -294,7 +297,7 @@ class _DeviceState:
     cached: Optional[_Store]
     tuned: _Store = field(default_factory=lambda: _Store({}, "tuned"))
     memo: Dict[Tuple[str, bool], Plan] = field(default_factory=dict)
-    paced: Dict[str, bool] = field(default_factory=dict)   # call_key -> measured launch regime
+    regimes: Dict[str, str] = field(default_factory=dict)   # call_key -> the call's measured regime (REGIMES)
 
 
 class Planner:
@@ -327,9 +330,9 @@ class Planner:
         cached = _Store(entries, "cached")
         st = _DeviceState(available, reasons, prior, note, cache, cached)
         for text, d in entries.items():
-            verdict = paced_entry(d) if text.startswith(CALL_PREFIX) else None
+            verdict = regime_entry(d) if text.startswith(CALL_PREFIX) else None
             if verdict is not None:
-                st.paced[text] = verdict
+                st.regimes[text] = verdict
         self._states[sk] = st
         return st
 
@@ -356,7 +359,7 @@ class Planner:
         if not any(st.available[n] for n in ("triton", "cuda")):
             return rule(key, st.available, launch_bound, small)
         if launch_bound:
-            if small is False:  # a large call the tuner found paced by its launches (check_call)
+            if small is False:  # a large call the tuner found fastest without Triton launches (check_call)
                 return self._paced_plan(key, st)
             return rule(key, st.available, launch_bound, small)
         plan = self._measured(key, st)
@@ -403,15 +406,16 @@ class Planner:
             st.tuned.add(key, Plan(plan.backend, plan.config, "tuned", plan.why, plan.ms, plan.paced))
         st.memo.clear()
 
-    def paced(self, text: str, device: torch.device, dtype: torch.dtype) -> Optional[bool]:
-        """The measured launch regime of the model call ``text`` (:func:`call_key`) on ``device``: True when, run
-        without a CUDA graph, it is faster without Triton launches (:meth:`_paced_plan`); None when never
-        measured."""
-        return self._state(device, dtype).paced.get(text)
+    def regime(self, text: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        """The measured regime (one of :data:`REGIMES`) of the model call ``text`` (:func:`call_key`) on
+        ``device``, run without a CUDA graph; None when never measured."""
+        return self._state(device, dtype).regimes.get(text)
 
-    def record_paced(self, device: torch.device, dtype: torch.dtype, text: str, paced: bool) -> None:
+    def record_regime(self, device: torch.device, dtype: torch.dtype, text: str, regime: str) -> None:
         """Take a freshly measured call regime (the tuner has written it to the cache as well)."""
-        self._state(device, dtype).paced[text] = bool(paced)
+        if regime not in REGIMES:
+            raise ValueError(f"not a call regime: {regime!r} (one of {', '.join(REGIMES)})")
+        self._state(device, dtype).regimes[text] = regime
 
     def known(self, key: LayerKey, device: torch.device) -> bool:
         """Whether ``key`` itself (this batch size) was measured on this GPU (in this process or in the cache)."""

@@ -11,10 +11,11 @@ find the entries when they get the lock.
 
 The per-layer timings add up only while the GPU is the bottleneck. A call the pixel rule leaves to the measured plans
 (a detection input at a small batch) may still be paced by the host, whose cost per layer the isolated timings
-do not show in full (a Triton launch costs several times the CUDA extension's), so the whole model call is timed
-once more both ways, on its measured plans and on its plans without Triton launches (each layer's fastest measured
-candidate on the CUDA extension or torch, no fused front), and the call keeps the faster regime
-(:func:`check_call`).
+do not show in full (a Triton launch costs several times the CUDA extension's, and configurations of one backend
+differ in host cost too), so the whole model call is timed once more in each regime of
+:data:`~dla_fast.plan.planner.REGIMES`: on its measured plans, on its plans without Triton launches (each layer's
+fastest measured candidate on the CUDA extension or torch, no fused front) and on the launch-bound rule (the CUDA
+extension's default kernels, torch's max-pools), and the call keeps the fastest (:func:`check_call`).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import backends as _backends
-from .planner import PLANNER, LayerKey, Plan, describe_config, rule, small_call
+from .planner import PLANNER, REGIMES, LayerKey, Plan, describe_config, rule, small_call
 from .timing import Progress, cuda_event_timer, pick, time_candidates
 
 MARGIN = 0.03          # a candidate replaces the rule's choice only when this much faster
@@ -35,9 +36,10 @@ MARGIN = 0.03          # a candidate replaces the rule's choice only when this m
 # compile threads busy, few enough that a time budget is not overrun by much (0: each compiles at its first
 # timed launch).
 COMPILE_AHEAD_CALLS = 8
-# The plans without Triton launches displace a call's measured plans only when the whole call is this much faster
-# on them.
+# Another regime displaces a call's measured plans only when the whole call is this much faster in it.
 CALL_MARGIN = 0.02
+# What each regime of planner.REGIMES runs, as the whole-call check and its report name it.
+REGIME_NAMES = {"measured": "measured plans", "paced": "no Triton launches", "rule": "the launch-bound rule"}
 # A candidate's output must match cuDNN's on the same inputs this closely (relative L2) to be timed at all: a
 # check against wrong results, far above the rounding differences of correct kernels (which the test suite
 # bounds much more tightly against float64).
@@ -79,9 +81,9 @@ class TuneReport:
                      f"in {self.compile_s:.1f} s"
         for text, c in self.calls.items():
             size = text.split("|", 3)[3].replace("|n", " batch ")
-            ms = ["failed" if v is None else f"{v:.3f} ms" for v in (c["measured_ms"], c["paced_ms"])]
-            extra += (f"; the whole call at {size}: {ms[0]} on the measured plans, {ms[1]} without Triton "
-                      f"launches, {'no Triton launches' if c['paced'] else 'measured plans'} kept")
+            ms = ", ".join(f"{'failed' if c[r + '_ms'] is None else format(c[r + '_ms'], '.3f') + ' ms'} "
+                           f"{REGIME_NAMES[r]}" for r in REGIMES)
+            extra += f"; the whole call at {size}: {ms}; {REGIME_NAMES[c['regime']]} kept"
         return (f"tuned {self.layers} distinct layer calls at {sizes} ({self.dtype}, {self.device}) in "
                 f"{self.seconds:.1f} s: {self.measured} measured ({self.changed} differ from the rule), "
                 f"{self.reused} reused from the cache{extra}")
@@ -366,10 +368,11 @@ def tune(model, input_size: Union[int, Sequence[int]] = (224, 224), batch_sizes:
 
 
 def check_call(model, n: int, hw: Tuple[int, int], *, timer=None, force: bool = False, margin: float = CALL_MARGIN,
-               rounds: int = 7, report: Optional[TuneReport] = None) -> Optional[bool]:
+               rounds: int = 7, report: Optional[TuneReport] = None) -> Optional[str]:
     """Time the whole call of ``model`` (a FusedDLA under ``backend="auto"``) at ``n`` x ``hw`` without a CUDA
-    graph, on its measured plans and on its plans without Triton launches (each layer's :attr:`Plan.paced` where
-    Triton won it, no fused front), and cache which regime the call takes (True: no Triton launches). Only calls
+    graph in each regime of :data:`~dla_fast.plan.planner.REGIMES` (its measured plans; its plans without Triton
+    launches, each layer's :attr:`Plan.paced` where Triton won it, no fused front; the launch-bound rule on every
+    layer), and cache the fastest (the measured plans unless another is faster by more than ``margin``). Only calls
     the pixel rule leaves to the measured plans are checked (a small call takes the launch-bound rule already);
     returns the regime, or None when the call was not checked (another regime rule applies, or it is in the cache
     and ``force`` is off)."""
@@ -377,37 +380,37 @@ def check_call(model, n: int, hw: Tuple[int, int], *, timer=None, force: bool = 
     if model.backend != "auto" or (timer is None and dev.type != "cuda") or small_call(n, hw):
         return None
     text = model.call_key(n, hw)
-    if not force and PLANNER.paced(text, dev, model.dtype) is not None:
+    if not force and PLANNER.regime(text, dev, model.dtype) is not None:
         return None
     timer = timer or cuda_event_timer(dev)
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(n, model.in_chans, *hw, generator=gen, device=dev).to(
         dtype=model.dtype, memory_format=torch.channels_last)
     model.forget_plans()  # layers resolved before this tuning take its plans now
-    memo = model._paced_memo
+    memo = model._regime_memo
     key = (int(n), int(hw[0]), int(hw[1]))
 
-    def run(paced: bool):
+    def run(regime: str):
         def fn():
-            memo[key] = paced
+            memo[key] = regime
             return model(x)
-        fn.backend, fn.config = ("no Triton launches" if paced else "measured plans"), ()
+        fn.backend, fn.config = REGIME_NAMES[regime], ()
         return fn
 
     try:
         with torch.inference_mode():
-            results = time_candidates([run(False), run(True)], timer=timer, rounds=rounds, min_time_s=0.02)
+            results = time_candidates([run(r) for r in REGIMES], timer=timer, rounds=rounds, min_time_s=0.02)
     finally:
         memo.pop(key, None)
-    paced = pick(results, margin=margin) == 1  # raises, with both errors, when neither regime ran
-    entry = {"paced": paced, "measured_ms": _finite_ms(results[0].ms), "paced_ms": _finite_ms(results[1].ms)}
-    PLANNER.record_paced(dev, model.dtype, text, paced)
+    regime = REGIMES[pick(results, margin=margin)]  # raises, with every error, when no regime ran
+    entry = {"regime": regime, **{f"{r}_ms": _finite_ms(t.ms) for r, t in zip(REGIMES, results)}}
+    PLANNER.record_regime(dev, model.dtype, text, regime)
     cache = PLANNER.cache(dev, model.dtype)
     if cache is not None:
         cache.update({text: entry})
     if report is not None:
         report.calls[text] = entry
-    return paced
+    return regime
 
 
 def _finite_ms(ms: float) -> Optional[float]:
