@@ -94,7 +94,7 @@ def _launch_cost_hidden() -> bool:
 # The regime of the FusedDLA forward running on this thread, (launch-bound, small) for all of its layers from the
 # model's input size (:func:`dla_fast.plan.planner.small_call`); None outside one, where a layer judges by its own
 # batch. Detection inputs at small batches (8 x 512x512) are not small: their kernels outlast their launches.
-_REGIME: ContextVar[Optional[Tuple[bool, bool]]] = ContextVar("dla_fast_regime", default=None)
+_REGIME: ContextVar[Optional[Tuple[bool, bool, Optional[str]]]] = ContextVar("dla_fast_regime", default=None)
 
 
 def _launch_bound(batch: int, hw: Optional[Sequence[int]] = None, replayed: Optional[bool] = None) -> bool:
@@ -107,18 +107,17 @@ def _launch_bound(batch: int, hw: Optional[Sequence[int]] = None, replayed: Opti
 
 
 def _regime(batch: int, hw: Sequence[int], replayed: Optional[bool] = None,
-            measured: Optional[str] = None) -> Tuple[bool, bool]:
-    """(launch-bound, small) of a model call at ``batch`` x ``hw``: what :data:`_REGIME` holds during it.
+            measured: Optional[str] = None) -> Tuple[bool, bool, Optional[str]]:
+    """(launch-bound, small, measured) of a model call at ``batch`` x ``hw``: what :data:`_REGIME` holds during it.
     ``measured``: the call's regime as the tuner measured it on this GPU and host (one of
     :data:`dla_fast.plan.planner.REGIMES`; None: never measured, the pixel rule decides). A call whose launches a
-    CUDA graph or torch.compile hides is not launch-bound either way; one measured fastest on the launch-bound rule
-    is planned as a small call."""
+    CUDA graph or torch.compile hides is not launch-bound either way, and keeps its measured plans."""
     small = small_call(int(batch), (int(hw[0]), int(hw[1])))
     if _launch_cost_hidden() if replayed is None else replayed:
-        return False, small
-    if measured == "rule":
-        return True, True
-    return (small if measured is None else measured == "paced"), small
+        return False, small, None
+    if measured is None:
+        return small, small, None
+    return measured != "measured", small, measured
 
 
 class _NoCast:
@@ -193,24 +192,24 @@ class _Planned(_NoCast, nn.Module):
     def device(self) -> torch.device:
         raise NotImplementedError
 
-    def _plan_entry(self, n: int, h: int, w: int, res: bool, lb: bool,
-                    small: Optional[bool] = None) -> Tuple[str, Tuple[int, ...], Plan]:
-        mk = (n, h, w, res, lb, small)
+    def _plan_entry(self, n: int, h: int, w: int, res: bool, lb: bool, small: Optional[bool] = None,
+                    measured: Optional[str] = None) -> Tuple[str, Tuple[int, ...], Plan]:
+        mk = (n, h, w, res, lb, small, measured)
         hit = self._memo.get(mk)
         if hit is None:
-            plan = self.plan_for(n, (h, w), res, lb, small)
+            plan = self.plan_for(n, (h, w), res, lb, small, measured)
             hit = self._memo[mk] = (plan.backend, plan.config, plan, _backends.get(plan.backend))
         return hit
 
     def plan_for(self, n: int, hw: Sequence[int], residual: bool, launch_bound: bool = False,
-                 small: Optional[bool] = None) -> Plan:
+                 small: Optional[bool] = None, measured: Optional[str] = None) -> Plan:
         """The plan of a call at batch ``n`` and input size ``hw``, for the backend this layer was built with
-        (``launch_bound``, ``small``: the model call's regime, see :meth:`Planner.plan`)."""
+        (``launch_bound``, ``small``, ``measured``: the model call's regime, see :meth:`Planner.plan`)."""
         dev = self.device()
         if self.backend == "auto":
             if dev.type != "cuda":
                 return Plan("eager", (), "rule", f"no kernels off the GPU ({dev.type})")
-            return PLANNER.plan(self.key(n, hw, residual), dev, launch_bound, small)
+            return PLANNER.plan(self.key(n, hw, residual), dev, launch_bound, small, measured)
         if self.backend == "eager":
             return Plan("eager", (), "requested")
         # A forced backend keeps a tuned config of its own (the winner's, or the paced candidate's where Triton
@@ -235,7 +234,7 @@ class _Planned(_NoCast, nn.Module):
             return _backends.get(name), cfg
         regime = _REGIME.get()
         if regime is None:
-            mk = (n, h, w, res, n <= LAUNCH_BOUND_BATCH and not _in_graph_mode(), None)
+            mk = (n, h, w, res, n <= LAUNCH_BOUND_BATCH and not _in_graph_mode(), None, None)
         else:
             mk = (n, h, w, res) + regime
         hit = self._memo.get(mk)
@@ -244,7 +243,8 @@ class _Planned(_NoCast, nn.Module):
         return hit[3], hit[1]
 
     def plans(self) -> Dict[tuple, Plan]:
-        """The plans resolved so far: (batch, H, W, has residual, launch-bound, small call) -> Plan."""
+        """The plans resolved so far: (batch, H, W, has residual, launch-bound, small call, measured call regime)
+        -> Plan."""
         return {k: v[2] for k, v in self._memo.items()}
 
 
@@ -876,14 +876,15 @@ class FusedDLA(_NoCast, nn.Module):
 
         hw = tuple(hw) if hw is not None else self._default_hw()
         measured = None if replayed else self._call_regime(int(batch), int(hw[0]), int(hw[1]))
-        paced, small = _regime(batch, hw, replayed, measured)
+        paced, small, measured = _regime(batch, hw, replayed, measured)
         front = None
         if (self.front is not None and self.last_level >= 1 and 0 not in self.out_indices
                 and self.front.runs_at(paced)):
             front = Plan("triton", (), "front", self.front.why)
         out = []
         for call in collect_calls(self, int(batch), hw):
-            plan = call.layer.plan_for(call.key.n, call.key.hw, bool(call.residual is not None), paced, small)
+            plan = call.layer.plan_for(call.key.n, call.key.hw, bool(call.residual is not None), paced, small,
+                                       measured)
             for name in call.names:
                 out.append((name, call.key.label(), front if front and name in FusedFront.LAYERS else plan))
         order = {n: i for i, (n, _) in enumerate(self.named_modules())}
@@ -919,8 +920,8 @@ class FusedDLA(_NoCast, nn.Module):
             measured = self._call_regime(b, int(size[0]), int(size[1])) if dev.type == "cuda" else None
             if measured is not None:
                 what = {"measured": "keeps its measured plans", "paced": "launches no Triton kernel (each layer's "
-                        "fastest measured candidate without one)", "rule": "takes the launch-bound rule on every "
-                        "layer"}[measured]
+                        "fastest measured candidate without one)", "cuda": "runs every layer on the CUDA "
+                        "extension's default kernels"}[measured]
                 lines.append(f"    (without a CUDA graph this call {what}: the tuner timed the whole call in each "
                              "regime)")
             elif dev.type == "cuda" and _launch_bound(b, size, replayed=False):

@@ -342,15 +342,16 @@ def _prior_store(capability: Tuple[int, int]):
 
 
 def planned_backend(layer: nn.Module, args: tuple, capability: Tuple[int, int] = (9, 0),
-                    regime: Optional[Tuple[bool, bool]] = None) -> str:
+                    regime: Optional[Tuple[bool, bool, Optional[str]]] = None) -> str:
     """The backend ``backend="auto"`` gives a fused layer's call on a GPU of ``capability`` with every backend
     available and nothing tuned there: the shipped prior's nearest measurement, else the rule (as
     :class:`dla_fast.plan.planner.Planner` resolves it; a user's tuned or cached plans can differ). ``regime``:
-    the model call's (paced by its launches, small); None: judged by the layer's batch, as a plain eager call."""
+    the model call's (paced by its launches, small, measured regime); None: judged by the layer's batch, as a plain
+    eager call."""
     from .plan.planner import LAUNCH_BOUND_BATCH, rule
     key = layer.layer_key(*args)
     available = {"eager": True, "triton": True, "cuda": True}
-    paced, small = (key.n <= LAUNCH_BOUND_BATCH, None) if regime is None else regime
+    paced, small = (key.n <= LAUNCH_BOUND_BATCH, None) if regime is None else regime[:2]
     if paced:
         return rule(key, available, True).backend
     store = _prior_store(tuple(capability))
@@ -375,7 +376,8 @@ def _eager_forward(layer: nn.Module, *args, **kwargs):
     return eager.max_pool(call["x"], layer.k)
 
 
-def _fused_opaque(model: nn.Module, capability: Tuple[int, int], regime: Optional[Tuple[bool, bool]] = None):
+def _fused_opaque(model: nn.Module, capability: Tuple[int, int],
+                  regime: Optional[Tuple[bool, bool, Optional[str]]] = None):
     """The tracer's ``opaque`` for an optimized model: a fused layer is one kernel unless it runs on the eager
     backend. The layers that may (``backend`` "eager" or "auto") get a forward of the eager path on this (meta)
     copy, used when they do."""

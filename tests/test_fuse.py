@@ -193,13 +193,13 @@ def test_the_model_call_sets_every_layers_regime():
         fast(torch.randn(8, 3, 256, 512))
         fast(torch.randn(2, 3, 64, 64))
     keys = [k for _, m in fast.fused_layers() for k in m.plans()]
-    assert {k[4:] for k in keys if k[0] == 8} == {(False, False)}
-    assert {k[4:] for k in keys if k[0] == 2} == {(True, True)}
+    assert {k[4:] for k in keys if k[0] == 8} == {(False, False, None)}
+    assert {k[4:] for k in keys if k[0] == 2} == {(True, True, None)}
     conv = fast.level2.tree1.conv1  # a Fused layer called directly: no model regime
     conv._forget()
     with torch.no_grad():
         conv(torch.randn(8, conv.weight.shape[1], 16, 16))
-    assert [k[4:] for k in conv.plans()] == [(True, None)]
+    assert [k[4:] for k in conv.plans()] == [(True, None, None)]
 
 
 def test_summary_names_plans():

@@ -338,8 +338,8 @@ def _eager_only(monkeypatch):
 
 
 def test_check_call_keeps_the_fastest_regime_and_caches_it(monkeypatch):
-    """The whole call timed on its measured plans, on its plans without Triton launches and on the launch-bound
-    rule: another regime displaces the measured plans only when faster by more than the margin; the verdict is
+    """The whole call timed on its measured plans, on its plans without Triton launches and on the CUDA extension's
+    defaults: another regime displaces the measured plans only when faster by more than the margin; the verdict is
     cached (in this process and on disk) and decides the regime the forward's layers see; a small call is not
     checked (the launch-bound rule is its regime already)."""
     from dla_fast import fuse
@@ -354,11 +354,11 @@ def test_check_call_keeps_the_fastest_regime_and_caches_it(monkeypatch):
     assert text == "call|dla46_c-f2345|float32|32x64|n2"
     rep = tuner.TuneReport("cpu", "float32", [(2, 32, 64)])
     assert tuner.check_call(fast, 2, (32, 64), report=rep, timer=_costs(
-        {"measured plans": 2.0, "no Triton launches": 1.0, "the launch-bound rule": 1.5})) == "paced"
+        {"measured plans": 2.0, "no Triton launches": 1.0, "the CUDA extension's defaults": 1.5})) == "paced"
     assert PLANNER.regime(text, cpu, torch.float32) == "paced"
-    assert rep.calls[text] == {"regime": "paced", "measured_ms": 2.0, "paced_ms": 1.0, "rule_ms": 1.5}
+    assert rep.calls[text] == {"regime": "paced", "measured_ms": 2.0, "paced_ms": 1.0, "cuda_ms": 1.5}
     assert "the whole call at 32x64 batch 2: 2.000 ms measured plans, 1.000 ms no Triton launches, 1.500 ms the " \
-           "launch-bound rule; no Triton launches kept" in rep.summary()
+           "CUDA extension's defaults; no Triton launches kept" in rep.summary()
     assert PlanCache(fingerprint=environment_fingerprint(cpu)).get(text)["regime"] == "paced"
     seen = []
     hook = fast.level2.register_forward_pre_hook(lambda m, a: seen.append(fuse._REGIME.get()))
@@ -366,28 +366,27 @@ def test_check_call_keeps_the_fastest_regime_and_caches_it(monkeypatch):
         fast(torch.randn(2, 3, 32, 64))
         fast(torch.randn(3, 3, 32, 64))  # another size: not measured, the pixel rule (large: not launch-bound)
     hook.remove()
-    assert seen == [(True, False), (False, False)]
+    assert seen == [(True, False, "paced"), (False, False, None)]
     # cached: not measured again unless forced; within the margin the measured plans stay, and each candidate
     # runs its own regime even when the cached verdict is the other one
     assert tuner.check_call(fast, 2, (32, 64), timer=_costs({"measured plans": 9.0})) is None
     seen.clear()
     hook = fast.level2.register_forward_pre_hook(lambda m, a: seen.append(fuse._REGIME.get()))
     assert tuner.check_call(fast, 2, (32, 64), force=True, timer=_costs(
-        {"measured plans": 1.01, "no Triton launches": 1.0, "the launch-bound rule": 1.0})) == "measured"
+        {"measured plans": 1.01, "no Triton launches": 1.0, "the CUDA extension's defaults": 1.0})) == "measured"
     hook.remove()
-    # each regime's (launch-bound, small): the measured plans, without Triton launches, the rule as a small call
-    assert seen == [(False, False), (True, False), (True, True)]
+    assert seen == [(False, False, "measured"), (True, False, "paced"), (True, False, "cuda")]
     PLANNER.reload()  # a new process reads the verdict from disk
     assert PLANNER.regime(text, cpu, torch.float32) == "measured"
-    # the launch-bound rule faster than both by more than the margin: kept, and the forward takes it
+    # the CUDA extension's defaults faster than both by more than the margin: kept, and the forward takes them
     assert tuner.check_call(fast, 2, (32, 64), force=True, timer=_costs(
-        {"measured plans": 2.0, "no Triton launches": 1.9, "the launch-bound rule": 1.0})) == "rule"
+        {"measured plans": 2.0, "no Triton launches": 1.9, "the CUDA extension's defaults": 1.0})) == "cuda"
     seen.clear()
     hook = fast.level2.register_forward_pre_hook(lambda m, a: seen.append(fuse._REGIME.get()))
     with torch.no_grad():
         fast(torch.randn(2, 3, 32, 64))
     hook.remove()
-    assert seen == [(True, True)]
+    assert seen == [(True, False, "cuda")]
     with pytest.raises(ValueError, match="not a call regime"):
         PLANNER.record_regime(cpu, torch.float32, text, "fast")
 
@@ -583,12 +582,12 @@ def test_check_call_on_the_gpu_times_every_regime_and_all_agree():
     fast = dla_fast.optimize(model, dtype=torch.float16, device=dev)
     rep = dla_fast.tune(fast, (512, 512), [4], budget_s=None, progress=False)
     entry = rep.calls[fast.call_key(4, (512, 512))]
-    assert entry["measured_ms"] > 0 and entry["paced_ms"] > 0 and entry["rule_ms"] > 0
+    assert entry["measured_ms"] > 0 and entry["paced_ms"] > 0 and entry["cuda_ms"] > 0
     assert PLANNER.regime(fast.call_key(4, (512, 512)), dev, torch.float16) == entry["regime"]
     x = torch.randn(4, 3, 512, 512, device=dev)
     outs = []
     with torch.no_grad():
-        for regime in ("measured", "paced", "rule"):
+        for regime in ("measured", "paced", "cuda"):
             fast.forget_plans()
             fast._regime_memo[(4, 512, 512)] = regime
             outs.append([f.float() for f in fast(x)])
@@ -651,8 +650,9 @@ def test_a_call_measured_as_paced_launches_no_triton_kernel(monkeypatch):
     assert len(paced) == len(fast.fused_layers()) and {p.backend for p in paced} == {"eager"}
     assert all("without a Triton launch" in p.why and p.source == "tuned" for p in paced)
     assert {p.backend for _, _, p in fast.plans(2, (32, 64), replayed=True)} == {"triton"}  # a graph hides launches
-    # a call measured fastest on the launch-bound rule: the CUDA extension's defaults, torch's max-pools
-    fuse.PLANNER.record_regime(gpu, torch.float32, fast.call_key(2, (32, 64)), "rule")
+    # a call measured fastest on the CUDA extension's defaults: every layer there, max-pools included
+    fuse.PLANNER.record_regime(gpu, torch.float32, fast.call_key(2, (32, 64)), "cuda")
     fast.forget_plans()
     ruled = {(label.split()[0], p.backend, p.source, p.config) for _, label, p in fast.plans(2, (32, 64), False)}
-    assert ruled == {("conv", "cuda", "rule", ()), ("agg", "cuda", "rule", ()), ("maxpool", "eager", "rule", ())}
+    assert ruled == {("conv", "cuda", "rule", ()), ("agg", "cuda", "rule", ()), ("maxpool", "cuda", "rule", ())}
+    assert {p.backend for _, _, p in fast.plans(2, (32, 64), replayed=True)} == {"triton"}

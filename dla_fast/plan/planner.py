@@ -21,8 +21,9 @@ rule whatever was measured, since the measurements time kernels. A call is small
 has timed a whole model call (:func:`call_key`) in each of :data:`REGIMES`, the fastest decides the call's regime
 instead of the pixel count: ``"measured"``, the measured plans; ``"paced"``, the measurements without a Triton launch
 (each layer's fastest measured candidate on the CUDA extension or torch, :attr:`Plan.paced`; the launch-bound rule
-where none was measured); ``"rule"``, the launch-bound rule on every layer, as a small call (per-layer timings miss
-what a configuration costs the host, so a call paced by its launches can be fastest on the untuned defaults).
+where none was measured); ``"cuda"``, every layer on the CUDA extension's own default kernels, max-pools included,
+as ``backend="cuda"`` runs them (per-layer timings miss what a configuration or a torch op costs the host and the
+caches in sequence, so a call paced by its launches can be fastest on the untuned defaults).
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def _dtype_name(dtype) -> str:
 
 CALL_PREFIX = "call|"
 # The regimes a whole model call is timed in (:func:`dla_fast.plan.tuner.check_call`), the default first.
-REGIMES = ("measured", "paced", "rule")
+REGIMES = ("measured", "paced", "cuda")
 
 
 def call_key(model_tag: str, dtype, n: int, hw: Sequence[int]) -> str:
@@ -296,7 +297,7 @@ class _DeviceState:
     cache: object  # PlanCache
     cached: Optional[_Store]
     tuned: _Store = field(default_factory=lambda: _Store({}, "tuned"))
-    memo: Dict[Tuple[str, bool], Plan] = field(default_factory=dict)
+    memo: Dict[Tuple[str, bool, Optional[bool], Optional[str]], Plan] = field(default_factory=dict)
     regimes: Dict[str, str] = field(default_factory=dict)   # call_key -> the call's measured regime (REGIMES)
 
 
@@ -344,21 +345,26 @@ class Planner:
         return self._state(device, dtype).cache
 
     def plan(self, key: LayerKey, device: torch.device, launch_bound: bool = False,
-             small: Optional[bool] = None) -> Plan:
+             small: Optional[bool] = None, measured: Optional[str] = None) -> Plan:
         """The plan of ``key`` on ``device``; ``launch_bound``: a small call run without a CUDA graph; ``small``:
-        whether the model's call is small (:func:`small_call`; None: judged by the layer's batch), for the rule."""
+        whether the model's call is small (:func:`small_call`; None: judged by the layer's batch), for the rule;
+        ``measured``: the model call's regime as the tuner measured it (one of :data:`REGIMES`, or None)."""
         st = self._state(device, getattr(torch, key.dtype))
-        mk = (key.text(), bool(launch_bound), small)
+        mk = (key.text(), bool(launch_bound), small, measured)
         plan = st.memo.get(mk)
         if plan is None:
-            plan = self._resolve(key, st, launch_bound, small)
+            plan = self._resolve(key, st, launch_bound, small, measured)
             st.memo[mk] = plan
         return plan
 
-    def _resolve(self, key: LayerKey, st: _DeviceState, launch_bound: bool, small: Optional[bool] = None) -> Plan:
+    def _resolve(self, key: LayerKey, st: _DeviceState, launch_bound: bool, small: Optional[bool] = None,
+                 measured: Optional[str] = None) -> Plan:
         if not any(st.available[n] for n in ("triton", "cuda")):
             return rule(key, st.available, launch_bound, small)
         if launch_bound:
+            if measured == "cuda" and st.available.get("cuda"):
+                return Plan("cuda", (), "rule", "a call paced by its launches, fastest on the CUDA extension's "
+                            "default kernels (the tuner timed the whole call)")
             if small is False:  # a large call the tuner found fastest without Triton launches (check_call)
                 return self._paced_plan(key, st)
             return rule(key, st.available, launch_bound, small)

@@ -14,8 +14,8 @@ The per-layer timings add up only while the GPU is the bottleneck. A call the pi
 do not show in full (a Triton launch costs several times the CUDA extension's, and configurations of one backend
 differ in host cost too), so the whole model call is timed once more in each regime of
 :data:`~dla_fast.plan.planner.REGIMES`: on its measured plans, on its plans without Triton launches (each layer's
-fastest measured candidate on the CUDA extension or torch, no fused front) and on the launch-bound rule (the CUDA
-extension's default kernels, torch's max-pools), and the call keeps the fastest (:func:`check_call`).
+fastest measured candidate on the CUDA extension or torch, no fused front) and on the CUDA extension's default
+kernels (what ``backend="cuda"`` runs), and the call keeps the fastest (:func:`check_call`).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ COMPILE_AHEAD_CALLS = 8
 # Another regime displaces a call's measured plans only when the whole call is this much faster in it.
 CALL_MARGIN = 0.02
 # What each regime of planner.REGIMES runs, as the whole-call check and its report name it.
-REGIME_NAMES = {"measured": "measured plans", "paced": "no Triton launches", "rule": "the launch-bound rule"}
+REGIME_NAMES = {"measured": "measured plans", "paced": "no Triton launches", "cuda": "the CUDA extension's defaults"}
 # A candidate's output must match cuDNN's on the same inputs this closely (relative L2) to be timed at all: a
 # check against wrong results, far above the rounding differences of correct kernels (which the test suite
 # bounds much more tightly against float64).
@@ -371,11 +371,11 @@ def check_call(model, n: int, hw: Tuple[int, int], *, timer=None, force: bool = 
                rounds: int = 7, report: Optional[TuneReport] = None) -> Optional[str]:
     """Time the whole call of ``model`` (a FusedDLA under ``backend="auto"``) at ``n`` x ``hw`` without a CUDA
     graph in each regime of :data:`~dla_fast.plan.planner.REGIMES` (its measured plans; its plans without Triton
-    launches, each layer's :attr:`Plan.paced` where Triton won it, no fused front; the launch-bound rule on every
-    layer), and cache the fastest (the measured plans unless another is faster by more than ``margin``). Only calls
-    the pixel rule leaves to the measured plans are checked (a small call takes the launch-bound rule already);
-    returns the regime, or None when the call was not checked (another regime rule applies, or it is in the cache
-    and ``force`` is off)."""
+    launches, each layer's :attr:`Plan.paced` where Triton won it, no fused front; every layer on the CUDA
+    extension's default kernels), and cache the fastest (the measured plans unless another is faster by more than
+    ``margin``). Only calls the pixel rule leaves to the measured plans are checked (a small call takes the
+    launch-bound rule already); returns the regime, or None when the call was not checked (another regime rule
+    applies, or it is in the cache and ``force`` is off)."""
     dev = model.weight_device()
     if model.backend != "auto" or (timer is None and dev.type != "cuda") or small_call(n, hw):
         return None
