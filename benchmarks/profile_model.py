@@ -9,6 +9,12 @@ time; replay minus that sum is what launch gaps and dependencies cost inside the
 With ``--train IMPLS`` (``bench --train``'s implementations, e.g. ``dla_fast_fused,torch_compile``): one SGD
 training step of each instead (autocast to ``--dtype``, batch ``--batch``), its kernels grouped by what they do,
 side by side, then each implementation's top kernels; also the host's time to issue the step and its wall time.
+
+With ``--host``: where the host's time to issue one forward goes, run without a CUDA graph from an idle GPU (the
+detection calls of `bench --features` are paced by it): the issue time, the ops' own CPU time by op (torch.profiler,
+which adds its own cost to every op it records) and the Python functions by their own time (cProfile, likewise):
+
+    python benchmarks/profile_model.py --host --model dla169 --features --hw 512x512 --batch 8 --backend cuda
 """
 from __future__ import annotations
 
@@ -154,12 +160,92 @@ def _profile_train(a, impls) -> int:
     return 0
 
 
+def host_rows(averages, iters: int) -> List[Dict]:
+    """Per op of a torch.profiler CPU run over ``iters`` forwards (``prof.key_averages()``: objects with ``key``,
+    ``count``, ``self_cpu_time_total`` and ``cpu_time_total`` in microseconds): calls, own and inclusive CPU
+    microseconds per forward and own microseconds per call, by own time per forward."""
+    rows = [{"op": e.key, "calls": e.count / iters, "self_us": e.self_cpu_time_total / iters,
+             "total_us": e.cpu_time_total / iters,
+             "self_us_per_call": e.self_cpu_time_total / max(e.count, 1)} for e in averages]
+    return sorted(rows, key=lambda r: -r["self_us"])
+
+
+def _parse_hw(text: str) -> Tuple[int, int]:
+    h, _, w = str(text).lower().partition("x")
+    try:
+        return int(h), int(w or h)
+    except ValueError:
+        raise SystemExit(f"profile_model.py: --hw takes N or HxW (e.g. 512x512), got {text!r}") from None
+
+
+def _profile_host(a) -> int:
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    dtype = getattr(torch, a.dtype)
+    hw = _parse_hw(a.hw)
+    model = (dla_fast.create_model(a.model, features_only=True, out_indices=(2, 3, 4, 5)) if a.features
+             else dla_fast.create_model(a.model))
+    fast = dla_fast.optimize(model, dtype=dtype, backend=a.backend, device="cuda")
+    x = torch.randn(a.batch, 3, *hw, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+
+    def issue() -> float:
+        torch.cuda.synchronize()  # from an idle GPU: the launch queue never blocks the host
+        t = time.perf_counter()
+        fast(x)
+        return time.perf_counter() - t
+
+    with torch.inference_mode():
+        for _ in range(5):
+            fast(x)
+        plain = sorted(issue() for _ in range(a.iters))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            profiled = sorted(issue() for _ in range(a.iters))
+        pr = cProfile.Profile()
+        for _ in range(a.iters):
+            torch.cuda.synchronize()
+            pr.enable()
+            fast(x)
+            pr.disable()
+        torch.cuda.synchronize()
+        used = collections.Counter(fast.backends(a.batch, hw).values())
+    ops = host_rows(prof.key_averages(), a.iters)
+    launches = sum(r["calls"] for r in ops if r["op"] in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                                          "cuLaunchKernelEx"))
+    med = lambda v: 1e3 * v[len(v) // 2]  # noqa: E731
+    feats = " features_only" if a.features else ""
+    print(f"{a.model}{feats} {a.dtype} batch {a.batch} at {hw[0]}x{hw[1]}, backend={a.backend} ({dict(used)}) on "
+          f"{torch.cuda.get_device_name()}")
+    print(f"host time to issue one forward: {med(plain):.3f} ms ({med(profiled):.3f} ms under torch.profiler); "
+          f"{launches:.0f} kernel launches recorded a forward")
+    print(f"{'own us/fwd':>11} {'calls':>7} {'own us/call':>12} {'incl us/fwd':>12}  op (torch.profiler, CPU)")
+    for r in ops[:a.top]:
+        print(f"{r['self_us']:11.1f} {r['calls']:7.1f} {r['self_us_per_call']:12.2f} {r['total_us']:12.1f}  "
+              f"{r['op'][:80]}")
+    text = io.StringIO()
+    pstats.Stats(pr, stream=text).sort_stats("tottime").print_stats(a.top)
+    print(f"Python functions by own time over {a.iters} forwards (cProfile):")
+    print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:6000])
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "features": bool(a.features), "dtype": a.dtype, "batch": a.batch,
+                       "hw": list(hw), "backend": a.backend, "mode": "host", "device": torch.cuda.get_device_name(),
+                       "torch": torch.__version__, "backends": dict(used), "issue_ms": med(plain),
+                       "issue_ms_profiled": med(profiled), "launches": launches, "ops": ops,
+                       "python": text.getvalue()}, f, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="dla34")
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--hw", type=int, default=224)
+    ap.add_argument("--hw", default="224", help="input size, N or HxW (HxW: --host only)")
     ap.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda", "eager"))
     ap.add_argument("--iters", type=int, default=20, help="profiled forwards (training steps with --train)")
     ap.add_argument("--top", type=int, default=30)
@@ -169,7 +255,16 @@ def main(argv=None) -> int:
     ap.add_argument("--train", default=None, metavar="IMPLS",
                     help="profile one training step of each of these comma-separated implementations instead "
                          "(bench --train's: timm_eager, torch_compile, dla_fast_fused, ...)")
+    ap.add_argument("--host", action="store_true",
+                    help="where the host's time to issue one forward goes (no CUDA graph), instead of kernel times")
+    ap.add_argument("--features", action="store_true", help="--host: the features_only model (levels 2-5)")
     a = ap.parse_args(argv)
+    if a.host and a.train is not None:
+        ap.error("--host and --train are separate modes: pick one")
+    if not a.host:
+        if "x" in str(a.hw).lower() or a.features:
+            ap.error("--hw HxW and --features are for --host; the other modes take a square --hw N")
+        a.hw = _parse_hw(a.hw)[0]
     impls = None
     if a.train is not None:
         from dla_fast.distributed import TRAIN_BUILDERS
@@ -181,6 +276,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
     torch.backends.cudnn.benchmark = not a.no_cudnn_benchmark  # as `python -m dla_fast bench` runs
+    if a.host:
+        return _profile_host(a)
     if impls is not None:
         return _profile_train(a, impls)
     dtype = getattr(torch, a.dtype)

@@ -960,6 +960,43 @@ def test_profile_model_train_classes_and_errors(capsys):
         assert "unknown or captured" in capsys.readouterr().err, impl
 
 
+def test_profile_model_host_rows_and_arguments(capsys):
+    """profile_model.py --host: a torch.profiler CPU table becomes per-forward rows by own time; HxW sizes and
+    --features belong to --host, and --host does not combine with --train."""
+    import types
+
+    import profile_model
+    ev = [types.SimpleNamespace(key="aten::empty", count=40, self_cpu_time_total=80.0, cpu_time_total=80.0),
+          types.SimpleNamespace(key="dla_fast::conv_bn_act", count=20, self_cpu_time_total=400.0,
+                                cpu_time_total=600.0)]
+    rows = profile_model.host_rows(ev, 4)
+    assert [r["op"] for r in rows] == ["dla_fast::conv_bn_act", "aten::empty"]
+    assert rows[0] == {"op": "dla_fast::conv_bn_act", "calls": 5.0, "self_us": 100.0, "total_us": 150.0,
+                       "self_us_per_call": 20.0}
+    assert profile_model._parse_hw("512x640") == (512, 640) and profile_model._parse_hw("96") == (96, 96)
+    for argv, msg in ((["--hw", "512x512"], "are for --host"), (["--features"], "are for --host"),
+                      (["--host", "--train", "dla_fast_fused"], "separate modes")):
+        with pytest.raises(SystemExit):
+            profile_model.main(argv)
+        assert msg in capsys.readouterr().err, argv
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                    reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+def test_profile_model_host_cuda(tmp_path, capsys):
+    """profile_model.py --host on a GPU: a dla34 features call at 2 x 64x96 on the CUDA backend; its issue time,
+    its launches and the extension's op among the recorded ops."""
+    import profile_model
+    js = tmp_path / "h.json"
+    assert profile_model.main(["--host", "--model", "dla34", "--features", "--hw", "64x96", "--batch", "2",
+                               "--backend", "cuda", "--iters", "3", "--json", str(js)]) == 0
+    run = json.loads(js.read_text())
+    assert run["issue_ms"] > 0 and run["launches"] > 10 and run["hw"] == [64, 96]
+    assert any(r["op"] == "dla_fast::conv_bn_act" and r["calls"] > 10 for r in run["ops"])
+    assert "host time to issue one forward" in capsys.readouterr().out
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
                     reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
