@@ -245,7 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="dla34")
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--hw", default="224", help="input size, N or HxW (HxW: --host only)")
+    ap.add_argument("--hw", default="224", help="input size, N or HxW (HxW: not with --train)")
     ap.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda", "eager"))
     ap.add_argument("--iters", type=int, default=20, help="profiled forwards (training steps with --train)")
     ap.add_argument("--top", type=int, default=30)
@@ -257,13 +257,13 @@ def main(argv=None) -> int:
                          "(bench --train's: timm_eager, torch_compile, dla_fast_fused, ...)")
     ap.add_argument("--host", action="store_true",
                     help="where the host's time to issue one forward goes (no CUDA graph), instead of kernel times")
-    ap.add_argument("--features", action="store_true", help="--host: the features_only model (levels 2-5)")
+    ap.add_argument("--features", action="store_true", help="the features_only model (levels 2-5; not with --train)")
     a = ap.parse_args(argv)
     if a.host and a.train is not None:
         ap.error("--host and --train are separate modes: pick one")
-    if not a.host:
+    if a.train is not None:
         if "x" in str(a.hw).lower() or a.features:
-            ap.error("--hw HxW and --features are for --host; the other modes take a square --hw N")
+            ap.error("--train profiles the classifier at a square --hw N: drop --features and HxW")
         a.hw = _parse_hw(a.hw)[0]
     impls = None
     if a.train is not None:
@@ -281,8 +281,11 @@ def main(argv=None) -> int:
     if impls is not None:
         return _profile_train(a, impls)
     dtype = getattr(torch, a.dtype)
-    fast = dla_fast.optimize(dla_fast.create_model(a.model), dtype=dtype, backend=a.backend, device="cuda")
-    x = torch.randn(a.batch, 3, a.hw, a.hw, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    hw = _parse_hw(a.hw)
+    model = (dla_fast.create_model(a.model, features_only=True, out_indices=(2, 3, 4, 5)) if a.features
+             else dla_fast.create_model(a.model))
+    fast = dla_fast.optimize(model, dtype=dtype, backend=a.backend, device="cuda")
+    x = torch.randn(a.batch, 3, *hw, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
     # graph_mode: the profiled eager forwards run the kernels the graph replays (without it, auto at small
     # batches takes the launch-bound choice and the table would describe another forward than graph_ms).
     with torch.inference_mode(), dla_fast.fuse.graph_mode():
@@ -295,11 +298,13 @@ def main(argv=None) -> int:
             for _ in range(a.iters):
                 fast(x)
             torch.cuda.synchronize()
-        used = collections.Counter(fast.backends(a.batch).values())
+        used = collections.Counter(fast.backends(a.batch, hw).values())
     per = _kernel_times(prof, a.iters)
     total = sum(v[0] for v in per.values())
     rows = sorted(((n, ms, calls) for n, (ms, calls) in per.items()), key=lambda r: -r[1])
-    print(f"{a.model} {a.dtype} batch {a.batch} backend={a.backend} ({dict(used)}) on {torch.cuda.get_device_name()}")
+    feats = " features_only" if a.features else ""
+    print(f"{a.model}{feats} {a.dtype} batch {a.batch} at {hw[0]}x{hw[1]} backend={a.backend} ({dict(used)}) on "
+          f"{torch.cuda.get_device_name()}")
     print(f"kernel time per forward {total:.4f} ms over {sum(r[2] for r in rows):.0f} kernels; "
           f"CUDA-graph replay {graph_ms:.4f} ms")
     print(f"{'ms/fwd':>9} {'calls':>6}  kernel")
@@ -307,9 +312,9 @@ def main(argv=None) -> int:
         print(f"{ms:9.4f} {calls:6.1f}  {n[:110]}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"model": a.model, "dtype": a.dtype, "batch": a.batch, "backend": a.backend,
-                       "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "kernel_ms": total,
+            json.dump({"model": a.model, "features": bool(a.features), "dtype": a.dtype, "batch": a.batch,
+                       "hw": list(hw), "backend": a.backend, "device": torch.cuda.get_device_name(),
+                       "torch": torch.__version__, "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "kernel_ms": total,
                        "graph_ms": graph_ms, "backends": dict(used),
                        "kernels": [{"name": n, "ms": ms, "calls": c} for n, ms, c in rows]}, f, indent=1)
     return 0
