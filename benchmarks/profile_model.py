@@ -314,8 +314,8 @@ def main(argv=None) -> int:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "features": bool(a.features), "dtype": a.dtype, "batch": a.batch,
                        "hw": list(hw), "backend": a.backend, "device": torch.cuda.get_device_name(),
-                       "torch": torch.__version__, "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "kernel_ms": total,
-                       "graph_ms": graph_ms, "backends": dict(used),
+                       "torch": torch.__version__, "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+                       "kernel_ms": total, "graph_ms": graph_ms, "backends": dict(used),
                        "kernels": [{"name": n, "ms": ms, "calls": c} for n, ms, c in rows]}, f, indent=1)
     return 0
 
