@@ -178,6 +178,18 @@ def _parse_hw(text: str) -> Tuple[int, int]:
         raise SystemExit(f"profile_model.py: --hw takes N or HxW (e.g. 512x512), got {text!r}") from None
 
 
+def _model_and_input(a):
+    """The optimized model of the arguments (features_only with --features) on the GPU, a channels_last input
+    of --batch x --hw in --dtype, and (H, W)."""
+    dtype = getattr(torch, a.dtype)
+    hw = _parse_hw(a.hw)
+    model = (dla_fast.create_model(a.model, features_only=True, out_indices=(2, 3, 4, 5)) if a.features
+             else dla_fast.create_model(a.model))
+    fast = dla_fast.optimize(model, dtype=dtype, backend=a.backend, device="cuda")
+    x = torch.randn(a.batch, 3, *hw, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    return fast, x, hw
+
+
 def _profile_host(a) -> int:
     import cProfile
     import io
@@ -186,12 +198,7 @@ def _profile_host(a) -> int:
 
     from torch.profiler import ProfilerActivity, profile
 
-    dtype = getattr(torch, a.dtype)
-    hw = _parse_hw(a.hw)
-    model = (dla_fast.create_model(a.model, features_only=True, out_indices=(2, 3, 4, 5)) if a.features
-             else dla_fast.create_model(a.model))
-    fast = dla_fast.optimize(model, dtype=dtype, backend=a.backend, device="cuda")
-    x = torch.randn(a.batch, 3, *hw, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    fast, x, hw = _model_and_input(a)
 
     def issue() -> float:
         torch.cuda.synchronize()  # from an idle GPU: the launch queue never blocks the host
@@ -280,12 +287,7 @@ def main(argv=None) -> int:
         return _profile_host(a)
     if impls is not None:
         return _profile_train(a, impls)
-    dtype = getattr(torch, a.dtype)
-    hw = _parse_hw(a.hw)
-    model = (dla_fast.create_model(a.model, features_only=True, out_indices=(2, 3, 4, 5)) if a.features
-             else dla_fast.create_model(a.model))
-    fast = dla_fast.optimize(model, dtype=dtype, backend=a.backend, device="cuda")
-    x = torch.randn(a.batch, 3, *hw, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    fast, x, hw = _model_and_input(a)
     # graph_mode: the profiled eager forwards run the kernels the graph replays (without it, auto at small
     # batches takes the launch-bound choice and the table would describe another forward than graph_ms).
     with torch.inference_mode(), dla_fast.fuse.graph_mode():
