@@ -48,6 +48,7 @@ class Row:
     tune_measured: Optional[int] = None     # layer calls it measured
     tune_reused: Optional[int] = None       # layer calls it found in the plan cache
     tune_regime: Optional[str] = None       # the regime the whole-call check kept (planner.REGIMES)
+    tune_call_ms: Optional[Dict[str, Optional[float]]] = None  # that check's time of the call in each regime
     host_ms: Optional[float] = None         # the host's time to issue one call (GPU only; median of rounds)
     error: Optional[str] = None
     hw: Tuple[int, int] = (224, 224)
@@ -166,8 +167,13 @@ def build_impl(impl: str, name: str, ours_fp32: torch.nn.Module, dtype: torch.dt
         if tune and backend == "auto" and device == "cuda":
             rep = dla_fast.tune(fast, hw, [batch], progress=False)
             if tuned is not None:
+                from .fuse import CudaGraphRunner
+                from .plan.planner import REGIMES
+                inner = fast.module if isinstance(fast, CudaGraphRunner) else fast
+                checked = next(iter(rep.calls.values()), None)  # None: a small call, or its verdict was cached
                 tuned.update(seconds=rep.seconds, measured=rep.measured, reused=rep.reused,
-                             regime=fast._call_regime(batch, *hw))
+                             regime=inner._call_regime(batch, *hw),
+                             call_ms=None if checked is None else {r: checked[f"{r}_ms"] for r in REGIMES})
             if torch.cuda.is_available():
                 # the peak is this model's, not the tuning's (the largest layer's inputs, its candidates' outputs)
                 torch.cuda.synchronize()
@@ -213,7 +219,7 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
             if tuned:
                 row.tune_s = round(tuned["seconds"], 3)
                 row.tune_measured, row.tune_reused = tuned["measured"], tuned["reused"]
-                row.tune_regime = tuned["regime"]
+                row.tune_regime, row.tune_call_ms = tuned["regime"], tuned["call_ms"]
             with torch.inference_mode() if not impl.startswith(("torch_compile", "dla_fast_aoti")) \
                     else torch.no_grad():
                 # copied out at once: CUDA-graph runners (reduce-overhead) overwrite their output on the next call
@@ -232,7 +238,9 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
                 + (f"  [{used}]" if used else "")
                 + (f"  tuning {row.tune_s:.1f}s: {row.tune_measured} layer calls measured, {row.tune_reused} from "
                    "the cache" if tuned else "")
-                + (f"; the whole call kept {_regime_name(row.tune_regime)}" if row.tune_regime else ""))
+                + (f"; the whole call kept {_regime_name(row.tune_regime)}" if row.tune_regime else "")
+                + (" (" + ", ".join(f"{_regime_name(r)} {'failed' if v is None else format(v, '.3f') + ' ms'}"
+                                    for r, v in row.tune_call_ms.items()) + ")" if row.tune_call_ms else ""))
         except Exception as e:  # one broken implementation must not sink the whole run
             row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             log(f"  FAILED {impl}: {row.error}")

@@ -109,7 +109,18 @@ def test_bench_reports_the_tuning_time_apart(monkeypatch):
     fn, used = bench.build_impl("dla_fast_auto", "dla34", dla_fast.create_model("dla34"), torch.float32, "cuda", 1,
                                 (64, 64), tune=True, tuned=got)
     assert asked == [((64, 64), [1])] and used == "eager"
-    assert got == {"seconds": 12.5, "measured": 20, "reused": 9, "regime": None}
+    assert got == {"seconds": 12.5, "measured": 20, "reused": 9, "regime": None, "call_ms": None}
+    # a graph-replayed model (the runner wraps the tuned model) and a whole-call check in the report: its times
+    from dla_fast.fuse import CudaGraphRunner
+    rep.calls["call|dla34|float32|64x64|n1"] = {"regime": "cuda", "measured_ms": 2.0, "paced_ms": None,
+                                                "cuda_ms": 1.5}
+    monkeypatch.setattr(dla_fast, "optimize",
+                        lambda m, dtype, **kw: CudaGraphRunner(real(m, dtype=dtype, backend="eager")))
+    got = {}
+    fn, used = bench.build_impl("dla_fast_cudagraph", "dla34", dla_fast.create_model("dla34"), torch.float32, "cuda",
+                                1, (64, 64), tune=True, tuned=got)
+    assert isinstance(fn, CudaGraphRunner) and used == "eager"
+    assert got["call_ms"] == {"measured": 2.0, "paced": None, "cuda": 1.5} and got["regime"] is None
     row = dict(bench.Row("dla34", "float32", 1, "dla_fast_auto", img_per_s=100.0, ms=10.0, rel_err=1e-6,
                          first_s=14.2, tune_s=12.5, tune_measured=20, tune_reused=9).__dict__)
     table = bench.format_table({"device": "H100", "torch": "2", "triton": "3", "cudnn": 9, "date": "today",
