@@ -93,7 +93,8 @@ def _launch_cost_hidden() -> bool:
 
 # The regime of the FusedDLA forward running on this thread, (launch-bound, small, measured) for all of its layers
 # from the model's input size (:func:`dla_fast.plan.planner.small_call`) and the tuner's verdict on the call (see
-# :func:`_regime`); None outside one, where a layer judges by its own batch. Detection inputs at small batches (8 x 512x512) are not small: their kernels outlast their launches.
+# :func:`_regime`); None outside one, where a layer judges by its own batch. Detection inputs at small batches
+# (8 x 512x512) are not small: their kernels outlast their launches.
 _REGIME: ContextVar[Optional[Tuple[bool, bool, Optional[str]]]] = ContextVar("dla_fast_regime", default=None)
 
 
