@@ -168,7 +168,7 @@ def test_planner_sources_in_order():
 
 
 def test_a_paced_call_launches_no_triton_kernel():
-    """A large call the tuner found paced by its launches (launch-bound, not small) keeps what was measured, except
+    """A large call the tuner found paced by its launches (its verdict "paced") keeps what was measured, except
     that a Triton winner gives way to its fastest measured candidate without a Triton launch, and the launch-bound
     rule serves where nothing was measured; a small call takes the launch-bound rule whatever was measured."""
     dev = torch.device("cuda", 0)
@@ -183,18 +183,18 @@ def test_a_paced_call_launches_no_triton_kernel():
         pool.text(): {"backend": "triton", "config": [], "ms": 0.02},  # an entry written before paced plans
     })
     assert p.plan(k8, dev, small=False).backend == "triton"  # not paced: the measured winner
-    paced = p.plan(k8, dev, launch_bound=True, small=False)
+    paced = p.plan(k8, dev, launch_bound=True, small=False, measured="paced")
     assert (paced.backend, paced.config, paced.source, paced.ms) == ("cuda", (1, 128, 2), "cached", 0.25)
     assert "without a Triton launch" in paced.why and "0.2000 ms" in paced.why
-    assert p.plan(one, dev, launch_bound=True, small=False).backend == "eager"
-    assert p.plan(pool, dev, launch_bound=True, small=False) == rule(pool, EVERY, True, False)
-    assert p.plan(bare, dev, launch_bound=True, small=False) == rule(bare, EVERY, True, False)
+    assert p.plan(one, dev, launch_bound=True, small=False, measured="paced").backend == "eager"
+    assert p.plan(pool, dev, launch_bound=True, small=False, measured="paced") == rule(pool, EVERY, True, False)
+    assert p.plan(bare, dev, launch_bound=True, small=False, measured="paced") == rule(bare, EVERY, True, False)
     assert p.plan(k8, dev, launch_bound=True, small=True) == rule(k8, EVERY, True, True)
     # the paced candidate's backend missing on this machine: the launch-bound rule
     no_cuda = dict(EVERY, cuda=False)
     p = _planner_with(None, {k8.text(): {"backend": "triton", "config": [],
                                          "paced": {"backend": "cuda", "config": [1, 128, 2]}}}, no_cuda)
-    assert p.plan(k8, dev, launch_bound=True, small=False) == rule(k8, no_cuda, True, False)
+    assert p.plan(k8, dev, launch_bound=True, small=False, measured="paced") == rule(k8, no_cuda, True, False)
 
 
 # ------------------------------------------------------------------------------------------------ tuner

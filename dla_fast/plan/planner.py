@@ -365,7 +365,7 @@ class Planner:
             if measured == "cuda" and st.available.get("cuda"):
                 return Plan("cuda", (), "rule", "a call paced by its launches, fastest on the CUDA extension's "
                             "default kernels (the tuner timed the whole call)")
-            if small is False:  # a large call the tuner found fastest without Triton launches (check_call)
+            if measured in ("paced", "cuda"):  # no Triton launches (for "cuda": the CUDA extension is missing here)
                 return self._paced_plan(key, st)
             return rule(key, st.available, launch_bound, small)
         plan = self._measured(key, st)
