@@ -31,6 +31,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dla_fast  # noqa: E402
+from dla_fast.shapes import parse_hw  # noqa: E402
 
 
 def _graph_ms(fast, x, iters: int = 200) -> float:
@@ -170,19 +171,11 @@ def host_rows(averages, iters: int) -> List[Dict]:
     return sorted(rows, key=lambda r: -r["self_us"])
 
 
-def _parse_hw(text: str) -> Tuple[int, int]:
-    h, _, w = str(text).lower().partition("x")
-    try:
-        return int(h), int(w or h)
-    except ValueError:
-        raise SystemExit(f"profile_model.py: --hw takes N or HxW (e.g. 512x512), got {text!r}") from None
-
-
 def _model_and_input(a):
     """The optimized model of the arguments (features_only with --features) on the GPU, a channels_last input
-    of --batch x --hw in --dtype, and (H, W)."""
+    of --batch x --hw (parsed: (H, W)) in --dtype, and (H, W)."""
     dtype = getattr(torch, a.dtype)
-    hw = _parse_hw(a.hw)
+    hw = a.hw
     model = (dla_fast.create_model(a.model, features_only=True, out_indices=(2, 3, 4, 5)) if a.features
              else dla_fast.create_model(a.model))
     fast = dla_fast.optimize(model, dtype=dtype, backend=a.backend, device="cuda")
@@ -268,10 +261,14 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.host and a.train is not None:
         ap.error("--host and --train are separate modes: pick one")
+    if a.train is not None and ("x" in str(a.hw).lower() or a.features):
+        ap.error("--train profiles the classifier at a square --hw N: drop --features and HxW")
+    try:
+        a.hw = parse_hw(a.hw)
+    except ValueError as e:
+        ap.error(f"--hw: {e}")
     if a.train is not None:
-        if "x" in str(a.hw).lower() or a.features:
-            ap.error("--train profiles the classifier at a square --hw N: drop --features and HxW")
-        a.hw = _parse_hw(a.hw)[0]
+        a.hw = a.hw[0]
     impls = None
     if a.train is not None:
         from dla_fast.distributed import TRAIN_BUILDERS

@@ -962,7 +962,7 @@ def test_profile_model_train_classes_and_errors(capsys):
 
 def test_profile_model_host_rows_and_arguments(capsys):
     """profile_model.py --host: a torch.profiler CPU table becomes per-forward rows by own time; --train takes
-    neither HxW sizes nor --features, nor --host."""
+    neither HxW sizes nor --features, nor --host; a size that is neither N nor HxW is refused before anything runs."""
     import types
 
     import profile_model
@@ -973,8 +973,8 @@ def test_profile_model_host_rows_and_arguments(capsys):
     assert [r["op"] for r in rows] == ["dla_fast::conv_bn_act", "aten::empty"]
     assert rows[0] == {"op": "dla_fast::conv_bn_act", "calls": 5.0, "self_us": 100.0, "total_us": 150.0,
                        "self_us_per_call": 20.0}
-    assert profile_model._parse_hw("512x640") == (512, 640) and profile_model._parse_hw("96") == (96, 96)
     for argv, msg in ((["--hw", "512x512", "--train", "dla_fast_fused"], "square --hw N"),
+                      (["--host", "--hw", "512y640"], "--hw: "),
                       (["--features", "--train", "dla_fast_fused"], "square --hw N"),
                       (["--host", "--train", "dla_fast_fused"], "separate modes")):
         with pytest.raises(SystemExit):
