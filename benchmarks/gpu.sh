@@ -112,9 +112,9 @@ opbench)
   timeout "$(until_deadline)" python3 benchmarks/opbench.py "$@" --json "$OUT/$name.json" "${tables[@]}" \
     > "/tmp/$name.txt" 2>&1
   rc=$?
-  [ ${#tables[@]} = 0 ] && { cp "/tmp/$name.txt" "$OUT/$name.txt"; tail -40 "/tmp/$name.txt"; }
   grep -E "error|Error" "/tmp/$name.txt" | grep -v "rel_err" | head -5
   if [ ${#tables[@]} = 0 ]; then
+    cp "/tmp/$name.txt" "$OUT/$name.txt"; tail -40 "/tmp/$name.txt"
     echo "== opbench --train rc=$rc$(why $rc) at +$(el)s: $name.json, $name.txt"
   else
     grep -A30 "^Sum over each model" "$OUT/$name.md" | grep "^|"
