@@ -50,6 +50,7 @@ class Row:
     tune_regime: Optional[str] = None       # the regime the whole-call check kept (planner.REGIMES)
     tune_call_ms: Optional[Dict[str, Optional[float]]] = None  # that check's time of the call in each regime
     host_ms: Optional[float] = None         # the host's time to issue one call (GPU only; median of rounds)
+    host_load: Optional[float] = None       # the host's 1-minute load average as the timed rounds began
     error: Optional[str] = None
     hw: Tuple[int, int] = (224, 224)
     features: bool = False
@@ -106,6 +107,21 @@ def _host_once(fn: Callable, x) -> float:
     host = time.perf_counter() - t
     torch.cuda.synchronize()
     return host
+
+
+def host_load() -> Optional[float]:
+    """The host's 1-minute load average (None where the OS has none): other processes busy on the CPU slow every
+    call paced by its launches, so a row timed under load says so."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_host(load: Optional[float], cpus: Optional[int]) -> bool:
+    """Whether a load average of ``load`` on ``cpus`` CPUs means other work competes with the timing process
+    (more than a quarter of the CPUs busy, and more than one)."""
+    return load is not None and load > max(1.0, (cpus or 1) / 4)
 
 
 def _flat(y) -> torch.Tensor:
@@ -246,6 +262,12 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
             log(f"  FAILED {impl}: {row.error}")
     samples: Dict[str, List[float]] = {k: [] for k in fns}
     host: Dict[str, List[float]] = {k: [] for k in fns}
+    load = host_load()
+    if busy_host(load, os.cpu_count()):
+        log(f"  note: the host's load average is {load} on {os.cpu_count()} CPUs: other processes compete with this "
+            "one, and calls paced by their launches time slower (rows keep it as host_load)")
+    for impl in fns:
+        rows[impl].host_load = load
     for _ in range(rounds):
         for impl, fn in fns.items():
             with torch.no_grad():

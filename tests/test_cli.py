@@ -55,6 +55,23 @@ def test_bench_runs_on_the_cpu(tmp_path):
     assert "| dla46_c | float32 | 1 | dla_fast_eager |" in p.stdout
     # cuDNN picks its algorithms by timing them, as timm's train.py and benchmark.py have it, and the result says so
     assert r["cudnn_benchmark"] is True and " (benchmark on) |" in p.stdout
+    # the host's load as the timed rounds began (Linux has a load average)
+    assert isinstance(row["host_load"], float) and row["host_load"] >= 0
+
+
+def test_bench_notes_a_busy_host(monkeypatch):
+    """Rows timed while other processes load the CPU say so in the log and keep the load average."""
+    import torch
+
+    from dla_fast import bench
+
+    assert not bench.busy_host(None, 16) and not bench.busy_host(0.9, 2) and not bench.busy_host(3.9, 16)
+    assert bench.busy_host(1.5, 2) and bench.busy_host(4.5, 16)
+    monkeypatch.setattr(bench, "host_load", lambda: 64.0)
+    lines = []
+    rows = bench.bench_one("dla46_c", torch.float32, 1, ["dla_fast_eager"], "cpu", (32, 32), 1, 1, 0, lines.append)
+    assert rows[0].host_load == 64.0 and rows[0].ms > 0
+    assert any("load average is 64.0" in s for s in lines), lines
 
 
 def test_bench_leaves_the_callers_cudnn_setting(tmp_path, monkeypatch, capsys):
