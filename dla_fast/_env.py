@@ -62,6 +62,10 @@ SWITCHES: Tuple[Switch, ...] = (
            "or aten (cuDNN)"),
     Switch("DLA_FAST_TRITON_CONV", "dense, flat, blockdiag, direct", "unset",
            "debugging: force the Triton conv kernel family wherever the plan leaves the tiles to the heuristic"),
+    Switch("DLA_FAST_TRITON_SPLITK", "epilogue, kernel", "epilogue",
+           "how the Triton heuristic's split-K convs and aggregation nodes (grids too small to fill the GPU: batch 1 "
+           "at 7x7-28x28) sum their fp32 partials: epilogue (a second kernel) or kernel (the last program of each "
+           "tile, in the GEMM kernel: one launch fewer a layer); the same bits either way, and tuning times both"),
     Switch("DLA_FAST_TRITON_POISON", "0, 1", "0",
            "tests: Triton outputs start as NaN, so an element a kernel never writes shows up"),
     Switch("DLA_FAST_CUDA_KERNEL", "auto, wgmma, tc, simt, direct", "auto",

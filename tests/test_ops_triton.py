@@ -294,6 +294,88 @@ def test_split_k(split, dtype):
     _check(out, ref64, eager, dtype, what=f"split-K {split} aggregate {dtype}")
 
 
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("split", [2, 5])
+def test_split_k_reduced_in_the_kernel(split):
+    """REDUCE=1 (each tile's last program sums the partials inside the GEMM kernel) gives the very bits of the
+    epilogue kernel's sum, leaves its tile counters at zero for the next launch, and repeats; a launch that can
+    have no counters (more tiles than a region holds) falls back to the epilogue kernel, with the same bits."""
+    from dla_fast.backends.triton import _launch
+    dtype = torch.float16 if DEV == "cuda" else torch.float32
+    torch.manual_seed(40 + split)
+    x = _rand(2, 40, 7, 9, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = _rand(24, 40, 3, 3, dtype=dtype, scale=(40 * 9) ** -0.5)
+    b = _rand(24)
+    r = _make_layout(_rand(2, 24, 7, 9, dtype=dtype), "nchw")
+    cfg = dict(kind="dense", MODE=0, GB=1, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1,
+               SPLIT=split)
+    two = _launch.conv_launch(x, w, b, (1, 1), (1, 1), 1, r, True, False, config=dict(cfg, REDUCE=0))
+    one = _launch.conv_launch(x, w, b, (1, 1), (1, 1), 1, r, True, False, config=dict(cfg, REDUCE=1))
+    again = _launch.conv_launch(x, w, b, (1, 1), (1, 1), 1, r, True, False, config=dict(cfg, REDUCE=1))
+    assert torch.equal(one, two) and torch.equal(again, two)
+    pools = list(_launch._COUNTER_POOLS.values())
+    assert pools and all(int(p.buf.count_nonzero()) == 0 for p in pools)
+
+    kids = [_rand(1, c, 5, 7, dtype=dtype).contiguous(memory_format=torch.channels_last) for c in (24, 9, 40)]
+    w2 = _rand(24, 73, dtype=dtype, scale=73 ** -0.5)
+    acfg = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1, SPLIT=split)
+    two = _launch.aggregate_launch(kids, w2, b, kids[0], True, False, config=dict(acfg, REDUCE=0))
+    one = _launch.aggregate_launch(kids, w2, b, kids[0], True, False, config=dict(acfg, REDUCE=1))
+    assert torch.equal(one, two)
+    assert all(int(p.buf.count_nonzero()) == 0 for p in _launch._COUNTER_POOLS.values())
+    ref64 = aggregate_ref([k.double() for k in kids], w2.double(), b.double(), kids[0].double(), True)
+    _check(one, ref64, aggregate_ref(kids, w2, b, kids[0], True), dtype, what=f"in-kernel split-K {split}")
+
+    small = dict(cfg, BLOCK_M=16, REDUCE=1)  # 8 row tiles x 2 column tiles
+    region = _launch._COUNTER_REGION
+    try:
+        _launch._COUNTER_REGION = 8
+        assert _launch._reduce_counters(small, split, 16, one) is None
+        fell_back = _launch.conv_launch(x, w, b, (1, 1), (1, 1), 1, r, True, False, config=small)
+    finally:
+        _launch._COUNTER_REGION = region
+    assert torch.equal(fell_back, _launch.conv_launch(x, w, b, (1, 1), (1, 1), 1, r, True, False,
+                                                      config=dict(small, REDUCE=0)))
+
+
+@needs_triton
+def test_split_k_counters_stay_apart(monkeypatch):
+    """Counter regions: one per stream for eager launches (reused), a fresh one per launch under CUDA-graph
+    capture, none during a capture before the device's pool exists (no memset may enter the graph), none for
+    configs without REDUCE or split, and none once the pool is used up."""
+    from dla_fast.backends.triton import _launch
+    monkeypatch.setattr(_launch, "_COUNTER_POOLS", {})
+    y = torch.empty(4)
+    cfg = dict(SPLIT=4, REDUCE=1)
+    assert _launch._reduce_counters(dict(cfg, REDUCE=0), 4, 8, y) is None
+    assert _launch._reduce_counters(cfg, 1, 8, y) is None
+    a = _launch._reduce_counters(cfg, 4, 8, y)
+    b = _launch._reduce_counters(cfg, 4, 8, y)
+    assert a is not None and a.data_ptr() == b.data_ptr() and a.dtype == torch.int32 and int(a.abs().sum()) == 0
+    pool = _launch._COUNTER_POOLS[("cpu", 0)]
+    assert pool.used == _launch._COUNTER_REGION
+    while pool.take(1000) is not None:
+        pass
+    assert _launch._tile_counters(torch.device("cpu"), 8) is a  # the stream keeps its region
+
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: type("S", (), {"cuda_stream": 7})())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    real_pool = _launch._CounterPool
+    monkeypatch.setattr(_launch, "_CounterPool", lambda device: real_pool(torch.device("cpu")))  # a GPU's, here
+    dev = torch.device("cuda", 0)
+    assert _launch._tile_counters(dev, 8) is None  # capturing, and no pool zeroed before
+    capturing[0] = False
+    eager = _launch._tile_counters(dev, 8)
+    capturing[0] = True
+    g1, g2 = _launch._tile_counters(dev, 8), _launch._tile_counters(dev, 40)
+    assert len({t.data_ptr() for t in (eager, g1, g2)}) == 3
+    assert (g1.numel(), g2.numel(), g2.data_ptr() - g1.data_ptr()) == (32, 64, 128)  # 128-byte steps
+    assert _launch._tile_counters(dev, _launch._COUNTER_REGION + 1) is None
+
+
 @needs_triton
 def test_split_k_plan():
     """Split-K is chosen only where the plain grid leaves most SMs idle, and never on the interpreter."""
@@ -461,10 +543,20 @@ def test_config_tuples_round_trip_and_bad_ones_are_refused():
         assert _launch.conv_config_tuple(back) == t
     a = _launch.aggregate_plan(25088, [64, 64], 64, f16, False, True, sms=132)
     assert _launch.aggregate_config_dict(_launch.aggregate_config_tuple(a)) == a
+    a = _launch.aggregate_plan(49, [512, 512, 256], 512, f16, False, True, sms=132)
+    assert a["SPLIT"] > 1 and _launch.aggregate_config_dict(_launch.aggregate_config_tuple(a)) == a
+    # plans kept before REDUCE existed (one element fewer) read as the epilogue kernel's reduction
+    old = _launch.conv_config_tuple(_launch.conv_plan(49, 512, 512, 1, 3, 3, f16, False, False, sms=132))[:-1]
+    assert _launch.conv_config_dict(old)["REDUCE"] == 0
+    assert _launch.aggregate_config_dict((64, 64, 32, 4, 3, 4))["REDUCE"] == 0
     with pytest.raises(ValueError, match="Triton conv config .* is malformed"):
         _launch.conv_config_dict((9, 1, 2))
+    with pytest.raises(ValueError, match="Triton conv config .* is malformed"):
+        _launch.conv_config_dict(old + (2,))
     with pytest.raises(ValueError, match="Triton aggregate config .* is malformed"):
         _launch.aggregate_config_dict((64, 64, 0, 4, 3, 1))
+    with pytest.raises(ValueError, match="Triton aggregate config .* is malformed"):
+        _launch.aggregate_config_dict((64, 64, 32, 4, 3, 4, 3))
 
 
 @pytest.mark.interpreter
@@ -708,6 +800,53 @@ def test_cuda_graph_capture():
     g.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, expect, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_split_k_reduced_in_the_kernel_cuda(dtype):
+    """The in-kernel split-K reduction on dla34's batch-1 split layers (the heuristic's own split counts): the
+    epilogue kernel's bits on every one of many launches (a race on the counters or a stale partial would show
+    as a mismatch), eagerly on two streams, and replayed from CUDA graphs, two graphs replayed back to back."""
+    from dla_fast.backends.triton import _launch
+    torch.manual_seed(12)
+    cases = [(512, 512, 7, 3, 1), (256, 256, 14, 3, 1), (128, 256, 28, 3, 2), (64, 64, 56, 3, 1)]
+    for cin, cout, h, k, st in cases:
+        x = _rand(1, cin, h, h, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        w = _rand(cout, cin, k, k, dtype=dtype, scale=(cin * k * k) ** -0.5).contiguous(
+            memory_format=torch.channels_last)
+        b = _rand(cout)
+        ho = (h + 2 - k) // st + 1
+        r = _rand(1, cout, ho, ho, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        cfg = _launch.conv_plan(ho * ho, cin, cout, 1, k, k, dtype, True, False,
+                                sms=_launch._sm_count(torch.device("cuda")))
+        assert cfg["SPLIT"] > 1, (cin, cout, h, cfg)
+
+        def run(reduce):
+            return _launch.conv_launch(x, w, b, (st, st), (1, 1), 1, r, True, True, config=dict(cfg, REDUCE=reduce))
+        expect = run(0)
+        outs = [run(1) for _ in range(50)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            outs += [run(1) for _ in range(20)]
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, expect) for o in outs), (cin, cout, h)
+        graphs = []
+        for _ in range(2):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                y = run(1)
+            graphs.append((g, y))
+        for _ in range(10):
+            for g, _ in graphs:
+                g.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(y, expect) for _, y in graphs), (cin, cout, h)
+    pool = _launch._COUNTER_POOLS[("cuda", torch.cuda.current_device())]
+    assert int(pool.buf.count_nonzero()) == 0
 
 
 # ---------------------------------------------------------------------------------------- TF32 rounding

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 if __package__ in (None, ""):  # run as a script: the repository's dla_fast even when it is not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64"}
+_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64", torch.int32: "i32"}
 
 
 class _Recorder:

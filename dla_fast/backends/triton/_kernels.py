@@ -249,7 +249,7 @@ def _conv_tile(
 
 @triton.jit
 def _conv_gemm_kernel(
-    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, ws_ptr,
+    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, H, W, Ho, Wo, Cin, Cin_g, Cout_g, Cout,
     sxn, sxh, sxw, srn, src, srh, srw,
     stride_h, stride_w, pad_h, pad_w,
@@ -259,6 +259,7 @@ def _conv_gemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
     PREC: tl.constexpr, RND: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    REDUCE: tl.constexpr,
 ):
     """Implicit-GEMM convolution on tensor cores: rows = output pixels, columns = output channels.
 
@@ -275,8 +276,9 @@ def _conv_gemm_kernel(
 
     SPLIT > 1 (mode 0 only): split-K. Program (tile, program_id(1)) sums its share of the K iterations and
     stores the fp32 partial to ``ws_ptr`` (SPLIT slices of [M, Cout]); ``_splitk_epilogue_kernel`` adds
-    them up and applies the epilogue. For grids that cannot fill the GPU (batch 1, 7x7 and 14x14 maps)
-    where a few programs would otherwise walk K = 9 x 512 alone.
+    them up and applies the epilogue, or with REDUCE the tile's last program to finish does (see ``_finish``).
+    For grids that cannot fill the GPU (batch 1, 7x7 and 14x14 maps) where a few programs would otherwise walk
+    K = 9 x 512 alone.
     """
     pid = tl.program_id(0)
     # Output-channel tiles vary fastest so that the few programs sharing one A (activation) tile run
@@ -291,22 +293,43 @@ def _conv_gemm_kernel(
         H, W, Cin, Cin_g, Cout_g, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w,
         tiles_per_group, KH, KW, MODE, GB, FULL, PAD, False, False, PREC, RND,
         BLOCK_M, BLOCK_N, BLOCK_K, SPLIT, False)
-    _finish(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, ws_ptr, M, Cout,
-            srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU, SPLIT)
+    _finish(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, M, Cout,
+            srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU, SPLIT, REDUCE)
 
 
 @triton.jit
-def _finish(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, ws_ptr, M, Cout,
+def _finish(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, M, Cout,
             srn, src, srh, srw, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-            SPLIT: tl.constexpr):
+            SPLIT: tl.constexpr, REDUCE: tl.constexpr):
     """The epilogue, or under split-K this program's fp32 partial sum into slice program_id(1) of the
-    workspace (only used for grids too small to fill the GPU, so M * Cout * SPLIT is far below 2^31)."""
+    workspace (only used for grids too small to fill the GPU, so M * Cout * SPLIT is far below 2^31).
+
+    REDUCE: the tile's last program to finish sums the SPLIT partials and runs the epilogue itself, so no
+    second kernel is launched. ``cnt_ptr`` holds one zeroed int32 per tile (program_id(0)); each program
+    counts itself in after its partial is stored (the barrier makes every thread's stores precede the
+    count; the atomic is acquire-release at GPU scope, so the program that reads SPLIT - 1 sees all the
+    partials), and that last program sets the count back to zero for the next launch. No program waits for
+    another, so the grid needs no co-residency. The partials are summed in slice order, as the epilogue kernel
+    sums them: both give the same bits whichever program comes last."""
     if SPLIT == 1:
         _epilogue(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, Cout,
                   srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU)
     else:
-        off = tl.program_id(1) * M * Cout + rows[:, None] * Cout + cols[None, :]
-        tl.store(ws_ptr + off, acc, mask=row_ok[:, None] & col_ok[None, :])
+        off = rows[:, None] * Cout + cols[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        tl.store(ws_ptr + tl.program_id(1) * M * Cout + off, acc, mask=mask)
+        if REDUCE:
+            tl.debug_barrier()
+            tile = tl.program_id(0)
+            done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if done == SPLIT - 1:
+                # .cg: the partials come from L2, never from lines this SM's L1 may hold
+                total = tl.load(ws_ptr + off, mask=mask, other=0.0, cache_modifier=".cg")
+                for s in range(1, SPLIT):
+                    total += tl.load(ws_ptr + s * M * Cout + off, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+                _epilogue(total, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, Cout,
+                          srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU)
 
 
 @triton.jit
@@ -427,7 +450,7 @@ def _aggregate_kernel(
     p0, p1, p2, p3, p4, p5, p6, p7,
     C0, C1, C2, C3, C4, C5, C6, C7,
     S0, S1, S2, S3, S4, S5, S6, S7,
-    w_ptr, b_ptr, r_ptr, y_ptr, ws_ptr,
+    w_ptr, b_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, HW, W, Cout, Ctot,
     srn, src, srh, srw,
     n_tiles_n,
@@ -435,6 +458,7 @@ def _aggregate_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
     PREC: tl.constexpr, RND: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    REDUCE: tl.constexpr,
 ):
     """relu(cat(children) @ W^T + b + residual) without the concat: one flat K loop over all children's
     channel chunks; each iteration picks its child's pointer with scalar selects. A flat loop (rather than
@@ -442,8 +466,8 @@ def _aggregate_kernel(
     of 64-1024 channels, i.e. only a few chunks each.
 
     Child i is read at ``p_i + m * S_i + c`` (S_i = its pixel stride, which is C_i for a contiguous
-    channels_last tensor and larger for a channel slice of a wider one). SPLIT > 1: split-K, as in
-    ``_conv_gemm_kernel``.
+    channels_last tensor and larger for a channel slice of a wider one). SPLIT > 1: split-K (and REDUCE), as
+    in ``_conv_gemm_kernel``.
     """
     pid = tl.program_id(0)
     pid_m = pid // n_tiles_n
@@ -528,8 +552,8 @@ def _aggregate_kernel(
         b = tl.load(w_ptr + w_row[None, :] + (kb + c)[:, None], mask=c_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, PREC, RND)
 
-    _finish(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, ws_ptr, M, Cout,
-            srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU, SPLIT)
+    _finish(acc, rows, cols, row_ok, col_ok, img, oh, ow, b_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, M, Cout,
+            srn, src, srh, srw, HAS_BIAS, HAS_RES, RELU, SPLIT, REDUCE)
 
 
 @triton.jit

@@ -9,6 +9,7 @@ tiles without touching the heuristic.
 """
 from __future__ import annotations
 
+import threading
 from contextvars import ContextVar
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -212,6 +213,12 @@ def _narrow_for_few_tiles(M: int, cout: int, bm: int, bn: int, n_tiles: int, num
     return bn, n_tiles, num_warps
 
 
+def _splitk_reduce() -> int:
+    """The heuristic's way of summing split-K partials (``REDUCE`` of a config): 0, a second kernel (the
+    epilogue kernel); 1, the last program of each tile inside the GEMM kernel (``DLA_FAST_TRITON_SPLITK``)."""
+    return 1 if _env.choice("DLA_FAST_TRITON_SPLITK") == "kernel" else 0
+
+
 def _split_k(tiles: int, k_iters: int, sms: int) -> int:
     """How many K slices a grid of ``tiles`` output tiles with ``k_iters`` K iterations each should use on a
     GPU of ``sms`` SMs (0: never split). At batch 1 the deep DLA levels give 4-30 tiles of 36-72 iterations:
@@ -299,7 +306,7 @@ def conv_plan(M: int, Cin_g: int, Cout_g: int, groups: int, kh: int, kw: int, dt
         bn, n_tiles, num_warps = _narrow_for_few_tiles(M, Cout_g, bm, bn, n_tiles, num_warps, sms)
         split = _split_k(_cdiv(M, bm) * n_tiles, kh * kw * _cdiv(Cin_g, bk), sms)
     return dict(kind=kind, MODE=1 if kind == "flat" else 0, GB=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                num_warps=num_warps, num_stages=stages, SPLIT=split)
+                num_warps=num_warps, num_stages=stages, SPLIT=split, REDUCE=_splitk_reduce() if split > 1 else 0)
 
 
 def aggregate_plan(M: int, chans: Sequence[int], Cout: int, dtype: torch.dtype, interp: bool,
@@ -322,7 +329,8 @@ def aggregate_plan(M: int, chans: Sequence[int], Cout: int, dtype: torch.dtype, 
         num_warps = 8 if bm >= 128 else 4
     bn, n_tiles, num_warps = _narrow_for_few_tiles(M, Cout, bm, bn, n_tiles, num_warps, sms)
     split = _split_k(_cdiv(M, bm) * n_tiles, sum(_cdiv(c, bk) for c in chans), sms)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps, num_stages=stages, SPLIT=split)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps, num_stages=stages, SPLIT=split,
+                REDUCE=_splitk_reduce() if split > 1 else 0)
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -401,15 +409,16 @@ def conv_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if split > 1 and mode != 0:
         raise ValueError(f"config {cfg}: split-K is only implemented for the dense (tap-major) kernel")
     ws = _workspace(split, M, Cout, y)
+    cnt = _reduce_counters(cfg, split, grid_n, y)
     _kernel(_conv_gemm_kernel, raw)[lambda meta: (grid_n, split)](
-        x, w, b_arg, r_arg, y, ws,
+        x, w, b_arg, r_arg, y, ws, x if cnt is None else cnt,
         M, H, W, Ho, Wo, Cin, Cin_g, Cout_g, Cout,
         sxn, sxh, sxw, srn, src, srh, srw,
         sh_, sw_, ph, pw, n_tiles, tiles_per_group,
         KH=kh, KW=kw, MODE=mode, GB=gb, FULL=full, PAD=pad, PREC=_prec(x.dtype, tf32),
         RND=_round_tf32(x.dtype, tf32, interp),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, **common)
-    if split > 1:
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, REDUCE=cnt is not None, **common)
+    if split > 1 and cnt is None:
         _splitk_epilogue(ws, split, bias, residual, y, M, Ho * Wo, Wo, Cout, relu, raw)
     return y
 
@@ -421,6 +430,76 @@ def _workspace(split: int, M: int, Cout: int, y: torch.Tensor) -> torch.Tensor:
     if split * M * Cout >= _I32_LIMIT:
         raise ValueError(f"split-K workspace of {split} x {M} x {Cout} exceeds 32-bit offsets; use SPLIT=1")
     return torch.empty((split, M, Cout), device=y.device, dtype=torch.float32)
+
+
+# The in-kernel split-K reduction (REDUCE) counts each tile's finished programs in int32 counters that start at
+# zero and that the tile's last program sets back to zero. A launch must not share counters with one that may run
+# at the same time: eager launches take one region per (device, stream), and each launch captured into a CUDA graph
+# a region of its own (CUDA never runs a graph concurrently with itself). The counters are zeroed once, outside
+# any capture. Where none can be had (a capture before any eager launch on the device, the pool used up, more
+# tiles than a region holds, a call torch.compile traces) the partials are summed by the epilogue kernel instead,
+# which gives the same bits.
+_COUNTER_SLOTS = 1 << 18   # int32 counters per device (1 MB): a dla34 graph at batch 1 takes under 1000
+_COUNTER_REGION = 256      # tiles a launch may have (split-K runs only on grids under half the SMs)
+
+
+class _CounterPool:
+    def __init__(self, device: torch.device):
+        self.buf = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+        if device.type == "cuda":  # zeroed before any stream (or graph) uses a region of it
+            torch.cuda.current_stream(device).synchronize()
+        self.used = 0
+        self.by_stream: Dict[int, torch.Tensor] = {}
+
+    def take(self, n: int) -> Optional[torch.Tensor]:
+        """``n`` counters no other region holds (rounded up to 128 bytes), or None when the pool is used up."""
+        n = -(-n // 32) * 32
+        if self.used + n > _COUNTER_SLOTS:
+            return None
+        region = self.buf[self.used:self.used + n]
+        self.used += n
+        return region
+
+
+_COUNTER_POOLS: Dict[Tuple[str, int], _CounterPool] = {}
+_COUNTER_LOCK = threading.Lock()
+
+
+def _tile_counters(device: torch.device, tiles: int) -> Optional[torch.Tensor]:
+    """Zeroed counters for a launch of ``tiles`` tiles on the current stream of ``device``, or None."""
+    if tiles > _COUNTER_REGION:
+        return None
+    capturing, stream = False, 0
+    if device.type == "cuda":
+        capturing = torch.cuda.is_current_stream_capturing()
+        stream = torch.cuda.current_stream(device).cuda_stream
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    else:
+        index = device.index or 0
+    with _COUNTER_LOCK:
+        pool = _COUNTER_POOLS.get((device.type, index))
+        if pool is None:
+            if capturing:  # a memset now would become part of the graph
+                return None
+            pool = _COUNTER_POOLS[(device.type, index)] = _CounterPool(torch.device(device.type, index))
+        if capturing:
+            return pool.take(tiles)
+        region = pool.by_stream.get(stream)
+        if region is None:
+            region = pool.take(_COUNTER_REGION)
+            if region is not None:
+                pool.by_stream[stream] = region
+        return region
+
+
+def _reduce_counters(cfg: Dict, split: int, tiles: int, y: torch.Tensor) -> Optional[torch.Tensor]:
+    """The counters of a launch whose config sums its split-K partials in the kernel (REDUCE), or None: no split,
+    the epilogue kernel asked for, or no counters to be had (then the epilogue kernel runs instead)."""
+    if split <= 1 or not cfg.get("REDUCE", 0):
+        return None
+    if type(y) is not torch.Tensor or torch.compiler.is_compiling():  # traced: the graph keeps two kernels
+        return None
+    return _tile_counters(y.device, tiles)
 
 
 def _splitk_epilogue(ws, split, bias, residual, y, M, HW, W, Cout, relu, raw: bool = False) -> None:
@@ -491,16 +570,18 @@ def aggregate_launch(children: Sequence[torch.Tensor], weight2d: torch.Tensor, b
     grid_n = _cdiv(M, bm) * n_tiles
     split = int(cfg.get("SPLIT", 1))
     ws = _workspace(split, M, Cout, y)
+    cnt = _reduce_counters(cfg, split, grid_n, y)
     _kernel(_aggregate_kernel, raw)[lambda meta: (grid_n, split)](
         *ptrs, *cs, *ss,
         w, bias if bias is not None else w, residual if residual is not None else kids[0], y, ws,
+        w if cnt is None else cnt,
         M, H * W, W, Cout, Ctot,
         srn, src, srh, srw, n_tiles,
         NUM_CHILDREN=nc, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
         PREC=_prec(dtype, tf32), RND=_round_tf32(dtype, tf32, interp), IDX64=idx64, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_K=bk, SPLIT=split,
+        BLOCK_K=bk, SPLIT=split, REDUCE=cnt is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if split > 1:
+    if split > 1 and cnt is None:
         _splitk_epilogue(ws, split, bias, residual, y, M, H * W, W, Cout, relu, raw)
     return y
 
@@ -531,21 +612,30 @@ def max_pool_launch(x: torch.Tensor, k: int, raw: bool = False) -> torch.Tensor:
 # heuristic above. The registered ops take [tf32] + that tuple: TF32 follows torch.backends.cudnn.allow_tf32 at
 # call time, like cuDNN's fp32 convolutions, so it is not part of the plan.
 CONV_KINDS = ("dense", "flat", "blockdiag", "direct")
-_CONV_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GB", "COG", "num_warps", "num_stages", "SPLIT")
-_AGG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT")
+# REDUCE (last): how split-K partials are summed, 0 by the epilogue kernel, 1 inside the GEMM kernel. Plans kept
+# from before it existed have one element fewer and read as 0.
+_CONV_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GB", "COG", "num_warps", "num_stages", "SPLIT", "REDUCE")
+_AGG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT", "REDUCE")
+
+
+def _field(cfg: Dict, f: str) -> int:
+    return int(cfg.get(f, 1 if f == "SPLIT" else 0))
 
 
 def conv_config_tuple(cfg: Dict) -> Tuple[int, ...]:
     """A :func:`conv_plan` dict as the plan's int tuple."""
-    return (CONV_KINDS.index(cfg["kind"]),) + tuple(int(cfg.get(f, 1 if f == "SPLIT" else 0)) for f in _CONV_FIELDS)
+    return (CONV_KINDS.index(cfg["kind"]),) + tuple(_field(cfg, f) for f in _CONV_FIELDS)
 
 
 def conv_config_dict(t: Sequence[int]) -> Dict:
     """The plan's int tuple as the dict :func:`conv_launch` takes."""
     t = tuple(int(v) for v in t)
-    if len(t) != 1 + len(_CONV_FIELDS) or not 0 <= t[0] < len(CONV_KINDS) or min(t[1:]) < 0:
+    if len(t) == len(_CONV_FIELDS):
+        t = t + (0,)
+    if (len(t) != 1 + len(_CONV_FIELDS) or not 0 <= t[0] < len(CONV_KINDS) or min(t[1:]) < 0
+            or t[-1] not in (0, 1)):
         raise ValueError(f"Triton conv config {t} is malformed: expected (kind 0-{len(CONV_KINDS) - 1}, "
-                         f"{', '.join(_CONV_FIELDS)}), all non-negative")
+                         f"{', '.join(_CONV_FIELDS)}), all non-negative, REDUCE 0 or 1")
     cfg: Dict = dict(zip(_CONV_FIELDS, t[1:]))
     cfg["kind"] = CONV_KINDS[t[0]]
     if cfg["kind"] != "direct":
@@ -555,23 +645,26 @@ def conv_config_dict(t: Sequence[int]) -> Dict:
 
 
 def aggregate_config_tuple(cfg: Dict) -> Tuple[int, ...]:
-    return tuple(int(cfg.get(f, 1 if f == "SPLIT" else 0)) for f in _AGG_FIELDS)
+    return tuple(_field(cfg, f) for f in _AGG_FIELDS)
 
 
 def aggregate_config_dict(t: Sequence[int]) -> Dict:
     t = tuple(int(v) for v in t)
-    if len(t) != len(_AGG_FIELDS) or min(t) < 1:
+    if len(t) == len(_AGG_FIELDS) - 1:
+        t = t + (0,)
+    if len(t) != len(_AGG_FIELDS) or min(t[:-1]) < 1 or t[-1] not in (0, 1):
         raise ValueError(f"Triton aggregate config {t} is malformed: expected ({', '.join(_AGG_FIELDS)}), "
-                         "all positive")
+                         "all positive but REDUCE, which is 0 or 1")
     return dict(zip(_AGG_FIELDS, t))
 
 
 def _alternatives(base: Dict, M: int, cout: int, sms: int) -> List[Dict]:
     """The few tilings of a dense GEMM worth timing beside the heuristic's: the other row tile, the 64-wide
-    column tile for wide outputs, and no split-K where the heuristic splits."""
+    column tile for wide outputs, and where the heuristic splits K, the other reduction and no split."""
     out = [base]
     if base.get("SPLIT", 1) > 1:
-        out.append(dict(base, SPLIT=1))
+        out.append(dict(base, REDUCE=1 - base.get("REDUCE", 0)))  # the other way of summing the partials
+        out.append(dict(base, SPLIT=1, REDUCE=0))
     if base.get("SPLIT", 1) == 1:
         bm = 64 if base["BLOCK_M"] == 128 else 128
         out.append(dict(base, BLOCK_M=bm, num_warps=8 if bm * base["BLOCK_N"] >= 128 * 128 else 4))
@@ -636,7 +729,7 @@ def describe(op: str, config: Sequence[int]) -> str:
         kind = c["kind"]
         if kind == "direct":
             return f"direct {c['BLOCK_M']}x{c['GB']}x{c['COG']} w{c['num_warps']}"
-    split = f" split{c['SPLIT']}" if c.get("SPLIT", 1) > 1 else ""
+    split = (f" split{c['SPLIT']}" + (" in-kernel" if c.get("REDUCE", 0) else "")) if c.get("SPLIT", 1) > 1 else ""
     return f"{kind} {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}{split}"
 
 
