@@ -263,6 +263,65 @@ def test_tuner_picks_the_fastest_checked_candidate_and_caches_it():
                                                          progress=False, timer=_costs({"eager": 0.5})).values())
 
 
+def test_small_calls_are_timed_by_graph_replay(monkeypatch):
+    """The layers of a small model call (measured plans that run only under a CUDA graph or torch.compile) are timed
+    by graph replay, a fresh graph timer per layer call; a larger call's by the eager event timer; a timer passed in
+    times everything. tune() says which from the model call's size."""
+    made = []
+
+    def factory(kind):
+        def make(device):
+            made.append(kind)
+            return _costs({})
+        return make
+    monkeypatch.setattr(tuner, "cuda_graph_timer", factory("graph"))
+    monkeypatch.setattr(tuner, "cuda_event_timer", factory("event"))
+    fast = dla_fast.optimize(dla_fast.create_model("dla34"), dtype=torch.float32)
+    calls = [c for c in tuner.collect_calls(fast, 1, (32, 32)) if c.key.op == "conv_bn_act"][:3]
+    dev = torch.device("cpu")
+    tuner.tune_calls(calls, dev, torch.float32, budget_s=None, progress=False, replayed=True, force=True)
+    assert made == ["graph"] * 3
+    made.clear()
+    tuner.tune_calls(calls, dev, torch.float32, budget_s=None, progress=False, force=True)
+    assert made == ["event"]
+    made.clear()
+    tuner.tune_calls(calls, dev, torch.float32, budget_s=None, progress=False, replayed=True, force=True,
+                     timer=_costs({}))
+    assert made == []
+
+    seen = []
+    monkeypatch.setattr(tuner, "tune_calls", lambda calls, *a, replayed=False, **k: seen.append(replayed) or {})
+    monkeypatch.setattr(tuner, "check_call", lambda *a, **k: None)
+    dla_fast.tune(fast, (32, 32), [1, 64], timer=_costs({}), progress=False)
+    monkeypatch.setattr(planner_mod, "LAUNCH_BOUND_PIXELS", 0)
+    dla_fast.tune(fast, (32, 32), [1], timer=_costs({}), progress=False)
+    assert seen == [True, False, False]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERP, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+def test_the_graph_timer_times_the_gpu_not_the_host():
+    """A candidate whose Python takes 2 ms to launch a tiny kernel: the event timer charges the host's 2 ms, a graph
+    replay only the kernel; every replayed call runs (the counter), and a bad call count is refused."""
+    import time as _time
+
+    from dla_fast.plan.timing import cuda_event_timer, cuda_graph_timer
+    x = torch.zeros(1, device="cuda")
+
+    def slow_host():
+        _time.sleep(0.002)
+        x.add_(1)
+    ev = cuda_event_timer()(slow_host, 3)
+    timer = cuda_graph_timer(calls=5)
+    first = timer(slow_host, 20)  # captures 5 calls (2 more run eagerly first), replays 4 times
+    again = timer(slow_host, 20)
+    torch.cuda.synchronize()
+    assert ev >= 0.0019 and first < 2e-4 and again < 2e-4
+    assert x.item() == 3 + 2 + 20 + 20  # the captured calls only record their kernel
+    with pytest.raises(ValueError, match="at least 1"):
+        cuda_graph_timer(calls=0)
+
+
 def test_the_paced_alternative_is_the_fastest_candidate_without_triton():
     from dla_fast.plan.timing import CandidateTiming as T
     cands = [("cuda", (1, 128, 2)), ("triton", (1, 64)), ("cuda", (1, 64, 1)), ("eager", ()), ("cuda", (2,))]

@@ -1,11 +1,12 @@
 """Timing a layer's candidate implementations against each other: warmed up, interleaved, median.
 
 A *timer* is any ``timer(fn, iters) -> seconds per call`` that runs ``fn()`` ``iters`` times back to back:
-:func:`cuda_event_timer` on a GPU, :func:`wall_timer` on the CPU, :class:`FakeTimer` in tests.
+:func:`cuda_event_timer` on a GPU (:func:`cuda_graph_timer` for what CUDA graphs replay), :func:`wall_timer` on the
+CPU, :class:`FakeTimer` in tests.
 :func:`time_candidates` measures each candidate with it; :func:`pick` chooses a winner that only displaces the
 default when it is clearly faster; :class:`Progress` reports a long tuning run on stderr.
 
-torch is imported only by :func:`cuda_event_timer`.
+torch is imported only by the CUDA timers.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 Timer = Callable[[Callable[[], object], int], float]
 Clock = Callable[[], float]
@@ -34,9 +35,7 @@ def wall_timer(fn: Callable[[], object], iters: int) -> float:
     return (time.perf_counter() - t) / iters
 
 
-def cuda_event_timer(device=None) -> Timer:
-    """A timer for candidates running on CUDA ``device`` (None: the current one): ``iters`` back-to-back calls
-    between two CUDA events on the device's current stream, synchronising on the end event."""
+def _cuda_device(device, who: str):
     import torch
 
     if device is None:
@@ -44,8 +43,17 @@ def cuda_event_timer(device=None) -> Timer:
     else:
         dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     if dev.type != "cuda":
-        raise ValueError(f"cuda_event_timer({device!r}): CUDA events time CUDA devices only; use wall_timer for "
+        raise ValueError(f"{who}({device!r}): CUDA events time CUDA devices only; use wall_timer for "
                          f"{dev.type} candidates")
+    return dev
+
+
+def cuda_event_timer(device=None) -> Timer:
+    """A timer for candidates running on CUDA ``device`` (None: the current one): ``iters`` back-to-back calls
+    between two CUDA events on the device's current stream, synchronising on the end event."""
+    import torch
+
+    dev = _cuda_device(device, "cuda_event_timer")
 
     def timer(fn: Callable[[], object], iters: int) -> float:
         with torch.cuda.device(dev):
@@ -61,6 +69,52 @@ def cuda_event_timer(device=None) -> Timer:
             end.record(stream)
             end.synchronize()
             return start.elapsed_time(end) / 1e3 / iters
+
+    return timer
+
+
+def cuda_graph_timer(device=None, calls: int = 10) -> Timer:
+    """A timer for candidates replayed from a CUDA graph, the way ``cuda_graph=True`` (and torch.compile's
+    reduce-overhead mode) runs them: at a candidate's first use, two calls on a side stream (compiles and
+    allocations stay outside the capture), then ``calls`` back-to-back calls captured into one graph; each sample
+    replays that graph between two CUDA events. It times the GPU's work alone. At small batches an eager timer
+    (:func:`cuda_event_timer`) times the host's launches instead, which are slower than the kernels there and
+    would decide the comparison. The timer keeps each candidate's graph (and the graph's outputs): use one timer
+    per set of candidates and drop it afterwards."""
+    import torch
+
+    dev = _cuda_device(device, "cuda_graph_timer")
+    if calls < 1:
+        raise ValueError(f"cuda_graph_timer(calls={calls!r}): at least 1")
+    graphs: Dict[int, tuple] = {}  # id(fn) -> (fn, graph); fn is kept so that its id is not reused
+
+    def timer(fn: Callable[[], object], iters: int) -> float:
+        with torch.cuda.device(dev):
+            stream = torch.cuda.current_stream(dev)
+            hit = graphs.get(id(fn))
+            if hit is None:
+                side = torch.cuda.Stream(dev)
+                side.wait_stream(stream)
+                with torch.cuda.stream(side):
+                    fn()
+                    fn()
+                stream.wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(calls):
+                        fn()
+                hit = graphs[id(fn)] = (fn, graph)
+            graph = hit[1]
+            reps = max(1, -(-iters // calls))
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            stream.synchronize()
+            start.record(stream)
+            for _ in range(reps):
+                graph.replay()
+            end.record(stream)
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / (reps * calls)
 
     return timer
 

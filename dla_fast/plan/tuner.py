@@ -29,7 +29,7 @@ import torch
 
 from .. import backends as _backends
 from .planner import PLANNER, REGIMES, LayerKey, Plan, describe_config, rule, small_call
-from .timing import Progress, cuda_event_timer, pick, time_candidates
+from .timing import Progress, cuda_event_timer, cuda_graph_timer, pick, time_candidates
 
 MARGIN = 0.03          # a candidate replaces the rule's choice only when this much faster
 # Layer calls whose Triton candidates are compiled together before they are timed: enough kernels to keep the
@@ -207,11 +207,16 @@ def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 def tune_calls(calls: Sequence[LayerCall], device: torch.device, dtype: torch.dtype, *, budget_s: Optional[float],
                timer=None, progress: bool = True, force: bool = False, margin: float = MARGIN,
                rounds: int = 7, clock: Callable[[], float] = time.perf_counter,
-               report: Optional[TuneReport] = None) -> Dict[LayerKey, Plan]:
-    """Measure ``calls`` (those not yet in the cache, or all with ``force``) and cache the winners."""
+               report: Optional[TuneReport] = None, replayed: bool = False) -> Dict[LayerKey, Plan]:
+    """Measure ``calls`` (those not yet in the cache, or all with ``force``) and cache the winners.
+
+    ``replayed``: the calls belong to a small model call, whose measured plans run only where a CUDA graph or
+    torch.compile hides the launches (eagerly such a call takes the launch-bound plans): each layer's candidates
+    are then timed by graph replay (:func:`cuda_graph_timer`), since an eager timer would time the host's launches.
+    ``timer``, where given, times every call."""
     available = PLANNER.available(device, dtype)
     cache = PLANNER.cache(device, dtype)
-    timer = timer or cuda_event_timer(device)
+    event_timer = timer or (None if replayed else cuda_event_timer(device))
     t0 = clock()
     new: Dict[LayerKey, Plan] = {}
     lock = cache.lock() if cache is not None else _NullLock()
@@ -247,8 +252,10 @@ def tune_calls(calls: Sequence[LayerCall], device: torch.device, dtype: torch.dt
                     except Exception:  # a candidate that cannot run this call is never picked
                         ok.append(False)
                 remaining = None if budget_s is None else max(0.0, budget_s - (clock() - t0))
-                results = time_candidates([fn if good else _failing(fn) for fn, good in zip(fns, ok)], timer=timer,
-                                          rounds=rounds, budget_s=remaining, clock=clock)
+                # a graph timer per call: it holds the call's graphs until the call is timed
+                call_timer = event_timer or cuda_graph_timer(device)
+                results = time_candidates([fn if good else _failing(fn) for fn, good in zip(fns, ok)],
+                                          timer=call_timer, rounds=rounds, budget_s=remaining, clock=clock)
             win = pick(results, margin=margin)
             backend, config = cands[win]
             times = {f"{b}{' ' + describe_config(b, c, call.key.op) if c else ''}": round(r.ms, 5)
@@ -358,7 +365,7 @@ def tune(model, input_size: Union[int, Sequence[int]] = (224, 224), batch_sizes:
         report.layers += len(calls)
         remaining = None if budget_s is None else max(0.0, budget_s - (time.perf_counter() - t0))
         tune_calls(calls, dev, model.dtype, budget_s=remaining, timer=timer, progress=progress, force=force,
-                   report=report)
+                   report=report, replayed=small_call(n, hw))
         check_call(model, n, hw, timer=timer, force=force, report=report)
     report.seconds = time.perf_counter() - t0
     model.forget_plans()
