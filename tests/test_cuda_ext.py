@@ -192,6 +192,55 @@ def test_cpu_tensor_errors(ext):
         torch.ops.dla_fast.conv_candidates(x, w, None, [1, 1], [1, 1], 1, None)
 
 
+def test_direct_entry_points_check_their_arguments(ext):
+    """dla_fast._C.conv_bn_act / aggregate / max_pool (the ops without the dispatcher, for eager CUDA calls) refuse
+    a wrong argument with a TypeError that names it, and CPU tensors with the op's own message."""
+    x = torch.randn(1, 4, 5, 5)
+    w = torch.randn(8, 4, 3, 3)
+    good = (x, w, None, (1, 1), (1, 1), 1, None, True, (0, 0, 0))
+    with pytest.raises(RuntimeError, match="x is on cpu; the CUDA backend needs CUDA tensors"):
+        ext.conv_bn_act(*good)
+    for i, bad, what in [(0, "x", "x must be a tensor"), (2, 3, "bias must be a tensor"),
+                         (3, (1, 1, 1), "stride must be a tuple of 2 ints"), (4, 1, "padding must be a tuple of 2"),
+                         (5, 1.0, "groups must be an int"), (5, True, "groups must be an int"),
+                         (7, "yes", "relu must be a bool"), (8, (1, 2, 0, 0), "config must be a tuple of 0 or 3")]:
+        args = list(good)
+        args[i] = bad
+        with pytest.raises(TypeError, match=re.escape(f"dla_fast._C.conv_bn_act: {what}")):
+            ext.conv_bn_act(*args)
+    with pytest.raises(TypeError, match="conv_bn_act takes 9 arguments, got 2"):
+        ext.conv_bn_act(x, w)
+    with pytest.raises(RuntimeError, match=re.escape("config must be [] (the rule) or [family, bn, a_load], got [1")):
+        ext.conv_bn_act(*good[:8], (1, 2))  # the op's own check, as through torch.ops
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        ext.aggregate([x, x], torch.randn(8, 8), None, None, True, ())
+    with pytest.raises(TypeError, match="children must be a list of tensors"):
+        ext.aggregate(x, torch.randn(8, 8), None, None, True, ())
+    with pytest.raises(TypeError, match="children must be a tensor"):
+        ext.aggregate([x, 1], torch.randn(8, 8), None, None, True, ())
+    with pytest.raises(TypeError, match="max_pool: k must be an int"):
+        ext.max_pool(x, 2.0)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        ext.max_pool(x, 2)
+
+
+def test_direct_calls_only_for_plain_cuda_tensors_run_eagerly(ext):
+    """The backend module calls the direct entry points only where nothing needs to see the op: CPU and meta
+    tensors, fake tensors and jit tracing keep torch.ops (whose errors and fakes they rely on)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    assert cuda_backend._HAS_DIRECT
+    assert not cuda_backend._direct(torch.empty(1)) and not cuda_backend._direct(torch.empty(1, device="meta"))
+    with FakeTensorMode():
+        assert not cuda_backend._direct(torch.empty(1, device="cuda"))
+    seen = []
+    torch.jit.trace(lambda t: seen.append(cuda_backend._untraced()) or t * 2, torch.ones(1), check_trace=False)
+    assert seen == [False] and cuda_backend._untraced()
+    # on the CPU both paths refuse alike, the torch.ops one through the dispatcher (no CPU kernel)
+    with pytest.raises(NotImplementedError):
+        cuda_backend.conv_bn_act(torch.randn(1, 4, 5, 5), torch.randn(8, 4, 3, 3), None, (1, 1), (1, 1), 1, None,
+                                 True)
+
+
 def test_dtype_reason(ext):
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
@@ -306,10 +355,11 @@ def test_setup_sources(setup_mod):
     for d in ("ops", "kernels", "instantiations"):
         for folder, _, files in os.walk(os.path.join(ROOT, "csrc", d)):
             want += [os.path.relpath(os.path.join(folder, f), ROOT) for f in files if f.endswith((".cpp", ".cu"))]
-    assert sorted(srcs) == sorted(want) and len(srcs) == 16, srcs  # 4 ops, 5 kernels, 7 generated
-    for must in ("ops/registration.cpp", "ops/conv_bn_act.cpp", "ops/aggregate.cpp", "ops/max_pool.cpp",
-                 "kernels/max_pool.cu", "kernels/rgb_stem_conv.cu", "instantiations/igemm_dispatch.cpp",
-                 "instantiations/igemm_wgmma_f16.cu", "instantiations/igemm_tc_aggregate_bf16.cu"):
+    assert sorted(srcs) == sorted(want) and len(srcs) == 17, srcs  # 5 ops, 5 kernels, 7 generated
+    for must in ("ops/registration.cpp", "ops/direct.cpp", "ops/conv_bn_act.cpp", "ops/aggregate.cpp",
+                 "ops/max_pool.cpp", "kernels/max_pool.cu", "kernels/rgb_stem_conv.cu",
+                 "instantiations/igemm_dispatch.cpp", "instantiations/igemm_wgmma_f16.cu",
+                 "instantiations/igemm_tc_aggregate_bf16.cu"):
         assert os.path.join("csrc", *must.split("/")) in srcs, must
     # no source is left loose in csrc/ itself
     assert not [f for f in os.listdir(os.path.join(ROOT, "csrc")) if f.endswith((".cpp", ".cu", ".cuh", ".h"))]

@@ -1040,3 +1040,34 @@ def test_max_pool_errors_and_empty():
     assert e.shape == (0, 8, 2, 3)
     e = cu.max_pool(torch.empty(2, 0, 5, 6, device="cuda", dtype=torch.float16), 2)
     assert e.shape == (2, 0, 2, 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DT_ID[d])
+def test_direct_entry_points_match_the_ops(dtype):
+    """The backend module's eager calls (dla_fast._C's direct entry points) give the registered ops' bits and run
+    the same kernel, configs included; the profiler still names the op."""
+    assert cu._HAS_DIRECT
+    torch.manual_seed(31)
+    x = torch.randn(2, 64, 14, 15, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(128, 64, 3, 3, device="cuda", dtype=dtype) * 0.05).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(128, device="cuda")
+    r = torch.randn(2, 128, 7, 8, device="cuda", dtype=dtype)
+    w2 = torch.randn(96, 192, device="cuda", dtype=dtype) * 0.05
+    y = torch.randn(2, 128, 14, 15, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    for cfg in [(), (0, 0, 0), (2, 64, 1), (3, 64, 0)]:
+        assert cu._direct(x)
+        a = cu.conv_bn_act(x, w, b, (2, 2), (1, 1), 1, r, True, cfg)
+        ka = cu.last_kernel()
+        o = torch.ops.dla_fast.conv_bn_act(x, w, b, [2, 2], [1, 1], 1, r, True, list(cfg or (0, 0, 0)))
+        assert torch.equal(a, o) and ka == cu.last_kernel(), (cfg, ka, cu.last_kernel())
+        acfg = cfg[:1] + (64, 0) if cfg else ()
+        a = cu.aggregate([y, x], w2, b[:96], None, False, acfg)
+        ka = cu.last_kernel()
+        o = torch.ops.dla_fast.aggregate([y, x], w2, b[:96], None, False, list(acfg or (0, 0, 0)))
+        assert torch.equal(a, o) and ka == cu.last_kernel(), (cfg, ka, cu.last_kernel())
+    assert torch.equal(cu.max_pool(x, 2), torch.ops.dla_fast.max_pool(x, 2))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        cu.conv_bn_act(x, w, b, (1, 1), (1, 1), 1, None, True)
+        cu.max_pool(x, 2)
+    names = {e.name for e in prof.events()}
+    assert {"dla_fast::conv_bn_act", "dla_fast::max_pool"} <= names, names

@@ -1,11 +1,13 @@
 // The op schemas of the dla_fast namespace (schema.h, generated from dla_fast/backends/schema.py) and the Python
 // module object `dla_fast._C`. Importing the module runs the static registrars of this library: the schemas below
 // and the CUDA kernels of conv_bn_act.cpp, aggregate.cpp and max_pool.cpp. The module is a bare CPython module (no
-// pybind11) to keep the build short.
+// pybind11) to keep the build short; its functions are defined here and, for the ops' direct entry points, in
+// direct.cpp.
 #include <Python.h>
 
 #include <torch/library.h>
 
+#include "ops/direct.h"
 #include "ops/schema.h"
 
 namespace dla_fast {
@@ -40,4 +42,11 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "dla_fast CUDA kernels (o
                           methods};
 }  // namespace
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&module_def);
+  if (m != nullptr && PyModule_AddFunctions(m, dla_fast::direct_methods()) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

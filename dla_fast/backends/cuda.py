@@ -45,6 +45,8 @@ except Exception as e:  # ImportError when not built; anything (e.g. undefined s
     _load_error = f"{type(e).__name__}: {e}"
 
 _warned = False
+# An extension built before it had the direct entry points still serves through torch.ops.
+_HAS_DIRECT = _C is not None and hasattr(_C, "conv_bn_act")
 
 
 def _ext_problem() -> Optional[str]:
@@ -111,6 +113,18 @@ def _int_list(v: Sequence[int]) -> List[int]:
     return [int(i) for i in v]
 
 
+def _direct(x: torch.Tensor) -> bool:
+    """Whether to call the extension's own Python functions rather than ``torch.ops.dla_fast.*``: for plain CUDA
+    tensors run eagerly. The op call's boxing and dispatch cost several microseconds of host time a layer, which at
+    small batches and in host-paced detection calls is the forward's time. Tensor subclasses (fake tensors), meta
+    and CPU tensors, torch.compile and jit tracing go through the registered ops, which they see."""
+    return type(x) is torch.Tensor and x.is_cuda and _HAS_DIRECT and _untraced()
+
+
+def _untraced() -> bool:
+    return not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+
+
 # The rule's config spelled out: (0, 0, 0) runs what () runs (plan.h: 0 in an element is the rule's). The ops get
 # this form because torch.export serialises an empty SymInt[] as None, which AOTInductor's proxy executor then
 # cannot hand to the extension's int[] argument.
@@ -122,16 +136,22 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 config: Sequence[int] = ()) -> torch.Tensor:
     # The arguments arrive as Python ints and tuples of them (validated by dla_fast.ops, or a fused layer's
     # own), which the op takes as they are: no per-call conversion on this launch-bound path.
+    if _direct(x):
+        return _C.conv_bn_act(x, weight, bias, stride, padding, groups, residual, relu, config or _RULE)
     return torch.ops.dla_fast.conv_bn_act(x, weight, bias, stride, padding, groups, residual, relu, config or _RULE)
 
 
 def aggregate(children: Sequence[torch.Tensor], weight2d: torch.Tensor, bias: Optional[torch.Tensor],
               residual: Optional[torch.Tensor], relu: bool, config: Sequence[int] = ()) -> torch.Tensor:
+    if _direct(children[0]):
+        return _C.aggregate(children, weight2d, bias, residual, relu, config or _RULE)
     return torch.ops.dla_fast.aggregate(children, weight2d, bias, residual, relu, config or _RULE)
 
 
 def max_pool(x: torch.Tensor, k: int) -> torch.Tensor:
     """``F.max_pool2d(x, k, stride=k)`` (no padding, floor mode, NaN-propagating) into a channels_last output."""
+    if _direct(x):
+        return _C.max_pool(x, int(k))
     return torch.ops.dla_fast.max_pool(x, int(k))
 
 

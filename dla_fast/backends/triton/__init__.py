@@ -140,9 +140,9 @@ def _direct(x: torch.Tensor) -> bool:
 
     Eagerly, ``torch.ops.dla_fast_triton.*`` only adds the dispatcher's and wrap_triton's per-call cost, which
     at batch 1 (and for the small late layers at any batch) exceeds the kernel's own time. torch.compile
-    tracing and fake tensors still go through the ops.
+    tracing, jit tracing and fake tensors still go through the ops.
     """
-    return type(x) is torch.Tensor and not torch.compiler.is_compiling()
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
 
 
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
