@@ -480,16 +480,33 @@ class FusedBottle2neck(nn.Module):
         return self.conv3(outs, _residual(sc, project))
 
 
+def _same_pool(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two trees' downsampling modules compute the same map from the same input."""
+    if isinstance(a, nn.Identity) or isinstance(b, nn.Identity):
+        return isinstance(a, nn.Identity) and isinstance(b, nn.Identity)
+    fields = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+    return (type(a) is type(b) is nn.MaxPool2d
+            and all(nn.modules.utils._pair(getattr(a, f)) == nn.modules.utils._pair(getattr(b, f))
+                    if f not in ("ceil_mode", "return_indices") else getattr(a, f) == getattr(b, f) for f in fields))
+
+
 class FusedTree(nn.Module):
-    def __init__(self, tree: DlaTree, device: torch.device, **kw):
+    def __init__(self, tree: DlaTree, device: torch.device, pooled_above: bool = False, **kw):
         super().__init__()
         # The downsampled input is a child of the root (level_root) and, projected, the residual of a block
-        # tree1. A tree1 that is a tree makes its own, so a tree that is neither has no use for it: no pool.
+        # tree1; a tree that is neither has no use for it. A tree1 that is a tree pools the same input with the
+        # same window, so a tree that pools hands its map down (``bottom``) instead, and one that gets it from
+        # above (``pooled_above``) pools nothing itself.
+        wants = tree.level_root or not isinstance(tree.tree1, DlaTree)
         self.downsample = (FusedMaxPool.wrap(tree.downsample, kw["backend"], kw["dtype"], device)
-                           if tree.level_root or not isinstance(tree.tree1, DlaTree) else None)
+                           if wants and not pooled_above else None)
         self.project = (FusedConvBnAct(tree.project[0], tree.project[1], False, **kw)
                         if isinstance(tree.project, nn.Sequential) else None)
-        self.tree1 = _fuse_block(tree.tree1, device, **kw)
+        pooled = wants or pooled_above
+        self.pass_down = (pooled and isinstance(tree.tree1, DlaTree)
+                          and _same_pool(tree.downsample, tree.tree1.downsample))
+        self.tree1 = (FusedTree(tree.tree1, device, pooled_above=True, **kw) if self.pass_down
+                      else _fuse_block(tree.tree1, device, **kw))
         self.tree2 = _fuse_block(tree.tree2, device, **kw)
         self.root = None
         self.root_shortcut = False
@@ -503,22 +520,33 @@ class FusedTree(nn.Module):
             self.root_shortcut = r.shortcut
         self.level_root = tree.level_root
 
-    def forward(self, x, shortcut: Optional[torch.Tensor] = None, children: Optional[List[torch.Tensor]] = None):
+    def forward(self, x, shortcut: Optional[torch.Tensor] = None, children: Optional[List[torch.Tensor]] = None,
+                bottom: Optional[List[torch.Tensor]] = None):
         """``x``: the input, or ``[x]`` handed over (see :func:`_take`); ``shortcut`` is not read (a tree makes its
-        own; the parameter keeps the blocks' signature); ``children``: the outer trees' children for the root."""
+        own; the parameter keeps the blocks' signature); ``children``: the outer trees' children for the root;
+        ``bottom``: the input pooled by an outer tree, handed over (see __init__)."""
         x = _take(x)
         children = [] if children is None else children
         sc = None
-        if self.downsample is not None:  # see __init__
-            bottom = self.downsample(x)
+        pooled = None
+        if bottom is not None:
+            pooled = _take(bottom)
+        elif self.downsample is not None:  # see __init__
+            pooled = self.downsample(x)
+        if pooled is not None:
             if self.level_root:
-                children.append(bottom)
+                children.append(pooled)
             if not isinstance(self.tree1, FusedTree):
-                sc = [bottom]  # handed over, as the input is: the block projects it just before its last conv
-            del bottom
+                sc = [pooled]  # handed over, as the input is: the block projects it just before its last conv
+            elif self.pass_down:
+                sc = [pooled]  # for tree1, which pools nothing itself
+            del pooled
         box = [x]
         del x  # tree1 holds the input alone now, and frees it after its last reader
-        x1 = self.tree1(box) if sc is None else self.tree1(box, sc, self.project)
+        if isinstance(self.tree1, FusedTree):
+            x1 = self.tree1(box) if sc is None else self.tree1(box, None, None, sc)
+        else:
+            x1 = self.tree1(box) if sc is None else self.tree1(box, sc, self.project)
         if self.root is not None:
             x2 = self.tree2(x1)
             kids = [x2, x1] + children

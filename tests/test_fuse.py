@@ -164,6 +164,37 @@ def test_tree_downsampling_is_a_fused_max_pool():
     assert isinstance(FusedMaxPool.wrap(nn.MaxPool2d(2), "auto", torch.float32, cpu), FusedMaxPool)
 
 
+@pytest.mark.parametrize("name", ["dla34", "dla102", "dla169", "dla60_res2net"])
+def test_each_input_is_pooled_once(name, monkeypatch):
+    """A level-root tree pools its input for its root, and the innermost tree1 below it pools the same input with
+    the same window for its projection: the outer tree hands its map down, so each distinct input is pooled once
+    (4 pools where there were 6), with the very bits of pooling twice."""
+    from dla_fast import fuse
+    from dla_fast.fuse import FusedMaxPool, _same_pool
+    torch.manual_seed(0)
+    m = randomize_bn(dla_fast.create_model(name)).eval()
+    fast = dla_fast.optimize(m, dtype=torch.float32, backend="eager")
+    with monkeypatch.context() as mp:
+        mp.setattr(fuse, "_same_pool", lambda a, b: False)  # no handover: every tree pools for itself
+        twice = dla_fast.optimize(m, dtype=torch.float32, backend="eager")
+    pools = [mod for mod in fast.modules() if isinstance(mod, FusedMaxPool)]
+    assert len(pools) == 4 and len([mod for mod in twice.modules() if isinstance(mod, FusedMaxPool)]) == 6
+    seen = []
+    real = FusedMaxPool.forward
+    monkeypatch.setattr(FusedMaxPool, "forward", lambda self, x: seen.append(tuple(x.shape)) or real(self, x))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        y = fast(x)
+        assert len(seen) == 4 == len(set(seen))  # one pool per level, each of another size
+        assert torch.equal(y, twice(x)) and len(seen) == 10
+        ref = m(x)
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-5
+    # the handover needs the same window, or no pool on either side
+    assert _same_pool(nn.MaxPool2d(2, 2), nn.MaxPool2d(2)) and _same_pool(nn.Identity(), nn.Identity())
+    assert not _same_pool(nn.MaxPool2d(2, 2), nn.MaxPool2d(3, 2)) and not _same_pool(nn.MaxPool2d(2), nn.Identity())
+    assert not _same_pool(nn.MaxPool2d(2, 2), nn.MaxPool2d(2, 2, ceil_mode=True))
+
+
 def test_launch_bound_rule():
     """Under auto at batch <= LAUNCH_BOUND_BATCH without a CUDA graph the host's launch cost decides: convs take
     the CUDA extension (else cuDNN), pools torch's kernel; in graph mode and at large batches the plan decides."""
