@@ -163,7 +163,11 @@ def _constant_plan(*args) -> Tuple[str, Tuple[int, ...]]:
 
 
 class _Planned(_NoCast, nn.Module):
-    """A fused layer: asks the plan once per input shape which backend and config run it."""
+    """A fused layer: asks the plan once per input shape which backend and config run it.
+
+    Every eager call passes here, and at small batches the host's time per layer is the forward's time: the
+    forwards read their buffers from ``_buffers`` and the blocks their layers from ``_modules``, where
+    ``nn.Module.__getattr__`` would cost ~0.5 us a name."""
 
     OP = ""
 
@@ -290,7 +294,8 @@ class FusedConvBnAct(_Planned):
             return conv_bn_act_ref(x, self.weight.to("meta"), self.bias.to("meta"), self.stride, self.padding,
                                    self.groups, residual, self.relu).contiguous(memory_format=torch.channels_last)
         impl, cfg = self._impl(x, residual is not None)
-        return impl.conv_bn_act(x, self.weight, self.bias, self.stride, self.padding, self.groups, residual,
+        bufs = self._buffers  # see _Planned
+        return impl.conv_bn_act(x, bufs["weight"], bufs["bias"], self.stride, self.padding, self.groups, residual,
                                 self.relu, cfg)
 
     def extra_repr(self) -> str:
@@ -342,7 +347,8 @@ class FusedAggregate(_Planned):
             return aggregate_ref(children, self.weight.to("meta"), self.bias.to("meta"), residual,
                                  self.relu).contiguous(memory_format=torch.channels_last)
         impl, cfg = self._impl(c0, residual is not None)
-        return impl.aggregate(children, self.weight, self.bias, residual, self.relu, cfg)
+        bufs = self._buffers  # see _Planned
+        return impl.aggregate(children, bufs["weight"], bufs["bias"], residual, self.relu, cfg)
 
     def extra_repr(self) -> str:
         return f"{'+'.join(map(str, self.split))}->{self.weight.shape[0]}, relu={self.relu}, backend={self.backend!r}"
@@ -427,11 +433,12 @@ class FusedBasic(nn.Module):
         self.conv2 = FusedConvBnAct(blk.conv2, blk.bn2, True, **kw)
 
     def forward(self, x, shortcut=None, project: Optional[nn.Module] = None):
+        mods = self._modules  # see _Planned
         x = _take(x)
         sc = x if shortcut is None else shortcut
-        y = self.conv1(x)
+        y = mods["conv1"](x)
         del x
-        return self.conv2(y, _residual(sc, project))
+        return mods["conv2"](y, _residual(sc, project))
 
 
 class FusedBottleneck(nn.Module):
@@ -442,12 +449,13 @@ class FusedBottleneck(nn.Module):
         self.conv3 = FusedConvBnAct(blk.conv3, blk.bn3, True, **kw)
 
     def forward(self, x, shortcut=None, project: Optional[nn.Module] = None):
+        mods = self._modules  # see _Planned
         x = _take(x)
         sc = x if shortcut is None else shortcut
-        y = self.conv1(x)
+        y = mods["conv1"](x)
         del x
-        y = self.conv2(y)
-        return self.conv3(y, _residual(sc, project))
+        y = mods["conv2"](y)
+        return mods["conv3"](y, _residual(sc, project))
 
 
 class FusedBottle2neck(nn.Module):
@@ -525,34 +533,37 @@ class FusedTree(nn.Module):
         """``x``: the input, or ``[x]`` handed over (see :func:`_take`); ``shortcut`` is not read (a tree makes its
         own; the parameter keeps the blocks' signature); ``children``: the outer trees' children for the root;
         ``bottom``: the input pooled by an outer tree, handed over (see __init__)."""
+        mods = self._modules  # see _Planned
         x = _take(x)
         children = [] if children is None else children
         sc = None
         pooled = None
+        tree1 = mods["tree1"]
         if bottom is not None:
             pooled = _take(bottom)
-        elif self.downsample is not None:  # see __init__
-            pooled = self.downsample(x)
+        elif mods.get("downsample") is not None:  # see __init__ (None, an attribute, when it has no pool)
+            pooled = mods["downsample"](x)
         if pooled is not None:
             if self.level_root:
                 children.append(pooled)
-            if not isinstance(self.tree1, FusedTree):
+            if not isinstance(tree1, FusedTree):
                 sc = [pooled]  # handed over, as the input is: the block projects it just before its last conv
             elif self.pass_down:
                 sc = [pooled]  # for tree1, which pools nothing itself
             del pooled
         box = [x]
         del x  # tree1 holds the input alone now, and frees it after its last reader
-        if isinstance(self.tree1, FusedTree):
-            x1 = self.tree1(box) if sc is None else self.tree1(box, None, None, sc)
+        if isinstance(tree1, FusedTree):
+            x1 = tree1(box) if sc is None else tree1(box, None, None, sc)
         else:
-            x1 = self.tree1(box) if sc is None else self.tree1(box, sc, self.project)
-        if self.root is not None:
-            x2 = self.tree2(x1)
+            x1 = tree1(box) if sc is None else tree1(box, sc, mods.get("project"))
+        root = mods.get("root")
+        if root is not None:
+            x2 = mods["tree2"](x1)
             kids = [x2, x1] + children
-            return self.root(kids, kids[0] if self.root_shortcut else None)
+            return root(kids, kids[0] if self.root_shortcut else None)
         children.append(x1)
-        return self.tree2(x1, None, children)
+        return mods["tree2"](x1, None, children)
 
 
 def _assign_root_splits(t: "FusedTree", cin: int, cout: int, children: List[int]) -> None:
