@@ -488,16 +488,6 @@ class FusedBottle2neck(nn.Module):
         return self.conv3(outs, _residual(sc, project))
 
 
-def _same_pool(a: nn.Module, b: nn.Module) -> bool:
-    """Whether two trees' downsampling modules compute the same map from the same input."""
-    if isinstance(a, nn.Identity) or isinstance(b, nn.Identity):
-        return isinstance(a, nn.Identity) and isinstance(b, nn.Identity)
-    fields = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-    return (type(a) is type(b) is nn.MaxPool2d
-            and all(nn.modules.utils._pair(getattr(a, f)) == nn.modules.utils._pair(getattr(b, f))
-                    if f not in ("ceil_mode", "return_indices") else getattr(a, f) == getattr(b, f) for f in fields))
-
-
 class FusedTree(nn.Module):
     def __init__(self, tree: DlaTree, device: torch.device, pooled_above: bool = False, **kw):
         super().__init__()
@@ -505,14 +495,13 @@ class FusedTree(nn.Module):
         # tree1; a tree that is neither has no use for it. A tree1 that is a tree pools the same input with the
         # same window, so a tree that pools hands its map down (``bottom``) instead, and one that gets it from
         # above (``pooled_above``) pools nothing itself.
-        wants = tree.level_root or not isinstance(tree.tree1, DlaTree)
+        wants = tree.pools()
         self.downsample = (FusedMaxPool.wrap(tree.downsample, kw["backend"], kw["dtype"], device)
                            if wants and not pooled_above else None)
         self.project = (FusedConvBnAct(tree.project[0], tree.project[1], False, **kw)
                         if isinstance(tree.project, nn.Sequential) else None)
         pooled = wants or pooled_above
-        self.pass_down = (pooled and isinstance(tree.tree1, DlaTree)
-                          and _same_pool(tree.downsample, tree.tree1.downsample))
+        self.pass_down = pooled and tree.pools_like_tree1()
         self.tree1 = (FusedTree(tree.tree1, device, pooled_above=True, **kw) if self.pass_down
                       else _fuse_block(tree.tree1, device, **kw))
         self.tree2 = _fuse_block(tree.tree2, device, **kw)

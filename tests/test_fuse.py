@@ -169,13 +169,13 @@ def test_each_input_is_pooled_once(name, monkeypatch):
     """A level-root tree pools its input for its root, and the innermost tree1 below it pools the same input with
     the same window for its projection: the outer tree hands its map down, so each distinct input is pooled once
     (4 pools where there were 6), with the very bits of pooling twice."""
-    from dla_fast import fuse
-    from dla_fast.fuse import FusedMaxPool, _same_pool
+    from dla_fast.fuse import FusedMaxPool
+    from dla_fast.models.dla import DlaTree
     torch.manual_seed(0)
     m = randomize_bn(dla_fast.create_model(name)).eval()
     fast = dla_fast.optimize(m, dtype=torch.float32, backend="eager")
     with monkeypatch.context() as mp:
-        mp.setattr(fuse, "_same_pool", lambda a, b: False)  # no handover: every tree pools for itself
+        mp.setattr(DlaTree, "pools_like_tree1", lambda self: False)  # no handover: every tree pools for itself
         twice = dla_fast.optimize(m, dtype=torch.float32, backend="eager")
     pools = [mod for mod in fast.modules() if isinstance(mod, FusedMaxPool)]
     assert len(pools) == 4 and len([mod for mod in twice.modules() if isinstance(mod, FusedMaxPool)]) == 6
@@ -190,9 +190,14 @@ def test_each_input_is_pooled_once(name, monkeypatch):
         ref = m(x)
     assert ((y - ref).norm() / ref.norm()).item() < 1e-5
     # the handover needs the same window, or no pool on either side
-    assert _same_pool(nn.MaxPool2d(2, 2), nn.MaxPool2d(2)) and _same_pool(nn.Identity(), nn.Identity())
-    assert not _same_pool(nn.MaxPool2d(2, 2), nn.MaxPool2d(3, 2)) and not _same_pool(nn.MaxPool2d(2), nn.Identity())
-    assert not _same_pool(nn.MaxPool2d(2, 2), nn.MaxPool2d(2, 2, ceil_mode=True))
+    t = DlaTree(2, dla_fast.models.dla.DlaBasic, 8, 16, stride=2, level_root=True)
+    assert t.pools() and t.pools_like_tree1() and not t.tree1.pools_like_tree1()
+    for other, same in [(nn.MaxPool2d(2), True), (nn.MaxPool2d(3, 2), False), (nn.Identity(), False),
+                        (nn.MaxPool2d(2, 2, ceil_mode=True), False)]:
+        t.tree1.downsample = other
+        assert t.pools_like_tree1() == same, other
+    t.downsample = t.tree1.downsample = nn.Identity()
+    assert t.pools_like_tree1()
 
 
 def test_launch_bound_rule():

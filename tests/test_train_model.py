@@ -144,7 +144,8 @@ def test_fused_training_step_against_float64(monkeypatch):
     monkeypatch.setattr(ag.MaxPool, "apply", lambda *a: pools.append(a[1]) or apply(*a))
     with AddCounter() as fused_adds:
         yf, gf = _step(fused, x, t)
-    assert pools == [2] * sum(isinstance(m, nn.MaxPool2d) for m in fused.modules())  # every tree's downsampling
+    # every distinct downsampling: of dla46_c's 6 MaxPool2d, levels 3 and 4 each repeat their outer tree's in tree1
+    assert sum(isinstance(m, nn.MaxPool2d) for m in fused.modules()) == 6 and pools == [2] * 4
     with AddCounter() as eager_adds:
         ye, ge = _step(eager, x, t)
     assert fused_adds.n == 0 and eager_adds.n > 0, (fused_adds.n, eager_adds.n)
@@ -154,6 +155,37 @@ def test_fused_training_step_against_float64(monkeypatch):
     _compare("output", [yf], [ye], [yt], FLOOR[torch.float32])
     _compare("gradients", gf, ge, gt, FLOOR[torch.float32])
     _compare("buffers", _buffers(fused), _buffers(eager), _buffers(truth), FLOOR[torch.float32])
+
+
+@pytest.mark.parametrize("name,modules", [("dla34", 6), ("dla102", 9), ("dla169", 11)])
+def test_fused_training_pools_each_input_once(name, modules, monkeypatch):
+    """Where the trees' pools run on the kernels, each input is pooled once (an outer tree hands its map down, and a
+    tree that reads no map pools nothing); where the modules run, every tree pools, as they do. (The kernel is
+    replaced by F.max_pool2d here: the count is the point; test_fused_training_step_against_float64 runs it.)"""
+    from dla_fast.train import _autograd as ag
+    from dla_fast.train import model as tm
+    calls = []
+    real_pool = tm._pool_kernel
+    monkeypatch.setattr(ag.MaxPool, "apply", lambda x, k, share: (calls.append(k) or F.max_pool2d(x, k, k), x))
+    m = dla_fast.create_model(name).train()
+    x = torch.randn(2, 3, 64, 64)
+
+    def run(kernel):
+        monkeypatch.setattr(tm, "_pool_kernel",
+                            (lambda pool, x, backend: 2 if isinstance(pool, nn.MaxPool2d) else None) if kernel
+                            else real_pool)
+        calls.clear()
+        pools = []
+        monkeypatch.setattr(nn.MaxPool2d, "forward", lambda self, t: pools.append(1) or F.max_pool2d(t, 2, 2))
+        y = x
+        for stage in ("base_layer", "level0", "level1", "level2", "level3", "level4", "level5"):
+            y = tm.stage(getattr(m, stage), y, backend="eager")
+        return len(calls), len(pools), y
+    kernel_pools, module_pools, y = run(True)
+    assert (kernel_pools, module_pools) == (4, 0)
+    kernel_pools, module_pools, y2 = run(False)
+    assert (kernel_pools, module_pools) == (0, modules) == (0, sum(isinstance(t, nn.MaxPool2d) for t in m.modules()))
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
 
 
 def _features_step(model, x):

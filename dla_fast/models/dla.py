@@ -189,6 +189,25 @@ class DlaTree(nn.Module):
         self.root_dim = root_dim
         self.levels = levels
 
+    def pools(self) -> bool:
+        """Whether this tree reads its downsampled input: as a child of its root (level_root), or as the residual
+        (projected where the widths differ) of a block tree1. A tree1 that is a tree makes its own, which is the
+        same map where :meth:`pools_like_tree1`; the fused paths compute it once."""
+        return self.level_root or not isinstance(self.tree1, DlaTree)
+
+    def pools_like_tree1(self) -> bool:
+        """Whether tree1 is a tree that downsamples the same input with the same window as this one."""
+        a, b = self.downsample, getattr(self.tree1, "downsample", None)
+        if not isinstance(self.tree1, DlaTree):
+            return False
+        if isinstance(a, nn.Identity) or isinstance(b, nn.Identity):
+            return isinstance(a, nn.Identity) and isinstance(b, nn.Identity)
+        pair = nn.modules.utils._pair
+        return (type(a) is type(b) is nn.MaxPool2d and a.ceil_mode == b.ceil_mode
+                and a.return_indices == b.return_indices
+                and all(pair(getattr(a, f)) == pair(getattr(b, f))
+                        for f in ("kernel_size", "stride", "padding", "dilation")))
+
     def forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor] = None,
                 children: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         if children is None:

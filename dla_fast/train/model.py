@@ -42,10 +42,11 @@ def defer_mode(save_memory: bool):
 
 
 def _block(b: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], backend: str,
-           defer=False) -> Tuple[torch.Tensor, torch.Tensor]:
+           defer=False, shared: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(the block's output, x2): x2 is x as x's later readers take it, shared by the block's first conv and
     by its last BN where x is the residual (``share`` / ``share_residual`` of :func:`.modules.conv_bn_act`:
-    their gradients join x's in the kernels of those backwards)."""
+    their gradients join x's in the kernels of those backwards). ``shared``: ``[shortcut]`` where the shortcut
+    has later readers too; the last BN shares it and leaves in it the shortcut as they take it."""
     from ..models.dla import DlaBasic, DlaBottle2neck, DlaBottleneck
 
     own = shortcut is None or shortcut is x
@@ -53,6 +54,9 @@ def _block(b: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], back
     def last(conv, bn, y, x2):
         if own:
             return conv_bn_act(conv, bn, y, x2, True, backend, share_residual=True)
+        if shared is not None:
+            out, shared[0] = conv_bn_act(conv, bn, y, shortcut, True, backend, share_residual=True)
+            return out, x2
         return conv_bn_act(conv, bn, y, shortcut, True, backend), x2
 
     # Inside a block each conv's activation feeds the next conv alone: deferred (save_memory), it is not kept
@@ -80,13 +84,14 @@ def _block(b: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], back
 
 
 def _node(m: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], children: Optional[List[torch.Tensor]],
-          backend: str, defer=False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(the node's output, x as its later readers take it): see :func:`_block`."""
+          backend: str, defer=False, shared: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(the node's output, x as its later readers take it): see :func:`_block` (``shared``: blocks only; a tree
+    makes its own shortcut)."""
     from ..models.dla import DlaTree
 
     if isinstance(m, DlaTree):
         return _tree(m, x, shortcut, children, backend, defer)
-    return _block(m, x, shortcut, backend, defer)
+    return _block(m, x, shortcut, backend, defer, shared)
 
 
 def _pool_size(pool: nn.Module) -> Optional[int]:
@@ -99,42 +104,76 @@ def _pool_size(pool: nn.Module) -> Optional[int]:
     return int(k[0])
 
 
-def _downsample(pool: nn.Module, x: torch.Tensor, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(a tree's downsampling of x, x as its later readers take it). The Triton max-pool (forward and backward,
-    no indices) where the kernels run under ``backend`` (as for the convs: CUDA fp16/bf16 under auto; the
-    interpreter only when asked for by name), which shares x (its backward adds the later readers' gradient as
-    it writes x's); else the module, and x itself. Traced code (torch.compile) keeps the module, which Inductor
-    fuses itself."""
+def _pool_kernel(pool: nn.Module, x: torch.Tensor, backend: str) -> Optional[int]:
+    """K where a tree's downsampling of x runs on the Triton max-pool (as for the convs: CUDA fp16/bf16 under auto;
+    the interpreter only when asked for by name), else None: the module runs. Traced code (torch.compile) keeps
+    the module, which Inductor fuses itself."""
     from . import _autograd as ag
     from .ops import kernels_unavailable_reason
 
     k = _pool_size(pool)
     if (k is None or backend == "eager" or not ag._direct(x) or x.dim() != 4
             or kernels_unavailable_reason(x, backend, x.dtype) is not None):
+        return None
+    return k
+
+
+def _downsample(pool: nn.Module, x: torch.Tensor, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(a tree's downsampling of x, x as its later readers take it). The Triton max-pool (forward and backward,
+    no indices) where :func:`_pool_kernel` says so, which shares x (its backward adds the later readers' gradient
+    as it writes x's); else the module, and x itself."""
+    from . import _autograd as ag
+
+    k = _pool_kernel(pool, x, backend)
+    if k is None:
         return pool(x), x
     return ag.MaxPool.apply(x, k, True)
 
 
 def _tree(t: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], children: Optional[List[torch.Tensor]],
-          backend: str, defer=False) -> Tuple[torch.Tensor, torch.Tensor]:
+          backend: str, defer=False, pooled: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(the tree's output, x as its later readers take it): see :func:`_block`. ``children`` (the aggregation
-    node's extra inputs handed down) is updated in place where one of them is x."""
+    node's extra inputs handed down) is updated in place where one of them is x. Where the pools run on the
+    kernels, each input is pooled once: ``pooled`` is ``[x downsampled]`` by an outer tree with this tree's
+    window, used instead of pooling x again, and the tree leaves in it the map as the outer tree's later readers
+    take it; a tree that reads no downsampled input (:meth:`DlaTree.pools`) and gets none pools nothing (tree1
+    makes its own). Where the modules run, every tree pools, as the modules do (the same numbers, bit for bit)."""
     if children is None:
         children = []
     # Each reader of a tensor with several hands the later ones what it shares (the pool, the projection,
     # tree1's first conv): their gradients join in its backward's kernel. The aggregation node, last, reads
     # whatever stands in `children` by then.
-    bottom, x_in = _downsample(t.downsample, x, backend)
-    _swap(children, x, x_in)
-    if isinstance(t.project, nn.Identity):
-        shortcut = bottom
-    else:
+    bottom: Optional[torch.Tensor] = None
+    x_in = x
+    once = _pool_kernel(t.downsample, x, backend) is not None
+    if pooled is not None:
+        bottom = pooled[0]
+    elif t.pools() or not once:
+        bottom, x_in = _downsample(t.downsample, x, backend)
+        _swap(children, x, x_in)
+    if bottom is not None and not isinstance(t.project, nn.Identity):
         shortcut, bottom2 = conv_bn_act(t.project[0], t.project[1], bottom, None, False, backend, share=True)
         _swap(children, bottom, bottom2)
         bottom = bottom2
+    else:
+        shortcut = bottom  # a tree1 that is a tree makes its own; a block tree1 takes the map as its residual
     if t.level_root:
         children.append(bottom)
-    x1, x_last = _node(t.tree1, x_in, shortcut, None, backend, defer)
+    if once and bottom is not None and t.pools_like_tree1():
+        down = [bottom]
+        x1, x_last = _tree(t.tree1, x_in, None, None, backend, defer, pooled=down)
+        _swap(children, bottom, down[0])
+        bottom = down[0]
+    else:
+        # The map itself as a block's residual, with later readers (the root here, or an outer tree's): shared.
+        later = once and shortcut is not None and shortcut is bottom and (t.level_root or pooled is not None)
+        box = [shortcut] if later else None
+        x1, x_last = _node(t.tree1, x_in, shortcut, None, backend, defer, box)
+        if box is not None:
+            _swap(children, bottom, box[0])
+            bottom = box[0]
+    if pooled is not None:
+        pooled[0] = bottom
     _swap(children, x_in, x_last)
     if t.root is not None:
         x2, x1 = _node(t.tree2, x1, None, None, backend, defer)
