@@ -562,8 +562,9 @@ def test_config_tuples_round_trip_and_bad_ones_are_refused():
 @pytest.mark.interpreter
 @needs_kernels
 def test_every_candidate_tiling_is_right():
-    """The tilings the tuner may pick beside the heuristic's (other row tile, 64-wide columns, no split-K; the
-    block-diagonal / direct alternatives of small groups) compute the same function, here in the interpreter."""
+    """The tilings the tuner may pick beside the heuristic's (other row tile, 64-wide columns, no split-K or the
+    other reduction of its partials; the block-diagonal / direct alternatives of small groups) compute the same
+    function, here in the interpreter."""
     from dla_fast.backends.triton import _launch
     import dla_fast.backends.triton as tb
     torch.manual_seed(8)
@@ -582,6 +583,8 @@ def test_every_candidate_tiling_is_right():
         cands = (_launch._alternatives(base, M, ws[0] // g, 132) if base["kind"] == "dense" else
                  [base, _launch.conv_plan(M, ws[1], ws[0] // g, g, ws[2], ws[3], f16, False, False, "direct", 132)])
         assert len(cands) >= 2
+        if base.get("SPLIT", 1) > 1:  # both ways of summing the partials are timed
+            assert {c.get("REDUCE", 0) for c in cands if c.get("SPLIT", 1) > 1} == {0, 1}
         ref = F.conv2d(x.double(), w.double(), b.double(), st, pad, 1, g).relu()
         for c in cands:
             out = tb.conv_bn_act(x, w, b, (st, st), (pad, pad), g, None, True, _launch.conv_config_tuple(c))
@@ -589,6 +592,9 @@ def test_every_candidate_tiling_is_right():
     kids = [_rand(1, 96, 7, 7, dtype=f16), _rand(1, 64, 7, 7, dtype=f16)]
     w2 = _rand(160, 160, dtype=f16, scale=0.05)
     base = _launch.aggregate_plan(49, [96, 64], 160, f16, False, True, sms=132)
+    root = _launch.aggregate_plan(49, [512, 512, 256], 512, f16, False, True, sms=132)  # dla34's level-5 root
+    assert root["SPLIT"] > 1 and {c["REDUCE"] for c in _launch._alternatives(root, 49, 512, 132) if c["SPLIT"] > 1} \
+        == {0, 1}
     ref = F.conv2d(torch.cat(kids, 1).double(), w2.double()[:, :, None, None]).relu()
     for c in _launch._alternatives(base, 49, 160, 132):
         out = tb.aggregate(kids, w2, None, None, True, _launch.aggregate_config_tuple(c))
