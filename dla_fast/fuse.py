@@ -471,21 +471,23 @@ class FusedBottle2neck(nn.Module):
         self.conv3 = FusedAggregate(blk.conv3, blk.bn3, [blk.width] * n_out, True, residual="tensor", **kw)
 
     def forward(self, x, shortcut=None, project: Optional[nn.Module] = None):
+        mods = self._modules  # see _Planned
         x = _take(x)
         sc = x if shortcut is None else shortcut
-        pieces = torch.split(self.conv1(x), self.width, 1)
+        pieces = torch.split(mods["conv1"](x), self.width, 1)
         del x
         outs = []
         sp = pieces[0]
-        for i, conv in enumerate(self.convs):
+        for i, conv in enumerate(mods["convs"]):
             sp = pieces[i] if (i == 0 or self.is_first) else sp + pieces[i]
             sp = conv(sp)
             outs.append(sp)
         if self.scale > 1:
-            outs.append(self.pool(pieces[-1]) if self.pool is not None else pieces[-1])
+            pool = mods.get("pool")  # None, an attribute, without one
+            outs.append(pool(pieces[-1]) if pool is not None else pieces[-1])
         # conv1's output is read by nothing more, unless its last slice is itself a child of the aggregate
         del pieces, sp
-        return self.conv3(outs, _residual(sc, project))
+        return mods["conv3"](outs, _residual(sc, project))
 
 
 class FusedTree(nn.Module):
@@ -821,8 +823,9 @@ class FusedDLA(_NoCast, nn.Module):
                 feats.append(x)
         else:
             x = self.base_layer(_take(x))
+        mods = self._modules  # see _Planned
         for i in range(first, last + 1):
-            level = getattr(self, f"level{i}")
+            level = mods[f"level{i}"]
             if isinstance(level, FusedTree):
                 box = [x]
                 del x  # the tree frees its input after its last reader (a kept feature map stays in feats)
