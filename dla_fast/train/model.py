@@ -118,18 +118,6 @@ def _pool_kernel(pool: nn.Module, x: torch.Tensor, backend: str) -> Optional[int
     return k
 
 
-def _downsample(pool: nn.Module, x: torch.Tensor, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(a tree's downsampling of x, x as its later readers take it). The Triton max-pool (forward and backward,
-    no indices) where :func:`_pool_kernel` says so, which shares x (its backward adds the later readers' gradient
-    as it writes x's); else the module, and x itself."""
-    from . import _autograd as ag
-
-    k = _pool_kernel(pool, x, backend)
-    if k is None:
-        return pool(x), x
-    return ag.MaxPool.apply(x, k, True)
-
-
 def _tree(t: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], children: Optional[List[torch.Tensor]],
           backend: str, defer=False, pooled: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(the tree's output, x as its later readers take it): see :func:`_block`. ``children`` (the aggregation
@@ -143,13 +131,20 @@ def _tree(t: nn.Module, x: torch.Tensor, shortcut: Optional[torch.Tensor], child
     # Each reader of a tensor with several hands the later ones what it shares (the pool, the projection,
     # tree1's first conv): their gradients join in its backward's kernel. The aggregation node, last, reads
     # whatever stands in `children` by then.
+    from . import _autograd as ag
+
     bottom: Optional[torch.Tensor] = None
     x_in = x
-    once = _pool_kernel(t.downsample, x, backend) is not None
+    k = _pool_kernel(t.downsample, x, backend)
+    once = k is not None
     if pooled is not None:
         bottom = pooled[0]
-    elif t.pools() or not once:
-        bottom, x_in = _downsample(t.downsample, x, backend)
+    elif not once:
+        bottom = t.downsample(x)
+    elif t.pools():
+        # the Triton max-pool (forward and backward, no indices) shares x: its backward adds the later readers'
+        # gradient as it writes x's
+        bottom, x_in = ag.MaxPool.apply(x, k, True)
         _swap(children, x, x_in)
     if bottom is not None and not isinstance(t.project, nn.Identity):
         shortcut, bottom2 = conv_bn_act(t.project[0], t.project[1], bottom, None, False, backend, share=True)
