@@ -537,10 +537,10 @@ class FusedTree(nn.Module):
         if pooled is not None:
             if self.level_root:
                 children.append(pooled)
-            if not isinstance(tree1, FusedTree):
-                sc = [pooled]  # handed over, as the input is: the block projects it just before its last conv
-            elif self.pass_down:
-                sc = [pooled]  # for tree1, which pools nothing itself
+            if self.pass_down or not isinstance(tree1, FusedTree):
+                # handed over, as the input is: a block projects it just before its last conv, a tree1 that pools
+                # nothing itself takes it as its own
+                sc = [pooled]
             del pooled
         box = [x]
         del x  # tree1 holds the input alone now, and frees it after its last reader
