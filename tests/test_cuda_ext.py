@@ -232,9 +232,10 @@ def test_direct_calls_only_for_plain_cuda_tensors_run_eagerly(ext):
     assert not cuda_backend._direct(torch.empty(1)) and not cuda_backend._direct(torch.empty(1, device="meta"))
     with FakeTensorMode():
         assert not cuda_backend._direct(torch.empty(1, device="cuda"))
+    from dla_fast.backends import direct_call
     seen = []
-    torch.jit.trace(lambda t: seen.append(cuda_backend._untraced()) or t * 2, torch.ones(1), check_trace=False)
-    assert seen == [False] and cuda_backend._untraced()
+    torch.jit.trace(lambda t: seen.append(direct_call(t)) or t * 2, torch.ones(1), check_trace=False)
+    assert seen == [False] and direct_call(torch.ones(1))
     # on the CPU both paths refuse alike, the torch.ops one through the dispatcher (no CPU kernel)
     with pytest.raises(NotImplementedError):
         cuda_backend.conv_bn_act(torch.randn(1, 4, 5, 5), torch.randn(8, 4, 3, 3), None, (1, 1), (1, 1), 1, None,

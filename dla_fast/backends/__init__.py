@@ -60,6 +60,13 @@ def reason_unavailable(name: str, x: torch.Tensor) -> Optional[str]:
     return mod.unavailable_reason(x)
 
 
+def direct_call(x: torch.Tensor) -> bool:
+    """Whether a backend may run its kernels for ``x`` straight from Python rather than through its registered op:
+    a plain tensor (no fake or other subclass) outside torch.compile and jit tracing, which see only the ops. The op
+    call's dispatch costs microseconds of host time a layer, which at small batches is the forward's time."""
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+
+
 def available(x: torch.Tensor) -> Dict[str, Optional[str]]:
     """Every backend's :func:`reason_unavailable` for ``x`` (None = available)."""
     return {n: reason_unavailable(n, x) for n in NAMES}

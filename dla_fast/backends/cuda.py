@@ -19,6 +19,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import backends as _backends
+
 NAME = "cuda"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -114,15 +116,10 @@ def _int_list(v: Sequence[int]) -> List[int]:
 
 
 def _direct(x: torch.Tensor) -> bool:
-    """Whether to call the extension's own Python functions rather than ``torch.ops.dla_fast.*``: for plain CUDA
-    tensors run eagerly. The op call's boxing and dispatch cost several microseconds of host time a layer, which at
-    small batches and in host-paced detection calls is the forward's time. Tensor subclasses (fake tensors), meta
-    and CPU tensors, torch.compile and jit tracing go through the registered ops, which they see."""
-    return type(x) is torch.Tensor and x.is_cuda and _HAS_DIRECT and _untraced()
-
-
-def _untraced() -> bool:
-    return not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+    """Whether to call the extension's own Python functions rather than ``torch.ops.dla_fast.*``: CUDA tensors of
+    a call no tracer watches (:func:`dla_fast.backends.direct_call`). Meta and CPU tensors keep the ops too, for
+    their fakes and their errors."""
+    return x.is_cuda and _HAS_DIRECT and _backends.direct_call(x)
 
 
 # The rule's config spelled out: (0, 0, 0) runs what () runs (plan.h: 0 in an element is the rule's). The ops get

@@ -16,6 +16,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ... import backends as _backends
+
 NAME = "triton"
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
@@ -136,13 +138,11 @@ def _tf32() -> bool:
 
 
 def _direct(x: torch.Tensor) -> bool:
-    """Whether to launch the kernels straight from Python rather than through the registered op.
-
-    Eagerly, ``torch.ops.dla_fast_triton.*`` only adds the dispatcher's and wrap_triton's per-call cost, which
-    at batch 1 (and for the small late layers at any batch) exceeds the kernel's own time. torch.compile
-    tracing, jit tracing and fake tensors still go through the ops.
-    """
-    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+    """Whether to launch the kernels straight from Python rather than through the registered op
+    (:func:`dla_fast.backends.direct_call`): eagerly, ``torch.ops.dla_fast_triton.*`` only adds the dispatcher's
+    and wrap_triton's per-call cost, which at batch 1 (and for the small late layers at any batch) exceeds the
+    kernel's own time."""
+    return _backends.direct_call(x)
 
 
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
