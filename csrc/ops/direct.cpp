@@ -32,9 +32,12 @@ namespace {
 
 // Argument parsing. A bad argument raises TypeError naming the op and the argument (torch's error translation
 // turns the c10::TypeError into Python's).
+[[noreturn]] void type_error(const char* op, const std::string& what) {
+  throw c10::TypeError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)}, std::string("dla_fast._C.") + op + what);
+}
+
 [[noreturn]] void bad(const char* op, const char* arg, const char* want) {
-  throw c10::TypeError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
-                       std::string("dla_fast._C.") + op + ": " + arg + " must be " + want);
+  type_error(op, std::string(": ") + arg + " must be " + want);
 }
 
 const at::Tensor& tensor_arg(PyObject* o, const char* op, const char* arg) {
@@ -89,11 +92,7 @@ bool bool_arg(PyObject* o, const char* op, const char* arg) {
 }
 
 void check_nargs(Py_ssize_t got, Py_ssize_t want, const char* op) {
-  if (got != want) {
-    throw c10::TypeError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
-                         std::string("dla_fast._C.") + op + " takes " + std::to_string(want) + " arguments, got " +
-                             std::to_string(got));
-  }
+  if (got != want) type_error(op, " takes " + std::to_string(want) + " arguments, got " + std::to_string(got));
 }
 
 PyObject* py_conv_bn_act(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
