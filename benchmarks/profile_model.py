@@ -187,24 +187,18 @@ def _profile_host(a) -> int:
     import cProfile
     import io
     import pstats
-    import time
 
     from torch.profiler import ProfilerActivity, profile
 
+    from dla_fast.bench import host_once  # from an idle GPU: the launch queue never blocks the host
+
     fast, x, hw = _model_and_input(a)
-
-    def issue() -> float:
-        torch.cuda.synchronize()  # from an idle GPU: the launch queue never blocks the host
-        t = time.perf_counter()
-        fast(x)
-        return time.perf_counter() - t
-
     with torch.inference_mode():
         for _ in range(5):
             fast(x)
-        plain = sorted(issue() for _ in range(a.iters))
+        plain = sorted(host_once(fast, x) for _ in range(a.iters))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            profiled = sorted(issue() for _ in range(a.iters))
+            profiled = sorted(host_once(fast, x) for _ in range(a.iters))
         pr = cProfile.Profile()
         for _ in range(a.iters):
             torch.cuda.synchronize()

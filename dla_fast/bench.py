@@ -98,7 +98,7 @@ def _time_once(fn: Callable, x, iters: int, device: str) -> float:
     return (time.perf_counter() - t) / iters
 
 
-def _host_once(fn: Callable, x) -> float:
+def host_once(fn: Callable, x) -> float:
     """Seconds the host spends issuing one call from an idle GPU (no wait for the kernels): a call whose host
     time is near its GPU time is paced by its launches, and moves with the CPU's speed and load."""
     torch.cuda.synchronize()
@@ -273,7 +273,7 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, impls: Sequence[str], d
             with torch.no_grad():
                 samples[impl].append(_time_once(fn, x, iters, device))
                 if device == "cuda":
-                    host[impl].append(_host_once(fn, x))
+                    host[impl].append(host_once(fn, x))
     for impl, s in samples.items():
         med = statistics.median(s)
         rows[impl].ms = round(med * 1e3, 4)
