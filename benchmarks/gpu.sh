@@ -31,8 +31,8 @@ SAN=$CUDA_HOME/bin/compute-sanitizer
 NCU=$(command -v ncu || echo "$CUDA_HOME/bin/ncu")
 
 # Before timing host-paced calls: no compile workers left from a warm-up, and the 1-minute load average under a
-# quarter of the CPUs, waiting at most $1 seconds. A dla_fast row timed right after the warm-ups once issued its
-# calls 1.8x slower than the next model's (benchmarks/NOTES.md); rows keep host_load.
+# quarter of the CPUs, waiting at most $1 seconds: calls paced by their launches issue slower on a loaded host
+# (rows keep host_load).
 quiet() {
   pkill -f "torch._inductor.compile_worker" 2>/dev/null
   local t=$(date +%s) lim=$(( $(nproc) / 4 )); [ "$lim" -lt 1 ] && lim=1
